@@ -1,0 +1,197 @@
+"""The public calls: plan, apply, remove. Check everything first, then mutate."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter, defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, NoSitesError, SEInjectError
+from .gate import reduced_channels
+from .graph import build_view
+from .frames import fingerprints, local_keys
+from .match import find_candidates
+from .plan import Plan, Site, Skipped
+from .rewrite import GATE_PREFIX, commit, owner_state, prepare, remove_gates
+from .rules import RuleSpec, resolve_rules
+from .shapes import propagate_shapes
+from .trace import Frame, TraceOptions, trace_model
+
+__all__ = ["apply", "plan", "remove"]
+
+
+def _check_model(model) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidArgumentError("a TorchScript module cannot be traced by torch.fx: pass the "
+                                   "eager nn.Module it was scripted from")
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}; "
+                                   "for a timm name use timm.create_model(name) first")
+
+
+def _check_ratio(ratio) -> int:
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise InvalidArgumentError(f"ratio must be a positive integer (the paper's r, e.g. 16), "
+                                   f"not {ratio!r}")
+    return ratio
+
+
+def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+    sizes = [input_size] if input_size and all(isinstance(v, int) for v in input_size) \
+        else list(input_size or ())
+    shapes = []
+    for s in sizes:
+        if not isinstance(s, (tuple, list)) or not s or \
+                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s):
+            raise InvalidArgumentError(f"input_size must be (C, H, W) of positive integers, or a "
+                                       f"list of them for several inputs; got {input_size!r}")
+        shapes.append((2, *s))  # batch 2: batch-norm in training mode refuses a batch of 1
+    if not shapes:
+        raise InvalidArgumentError(f"input_size is empty: give (C, H, W), got {input_size!r}")
+    return shapes
+
+
+def _trace_options(leaf_modules, autowrap_functions) -> TraceOptions:
+    leaves = tuple(leaf_modules or ())
+    for c in leaves:
+        if not (isinstance(c, type) and issubclass(c, nn.Module)):
+            raise InvalidArgumentError(f"leaf_modules holds {c!r}: give nn.Module classes, "
+                                       "e.g. leaf_modules=[MyBlock]")
+    fns = tuple(autowrap_functions or ())
+    for f in fns:
+        if not callable(f):
+            raise InvalidArgumentError(f"autowrap_functions holds {f!r}, which is not callable")
+    return TraceOptions(leaf_modules=leaves, autowrap_functions=fns)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _gate_names(owner: nn.Module, count: int) -> list[str]:
+    """se_gate, se_gate_1, ... skipping names the block already uses."""
+    state = owner_state(owner)
+    taken = set(state.gates) if state else set()
+    names, i = [], 0
+    while len(names) < count:
+        name = GATE_PREFIX if i == 0 else f"{GATE_PREFIX}_{i}"
+        i += 1
+        if name in taken or hasattr(owner, name):
+            continue
+        names.append(name)
+    return names
+
+
+def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
+    """The plan, and each planned block's fingerprint (see frames.py)."""
+    resolved = resolve_rules(rules)
+    graph = trace_model(model, options)
+    propagate_shapes(model, graph, _input_shapes(model, input_size), _dtype(model))
+    view = build_view(graph, model)
+    candidates, rejected = find_candidates(view, resolved)
+    keys = local_keys(graph)
+    modules = view.modules
+    skipped = [Skipped(view.describe(r.merge), r.rule.name, r.reason) for r in rejected]
+    chosen = []
+    seen = set()
+    for c in candidates:
+        block = c.frame.qualname
+        key = (*keys[c.merge], c.operand)
+        owner = modules[block]
+        state = owner_state(owner)
+        if state is not None and key in state.gates.values():
+            skipped.append(Skipped(view.describe(c.merge), c.rule.name, "already gated"))
+            continue
+        if (block, key) in seen:  # a module called more than once: one gate serves every call
+            continue
+        seen.add((block, key))
+        chosen.append((block, key, c))
+    per_block = defaultdict(list)
+    for block, key, c in chosen:
+        per_block[block].append(c)
+    names = {block: iter(_gate_names(modules[block], len(cs))) for block, cs in per_block.items()}
+    sites = []
+    for block, key, c in chosen:
+        channels = view.attrs(c.gated)["channels"]
+        name = next(names[block])
+        sites.append(Site(block=block, tensor=view.describe(c.gated), channels=channels,
+                          reduced=reduced_channels(channels, ratio), rule=c.rule.name,
+                          position=c.rule.gate_at, gate=f"{block}.{name}" if block else name,
+                          merge=view.describe(c.merge), entry=view.describe(c.entry), key=key))
+    prints = fingerprints(graph)
+    blocks = {block: prints.get(Frame(block, 0)) for block in per_block}
+    return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
+                ratio=ratio), blocks
+
+
+def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None, *,
+         input_size=None, leaf_modules: Iterable[type] = (),
+         autowrap_functions: Iterable[Callable] = ()) -> Plan:
+    """The sites apply() would gate, with the rule behind each. Changes nothing.
+
+    Args mean what they mean for :func:`apply`.
+    """
+    _check_model(model)
+    ratio = _check_ratio(ratio)
+    options = _trace_options(leaf_modules, autowrap_functions)
+    return _make_plan(model, ratio, rules, input_size, options)[0]
+
+
+def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
+    name = type(model).__name__
+    if not p.skipped:
+        return NoSitesError(
+            f"{name} has no residual or inception-style block: the traced graph holds no add or "
+            "channel concatenation of 4-D convolutional feature maps (se-inject gates CNN blocks; "
+            "transformers and MLPs have none). If its blocks hide inside a module marked as a "
+            "leaf, or need a rule of your own, see README.md, 'Rule files'.")
+    reasons = Counter(f"{s.rule}: {s.reason}" for s in p.skipped)
+    listed = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5))
+    return NoSitesError(f"no block of {name} matched the rules ({len(p.skipped)} merges looked "
+                        f"at: {listed}). Check the rules you passed, or write one that fits "
+                        "(README.md, 'Rule files').")
+
+
+def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None,
+          *, input_size=None, leaf_modules: Iterable[type] = (),
+          autowrap_functions: Iterable[Callable] = ()) -> nn.Module:
+    """Insert SE gates into ``model`` in place and return it (the same object).
+
+    Args:
+        model: any nn.Module that torch.fx can trace (timm, torchvision, your own).
+        ratio: the paper's reduction ratio r: each gate is C -> C//r -> C.
+        rules: built-in rule names and/or paths to rule files, tried in order
+            (default: ``("residual", "inception")``).
+        input_size: (C, H, W) used for shape propagation (default: the timm config's, else
+            (3, 224, 224)); a list of them for a model with several inputs.
+        leaf_modules: extra module classes fx should call without tracing into.
+        autowrap_functions: extra functions fx should record as single calls.
+
+    Raises:
+        SEInjectError: for every refusal; the model is then unchanged.
+    """
+    _check_model(model)
+    ratio = _check_ratio(ratio)
+    options = _trace_options(leaf_modules, autowrap_functions)
+    p, blocks = _make_plan(model, ratio, rules, input_size, options)
+    if not p.sites:
+        if any(s.reason == "already gated" for s in p.skipped):
+            warnings.warn(f"every block of {type(model).__name__} that the rules match already "
+                          "holds a gate; apply() changed nothing", stacklevel=2)
+            return model
+        raise _no_sites_error(model, p)
+    prepared = prepare(model, p.sites, ratio, options, blocks)
+    commit(prepared)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Take every gate out of ``model`` in place: its keys and outputs are the original's again."""
+    remove_gates(model)
+    return model

@@ -1,0 +1,21 @@
+"""Model names on the command line: timm names, built without downloading weights."""
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from ..errors import InvalidArgumentError
+
+__all__ = ["create"]
+
+
+def create(name: str) -> nn.Module:
+    """A timm model by name with random weights (nothing is downloaded)."""
+    import timm
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else \
+            " See timm.list_models() for the names."
+        raise InvalidArgumentError(f"unknown model {name!r}.{hint}")
+    return timm.create_model(name, pretrained=False)

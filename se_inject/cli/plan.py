@@ -1,0 +1,40 @@
+"""se-inject plan MODEL: which blocks get a gate, by which rule. Changes nothing."""
+from __future__ import annotations
+
+import argparse
+
+from .. import api
+from ._models import create
+
+
+def _ratio(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio takes a positive integer, not {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--ratio takes a positive integer, not {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="list the blocks that would get a gate (changes nothing)",
+                       description=__doc__)
+    p.add_argument("model", help="a timm model name, e.g. resnet50")
+    p.add_argument("--ratio", type=_ratio, default=16, help="reduction ratio r (default 16)")
+    p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
+                   help="built-in rule names or rule files (default: residual inception)")
+    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
+                   help="input size for shape propagation (default: the model's config)")
+
+
+def run(args: argparse.Namespace) -> int:
+    model = create(args.model)
+    p = api.plan(model, ratio=args.ratio, rules=args.rules,
+                 input_size=tuple(args.input_size) if args.input_size else None)
+    base = sum(t.numel() for t in model.parameters())
+    print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")
+    print(p.table())
+    if not len(p):
+        print("no block matched: apply() would refuse this model")
+    return 0

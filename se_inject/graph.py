@@ -1,0 +1,173 @@
+"""The traced graph as a networkx DiGraph of activations, labelled with what rules need.
+
+Only nodes that depend on a model input are in the view (parameters and constants are not
+activations). Each carries ``kind`` (conv, dwconv, norm, act, add, cat, pool, mul, linear,
+gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), ``frame``
+(the module invocation that created it) and ``module`` (the module it calls, if any).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .gate import SEGate
+from .shapes import VALUE
+from .trace import SCOPE, Frame, iter_tensor_args
+
+__all__ = ["GraphView", "ROOT", "build_view", "node_kind"]
+
+ROOT = "__se_inject_root__"  # virtual source of every model input, for dominator analysis
+
+# Module class -> op kind, looked up along the class's MRO (subclasses such as timm's
+# Conv2dSame or StdConv2d inherit their base's kind).
+_MODULE_KINDS: dict[type, str] = {
+    SEGate: "gate",
+    nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
+    nn.ConvTranspose2d: "conv",
+    nn.Linear: "linear",
+    nn.modules.batchnorm._NormBase: "norm", nn.GroupNorm: "norm", nn.LayerNorm: "norm",
+    nn.LocalResponseNorm: "norm",
+    nn.ReLU: "act", nn.ReLU6: "act", nn.LeakyReLU: "act", nn.PReLU: "act", nn.ELU: "act",
+    nn.SELU: "act", nn.CELU: "act", nn.GELU: "act", nn.SiLU: "act", nn.Mish: "act",
+    nn.Sigmoid: "act", nn.Tanh: "act", nn.Hardswish: "act", nn.Hardsigmoid: "act",
+    nn.Hardtanh: "act", nn.Softplus: "act",
+    nn.MaxPool2d: "pool", nn.AvgPool2d: "pool", nn.AdaptiveAvgPool2d: "pool",
+    nn.AdaptiveMaxPool2d: "pool",
+    nn.Identity: "identity", nn.Dropout: "identity", nn.Dropout2d: "identity",
+}
+
+# Function (call_function target) -> op kind.
+_FUNCTION_KINDS: dict[Any, str] = {
+    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", torch.conv2d: "conv",
+    F.linear: "linear",
+    F.batch_norm: "norm", F.layer_norm: "norm", F.group_norm: "norm",
+    F.relu: "act", torch.relu: "act", F.relu6: "act", F.gelu: "act", F.silu: "act",
+    F.hardswish: "act", F.leaky_relu: "act", torch.sigmoid: "act", torch.tanh: "act",
+    F.max_pool2d: "pool", F.avg_pool2d: "pool", F.adaptive_avg_pool2d: "pool",
+    F.adaptive_max_pool2d: "pool",
+    operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
+    torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
+    torch.permute: "permute",
+}
+
+# Tensor method (call_method target) -> op kind.
+_METHOD_KINDS: dict[str, str] = {
+    "add": "add", "add_": "add", "__add__": "add", "__iadd__": "add",
+    "mul": "mul", "mul_": "mul", "relu": "act", "relu_": "act", "sigmoid": "act",
+    "permute": "permute",
+}
+
+# Kinds whose 4-D output is channel-first whatever their input was.
+_NCHW_PRODUCERS = {"conv", "pool"}
+
+
+def _module_kind(m: nn.Module) -> str:
+    for cls in type(m).__mro__:
+        kind = _MODULE_KINDS.get(cls)
+        if kind is not None:
+            if kind == "conv" and getattr(m, "groups", 1) > 1 and m.groups == m.in_channels:
+                return "dwconv"
+            return kind
+    return "module"
+
+
+def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "placeholder":
+        return "input"
+    if node.op == "call_module":
+        return _module_kind(modules[node.target])
+    if node.op == "call_function":
+        kind = _FUNCTION_KINDS.get(node.target, "other")
+        if kind == "conv":
+            groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            w = weight.meta.get(VALUE) if isinstance(weight, fx.Node) else None
+            if isinstance(groups, int) and groups > 1 and w is not None and w.shape[1] == 1:
+                return "dwconv"
+        return kind
+    if node.op == "call_method":
+        return _METHOD_KINDS.get(node.target, "other")
+    return "other"
+
+
+def _permuted_layout(layout: str, dims: tuple[int, ...]) -> str:
+    if layout == "nchw" and tuple(d % 4 for d in dims) == (0, 2, 3, 1):
+        return "nhwc"
+    if layout == "nhwc" and tuple(d % 4 for d in dims) == (0, 3, 1, 2):
+        return "nchw"
+    return "other"
+
+
+def _permute_dims(node: fx.Node) -> tuple[int, ...]:
+    rest = node.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        rest = rest[0]
+    dims = node.kwargs.get("dims", rest)
+    return tuple(d for d in dims if isinstance(d, int))
+
+
+@dataclass
+class GraphView:
+    """The activation graph and what was found on it."""
+
+    graph: nx.DiGraph
+    fx_graph: fx.Graph
+    modules: dict[str, nn.Module]
+
+    def attrs(self, node: fx.Node) -> dict:
+        return self.graph.nodes[node]
+
+    def describe(self, node: fx.Node) -> str:
+        """A readable name for the tensor a node yields: the module path, or scope.op."""
+        a = self.graph.nodes[node]
+        if node.op == "call_module":
+            return str(node.target)
+        frame: Frame = a["frame"]
+        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "op")
+        if node.op == "placeholder":
+            return f"input:{node.target}"
+        return f"{frame.qualname}.{op}" if frame.qualname else str(op)
+
+
+def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
+    modules = dict(model.named_modules())
+    g = nx.DiGraph()
+    g.add_node(ROOT, kind="root", ndim=0, channels=None, layout="other", frame=Frame(""))
+    for node in fx_graph.nodes:
+        inputs = [a for a in iter_tensor_args((node.args, node.kwargs)) if a in g]
+        if node.op != "placeholder" and not inputs:
+            continue  # parameters, buffers and constants are not activations
+        value = node.meta.get(VALUE)
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        kind = node_kind(node, modules)
+        ndim = len(shape) if shape is not None else -1
+        if ndim != 4:
+            layout = "other"
+        elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
+            layout = "nchw"
+        elif kind == "permute" and inputs:
+            layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node))
+        else:
+            same = [g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] == 4]
+            layout = same[0] if same else "other"
+        channels = None
+        if layout == "nchw":
+            channels = shape[1]
+        elif layout == "nhwc":
+            channels = shape[3]
+        g.add_node(node, kind=kind, ndim=ndim, shape=shape, channels=channels, layout=layout,
+                   frame=node.meta.get(SCOPE, Frame("")),
+                   module=node.target if node.op == "call_module" else None)
+        if node.op == "placeholder":
+            g.add_edge(ROOT, node)
+        for i in inputs:
+            g.add_edge(i, node)
+    return GraphView(graph=g, fx_graph=fx_graph, modules=modules)

@@ -1,0 +1,141 @@
+"""Rules against the graph view: blocks found by structure, not by names.
+
+A block ends in a merge node (an add, or a concatenation along channels); its entry is the
+merge's immediate dominator, and each operand's branch is the set of nodes on the paths from
+the entry to that operand. Because the entry dominates every operand, a backward walk from an
+operand that stops at the entry stays inside the block, so finding all blocks costs time
+proportional to the size of the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import networkx as nx
+import torch.fx as fx
+
+from .graph import ROOT, GraphView
+from .rules import Rule
+from .trace import Frame
+
+__all__ = ["Candidate", "Rejection", "find_candidates"]
+
+_CONV_KINDS = {"conv", "dwconv"}
+
+
+@dataclass
+class Candidate:
+    merge: fx.Node
+    entry: fx.Node
+    rule: Rule
+    gated: fx.Node            # the tensor that gets scaled: a branch operand, or the merge
+    operand: int | None       # index of that operand among the merge's args, None for output
+    region: set               # nodes strictly after the entry, up to and including the merge
+    frame: Frame
+
+
+@dataclass(frozen=True)
+class Rejection:
+    merge: fx.Node
+    rule: Rule
+    reason: str
+
+
+def _operands(node: fx.Node, kind: str) -> tuple[list, int | None]:
+    """The merge's tensor operands as (positions in args, values) and the concat dim."""
+    if kind == "add":
+        return [(i, a) for i, a in enumerate(node.args[:2])], None
+    tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return [(i, a) for i, a in enumerate(tensors)], dim
+
+
+def _branch(g: nx.DiGraph, operand, entry) -> set:
+    if operand is entry:
+        return set()
+    seen, stack = {operand}, [operand]
+    while stack:
+        for p in g.predecessors(stack.pop()):
+            if p is not entry and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
+
+
+def _convs(view: GraphView, nodes: Iterable) -> int:
+    g = view.graph
+    return sum(1 for n in nodes if g.nodes[n]["kind"] in _CONV_KINDS)
+
+
+def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
+           idom: dict) -> Candidate | str:
+    """A Candidate, or the reason the rule does not match this merge."""
+    g = view.graph
+    a = g.nodes[merge]
+    if a["ndim"] != 4 or a["layout"] != "nchw":
+        return "not a 4-D channel-first feature map"
+    pairs, dim = _operands(merge, kind)
+    acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
+    n = len(acts)
+    if n < rule.min_operands or (rule.max_operands is not None and n > rule.max_operands):
+        return f"{n} feature-map operand(s) where the rule takes {rule.min_operands}" + \
+            (f" to {rule.max_operands}" if rule.max_operands != rule.min_operands else "")
+    if any(g.nodes[o]["ndim"] != 4 or g.nodes[o]["layout"] != "nchw" for _, o in acts):
+        return "an operand is not a 4-D channel-first feature map"
+    if kind == "cat" and (not isinstance(dim, int) or dim % 4 != 1):
+        return "not a concatenation along channels"
+    if rule.equal_shapes and len({g.nodes[o]["shape"] for _, o in acts}) > 1:
+        return "operands differ in shape"
+    entry = idom.get(merge)
+    if entry is None or entry is ROOT:
+        return "no single entry (the merge depends on more than one model input)"
+    if rule.entry_as_operand == "forbid" and any(o is entry for _, o in acts):
+        return "the block's entry is itself an operand (a dense connection)"
+    branches = [(i, o, _branch(g, o, entry)) for i, o in acts]
+    with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
+    if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
+        return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
+    region = set().union(*(b for _, _, b in branches)) | {merge}
+    if rule.gate_at == "branch":
+        _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
+    else:
+        operand, gated = None, merge
+    return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, operand=operand,
+                     region=region, frame=a["frame"])
+
+
+def find_candidates(view: GraphView, rules: tuple[Rule, ...]) -> tuple[list[Candidate],
+                                                                         list[Rejection]]:
+    """Every merge the first fitting rule matches, minus those that yield to an enclosing block."""
+    g = view.graph
+    idom = nx.immediate_dominators(g, ROOT)
+    found: list[Candidate] = []
+    rejected: list[Rejection] = []
+    for node in view.fx_graph.nodes:
+        if node not in g:
+            continue
+        kind = g.nodes[node]["kind"]
+        reasons = []
+        for rule in rules:
+            if rule.merge != kind:
+                continue
+            result = _match(view, node, kind, rule, idom)
+            if isinstance(result, Candidate):
+                found.append(result)
+                break
+            reasons.append(Rejection(node, rule, result))
+        else:
+            rejected += reasons
+    by_merge = {c.merge: c for c in found}
+    suppressed: dict[fx.Node, Candidate] = {}
+    for outer in found:
+        for n in outer.region:
+            inner = by_merge.get(n)
+            if inner is not None and inner is not outer and outer.rule.name in inner.rule.yield_to:
+                suppressed.setdefault(n, outer)
+    kept = [c for c in found if c.merge not in suppressed]
+    for merge, outer in suppressed.items():
+        inner = by_merge[merge]
+        rejected.append(Rejection(merge, inner.rule,
+                                  f"nested in a block of rule {outer.rule.name!r} (one gate per block)"))
+    return kept, rejected

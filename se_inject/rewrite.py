@@ -1,0 +1,203 @@
+"""Gates realised in place, in the module that owns each site; and taken out again.
+
+A block that receives a gate gets a new ``forward`` bound on the instance: its class's forward,
+traced alone by fx (children stay calls), with a call of each gate inserted at its site. The
+class, every other module and every original parameter stay as they were. Everything that can
+fail happens in ``prepare``; ``commit`` only assigns attributes.
+"""
+from __future__ import annotations
+
+import hashlib
+import linecache
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import NotGatedError, RewriteError
+from .gate import SEGate
+from .plan import LocalKey, Site
+from .trace import TraceOptions, reads_training_flag, trace_block
+
+__all__ = ["OwnerState", "owner_state", "prepare", "commit", "remove_gates", "GATE_PREFIX"]
+
+STATE = "_se_inject_state"
+GATE_PREFIX = "se_gate"
+
+
+@dataclass
+class OwnerState:
+    """Kept on each block that holds gates: gate attribute name -> where it sits."""
+
+    gates: dict[str, LocalKey] = field(default_factory=dict)
+
+
+def owner_state(module: nn.Module) -> OwnerState | None:
+    return module.__dict__.get(STATE)
+
+
+@dataclass
+class Prepared:
+    owner: nn.Module
+    new_gates: dict[str, SEGate]
+    state: OwnerState
+    forward: Callable
+
+
+def _local_nodes(graph: fx.Graph) -> dict[tuple, fx.Node]:
+    counts: dict[tuple, int] = {}
+    out = {}
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            k = counts.get((node.op, node.target), 0)
+            counts[(node.op, node.target)] = k + 1
+            out[(node.op, node.target, k)] = node
+    return out
+
+
+def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> None:
+    nodes = _local_nodes(graph)
+    for name, (op, target, k, operand) in gates.items():
+        merge = nodes.get((op, target, k))
+        if merge is None:
+            raise RewriteError(f"`{block}`: the merge `{target}` (#{k}) seen in the model's trace "
+                               "is not in a trace of the block alone; its forward depends on "
+                               "something its caller passes. Leave this block out with a rule, "
+                               "or mark its parent as a leaf.")
+        if operand is None:
+            with graph.inserting_after(merge):
+                gate = graph.call_module(name, (merge,))
+            merge.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+            continue
+        args = list(merge.args)
+        if operand >= len(args) or not isinstance(args[operand], fx.Node):
+            raise RewriteError(f"`{block}`: operand {operand} of `{merge.format_node()}` is not a "
+                               "tensor in a trace of the block alone.")
+        with graph.inserting_before(merge):
+            args[operand] = graph.call_module(name, (args[operand],))
+        merge.args = tuple(args)
+    graph.lint()
+
+
+_COMPILED: dict[tuple, Callable] = {}
+
+
+def _compile(graph: fx.Graph, cls: type) -> tuple[str, Callable]:
+    """The graph's code as a function ``forward(self, ...)``; identical code compiles once."""
+    code = graph.python_code(root_module="self")
+    key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        digest = hashlib.sha1(code.src.encode()).hexdigest()[:10]
+        filename = f"<se-inject {cls.__qualname__}.forward {digest}>"
+        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+        namespace = dict(code.globals)
+        exec(compile(code.src, filename, "exec"), namespace)  # code fx generated from the graph
+        fn = namespace["forward"]
+        fn.__qualname__ = f"{cls.__qualname__}.forward"
+        _COMPILED[key] = fn
+    return code.src, fn
+
+
+def _dispatch(train_fn: Callable, eval_fn: Callable) -> Callable:
+    def forward(self, *args, **kwargs):
+        return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
+    forward.__qualname__ = train_fn.__qualname__
+    return forward
+
+
+def _gate_factory(owner: nn.Module):
+    ref = next((t for t in [*owner.parameters(), *owner.buffers()] if t.is_floating_point()), None)
+    device = ref.device if ref is not None else None
+    dtype = ref.dtype if ref is not None else None
+    return lambda channels, ratio: SEGate(channels, ratio, device=device, dtype=dtype)
+
+
+def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceOptions,
+            fingerprints: dict[str, tuple] | None = None) -> list[Prepared]:
+    """Build every new forward and gate without touching the model.
+
+    Blocks of one class whose forwards made the same nodes in the model's trace (equal
+    ``fingerprints``) and get gates at the same places share one trace and one forward.
+    """
+    fingerprints = fingerprints or {}
+    forwards: dict[tuple, Callable] = {}
+    modules = dict(model.named_modules())
+    by_block: dict[str, list[Site]] = defaultdict(list)
+    for s in sites:
+        by_block[s.block].append(s)
+    out = []
+    for block, block_sites in by_block.items():
+        owner = modules[block]
+        current = owner.__dict__.get("forward")
+        if current is not None and owner_state(owner) is None:
+            raise RewriteError(f"`{block or '(model)'}` ({type(owner).__name__}) has a forward set "
+                               "on the instance; se-inject rewrites the class's forward and would "
+                               "lose it. Remove the override or mark the module as a leaf.")
+        old = owner_state(owner)
+        state = OwnerState(gates=dict(old.gates) if old else {})
+        make = _gate_factory(owner)
+        new_gates = {}
+        for s in block_sites:
+            name = s.gate.rsplit(".", 1)[-1]
+            state.gates[name] = s.key
+            new_gates[name] = make(s.channels, ratio)
+        group = fingerprints.get(block)
+        group = None if group is None else \
+            (type(owner), owner.training, group, tuple(sorted(state.gates.items())))
+        if group in forwards:
+            out.append(Prepared(owner=owner, new_gates=new_gates, state=state,
+                                forward=forwards[group]))
+            continue
+        modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
+        compiled = {}
+        for training in modes:
+            try:
+                graph = trace_block(owner, options, training)
+            except Exception as exc:
+                raise RewriteError(f"`{block or '(model)'}` ({type(owner).__name__}) could not be "
+                                   f"traced on its own: {type(exc).__name__}: {exc}. Its forward "
+                                   "needs arguments only its caller knows; mark its parent as a "
+                                   "leaf (leaf_modules=[...]) to leave it out.") from exc
+            _insert(graph, state.gates, block or "(model)")
+            compiled[training] = _compile(graph, type(owner))
+        if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
+            forward = next(iter(compiled.values()))[1]
+        else:
+            forward = _dispatch(compiled[True][1], compiled[False][1])
+        if group is not None:
+            forwards[group] = forward
+        out.append(Prepared(owner=owner, new_gates=new_gates, state=state, forward=forward))
+    return out
+
+
+def commit(prepared: Sequence[Prepared]) -> None:
+    """Attach gates and forwards. Only attribute assignments: nothing here can fail halfway."""
+    for p in prepared:
+        for name, gate in p.new_gates.items():
+            p.owner._modules[name] = gate
+        p.owner.__dict__["forward"] = types.MethodType(p.forward, p.owner)
+        p.owner.__dict__[STATE] = p.state
+
+
+def remove_gates(model: nn.Module) -> int:
+    """Take every gate out; each block gets its class's forward back. Returns the gate count."""
+    if not isinstance(model, nn.Module):
+        from .errors import InvalidArgumentError
+        raise InvalidArgumentError(f"remove() takes an nn.Module, not {type(model).__name__}")
+    owners = [m for m in model.modules() if owner_state(m) is not None]
+    if not owners:
+        raise NotGatedError(f"{type(model).__name__} holds no se-inject gates: nothing to remove "
+                            "(gates are added by se_inject.apply)")
+    n = 0
+    for m in owners:
+        state = m.__dict__.pop(STATE)
+        for name in state.gates:
+            del m._modules[name]
+            n += 1
+        m.__dict__.pop("forward", None)
+    return n

@@ -1,0 +1,281 @@
+"""Rule files: YAML data, validated whole against a schema before anything is touched.
+
+A rule file is composed (never constructed) with PyYAML's safe loader, so no tag can make it
+run code; every error names the file, the line and the key. See README.md, "Rule files".
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import yaml
+
+from .errors import RuleError
+
+__all__ = ["Rule", "load_rule", "resolve_rules", "builtin_rules_dir", "builtin_rule_names",
+           "DEFAULT_RULES", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+DEFAULT_RULES = ("residual", "inception")
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "bool", "map", "seq", "null")}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed, validated rule. See README.md for what each field means."""
+
+    name: str
+    summary: str
+    merge: str                      # "add" or "cat"
+    min_operands: int
+    max_operands: int | None
+    equal_shapes: bool
+    entry_as_operand: str           # "allow" or "forbid"
+    min_branches_with_conv: int
+    gate_at: str                    # "branch" or "output"
+    yield_to: tuple[str, ...]
+    path: str
+
+
+RuleSpec = Union[str, os.PathLike, Rule]
+
+
+def builtin_rules_dir() -> Path:
+    """Where the built-in rules are: inside the installed package, or beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "rules", here.parent / "rules"):
+        if (candidate / "residual.yaml").is_file():
+            return candidate
+    raise RuleError("the built-in rules are missing: reinstall se-inject (pip install se-inject)")
+
+
+def builtin_rule_names() -> list[str]:
+    return sorted(p.stem for p in builtin_rules_dir().glob("*.yaml"))
+
+
+# --- schema -----------------------------------------------------------------------------
+# key -> (required, checker, default); a checker turns a yaml node into a value or raises.
+
+def _scalar(node: yaml.Node, path: str, key: str) -> Any:
+    if not isinstance(node, yaml.ScalarNode):
+        raise RuleError("expected a single value", path, _line(node), key)
+    return yaml.safe_load(yaml.serialize(node))  # plain scalar: str, int, bool or None
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+def _of_type(t: type, what: str) -> Callable:
+    def check(node, path, key):
+        v = _scalar(node, path, key)
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise RuleError(f"expected {what}, got {v!r}", path, _line(node), key)
+        return v
+    return check
+
+
+def _choice(*options: Any) -> Callable:
+    def check(node, path, key):
+        v = _scalar(node, path, key)
+        if v not in options:
+            raise RuleError(f"expected one of {', '.join(map(str, options))}; got {v!r}",
+                            path, _line(node), key)
+        return v
+    return check
+
+
+def _count(node, path, key) -> int:
+    v = _of_type(int, "an integer")(node, path, key)
+    if v < 0:
+        raise RuleError(f"expected a count of 0 or more, got {v}", path, _line(node), key)
+    return v
+
+
+def _operands(node, path, key) -> tuple[int, int | None]:
+    if isinstance(node, yaml.ScalarNode):
+        n = _count(node, path, key)
+        return n, n
+    fields = _mapping(node, path, key, {"min": (False, _count, 2), "max": (False, _count, None)})
+    if fields["max"] is not None and fields["max"] < fields["min"]:
+        raise RuleError("max is smaller than min", path, _line(node), key)
+    return fields["min"], fields["max"]
+
+
+def _names(node, path, key) -> tuple[str, ...]:
+    if not isinstance(node, yaml.SequenceNode):
+        raise RuleError("expected a list of rule names", path, _line(node), key)
+    out = []
+    for item in node.value:
+        v = _scalar(item, path, key)
+        if not isinstance(v, str) or not _NAME.match(v):
+            raise RuleError(f"expected a rule name, got {v!r}", path, _line(item), key)
+        out.append(v)
+    return tuple(out)
+
+
+def _name(node, path, key) -> str:
+    v = _of_type(str, "a string")(node, path, key)
+    if not _NAME.match(v):
+        raise RuleError(f"{v!r} is not a valid rule name (lower case letters, digits, - and _)",
+                        path, _line(node), key)
+    return v
+
+
+def _schema_version(node, path, key) -> int:
+    v = _of_type(int, "an integer")(node, path, key)
+    if v != SCHEMA_VERSION:
+        raise RuleError(f"schema {v} is not supported by this se-inject (it reads schema "
+                        f"{SCHEMA_VERSION}); upgrade se-inject or rewrite the rule",
+                        path, _line(node), key)
+    return v
+
+
+_MATCH_SCHEMA = {
+    "merge": (True, _choice("add", "cat"), None),
+    "operands": (False, _operands, (2, None)),
+    "equal_shapes": (False, _of_type(bool, "true or false"), False),
+    "entry_as_operand": (False, _choice("allow", "forbid"), "allow"),
+    "min_branches_with_conv": (False, _count, 1),
+}
+_GATE_SCHEMA = {"at": (True, _choice("branch", "output"), None)}
+
+
+def _sub(schema):
+    return lambda node, path, key: _mapping(node, path, key, schema)
+
+
+_RULE_SCHEMA = {
+    "schema": (True, _schema_version, None),
+    "name": (True, _name, None),
+    "summary": (True, _of_type(str, "a string"), None),
+    "match": (True, _sub(_MATCH_SCHEMA), None),
+    "gate": (True, _sub(_GATE_SCHEMA), None),
+    "yield_to": (False, _names, ()),
+}
+
+
+def _mapping(node: yaml.Node, path: str, where: str | None, schema: dict) -> dict[str, Any]:
+    if not isinstance(node, yaml.MappingNode):
+        raise RuleError("expected a mapping of keys to values", path, _line(node), where)
+    out: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = _scalar(key_node, path, where)
+        full = f"{where}.{key}" if where else str(key)
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RuleError(f"unknown key{hint}; allowed here: {', '.join(schema)}",
+                            path, _line(key_node), full)
+        if key in out:
+            raise RuleError("key given twice", path, _line(key_node), full)
+        out[key] = schema[key][1](value_node, path, full)
+    for key, (required, _, default) in schema.items():
+        if key not in out:
+            if required:
+                full = f"{where}.{key}" if where else key
+                raise RuleError("required key is missing", path, _line(node), full)
+            out[key] = default
+    return out
+
+
+def _check_tags(node: yaml.Node, path: str) -> None:
+    if node.tag not in _PLAIN_TAGS:
+        raise RuleError(f"tag {node.tag!r} is not allowed: rule files hold plain data only",
+                        path, _line(node))
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            _check_tags(k, path)
+            _check_tags(v, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for v in node.value:
+            _check_tags(v, path)
+
+
+def _parse(text: str, path: str) -> Rule:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RuleError(f"not valid YAML: {getattr(exc, 'problem', exc)}", path,
+                        mark.line + 1 if mark else None) from None
+    if root is None:
+        raise RuleError("the file is empty; a rule file holds one rule (see README.md)", path)
+    _check_tags(root, path)
+    f = _mapping(root, path, None, _RULE_SCHEMA)
+    m, gate = f["match"], f["gate"]
+    if m["merge"] == "add" and gate["at"] == "branch" and m["operands"][0] < 2:
+        raise RuleError("a rule that gates a branch needs at least 2 operands", path, _line(root),
+                        "match.operands")
+    return Rule(name=f["name"], summary=" ".join(f["summary"].split()), merge=m["merge"],
+                min_operands=m["operands"][0], max_operands=m["operands"][1],
+                equal_shapes=m["equal_shapes"], entry_as_operand=m["entry_as_operand"],
+                min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
+                yield_to=f["yield_to"], path=path)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_cached(path: str, mtime_ns: int, size: int) -> Rule:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuleError(f"cannot read the rule file: {exc}", path) from None
+    return _parse(text, path)
+
+
+def load_rule(path: Union[str, os.PathLike]) -> Rule:
+    """Parse and validate one rule file."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        raise RuleError("no such rule file; built-in rules are "
+                        f"{', '.join(builtin_rule_names())}", str(path)) from None
+    return _load_cached(str(p), st.st_mtime_ns, st.st_size)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.endswith((".yaml", ".yml")) or os.sep in spec or "/" in spec
+
+
+def resolve_rules(specs: RuleSpec | Sequence[RuleSpec] | None) -> tuple[Rule, ...]:
+    """Built-in names, paths to rule files or Rule objects -> validated rules, in order."""
+    if specs is None:
+        specs = DEFAULT_RULES
+    if isinstance(specs, (str, os.PathLike, Rule)):
+        specs = [specs]
+    if not isinstance(specs, Iterable):
+        raise RuleError(f"rules must be a rule name, a path or a list of them, not "
+                        f"{type(specs).__name__}")
+    rules: list[Rule] = []
+    for spec in specs:
+        if isinstance(spec, Rule):
+            rules.append(spec)
+        elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and _looks_like_path(spec)):
+            rules.append(load_rule(spec))
+        elif isinstance(spec, str):
+            names = builtin_rule_names()
+            if spec not in names:
+                close = difflib.get_close_matches(spec, names, n=2)
+                hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+                raise RuleError(f"unknown rule {spec!r}.{hint} Built-in rules: {', '.join(names)}; "
+                                "a path to your own rule file (ending in .yaml) works too.")
+            rules.append(load_rule(builtin_rules_dir() / f"{spec}.yaml"))
+        else:
+            raise RuleError(f"a rule is a built-in name, a path or a Rule, not {type(spec).__name__}")
+    if not rules:
+        raise RuleError("no rules given: pass at least one (built-in: "
+                        f"{', '.join(builtin_rule_names())})")
+    seen: dict[str, str] = {}
+    for r in rules:
+        if r.name in seen:
+            raise RuleError(f"two rules are named {r.name!r} ({seen[r.name]} and {r.path}); "
+                            "rule names must be unique", r.path)
+        seen[r.name] = r.path
+    return tuple(rules)

@@ -1,0 +1,262 @@
+"""Tracing with torch.fx: the whole model (with module scopes) or one block alone.
+
+The global trace goes through every module that timm and torchvision do not mark as a leaf,
+and records on each node the module invocation (``Frame``) whose forward created it, so
+that a site found anywhere in the graph can be realised in the module that owns it.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import TraceError
+from .gate import SEGate
+
+__all__ = ["Frame", "TraceOptions", "trace_model", "trace_block"]
+
+SCOPE = "se_inject.frame"  # node.meta key: the Frame whose forward created the node
+RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward returned
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One call of a module's forward during tracing: ``qualname`` ("" is the model)."""
+
+    qualname: str
+    call: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.qualname or "(model)"
+
+
+def _registry_leaf_modules() -> list[type]:
+    """Module classes that timm and torchvision keep out of fx traces."""
+    leaves: list[type] = [SEGate]
+    try:
+        from timm.layers import get_notrace_modules
+        leaves += list(get_notrace_modules())
+    except ImportError:  # timm is optional for hand-written models
+        pass
+    try:
+        import torchvision.ops as tv_ops
+        leaves += [obj for _, obj in inspect.getmembers(tv_ops)
+                   if inspect.isclass(obj) and issubclass(obj, nn.Module)]
+    except ImportError:
+        pass
+    return leaves
+
+
+def _registry_autowrap() -> tuple[tuple[Callable, ...], tuple[Any, ...]]:
+    functions: list[Callable] = []
+    modules: list[Any] = [math]
+    try:
+        from timm.layers import get_notrace_functions
+        functions += [f for f in get_notrace_functions() if callable(f)]
+    except ImportError:
+        pass
+    try:
+        import torchvision.ops as tv_ops
+        modules.append(tv_ops)
+    except ImportError:
+        pass
+    return tuple(functions), tuple(modules)
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What the user adds to the registries: extra leaf module classes and functions."""
+
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+
+    def tracer_args(self) -> tuple[tuple[type, ...], dict]:
+        functions, modules = _registry_autowrap()
+        leaves = tuple(_registry_leaf_modules()) + tuple(self.leaf_modules)
+        kwargs = dict(autowrap_modules=modules,
+                      autowrap_functions=functions + tuple(self.autowrap_functions))
+        return leaves, kwargs
+
+
+class _ScopeTracer(fx.Tracer):
+    """Records the module invocation that creates every node; remembers where tracing failed."""
+
+    def __init__(self, leaves: tuple[type, ...], **kwargs):
+        super().__init__(**kwargs)
+        self._leaves = leaves
+        self._frames: list[Frame] = [Frame("")]
+        self._calls: dict[str, int] = {}
+        self.returns: dict[Frame, object] = {}
+        self.failed_in: Frame | None = None
+        self.failed_module: nn.Module | None = None
+        self.last_node: fx.Node | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        n = self._calls.get(qualname, 0)
+        self._calls[qualname] = n + 1
+        frame = Frame(qualname, n)
+        self._frames.append(frame)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+            self.returns[frame] = _nodes_of(out)
+            return out
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in, self.failed_module = self._frames[-1], m
+            raise
+        finally:
+            self._frames.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        node.meta[SCOPE] = self._frames[-1]
+        self.last_node = node
+        return node
+
+
+def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> TraceError:
+    frame = tracer.failed_in
+    mod = tracer.failed_module
+    where = "the model's own forward" if frame is None or not frame.qualname else \
+        f"module `{frame.qualname}` ({type(mod).__name__})"
+    after = ""
+    if tracer.last_node is not None and tracer.last_node.op != "placeholder":
+        after = f", just after op `{tracer.last_node.format_node()}`"
+    cls = type(mod).__name__ if mod is not None and frame and frame.qualname else None
+    hint = ("Mark the module as a leaf so that fx calls it without looking inside: "
+            f"se_inject.apply(model, leaf_modules=[{cls}]) or "
+            f"timm.layers.register_notrace_module({cls}); blocks inside a leaf get no gate. "
+            if cls else
+            "Mark the module that contains it as a leaf (se_inject.apply(model, leaf_modules=[Cls]) "
+            "or timm.layers.register_notrace_module), ")
+    hint += ("A plain function that fx cannot trace can be kept whole with "
+             "se_inject.apply(model, autowrap_functions=[fn]).")
+    return TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in {where}{after}: "
+                      f"{type(exc).__name__}: {exc}. {hint}")
+
+
+def trace_model(model: nn.Module, options: TraceOptions) -> fx.Graph:
+    """fx graph of the whole model, each node's ``meta[SCOPE]`` naming its module invocation."""
+    leaves, kwargs = options.tracer_args()
+    tracer = _ScopeTracer(leaves, **kwargs)
+    fn = _instance_forward(model)
+    try:
+        if fn is None:
+            graph = tracer.trace(model)
+        else:  # the model's own forward was replaced on the instance; fx reads only the class's
+            graph = _trace_instance_forward(tracer, model, fn)
+        setattr(graph, RETURNS, tracer.returns)
+        return graph
+    except TraceError:
+        raise
+    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+        raise _trace_failure(model, tracer, exc) from exc
+
+
+def _nodes_of(out):
+    """The value a forward returned, with Proxies replaced by their Nodes."""
+    if isinstance(out, fx.Proxy):
+        return out.node
+    if isinstance(out, (list, tuple)):
+        return type(out)(_nodes_of(v) for v in out) if not hasattr(out, "_fields") else \
+            tuple(_nodes_of(v) for v in out)
+    if isinstance(out, dict):
+        return {k: _nodes_of(v) for k, v in out.items()}
+    return out if isinstance(out, (int, float, bool, str, type(None))) else type(out).__name__
+
+
+def _instance_forward(module: nn.Module):
+    return module.__dict__.get("forward")
+
+
+def _trace_instance_forward(tracer: fx.Tracer, module: nn.Module, bound) -> fx.Graph:
+    """Trace ``module`` through the forward bound on the instance rather than its class's."""
+    func = getattr(bound, "__func__", None)
+    if func is None:
+        raise TraceError(f"{type(module).__name__} has a forward set on the instance that is not "
+                         "a method; se-inject cannot trace it.")
+    shim = type(type(module).__name__, (type(module),), {"forward": func})
+    original = module.__class__
+    try:
+        module.__class__ = shim  # only for the duration of the trace; restored below
+        return tracer.trace(module)
+    finally:
+        module.__class__ = original
+
+
+class _BlockTracer(fx.Tracer):
+    """Traces one module's own forward: every child module stays a single call."""
+
+    def __init__(self, root: nn.Module, **kwargs):
+        super().__init__(**kwargs)
+        self._root = root
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self._root
+
+
+def trace_block(block: nn.Module, options: TraceOptions, training: bool) -> fx.Graph:
+    """fx graph of ``block.forward`` of the class (not an instance override), in one mode."""
+    _, kwargs = options.tracer_args()
+    tracer = _BlockTracer(block, **kwargs)
+    was = block.training
+    object.__setattr__(block, "training", training)  # the block's own flag only, restored below
+    try:
+        return tracer.trace(block)
+    finally:
+        object.__setattr__(block, "training", was)
+
+
+def reads_training_flag(cls: type) -> bool:
+    """Whether the class's forward (or a method it calls on self) reads ``self.training``."""
+    seen: set[str] = set()
+    todo = ["forward"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        fn = inspect.getattr_static(cls, name, None)
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            continue
+        names = _code_names(code)
+        if "training" in names:
+            return True
+        todo += [n for n in names if n not in seen and callable(inspect.getattr_static(cls, n, None))]
+    return False
+
+
+def _code_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names
+
+
+def iter_tensor_args(args: Iterable[Any]):
+    """fx Nodes among (possibly nested) call arguments, in order."""
+    for a in args:
+        if isinstance(a, fx.Node):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from iter_tensor_args(a)
+        elif isinstance(a, dict):
+            yield from iter_tensor_args(a.values())
+
+
+def as_sequence(x: Any) -> Sequence[Any]:
+    return x if isinstance(x, (list, tuple)) else (x,)
