@@ -1,0 +1,206 @@
+"""Hand-written CNNs that hide their blocks in the code shapes people actually write."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin, cout, k=3, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+
+class InlineResidualNet(nn.Module):
+    """Three residual blocks written inline in the top-level forward: +, += and torch.add."""
+
+    def __init__(self, width=32, classes=10):
+        super().__init__()
+        self.stem = conv_bn(3, width)
+        self.a1, self.a2 = conv_bn(width, width), conv_bn(width, width)
+        self.b1, self.b2 = conv_bn(width, width), conv_bn(width, width)
+        self.c1 = conv_bn(width, 2 * width, stride=2)
+        self.c2 = conv_bn(2 * width, 2 * width)
+        self.proj = conv_bn(width, 2 * width, k=1, stride=2)
+        self.head = nn.Linear(2 * width, classes)
+
+    def branch_a(self, x):
+        return self.a2(F.relu(self.a1(x)))
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.branch_a(x))                     # operator +
+        y = self.b2(F.relu(self.b1(x)))
+        y += x                                               # +=
+        x = F.relu(y)
+        x = F.relu(torch.add(self.proj(x), self.c2(F.relu(self.c1(x)))))  # torch.add, projection
+        return self.head(x.mean((2, 3)))
+
+
+class FunctionalInception(nn.Module):
+    """An inception module built from F.conv2d and raw parameters, with a pooling branch."""
+
+    def __init__(self, cin=16, c=8):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(c, cin, 1, 1) * 0.1)
+        self.w3a = nn.Parameter(torch.randn(c, cin, 1, 1) * 0.1)
+        self.w3b = nn.Parameter(torch.randn(2 * c, c, 3, 3) * 0.1)
+        self.wp = nn.Parameter(torch.randn(c, cin, 1, 1) * 0.1)
+        self.out_channels = 4 * c
+
+    def forward(self, x):
+        b1 = F.relu(F.conv2d(x, self.w1))
+        b3 = F.relu(F.conv2d(F.relu(F.conv2d(x, self.w3a)), self.w3b, padding=1))
+        bp = F.relu(F.conv2d(F.max_pool2d(x, 3, 1, 1), self.wp))
+        return torch.cat([b1, b3, bp], dim=1)
+
+
+class FunctionalInceptionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix1 = FunctionalInception(16, 8)
+        self.mix2 = FunctionalInception(32, 8)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.mix2(self.mix1(F.relu(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(cin, mid, 1), nn.ReLU(), conv_bn(mid, mid, 3, stride),
+                                  nn.ReLU(), conv_bn(mid, cout, 1))
+        self.short = conv_bn(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
+
+    def forward(self, x):
+        s = x if self.short is None else self.short(x)
+        return F.relu(self.body(x) + s)
+
+
+class BlockNet(nn.Module):
+    """Residual blocks as modules: Sequential branch, projection shortcut when shapes change."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(Bottleneck(16, 8, 32), Bottleneck(32, 8, 32),
+                                    Bottleneck(32, 16, 64, stride=2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class DenseNetLike(nn.Module):
+    """Dense connections: each layer's input is concatenated with its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.l1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.l2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, F.relu(self.l1(x))], 1)
+        x = torch.cat([x, F.relu(self.l2(x))], 1)
+        return x.mean((2, 3))
+
+
+class TokenMixer(nn.Module):
+    """A patch embedding followed by residual sums of 3-D token tensors: not a CNN block."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + self.mlp(self.norm(t))
+        return self.head(t.mean(1))
+
+
+class DataDependentBlock(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor's value: fx cannot trace this
+            return x + self.conv(x)
+        return x
+
+
+class UntraceableNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.res = Bottleneck(16, 8, 16)
+        self.odd = DataDependentBlock(16)
+
+    def forward(self, x):
+        return self.odd(self.res(F.relu(self.stem(x)))).mean((2, 3))
+
+
+class FlagBlock(nn.Module):
+    """A residual block whose forward needs a flag only its caller knows."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x, relu: bool):
+        y = self.conv(x)
+        if relu:
+            y = F.relu(y)
+        return x + y
+
+
+class CallerFlagNet(nn.Module):
+    """An ordinary residual block first, then one that cannot be traced alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.res = Bottleneck(16, 8, 16)
+        self.flag = FlagBlock(16)
+
+    def forward(self, x):
+        return self.flag(self.res(F.relu(self.stem(x))), True).mean((2, 3))
+
+
+class TrainingBlock(nn.Module):
+    """A block whose own forward reads self.training (as stochastic-depth code does)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.training:
+            y = y * 0.5
+        return x + y
+
+
+class TrainingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.block = TrainingBlock(16)
+
+    def forward(self, x):
+        return self.block(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN = {
+    "inline_residual": (InlineResidualNet, 3, {"residual": 3}),
+    "functional_inception": (FunctionalInceptionNet, 2, {"inception": 2}),
+    "block_net": (BlockNet, 3, {"residual": 3}),
+    "training_net": (TrainingNet, 1, {"residual": 1}),
+}

@@ -1,0 +1,211 @@
+"""apply() on timm and torchvision models, checked against timm's SE models, the paper and the
+unmodified model."""
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torchvision
+
+import se_inject
+from conftest import eq5_parameters, gates, n_params, paper_reference, saturate
+
+RESNET50_PARAMS = 25_557_032          # paper.md; timm and torchvision agree
+RESNET50_STAGES = [(3, 256), (4, 512), (6, 1024), (3, 2048)]
+RESNET18_STAGES = [(2, 64), (2, 128), (2, 256), (2, 512)]
+
+
+def _timm(name):
+    return lambda: timm.create_model(name, pretrained=False)
+
+
+def _tv(name, **kw):
+    return lambda: getattr(torchvision.models, name)(weights=None, **kw)
+
+
+# name -> (builder, input side, expected gates)
+MODELS = {
+    "timm/resnet18": (_timm("resnet18"), 64, 8),
+    "timm/resnet50": (_timm("resnet50"), 64, 16),
+    "timm/resnext50_32x4d": (_timm("resnext50_32x4d"), 64, 16),
+    "timm/inception_v3": (_timm("inception_v3"), 107, 11),
+    "torchvision/resnet50": (_tv("resnet50"), 64, 16),
+    "torchvision/googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64, 9),
+}
+
+
+@torch.no_grad()
+def _randomize_norms(model):
+    """timm zero-initialises each branch's last norm, which would hide any gate: undo that."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def case(request):
+    build, side, expected = MODELS[request.param]
+    model = build().eval()
+    _randomize_norms(model)
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        y0 = model(x)
+    before = {k: v for k, v in model.state_dict().items()}
+    methods = {n for n in dir(type(model)) if callable(getattr(type(model), n, None))}
+    se_inject.apply(model, ratio=16)
+    return request.param, build, model, x, y0, before, methods, expected
+
+
+def test_gate_count_and_names(case):
+    _, _, model, _, _, before, _, expected = case
+    found = gates(model)
+    assert len(found) == expected
+    assert all(n.split(".")[-1] == "se_gate" for n, _ in found)
+    new_keys = set(model.state_dict()) - set(before)
+    assert new_keys == {f"{n}.{p}" for n, _ in found for p in
+                        ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+
+
+def test_in_place_class_methods_and_weights_kept(case):
+    name, build, model, _, _, before, methods, _ = case
+    assert type(model) is type(build())
+    assert methods <= {n for n in dir(type(model)) if callable(getattr(type(model), n, None))}
+    sd = model.state_dict()
+    for k, v in before.items():  # same keys, same tensors (not copies)
+        assert sd[k].data_ptr() == v.data_ptr(), k
+    if name.startswith("timm/"):
+        assert model.pretrained_cfg and model.feature_info
+        model2 = copy.deepcopy(model)
+        model2.reset_classifier(7)
+        assert model2.forward_features(torch.randn(1, 3, 96, 96)).dim() == 4
+        assert model2(torch.randn(1, 3, 96, 96)).shape == (1, 7)
+
+
+def test_saturated_gates_give_the_original_output(case):
+    _, _, model, x, y0, _, _, _ = case
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        assert not torch.allclose(m(x), y0)  # the gates do change the function...
+        saturate(m)
+        assert torch.equal(m(x), y0)         # ...and change nothing else
+
+
+def test_backward_reaches_every_gate(case):
+    _, _, model, x, _, _, _, _ = case
+    m = copy.deepcopy(model).train()
+    m(x).float().pow(2).mean().backward()
+    for n, g in gates(m):
+        for p in g.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_fx_deepcopy_and_state_dict_round_trip(case):
+    _, build, model, x, _, _, _, _ = case
+    with torch.no_grad():
+        y = model(x)
+        traced = fx.symbolic_trace(model)
+        assert sum(1 for n in traced.graph.nodes if "se_gate" in str(n.target)) >= len(gates(model))
+        torch.testing.assert_close(traced(x), y, rtol=0, atol=0)
+        twin = copy.deepcopy(model)
+        torch.testing.assert_close(twin(x), y, rtol=0, atol=0)
+        assert {id(g) for _, g in gates(twin)}.isdisjoint({id(g) for _, g in gates(model)})
+        fresh = se_inject.apply(build().eval())
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
+def test_second_apply_does_not_stack(case):
+    _, _, model, _, _, _, _, expected = case
+    m = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="already holds a gate"):
+        se_inject.apply(m)
+    assert len(gates(m)) == expected
+    assert len(se_inject.plan(m)) == 0
+
+
+def test_remove_restores_keys_and_outputs(case):
+    _, _, model, x, y0, before, _, _ = case
+    m = copy.deepcopy(model)
+    assert se_inject.remove(m) is m
+    assert list(m.state_dict()) == list(before)
+    assert not any("forward" in mod.__dict__ for mod in m.modules())
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)
+
+
+# --- against timm's native SE models and the paper ---------------------------------------
+
+@pytest.mark.parametrize("plain,native", [("resnet50", "seresnet50"),
+                                          ("resnext50_32x4d", "seresnext50_32x4d")])
+def test_same_weights_compute_what_timm_native_se_computes(plain, native):
+    gated = se_inject.apply(timm.create_model(plain).eval(), ratio=16)
+    ref = timm.create_model(native).eval()
+    ours = {k.replace(".se_gate.", ".se."): v for k, v in gated.state_dict().items()}
+    assert set(ours) == set(ref.state_dict())          # one gate per block, same places
+    ref.load_state_dict(ours, strict=True)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), ref(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ratio,total", [(16, 28_088_024), (4, 35_635_688)])
+def test_resnet50_parameters_follow_eq5(ratio, total):
+    model = timm.create_model("resnet50")
+    assert n_params(model) == RESNET50_PARAMS
+    se_inject.apply(model, ratio=ratio)
+    weights, biases = eq5_parameters(RESNET50_STAGES, ratio)
+    assert n_params(model) == RESNET50_PARAMS + weights + biases == total
+    if ratio == 16:
+        assert weights == 2_514_944                           # paper.md, Eq. 5 at r=16
+        last = sum(g.fc1.weight.numel() + g.fc2.weight.numel()
+                   for n, g in gates(model) if n.startswith("layer4"))
+        assert last == 1_572_864                              # the last stage's share
+
+
+def test_resnet18_and_torchvision_resnet50_follow_eq5():
+    r18 = timm.create_model("resnet18")
+    base = n_params(r18)
+    se_inject.apply(r18)
+    assert n_params(r18) - base == sum(eq5_parameters(RESNET18_STAGES, 16))
+    tv = torchvision.models.resnet50(weights=None)
+    se_inject.apply(tv)
+    assert n_params(tv) == 28_088_024
+
+
+@pytest.mark.parametrize("name,modules", [
+    ("timm/inception_v3", [f"Mixed_{s}" for s in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e",
+                                                  "7a", "7b", "7c")]),
+    ("torchvision/googlenet", [f"inception{s}" for s in ("3a", "3b", "4a", "4b", "4c", "4d", "4e",
+                                                         "5a", "5b")]),
+])
+def test_inception_gate_on_each_module_output(name, modules):
+    build, side, _ = MODELS[name]
+    base = build().eval()
+    gated = copy.deepcopy(base)
+    se_inject.apply(gated)
+    assert sorted(n for n, _ in gates(gated)) == sorted(f"{m}.se_gate" for m in modules)
+    x = torch.randn(2, 3, side, side)
+    seen_in, seen_out = {}, {}
+
+    def record(store, key):
+        return lambda mod, inp, out: store.__setitem__(key, (inp[0], out))
+
+    for m in modules:
+        base.get_submodule(m).register_forward_hook(record(seen_in, m))
+        gated.get_submodule(m).register_forward_hook(record(seen_out, m))
+    with torch.no_grad():
+        base(x)
+        gated(x)
+        for m in modules:
+            # fed the gated model's input, the plain module's output times the gate (Eq. 2-4)
+            inp, out = seen_out[m]
+            plain = base.get_submodule(m)(inp)
+            expected = paper_reference(plain, gated.get_submodule(m).se_gate)
+            # conv vs matmul summation order: float32 rounding relative to the activations' size
+            torch.testing.assert_close(out, expected, rtol=1e-4,
+                                       atol=1e-5 * expected.abs().max().item())
