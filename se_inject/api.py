@@ -12,7 +12,7 @@ from .errors import InvalidArgumentError, NoSitesError, SEInjectError
 from .gate import reduced_channels
 from .graph import build_view
 from .frames import fingerprints, local_keys
-from .match import find_candidates
+from .match import NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .rewrite import GATE_PREFIX, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
@@ -88,6 +88,13 @@ def _gate_names(owner: nn.Module, count: int) -> list[str]:
     return names
 
 
+def _holds_gate(view, c) -> bool:
+    """The site's tensor already goes through a gate: the branch is one, or the output feeds one."""
+    if c.operand is not None:
+        return view.attrs(c.gated)["kind"] == "gate"
+    return any(view.attrs(u)["kind"] == "gate" for u in c.merge.users if u in view.graph)
+
+
 def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
     """The plan, and each planned block's fingerprint (see frames.py)."""
     resolved = resolve_rules(rules)
@@ -102,11 +109,18 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
     seen = set()
     for c in candidates:
         block = c.frame.qualname
-        key = (*keys[c.merge], c.operand)
         owner = modules[block]
         state = owner_state(owner)
-        if state is not None and key in state.gates.values():
+        local = keys[c.merge]
+        if state is not None:  # the block runs a rewritten forward: name the node as its class does
+            local = state.class_key(local, owner.training)
+        key = None if local is None else (*local, c.operand)
+        if _holds_gate(view, c) or (state is not None and key in state.gates.values()):
             skipped.append(Skipped(view.describe(c.merge), c.rule.name, "already gated"))
+            continue
+        if key is None:
+            skipped.append(Skipped(view.describe(c.merge), c.rule.name,
+                                   "made by se-inject's own rewrite"))
             continue
         if (block, key) in seen:  # a module called more than once: one gate serves every call
             continue
@@ -145,12 +159,13 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
     name = type(model).__name__
-    if not p.skipped:
+    if all(s.reason == NOT_A_FEATURE_MAP for s in p.skipped):
+        sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
         return NoSitesError(
             f"{name} has no residual or inception-style block: the traced graph holds no add or "
-            "channel concatenation of 4-D convolutional feature maps (se-inject gates CNN blocks; "
-            "transformers and MLPs have none). If its blocks hide inside a module marked as a "
-            "leaf, or need a rule of your own, see README.md, 'Rule files'.")
+            f"channel concatenation of 4-D convolutional feature maps{sums}. se-inject gates CNN "
+            "blocks; transformers and MLPs have none. If its blocks hide inside a module marked "
+            "as a leaf, or need a rule of your own, see README.md, 'Rule files'.")
     reasons = Counter(f"{s.rule}: {s.reason}" for s in p.skipped)
     listed = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5))
     return NoSitesError(f"no block of {name} matched the rules ({len(p.skipped)} merges looked "

@@ -21,6 +21,7 @@ from .trace import Frame
 __all__ = ["Candidate", "Rejection", "find_candidates"]
 
 _CONV_KINDS = {"conv", "dwconv"}
+NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     g = view.graph
     a = g.nodes[merge]
     if a["ndim"] != 4 or a["layout"] != "nchw":
-        return "not a 4-D channel-first feature map"
+        return NOT_A_FEATURE_MAP
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
     n = len(acts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import linecache
+import operator
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,9 +32,19 @@ GATE_PREFIX = "se_gate"
 
 @dataclass
 class OwnerState:
-    """Kept on each block that holds gates: gate attribute name -> where it sits."""
+    """Kept on each block that holds gates.
+
+    gates:  gate attribute name -> where it sits in the class's forward.
+    traced: per training mode, how a trace of the rewritten forward names each node
+            ((op, target, k), see frames.local_keys) -> its key in the class's forward.
+    """
 
     gates: dict[str, LocalKey] = field(default_factory=dict)
+    traced: dict[bool, dict[tuple, tuple]] = field(default_factory=dict)
+
+    def class_key(self, traced_key: tuple, training: bool) -> tuple | None:
+        table = self.traced.get(training) or next(iter(self.traced.values()), {})
+        return table.get(traced_key)
 
 
 def owner_state(module: nn.Module) -> OwnerState | None:
@@ -59,8 +70,27 @@ def _local_nodes(graph: fx.Graph) -> dict[tuple, fx.Node]:
     return out
 
 
-def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> None:
+# How fx records an op when it traces the code generated for it, where that differs.
+_AS_TRACED = {("call_function", operator.iadd): ("call_function", operator.add)}
+
+
+def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tuple, tuple]:
+    """Key each node gets in a trace of the code generated from ``graph`` -> its class key."""
+    counts: dict[tuple, int] = defaultdict(int)
+    out = {}
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            ident = _AS_TRACED.get((node.op, node.target), (node.op, node.target))
+            if node in class_keys:
+                out[(*ident, counts[ident])] = class_keys[node]
+            counts[ident] += 1
+    return out
+
+
+def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tuple, tuple]:
+    """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
     nodes = _local_nodes(graph)
+    class_keys = {node: key for key, node in nodes.items()}
     for name, (op, target, k, operand) in gates.items():
         merge = nodes.get((op, target, k))
         if merge is None:
@@ -78,9 +108,25 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> None:
             raise RewriteError(f"`{block}`: operand {operand} of `{merge.format_node()}` is not a "
                                "tensor in a trace of the block alone.")
         with graph.inserting_before(merge):
-            args[operand] = graph.call_module(name, (args[operand],))
+            args[operand] = gate = graph.call_module(name, (args[operand],))
         merge.args = tuple(args)
+        _sum_into_gate_output(merge, gate)
     graph.lint()
+    return _traced_keys(graph, class_keys)
+
+
+_PLAIN_ADDS = {("call_function", operator.add), ("call_function", torch.add),
+               ("call_method", "add")}
+
+
+def _sum_into_gate_output(merge: fx.Node, gate: fx.Node) -> None:
+    """``gate(u) + shortcut`` -> ``gate(u) += shortcut``: the gate's output is a fresh product
+    that nothing else reads and that autograd does not keep, so the sum needs no new tensor
+    (timm's hand-written blocks use ``+=`` for the same reason)."""
+    if (merge.op, merge.target) not in _PLAIN_ADDS or merge.kwargs or len(merge.args) != 2:
+        return
+    other = merge.args[1] if merge.args[0] is gate else merge.args[0]
+    merge.op, merge.target, merge.args = "call_function", operator.iadd, (gate, other)
 
 
 _COMPILED: dict[tuple, Callable] = {}
@@ -163,7 +209,7 @@ def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceO
                                    f"traced on its own: {type(exc).__name__}: {exc}. Its forward "
                                    "needs arguments only its caller knows; mark its parent as a "
                                    "leaf (leaf_modules=[...]) to leave it out.") from exc
-            _insert(graph, state.gates, block or "(model)")
+            state.traced[training] = _insert(graph, state.gates, block or "(model)")
             compiled[training] = _compile(graph, type(owner))
         if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
             forward = next(iter(compiled.values()))[1]

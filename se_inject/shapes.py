@@ -1,12 +1,13 @@
 """Shape propagation on meta tensors: analysis computes nothing and copies no weights.
 
-Each leaf module runs with its parameters and buffers swapped for meta tensors of the same
-shape for the length of the call (restored in ``finally``); modules whose output has the
-shape of their input by definition (norms, activations, dropout) are not run at all.
+Modules whose output shape follows from their input by a known rule (norms, activations,
+convolutions, linear layers) are not run at all; every other leaf module runs with its
+parameters and buffers swapped for meta tensors of the same shape for the length of the call
+(restored in ``finally``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -18,23 +19,51 @@ __all__ = ["propagate_shapes", "VALUE"]
 
 VALUE = "se_inject.value"  # node.meta key: the meta tensor (or structure of them) a node produced
 
-# Module classes whose stock forward returns a tensor shaped like its input.
-_SHAPE_PRESERVING: tuple[type, ...] = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
-    nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout,
-)
+def _same(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x  # a meta tensor only describes a shape: the input's describes the output too
 
 
-def _preserves_shape(m: nn.Module) -> bool:
-    if not isinstance(m, _SHAPE_PRESERVING):
-        return False
-    # Only the stock forward is known to preserve shape: a subclass may override it.
-    for base in type(m).__mro__:
-        if "forward" in base.__dict__:
-            return base.__module__.startswith("torch.nn.")
-    return False
+def _conv(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | None:
+    spatial = x.shape[2:]
+    if x.dim() != 2 + len(m.kernel_size):
+        return None  # unbatched input: let the module itself decide
+    if m.padding == "same":
+        out = list(spatial)
+    else:
+        pad = (0,) * len(spatial) if m.padding == "valid" else m.padding
+        out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+               for s, p, d, k, st in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
+    return x.new_empty((x.shape[0], m.out_channels, *out))
+
+
+def _linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], m.out_features))
+
+
+# Module class -> output from input, without running the module, for classes whose stock
+# forward is known (norms and activations keep the shape; convolutions follow the formula).
+# Looked up along the class's MRO; a subclass with its own forward is run instead.
+_SHAPE_RULES: dict[type, Callable] = {
+    **dict.fromkeys((
+        nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+        nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+        nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout,
+    ), _same),
+    nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Conv3d: _conv,
+    nn.Linear: _linear,
+}
+
+
+def _shape_rule(m: nn.Module) -> Callable | None:
+    """The rule for ``m``'s class, if the forward it runs is the one the rule describes."""
+    owner_of_forward = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    for cls in type(m).__mro__:
+        rule = _SHAPE_RULES.get(cls)
+        if rule is not None:
+            stock = owner_of_forward.__module__.startswith("torch.nn.")
+            return rule if stock and issubclass(owner_of_forward, cls) else None
+    return None
 
 
 def _to_meta(x: Any) -> Any:
@@ -66,8 +95,11 @@ class _MetaInterpreter(fx.Interpreter):
 
     def call_module(self, target, args, kwargs):
         mod = self.fetch_attr(target)
-        if _preserves_shape(mod) and args and isinstance(args[0], torch.Tensor):
-            return torch.empty_like(args[0])
+        rule = _shape_rule(mod)
+        if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            out = rule(mod, args[0])
+            if out is not None:
+                return out
         saved = []
         try:
             for sub in mod.modules():

@@ -125,15 +125,15 @@ class TokenMixer(nn.Module):
         return self.head(t.mean(1))
 
 
-class DataDependentBlock(nn.Module):
+class PerSampleBlock(nn.Module):
+    """Iterates over the batch: fx cannot trace that (a Proxy cannot be iterated)."""
+
     def __init__(self, c=16):
         super().__init__()
         self.conv = conv_bn(c, c)
 
     def forward(self, x):
-        if x.sum() > 0:  # control flow on a tensor's value: fx cannot trace this
-            return x + self.conv(x)
-        return x
+        return torch.stack([s + self.conv(s[None])[0] for s in x])
 
 
 class UntraceableNet(nn.Module):
@@ -141,7 +141,7 @@ class UntraceableNet(nn.Module):
         super().__init__()
         self.stem = conv_bn(3, 16)
         self.res = Bottleneck(16, 8, 16)
-        self.odd = DataDependentBlock(16)
+        self.odd = PerSampleBlock(16)
 
     def forward(self, x):
         return self.odd(self.res(F.relu(self.stem(x)))).mean((2, 3))
@@ -204,3 +204,20 @@ HANDWRITTEN = {
     "block_net": (BlockNet, 3, {"residual": 3}),
     "training_net": (TrainingNet, 1, {"residual": 1}),
 }
+
+
+class ProjectionFirstNet(nn.Module):
+    """A projection block (torch.add) before an identity block (+), both in the model's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.proj = conv_bn(16, 32, 1, 2)
+        self.p1, self.p2 = conv_bn(16, 32, 3, 2), conv_bn(32, 32)
+        self.i1, self.i2 = conv_bn(32, 32), conv_bn(32, 32)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(torch.add(self.proj(x), self.p2(F.relu(self.p1(x)))))
+        x = F.relu(x + self.i2(F.relu(self.i1(x))))
+        return x.mean((2, 3))

@@ -1,0 +1,54 @@
+"""The se-inject command: results on stdout, errors on stderr with exit code 2."""
+import subprocess
+import sys
+
+import pytest
+
+from se_inject.cli import main
+
+
+def test_plan_prints_the_sites(capsys):
+    assert main(["plan", "resnet18"]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.se_gate" in out and "layer4.1.bn2" in out
+    assert "8 gates (8 residual) at ratio 16" in out
+
+
+def test_plan_with_ratio_and_rules(capsys):
+    assert main(["plan", "inception_v3", "--ratio", "8", "--rules", "inception"]) == 0
+    out = capsys.readouterr().out
+    assert "11 gates (11 inception) at ratio 8" in out
+    assert "Mixed_7c.se_gate" in out and "  2048  256  " in out
+
+
+def test_unknown_model_suggests_names_without_traceback(capsys):
+    assert main(["plan", "resnet5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet5'" in err and "resnet50" in err and "Traceback" not in err
+
+
+def test_bad_rule_file_exit_code_and_location(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: mul\ngate:\n  at: output\n")
+    assert main(["rules", "check", str(bad)]) == 2
+    assert f"{bad}:5: match.merge: expected one of add, cat" in capsys.readouterr().err
+
+
+def test_rules_list(capsys):
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("inception") and "\nresidual" in out
+
+
+@pytest.mark.parametrize("argv", [["plan", "resnet18", "--ratio", "0"],
+                                  ["plan", "resnet18", "--ratio", "x"], ["frobnicate"]])
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+
+
+def test_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "se_inject", "plan", "no-such-model"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown model" in r.stderr and not r.stdout

@@ -1,0 +1,189 @@
+"""Hand-written CNNs: blocks inline in a top-level forward, inception from F.conv2d, and the
+models that must be refused or left alone."""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import se_inject
+from se_inject.errors import NoSitesError, RewriteError, TraceError
+from conftest import gates, paper_reference, saturate
+from handwritten import (HANDWRITTEN, BlockNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
+                         FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
+                         UntraceableNet)
+
+
+@pytest.mark.parametrize("name", list(HANDWRITTEN))
+def test_handwritten_gates_and_invariants(name):
+    cls, expected, by_rule = HANDWRITTEN[name]
+    model = cls().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = model(x)
+    keys = list(model.state_dict())
+    p = se_inject.plan(model)
+    assert len(p) == expected and p.by_rule() == by_rule
+    se_inject.apply(model)
+    assert type(model) is cls and len(gates(model)) == expected
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), y0)
+        saturate(twin)
+        assert torch.equal(twin(x), y0)
+    model.train()
+    model(x).sum().backward()
+    assert all(g.fc1.weight.grad is not None for _, g in gates(model))
+    se_inject.remove(model)
+    model.eval()
+    assert list(model.state_dict()) == keys
+
+
+def test_inline_residuals_gate_the_branch_not_the_shortcut():
+    """+, += and torch.add in the model's own forward; the third block has a projection."""
+    model = InlineResidualNet().eval()
+    se_inject.apply(model)
+    names = [n for n, _ in gates(model)]
+    assert names == ["se_gate", "se_gate_1", "se_gate_2"]      # on the model itself, in order
+    g0, g1, g2 = model.se_gate, model.se_gate_1, model.se_gate_2
+    assert (g0.channels, g1.channels, g2.channels) == (32, 32, 64)
+    x = torch.randn(2, 3, 16, 16)
+    m = model
+    with torch.no_grad():                    # the forward written out with the paper's gate
+        h = F.relu(m.stem(x))
+        h = F.relu(h + paper_reference(m.a2(F.relu(m.a1(h))), g0))
+        h = F.relu(paper_reference(m.b2(F.relu(m.b1(h))), g1) + h)
+        h = F.relu(m.proj(h) + paper_reference(m.c2(F.relu(m.c1(h))), g2))
+        expected = m.head(h.mean((2, 3)))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_functional_inception_gates_the_concat_output():
+    model = FunctionalInceptionNet().eval()
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["mix1.se_gate", "mix2.se_gate"]
+    x = torch.randn(2, 3, 16, 16)
+    m = model
+    with torch.no_grad():
+        def mix(block, h):  # the class's own forward (ungated), then the paper's gate
+            return paper_reference(type(block).forward(block, h), block.se_gate)
+        expected = m.fc(torch.flatten(F.adaptive_avg_pool2d(
+            mix(m.mix2, mix(m.mix1, F.relu(m.stem(x)))), 1), 1))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_block_module_gets_gate_before_the_sum_with_projection():
+    model = BlockNet().eval()
+    se_inject.apply(model)
+    blk = model.blocks[2]
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        expected = F.relu(paper_reference(blk.body(x), blk.se_gate) + blk.short(x))
+        torch.testing.assert_close(blk(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_dependent_block_keeps_both_modes():
+    model = TrainingNet()
+    se_inject.apply(model)
+    saturate(model)
+    x = torch.randn(2, 3, 16, 16)
+    ref = TrainingNet()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
+    for mode in (True, False):
+        model.train(mode)
+        ref.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_compile_runs_gated_models():
+    for cls in (InlineResidualNet, BlockNet):
+        model = se_inject.apply(cls().eval())
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_model_level_gates_after_second_apply_with_more_rules():
+    """A second apply() adds only what is new, and never a second gate on the same block."""
+    model = InlineResidualNet().eval()
+    se_inject.apply(model, rules=["residual"])
+    with pytest.warns(UserWarning):
+        se_inject.apply(model, rules=["residual", "inception"])
+    assert len(gates(model)) == 3
+
+
+# --- what is not a block ----------------------------------------------------------------
+
+def test_dense_connections_are_not_inception_modules():
+    p = se_inject.plan(DenseNetLike())
+    assert len(p) == 0
+    assert any("dense connection" in s.reason for s in p.skipped)
+    with pytest.raises(NoSitesError, match="dense connection"):
+        se_inject.apply(DenseNetLike())
+
+
+def test_token_sums_are_not_blocks():
+    model = TokenMixer()
+    keys = list(model.state_dict())
+    with pytest.raises(NoSitesError, match="no residual or inception-style block"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys and "forward" not in model.__dict__
+
+
+def test_untraceable_model_names_the_module_and_the_leaf_fix():
+    model = UntraceableNet()
+    with pytest.raises(TraceError) as err:
+        se_inject.apply(model)
+    msg = str(err.value)
+    assert "`odd` (PerSampleBlock)" in msg and "leaf_modules=[PerSampleBlock]" in msg
+    assert not gates(model)
+    se_inject.apply(model, leaf_modules=[PerSampleBlock])  # the rest still gets its gate
+    assert [n for n, _ in gates(model)] == ["res.se_gate"]
+
+
+def test_failure_in_a_later_block_leaves_earlier_blocks_untouched():
+    model = CallerFlagNet()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RewriteError, match="`flag` \\(FlagBlock\\)"):
+        se_inject.apply(model)
+    assert not gates(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert list(model.state_dict()) == list(before)
+    x = torch.randn(2, 3, 16, 16)
+    traced = fx.symbolic_trace(model)  # the model still works exactly as before
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))
+
+
+TWO_BRANCH_RULE = """\
+schema: 1
+name: two-branch
+summary: residual blocks whose shortcut is a projection
+match: {merge: add, operands: 2, equal_shapes: true, min_branches_with_conv: 2}
+gate: {at: branch}
+"""
+
+
+def test_new_site_in_a_block_already_rewritten(tmp_path):
+    """The first apply rewrites the model's forward (its torch.add becomes an in-place sum);
+    a second apply with a wider rule must still find the remaining block and only that one."""
+    from handwritten import ProjectionFirstNet
+    rule = tmp_path / "two.yaml"
+    rule.write_text(TWO_BRANCH_RULE)
+    model = ProjectionFirstNet().eval()
+    se_inject.apply(model, rules=[str(rule)])
+    assert [n for n, _ in gates(model)] == ["se_gate"]
+    p = se_inject.plan(model, rules=["residual"])
+    assert len(p) == 1 and p[0].gate == "se_gate_1"
+    assert [s.reason for s in p.skipped] == ["already gated"]
+    se_inject.apply(model, rules=["residual"])
+    m, x = model, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = F.relu(m.stem(x))
+        h = F.relu(m.proj(h) + paper_reference(m.p2(F.relu(m.p1(h))), m.se_gate))
+        h = F.relu(h + paper_reference(m.i2(F.relu(m.i1(h))), m.se_gate_1))
+        torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    se_inject.remove(model)
+    assert not gates(model) and "forward" not in model.__dict__

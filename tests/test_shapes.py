@@ -1,0 +1,57 @@
+"""Shape propagation on meta tensors agrees with running the real layers."""
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from se_inject.shapes import VALUE, _shape_rule, propagate_shapes
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Conv2d(8, 16, 3, stride=2, padding=1), (2, 8, 17, 15)),
+    (nn.Conv2d(8, 16, (3, 5), stride=(2, 1), padding=(0, 2), dilation=(2, 1)), (2, 8, 19, 11)),
+    (nn.Conv2d(8, 8, 3, padding="same", groups=8), (1, 8, 9, 10)),
+    (nn.Conv2d(8, 4, 4, padding="valid", stride=3), (3, 8, 16, 13)),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (2, 4, 6, 6)),
+    (nn.Conv1d(4, 6, 5, stride=2), (2, 4, 21)),
+    (nn.Linear(12, 5), (2, 3, 12)),
+    (nn.BatchNorm2d(8), (2, 8, 5, 5)),
+    (nn.MaxPool2d(3, 2, ceil_mode=True), (2, 8, 10, 10)),
+])
+def test_meta_shapes_equal_real_shapes(layer, shape):
+    model = nn.Sequential(layer).eval()
+    graph = fx.Tracer().trace(model)
+    propagate_shapes(model, graph, [(2, *shape[1:])])
+    out = next(n for n in graph.nodes if n.op == "call_module")
+    with torch.no_grad():
+        real = model(torch.randn(2, *shape[1:]))
+    assert tuple(out.meta[VALUE].shape) == tuple(real.shape)
+    assert out.meta[VALUE].device.type == "meta"
+
+
+def test_rules_only_for_the_stock_forward():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x)[:, :2]
+
+    assert _shape_rule(nn.Conv2d(1, 1, 1)) is not None
+    assert _shape_rule(nn.BatchNorm2d(1)) is not None
+    assert _shape_rule(MyConv(1, 4, 1)) is None
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return True
+
+    model = nn.Sequential(MyConv(3, 4, 1))
+    graph = LeafTracer().trace(model)
+    propagate_shapes(model, graph, [(2, 3, 8, 8)])
+    out = next(n for n in graph.nodes if n.op == "call_module")
+    assert tuple(out.meta[VALUE].shape) == (2, 2, 8, 8)
+
+
+def test_propagation_leaves_weights_where_they_were():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardswish(), nn.AdaptiveAvgPool2d(1))
+    before = {k: (v.data_ptr(), v.device) for k, v in model.state_dict().items()}
+    graph = fx.Tracer().trace(model)
+    propagate_shapes(model, graph, [(2, 3, 8, 8)])
+    assert {k: (v.data_ptr(), v.device) for k, v in model.state_dict().items()} == before
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
