@@ -43,7 +43,8 @@ def test_handwritten_gates_and_invariants(name):
 def test_inline_residuals_gate_the_branch_not_the_shortcut():
     """+, += and torch.add in the model's own forward; the third block has a projection."""
     model = InlineResidualNet().eval()
-    se_inject.apply(model)
+    with pytest.warns(UserWarning, match=r"trace nn.Sequential\(model\) instead"):
+        se_inject.apply(model)
     names = [n for n, _ in gates(model)]
     assert names == ["se_gate", "se_gate_1", "se_gate_2"]      # on the model itself, in order
     g0, g1, g2 = model.se_gate, model.se_gate_1, model.se_gate_2
@@ -57,6 +58,9 @@ def test_inline_residuals_gate_the_branch_not_the_shortcut():
         h = F.relu(m.proj(h) + paper_reference(m.c2(F.relu(m.c1(h))), g2))
         expected = m.head(h.mean((2, 3)))
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+        traced = fx.symbolic_trace(torch.nn.Sequential(model))  # as the warning advises
+        assert sum(1 for n in traced.graph.nodes if str(n.target).endswith(".fc1")) == 3
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_functional_inception_gates_the_concat_output():
