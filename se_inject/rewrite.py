@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import NotGatedError, RewriteError
+from .frames import local_keys
 from .gate import SEGate
 from .plan import LocalKey, Site
 from .trace import TraceOptions, reads_training_flag, trace_block
@@ -59,17 +60,6 @@ class Prepared:
     forward: Callable
 
 
-def _local_nodes(graph: fx.Graph) -> dict[tuple, fx.Node]:
-    counts: dict[tuple, int] = {}
-    out = {}
-    for node in graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            k = counts.get((node.op, node.target), 0)
-            counts[(node.op, node.target)] = k + 1
-            out[(node.op, node.target, k)] = node
-    return out
-
-
 # How fx records an op when it traces the code generated for it, where that differs.
 _AS_TRACED = {("call_function", operator.iadd): ("call_function", operator.add)}
 
@@ -89,8 +79,8 @@ def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tupl
 
 def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tuple, tuple]:
     """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
-    nodes = _local_nodes(graph)
-    class_keys = {node: key for key, node in nodes.items()}
+    class_keys = local_keys(graph)  # a block traced alone is one frame
+    nodes = {key: node for node, key in class_keys.items()}
     for name, (op, target, k, operand) in gates.items():
         merge = nodes.get((op, target, k))
         if merge is None:

@@ -209,3 +209,17 @@ def test_inception_gate_on_each_module_output(name, modules):
             # conv vs matmul summation order: float32 rounding relative to the activations' size
             torch.testing.assert_close(out, expected, rtol=1e-4,
                                        atol=1e-5 * expected.abs().max().item())
+
+
+def test_inception_resnet_concat_inside_a_residual_branch_yields_to_the_residual():
+    """Inception-ResNet-v2: 10 Block35 + 20 Block17 + 10 Block8 residual blocks, each with a
+    concat inside its branch, and the concat modules mixed_5b, mixed_6a, mixed_7a."""
+    model = timm.create_model("inception_resnet_v2")
+    p = se_inject.plan(model)
+    assert p.by_rule() == {"residual": 40, "inception": 3}
+    assert {s.block for s in p if s.rule == "inception"} == {"mixed_5b", "mixed_6a", "mixed_7a"}
+    residual_blocks = [n for n, m in model.named_modules()
+                       if type(m).__name__ in ("Block35", "Block17", "Block8")]
+    assert sorted(s.block for s in p if s.rule == "residual") == sorted(residual_blocks)
+    nested = [s for s in p.skipped if "nested in a block of rule 'residual'" in s.reason]
+    assert len(nested) == 40 and all(s.rule == "inception" for s in nested)
