@@ -8,10 +8,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, NoSitesError, SEInjectError
+from .errors import InvalidArgumentError, NoSitesError
+from .frames import fingerprints, local_keys
 from .gate import reduced_channels
 from .graph import build_view
-from .frames import fingerprints, local_keys
 from .match import NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .rewrite import GATE_PREFIX, commit, owner_state, prepare, remove_gates
