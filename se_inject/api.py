@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, NoSitesError
-from .frames import fingerprints, local_keys
+from .frames import block_calls, fingerprints, local_keys
 from .gate import reduced_channels
 from .graph import build_view
 from .match import NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
-from .rewrite import GATE_PREFIX, commit, owner_state, prepare, remove_gates
+from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
 from .trace import Frame, TraceOptions, trace_model
@@ -96,7 +96,7 @@ def _holds_gate(view, c) -> bool:
 
 
 def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
-    """The plan, and each planned block's fingerprint (see frames.py)."""
+    """The plan, and what the model's trace says about each planned block."""
     resolved = resolve_rules(rules)
     graph = trace_model(model, options)
     propagate_shapes(model, graph, _input_shapes(model, input_size), _dtype(model))
@@ -138,8 +138,9 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
                           reduced=reduced_channels(channels, ratio), rule=c.rule.name,
                           position=c.rule.gate_at, gate=f"{block}.{name}" if block else name,
                           merge=view.describe(c.merge), entry=view.describe(c.entry), key=key))
-    prints = fingerprints(graph)
-    blocks = {block: prints.get(Frame(block, 0)) for block in per_block}
+    prints, calls = fingerprints(graph), block_calls(graph)
+    blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
+              for block in per_block}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
                 ratio=ratio), blocks
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch.fx as fx
 
-from .trace import RETURNS, SCOPE, Frame
+from .trace import LOG, RETURNS, SCOPE, Call, Frame
 
-__all__ = ["local_keys", "fingerprints"]
+__all__ = ["local_keys", "fingerprints", "block_calls"]
 
 _CALLS = ("call_function", "call_method", "call_module")
 
@@ -42,14 +42,27 @@ def local_keys(graph: fx.Graph) -> dict[fx.Node, tuple]:
     return keys
 
 
-def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
-    """For each frame: its own call nodes (op, relative target, arguments) and what it returns.
+def block_calls(graph: fx.Graph) -> dict[str, list[Call]]:
+    """Every recorded call of each (non-leaf) module, by qualified name."""
+    out: dict[str, list[Call]] = defaultdict(list)
+    for event in getattr(graph, LOG, ()):
+        if isinstance(event, Call):
+            out[event.frame.qualname].append(event)
+    return out
 
-    Arguments made in the same frame are named by position, those made by a child by the
-    child's relative name, the rest as inputs; constants by their repr. Two invocations with
-    equal fingerprints ran the same forward code on the same constants.
+
+def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
+    """For each frame: how it was called, what it did, in order, and what it returned.
+
+    A frame's events are its own call nodes (op, relative target, arguments) and the calls of
+    its children (relative name, arguments). An argument made in the same frame is named by
+    position, one made by a child by the child's relative name, one passed in by where it sits
+    among the frame's own inputs; constants by their repr. Two invocations with equal
+    fingerprints ran the same forward code on the same constants.
     """
     index: dict[fx.Node, int] = {}
+    inputs: dict[Frame, dict[fx.Node, tuple]] = defaultdict(dict)
+    called_with: dict[Frame, Any] = {}
     events: dict[Frame, list] = defaultdict(list)
 
     def token(frame: Frame, a: Any) -> Any:
@@ -60,14 +73,35 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
             prefix = frame.qualname + "." if frame.qualname else ""
             if f.qualname.startswith(prefix) and f.qualname != frame.qualname:
                 return ("child", f.qualname[len(prefix):])
-            return ("in",)
+            return ("in", inputs[frame].get(a))
         if isinstance(a, (list, tuple)):
             return (type(a).__name__, *(token(frame, v) for v in a))
         if isinstance(a, dict):
             return ("dict", *((k, token(frame, v)) for k, v in a.items()))
         return ("c", repr(a))
 
-    for node in graph.nodes:
+    def positions(value: Any, path: tuple, into: dict) -> Any:
+        """Record where each Node sits in a call's arguments; return the call's shape."""
+        if isinstance(value, fx.Node):
+            into.setdefault(value, path)
+            return "tensor"
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, *(positions(v, (*path, i), into)
+                                             for i, v in enumerate(value)))
+        if isinstance(value, dict):
+            return ("dict", *((k, positions(v, (*path, k), into)) for k, v in value.items()))
+        return ("c", repr(value))
+
+    for event in getattr(graph, LOG, ()):
+        if isinstance(event, Call):
+            parent = event.parent
+            prefix = parent.qualname + "." if parent.qualname else ""
+            events[parent].append(("call", event.frame.qualname[len(prefix):],
+                                   token(parent, event.args), token(parent, event.kwargs)))
+            called_with[event.frame] = positions((event.args, event.kwargs), (),
+                                                 inputs[event.frame])
+            continue
+        node = event
         if node.op not in _CALLS:
             continue
         frame = node.meta.get(SCOPE, Frame(""))
@@ -75,7 +109,5 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
         events[frame].append((node.op, _relative(frame, node), token(frame, node.args),
                               token(frame, node.kwargs)))
     returns = getattr(graph, RETURNS, {})
-    out = {}
-    for frame, ev in events.items():
-        out[frame] = (tuple(ev), token(frame, returns.get(frame)))
-    return out
+    return {frame: (called_with.get(frame), tuple(ev), token(frame, returns.get(frame)))
+            for frame, ev in events.items()}

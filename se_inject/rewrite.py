@@ -20,12 +20,14 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import NotGatedError, RewriteError
+from .calls import Inputs, inputs_of, wrap_body
 from .frames import local_keys
 from .gate import SEGate
 from .plan import LocalKey, Site
-from .trace import TraceOptions, reads_training_flag, trace_block
+from .trace import Call, TraceOptions, reads_training_flag, trace_block
 
-__all__ = ["OwnerState", "owner_state", "prepare", "commit", "remove_gates", "GATE_PREFIX"]
+__all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
+           "GATE_PREFIX"]
 
 STATE = "_se_inject_state"
 GATE_PREFIX = "se_gate"
@@ -50,6 +52,25 @@ class OwnerState:
 
 def owner_state(module: nn.Module) -> OwnerState | None:
     return module.__dict__.get(STATE)
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What the model's trace says about a block: its fingerprint and how its parent calls it."""
+
+    fingerprint: tuple | None = None
+    calls: tuple[Call, ...] = ()
+
+
+def _inputs(owner: nn.Module, block: str, calls: Sequence[Call]) -> Inputs | None:
+    """How every call passes its arguments (None: plain tensors); all calls must agree."""
+    specs = [inputs_of(c, type(owner)) for c in calls]
+    if len({repr(s) for s in specs}) > 1:
+        raise RewriteError(f"`{block}` ({type(owner).__name__}) is called from {len(specs)} places "
+                           "with different arguments, and its forward depends on them; one "
+                           "rewritten forward cannot serve every call. Leave it out with a rule "
+                           "of your own, or mark it as a leaf.")
+    return specs[0] if specs else None
 
 
 @dataclass
@@ -154,13 +175,13 @@ def _gate_factory(owner: nn.Module):
 
 
 def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceOptions,
-            fingerprints: dict[str, tuple] | None = None) -> list[Prepared]:
+            contexts: dict[str, BlockContext] | None = None) -> list[Prepared]:
     """Build every new forward and gate without touching the model.
 
     Blocks of one class whose forwards made the same nodes in the model's trace (equal
     ``fingerprints``) and get gates at the same places share one trace and one forward.
     """
-    fingerprints = fingerprints or {}
+    contexts = contexts or {}
     forwards: dict[tuple, Callable] = {}
     modules = dict(model.named_modules())
     by_block: dict[str, list[Site]] = defaultdict(list)
@@ -182,9 +203,11 @@ def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceO
             name = s.gate.rsplit(".", 1)[-1]
             state.gates[name] = s.key
             new_gates[name] = make(s.channels, ratio)
-        group = fingerprints.get(block)
-        group = None if group is None else \
-            (type(owner), owner.training, group, tuple(sorted(state.gates.items())))
+        context = contexts.get(block, BlockContext())
+        inputs = _inputs(owner, block or "(model)", context.calls)
+        group = None if context.fingerprint is None else (
+            type(owner), owner.training, context.fingerprint, repr(inputs),
+            tuple(sorted(state.gates.items())))
         if group in forwards:
             out.append(Prepared(owner=owner, new_gates=new_gates, state=state,
                                 forward=forwards[group]))
@@ -193,7 +216,7 @@ def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceO
         compiled = {}
         for training in modes:
             try:
-                graph = trace_block(owner, options, training)
+                graph = trace_block(owner, options, training, inputs)
             except Exception as exc:
                 raise RewriteError(f"`{block or '(model)'}` ({type(owner).__name__}) could not be "
                                    f"traced on its own: {type(exc).__name__}: {exc}. Its forward "
@@ -205,6 +228,8 @@ def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceO
             forward = next(iter(compiled.values()))[1]
         else:
             forward = _dispatch(compiled[True][1], compiled[False][1])
+        if inputs is not None:
+            forward = wrap_body(type(owner), inputs, forward)
         if group is not None:
             forwards[group] = forward
         out.append(Prepared(owner=owner, new_gates=new_gates, state=state, forward=forward))

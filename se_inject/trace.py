@@ -18,10 +18,11 @@ from torch import nn
 from .errors import TraceError
 from .gate import SEGate
 
-__all__ = ["Frame", "TraceOptions", "trace_model", "trace_block"]
+__all__ = ["Call", "Frame", "TraceOptions", "trace_model", "trace_block"]
 
 SCOPE = "se_inject.frame"  # node.meta key: the Frame whose forward created the node
 RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward returned
+LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing made them
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,17 @@ class Frame:
     @property
     def label(self) -> str:
         return self.qualname or "(model)"
+
+
+@dataclass(frozen=True)
+class Call:
+    """A module's forward called from its parent's: with Nodes where Proxies were passed."""
+
+    parent: Frame
+    frame: Frame
+    args: tuple
+    kwargs: dict
+
 
 
 def _registry_leaf_modules() -> list[type]:
@@ -93,6 +105,7 @@ class _ScopeTracer(fx.Tracer):
         self._frames: list[Frame] = [Frame("")]
         self._calls: dict[str, int] = {}
         self.returns: dict[Frame, object] = {}
+        self.log: list = []
         self.failed_in: Frame | None = None
         self.failed_module: nn.Module | None = None
         self.last_node: fx.Node | None = None
@@ -107,6 +120,7 @@ class _ScopeTracer(fx.Tracer):
         n = self._calls.get(qualname, 0)
         self._calls[qualname] = n + 1
         frame = Frame(qualname, n)
+        self.log.append(Call(self._frames[-1], frame, _nodes_of(args), _nodes_of(kwargs)))
         self._frames.append(frame)
         try:
             out = super().call_module(m, forward, args, kwargs)
@@ -122,6 +136,7 @@ class _ScopeTracer(fx.Tracer):
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         node.meta[SCOPE] = self._frames[-1]
+        self.log.append(node)
         self.last_node = node
         return node
 
@@ -158,6 +173,7 @@ def trace_model(model: nn.Module, options: TraceOptions) -> fx.Graph:
         else:  # the model's own forward was replaced on the instance; fx reads only the class's
             graph = _trace_instance_forward(tracer, model, fn)
         setattr(graph, RETURNS, tracer.returns)
+        setattr(graph, LOG, tracer.log)
         return graph
     except TraceError:
         raise
@@ -165,16 +181,16 @@ def trace_model(model: nn.Module, options: TraceOptions) -> fx.Graph:
         raise _trace_failure(model, tracer, exc) from exc
 
 
-def _nodes_of(out):
-    """The value a forward returned, with Proxies replaced by their Nodes."""
-    if isinstance(out, fx.Proxy):
-        return out.node
-    if isinstance(out, (list, tuple)):
-        return type(out)(_nodes_of(v) for v in out) if not hasattr(out, "_fields") else \
-            tuple(_nodes_of(v) for v in out)
-    if isinstance(out, dict):
-        return {k: _nodes_of(v) for k, v in out.items()}
-    return out if isinstance(out, (int, float, bool, str, type(None))) else type(out).__name__
+def _nodes_of(value):
+    """``value`` with every Proxy replaced by its Node (lists, tuples and dicts followed)."""
+    if isinstance(value, fx.Proxy):
+        return value.node
+    if isinstance(value, (list, tuple)):
+        items = [_nodes_of(v) for v in value]
+        return type(value)(items) if not hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict):
+        return {k: _nodes_of(v) for k, v in value.items()}
+    return value
 
 
 def _instance_forward(module: nn.Module):
@@ -197,20 +213,34 @@ def _trace_instance_forward(tracer: fx.Tracer, module: nn.Module, bound) -> fx.G
 
 
 class _BlockTracer(fx.Tracer):
-    """Traces one module's own forward: every child module stays a single call."""
+    """Traces one module's own forward: every child module stays a single call.
 
-    def __init__(self, root: nn.Module, **kwargs):
+    Given ``inputs`` (the call's arguments with a placeholder name at each tensor, see
+    calls.py), the forward is called with exactly those: constants stay constants.
+    """
+
+    def __init__(self, root: nn.Module, inputs=None, **kwargs):
         super().__init__(**kwargs)
         self._root = root
+        self._inputs = inputs
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        if self._inputs is None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        from .calls import with_placeholders
+        args, kwargs = with_placeholders(self._inputs, lambda name: self.create_proxy(
+            "placeholder", name, (), {}))
+        return (lambda: root_fn(self.root, *args, **kwargs)), []
 
-def trace_block(block: nn.Module, options: TraceOptions, training: bool) -> fx.Graph:
+
+def trace_block(block: nn.Module, options: TraceOptions, training: bool,
+                inputs=None) -> fx.Graph:
     """fx graph of ``block.forward`` of the class (not an instance override), in one mode."""
     _, kwargs = options.tracer_args()
-    tracer = _BlockTracer(block, **kwargs)
+    tracer = _BlockTracer(block, inputs, **kwargs)
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     try:

@@ -162,7 +162,8 @@ class FlagBlock(nn.Module):
 
 
 class CallerFlagNet(nn.Module):
-    """An ordinary residual block first, then one that cannot be traced alone."""
+    """An ordinary residual block first, then one called twice with different flags: one
+    rewritten forward cannot serve both calls."""
 
     def __init__(self):
         super().__init__()
@@ -171,7 +172,8 @@ class CallerFlagNet(nn.Module):
         self.flag = FlagBlock(16)
 
     def forward(self, x):
-        return self.flag(self.res(F.relu(self.stem(x))), True).mean((2, 3))
+        h = self.flag(self.res(F.relu(self.stem(x))), True)
+        return self.flag(h, False).mean((2, 3))
 
 
 class TrainingBlock(nn.Module):
@@ -221,3 +223,89 @@ class ProjectionFirstNet(nn.Module):
         x = F.relu(torch.add(self.proj(x), self.p2(F.relu(self.p1(x)))))
         x = F.relu(x + self.i2(F.relu(self.i1(x))))
         return x.mean((2, 3))
+
+
+class ShortcutArgBlock(nn.Module):
+    """DLA-style: the shortcut is an optional argument that the parent may leave out."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+
+    def forward(self, x, shortcut=None, relu: bool = True):
+        if shortcut is None:
+            shortcut = x
+        y = self.conv(x) + shortcut
+        return F.relu(y) if relu else y
+
+
+class ShortcutArgNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.down = conv_bn(16, 16)
+        self.a = ShortcutArgBlock()
+        self.b = ShortcutArgBlock()
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.a(x)                                     # shortcut left out: it is x
+        return self.b(x, self.down(x), relu=False).mean((2, 3))  # shortcut passed, no relu
+
+
+class BranchListBlock(nn.Module):
+    """HRNet-style: takes and returns a list of tensors, one per resolution."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.convs = nn.ModuleList([conv_bn(c, c), conv_bn(c, c)])
+
+    def forward(self, xs):
+        return [x + conv(x) for x, conv in zip(xs, self.convs)]
+
+
+class BranchListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.low = conv_bn(16, 16, stride=2)
+        self.block = BranchListBlock()
+
+    def forward(self, x):
+        hi = F.relu(self.stem(x))
+        hi, lo = self.block([hi, self.low(hi)])
+        return hi.mean((2, 3)) + lo.mean((2, 3))
+
+
+class OptionalAttnBlock(nn.Module):
+    """TResNet-style: an optional module in the middle of the branch, None in some blocks."""
+
+    def __init__(self, c=16, attn=False):
+        super().__init__()
+        self.conv1 = conv_bn(c, c)
+        self.attn = nn.Sequential(nn.Conv2d(c, c, 1), nn.Sigmoid()) if attn else None
+        self.conv2 = conv_bn(c, c)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.attn is not None:
+            y = y * self.attn(y)
+        return F.relu(self.conv2(y) + x)
+
+
+class OptionalAttnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(OptionalAttnBlock(attn=True), OptionalAttnBlock(attn=False),
+                                    OptionalAttnBlock(attn=True))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN.update({
+    "shortcut_argument": (ShortcutArgNet, 2, {"residual": 2}),
+    "list_of_branches": (BranchListNet, 2, {"residual": 2}),
+    "optional_module": (OptionalAttnNet, 3, {"residual": 3}),
+})

@@ -14,6 +14,9 @@ from handwritten import (HANDWRITTEN, BlockNet, CallerFlagNet, PerSampleBlock, D
                          FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
                          UntraceableNet)
 
+# Models with blocks inline in their own forward warn about fx (asserted in one test below).
+pytestmark = pytest.mark.filterwarnings("ignore:.*sit in the forward of the model itself")
+
 
 @pytest.mark.parametrize("name", list(HANDWRITTEN))
 def test_handwritten_gates_and_invariants(name):
@@ -150,7 +153,8 @@ def test_untraceable_model_names_the_module_and_the_leaf_fix():
 def test_failure_in_a_later_block_leaves_earlier_blocks_untouched():
     model = CallerFlagNet()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(RewriteError, match="`flag` \\(FlagBlock\\)"):
+    with pytest.raises(RewriteError, match="`flag` \\(FlagBlock\\) is called from 2 places "
+                                           "with different arguments"):
         se_inject.apply(model)
     assert not gates(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
@@ -191,3 +195,43 @@ def test_new_site_in_a_block_already_rewritten(tmp_path):
         torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
     se_inject.remove(model)
     assert not gates(model) and "forward" not in model.__dict__
+
+
+def test_block_called_with_its_parent_arguments():
+    """A shortcut left to its default, or passed, and a flag: each block gated as it is called."""
+    from handwritten import ShortcutArgNet
+    model = ShortcutArgNet().eval()
+    se_inject.apply(model)
+    m, x = model, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = F.relu(m.stem(x))
+        h = F.relu(paper_reference(m.a.conv(h), m.a.se_gate) + h)
+        h = paper_reference(m.b.conv(h), m.b.se_gate) + m.down(h)
+        torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
+        with pytest.raises(se_inject.SEInjectError, match="relu = False"):
+            m.b(h, h, relu=True)  # not how the parent calls it: refused, not silently wrong
+
+
+def test_block_taking_a_list_of_tensors():
+    from handwritten import BranchListNet
+    model = BranchListNet().eval()
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["block.se_gate", "block.se_gate_1"]
+    blk, x = model.block, torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        hi, lo = blk([x, x[:, :, ::2, ::2]])
+        torch.testing.assert_close(hi, x + paper_reference(blk.convs[0](x), blk.se_gate))
+
+
+def test_blocks_of_one_class_with_different_children_get_their_own_forward():
+    from handwritten import OptionalAttnNet
+    model = OptionalAttnNet().eval()
+    se_inject.apply(model)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        for blk in model.blocks:
+            y = blk.conv1(x)
+            if blk.attn is not None:
+                y = y * blk.attn(y)
+            expected = F.relu(paper_reference(blk.conv2(y), blk.se_gate) + x)
+            torch.testing.assert_close(blk(x), expected, rtol=1e-5, atol=1e-6)
