@@ -207,10 +207,11 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__
-        warnings.warn(f"{own} gate(s) sit in the forward of the model itself ({cls}): it runs "
-                      f"them, and torch.compile and torch.export see them, but "
+        warnings.warn(f"{own} gate(s) sit in the forward of the model itself ({cls}): calling "
+                      "the model runs them, and torch.compile and torch.export see them, but "
                       f"torch.fx.symbolic_trace(model) reads {cls}.forward from the class and "
-                      "would not. To trace it with fx, trace nn.Sequential(model) instead.",
+                      "would not (trace nn.Sequential(model) instead), and other methods of "
+                      f"{cls} that hold those sites, called directly, run without them.",
                       stacklevel=2)
     return model
 

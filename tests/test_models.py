@@ -113,6 +113,7 @@ def test_backward_reaches_every_gate(case):
         assert g.fc2.bias.grad.abs().sum() > 0, n
 
 
+@pytest.mark.filterwarnings("ignore:.*sit in the forward of the model itself")
 def test_fx_deepcopy_and_state_dict_round_trip(case):
     _, build, model, x, _, _, _, _ = case
     with torch.no_grad():
