@@ -174,65 +174,72 @@ def _gate_factory(owner: nn.Module):
     return lambda channels, ratio: SEGate(channels, ratio, device=device, dtype=dtype)
 
 
+def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
+                   inputs: Inputs | None, options: TraceOptions) -> tuple[Callable, dict]:
+    """The block's class forward with the gates' calls in it, and its traced -> class keys."""
+    modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
+    compiled, traced = {}, {}
+    for training in modes:
+        try:
+            graph = trace_block(owner, options, training, inputs)
+        except Exception as exc:
+            raise RewriteError(f"`{label}` ({type(owner).__name__}) could not be traced on its "
+                               f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
+                               "only its caller knows; mark its parent as a leaf "
+                               "(leaf_modules=[...]) to leave it out.") from exc
+        traced[training] = _insert(graph, gates, label)
+        compiled[training] = _compile(graph, type(owner))
+    if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
+        forward = next(iter(compiled.values()))[1]
+    else:
+        forward = _dispatch(compiled[True][1], compiled[False][1])
+    if inputs is not None:
+        forward = wrap_body(type(owner), inputs, forward)
+    return forward, traced
+
+
 def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceOptions,
             contexts: dict[str, BlockContext] | None = None) -> list[Prepared]:
     """Build every new forward and gate without touching the model.
 
     Blocks of one class whose forwards made the same nodes in the model's trace (equal
-    ``fingerprints``) and get gates at the same places share one trace and one forward.
+    fingerprints), are called alike and get gates at the same places share one forward.
     """
     contexts = contexts or {}
-    forwards: dict[tuple, Callable] = {}
+    built: dict[tuple, tuple[Callable, dict]] = {}
     modules = dict(model.named_modules())
     by_block: dict[str, list[Site]] = defaultdict(list)
     for s in sites:
         by_block[s.block].append(s)
     out = []
     for block, block_sites in by_block.items():
-        owner = modules[block]
-        current = owner.__dict__.get("forward")
-        if current is not None and owner_state(owner) is None:
-            raise RewriteError(f"`{block or '(model)'}` ({type(owner).__name__}) has a forward set "
-                               "on the instance; se-inject rewrites the class's forward and would "
-                               "lose it. Remove the override or mark the module as a leaf.")
+        owner, label = modules[block], block or "(model)"
         old = owner_state(owner)
-        state = OwnerState(gates=dict(old.gates) if old else {})
+        if old is None and "forward" in owner.__dict__:
+            raise RewriteError(f"`{label}` ({type(owner).__name__}) has a forward set on the "
+                               "instance; se-inject rewrites the class's forward and would lose "
+                               "it. Remove the override or mark the module as a leaf.")
+        gates = dict(old.gates) if old else {}
         make = _gate_factory(owner)
         new_gates = {}
         for s in block_sites:
             name = s.gate.rsplit(".", 1)[-1]
-            state.gates[name] = s.key
+            gates[name] = s.key
             new_gates[name] = make(s.channels, ratio)
         context = contexts.get(block, BlockContext())
-        inputs = _inputs(owner, block or "(model)", context.calls)
+        inputs = _inputs(owner, label, context.calls)
         group = None if context.fingerprint is None else (
             type(owner), owner.training, context.fingerprint, repr(inputs),
-            tuple(sorted(state.gates.items())))
-        if group in forwards:
-            out.append(Prepared(owner=owner, new_gates=new_gates, state=state,
-                                forward=forwards[group]))
-            continue
-        modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
-        compiled = {}
-        for training in modes:
-            try:
-                graph = trace_block(owner, options, training, inputs)
-            except Exception as exc:
-                raise RewriteError(f"`{block or '(model)'}` ({type(owner).__name__}) could not be "
-                                   f"traced on its own: {type(exc).__name__}: {exc}. Its forward "
-                                   "needs arguments only its caller knows; mark its parent as a "
-                                   "leaf (leaf_modules=[...]) to leave it out.") from exc
-            state.traced[training] = _insert(graph, state.gates, block or "(model)")
-            compiled[training] = _compile(graph, type(owner))
-        if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
-            forward = next(iter(compiled.values()))[1]
+            tuple(sorted(gates.items())))
+        if group is None or group not in built:
+            result = _build_forward(owner, label, gates, inputs, options)
+            if group is not None:
+                built[group] = result
         else:
-            forward = _dispatch(compiled[True][1], compiled[False][1])
-        if inputs is not None:
-            forward = wrap_body(type(owner), inputs, forward)
-        if group is not None:
-            forwards[group] = forward
-        out.append(Prepared(owner=owner, new_gates=new_gates, state=state, forward=forward))
+            result = built[group]
+        forward, traced = result
+        out.append(Prepared(owner=owner, new_gates=new_gates,
+                            state=OwnerState(gates=gates, traced=dict(traced)), forward=forward))
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -286,7 +286,3 @@ def iter_tensor_args(args: Iterable[Any]):
             yield from iter_tensor_args(a)
         elif isinstance(a, dict):
             yield from iter_tensor_args(a.values())
-
-
-def as_sequence(x: Any) -> Sequence[Any]:
-    return x if isinstance(x, (list, tuple)) else (x,)

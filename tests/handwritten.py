@@ -309,3 +309,27 @@ HANDWRITTEN.update({
     "list_of_branches": (BranchListNet, 2, {"residual": 2}),
     "optional_module": (OptionalAttnNet, 3, {"residual": 3}),
 })
+
+
+class TwoMergeBlock(nn.Module):
+    """A projection sum (torch.add) and then an identity sum (+) in one block's forward."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.proj = conv_bn(c, c, 1)
+        self.p1, self.p2 = conv_bn(c, c), conv_bn(c, c)
+        self.i1, self.i2 = conv_bn(c, c), conv_bn(c, c)
+
+    def forward(self, x):
+        x = F.relu(torch.add(self.proj(x), self.p2(F.relu(self.p1(x)))))
+        return F.relu(x + self.i2(F.relu(self.i1(x))))
+
+
+class TwoMergeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(TwoMergeBlock(), TwoMergeBlock())
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))

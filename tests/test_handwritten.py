@@ -235,3 +235,23 @@ def test_blocks_of_one_class_with_different_children_get_their_own_forward():
                 y = y * blk.attn(y)
             expected = F.relu(paper_reference(blk.conv2(y), blk.se_gate) + x)
             torch.testing.assert_close(blk(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_sharing_a_forward_each_take_a_later_gate(tmp_path):
+    """Two blocks of one class share one rewritten forward; a second apply must still find
+    the remaining site in each of them."""
+    from handwritten import TwoMergeNet
+    rule = tmp_path / "two.yaml"
+    rule.write_text(TWO_BRANCH_RULE)
+    model = TwoMergeNet().eval()
+    se_inject.apply(model, rules=[str(rule)])
+    assert model.blocks[0].forward.__func__ is model.blocks[1].forward.__func__
+    se_inject.apply(model, rules=["residual"])
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.0.se_gate_1",
+                                            "blocks.1.se_gate", "blocks.1.se_gate_1"]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        for b in model.blocks:
+            h = F.relu(b.proj(x) + paper_reference(b.p2(F.relu(b.p1(x))), b.se_gate))
+            expected = F.relu(h + paper_reference(b.i2(F.relu(b.i1(h))), b.se_gate_1))
+            torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)
