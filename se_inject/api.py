@@ -98,8 +98,9 @@ def _holds_gate(view, c) -> bool:
 def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
     """The plan, and what the model's trace says about each planned block."""
     resolved = resolve_rules(rules)
-    graph = trace_model(model, options)
-    propagate_shapes(model, graph, _input_shapes(model, input_size), _dtype(model))
+    shapes = _input_shapes(model, input_size)
+    graph = trace_model(model, options, n_inputs=len(shapes))
+    propagate_shapes(model, graph, shapes, _dtype(model))
     view = build_view(graph, model)
     candidates, rejected = find_candidates(view, resolved)
     keys = local_keys(graph)

@@ -96,8 +96,9 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
         if isinstance(event, Call):
             parent = event.parent
             prefix = parent.qualname + "." if parent.qualname else ""
-            events[parent].append(("call", event.frame.qualname[len(prefix):],
-                                   token(parent, event.args), token(parent, event.kwargs)))
+            if event.frame != parent:  # the model's own call has no parent frame
+                events[parent].append(("call", event.frame.qualname[len(prefix):],
+                                       token(parent, event.args), token(parent, event.kwargs)))
             called_with[event.frame] = positions((event.args, event.kwargs), (),
                                                  inputs[event.frame])
             continue

@@ -43,6 +43,12 @@ _MODULE_KINDS: dict[type, str] = {
     nn.Identity: "identity", nn.Dropout: "identity", nn.Dropout2d: "identity",
 }
 
+try:  # torchvision's permutation layer, a leaf module in fx traces
+    from torchvision.ops.misc import Permute as _TvPermute
+    _MODULE_KINDS[_TvPermute] = "permute"
+except ImportError:
+    pass
+
 # Function (call_function target) -> op kind.
 _FUNCTION_KINDS: dict[Any, str] = {
     F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv", torch.conv2d: "conv",
@@ -69,13 +75,26 @@ _METHOD_KINDS: dict[str, str] = {
 _NCHW_PRODUCERS = {"conv", "pool"}
 
 
-def _module_kind(m: nn.Module) -> str:
+def _class_kind(m: nn.Module) -> str | None:
     for cls in type(m).__mro__:
         kind = _MODULE_KINDS.get(cls)
         if kind is not None:
             if kind == "conv" and getattr(m, "groups", 1) > 1 and m.groups == m.in_channels:
                 return "dwconv"
             return kind
+    return None
+
+
+def _module_kind(m: nn.Module) -> str:
+    """A known class's kind; a leaf module fx did not look into (torchvision's
+    Conv2dNormActivation, a user's leaf) counts as a convolution if it holds one."""
+    kind = _class_kind(m)
+    if kind is not None:
+        return kind
+    inner = {_class_kind(sub) for sub in m.modules()}
+    for k in ("gate", "conv", "dwconv"):
+        if k in inner:
+            return k
     return "module"
 
 
@@ -106,12 +125,36 @@ def _permuted_layout(layout: str, dims: tuple[int, ...]) -> str:
     return "other"
 
 
-def _permute_dims(node: fx.Node) -> tuple[int, ...]:
+def _permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ...]:
+    if node.op == "call_module":  # torchvision.ops.Permute
+        return tuple(getattr(modules[node.target], "dims", ()))
     rest = node.args[1:]
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = rest[0]
     dims = node.kwargs.get("dims", rest)
     return tuple(d for d in dims if isinstance(d, int))
+
+
+_CHANNEL_DIM = {"nchw": 1, "nhwc": 3}
+
+
+def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> str:
+    """An op keeps its 4-D inputs' layout if they agree on one and it keeps their channel
+    count (a concatenation may change it); anything else (a permuting leaf module, a reshape)
+    has an unknown layout."""
+    layouts = {g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] == 4}
+    if len(layouts) != 1:
+        return "other"
+    layout = layouts.pop()
+    if kind == "linear" and layout == "nhwc":
+        return layout  # a linear layer on channels-last maps channels, like a 1x1 convolution
+    dim = _CHANNEL_DIM.get(layout)
+    if dim is None:
+        return "other"
+    if kind == "cat" or any(g.nodes[i]["shape"] is not None and g.nodes[i]["ndim"] == 4
+                            and g.nodes[i]["shape"][dim] == shape[dim] for i in inputs):
+        return layout
+    return "other"
 
 
 @dataclass
@@ -154,10 +197,9 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
             layout = "nchw"
         elif kind == "permute" and inputs:
-            layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node))
+            layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node, modules))
         else:
-            same = [g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] == 4]
-            layout = same[0] if same else "other"
+            layout = _inherited_layout(g, inputs, shape, kind)
         channels = None
         if layout == "nchw":
             channels = shape[1]

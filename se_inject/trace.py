@@ -99,9 +99,10 @@ class TraceOptions:
 class _ScopeTracer(fx.Tracer):
     """Records the module invocation that creates every node; remembers where tracing failed."""
 
-    def __init__(self, leaves: tuple[type, ...], **kwargs):
+    def __init__(self, leaves: tuple[type, ...], n_inputs: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self._leaves = leaves
+        self._n_inputs = n_inputs
         self._frames: list[Frame] = [Frame("")]
         self._calls: dict[str, int] = {}
         self.returns: dict[Frame, object] = {}
@@ -112,6 +113,24 @@ class _ScopeTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """Placeholders for the inputs the model is given; every other parameter keeps its
+        default, as when the model is called as ``model(x)``. Recorded as the model's Call."""
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        params = list(inspect.signature(inspect.unwrap(root_fn)).parameters.values())[1:]
+        n = self._n_inputs
+        if n is None or not is_module or len(args) != len(params) + 1 or n >= len(params) \
+                or any(p.kind != p.POSITIONAL_OR_KEYWORD for p in params[:n]) \
+                or any(p.default is p.empty for p in params[n:]):
+            return fn, args
+        extra = args[1 + n:]
+        for proxy in extra:  # placeholders fx made for parameters the caller leaves out
+            if isinstance(proxy, fx.Proxy):
+                self.graph.erase_node(proxy.node)
+        given = args[:1 + n]
+        self.log.append(Call(Frame(""), Frame(""), tuple(p.node for p in given[1:]), {}))
+        return fn, given
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
@@ -141,6 +160,49 @@ class _ScopeTracer(fx.Tracer):
         return node
 
 
+_MODULE_STATE = ("_modules", "_parameters", "_buffers")
+
+
+def _holds_proxy(value, depth: int = 3) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth and isinstance(value, (list, tuple)):
+        return any(_holds_proxy(v, depth - 1) for v in value)
+    if depth and isinstance(value, dict):
+        return any(_holds_proxy(v, depth - 1) for v in value.values())
+    return False
+
+
+class _NoProxiesLeft:
+    """Tracing runs the model's Python, which may cache a traced value on a module (timm's
+    LeViT caches its attention biases in eval mode). Undo every such change on exit."""
+
+    def __init__(self, model: nn.Module):
+        self._before = []
+        for m in model.modules():
+            attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_STATE}
+            copies = {k: (dict(v) if isinstance(v, dict) else list(v))
+                      for k, v in attrs.items() if type(v) in (dict, list)}
+            self._before.append((m, attrs, copies))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for m, attrs, copies in self._before:
+            for k, v in list(m.__dict__.items()):
+                if k in _MODULE_STATE or not _holds_proxy(v):
+                    continue
+                if k not in attrs:
+                    del m.__dict__[k]
+                elif v is not attrs[k]:
+                    m.__dict__[k] = attrs[k]
+                elif k in copies:  # the same dict or list, filled while tracing
+                    v.clear()
+                    v.update(copies[k]) if isinstance(v, dict) else v.extend(copies[k])
+        return False
+
+
 def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> TraceError:
     frame = tracer.failed_in
     mod = tracer.failed_module
@@ -162,16 +224,18 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
                       f"{type(exc).__name__}: {exc}. {hint}")
 
 
-def trace_model(model: nn.Module, options: TraceOptions) -> fx.Graph:
-    """fx graph of the whole model, each node's ``meta[SCOPE]`` naming its module invocation."""
+def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = None) -> fx.Graph:
+    """fx graph of the whole model called with ``n_inputs`` tensors (its other parameters at
+    their defaults), each node's ``meta[SCOPE]`` naming its module invocation."""
     leaves, kwargs = options.tracer_args()
-    tracer = _ScopeTracer(leaves, **kwargs)
+    tracer = _ScopeTracer(leaves, n_inputs, **kwargs)
     fn = _instance_forward(model)
     try:
-        if fn is None:
-            graph = tracer.trace(model)
-        else:  # the model's own forward was replaced on the instance; fx reads only the class's
-            graph = _trace_instance_forward(tracer, model, fn)
+        with _NoProxiesLeft(model):
+            if fn is None:
+                graph = tracer.trace(model)
+            else:  # the model's own forward was replaced on the instance; fx reads the class's
+                graph = _trace_instance_forward(tracer, model, fn)
         setattr(graph, RETURNS, tracer.returns)
         setattr(graph, LOG, tracer.log)
         return graph
@@ -244,7 +308,8 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     try:
-        return tracer.trace(block)
+        with _NoProxiesLeft(block):
+            return tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
 

@@ -333,3 +333,87 @@ class TwoMergeNet(nn.Module):
 
     def forward(self, x):
         return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+class CachingBlock(nn.Module):
+    """Caches a tensor on itself in eval mode, as timm's LeViT attention caches its biases."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.cache = {}
+
+    def forward(self, x):
+        if not self.training:
+            if "bias" not in self.cache:
+                self.cache["bias"] = self.bias * 2
+            b = self.cache["bias"]
+        else:
+            b = self.bias * 2
+        return x + self.conv(x) + b
+
+
+class CachingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.block = CachingBlock()
+
+    def forward(self, x):
+        return self.block(F.relu(self.stem(x))).mean((2, 3))
+
+
+class OptionalMaskNet(nn.Module):
+    """Hiera-style: the model's own forward takes an optional mask, and holds the blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.c1, self.c2 = conv_bn(16, 16), conv_bn(16, 16)
+
+    def forward(self, x, mask=None):
+        x = F.relu(self.stem(x))
+        if mask is not None:
+            x = x * mask
+        return F.relu(x + self.c2(F.relu(self.c1(x)))).mean((2, 3))
+
+
+class ChannelsLastBlock(nn.Module):
+    """ConvNeXt-style: depthwise conv, then norm and MLP on channels-last, then back."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ChannelsLastNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.blocks = nn.Sequential(ChannelsLastBlock(), ChannelsLastBlock())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
+class TokensLastNet(nn.Module):
+    """Swin-style: channels-last 4-D tensors with residual sums that never go back to NCHW."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 4, 4)
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        t = self.stem(x).permute(0, 2, 3, 1)
+        t = t + self.mlp(self.norm(t))
+        return t.mean((1, 2))

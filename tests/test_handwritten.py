@@ -255,3 +255,51 @@ def test_blocks_sharing_a_forward_each_take_a_later_gate(tmp_path):
             h = F.relu(b.proj(x) + paper_reference(b.p2(F.relu(b.p1(x))), b.se_gate))
             expected = F.relu(h + paper_reference(b.i2(F.relu(b.i1(h))), b.se_gate_1))
             torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tracing_leaves_no_traced_values_in_the_model():
+    """A block that caches a tensor in eval mode must not keep a tracing proxy afterwards."""
+    from handwritten import CachingNet
+    model = CachingNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    se_inject.plan(model)
+    assert model.block.cache == {}
+    se_inject.apply(model)
+    assert model.block.cache == {}
+    saturate(model)
+    ref = CachingNet().eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+def test_optional_model_arguments_keep_their_defaults():
+    from handwritten import OptionalMaskNet
+    model = OptionalMaskNet().eval()
+    with pytest.warns(UserWarning, match="sit in the forward of the model itself"):
+        se_inject.apply(model)
+    m, x = model, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = F.relu(m.stem(x))
+        expected = F.relu(h + paper_reference(m.c2(F.relu(m.c1(h))), m.se_gate)).mean((2, 3))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(se_inject.SEInjectError, match="mask = None"):
+            model(x, torch.ones(1, 16, 1, 1))
+
+
+def test_channels_last_branch_is_gated_on_its_channels():
+    from handwritten import ChannelsLastNet
+    model = se_inject.apply(ChannelsLastNet().eval())
+    assert [(n, g.channels) for n, g in gates(model)] == [("blocks.0.se_gate", 16),
+                                                          ("blocks.1.se_gate", 16)]
+    blk, x = model.blocks[0], torch.randn(2, 16, 6, 6)
+    with torch.no_grad():
+        y = blk.fc2(F.gelu(blk.fc1(blk.norm(blk.dw(x).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        torch.testing.assert_close(blk(x), x + paper_reference(y, blk.se_gate), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_channels_last_token_sums_are_not_feature_maps():
+    from handwritten import TokensLastNet
+    with pytest.raises(NoSitesError, match="no residual or inception-style block"):
+        se_inject.apply(TokensLastNet())

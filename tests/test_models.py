@@ -38,6 +38,8 @@ MODELS = {
     "timm/tresnet_m": (_timm("tresnet_m"), 64, 21),
     "torchvision/resnet50": (_tv("resnet50"), 64, 16),
     "torchvision/googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64, 9),
+    # blocks made of torchvision.ops leaf modules (Conv2dNormActivation, SqueezeExcitation)
+    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, 6),
 }
 
 

@@ -1,0 +1,185 @@
+"""Coverage sweep: apply() on one architecture of every timm model module (--all: every timm
+architecture) and on every torchvision classification model.
+
+Per model: create (timed), the original output, plan, apply (timed), the output shape again,
+and a backward pass that must reach every gate. Writes a Markdown table and summary.
+
+    python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
+                             [--out bench/out/coverage.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+
+import se_inject
+
+torch.set_num_threads(2)
+MAX_SIDE = 224  # larger default inputs are cut to this when the model accepts it
+
+
+def _meta_params(name: str) -> int | None:
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+    except Exception:  # a model that cannot be built on meta is just not a candidate
+        return None
+
+
+def timm_representatives(modules: list[str] | None) -> list[tuple[str, str]]:
+    """(family, model): the smallest of the few shortest-named architectures of each module."""
+    out = []
+    for family in modules or timm.list_modules():
+        names = timm.list_models(module=family)
+        if not names:
+            continue
+        candidates = sorted(names, key=lambda n: (len(n), n))[:6]
+        sized = [(p, n) for n in candidates if (p := _meta_params(n)) is not None]
+        out.append((family, min(sized)[1] if sized else candidates[0]))
+        print(f"  picked {out[-1][1]} for {family}", file=sys.stderr)
+    return out
+
+
+def _input_size(model) -> tuple[int, int, int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (3, 224, 224))
+    if cfg.get("fixed_input_size") or max(h, w) <= MAX_SIDE:
+        return c, h, w
+    return c, min(h, MAX_SIDE), min(w, MAX_SIDE)
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def check(family: str, name: str, build) -> dict:
+    row = {"model": name, "family": family, "sites": {}, "status": "", "reason": ""}
+    try:
+        t = time.perf_counter()
+        model = build()
+        row["create_s"] = time.perf_counter() - t
+        model.eval()
+        size = _input_size(model)
+        x = torch.randn(2, *size)
+        with torch.no_grad():
+            before = [o.shape for o in _tensors(model(x))]
+    except Exception as exc:
+        row.update(status="base-fails", reason=_first_sentence(f"{type(exc).__name__}: {exc}"))
+        return row
+    try:
+        row["sites"] = se_inject.plan(model).by_rule()
+        t = time.perf_counter()
+        se_inject.apply(model)
+        row["apply_s"] = time.perf_counter() - t
+    except se_inject.SEInjectError as exc:
+        row.update(status="refused", reason=_first_sentence(f"{type(exc).__name__}: {exc}"))
+        return row
+    except Exception as exc:
+        row.update(status="CRASH", reason=_first_sentence(f"{type(exc).__name__}: {exc}"),
+                   trace=traceback.format_exc(limit=-4))
+        return row
+    row["ratio"] = row["apply_s"] / row["create_s"]
+    gates = [(n, g) for n, g in model.named_modules() if isinstance(g, se_inject.SEGate)]
+    try:
+        with torch.no_grad():
+            after = [o.shape for o in _tensors(model(x))]
+        if after != before:
+            row.update(status="broken", reason=f"output shapes {before} became {after}")
+            return row
+        model.train()
+        sum(o.float().mean() for o in _tensors(model(x))).backward()
+        missing = [n for n, g in gates if any(p.grad is None for p in g.parameters())]
+        if missing:
+            row.update(status="broken", reason=f"no gradient reaches {len(missing)} gate(s), "
+                                               f"e.g. {missing[0]}")
+            return row
+    except Exception as exc:
+        row.update(status="CRASH", reason=_first_sentence(f"after apply: {type(exc).__name__}: {exc}"),
+                   trace=traceback.format_exc(limit=-4))
+        return row
+    row["status"] = "gated"
+    return row
+
+
+def _sites(row) -> str:
+    return ", ".join(f"{r} {n}" for r, n in sorted(row["sites"].items())) or "-"
+
+
+def report(rows: list[dict]) -> str:
+    fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"})
+    gated_fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"
+                         and r["status"] == "gated"})
+    status = Counter(r["status"] for r in rows)
+    tv = [r for r in rows if r["family"] == "torchvision"]
+    ratios = [r["ratio"] for r in rows if "ratio" in r]
+    worst = max(rows, key=lambda r: r.get("ratio", 0)) if ratios else None
+    lines = ["# se-inject coverage", "",
+             f"- timm: {len(gated_fams)} of {len(fams)} model modules gated "
+             f"(one architecture each unless --all).",
+             f"- torchvision: {sum(r['status'] == 'gated' for r in tv)} of {len(tv)} "
+             "classification models gated.",
+             f"- status counts: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(status.items())),
+             ]
+    if worst is not None:
+        lines.append(f"- apply ÷ create: median {sorted(ratios)[len(ratios) // 2]:.3f}, worst "
+                     f"{worst['ratio']:.3f} ({worst['model']})")
+    lines += ["", "| model | family | sites per rule | status | reason |", "|---|---|---|---|---|"]
+    for r in rows:
+        reason = r["reason"].replace("|", "\\|")
+        lines.append(f"| {r['model']} | {r['family']} | {_sites(r)} | {r['status']} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--all", action="store_true", help="every timm architecture")
+    ap.add_argument("--only", default="", help="comma-separated timm modules")
+    ap.add_argument("--skip-torchvision", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"))
+    args = ap.parse_args(argv)
+    only = [m for m in args.only.split(",") if m] or None
+    if args.all:
+        todo = [(f, n) for f in (only or timm.list_modules()) for n in timm.list_models(module=f)]
+    else:
+        todo = timm_representatives(only)
+    jobs = [(f, n, (lambda n=n: timm.create_model(n, pretrained=False))) for f, n in todo]
+    if not args.skip_torchvision:
+        jobs += [("torchvision", n, (lambda n=n: torchvision.models.get_model(n, weights=None)))
+                 for n in torchvision.models.list_models(module=torchvision.models)]
+    rows = []
+    for i, (family, name, build) in enumerate(jobs, 1):
+        t = time.perf_counter()
+        row = check(family, name, build)
+        rows.append(row)
+        print(f"[{i}/{len(jobs)}] {family}/{name}: {row['status']} {_sites(row)} "
+              f"({time.perf_counter() - t:.1f} s) {row['reason'][:120]}", file=sys.stderr, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = report(rows)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+    print(text)
+    return 1 if any(r["status"] in ("CRASH", "broken") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
