@@ -24,7 +24,9 @@ import torchvision
 import se_inject
 
 torch.set_num_threads(2)
-MAX_SIDE = 224  # larger default inputs are cut to this when the model accepts it
+# torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
+# head, run in training mode, needs 299).
+TV_SIZES = {"inception_v3": (3, 299, 299)}
 
 
 def _meta_params(name: str) -> int | None:
@@ -49,12 +51,14 @@ def timm_representatives(modules: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def _input_size(model) -> tuple[int, int, int]:
+def _input_size(model, name: str) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size", (3, 224, 224))
-    if cfg.get("fixed_input_size") or max(h, w) <= MAX_SIDE:
-        return c, h, w
-    return c, min(h, MAX_SIDE), min(w, MAX_SIDE)
+    return tuple(cfg.get("input_size", TV_SIZES.get(name, (3, 224, 224))))
+
+
+def _train_step(model, x) -> None:
+    model.train()
+    sum(o.float().mean() for o in _tensors(model(x))).backward()
 
 
 def _tensors(out):
@@ -79,7 +83,7 @@ def check(family: str, name: str, build) -> dict:
         model = build()
         row["create_s"] = time.perf_counter() - t
         model.eval()
-        size = _input_size(model)
+        size = _input_size(model, name)
         x = torch.randn(2, *size)
         with torch.no_grad():
             before = [o.shape for o in _tensors(model(x))]
@@ -106,14 +110,19 @@ def check(family: str, name: str, build) -> dict:
         if after != before:
             row.update(status="broken", reason=f"output shapes {before} became {after}")
             return row
-        model.train()
-        sum(o.float().mean() for o in _tensors(model(x))).backward()
+        _train_step(model, x)
         missing = [n for n, g in gates if any(p.grad is None for p in g.parameters())]
         if missing:
             row.update(status="broken", reason=f"no gradient reaches {len(missing)} gate(s), "
                                                f"e.g. {missing[0]}")
             return row
     except Exception as exc:
+        try:  # the same step on the unmodified model: whose failure is it?
+            _train_step(build(), x)
+        except Exception as base_exc:
+            row.update(status="base-fails", reason=_first_sentence(
+                f"training step of the unmodified model: {type(base_exc).__name__}: {base_exc}"))
+            return row
         row.update(status="CRASH", reason=_first_sentence(f"after apply: {type(exc).__name__}: {exc}"),
                    trace=traceback.format_exc(limit=-4))
         return row

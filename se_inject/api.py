@@ -12,7 +12,7 @@ from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
 from .gate import reduced_channels
 from .graph import build_view
-from .match import NOT_A_FEATURE_MAP, find_candidates
+from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
@@ -198,9 +198,12 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     options = _trace_options(leaf_modules, autowrap_functions)
     p, blocks = _make_plan(model, ratio, rules, input_size, options)
     if not p.sites:
-        if any(s.reason == "already gated" for s in p.skipped):
+        held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+        if held:
             warnings.warn(f"every block of {type(model).__name__} that the rules match already "
-                          "holds a gate; apply() changed nothing", stacklevel=2)
+                          f"holds a gate ({len(held)} blocks); apply() changed nothing. A rule "
+                          "with 'existing_gate: allow' gates blocks that hold a gate of their "
+                          "own (README.md, 'Rule files').", stacklevel=2)
             return model
         raise _no_sites_error(model, p)
     prepared = prepare(model, p.sites, ratio, options, blocks)

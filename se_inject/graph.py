@@ -4,6 +4,7 @@ Only nodes that depend on a model input are in the view (parameters and constant
 activations). Each carries ``kind`` (conv, dwconv, norm, act, add, cat, pool, mul, linear,
 gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), ``frame``
 (the module invocation that created it) and ``module`` (the module it calls, if any).
+``gate`` is an se-inject gate; ``chgate`` any other channel gate (an SE, ECA... scale).
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ _MODULE_KINDS: dict[type, str] = {
     nn.Identity: "identity", nn.Dropout: "identity", nn.Dropout2d: "identity",
 }
 
-try:  # torchvision's permutation layer, a leaf module in fx traces
+try:  # torchvision's leaf modules whose meaning matters here
     from torchvision.ops.misc import Permute as _TvPermute
+    from torchvision.ops.misc import SqueezeExcitation as _TvSE
     _MODULE_KINDS[_TvPermute] = "permute"
+    _MODULE_KINDS[_TvSE] = "chgate"   # a channel gate that is not ours
 except ImportError:
     pass
 
@@ -92,10 +95,35 @@ def _module_kind(m: nn.Module) -> str:
     if kind is not None:
         return kind
     inner = {_class_kind(sub) for sub in m.modules()}
-    for k in ("gate", "conv", "dwconv"):
+    for k in ("gate", "chgate", "conv", "dwconv"):
         if k in inner:
             return k
     return "module"
+
+
+def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
+    """``u * s`` where ``s`` is one value per channel (N, C, 1, 1) computed from ``u``: the
+    scale of a squeeze-and-excitation, ECA or similar gate, whatever code wrote it."""
+    a = g.nodes[node]
+    if a["kind"] != "mul" or a["layout"] != "nchw":
+        return False
+    ins = list(g.predecessors(node))
+    for u, s in ((x, y) for x in ins for y in ins if x is not y):
+        while getattr(s, "target", None) in ("expand", "expand_as"):  # ECA broadcasts its scale
+            s = s.args[0]
+        su, ss = g.nodes[u].get("shape"), g.nodes[s].get("shape") if s in g else None
+        if not (su and ss and len(su) == 4 and len(ss) == 4 and ss[1] == su[1] > 1
+                and ss[2] == ss[3] == 1 and su[2] * su[3] > 1):
+            continue
+        seen, stack = {s}, [s]  # is u among s's nearby ancestors?
+        while stack and len(seen) < reach:
+            for p in g.predecessors(stack.pop()):
+                if p is u:
+                    return True
+                if p not in seen:
+                    seen.add(p)
+                    stack.append(p)
+    return False
 
 
 def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -142,6 +170,10 @@ def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> s
     """An op keeps its 4-D inputs' layout if they agree on one and it keeps their channel
     count (a concatenation may change it); anything else (a permuting leaf module, a reshape)
     has an unknown layout."""
+    alike = {g.nodes[i]["layout"] for i in inputs
+             if g.nodes[i]["shape"] == shape and g.nodes[i]["layout"] != "other"}
+    if len(alike) == 1:  # elementwise, or a broadcast against a feature map of this shape
+        return alike.pop()
     layouts = {g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] == 4}
     if len(layouts) != 1:
         return "other"
@@ -212,4 +244,6 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             g.add_edge(ROOT, node)
         for i in inputs:
             g.add_edge(i, node)
+        if kind == "mul" and _is_channel_gate(g, node):
+            g.nodes[node]["kind"] = "chgate"
     return GraphView(graph=g, fx_graph=fx_graph, modules=modules)

@@ -22,6 +22,7 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
+HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
 
 
 @dataclass
@@ -97,6 +98,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
     region = set().union(*(b for _, _, b in branches)) | {merge}
+    if rule.existing_gate == "skip" and any(g.nodes[n]["kind"] == "chgate" for n in region):
+        return HOLDS_A_GATE
     if rule.gate_at == "branch":
         _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
     else:

@@ -39,6 +39,7 @@ class Rule:
     entry_as_operand: str           # "allow" or "forbid"
     min_branches_with_conv: int
     gate_at: str                    # "branch" or "output"
+    existing_gate: str              # "skip" or "allow": a block that already holds a channel gate
     yield_to: tuple[str, ...]
     path: str
 
@@ -143,6 +144,7 @@ _MATCH_SCHEMA = {
     "equal_shapes": (False, _of_type(bool, "true or false"), False),
     "entry_as_operand": (False, _choice("allow", "forbid"), "allow"),
     "min_branches_with_conv": (False, _count, 1),
+    "existing_gate": (False, _choice("skip", "allow"), "skip"),
 }
 _GATE_SCHEMA = {"at": (True, _choice("branch", "output"), None)}
 
@@ -217,6 +219,7 @@ def _parse(text: str, path: str) -> Rule:
                 min_operands=m["operands"][0], max_operands=m["operands"][1],
                 equal_shapes=m["equal_shapes"], entry_as_operand=m["entry_as_operand"],
                 min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
+                existing_gate=m["existing_gate"],
                 yield_to=f["yield_to"], path=path)
 
 

@@ -417,3 +417,41 @@ class TokensLastNet(nn.Module):
         t = self.stem(x).permute(0, 2, 3, 1)
         t = t + self.mlp(self.norm(t))
         return t.mean((1, 2))
+
+
+class InlineSEBlock(nn.Module):
+    """A residual block with a squeeze-and-excitation written inline (no module for it)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+        self.fc1, self.fc2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return x + y
+
+
+class SpatialAttentionBlock(nn.Module):
+    """A residual block with a spatial (per-pixel, not per-channel) gate: not a channel gate."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv = conv_bn(c, c)
+        self.att = nn.Conv2d(c, 1, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return x + y * torch.sigmoid(self.att(y))
+
+
+class GatedBlocksNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.se_block = InlineSEBlock()
+        self.spatial_block = SpatialAttentionBlock()
+
+    def forward(self, x):
+        return self.spatial_block(self.se_block(F.relu(self.stem(x)))).mean((2, 3))

@@ -35,11 +35,11 @@ MODELS = {
     # blocks called with a default-None shortcut, with a list of tensors, with optional children
     "timm/dla34": (_timm("dla34"), 64, 15),
     "timm/hrnet_w18_small": (_timm("hrnet_w18_small"), 64, 46),
-    "timm/tresnet_m": (_timm("tresnet_m"), 64, 21),
+    "timm/tresnet_m": (_timm("tresnet_m"), 64, 3),  # the 3 blocks of its last stage have no SE
     "torchvision/resnet50": (_tv("resnet50"), 64, 16),
     "torchvision/googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64, 9),
     # blocks made of torchvision.ops leaf modules (Conv2dNormActivation, SqueezeExcitation)
-    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, 6),
+    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, 1),  # 5 hold an SE
 }
 
 

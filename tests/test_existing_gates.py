@@ -1,0 +1,51 @@
+"""Blocks that already hold a channel gate are not gated twice, unless a rule allows it."""
+import pytest
+import timm
+import torch
+
+import se_inject
+from conftest import gates
+from handwritten import GatedBlocksNet
+from test_rules import GOOD
+
+HOLDS = "the block already holds a channel gate (SE, ECA...)"
+
+
+def test_inline_se_is_recognised_and_spatial_attention_is_not():
+    p = se_inject.plan(GatedBlocksNet())
+    assert [s.block for s in p] == ["spatial_block"]
+    assert [(s.merge, s.reason) for s in p.skipped] == [("se_block.add", HOLDS)]
+
+
+@pytest.mark.parametrize("name,gated_class", [("seresnet50", "SEModule"),
+                                              ("ecaresnet26t", "EcaModule")])
+def test_timm_native_gates_are_not_doubled(name, gated_class):
+    model = timm.create_model(name)
+    blocks = {n.rsplit(".", 1)[0] for n, m in model.named_modules()
+              if type(m).__name__ == gated_class}
+    p = se_inject.plan(model)
+    assert len(p) == 0
+    assert len([s for s in p.skipped if s.reason == HOLDS]) == len(blocks)
+    keys = list(model.state_dict())
+    with pytest.warns(UserWarning, match="existing_gate: allow"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys
+
+
+def test_a_rule_can_allow_a_second_gate(tmp_path):
+    rule = tmp_path / "regate.yaml"
+    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
+                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
+    model = se_inject.apply(timm.create_model("seresnet50"), rules=[str(rule)])
+    assert len(gates(model)) == 16
+
+
+def test_tresnet_gates_only_its_blocks_without_se():
+    model = timm.create_model("tresnet_m")
+    without_se = sorted(n for n, m in model.named_modules()
+                        if type(m).__name__ in ("BasicBlock", "Bottleneck") and m.se is None)
+    se_inject.apply(model)
+    assert sorted(n.rsplit(".", 1)[0] for n, _ in gates(model)) == without_se
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
