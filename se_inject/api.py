@@ -89,10 +89,10 @@ def _gate_names(owner: nn.Module, count: int) -> list[str]:
 
 
 def _holds_gate(view, c) -> bool:
-    """The site's tensor already goes through a gate: the branch is one, or the output feeds one."""
+    """The site's tensor already goes through one of our gates, before or after ``c.at``."""
     if c.operand is not None:
-        return view.attrs(c.gated)["kind"] == "gate"
-    return any(view.attrs(u)["kind"] == "gate" for u in c.merge.users if u in view.graph)
+        return "gate" in (view.attrs(c.gated)["kind"], view.attrs(c.at)["kind"])
+    return any(view.attrs(u)["kind"] == "gate" for u in c.at.users if u in view.graph)
 
 
 def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
@@ -112,7 +112,7 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
         block = c.frame.qualname
         owner = modules[block]
         state = owner_state(owner)
-        local = keys[c.merge]
+        local = keys[c.at]
         if state is not None:  # the block runs a rewritten forward: name the node as its class does
             local = state.class_key(local, owner.training)
         key = None if local is None else (*local, c.operand)

@@ -216,7 +216,7 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
     modules = dict(model.named_modules())
     g = nx.DiGraph()
     g.add_node(ROOT, kind="root", ndim=0, channels=None, layout="other", frame=Frame(""))
-    for node in fx_graph.nodes:
+    for index, node in enumerate(fx_graph.nodes):
         inputs = [a for a in iter_tensor_args((node.args, node.kwargs)) if a in g]
         if node.op != "placeholder" and not inputs:
             continue  # parameters, buffers and constants are not activations
@@ -237,7 +237,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             channels = shape[1]
         elif layout == "nhwc":
             channels = shape[3]
-        g.add_node(node, kind=kind, ndim=ndim, shape=shape, channels=channels, layout=layout,
+        g.add_node(node, index=index, kind=kind, ndim=ndim, shape=shape, channels=channels,
+                   layout=layout,
                    frame=node.meta.get(SCOPE, Frame("")),
                    module=node.target if node.op == "call_module" else None)
         if node.op == "placeholder":

@@ -30,10 +30,11 @@ class Candidate:
     merge: fx.Node
     entry: fx.Node
     rule: Rule
-    gated: fx.Node            # the tensor that gets scaled: a branch operand, or the merge
-    operand: int | None       # index of that operand among the merge's args, None for output
+    gated: fx.Node            # the tensor that gets scaled
+    at: fx.Node               # the node the gate goes in front of (operand) or behind (None)
+    operand: int | None       # which of ``at``'s arguments is ``gated``; None: ``at``'s output
     region: set               # nodes strictly after the entry, up to and including the merge
-    frame: Frame
+    frame: Frame              # the module invocation whose forward holds ``at``
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,46 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if rule.existing_gate == "skip" and any(g.nodes[n]["kind"] == "chgate" for n in region):
         return HOLDS_A_GATE
-    if rule.gate_at == "branch":
-        _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
-    else:
+    _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
+    branch = next(b for i, o, b in branches if o is gated)
+    if rule.depthwise_branch and not any(g.nodes[n]["kind"] == "dwconv" for n in branch):
+        return "no depthwise convolution in the branch"
+    at = merge
+    if rule.gate_at == "output":
         operand, gated = None, merge
-    return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, operand=operand,
-                     region=region, frame=a["frame"])
+    elif rule.gate_at == "after_depthwise":
+        found = _after_depthwise(g, branch)
+        if isinstance(found, str):
+            return found
+        gated, at, operand = found
+    return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
+                     region=region, frame=g.nodes[at]["frame"])
+
+
+_PASS_THROUGH = {"norm", "act", "identity"}
+
+
+def _after_depthwise(g: nx.DiGraph, branch: set):
+    """(tensor, consumer, operand): the depthwise conv nearest the merge, followed through
+    the norm and activation layers after it, and the one op that consumes the result."""
+    dws = [n for n in branch if g.nodes[n]["kind"] == "dwconv"]
+    if not dws:
+        return "no depthwise convolution in the branch"
+    n = max(dws, key=lambda x: g.nodes[x]["index"])
+    while True:
+        users = list(g.successors(n))
+        if len(users) == 1 and users[0] in branch and g.nodes[users[0]]["kind"] in _PASS_THROUGH:
+            n = users[0]
+            continue
+        break
+    users = list(g.successors(n))
+    if len(users) != 1 or users[0] not in branch:
+        return "the depthwise output feeds more than one op"
+    consumer = users[0]
+    position = next((i for i, a in enumerate(consumer.args) if a is n), None)
+    if position is None:
+        return "the depthwise output reaches its consumer inside a container"
+    return n, consumer, position
 
 
 def find_candidates(view: GraphView, rules: tuple[Rule, ...]) -> tuple[list[Candidate],

@@ -38,8 +38,9 @@ class Rule:
     equal_shapes: bool
     entry_as_operand: str           # "allow" or "forbid"
     min_branches_with_conv: int
-    gate_at: str                    # "branch" or "output"
+    gate_at: str                    # "branch", "output" or "after_depthwise"
     existing_gate: str              # "skip" or "allow": a block that already holds a channel gate
+    depthwise_branch: bool          # the gated branch must hold a depthwise convolution
     yield_to: tuple[str, ...]
     path: str
 
@@ -145,8 +146,9 @@ _MATCH_SCHEMA = {
     "entry_as_operand": (False, _choice("allow", "forbid"), "allow"),
     "min_branches_with_conv": (False, _count, 1),
     "existing_gate": (False, _choice("skip", "allow"), "skip"),
+    "depthwise_branch": (False, _of_type(bool, "true or false"), False),
 }
-_GATE_SCHEMA = {"at": (True, _choice("branch", "output"), None)}
+_GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise"), None)}
 
 
 def _sub(schema):
@@ -212,14 +214,14 @@ def _parse(text: str, path: str) -> Rule:
     _check_tags(root, path)
     f = _mapping(root, path, None, _RULE_SCHEMA)
     m, gate = f["match"], f["gate"]
-    if m["merge"] == "add" and gate["at"] == "branch" and m["operands"][0] < 2:
+    if gate["at"] != "output" and m["operands"][0] < 2:
         raise RuleError("a rule that gates a branch needs at least 2 operands", path, _line(root),
                         "match.operands")
     return Rule(name=f["name"], summary=" ".join(f["summary"].split()), merge=m["merge"],
                 min_operands=m["operands"][0], max_operands=m["operands"][1],
                 equal_shapes=m["equal_shapes"], entry_as_operand=m["entry_as_operand"],
                 min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
-                existing_gate=m["existing_gate"],
+                existing_gate=m["existing_gate"], depthwise_branch=m["depthwise_branch"],
                 yield_to=f["yield_to"], path=path)
 
 
