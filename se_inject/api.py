@@ -17,7 +17,7 @@ from .plan import Plan, Site, Skipped
 from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import Frame, TraceOptions, trace_model
+from .trace import Frame, TraceOptions, is_container, trace_model
 
 __all__ = ["apply", "plan", "remove"]
 
@@ -122,6 +122,11 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
         if key is None:
             skipped.append(Skipped(view.describe(c.merge), c.rule.name,
                                    "made by se-inject's own rewrite"))
+            continue
+        if is_container(owner):  # only when the model itself is an nn.Sequential
+            skipped.append(Skipped(view.describe(c.merge), c.rule.name,
+                                   "sits directly in an nn.Sequential, where a gate would "
+                                   "become one of its layers"))
             continue
         if (block, key) in seen:  # a module called more than once: one gate serves every call
             continue

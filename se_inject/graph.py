@@ -167,14 +167,15 @@ _CHANNEL_DIM = {"nchw": 1, "nhwc": 3}
 
 
 def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> str:
-    """An op keeps its 4-D inputs' layout if they agree on one and it keeps their channel
-    count (a concatenation may change it); anything else (a permuting leaf module, a reshape)
-    has an unknown layout."""
+    """An op keeps its 4-D inputs' layout if they agree on one and it keeps either their
+    channel count or their batch and spatial sizes (a concatenation, a slice of channels);
+    anything else (a permuting leaf module, a reshape) has an unknown layout."""
     alike = {g.nodes[i]["layout"] for i in inputs
              if g.nodes[i]["shape"] == shape and g.nodes[i]["layout"] != "other"}
     if len(alike) == 1:  # elementwise, or a broadcast against a feature map of this shape
         return alike.pop()
-    layouts = {g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] == 4}
+    layouts = {g.nodes[i]["layout"] for i in inputs if g.nodes[i]["ndim"] in (4, -1)
+               and g.nodes[i]["layout"] != "other"}
     if len(layouts) != 1:
         return "other"
     layout = layouts.pop()
@@ -183,9 +184,16 @@ def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> s
     dim = _CHANNEL_DIM.get(layout)
     if dim is None:
         return "other"
-    if kind == "cat" or any(g.nodes[i]["shape"] is not None and g.nodes[i]["ndim"] == 4
-                            and g.nodes[i]["shape"][dim] == shape[dim] for i in inputs):
+    if kind == "cat":
         return layout
+    others = [d for d in range(4) if d != dim]  # batch and the two spatial dimensions
+    for i in inputs:
+        s = g.nodes[i]["shape"]
+        if s is None and g.nodes[i]["ndim"] == -1:
+            return layout  # an item of a chunk or split of a feature map
+        if s is not None and len(s) == 4 and (s[dim] == shape[dim]  # channels kept
+                                              or all(s[d] == shape[d] for d in others)):
+            return layout  # ...or only channels changed: a slice, narrow or chunk of channels
     return "other"
 
 
@@ -224,7 +232,9 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
         kind = node_kind(node, modules)
         ndim = len(shape) if shape is not None else -1
-        if ndim != 4:
+        if ndim == -1 and isinstance(value, (list, tuple)) and inputs:
+            layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
+        elif ndim != 4:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
             layout = "nchw"
@@ -233,10 +243,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         else:
             layout = _inherited_layout(g, inputs, shape, kind)
         channels = None
-        if layout == "nchw":
-            channels = shape[1]
-        elif layout == "nhwc":
-            channels = shape[3]
+        if shape is not None and layout in _CHANNEL_DIM:
+            channels = shape[_CHANNEL_DIM[layout]]
         g.add_node(node, index=index, kind=kind, ndim=ndim, shape=shape, channels=channels,
                    layout=layout,
                    frame=node.meta.get(SCOPE, Frame("")),

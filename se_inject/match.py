@@ -8,6 +8,7 @@ proportional to the size of the graph.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -98,6 +99,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
+    if rule.disjoint_branches and _overlap(branches):
+        return "its branches share layers (a channel split, not parallel branches)"
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if rule.existing_gate == "skip" and any(g.nodes[n]["kind"] == "chgate" for n in region):
         return HOLDS_A_GATE
@@ -106,6 +109,12 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if rule.depthwise_branch and not any(g.nodes[n]["kind"] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"
     at = merge
+    source = _channel_slice_source(gated, branch)
+    if rule.gate_at == "branch" and source is not None:
+        # a partial-channel residual (ReXNet): the sum takes a slice of the branch's output;
+        # gate that whole output, so every channel the block produces is scaled
+        return Candidate(merge=merge, entry=entry, rule=rule, gated=source, at=source,
+                         operand=None, region=region, frame=g.nodes[source]["frame"])
     if rule.gate_at == "output":
         operand, gated = None, merge
     elif rule.gate_at == "after_depthwise":
@@ -118,6 +127,26 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}
+
+
+def _overlap(branches) -> bool:
+    seen: set = set()
+    for _, _, b in branches:
+        if seen & b:
+            return True
+        seen |= b
+    return False
+
+
+def _channel_slice_source(node: fx.Node, branch: set):
+    """``t`` when ``node`` is ``t[:, a:b]`` (a slice of channels) and ``t`` is in the branch."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    src, index = node.args
+    if not (isinstance(index, tuple) and len(index) >= 2 and index[0] == slice(None)
+            and isinstance(index[1], slice)):
+        return None
+    return src if src in branch else None
 
 
 def _after_depthwise(g: nx.DiGraph, branch: set):

@@ -41,6 +41,7 @@ class Rule:
     gate_at: str                    # "branch", "output" or "after_depthwise"
     existing_gate: str              # "skip" or "allow": a block that already holds a channel gate
     depthwise_branch: bool          # the gated branch must hold a depthwise convolution
+    disjoint_branches: bool         # the operands' branches share no layer (parallel branches)
     yield_to: tuple[str, ...]
     path: str
 
@@ -147,6 +148,7 @@ _MATCH_SCHEMA = {
     "min_branches_with_conv": (False, _count, 1),
     "existing_gate": (False, _choice("skip", "allow"), "skip"),
     "depthwise_branch": (False, _of_type(bool, "true or false"), False),
+    "disjoint_branches": (False, _of_type(bool, "true or false"), False),
 }
 _GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise"), None)}
 
@@ -222,6 +224,7 @@ def _parse(text: str, path: str) -> Rule:
                 equal_shapes=m["equal_shapes"], entry_as_operand=m["entry_as_operand"],
                 min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
                 existing_gate=m["existing_gate"], depthwise_branch=m["depthwise_branch"],
+                disjoint_branches=m["disjoint_branches"],
                 yield_to=f["yield_to"], path=path)
 
 

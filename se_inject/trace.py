@@ -48,6 +48,13 @@ class Call:
 
 
 
+def is_container(m: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass keeping its forward): it only calls its children in
+    turn. It owns no site of its own: what happens in it belongs to the module that calls it,
+    and a gate registered on it would become one of its layers."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _registry_leaf_modules() -> list[type]:
     """Module classes that timm and torchvision keep out of fx traces."""
     leaves: list[type] = [SEGate]
@@ -134,7 +141,7 @@ class _ScopeTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
-        if self.is_leaf_module(m, qualname):
+        if self.is_leaf_module(m, qualname) or is_container(m):  # no frame of its own
             return super().call_module(m, forward, args, kwargs)
         n = self._calls.get(qualname, 0)
         self._calls[qualname] = n + 1
@@ -289,7 +296,7 @@ class _BlockTracer(fx.Tracer):
         self._inputs = inputs
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self._root
+        return m is not self._root and not is_container(m)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         if self._inputs is None:

@@ -455,3 +455,39 @@ class GatedBlocksNet(nn.Module):
 
     def forward(self, x):
         return self.spatial_block(self.se_block(F.relu(self.stem(x)))).mean((2, 3))
+
+
+class PartialResidualBlock(nn.Module):
+    """ReXNet-style: the shortcut is added to the first channels only, the rest pass through."""
+
+    def __init__(self, cin=16, cout=24):
+        super().__init__()
+        self.cin = cin
+        self.conv1, self.conv2 = conv_bn(cin, 2 * cin, 1), conv_bn(2 * cin, cout, 1)
+
+    def forward(self, x):
+        y = self.conv2(F.relu(self.conv1(x)))
+        return torch.cat([y[:, :self.cin] + x, y[:, self.cin:]], dim=1)
+
+
+class ChannelSplitBlock(nn.Module):
+    """ShuffleNetV2-style (stride 1): half the channels pass, half go through convs."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(c // 2, c // 2, 1), nn.ReLU(), conv_bn(c // 2, c // 2))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([a, self.branch(b)], dim=1)
+
+
+class SplitNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.partial = PartialResidualBlock(16, 24)
+        self.split = ChannelSplitBlock(24)
+
+    def forward(self, x):
+        return self.split(self.partial(F.relu(self.stem(x)))).mean((2, 3))

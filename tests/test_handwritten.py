@@ -303,3 +303,21 @@ def test_channels_last_token_sums_are_not_feature_maps():
     from handwritten import TokensLastNet
     with pytest.raises(NoSitesError, match="no residual or inception-style block"):
         se_inject.apply(TokensLastNet())
+
+
+def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
+    from handwritten import SplitNet
+    model = SplitNet().eval()
+    p = se_inject.plan(model)
+    assert [(s.rule, s.channels) for s in p] == [("residual", 24)]  # all 24 channels, not 16
+    reasons = {s.merge: s.reason for s in p.skipped}
+    assert "share layers (a channel split" in reasons["partial.cat"]
+    assert reasons["split.cat"] == "fewer than 2 branch(es) with a convolution"  # one conv side
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["partial.se_gate"]  # not inside the Sequential conv2
+    assert len(model.partial.conv2) == 2
+    blk, x = model.partial, torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        y = paper_reference(blk.conv2(F.relu(blk.conv1(x))), blk.se_gate)
+        torch.testing.assert_close(blk(x), torch.cat([y[:, :16] + x, y[:, 16:]], 1),
+                                   rtol=1e-5, atol=1e-6)

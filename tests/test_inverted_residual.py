@@ -20,7 +20,7 @@ def test_both_placements_find_every_inverted_residual(tv_v2):
     standard = se_inject.plan(tv_v2, rules=["inverted-residual"])
     dw = se_inject.plan(tv_v2, rules=["inverted-residual-dw"])
     assert [s.block for s in standard] == blocks
-    assert [s.block for s in dw] == [f"{b}.conv" for b in blocks]
+    assert [s.block for s in dw] == blocks  # on the block, not on its Sequential `conv`
     for b, s, d in zip(blocks, standard, dw):
         block = tv_v2.get_submodule(b)
         assert s.channels == block.out_channels                       # after the projection
@@ -31,9 +31,10 @@ def test_after_depthwise_placement_computes_the_mbconv_se(tv_v2):
     import copy
     model = se_inject.apply(copy.deepcopy(tv_v2), rules=["inverted-residual-dw"])
     blk = model.features[3]
+    assert len(blk.conv) == 4  # the gate is not one of the Sequential's layers
     x = torch.randn(2, blk.conv[0][0].in_channels, 14, 14)
     with torch.no_grad():
-        h = paper_reference(blk.conv[1](blk.conv[0](x)), blk.conv.se_gate)
+        h = paper_reference(blk.conv[1](blk.conv[0](x)), blk.se_gate)
         torch.testing.assert_close(blk(x), x + blk.conv[3](blk.conv[2](h)), rtol=1e-5, atol=1e-6)
 
 

@@ -33,7 +33,7 @@ MODELS = {
     "timm/resnext50_32x4d": (_timm("resnext50_32x4d"), 64, 16),
     "timm/inception_v3": (_timm("inception_v3"), 107, 11),
     # blocks called with a default-None shortcut, with a list of tensors, with optional children
-    "timm/dla34": (_timm("dla34"), 64, 15),
+    "timm/dla34": (_timm("dla34"), 64, 12),  # its root concats aggregate a chain: no inception
     "timm/hrnet_w18_small": (_timm("hrnet_w18_small"), 64, 46),
     "timm/tresnet_m": (_timm("tresnet_m"), 64, 3),  # the 3 blocks of its last stage have no SE
     "torchvision/resnet50": (_tv("resnet50"), 64, 16),
