@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .graph import ROOT, GraphView
@@ -106,6 +107,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return HOLDS_A_GATE
     _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
     branch = next(b for i, o, b in branches if o is gated)
+    if rule.gate_at != "output" and any(o is not gated and _is_split_piece(o) for _, o, _ in branches):
+        return "a connection between the scales of a multi-scale block (Res2Net), not a block"
     if rule.depthwise_branch and not any(g.nodes[n]["kind"] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"
     at = merge
@@ -136,6 +139,18 @@ def _overlap(branches) -> bool:
             return True
         seen |= b
     return False
+
+
+_SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+
+
+def _is_split_piece(node: fx.Node) -> bool:
+    """One piece of ``torch.split(t, ...)`` / ``t.chunk(...)``: the scales of a Res2Net block.
+    (A shortcut sliced from a block's input, ``x[:, :n]`` as in DPN, is not one.)"""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    src, index = node.args
+    return isinstance(index, int) and isinstance(src, fx.Node) and src.target in _SPLITS
 
 
 def _channel_slice_source(node: fx.Node, branch: set):

@@ -239,3 +239,15 @@ def test_inception_resnet_concat_inside_a_residual_branch_yields_to_the_residual
     assert sorted(s.block for s in p if s.rule == "residual") == sorted(residual_blocks)
     nested = [s for s in p.skipped if "nested in a block of rule 'residual'" in s.reason]
     assert len(nested) == 40 and all(s.rule == "inception" for s in nested)
+
+
+def test_res2net_gets_one_gate_per_block_not_per_scale():
+    model = timm.create_model("res2net50_14w_8s")
+    blocks = sorted(n for n, m in model.named_modules() if type(m).__name__ == "Bottle2neck")
+    p = se_inject.plan(model)
+    assert sorted(s.block for s in p) == blocks
+    inner = [s for s in p.skipped if "multi-scale block" in s.reason]
+    # a block that is not its stage's first sums each of its scales 1..scale-2 into the next
+    expected = sum(m.scale - 2 for n, m in model.named_modules()
+                   if type(m).__name__ == "Bottle2neck" and not m.is_first)
+    assert len(inner) == expected and all(s.rule == "residual" for s in inner)
