@@ -3,6 +3,10 @@ architecture) and on every torchvision classification model.
 
 Per model: create (timed), the original output, plan, apply (timed), the output shape again,
 and a backward pass that must reach every gate. Writes a Markdown table and summary.
+Status: gated; kept (every block already holds a channel gate: apply() changes nothing);
+refused (an SEInjectError, with its reason); base-fails (the unmodified model fails);
+CRASH or broken (a bug in se-inject: any other exception, a changed output shape, a gate no
+gradient reaches).
 
     python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
                              [--out bench/out/coverage.md]
@@ -14,6 +18,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -91,9 +96,12 @@ def check(family: str, name: str, build) -> dict:
         row.update(status="base-fails", reason=_first_sentence(f"{type(exc).__name__}: {exc}"))
         return row
     try:
-        row["sites"] = se_inject.plan(model).by_rule()
+        plan = se_inject.plan(model)
+        row["sites"] = plan.by_rule()
         t = time.perf_counter()
-        se_inject.apply(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            se_inject.apply(model)
         row["apply_s"] = time.perf_counter() - t
     except se_inject.SEInjectError as exc:
         row.update(status="refused", reason=_first_sentence(f"{type(exc).__name__}: {exc}"))
@@ -103,6 +111,11 @@ def check(family: str, name: str, build) -> dict:
                    trace=traceback.format_exc(limit=-4))
         return row
     row["ratio"] = row["apply_s"] / row["create_s"]
+    if not plan.sites:  # apply() warned and changed nothing
+        reasons = Counter(s.reason for s in plan.skipped).most_common(1)
+        row.update(status="kept", reason=f"every block is left as it is: {reasons[0][0]}"
+                   if reasons else "nothing to do")
+        return row
     gates = [(n, g) for n, g in model.named_modules() if isinstance(g, se_inject.SEGate)]
     try:
         with torch.no_grad():
@@ -137,13 +150,13 @@ def _sites(row) -> str:
 def report(rows: list[dict]) -> str:
     fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"})
     gated_fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"
-                         and r["status"] == "gated"})
+                         and r["status"] in ("gated", "kept")})
     status = Counter(r["status"] for r in rows)
     tv = [r for r in rows if r["family"] == "torchvision"]
     ratios = [r["ratio"] for r in rows if "ratio" in r]
     worst = max(rows, key=lambda r: r.get("ratio", 0)) if ratios else None
     lines = ["# se-inject coverage", "",
-             f"- timm: {len(gated_fams)} of {len(fams)} model modules gated "
+             f"- timm: {len(gated_fams)} of {len(fams)} model modules gated or already gated "
              f"(one architecture each unless --all).",
              f"- torchvision: {sum(r['status'] == 'gated' for r in tv)} of {len(tv)} "
              "classification models gated.",

@@ -1,0 +1,46 @@
+"""The coverage sweep's per-model check, over the registries: a subset of families in CI,
+every timm family and torchvision model behind the `slow` marker (bench/coverage.py)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torchvision
+
+_spec = importlib.util.spec_from_file_location(
+    "coverage_bench", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+# (timm model, what must happen): one small architecture from each family the sweep covers
+CI_SUBSET = [
+    ("resnet10t", "gated"), ("efficientnet_lite0", "gated"), ("convnext_atto", "gated"),
+    ("regnetx_002", "gated"), ("mobilenetv3_small_050", "gated"), ("rexnet_100", "gated"),
+    ("dla34", "gated"), ("cspresnet50", "gated"), ("ghostnet_050", "gated"),
+    ("densenet121", "refused"),            # dense connections only
+    ("vit_tiny_patch16_224", "refused"),   # no CNN block
+    ("seresnet18", "kept"),                # every block holds its own SE
+]
+
+
+@pytest.mark.parametrize("name,expected", CI_SUBSET, ids=[n for n, _ in CI_SUBSET])
+def test_family_subset(name, expected):
+    row = coverage.check("ci", name, lambda: timm.create_model(name, pretrained=False))
+    assert row["status"] == expected, row["reason"]
+    if expected == "gated":
+        assert sum(row["sites"].values()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", timm.list_modules())
+def test_every_timm_family(family):
+    (_, name), = coverage.timm_representatives([family])
+    row = coverage.check(family, name, lambda: timm.create_model(name, pretrained=False))
+    assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_classifier(name):
+    row = coverage.check("torchvision", name, lambda: torchvision.models.get_model(name, weights=None))
+    assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
