@@ -166,7 +166,7 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
     name = type(model).__name__
-    if all(s.reason == NOT_A_FEATURE_MAP for s in p.skipped):
+    if all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
         sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
         return NoSitesError(
             f"{name} has no residual or inception-style block: the traced graph holds no add or "
