@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -231,10 +232,73 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
                       f"{type(exc).__name__}: {exc}. {hint}")
 
 
+_OPENS: dict[type, bool] = {}  # timm no-trace class -> whether fx traces it cleanly here
+
+
+def _openable(model: nn.Module, leaves: tuple[type, ...], options: TraceOptions,
+              kwargs: dict) -> set[type]:
+    """timm's no-trace classes in this model that fx traces without error when tried alone.
+
+    timm keeps some blocks out of fx for feature extraction's sake (NormFreeBlock: fx 'drops'
+    its in-place mul_, which only matters to passes that remove dead code; se-inject removes
+    none). Each such class is tried once, on one instance; user-given leaves stay leaves."""
+    try:
+        from timm.layers import get_notrace_modules
+        registered = set(get_notrace_modules())
+    except ImportError:
+        return set()
+    found = {}
+    for m in model.modules():
+        cls = type(m)
+        if cls in registered and cls not in options.leaf_modules and cls not in found:
+            found[cls] = m
+    out = set()
+    for cls, instance in found.items():
+        if cls not in _OPENS:
+            trial = _ScopeTracer(tuple(c for c in leaves if c is not cls), **kwargs)
+            try:
+                with _NoProxiesLeft(instance):
+                    _OPENS[cls] = _holds_merge(trial.trace(instance))
+            except Exception:  # stays a leaf, as timm registered it
+                _OPENS[cls] = False
+        if _OPENS[cls]:
+            out.add(cls)
+    return out
+
+
+_MERGES = {("call_function", operator.add), ("call_function", operator.iadd),
+           ("call_function", torch.add), ("call_function", torch.cat),
+           ("call_method", "add"), ("call_method", "add_")}
+
+
+def _holds_merge(graph: fx.Graph) -> bool:
+    """Whether a sum or concatenation of values computed from the inputs happens in it: only
+    then can a block hide inside (a norm+activation layer stays whole)."""
+    live = {n for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        if n.op != "placeholder" and any(a in live for a in iter_tensor_args((n.args, n.kwargs))):
+            live.add(n)
+            if (n.op, n.target) in _MERGES:
+                return True
+    return False
+
+
 def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = None) -> fx.Graph:
     """fx graph of the whole model called with ``n_inputs`` tensors (its other parameters at
     their defaults), each node's ``meta[SCOPE]`` naming its module invocation."""
     leaves, kwargs = options.tracer_args()
+    opened = _openable(model, leaves, options, kwargs)
+    if opened:
+        try:
+            return _trace_model(model, tuple(c for c in leaves if c not in opened), n_inputs,
+                                kwargs)
+        except TraceError:
+            pass  # traced alone but not in place: keep timm's registry as it is
+    return _trace_model(model, leaves, n_inputs, kwargs)
+
+
+def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
+                 kwargs: dict) -> fx.Graph:
     tracer = _ScopeTracer(leaves, n_inputs, **kwargs)
     fn = _instance_forward(model)
     try:

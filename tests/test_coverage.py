@@ -17,6 +17,7 @@ CI_SUBSET = [
     ("resnet10t", "gated"), ("efficientnet_lite0", "gated"), ("convnext_atto", "gated"),
     ("regnetx_002", "gated"), ("mobilenetv3_small_050", "gated"), ("rexnet_100", "gated"),
     ("dla34", "gated"), ("cspresnet50", "gated"), ("ghostnet_050", "gated"),
+    ("nf_resnet26", "gated"),              # its blocks are timm no-trace modules that trace
     ("densenet121", "refused"),            # dense connections only
     ("vit_tiny_patch16_224", "refused"),   # no CNN block
     ("seresnet18", "kept"),                # every block holds its own SE

@@ -251,3 +251,20 @@ def test_res2net_gets_one_gate_per_block_not_per_scale():
     expected = sum(m.scale - 2 for n, m in model.named_modules()
                    if type(m).__name__ == "Bottle2neck" and not m.is_first)
     assert len(inner) == expected and all(s.rule == "residual" for s in inner)
+
+
+def test_timm_notrace_blocks_that_trace_are_opened_and_others_stay_leaves():
+    """NormFreeBlock is registered no-trace (for fx's dead-code passes, which se-inject does
+    not run): it traces, so each gets its gate. VGG's ConvMlp does not trace: it stays whole."""
+    model = timm.create_model("nf_resnet26").eval()
+    blocks = sorted(n for n, m in model.named_modules() if type(m).__name__ == "NormFreeBlock")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y0 = model(x)
+    se_inject.apply(model)
+    assert sorted(n.rsplit(".", 1)[0] for n, _ in gates(model)) == blocks
+    saturate(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+    with pytest.raises(se_inject.SEInjectError, match="no residual or inception-style block"):
+        se_inject.apply(timm.create_model("vgg11"))
