@@ -26,20 +26,40 @@ def _tv(name, **kw):
     return lambda: getattr(torchvision.models, name)(weights=None, **kw)
 
 
-# name -> (builder, input side, expected gates)
+def _count(*names, where=lambda m: True):
+    return lambda model: sum(1 for m in model.modules() if type(m).__name__ in names and where(m))
+
+
+def _hrnet_sites(model):
+    """Every residual block, each pairwise sum of a multi-branch module's fuse layers, and the
+    sums between the head's resolutions."""
+    modules = [type(m).__name__ for m in model.modules()]
+    fuse = sum(m.num_branches * (m.num_branches - 1) for m in model.modules()
+               if type(m).__name__ == "HighResolutionModule" and m.num_branches > 1)
+    return modules.count("BasicBlock") + modules.count("Bottleneck") + fuse + \
+        len(model.incre_modules) - 1
+
+
+def _no_se(m):
+    return not any(type(x).__name__ in ("SEModule", "SqueezeExcitation") for x in m.modules())
+
+
+# name -> (builder, input side, expected gates: a number from the paper and the architecture,
+# or a count taken from the unmodified model's own structure)
 MODELS = {
     "timm/resnet18": (_timm("resnet18"), 64, 8),
     "timm/resnet50": (_timm("resnet50"), 64, 16),
     "timm/resnext50_32x4d": (_timm("resnext50_32x4d"), 64, 16),
     "timm/inception_v3": (_timm("inception_v3"), 107, 11),
     # blocks called with a default-None shortcut, with a list of tensors, with optional children
-    "timm/dla34": (_timm("dla34"), 64, 12),  # its root concats aggregate a chain: no inception
-    "timm/hrnet_w18_small": (_timm("hrnet_w18_small"), 64, 46),
-    "timm/tresnet_m": (_timm("tresnet_m"), 64, 3),  # the 3 blocks of its last stage have no SE
+    "timm/dla34": (_timm("dla34"), 64, _count("DlaBasic")),  # root concats aggregate a chain
+    "timm/hrnet_w18_small": (_timm("hrnet_w18_small"), 64, _hrnet_sites),
+    "timm/tresnet_m": (_timm("tresnet_m"), 64, _count("BasicBlock", "Bottleneck", where=_no_se)),
     "torchvision/resnet50": (_tv("resnet50"), 64, 16),
     "torchvision/googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64, 9),
     # blocks made of torchvision.ops leaf modules (Conv2dNormActivation, SqueezeExcitation)
-    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, 1),  # 5 hold an SE
+    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, _count(
+        "InvertedResidual", where=lambda m: m.use_res_connect and _no_se(m))),
 }
 
 
@@ -58,6 +78,8 @@ def _randomize_norms(model):
 def case(request):
     build, side, expected = MODELS[request.param]
     model = build().eval()
+    if callable(expected):
+        expected = expected(model)
     _randomize_norms(model)
     x = torch.randn(2, 3, side, side)
     with torch.no_grad():
