@@ -159,7 +159,7 @@ def report(rows: list[dict]) -> str:
              f"(one architecture each unless --all).",
              f"- torchvision: {sum(r['status'] == 'gated' for r in tv)} of {len(tv)} "
              "classification models gated.",
-             f"- status counts: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(status.items())),
+             "- status counts: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(status.items())),
              ]
     if worst is not None:
         lines.append(f"- apply ÷ create: median {sorted(ratios)[len(ratios) // 2]:.3f}, worst "

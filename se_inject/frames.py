@@ -25,11 +25,12 @@ def _relative(frame: Frame, node: fx.Node) -> Any:
     return node.target
 
 
-def local_keys(graph: fx.Graph) -> dict[fx.Node, tuple]:
+def local_keys(graph: fx.Graph, rename: dict | None = None) -> dict[fx.Node, tuple]:
     """Each call node's (op, target, k): the k-th node with that op and target in its frame.
 
     The same key names the same node in a trace of the frame's module alone, whatever its
     children do, because a module's forward creates its own nodes in the same order.
+    ``rename`` maps an (op, target) to the one it is counted as.
     """
     counts: dict[tuple, int] = defaultdict(int)
     keys = {}
@@ -37,6 +38,7 @@ def local_keys(graph: fx.Graph) -> dict[fx.Node, tuple]:
         if node.op in _CALLS:
             frame = node.meta.get(SCOPE, Frame(""))
             ident = (node.op, _relative(frame, node))
+            ident = rename.get(ident, ident) if rename else ident
             keys[node] = (*ident, counts[(frame, *ident)])
             counts[(frame, *ident)] += 1
     return keys
@@ -49,6 +51,16 @@ def block_calls(graph: fx.Graph) -> dict[str, list[Call]]:
         if isinstance(event, Call):
             out[event.frame.qualname].append(event)
     return out
+
+
+def _shape(value: Any, leaf, path: tuple = ()) -> Any:
+    """``value``'s structure (lists, tuples, dicts) as nested tuples, ``leaf(x, path)`` at
+    everything else."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_shape(v, leaf, (*path, i)) for i, v in enumerate(value)))
+    if isinstance(value, dict):
+        return ("dict", *((k, _shape(v, leaf, (*path, k))) for k, v in value.items()))
+    return leaf(value, path)
 
 
 def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
@@ -65,8 +77,10 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
     called_with: dict[Frame, Any] = {}
     events: dict[Frame, list] = defaultdict(list)
 
-    def token(frame: Frame, a: Any) -> Any:
-        if isinstance(a, fx.Node):
+    def token(frame: Frame, value: Any) -> Any:
+        def leaf(a, _):
+            if not isinstance(a, fx.Node):
+                return ("c", repr(a))
             f = a.meta.get(SCOPE, Frame(""))
             if f == frame and a in index:
                 return ("n", index[a])
@@ -74,23 +88,16 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
             if f.qualname.startswith(prefix) and f.qualname != frame.qualname:
                 return ("child", f.qualname[len(prefix):])
             return ("in", inputs[frame].get(a))
-        if isinstance(a, (list, tuple)):
-            return (type(a).__name__, *(token(frame, v) for v in a))
-        if isinstance(a, dict):
-            return ("dict", *((k, token(frame, v)) for k, v in a.items()))
-        return ("c", repr(a))
+        return _shape(value, leaf)
 
-    def positions(value: Any, path: tuple, into: dict) -> Any:
+    def positions(value: Any, into: dict) -> Any:
         """Record where each Node sits in a call's arguments; return the call's shape."""
-        if isinstance(value, fx.Node):
-            into.setdefault(value, path)
-            return "tensor"
-        if isinstance(value, (list, tuple)):
-            return (type(value).__name__, *(positions(v, (*path, i), into)
-                                             for i, v in enumerate(value)))
-        if isinstance(value, dict):
-            return ("dict", *((k, positions(v, (*path, k), into)) for k, v in value.items()))
-        return ("c", repr(value))
+        def leaf(a, path):
+            if isinstance(a, fx.Node):
+                into.setdefault(a, path)
+                return "tensor"
+            return ("c", repr(a))
+        return _shape(value, leaf)
 
     for event in getattr(graph, LOG, ()):
         if isinstance(event, Call):
@@ -99,8 +106,7 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
             if event.frame != parent:  # the model's own call has no parent frame
                 events[parent].append(("call", event.frame.qualname[len(prefix):],
                                        token(parent, event.args), token(parent, event.kwargs)))
-            called_with[event.frame] = positions((event.args, event.kwargs), (),
-                                                 inputs[event.frame])
+            called_with[event.frame] = positions((event.args, event.kwargs), inputs[event.frame])
             continue
         node = event
         if node.op not in _CALLS:

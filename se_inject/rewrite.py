@@ -87,15 +87,8 @@ _AS_TRACED = {("call_function", operator.iadd): ("call_function", operator.add)}
 
 def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tuple, tuple]:
     """Key each node gets in a trace of the code generated from ``graph`` -> its class key."""
-    counts: dict[tuple, int] = defaultdict(int)
-    out = {}
-    for node in graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            ident = _AS_TRACED.get((node.op, node.target), (node.op, node.target))
-            if node in class_keys:
-                out[(*ident, counts[ident])] = class_keys[node]
-            counts[ident] += 1
-    return out
+    traced = local_keys(graph, rename=_AS_TRACED)
+    return {traced[node]: key for node, key in class_keys.items() if node in traced}
 
 
 def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tuple, tuple]:

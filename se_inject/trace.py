@@ -6,18 +6,18 @@ that a site found anywhere in the graph can be realised in the module that owns 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
 from .gate import SEGate
+from .kinds import MERGE_KINDS, node_kind
 
 __all__ = ["Call", "Frame", "TraceOptions", "trace_model", "trace_block"]
 
@@ -64,13 +64,20 @@ def _registry_leaf_modules() -> list[type]:
         leaves += list(get_notrace_modules())
     except ImportError:  # timm is optional for hand-written models
         pass
+    return leaves + _torchvision_leaf_modules()
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision_leaf_modules() -> list[type]:
+    """torchvision.ops' module classes, as torchvision's own feature extraction leaves them
+    (computed once: the module's contents do not change; timm's registry may, so it is read
+    on every call)."""
     try:
         import torchvision.ops as tv_ops
-        leaves += [obj for _, obj in inspect.getmembers(tv_ops)
-                   if inspect.isclass(obj) and issubclass(obj, nn.Module)]
     except ImportError:
-        pass
-    return leaves
+        return []
+    return [obj for _, obj in inspect.getmembers(tv_ops)
+            if inspect.isclass(obj) and issubclass(obj, nn.Module)]
 
 
 def _registry_autowrap() -> tuple[tuple[Callable, ...], tuple[Any, ...]]:
@@ -266,19 +273,14 @@ def _openable(model: nn.Module, leaves: tuple[type, ...], options: TraceOptions,
     return out
 
 
-_MERGES = {("call_function", operator.add), ("call_function", operator.iadd),
-           ("call_function", torch.add), ("call_function", torch.cat),
-           ("call_method", "add"), ("call_method", "add_")}
-
-
 def _holds_merge(graph: fx.Graph) -> bool:
     """Whether a sum or concatenation of values computed from the inputs happens in it: only
     then can a block hide inside (a norm+activation layer stays whole)."""
     live = {n for n in graph.nodes if n.op == "placeholder"}
     for n in graph.nodes:
-        if n.op != "placeholder" and any(a in live for a in iter_tensor_args((n.args, n.kwargs))):
+        if n.op != "placeholder" and any(a in live for a in n.all_input_nodes):
             live.add(n)
-            if (n.op, n.target) in _MERGES:
+            if n.op != "call_module" and node_kind(n, {}) in MERGE_KINDS:
                 return True
     return False
 
@@ -411,14 +413,3 @@ def _code_names(code) -> set[str]:
         if inspect.iscode(const):
             names |= _code_names(const)
     return names
-
-
-def iter_tensor_args(args: Iterable[Any]):
-    """fx Nodes among (possibly nested) call arguments, in order."""
-    for a in args:
-        if isinstance(a, fx.Node):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from iter_tensor_args(a)
-        elif isinstance(a, dict):
-            yield from iter_tensor_args(a.values())

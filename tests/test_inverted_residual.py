@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import se_inject
-from conftest import gates, paper_reference
+from conftest import paper_reference
 from handwritten import BlockNet
 
 

@@ -3,7 +3,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import se_inject
 from se_inject.errors import RuleError, SEInjectError
