@@ -11,7 +11,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 
@@ -57,13 +59,89 @@ _SHAPE_RULES: dict[type, Callable] = {
 
 def _shape_rule(m: nn.Module) -> Callable | None:
     """The rule for ``m``'s class, if the forward it runs is the one the rule describes."""
+    if "forward" in m.__dict__:  # a forward bound on the instance: run it
+        return None
     owner_of_forward = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
-    for cls in type(m).__mro__:
-        rule = _SHAPE_RULES.get(cls)
-        if rule is not None:
-            stock = owner_of_forward.__module__.startswith("torch.nn.")
-            return rule if stock and issubclass(owner_of_forward, cls) else None
+    if owner_of_forward is nn.Sequential and not m._forward_hooks and not m._forward_pre_hooks:
+        return _sequential  # a leaf Sequential (torchvision's Conv2dNormActivation): its layers
+    if not owner_of_forward.__module__.startswith("torch.nn."):
+        return None  # a forward of its own: run it
+    # the stock forward it runs (ReLU6 runs Hardtanh's) is the one a rule describes
+    return next((_SHAPE_RULES[c] for c in owner_of_forward.__mro__ if c in _SHAPE_RULES), None)
+
+
+def _sequential(m: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
+    for layer in m:
+        rule = _shape_rule(layer)
+        if rule is None or layer._forward_hooks or layer._forward_pre_hooks:
+            return None  # a layer without a rule: run the whole Sequential instead
+        x = rule(layer, x)
+        if x is None:
+            return None
+    return x
+
+
+T = torch.Tensor
+# Functions whose output has their first argument's shape, dtype and layout (norms,
+# activations, dropout): their meta kernels run as Python decompositions, slow enough to
+# dominate the analysis of a small model, so the input describes the output.
+_LIKE_INPUT = {
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm,
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.mish, F.softplus, F.sigmoid, torch.sigmoid, F.tanh,
+    torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.softmax, T.softmax, torch.softmax, T.relu, T.sigmoid, T.tanh, T.clone, T.__neg__, T.neg,
+}
+# The same, in place: the output is the input.
+_IN_PLACE = {F.relu_, torch.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.sigmoid_,
+             T.relu_, T.sigmoid_, T.tanh_}
+# Elementwise binary ops: with two tensors of one shape, dtype and layout, or a floating-point
+# tensor and a Python number, the output is like the first tensor. (None: not in place.)
+_BINARY = {**dict.fromkeys((T.__add__, T.__radd__, T.__mul__, T.__rmul__, T.__sub__,
+                            T.__truediv__, T.add, T.mul, T.sub, T.div, torch.add, torch.mul,
+                            torch.sub), False),
+           **dict.fromkeys((T.__iadd__, T.__imul__, T.__isub__, T.add_, T.mul_, T.sub_), True)}
+
+
+def _like(x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    return x if in_place else torch.empty_like(x)
+
+
+def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta":
+        return None
+    if func in _LIKE_INPUT or func in _IN_PLACE:
+        return _like(x, func in _IN_PLACE)
+    if func is F.linear and len(args) >= 2 and not kwargs and x.dim() >= 1:
+        w = args[1]
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == x.shape[-1]:
+            return x.new_empty((*x.shape[:-1], w.shape[0]))
+    if func is F.scaled_dot_product_attention and len(args) >= 3:
+        q, k, v = args[:3]  # (..., L, E) with values (..., S, Ev) -> (..., L, Ev)
+        if all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (k, v)) \
+                and q.dim() == v.dim() and k.shape[-1] == q.shape[-1]:
+            return q.new_empty((*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]),
+                                q.shape[-2], v.shape[-1]))
+    in_place = _BINARY.get(func)
+    if in_place is None or len(args) != 2 or kwargs:
+        return None
+    y = args[1]
+    if isinstance(y, torch.Tensor):
+        if y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride():
+            return _like(x, in_place)
+    elif isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
+        return _like(x, in_place)
     return None
+
+
+class _ShapeMode(TorchFunctionMode):
+    """Answers the ops in the tables above from their input's shape; runs every other op."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _shortcut(func, args, kwargs)
+        return out if out is not None else func(*args, **kwargs)
 
 
 def _to_meta(x: Any) -> Any:
@@ -132,4 +210,5 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
                          f"({names}) but {len(inputs)} input size(s) were given: pass one per input "
                          "with input_size=[(C, H, W), ...].")
     inputs += [n.args[0] for n in placeholders[len(inputs):]]
-    _MetaInterpreter(model, graph=graph).run(*inputs)
+    with _ShapeMode():
+        _MetaInterpreter(model, graph=graph).run(*inputs)

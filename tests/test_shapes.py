@@ -55,3 +55,66 @@ def test_propagation_leaves_weights_where_they_were():
     propagate_shapes(model, graph, [(2, 3, 8, 8)])
     assert {k: (v.data_ptr(), v.device) for k, v in model.state_dict().items()} == before
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.seen[n] = out
+        return out
+
+
+def _real_values(model, graph, x):
+    rec = _Recorder(model, graph=graph)
+    rec.seen = {}
+    with torch.no_grad():
+        rec.run(x)
+    return rec.seen
+
+
+def _models_with_shortcuts():
+    timm = pytest.importorskip("timm")
+    tv = pytest.importorskip("torchvision")
+    # leaf Sequentials of stock layers (Conv2dNormActivation with ReLU6, Hardswish), timm's
+    # norm+act leaves, functional activations, in-place and broadcast binary ops
+    return [("torchvision mobilenet_v2", tv.models.mobilenet_v2()),
+            ("torchvision mobilenet_v3_small", tv.models.mobilenet_v3_small()),
+            ("timm cspnext_tiny", timm.create_model("cspnext_tiny")),
+            ("timm mobilevit_xxs", timm.create_model("mobilevit_xxs")),
+            ("timm nf_resnet26", timm.create_model("nf_resnet26"))]
+
+
+def test_every_node_shape_equals_a_real_run():
+    from se_inject.trace import TraceOptions, trace_model
+
+    for label, model in _models_with_shortcuts():
+        model.eval()
+        graph = trace_model(model, TraceOptions(), n_inputs=1)
+        propagate_shapes(model, graph, [(2, 3, 96, 96)])
+        real = _real_values(model, graph, torch.randn(2, 3, 96, 96))
+        checked = 0
+        for n, value in real.items():
+            if isinstance(value, torch.Tensor):
+                meta = n.meta[VALUE]
+                assert tuple(meta.shape) == tuple(value.shape), (label, n.format_node())
+                assert meta.dtype == value.dtype, (label, n.format_node())
+                checked += 1
+        assert checked > 50, label
+
+
+def test_shortcuts_leave_mixed_operands_to_the_real_kernel():
+    class Broadcast(nn.Module):
+        def forward(self, x):
+            y = x.mean((2, 3), keepdim=True)
+            z = torch.relu(x) + y            # broadcast: not the same shape
+            w = x.to(torch.float64) * 2      # dtype of its own
+            return z.mul_(x[:, :1]), w + x   # in place with broadcast; promotion
+
+    model = Broadcast()
+    graph = fx.symbolic_trace(model).graph
+    propagate_shapes(model, graph, [(2, 3, 5, 7)])
+    real = _real_values(model, graph, torch.randn(2, 3, 5, 7))
+    for n, value in real.items():
+        if isinstance(value, torch.Tensor):
+            assert tuple(n.meta[VALUE].shape) == tuple(value.shape), n.format_node()
+            assert n.meta[VALUE].dtype == value.dtype, n.format_node()
