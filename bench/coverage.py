@@ -9,7 +9,7 @@ CRASH or broken (a bug in se-inject: any other exception, a changed output shape
 gradient reaches).
 
     python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
-                             [--out bench/out/coverage.md]
+                             [--max-params MILLIONS] [--out bench/out/coverage.md]
 """
 from __future__ import annotations
 
@@ -81,8 +81,14 @@ def _first_sentence(text: str) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def check(family: str, name: str, build) -> dict:
+def check(family: str, name: str, build, max_params: float | None = None) -> dict:
     row = {"model": name, "family": family, "sites": {}, "status": "", "reason": ""}
+    if max_params is not None and family != "torchvision":
+        n = _meta_params(name)
+        if n is not None and n > max_params:
+            row.update(status="skipped", reason=f"{n / 1e6:.0f} M parameters: over --max-params "
+                                                f"{max_params / 1e6:.0f} M on this machine")
+            return row
     try:
         t = time.perf_counter()
         model = build()
@@ -162,8 +168,13 @@ def report(rows: list[dict]) -> str:
              "- status counts: " + ", ".join(f"{k or '?'} {v}" for k, v in sorted(status.items())),
              ]
     if worst is not None:
-        lines.append(f"- apply ÷ create: median {sorted(ratios)[len(ratios) // 2]:.3f}, worst "
-                     f"{worst['ratio']:.3f} ({worst['model']})")
+        within = ", ".join(f"≤ {c}: {sum(x <= c for x in ratios)}" for c in (0.5, 1, 2))
+        lines.append(f"- apply ÷ create over {len(ratios)} models: median "
+                     f"{sorted(ratios)[len(ratios) // 2]:.3f}, worst {worst['ratio']:.3f} "
+                     f"({worst['model']}); {within}")
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        lines.append(f"- skipped (over --max-params): {len(skipped)}")
     lines += ["", "| model | family | sites per rule | status | reason |", "|---|---|---|---|---|"]
     for r in rows:
         reason = r["reason"].replace("|", "\\|")
@@ -176,6 +187,10 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="every timm architecture")
     ap.add_argument("--only", default="", help="comma-separated timm modules")
     ap.add_argument("--skip-torchvision", action="store_true")
+    ap.add_argument("--max-params", type=float, default=None,
+                    help="skip timm models with more parameters (millions); default: none, "
+                         "300 with --all (a training step of a larger one needs more memory "
+                         "than a 24 GiB machine has)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"))
     args = ap.parse_args(argv)
     only = [m for m in args.only.split(",") if m] or None
@@ -187,10 +202,11 @@ def main(argv=None) -> int:
     if not args.skip_torchvision:
         jobs += [("torchvision", n, (lambda n=n: torchvision.models.get_model(n, weights=None)))
                  for n in torchvision.models.list_models(module=torchvision.models)]
+    limit = args.max_params if args.max_params is not None else (300 if args.all else None)
     rows = []
     for i, (family, name, build) in enumerate(jobs, 1):
         t = time.perf_counter()
-        row = check(family, name, build)
+        row = check(family, name, build, None if limit is None else limit * 1e6)
         rows.append(row)
         print(f"[{i}/{len(jobs)}] {family}/{name}: {row['status']} {_sites(row)} "
               f"({time.perf_counter() - t:.1f} s) {row['reason'][:120]}", file=sys.stderr, flush=True)

@@ -1,10 +1,11 @@
 """se-inject: Squeeze-and-Excitation gates for PyTorch CNNs that already exist."""
 from .api import apply, plan, remove
+from .cost import CostReport, cost
 from .errors import SEInjectError
 from .gate import SEGate
 from .plan import Plan, Site
 
 __version__ = "0.1.0"
 
-__all__ = sorted(["apply", "plan", "remove", "Plan", "Site", "SEGate", "SEInjectError",
-                  "__version__"])
+__all__ = sorted(["apply", "plan", "remove", "cost", "CostReport", "Plan", "Site", "SEGate",
+                  "SEInjectError", "__version__"])

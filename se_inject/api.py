@@ -1,6 +1,7 @@
 """The public calls: plan, apply, remove. Check everything first, then mutate."""
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter, defaultdict
 from typing import Callable, Iterable, Sequence
@@ -95,7 +96,31 @@ def _holds_gate(view, c) -> bool:
     return any(view.attrs(u)["kind"] == "gate" for u in c.at.users if u in view.graph)
 
 
-def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[Plan, dict]:
+def _check_stages(stages) -> frozenset[int] | str | None:
+    if stages is None or stages in ("all", "all-but-last"):
+        return None if stages in (None, "all") else stages
+    if isinstance(stages, (str, bytes)) or not hasattr(stages, "__iter__"):
+        raise InvalidArgumentError(f"stages must be a list of stage numbers (e.g. [2, 3, 4]), "
+                                   f"'all' or 'all-but-last'; got {stages!r}")
+    chosen = list(stages)
+    if not chosen or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0
+                             for k in chosen):
+        raise InvalidArgumentError(f"stages must hold stage numbers (non-negative integers: "
+                                   f"k for tensors at 1/2**k of the input's height); got {stages!r}")
+    return frozenset(chosen)
+
+
+def _stage(view, node, input_height: int) -> tuple[tuple[int, ...], int]:
+    a = view.attrs(node)
+    shape = a.get("shape") or ()
+    spatial = tuple(shape[1:3]) if a["layout"] == "nhwc" else tuple(shape[2:])
+    if not spatial or not spatial[0]:
+        return spatial, 0
+    return spatial, max(0, round(math.log2(input_height / spatial[0])))
+
+
+def _make_plan(model, ratio, rules, input_size, options: TraceOptions,
+               stages=None) -> tuple[Plan, dict]:
     """The plan, and what the model's trace says about each planned block."""
     resolved = resolve_rules(rules)
     shapes = _input_shapes(model, input_size)
@@ -132,6 +157,19 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
             continue
         seen.add((block, key))
         chosen.append((block, key, c))
+    staged = {id(c): _stage(view, c.gated, shapes[0][-2]) for _, _, c in chosen}
+    if stages is not None:
+        present = sorted({k for _, k in staged.values()})
+        keep = set(present[:-1]) if stages == "all-but-last" else stages
+        if stages != "all-but-last" and not keep & set(present):
+            raise InvalidArgumentError(f"stages {sorted(stages)} hold no site of "
+                                       f"{type(model).__name__}: its sites lie in stages "
+                                       f"{present} (k: tensors at 1/2**k of the input's height)")
+        for _, _, c in chosen:
+            if staged[id(c)][1] not in keep:
+                skipped.append(Skipped(view.describe(c.merge), c.rule.name,
+                                       f"stage {staged[id(c)][1]} not chosen"))
+        chosen = [t for t in chosen if staged[id(t[2])][1] in keep]
     per_block = defaultdict(list)
     for block, key, c in chosen:
         per_block[block].append(c)
@@ -143,7 +181,8 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
         sites.append(Site(block=block, tensor=view.describe(c.gated), channels=channels,
                           reduced=reduced_channels(channels, ratio), rule=c.rule.name,
                           position=c.rule.gate_at, gate=f"{block}.{name}" if block else name,
-                          merge=view.describe(c.merge), entry=view.describe(c.entry), key=key))
+                          merge=view.describe(c.merge), entry=view.describe(c.entry),
+                          spatial=staged[id(c)][0], stage=staged[id(c)][1], key=key))
     prints, calls = fingerprints(graph), block_calls(graph)
     blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
               for block in per_block}
@@ -152,7 +191,7 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions) -> tuple[
 
 
 def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None, *,
-         input_size=None, leaf_modules: Iterable[type] = (),
+         input_size=None, stages=None, leaf_modules: Iterable[type] = (),
          autowrap_functions: Iterable[Callable] = ()) -> Plan:
     """The sites apply() would gate, with the rule behind each. Changes nothing.
 
@@ -160,8 +199,9 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
     """
     _check_model(model)
     ratio = _check_ratio(ratio)
+    stages = _check_stages(stages)
     options = _trace_options(leaf_modules, autowrap_functions)
-    return _make_plan(model, ratio, rules, input_size, options)[0]
+    return _make_plan(model, ratio, rules, input_size, options, stages)[0]
 
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
@@ -181,7 +221,7 @@ def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
 
 
 def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None,
-          *, input_size=None, leaf_modules: Iterable[type] = (),
+          *, input_size=None, stages=None, leaf_modules: Iterable[type] = (),
           autowrap_functions: Iterable[Callable] = ()) -> nn.Module:
     """Insert SE gates into ``model`` in place and return it (the same object).
 
@@ -192,6 +232,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
             (default: ``("residual", "inception")``).
         input_size: (C, H, W) used for shape propagation (default: the timm config's, else
             (3, 224, 224)); a list of them for a model with several inputs.
+        stages: gate only these resolution stages (paper Table 13): stage k holds tensors at
+            1/2**k of the input's height, so ResNet-50's are 2, 3, 4, 5 (conv2_x..conv5_x);
+            or "all-but-last". Default: every stage.
         leaf_modules: extra module classes fx should call without tracing into.
         autowrap_functions: extra functions fx should record as single calls.
 
@@ -200,8 +243,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     """
     _check_model(model)
     ratio = _check_ratio(ratio)
+    stages = _check_stages(stages)
     options = _trace_options(leaf_modules, autowrap_functions)
-    p, blocks = _make_plan(model, ratio, rules, input_size, options)
+    p, blocks = _make_plan(model, ratio, rules, input_size, options, stages)
     if not p.sites:
         held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
         if held:

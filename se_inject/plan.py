@@ -22,6 +22,9 @@ class Site:
     rule:     the rule that matched; position: "branch" (before the merge) or "output" (after)
     gate:     qualified name the gate module gets (``block.se_gate``, ``block.se_gate_1``, ...)
     merge:    the add or concatenation the block ends in; entry: the block's entry tensor
+    spatial:  height and width of the gated tensor for the plan's input size
+    stage:    the network's resolution stage there: k where the tensor is 1/2**k of the input's
+              height (rounded), so ResNet-50's stages are 2 to 5, as the paper's conv2_x-conv5_x
     """
 
     block: str
@@ -33,6 +36,8 @@ class Site:
     gate: str
     merge: str
     entry: str
+    spatial: tuple[int, ...] = ()
+    stage: int = 0
     key: LocalKey = field(repr=False, compare=False, default=())
 
 
@@ -66,16 +71,20 @@ class Plan(Sequence[Site]):
     def by_rule(self) -> dict[str, int]:
         return dict(Counter(s.rule for s in self.sites))
 
+    def stages(self) -> tuple[int, ...]:
+        """The resolution stages that hold a site, in order."""
+        return tuple(sorted({s.stage for s in self.sites}))
+
     def added_parameters(self) -> int:
         """Weights and biases of the planned gates: 2·C·C/r + C/r + C per gate."""
         return sum(2 * s.channels * s.reduced + s.reduced + s.channels for s in self.sites)
 
     def table(self) -> str:
-        head = ("#", "block", "rule", "gated tensor", "C", "C/r", "gate")
+        head = ("#", "block", "rule", "gated tensor", "C", "C/r", "stage", "gate")
         rows = [(str(i), s.block or "(model)", s.rule, s.tensor, str(s.channels), str(s.reduced),
-                 s.gate) for i, s in enumerate(self.sites)]
+                 str(s.stage), s.gate) for i, s in enumerate(self.sites)]
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
-        right = {0, 4, 5}
+        right = {0, 4, 5, 6}
 
         def line(r):
             return "  ".join(v.rjust(w) if c in right else v.ljust(w)

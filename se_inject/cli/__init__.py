@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 from ..errors import SEInjectError
 from . import plan as plan_cmd
+from . import report as report_cmd
 from . import rules as rules_cmd
 
 __all__ = ["main"]
 
-_COMMANDS = {"plan": plan_cmd, "rules": rules_cmd}
+_COMMANDS = {"plan": plan_cmd, "report": report_cmd, "rules": rules_cmd}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # timm's import scripts a few helpers, which this torch announces as deprecated: not ours
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                            category=FutureWarning)
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command].run(args)

@@ -1,0 +1,69 @@
+"""se-inject report MODEL: what SE gates would cost, counted with fvcore. Changes nothing."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..cost import cost
+
+
+def _ratios(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--ratio takes positive integers separated by commas "
+                                         f"(e.g. 16,8,4), not {text!r}")
+    return values
+
+
+def _stages(text: str):
+    if text in ("all", "all-but-last"):
+        return text
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--stages takes stage numbers separated by commas "
+                                         f"(e.g. 2,3,4), 'all' or 'all-but-last', not {text!r}")
+    return values
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="parameters and compute SE gates would add (fvcore)",
+                       description=__doc__)
+    p.add_argument("model", help="a timm model name, e.g. resnet50")
+    p.add_argument("--ratio", type=_ratios, default=[16], metavar="R[,R...]",
+                   help="reduction ratio(s), e.g. 16,8,4 (default 16)")
+    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
+                   help="input size for the count (default: the model's config)")
+    p.add_argument("--stages", type=_stages, default=None, metavar="K[,K...]",
+                   help="gate only these resolution stages (k: tensors at 1/2**k of the input's "
+                        "height; ResNet-50 has 2-5), or all-but-last")
+    p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
+                   help="built-in rule names or rule files (default: residual inception)")
+    p.add_argument("--format", choices=("table", "json", "markdown"), default="table")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE",
+                   help="write added parameters and ops per stage to FILE (.png or .svg)")
+    p.add_argument("--measure", action="store_true",
+                   help="also time base and gated forward passes on this device, side by side")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot is not None:  # a bad plot path fails before the analysis, not after
+        from ..report_format import check_plot_path
+        check_plot_path(args.plot)
+    if args.measure:
+        print("measuring forward passes of the base and the gated model...", file=sys.stderr)
+    rep = cost(args.model, ratio=args.ratio, stages=args.stages, rules=args.rules,
+               input_size=tuple(args.input_size) if args.input_size else None,
+               measure=args.measure)
+    text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    if args.plot is not None:
+        rep.plot(args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,332 @@
+"""What SE gates would cost a model, before anyone fine-tunes: parameters and compute, totals,
+per gate and per resolution stage, for one or several ratios.
+
+Compute is counted by fvcore's ``FlopCountAnalysis`` (a multiply-add counts as one op, as fvcore
+counts it), with handles for the ops fvcore leaves out and a gate is made of: the squeeze's mean,
+the ReLU, the sigmoid, the channel-wise scale, and the residual sum (one op per element; the mean
+one per input element, as fvcore counts average pooling). Ops fvcore has no handle for are
+listed in the report, never counted as zero without saying so.
+
+The base model is analysed once. Each gate is analysed alone, at its site's shape: the gated
+model runs exactly the base model's ops plus its gates' (tests check this against an analysis of
+the gated model and of timm's ``seresnet50``), so one fvcore pass serves every ratio and stage
+choice.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, SEInjectError
+from .gate import SEGate, reduced_channels
+from .plan import Plan
+
+__all__ = ["cost", "CostReport", "RatioCost", "StageCost", "GateCost", "SCHEMA", "UNIT",
+           "count_ops"]
+
+SCHEMA = "se-inject.cost/1"
+UNIT = ("ops: fvcore's count, one multiply-add = one op (convolutions, linear layers, matrix "
+        "products); norms and pooling as fvcore counts them; means, ReLUs, sigmoids, products "
+        "and sums one op per element")
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape is not None else 0
+
+
+def _per_output_element(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(outputs[0]))
+
+
+def _per_input_element(inputs, outputs) -> int:
+    from fvcore.nn.jit_handles import get_shape
+    return _numel(get_shape(inputs[0]))
+
+
+# aten op -> handle, added to fvcore's own: what a gate and a residual block are made of.
+EXTRA_HANDLES: dict[str, Callable] = {
+    "aten::mean": _per_input_element,
+    **dict.fromkeys(("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sigmoid",
+                     "aten::sigmoid_", "aten::relu", "aten::relu_"), _per_output_element),
+}
+
+
+@dataclass(frozen=True)
+class Counted:
+    total: int
+    by_operator: dict[str, int]
+    uncounted: dict[str, int]  # aten op -> how many calls had no handle
+
+
+def count_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counted:
+    """fvcore's count of ``model`` on ``inputs`` with the handles above, in eval mode and without
+    gradients; the model's training flags are put back afterwards."""
+    from fvcore.nn import FlopCountAnalysis
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fca = FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_HANDLES)
+            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            fca.tracer_warnings("none")
+            total = fca.total()
+            return Counted(total, dict(fca.by_operator()), dict(fca.unsupported_ops()))
+    except SEInjectError:
+        raise
+    except Exception as exc:
+        raise SEInjectError(f"fvcore could not analyse {type(model).__name__}: "
+                            f"{type(exc).__name__}: {exc}. Check input_size; a model that "
+                            "torch.jit.trace cannot run has no fvcore count.") from exc
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+
+
+@dataclass(frozen=True)
+class GateCost:
+    gate: str
+    block: str
+    rule: str
+    stage: int
+    channels: int
+    reduced: int
+    spatial: tuple[int, ...]
+    parameters: int
+    ops: int
+
+
+@dataclass(frozen=True)
+class StageCost:
+    stage: int
+    spatial: tuple[int, ...]
+    gates: int
+    parameters: int
+    ops: int
+
+
+@dataclass(frozen=True)
+class RatioCost:
+    """The gated model at one ratio: totals, and what the gates add per gate and per stage."""
+
+    ratio: int
+    parameters: int
+    ops: int
+    added_parameters: int
+    added_ops: int
+    relative_parameters: float  # added / base
+    relative_ops: float
+    gates: tuple[GateCost, ...]
+    stages: tuple[StageCost, ...]
+    measured: dict | None = None  # {"device", "base_ms", "gated_ms", "ratio", ...}
+
+
+@dataclass(frozen=True)
+class CostReport:
+    model: str
+    input_size: tuple[int, ...]
+    stages: str  # which stages were gated: "all", "all-but-last", or "2,3"
+    base_parameters: int
+    base_ops: int
+    base_ops_by_operator: dict[str, int]
+    uncounted: dict[str, int]
+    ratios: tuple[RatioCost, ...]
+    unit: str = UNIT
+    schema: str = SCHEMA
+    timing: dict = field(default_factory=dict, compare=False)
+
+    def __getitem__(self, ratio: int) -> RatioCost:
+        for r in self.ratios:
+            if r.ratio == ratio:
+                return r
+        raise KeyError(ratio)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("timing")
+        return {"schema": d.pop("schema"), **d}
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def table(self, width: int = 110) -> str:
+        from . import report_format
+        return report_format.rich_text(self, width)
+
+    def markdown(self) -> str:
+        from . import report_format
+        return report_format.markdown(self)
+
+    def plot(self, path) -> Path:
+        from . import report_format
+        return report_format.plot(self, Path(path))
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _resolve_model(model_or_name) -> tuple[nn.Module, str]:
+    if isinstance(model_or_name, str):
+        from .cli._models import create
+        return create(model_or_name), model_or_name
+    if not isinstance(model_or_name, nn.Module):
+        raise InvalidArgumentError(f"model_or_name must be an nn.Module or a timm model name, "
+                                   f"not {type(model_or_name).__name__}")
+    return model_or_name, type(model_or_name).__name__
+
+
+def _ratios(ratio) -> tuple[int, ...]:
+    values = [ratio] if isinstance(ratio, int) else list(ratio) if ratio is not None else []
+    if not values or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
+                             for r in values):
+        raise InvalidArgumentError(f"ratio must be a positive integer or a list of them "
+                                   f"(e.g. [16, 8, 4]); got {ratio!r}")
+    return tuple(dict.fromkeys(values))
+
+
+def _stage_label(stages) -> str:
+    if stages is None or stages == "all":
+        return "all"
+    if isinstance(stages, str):
+        return stages
+    return ",".join(str(k) for k in sorted(set(stages)))
+
+
+class _GateCounter:
+    """fvcore counts of a lone gate at a site's shape, and its parameters; one per shape."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.cache: dict[tuple, tuple[int, int]] = {}
+
+    def __call__(self, channels: int, spatial: tuple[int, ...], ratio: int) -> tuple[int, int]:
+        key = (channels, spatial, ratio)
+        if key not in self.cache:
+            gate = SEGate(channels, ratio, dtype=self.dtype)
+            params = sum(p.numel() for p in gate.parameters())
+            x = torch.zeros(1, channels, *spatial, dtype=self.dtype)
+            counted = count_ops(gate, (x,))
+            if counted.uncounted:
+                raise SEInjectError(f"fvcore left ops of a gate uncounted: {counted.uncounted}")
+            self.cache[key] = (params, counted.total)
+        return self.cache[key]
+
+
+def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
+    """Forward passes of both models on the current device, alternated round by round."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base, other = copy.deepcopy(model).to(device).eval(), gated.to(device).eval()
+    xs = tuple(x.to(device) for x in inputs)
+
+    def once(m) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        m(*xs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for _ in range(3):
+            once(base), once(other)
+        pairs = [(once(base), once(other)) for _ in range(rounds)]
+    ratios = sorted(g / b for b, g in pairs)
+    bases, gateds = sorted(b for b, _ in pairs), sorted(g for _, g in pairs)
+    mid = len(pairs) // 2
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "batch": int(xs[0].shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
+            "gated_ms": gateds[mid] * 1e3, "ratio": ratios[mid],
+            "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
+
+
+def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, input_size=None,
+         rules=None, stages=None, measure: bool = False, measure_rounds: int = 20,
+         leaf_modules: Iterable[type] = (),
+         autowrap_functions: Iterable[Callable] = ()) -> CostReport:
+    """What SE gates would add to a model, counted with fvcore. The model is not changed.
+
+    Args:
+        model_or_name: an nn.Module, or a timm model name (built with random weights).
+        ratio: the reduction ratio r, or several (one column per ratio, as the paper's Table 10).
+        input_size: (C, H, W) for the count (default: the timm config's, else (3, 224, 224)).
+        rules, stages, leaf_modules, autowrap_functions: as for :func:`se_inject.apply`
+            (``stages=[2, 3, 4]`` or ``"all-but-last"``: the paper's Table 13).
+        measure: also time forward passes of the base and the gated model on the current device
+            (CUDA if available), side by side, and report the ratio.
+    """
+    from .api import _dtype, _input_shapes, plan
+    t0 = time.perf_counter()
+    ratios = _ratios(ratio)
+    model, name = _resolve_model(model_or_name)
+    shapes = _input_shapes(model, input_size)
+    p: Plan = plan(model, ratios[0], rules, input_size=input_size, stages=stages,
+                   leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    if not len(p):
+        raise SEInjectError(f"no gate would be placed in {name}: "
+                            + "; ".join(sorted({s.reason for s in p.skipped}))[:400])
+    t_plan = time.perf_counter()
+    dtype = _dtype(model)
+    inputs = tuple(torch.zeros(1, *s[1:], dtype=dtype) for s in shapes)
+    base = count_ops(model, inputs)
+    t_base = time.perf_counter()
+    base_params = sum(t.numel() for t in model.parameters())
+    gate_counter = _GateCounter(dtype)
+    results = []
+    for r in ratios:
+        gates = []
+        for s in p:
+            params, ops = gate_counter(s.channels, s.spatial, r)
+            gates.append(GateCost(gate=s.gate, block=s.block, rule=s.rule, stage=s.stage,
+                                  channels=s.channels, reduced=reduced_channels(s.channels, r),
+                                  spatial=tuple(s.spatial), parameters=params, ops=ops))
+        results.append(_ratio_cost(r, gates, base_params, base.total))
+    t_gates = time.perf_counter()
+    if measure:
+        from .api import apply
+        measured = []
+        for rc in results:
+            gated = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                apply(gated, rc.ratio, rules, input_size=input_size, stages=stages,
+                      leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+            measured.append(_replace_measured(rc, _measure(model, gated, inputs, measure_rounds)))
+        results = measured
+    return CostReport(model=name, input_size=tuple(shapes[0][1:]), stages=_stage_label(stages),
+                      base_parameters=base_params, base_ops=base.total,
+                      base_ops_by_operator=base.by_operator, uncounted=base.uncounted,
+                      ratios=tuple(results),
+                      timing={"plan_s": t_plan - t0, "fvcore_base_s": t_base - t_plan,
+                              "gates_s": t_gates - t_base, "total_s": time.perf_counter() - t0})
+
+
+def _replace_measured(rc: RatioCost, measured: dict) -> RatioCost:
+    from dataclasses import replace
+    return replace(rc, measured=measured)
+
+
+def _ratio_cost(r: int, gates: list[GateCost], base_params: int, base_ops: int) -> RatioCost:
+    by_stage: dict[int, list[GateCost]] = {}
+    for g in gates:
+        by_stage.setdefault(g.stage, []).append(g)
+    stages = tuple(StageCost(stage=k, spatial=gs[0].spatial, gates=len(gs),
+                             parameters=sum(g.parameters for g in gs), ops=sum(g.ops for g in gs))
+                   for k, gs in sorted(by_stage.items()))
+    added_p = sum(g.parameters for g in gates)
+    added_o = sum(g.ops for g in gates)
+    return RatioCost(ratio=r, parameters=base_params + added_p, ops=base_ops + added_o,
+                     added_parameters=added_p, added_ops=added_o,
+                     relative_parameters=added_p / base_params if base_params else 0.0,
+                     relative_ops=added_o / base_ops if base_ops else 0.0,
+                     gates=tuple(gates), stages=stages)
