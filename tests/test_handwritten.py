@@ -321,3 +321,30 @@ def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
         y = paper_reference(blk.conv2(F.relu(blk.conv1(x))), blk.se_gate)
         torch.testing.assert_close(blk(x), torch.cat([y[:, :16] + x, y[:, 16:]], 1),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_shufflenet_v2_downsampling_units_are_two_branch_modules():
+    """torchvision's ShuffleNetV2: a stride-2 unit concatenates two conv branches of its input
+    (an inception-style module, gated after the concatenation, before the channel shuffle); a
+    stride-1 unit concatenates an untouched channel split with one branch (not a module)."""
+    tv = pytest.importorskip("torchvision")
+    from torchvision.models.shufflenetv2 import InvertedResidual, channel_shuffle
+    model = tv.models.shufflenet_v2_x0_5().eval()
+    units = {n: m for n, m in model.named_modules() if isinstance(m, InvertedResidual)}
+    two_branch = [n for n, m in units.items() if len(m.branch1) > 0]
+    assert len(two_branch) == 3 and len(units) == 16                      # from the structure
+    p = se_inject.plan(model)
+    assert [(s.block, s.rule) for s in p] == [(n, "inception") for n in two_branch]
+    assert [s.channels for s in p] == [units[n].branch2[-2].num_features * 2 for n in two_branch]
+    se_inject.apply(model)
+    for name, unit in units.items():
+        x = torch.randn(2, unit.branch2[0].in_channels * (1 if unit.stride > 1 else 2), 16, 16)
+        with torch.no_grad():
+            got = unit(x)
+            if name in two_branch:  # Eq. 2-4 on the concatenation, then the shuffle
+                u = torch.cat((unit.branch1(x), unit.branch2(x)), dim=1)
+                want = channel_shuffle(paper_reference(u, unit.se_gate), 2)
+            else:
+                a, b = x.chunk(2, dim=1)
+                want = channel_shuffle(torch.cat((a, unit.branch2(b)), dim=1), 2)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
