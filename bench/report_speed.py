@@ -3,7 +3,7 @@
 Both are timed side by side, alternating, on the same model object; the report includes its
 plan (an fx trace), the base model's fvcore analysis, and the gates' own analyses.
 
-    python bench/report_speed.py [--model resnet50] [--ratios 16 | 16,8,4] [--rounds 5]
+    python bench/report_speed.py [--models resnet50,...] [--ratios 16 | 16,8,4] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import timm
 import torch
@@ -43,9 +44,16 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="resnet50,inception_v3,mobilenetv2_100")
     ap.add_argument("--ratios", default="16")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("bench/out/report_speed.md"))
     args = ap.parse_args(argv)
     ratios = [int(r) for r in args.ratios.split(",")]
-    print("| model | ratios | fvcore (s) | report (s) | report ÷ fvcore |\n|---|---|---:|---:|---:|")
+    lines = []
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    out("| model | ratios | fvcore (s) | report (s) | report ÷ fvcore |\n|---|---|---:|---:|---:|")
     worst = 0.0
     for name in args.models.split(","):
         model = timm.create_model(name, pretrained=False)
@@ -60,8 +68,10 @@ def main(argv=None) -> int:
         r = statistics.median(p[1] for p in pairs)
         ratio = statistics.median(b / a for a, b in pairs)
         worst = max(worst, ratio)
-        print(f"| {name} | {args.ratios} | {f:.2f} | {r:.2f} | {ratio:.2f} |", flush=True)
-    print(f"\nworst report ÷ fvcore: {worst:.2f} (target ≤ 3)")
+        out(f"| {name} | {args.ratios} | {f:.2f} | {r:.2f} | {ratio:.2f} |")
+    out(f"\nworst report ÷ fvcore: {worst:.2f} (target ≤ 3)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 
