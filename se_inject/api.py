@@ -12,6 +12,9 @@ from torch import nn
 from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
 from .gate import reduced_channels
+from .identity import FACTOR, plan_compensation, scale
+from .recipe import forget_recipe, record_step
+from .gate import SEGate
 from .graph import build_view
 from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
@@ -186,8 +189,9 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions,
     prints, calls = fingerprints(graph), block_calls(graph)
     blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
               for block in per_block}
+    gated = {site.gate: c for site, (_, _, c) in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
-                ratio=ratio), blocks
+                ratio=ratio), blocks, (graph, gated)
 
 
 def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None, *,
@@ -202,6 +206,14 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
     stages = _check_stages(stages)
     options = _trace_options(leaf_modules, autowrap_functions)
     return _make_plan(model, ratio, rules, input_size, options, stages)[0]
+
+
+def _check_init(init) -> str:
+    if init not in ("paper", "identity"):
+        raise InvalidArgumentError(f"init must be 'paper' (gates start as new layers, as in the "
+                                   f"paper) or 'identity' (the model's outputs stay exactly as "
+                                   f"they were); got {init!r}")
+    return init
 
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
@@ -221,7 +233,8 @@ def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
 
 
 def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None,
-          *, input_size=None, stages=None, leaf_modules: Iterable[type] = (),
+          *, input_size=None, stages=None, init: str = "paper",
+          leaf_modules: Iterable[type] = (),
           autowrap_functions: Iterable[Callable] = ()) -> nn.Module:
     """Insert SE gates into ``model`` in place and return it (the same object).
 
@@ -235,6 +248,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         stages: gate only these resolution stages (paper Table 13): stage k holds tensors at
             1/2**k of the input's height, so ResNet-50's are 2, 3, 4, 5 (conv2_x..conv5_x);
             or "all-but-last". Default: every stage.
+        init: "paper": each gate starts as a new layer would (PyTorch's default initialisation),
+            so outputs change; "identity": the gated model computes exactly what the model did
+            and every gate can still learn (README.md, "Function-preserving gates").
         leaf_modules: extra module classes fx should call without tracing into.
         autowrap_functions: extra functions fx should record as single calls.
 
@@ -244,8 +260,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     _check_model(model)
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
+    init = _check_init(init)
     options = _trace_options(leaf_modules, autowrap_functions)
-    p, blocks = _make_plan(model, ratio, rules, input_size, options, stages)
+    p, blocks, (graph, gated) = _make_plan(model, ratio, rules, input_size, options, stages)
     if not p.sites:
         held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
         if held:
@@ -255,8 +272,23 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
                           "own (README.md, 'Rule files').", stacklevel=2)
             return model
         raise _no_sites_error(model, p)
+    compensations = []
+    if init == "identity":
+        compensations = [plan_compensation(graph, model, s.gate, gated[s.gate].gated,
+                                           gated[s.gate].operand is not None) for s in p.sites]
     prepared = prepare(model, p.sites, ratio, options, blocks)
+    if init == "identity":
+        for pr in prepared:
+            for g in pr.new_gates.values():
+                g.start_as_identity()
     commit(prepared)
+    for comp in compensations:  # nothing above failed: scale the producers, note it on the gate
+        scale(model, comp.parameters, FACTOR)
+        gate = model.get_submodule(comp.gate)
+        gate.compensated = comp.parameters
+    record_step(model, ratio=ratio, rules=resolve_rules(rules), stages=stages,
+                input_size=input_size, init=init, gates=[s.gate for s in p.sites],
+                options=options)
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__
@@ -270,6 +302,11 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Take every gate out of ``model`` in place: its keys and outputs are the original's again."""
+    """Take every gate out of ``model`` in place: its keys and outputs are the original's again
+    (layers scaled for identity-initialised gates are scaled back)."""
+    compensated = [p for g in model.modules() if isinstance(g, SEGate)
+                   for p in getattr(g, "compensated", ())]
     remove_gates(model)
+    scale(model, compensated, 1 / FACTOR)
+    forget_recipe(model)
     return model

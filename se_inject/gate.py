@@ -28,6 +28,13 @@ class SEGate(nn.Module):
         self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True, device=device, dtype=dtype)
         self.gate = nn.Sigmoid()
 
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        """fc2 at zero: every channel is excited by sigmoid(0) = 0.5 until the gate learns
+        (the layer before the gate is scaled by 2 to match; see se_inject.identity)."""
+        self.fc2.weight.zero_()
+        self.fc2.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean((2, 3), keepdim=True)          # squeeze, Eq. 2
         s = self.gate(self.fc2(self.act(self.fc1(s))))  # excitation, Eq. 3

@@ -1,0 +1,193 @@
+"""Function-preserving gates (``init="identity"``).
+
+A gate whose last layer starts at zero (weight and bias) excites every channel with
+sigmoid(0) = 0.5 exactly. The layer that produces the gated tensor is scaled by 2 to make up for
+it: its weight and bias if it is a convolution, a linear layer or an affine norm, reached from the
+gated tensor back through ops that commute with a positive factor (ReLU, pooling, dropout,
+concatenation, sums, reshapes). Both factors are powers of two, so every product is exact in
+floating point, and the gated model computes bit for bit what the model computed before. The
+gate still learns: its last layer gets a gradient on the first backward pass (its first layer on
+the next ones, once the last is no longer zero), as a zero-initialised residual branch does.
+
+Sites where no such producer is found, or where the producer or a tensor on the way is used by
+anything else, are refused before anything changes.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SEInjectError
+
+__all__ = ["FACTOR", "Compensation", "plan_compensation", "IdentityInitError"]
+
+FACTOR = 2.0  # 1 / sigmoid(0)
+
+
+class IdentityInitError(SEInjectError):
+    """A site whose gate cannot start as the identity."""
+
+
+@dataclass(frozen=True)
+class Compensation:
+    gate: str
+    parameters: tuple[str, ...]  # qualified names, scaled by FACTOR
+
+
+_PASS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
+                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+_PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
+                   F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten,
+                   torch.permute, torch.reshape}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten"}
+# ops whose every tensor operand must be scaled (a sum or concatenation of scaled tensors)
+_EACH_OPERAND = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat,
+                 torch.concatenate}
+_AFFINE = (nn.modules.conv._ConvNd, nn.Linear)
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.reshape,
+          torch.unsqueeze}
+
+
+def _parameter_behind(node: fx.Node) -> str | None:
+    """The parameter a factor is a view of (ConvNeXt's layer scale: ``x * gamma.reshape(...)``),
+    if nothing else reads it."""
+    while node.op in ("call_method", "call_function") and node.target in _VIEWS:
+        if len(node.users) != 1:
+            return None
+        node = node.args[0]
+    if node.op == "get_attr" and len(node.users) == 1:
+        return node.target
+    return None
+
+
+def _scalable(m: nn.Module) -> tuple[str, ...] | None:
+    """Parameter names that scale ``m``'s output by a factor, if scaling them does."""
+    if isinstance(m, _AFFINE):
+        return tuple(n for n in ("weight", "bias") if getattr(m, n, None) is not None)
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+        act = getattr(m, "act", None)  # timm's BatchNormAct2d: a norm with its activation
+        drop = getattr(m, "drop", None)
+        if act is not None and not isinstance(act, _PASS_MODULES):
+            return None
+        if drop is not None and not isinstance(drop, _PASS_MODULES):
+            return None
+        affine = getattr(m, "affine", None)
+        if affine is None:
+            affine = getattr(m, "elementwise_affine", False)
+        if not affine or getattr(m, "weight", None) is None:
+            return None
+        return tuple(n for n in ("weight", "bias") if getattr(m, n, None) is not None)
+    return None
+
+
+def _sequential_params(m: nn.Sequential) -> tuple[str, ...] | None:
+    """A leaf Sequential (torchvision's Conv2dNormActivation): its last scalable layer, after
+    which only layers that commute with the factor run."""
+    for name, layer in reversed(list(m.named_children())):
+        if isinstance(layer, _PASS_MODULES):
+            continue
+        own = _scalable(layer)
+        return tuple(f"{name}.{p}" for p in own) if own else None
+    return None
+
+
+def plan_compensation(graph: fx.Graph, model: nn.Module, gate: str, gated: fx.Node,
+                      branch: bool) -> Compensation:
+    """The parameters to scale so that a zero-initialised gate at ``gated`` changes nothing."""
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    found: list[str] = []
+
+    def refuse(why: str) -> IdentityInitError:
+        return IdentityInitError(
+            f"gate `{gate}` cannot start as the identity: {why}. Use init='paper' (the gate "
+            "starts as a new layer, and the model's outputs change) or leave this block out.")
+
+    def walk(node: fx.Node, first: bool) -> None:
+        users = [u for u in node.users]
+        if not (first and not branch) and len(users) != 1:
+            raise refuse(f"`{node.name}` is used by {len(users)} ops; scaling what makes it "
+                         "would change the others")
+        if node.op == "call_module":
+            m = modules[node.target]
+            own = _scalable(m)
+            if own is None and type(m).forward is nn.Sequential.forward:
+                own = _sequential_params(m)
+            if own:
+                if calls.get(node.target, 0) != 1:
+                    raise refuse(f"`{node.target}` is called {calls[node.target]} times")
+                found.extend(f"{node.target}.{p}" for p in own)
+                return
+            if isinstance(m, _PASS_MODULES):
+                return walk(_only_tensor_input(node, refuse), False)
+            raise refuse(f"`{node.target}` ({type(m).__name__}) does not scale with its input")
+        if node.op in ("call_function", "call_method"):
+            target = node.target
+            if target in _EACH_OPERAND or target in ("add", "add_"):
+                is_cat = target in (torch.cat, torch.concat, torch.concatenate)
+                operands = list(_flat(node.args[:1])) if is_cat else list(node.args)
+                if any(not isinstance(a, fx.Node) for a in operands) or \
+                        node.kwargs.get("alpha", 1) != 1:
+                    raise refuse(f"`{node.format_node()}` adds a constant")
+                for a in operands:
+                    walk(a, False)
+                return
+            if target in _PRODUCTS:  # a product scales with either factor: a parameter first
+                factors = [a for a in node.args if isinstance(a, fx.Node)]
+                for a in factors:
+                    param = _parameter_behind(a)
+                    if param is not None:
+                        found.append(param)
+                        return
+                if factors:
+                    return walk(factors[0], False)
+            if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
+                return walk(_only_tensor_input(node, refuse), False)
+        raise refuse(f"`{node.format_node()}` does not scale with its input")
+
+    walk(gated, True)
+    shared = _shared_parameters(model)
+    clash = [p for p in found if p in shared]
+    if clash:
+        raise refuse(f"parameter `{clash[0]}` is shared with another layer")
+    if len(set(found)) != len(found):
+        raise refuse("one layer reaches the gated tensor by two paths")
+    return Compensation(gate, tuple(found))
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        else:
+            yield a
+
+
+def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
+    tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    if len(tensors) != 1:
+        raise refuse(f"`{node.format_node()}` has {len(tensors)} tensor inputs")
+    return tensors[0]
+
+
+def _shared_parameters(model: nn.Module) -> set[str]:
+    seen: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(name)
+    return {n for names in seen.values() if len(names) > 1 for n in names}
+
+
+@torch.no_grad()
+def scale(model: nn.Module, names, factor: float) -> None:
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].mul_(factor)

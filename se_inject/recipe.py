@@ -1,0 +1,80 @@
+"""The recipe: what apply() did to a model, kept on the model so that a saved checkpoint can
+rebuild it (se_inject.save / se_inject.load). Plain data only: names, numbers, the rules'
+fields, never code."""
+from __future__ import annotations
+
+from dataclasses import asdict, fields
+from typing import Any
+
+from torch import nn
+
+from .errors import InvalidArgumentError
+from .rules import Rule
+
+__all__ = ["RECIPE", "SCHEMA", "record_step", "forget_recipe", "recipe_of", "rules_from",
+           "base_architecture"]
+
+RECIPE = "_se_inject_recipe"
+SCHEMA = "se-inject.recipe/1"
+
+
+def record_step(model: nn.Module, *, ratio: int, rules, stages, input_size, init: str,
+                gates: list[str], options) -> None:
+    steps = model.__dict__.setdefault(RECIPE, [])
+    steps.append({
+        "ratio": ratio,
+        "rules": [_rule_dict(r) for r in rules],
+        "stages": sorted(stages) if isinstance(stages, frozenset) else stages,
+        "input_size": list(input_size) if input_size is not None else None,
+        "init": init,
+        "gates": list(gates),
+        "leaf_modules": [f"{c.__module__}.{c.__qualname__}" for c in options.leaf_modules],
+        "autowrap_functions": [f"{f.__module__}.{getattr(f, '__qualname__', f)}"
+                               for f in options.autowrap_functions],
+    })
+
+
+def forget_recipe(model: nn.Module) -> None:
+    model.__dict__.pop(RECIPE, None)
+
+
+def recipe_of(model: nn.Module) -> list[dict] | None:
+    return model.__dict__.get(RECIPE)
+
+
+def _rule_dict(rule: Rule) -> dict:
+    d = asdict(rule)
+    d["yield_to"] = list(d["yield_to"])
+    return d
+
+
+def rules_from(step: dict) -> list[Rule]:
+    names = {f.name for f in fields(Rule)}
+    out = []
+    for d in step["rules"]:
+        if not isinstance(d, dict) or set(d) != names:
+            raise InvalidArgumentError(f"the recipe holds a rule with fields {sorted(d)}; this "
+                                       f"se-inject expects {sorted(names)}")
+        out.append(Rule(**{**d, "yield_to": tuple(d["yield_to"])}))
+    return out
+
+
+def base_architecture(model: nn.Module) -> dict[str, Any]:
+    """The timm architecture and the kwargs that rebuild ``model``'s shapes."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise InvalidArgumentError(
+            f"{type(model).__name__} carries no timm architecture name (pretrained_cfg), so a "
+            "checkpoint could not rebuild it: pass arch='name' and model_kwargs={...} to save()")
+    kwargs: dict[str, Any] = {}
+    if getattr(model, "num_classes", None) is not None:
+        kwargs["num_classes"] = int(model.num_classes)
+    first = cfg.get("first_conv")
+    if isinstance(first, str):
+        try:
+            conv = model.get_submodule(first)
+            kwargs["in_chans"] = int(conv.in_channels)
+        except AttributeError:
+            pass
+    return {"library": "timm", "architecture": arch, "kwargs": kwargs}
