@@ -1,5 +1,6 @@
 """se-inject: Squeeze-and-Excitation gates for PyTorch CNNs that already exist."""
 from .api import apply, plan, remove
+from .checkpoint import load, save
 from .cost import CostReport, cost
 from .errors import SEInjectError
 from .gate import SEGate
@@ -7,5 +8,5 @@ from .plan import Plan, Site
 
 __version__ = "0.1.0"
 
-__all__ = sorted(["apply", "plan", "remove", "cost", "CostReport", "Plan", "Site", "SEGate",
+__all__ = sorted(["apply", "plan", "remove", "save", "load", "cost", "CostReport", "Plan", "Site", "SEGate",
                   "SEInjectError", "__version__"])

@@ -7,13 +7,15 @@ import warnings
 from typing import Sequence
 
 from ..errors import SEInjectError
+from . import convert as convert_cmd
 from . import plan as plan_cmd
 from . import report as report_cmd
 from . import rules as rules_cmd
 
 __all__ = ["main"]
 
-_COMMANDS = {"plan": plan_cmd, "report": report_cmd, "rules": rules_cmd}
+_COMMANDS = {"plan": plan_cmd, "report": report_cmd, "convert": convert_cmd,
+             "strip": convert_cmd, "rules": rules_cmd}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"se-inject {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, mod in _COMMANDS.items():
-        mod.add_parser(sub)
+        if name == "strip":
+            mod.add_strip_parser(sub)
+        else:
+            mod.add_parser(sub)
     return p
 
 

@@ -1,0 +1,394 @@
+"""Checkpoints: read plain ones safely, convert them into SE checkpoints that carry their recipe,
+save and load those, and strip the gates again.
+
+Reading never runs pickled code: safetensors first, ``torch.load(weights_only=True)`` otherwise.
+Writing goes to a temporary file in the target's folder that is renamed into place only when
+complete, never over the input, and never over an existing file unless ``force``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import SEInjectError
+from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
+
+__all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
+           "METADATA_KEY"]
+
+METADATA_KEY = "se_inject.recipe"
+_PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_PREFIXES = ("module.", "_orig_mod.")
+_PROGRESS_BYTES = 100 * 2 ** 20
+
+
+class CheckpointError(SEInjectError):
+    """A checkpoint that cannot be read, does not fit, or cannot be written."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _load_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True,
+                          mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise CheckpointError(
+                f"{path}: refused: unpickling it would import or run code "
+                f"({_first_line(text)}). se-inject reads only tensors and plain containers; "
+                "re-save the weights as a state_dict or safetensors from code you trust.") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or "
+                              f"truncated?): {_first_line(text)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or "
+                              f"truncated?): {type(exc).__name__}: {_first_line(str(exc))}") from None
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else text)[:300]
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): "
+                              f"{_first_line(str(exc))}") from None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _state_of(obj: Any, path: Path, ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state_dict inside a plain or training checkpoint, and what it says about itself."""
+    info: dict[str, Any] = {}
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if isinstance(obj.get("arch"), str):
+            info["architecture"] = obj["arch"]
+        if isinstance(obj.get(METADATA_KEY), str):
+            info["recipe"] = obj[METADATA_KEY]
+        keys = ("state_dict_ema", "state_dict", "model") if ema else ("state_dict", "model")
+        inner = next((obj[k] for k in keys if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            wanted = "'state_dict_ema'" if ema else "'state_dict' or 'model'"
+            raise CheckpointError(f"{path}: a dict without tensors at its top level and no "
+                                  f"{wanted} key (keys: {sorted(map(str, obj))[:8]})")
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path}: holds {type(obj).__name__}, not a state_dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: the state_dict holds non-tensor values, e.g. {bad[0]!r}")
+    return _strip_prefixes(dict(obj)), info
+
+
+def read_checkpoint(path, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, info) from a state_dict file, a safetensors file, a training checkpoint, or a
+    Hugging Face-style folder; info may hold "architecture", "kwargs" and "recipe"."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and path.suffix not in _PICKLE_SUFFIXES
+                                         and not zipfile.is_zipfile(path)):
+        state, meta = _load_safetensors(path)
+        info = {"recipe": meta[METADATA_KEY]} if METADATA_KEY in meta else {}
+        return _strip_prefixes(state), info
+    return _state_of(_load_pickle(path), path, ema)
+
+
+def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    config = path / "config.json"
+    info: dict[str, Any] = {}
+    if config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config}: not valid JSON: {exc}") from None
+        if isinstance(cfg.get("architecture"), str):
+            info["architecture"] = cfg["architecture"]
+        if isinstance(cfg.get("num_classes"), int):
+            info["kwargs"] = {"num_classes": cfg["num_classes"]}
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            state, more = read_checkpoint(path / name)
+            return state, {**info, **more}
+    raise CheckpointError(f"{path}: a folder needs model.safetensors or pytorch_model.bin "
+                          "(and config.json naming the architecture)")
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _atomic_write(path: Path, write: Callable[[str], None], force: bool,
+                  inputs: tuple[Path, ...] = ()) -> None:
+    path = Path(path)
+    for src in inputs:
+        if path.exists() and src.exists() and os.path.samefile(src, path):
+            raise CheckpointError(f"{path}: the output would overwrite the input; choose "
+                                  "another name")
+    if path.exists() and not force:
+        raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if the file appeared meanwhile: never replaced
+            os.unlink(tmp)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError):
+            raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") \
+                from None
+        raise
+
+
+def _sort_header(path: str) -> None:
+    """safetensors writes its header's keys in a per-process order: sort them, in place (the
+    header keeps its length, so no tensor moves), so that equal inputs give equal bytes."""
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > n:
+            raise CheckpointError(f"{path}: cannot normalise the safetensors header")
+        fh.seek(8)
+        fh.write(text + b" " * (n - len(text)))
+
+
+def _recipe_json(model: nn.Module, arch: str | None, model_kwargs: dict | None) -> str | None:
+    from . import __version__
+    steps = recipe_of(model)
+    if not steps:
+        return None
+    base = base_architecture(model) if arch is None else \
+        {"library": "timm", "architecture": arch, "kwargs": dict(model_kwargs or {})}
+    if arch is None and model_kwargs:
+        base["kwargs"].update(model_kwargs)
+    return json.dumps({"schema": SCHEMA, "se_inject": __version__, "base": base, "steps": steps},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def _write_state(state: dict[str, torch.Tensor], path: Path, fmt: str, recipe: str | None,
+                 force: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    path = Path(path)
+    if fmt not in ("safetensors", "pth"):
+        raise CheckpointError(f"format must be 'safetensors' or 'pth', not {fmt!r}")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        meta = {"format": "pt", **({METADATA_KEY: recipe} if recipe else {})}
+
+        def write(tmp: str) -> None:
+            save_file(state, tmp, metadata=meta)
+            _sort_header(tmp)
+        _atomic_write(path, write, force, inputs)
+    else:
+        obj = {"state_dict": state, **({METADATA_KEY: recipe} if recipe else {})}
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp), force, inputs)
+    return path
+
+
+def save(model: nn.Module, path, *, format: str | None = None, force: bool = False,
+         arch: str | None = None, model_kwargs: dict | None = None) -> Path:
+    """Write a gated model's weights with its recipe (safetensors unless the name ends in .pth or
+    .pt, or ``format="pth"``). ``se_inject.load(path)`` rebuilds it from the file alone."""
+    recipe = _recipe_json(model, arch, model_kwargs)
+    if recipe is None:
+        raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
+                              "save a plain model with torch.save or safetensors instead")
+    fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
+    return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
+
+
+# ---------------------------------------------------------------------------- building
+
+def _create(arch: str, kwargs: dict) -> nn.Module:
+    import timm
+    from .cli._models import create
+    create(arch) if not timm.is_model(arch) else None  # unknown: close matches, as the CLI says
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise CheckpointError(f"timm could not build {arch!r} with {kwargs}: {exc}") from None
+
+
+def _num_classes(arch: str, state: dict[str, torch.Tensor]) -> dict:
+    """num_classes from the classifier's weight in the checkpoint, where timm names it."""
+    import timm
+    cfg = timm.get_pretrained_cfg(arch)
+    name = getattr(cfg, "classifier", None) if cfg is not None else None
+    w = state.get(f"{name}.weight") if isinstance(name, str) else None
+    return {"num_classes": int(w.shape[0])} if w is not None and w.dim() >= 1 else {}
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected),
+                             ("of another shape (file vs model)", shapes)):
+            if items:
+                parts.append(f"{len(items)} {label}, e.g. {', '.join(items[:3])}")
+        raise CheckpointError(f"{where} does not fit {type(model).__name__} "
+                              f"({len(own)} keys in the model, {len(state)} in the file): "
+                              + "; ".join(parts) + ". Check --model (the architecture).")
+    model.load_state_dict(state, strict=True)
+
+
+def _parse_recipe(text: str, where: str) -> dict:
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where}: its se-inject recipe is not valid JSON: {exc}") from None
+    if not isinstance(recipe, dict) or recipe.get("schema") != SCHEMA:
+        raise CheckpointError(f"{where}: recipe schema {recipe.get('schema') if isinstance(recipe, dict) else None!r}"
+                              f" is not {SCHEMA!r}; use the se-inject version that wrote it "
+                              f"({recipe.get('se_inject') if isinstance(recipe, dict) else '?'})")
+    return recipe
+
+
+def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -> nn.Module:
+    from .api import apply
+    base = recipe.get("base") or {}
+    if base.get("library") != "timm" or not isinstance(base.get("architecture"), str):
+        raise CheckpointError(f"{where}: the recipe names no timm architecture")
+    model = _create(base["architecture"], dict(base.get("kwargs") or {}))
+    for step in recipe.get("steps") or []:
+        needs = step.get("leaf_modules") or step.get("autowrap_functions")
+        if needs and not (leaf_modules or autowrap_functions):
+            raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
+                                  f"{needs}; code is never imported from a checkpoint, so pass "
+                                  "them to se_inject.load(..., leaf_modules=[...])")
+        with warnings.catch_warnings(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            apply(model, step["ratio"], rules_from(step), stages=step.get("stages"),
+                  input_size=tuple(step["input_size"]) if step.get("input_size") else None,
+                  init=step.get("init", "paper"), leaf_modules=leaf_modules,
+                  autowrap_functions=autowrap_functions)
+        got = recipe_of(model)[-1]["gates"]
+        if got != step["gates"]:
+            raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "
+                                  f"file has {step['gates'][:3]}...; use the se-inject version "
+                                  f"that wrote it ({recipe.get('se_inject')})")
+    return model
+
+
+def load(path, *, leaf_modules=(), autowrap_functions=()) -> nn.Module:
+    """A gated model rebuilt from an se-inject checkpoint (written by save() or convert)."""
+    state, info = read_checkpoint(path)
+    if "recipe" not in info:
+        raise CheckpointError(f"{path}: no se-inject recipe in it: a plain checkpoint. Convert it "
+                              "first: se-inject convert FILE --model ARCH -o OUT")
+    model = _rebuild(_parse_recipe(info["recipe"], str(path)), str(path), leaf_modules,
+                     autowrap_functions)
+    _load_into(model, state, str(path))
+    return model
+
+
+# ---------------------------------------------------------------------------- converting
+
+def _progress(size: int) -> Callable[[str], None]:
+    start = time.perf_counter()
+    if size <= _PROGRESS_BYTES:
+        return lambda msg: None
+    return lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr,
+                             flush=True)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() \
+        else path.stat().st_size
+
+
+def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, stages=None,
+            input_size=None, init: str = "identity", format: str = "safetensors",
+            force: bool = False, ema: bool = False) -> Path:
+    """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
+    computes what the original did (init="identity")."""
+    from .api import apply
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise CheckpointError(f"{src}: no such file or folder")
+    if out.exists() and os.path.samefile(out, src):
+        raise CheckpointError(f"{out}: the output would overwrite the input; choose another name")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass --force (force=True) to replace it")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"{out}: folder {out.parent} does not exist")
+    say = _progress(_size(src))
+    say(f"reading {src} ({_size(src) / 2 ** 20:.0f} MiB)")
+    state, info = read_checkpoint(src, ema=ema)
+    if "recipe" in info:
+        raise CheckpointError(f"{src} already holds SE gates (an se-inject recipe); load it with "
+                              "se_inject.load, or strip it first")
+    arch = model or info.get("architecture")
+    if not arch:
+        raise CheckpointError(f"{src} does not name its architecture: pass --model NAME "
+                              "(a timm model name)")
+    kwargs = {**_num_classes(arch, state), **info.get("kwargs", {})}
+    say(f"building {arch} {kwargs}")
+    net = _create(arch, kwargs)
+    _load_into(net, state, str(src))
+    del state
+    say("placing gates")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the same input and options give the same bytes
+        apply(net, ratio, rules, stages=stages, input_size=input_size, init=init)
+    say(f"writing {out}")
+    _write_state(_plain_state(net), out, format, _recipe_json(net, None, None), force, (src,))
+    say("done")
+    return out
+
+
+def strip(src, out, *, format: str = "safetensors", force: bool = False) -> Path:
+    """An SE checkpoint -> the plain model's weights (the gates taken out, layers scaled for
+    identity-initialised gates scaled back)."""
+    from .api import remove
+    src, out = Path(src), Path(out)
+    net = load(src)
+    remove(net)
+    return _write_state(_plain_state(net), out, format, None, force, (src,))

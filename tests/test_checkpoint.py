@@ -1,0 +1,206 @@
+"""Function-preserving gates, checkpoints with their recipe, conversion, and safe reading."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+
+import se_inject
+from se_inject.checkpoint import CheckpointError, convert, read_checkpoint, strip
+from se_inject.cli import main
+from se_inject.identity import IdentityInitError
+
+from conftest import gates, paper_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@torch.no_grad()
+def _trained_like(model):
+    """Norm layers as training leaves them: timm starts each block's last norm at zero
+    (zero_init_last), where a branch, and so its gate, would see nothing."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm,
+                          torch.nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    for n, p in model.named_parameters():
+        if n.endswith("gamma"):
+            p.data.uniform_(0.5, 1.5)
+    return model
+
+
+def _out(m, x):
+    with torch.no_grad():
+        return m.eval()(x)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext26ts", "convnext_atto", "dla34",
+                                  "mobilenetv2_050", "regnetx_002"])
+def test_identity_init_keeps_outputs_and_gates_learn(name):
+    model = _trained_like(timm.create_model(name, pretrained=False))
+    x = torch.randn(2, 3, 96, 96)
+    y0 = _out(model, x)
+    se_inject.apply(model, init="identity", input_size=(3, 96, 96))
+    y1 = _out(model, x)
+    assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
+    trained = copy.deepcopy(model).train()   # a training step updates norm statistics
+    trained(x).float().square().mean().backward()
+    for n, g in gates(trained):
+        assert g.fc2.bias.grad is not None and g.fc2.bias.grad.abs().sum() > 0, n
+    se_inject.remove(model)
+    assert torch.equal(_out(model, x), y0)        # the scaled layers are scaled back
+
+
+def test_identity_gate_is_still_the_paper_gate():
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    se_inject.apply(model, init="identity")
+    blk, u = model.layer2[0], torch.randn(2, 128, 8, 8)
+    assert torch.equal(blk.se_gate(u), paper_reference(u, blk.se_gate))
+    assert torch.equal(blk.se_gate(u), 0.5 * u)   # sigmoid(0): the layer before is doubled
+
+
+def test_identity_refused_where_no_layer_can_make_up_for_it():
+    model = timm.create_model("inception_v3", pretrained=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IdentityInitError, match="Mixed_6a.se_gate.*init='paper'"):
+        se_inject.apply(model, init="identity")
+    assert not gates(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(se_inject.SEInjectError, match="init must be"):
+        se_inject.apply(model, init="zeros")
+
+
+@pytest.fixture
+def r18(tmp_path):
+    m = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=7)).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(m.state_dict(), path)
+    return m, path
+
+
+def test_convert_load_strip_round_trip(r18, tmp_path):
+    m, src = r18
+    x = torch.randn(2, 3, 64, 64)
+    out = convert(src, tmp_path / "se.safetensors", model="resnet18")
+    g = se_inject.load(out)
+    assert type(g) is type(m) and len(gates(g)) == 8 and g.num_classes == 7
+    y0, y1 = _out(m, x), _out(g, x)
+    assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
+    again = convert(src, tmp_path / "se2.safetensors", model="resnet18")
+    assert out.read_bytes() == again.read_bytes()                     # deterministic
+    plain = strip(out, tmp_path / "plain.safetensors")
+    state, _ = read_checkpoint(plain)
+    assert state.keys() == m.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["plain.safetensors", "r18.pth", "se.safetensors", "se2.safetensors"]  # nothing else
+
+
+def test_paper_init_and_pth_format(r18, tmp_path):
+    m, src = r18
+    out = convert(src, tmp_path / "se.pth", model="resnet18", init="paper", format="pth",
+                  ratio=8)
+    obj = torch.load(out, weights_only=True)
+    recipe = json.loads(obj["se_inject.recipe"])
+    assert recipe["steps"][0]["ratio"] == 8 and recipe["steps"][0]["init"] == "paper"
+    g = se_inject.load(out)
+    assert all(g2.fc2.weight.abs().sum() > 0 for _, g2 in gates(g))   # not zero: new layers
+    assert not torch.equal(_out(g, torch.ones(1, 3, 32, 32)), _out(m, torch.ones(1, 3, 32, 32)))
+
+
+def test_save_from_python_and_recipe(tmp_path):
+    m = timm.create_model("resnet18", pretrained=False)
+    se_inject.apply(m, ratio=4, stages="all-but-last")
+    path = se_inject.save(m, tmp_path / "m.safetensors")
+    g = se_inject.load(path)
+    assert [n for n, _ in gates(g)] == [n for n, _ in gates(m)]
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), g.state_dict().values()))
+    with pytest.raises(CheckpointError, match="exists; pass --force"):
+        se_inject.save(m, path)
+    se_inject.save(m, path, force=True)
+    with pytest.raises(CheckpointError, match="holds no gates"):
+        se_inject.save(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["train", "ema", "prefixed", "folder", "folder-bin"])
+def test_input_kinds(r18, tmp_path, kind):
+    m, _ = r18
+    sd = m.state_dict()
+    if kind in ("train", "ema"):
+        src = tmp_path / "ckpt.pth.tar"
+        torch.save({"epoch": 3, "arch": "resnet18", "state_dict": sd,
+                    "state_dict_ema": {k: v + 1 if v.is_floating_point() else v
+                                       for k, v in sd.items()}}, src)
+    elif kind == "prefixed":
+        src = tmp_path / "ddp.bin"
+        torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, src)
+    else:
+        src = tmp_path / "hf"
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps({"architecture": "resnet18",
+                                                     "num_classes": 7}))
+        if kind == "folder":
+            from safetensors.torch import save_file
+            save_file(dict(sd), src / "model.safetensors")
+        else:
+            torch.save(sd, src / "pytorch_model.bin")
+    out = convert(src, tmp_path / "se.safetensors", model=None if kind != "prefixed" else
+                  "resnet18", ema=kind == "ema")
+    g = se_inject.load(out)
+    want = sd["fc.weight"] + (1 if kind == "ema" else 0)
+    assert torch.equal(g.state_dict()["fc.weight"], want)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    src = tmp_path / "evil.pth"
+    with open(src, "wb") as fh:
+        pickle.dump({"state_dict": _Evil()}, fh)
+    with pytest.raises(CheckpointError, match="would import or run code"):
+        read_checkpoint(src)
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_bad_checkpoints_exit_2_and_write_nothing(r18, tmp_path, capsys):
+    m, src = r18
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(src.read_bytes()[:5000])
+    bad_st = tmp_path / "bad.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    out = tmp_path / "out.safetensors"
+    cases = [
+        (["convert", str(trunc), "--model", "resnet18", "-o", str(out)], "corrupt or truncated"),
+        (["convert", str(bad_st), "--model", "resnet18", "-o", str(out)], "corrupt or truncated"),
+        (["convert", str(src), "--model", "resnet34", "-o", str(out)],
+         "does not fit ResNet.*missing.*e.g."),
+        (["convert", str(src), "-o", str(out)], "does not name its architecture"),
+        (["convert", str(src), "--model", "resnet18", "-o", str(src), "--force"],
+         "overwrite the input"),
+        (["convert", str(src), "--model", "resnet81", "-o", str(out)], "Did you mean"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert pytest.importorskip("re").search(message, err), (argv, err)
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "r18.pth",
+                                                          "trunc.pth"]
+    out.write_text("keep me")
+    assert main(["convert", str(src), "--model", "resnet18", "-o", str(out)]) == 2
+    assert out.read_text() == "keep me"
+    assert main(["convert", str(src), "--model", "resnet18", "-o", str(out), "--force"]) == 0
+    assert len(gates(se_inject.load(out))) == 8
+    assert main(["convert", str(out), "--remove", "-o", str(tmp_path / "back.pth"),
+                 "--format", "pth"]) == 0
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
+    assert all(torch.equal(back[k], v) for k, v in m.state_dict().items())
