@@ -11,13 +11,12 @@ from torch import nn
 
 from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
-from .gate import reduced_channels
-from .identity import FACTOR, plan_compensation, scale
-from .recipe import forget_recipe, record_step
-from .gate import SEGate
+from .gate import SEGate, reduced_channels
 from .graph import build_view
+from .identity import FACTOR, plan_compensations, scale
 from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
+from .recipe import forget_recipe, record_step
 from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
@@ -122,10 +121,10 @@ def _stage(view, node, input_height: int) -> tuple[tuple[int, ...], int]:
     return spatial, max(0, round(math.log2(input_height / spatial[0])))
 
 
-def _make_plan(model, ratio, rules, input_size, options: TraceOptions,
-               stages=None) -> tuple[Plan, dict]:
-    """The plan, and what the model's trace says about each planned block."""
-    resolved = resolve_rules(rules)
+def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
+               stages=None) -> tuple[Plan, dict, tuple]:
+    """The plan; what the model's trace says about each planned block; and the trace itself
+    with each planned gate's candidate."""
     shapes = _input_shapes(model, input_size)
     graph = trace_model(model, options, n_inputs=len(shapes))
     propagate_shapes(model, graph, shapes, _dtype(model))
@@ -159,37 +158,34 @@ def _make_plan(model, ratio, rules, input_size, options: TraceOptions,
         if (block, key) in seen:  # a module called more than once: one gate serves every call
             continue
         seen.add((block, key))
-        chosen.append((block, key, c))
-    staged = {id(c): _stage(view, c.gated, shapes[0][-2]) for _, _, c in chosen}
+        chosen.append((block, key, c, *_stage(view, c.gated, shapes[0][-2])))
     if stages is not None:
-        present = sorted({k for _, k in staged.values()})
+        present = sorted({t[4] for t in chosen})
         keep = set(present[:-1]) if stages == "all-but-last" else stages
         if stages != "all-but-last" and not keep & set(present):
             raise InvalidArgumentError(f"stages {sorted(stages)} hold no site of "
                                        f"{type(model).__name__}: its sites lie in stages "
                                        f"{present} (k: tensors at 1/2**k of the input's height)")
-        for _, _, c in chosen:
-            if staged[id(c)][1] not in keep:
-                skipped.append(Skipped(view.describe(c.merge), c.rule.name,
-                                       f"stage {staged[id(c)][1]} not chosen"))
-        chosen = [t for t in chosen if staged[id(t[2])][1] in keep]
+        skipped += [Skipped(view.describe(c.merge), c.rule.name, f"stage {stage} not chosen")
+                    for _, _, c, _, stage in chosen if stage not in keep]
+        chosen = [t for t in chosen if t[4] in keep]
     per_block = defaultdict(list)
-    for block, key, c in chosen:
+    for block, _, c, _, _ in chosen:
         per_block[block].append(c)
     names = {block: iter(_gate_names(modules[block], len(cs))) for block, cs in per_block.items()}
     sites = []
-    for block, key, c in chosen:
+    for block, key, c, spatial, stage in chosen:
         channels = view.attrs(c.gated)["channels"]
         name = next(names[block])
         sites.append(Site(block=block, tensor=view.describe(c.gated), channels=channels,
                           reduced=reduced_channels(channels, ratio), rule=c.rule.name,
                           position=c.rule.gate_at, gate=f"{block}.{name}" if block else name,
                           merge=view.describe(c.merge), entry=view.describe(c.entry),
-                          spatial=staged[id(c)][0], stage=staged[id(c)][1], key=key))
+                          spatial=spatial, stage=stage, key=key))
     prints, calls = fingerprints(graph), block_calls(graph)
     blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
               for block in per_block}
-    gated = {site.gate: c for site, (_, _, c) in zip(sites, chosen)}
+    gated = {site.gate: t[2] for site, t in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
                 ratio=ratio), blocks, (graph, gated)
 
@@ -205,7 +201,7 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
     options = _trace_options(leaf_modules, autowrap_functions)
-    return _make_plan(model, ratio, rules, input_size, options, stages)[0]
+    return _make_plan(model, ratio, resolve_rules(rules), input_size, options, stages)[0]
 
 
 def _check_init(init) -> str:
@@ -262,7 +258,8 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     stages = _check_stages(stages)
     init = _check_init(init)
     options = _trace_options(leaf_modules, autowrap_functions)
-    p, blocks, (graph, gated) = _make_plan(model, ratio, rules, input_size, options, stages)
+    resolved = resolve_rules(rules)
+    p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options, stages)
     if not p.sites:
         held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
         if held:
@@ -274,8 +271,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         raise _no_sites_error(model, p)
     compensations = []
     if init == "identity":
-        compensations = [plan_compensation(graph, model, s.gate, gated[s.gate].gated,
-                                           gated[s.gate].operand is not None) for s in p.sites]
+        compensations = plan_compensations(
+            graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
+                           for s in p.sites])
     prepared = prepare(model, p.sites, ratio, options, blocks)
     if init == "identity":
         for pr in prepared:
@@ -286,7 +284,7 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         scale(model, comp.parameters, FACTOR)
         gate = model.get_submodule(comp.gate)
         gate.compensated = comp.parameters
-    record_step(model, ratio=ratio, rules=resolve_rules(rules), stages=stages,
+    record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],
                 options=options)
     own = sum(1 for s in p.sites if not s.block)

@@ -12,7 +12,6 @@ import os
 import pickle
 import struct
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -22,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._files import atomic_write
+from ._models import create
 from .errors import SEInjectError
 from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
 
@@ -116,9 +117,7 @@ def read_checkpoint(path, *, ema: bool = False) -> tuple[dict[str, torch.Tensor]
         return _read_folder(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if path.suffix == ".safetensors" or (len(head) == 8 and path.suffix not in _PICKLE_SUFFIXES
+    if path.suffix == ".safetensors" or (path.suffix not in _PICKLE_SUFFIXES
                                          and not zipfile.is_zipfile(path)):
         state, meta = _load_safetensors(path)
         info = {"recipe": meta[METADATA_KEY]} if METADATA_KEY in meta else {}
@@ -148,9 +147,8 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 # ---------------------------------------------------------------------------- writing
 
-def _atomic_write(path: Path, write: Callable[[str], None], force: bool,
-                  inputs: tuple[Path, ...] = ()) -> None:
-    path = Path(path)
+def _check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, to write over an input, or over a file without ``force``."""
     for src in inputs:
         if path.exists() and src.exists() and os.path.samefile(src, path):
             raise CheckpointError(f"{path}: the output would overwrite the input; choose "
@@ -159,23 +157,15 @@ def _atomic_write(path: Path, write: Callable[[str], None], force: bool,
         raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it")
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+
+
+def _write(path: Path, write: Callable[[str], None], force: bool,
+           inputs: tuple[Path, ...]) -> None:
+    _check_output(path, force, inputs)
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if the file appeared meanwhile: never replaced
-            os.unlink(tmp)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, FileExistsError):
-            raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") \
-                from None
-        raise
+        atomic_write(path, write, replace=force)
+    except FileExistsError:  # it appeared while we wrote
+        raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") from None
 
 
 def _sort_header(path: str) -> None:
@@ -220,10 +210,10 @@ def _write_state(state: dict[str, torch.Tensor], path: Path, fmt: str, recipe: s
         def write(tmp: str) -> None:
             save_file(state, tmp, metadata=meta)
             _sort_header(tmp)
-        _atomic_write(path, write, force, inputs)
+        _write(path, write, force, inputs)
     else:
         obj = {"state_dict": state, **({METADATA_KEY: recipe} if recipe else {})}
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp), force, inputs)
+        _write(path, lambda tmp: torch.save(obj, tmp), force, inputs)
     return path
 
 
@@ -242,11 +232,8 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
 # ---------------------------------------------------------------------------- building
 
 def _create(arch: str, kwargs: dict) -> nn.Module:
-    import timm
-    from .cli._models import create
-    create(arch) if not timm.is_model(arch) else None  # unknown: close matches, as the CLI says
     try:
-        return timm.create_model(arch, pretrained=False, **kwargs)
+        return create(arch, **kwargs)
     except TypeError as exc:
         raise CheckpointError(f"timm could not build {arch!r} with {kwargs}: {exc}") from None
 
@@ -283,15 +270,26 @@ def _parse_recipe(text: str, where: str) -> dict:
         recipe = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{where}: its se-inject recipe is not valid JSON: {exc}") from None
-    if not isinstance(recipe, dict) or recipe.get("schema") != SCHEMA:
-        raise CheckpointError(f"{where}: recipe schema {recipe.get('schema') if isinstance(recipe, dict) else None!r}"
-                              f" is not {SCHEMA!r}; use the se-inject version that wrote it "
-                              f"({recipe.get('se_inject') if isinstance(recipe, dict) else '?'})")
+    if not isinstance(recipe, dict):
+        raise CheckpointError(f"{where}: its se-inject recipe is not a JSON object")
+    if recipe.get("schema") != SCHEMA:
+        raise CheckpointError(f"{where}: recipe schema {recipe.get('schema')!r} is not "
+                              f"{SCHEMA!r}; use the se-inject version that wrote it "
+                              f"({recipe.get('se_inject', '?')})")
     return recipe
 
 
-def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -> nn.Module:
+def _apply_seeded(model: nn.Module, *args, **kwargs) -> None:
+    """apply() with new gates drawn from a fixed seed (equal inputs give equal bytes), without
+    touching the caller's random state, and without apply()'s advice about fx."""
     from .api import apply
+    with warnings.catch_warnings(), torch.random.fork_rng():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        apply(model, *args, **kwargs)
+
+
+def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -> nn.Module:
     base = recipe.get("base") or {}
     if base.get("library") != "timm" or not isinstance(base.get("architecture"), str):
         raise CheckpointError(f"{where}: the recipe names no timm architecture")
@@ -302,13 +300,10 @@ def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -
             raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
                                   f"{needs}; code is never imported from a checkpoint, so pass "
                                   "them to se_inject.load(..., leaf_modules=[...])")
-        with warnings.catch_warnings(), torch.random.fork_rng():
-            warnings.simplefilter("ignore")
-            torch.manual_seed(0)
-            apply(model, step["ratio"], rules_from(step), stages=step.get("stages"),
-                  input_size=tuple(step["input_size"]) if step.get("input_size") else None,
-                  init=step.get("init", "paper"), leaf_modules=leaf_modules,
-                  autowrap_functions=autowrap_functions)
+        _apply_seeded(model, step["ratio"], rules_from(step), stages=step.get("stages"),
+                      input_size=tuple(step["input_size"]) if step.get("input_size") else None,
+                      init=step.get("init", "paper"), leaf_modules=leaf_modules,
+                      autowrap_functions=autowrap_functions)
         got = recipe_of(model)[-1]["gates"]
         if got != step["gates"]:
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "
@@ -349,16 +344,10 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
             force: bool = False, ema: bool = False) -> Path:
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
     computes what the original did (init="identity")."""
-    from .api import apply
     src, out = Path(src), Path(out)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
-    if out.exists() and os.path.samefile(out, src):
-        raise CheckpointError(f"{out}: the output would overwrite the input; choose another name")
-    if out.exists() and not force:
-        raise CheckpointError(f"{out} exists; pass --force (force=True) to replace it")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"{out}: folder {out.parent} does not exist")
+    _check_output(out, force, (src,))
     say = _progress(_size(src))
     say(f"reading {src} ({_size(src) / 2 ** 20:.0f} MiB)")
     state, info = read_checkpoint(src, ema=ema)
@@ -375,9 +364,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     _load_into(net, state, str(src))
     del state
     say("placing gates")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)  # the same input and options give the same bytes
-        apply(net, ratio, rules, stages=stages, input_size=input_size, init=init)
+    _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init)
     say(f"writing {out}")
     _write_state(_plain_state(net), out, format, _recipe_json(net, None, None), force, (src,))
     say("done")
@@ -389,6 +376,7 @@ def strip(src, out, *, format: str = "safetensors", force: bool = False) -> Path
     identity-initialised gates scaled back)."""
     from .api import remove
     src, out = Path(src), Path(out)
+    _check_output(out, force, (src,))
     net = load(src)
     remove(net)
     return _write_state(_plain_state(net), out, format, None, force, (src,))

@@ -14,12 +14,13 @@ choice.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -68,14 +69,23 @@ class Counted:
     uncounted: dict[str, int]  # aten op -> how many calls had no handle
 
 
+@contextlib.contextmanager
+def _in_eval(model: nn.Module):
+    """``model`` in eval mode for the block; every module's training flag put back after."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model.eval()
+    finally:
+        for m, flag in modes.items():
+            m.training = flag
+
+
 def count_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counted:
     """fvcore's count of ``model`` on ``inputs`` with the handles above, in eval mode and without
     gradients; the model's training flags are put back afterwards."""
     from fvcore.nn import FlopCountAnalysis
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad(), warnings.catch_warnings():
+        with _in_eval(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fca = FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_HANDLES)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
@@ -88,9 +98,6 @@ def count_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counted:
         raise SEInjectError(f"fvcore could not analyse {type(model).__name__}: "
                             f"{type(exc).__name__}: {exc}. Check input_size; a model that "
                             "torch.jit.trace cannot run has no fvcore count.") from exc
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,6 @@ class CostReport:
     ratios: tuple[RatioCost, ...]
     unit: str = UNIT
     schema: str = SCHEMA
-    timing: dict = field(default_factory=dict, compare=False)
 
     def __getitem__(self, ratio: int) -> RatioCost:
         for r in self.ratios:
@@ -153,7 +159,6 @@ class CostReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.pop("timing")
         return {"schema": d.pop("schema"), **d}
 
     def to_json(self, indent: int = 2) -> str:
@@ -177,7 +182,7 @@ class CostReport:
 
 def _resolve_model(model_or_name) -> tuple[nn.Module, str]:
     if isinstance(model_or_name, str):
-        from .cli._models import create
+        from ._models import create
         return create(model_or_name), model_or_name
     if not isinstance(model_or_name, nn.Module):
         raise InvalidArgumentError(f"model_or_name must be an nn.Module or a timm model name, "
@@ -225,7 +230,9 @@ class _GateCounter:
 def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     """Forward passes of both models on the current device, alternated round by round."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    base, other = copy.deepcopy(model).to(device).eval(), gated.to(device).eval()
+    # the caller's model runs where it is; on another device, a copy runs there
+    base = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    other = gated.to(device).eval()
     xs = tuple(x.to(device) for x in inputs)
 
     def once(m) -> float:
@@ -237,7 +244,7 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    with torch.no_grad():
+    with _in_eval(base), torch.no_grad():
         for _ in range(3):
             once(base), once(other)
         pairs = [(once(base), once(other)) for _ in range(rounds)]
@@ -265,21 +272,17 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, inp
         measure: also time forward passes of the base and the gated model on the current device
             (CUDA if available), side by side, and report the ratio.
     """
-    from .api import _dtype, _input_shapes, plan
-    t0 = time.perf_counter()
+    from .api import _dtype, _input_shapes, _no_sites_error, plan
     ratios = _ratios(ratio)
     model, name = _resolve_model(model_or_name)
     shapes = _input_shapes(model, input_size)
     p: Plan = plan(model, ratios[0], rules, input_size=input_size, stages=stages,
                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     if not len(p):
-        raise SEInjectError(f"no gate would be placed in {name}: "
-                            + "; ".join(sorted({s.reason for s in p.skipped}))[:400])
-    t_plan = time.perf_counter()
+        raise _no_sites_error(model, p)
     dtype = _dtype(model)
     inputs = tuple(torch.zeros(1, *s[1:], dtype=dtype) for s in shapes)
     base = count_ops(model, inputs)
-    t_base = time.perf_counter()
     base_params = sum(t.numel() for t in model.parameters())
     gate_counter = _GateCounter(dtype)
     results = []
@@ -291,7 +294,6 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, inp
                                   channels=s.channels, reduced=reduced_channels(s.channels, r),
                                   spatial=tuple(s.spatial), parameters=params, ops=ops))
         results.append(_ratio_cost(r, gates, base_params, base.total))
-    t_gates = time.perf_counter()
     if measure:
         from .api import apply
         measured = []
@@ -301,19 +303,12 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, inp
                 warnings.simplefilter("ignore")
                 apply(gated, rc.ratio, rules, input_size=input_size, stages=stages,
                       leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-            measured.append(_replace_measured(rc, _measure(model, gated, inputs, measure_rounds)))
+            measured.append(replace(rc, measured=_measure(model, gated, inputs, measure_rounds)))
         results = measured
     return CostReport(model=name, input_size=tuple(shapes[0][1:]), stages=_stage_label(stages),
                       base_parameters=base_params, base_ops=base.total,
                       base_ops_by_operator=base.by_operator, uncounted=base.uncounted,
-                      ratios=tuple(results),
-                      timing={"plan_s": t_plan - t0, "fvcore_base_s": t_base - t_plan,
-                              "gates_s": t_gates - t_base, "total_s": time.perf_counter() - t0})
-
-
-def _replace_measured(rc: RatioCost, measured: dict) -> RatioCost:
-    from dataclasses import replace
-    return replace(rc, measured=measured)
+                      ratios=tuple(results))
 
 
 def _ratio_cost(r: int, gates: list[GateCost], base_params: int, base_ops: int) -> RatioCost:

@@ -15,6 +15,7 @@ anything else, are refused before anything changes.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 
 from .errors import SEInjectError
 
-__all__ = ["FACTOR", "Compensation", "plan_compensation", "IdentityInitError"]
+__all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
 FACTOR = 2.0  # 1 / sigmoid(0)
 
@@ -77,10 +78,7 @@ def _scalable(m: nn.Module) -> tuple[str, ...] | None:
             return None
         if drop is not None and not isinstance(drop, _PASS_MODULES):
             return None
-        affine = getattr(m, "affine", None)
-        if affine is None:
-            affine = getattr(m, "elementwise_affine", False)
-        if not affine or getattr(m, "weight", None) is None:
+        if getattr(m, "weight", None) is None:  # not affine: nothing to scale
             return None
         return tuple(n for n in ("weight", "bias") if getattr(m, n, None) is not None)
     return None
@@ -97,14 +95,18 @@ def _sequential_params(m: nn.Sequential) -> tuple[str, ...] | None:
     return None
 
 
-def plan_compensation(graph: fx.Graph, model: nn.Module, gate: str, gated: fx.Node,
-                      branch: bool) -> Compensation:
-    """The parameters to scale so that a zero-initialised gate at ``gated`` changes nothing."""
+def plan_compensations(graph: fx.Graph, model: nn.Module,
+                       sites: list[tuple[str, fx.Node, bool]]) -> list[Compensation]:
+    """For each (gate name, gated node, gate on a branch operand?): the parameters to scale so
+    that a zero-initialised gate there changes nothing. Raises before anything changes."""
     modules = dict(model.named_modules())
-    calls: dict[str, int] = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            calls[n.target] = calls.get(n.target, 0) + 1
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    shared = _shared_parameters(model)
+    return [_compensation(modules, calls, shared, *site) for site in sites]
+
+
+def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str], gate: str,
+                  gated: fx.Node, branch: bool) -> Compensation:
     found: list[str] = []
 
     def refuse(why: str) -> IdentityInitError:
@@ -113,17 +115,18 @@ def plan_compensation(graph: fx.Graph, model: nn.Module, gate: str, gated: fx.No
             "starts as a new layer, and the model's outputs change) or leave this block out.")
 
     def walk(node: fx.Node, first: bool) -> None:
-        users = [u for u in node.users]
-        if not (first and not branch) and len(users) != 1:
-            raise refuse(f"`{node.name}` is used by {len(users)} ops; scaling what makes it "
-                         "would change the others")
+        # every reader of a gated output goes through the gate; any other tensor on the way
+        # must have one reader, or scaling what makes it would change the others
+        if not (first and not branch) and len(node.users) != 1:
+            raise refuse(f"`{node.name}` is used by {len(node.users)} ops; scaling what makes "
+                         "it would change the others")
         if node.op == "call_module":
             m = modules[node.target]
             own = _scalable(m)
             if own is None and type(m).forward is nn.Sequential.forward:
                 own = _sequential_params(m)
             if own:
-                if calls.get(node.target, 0) != 1:
+                if calls[node.target] != 1:
                     raise refuse(f"`{node.target}` is called {calls[node.target]} times")
                 found.extend(f"{node.target}.{p}" for p in own)
                 return
@@ -155,7 +158,6 @@ def plan_compensation(graph: fx.Graph, model: nn.Module, gate: str, gated: fx.No
         raise refuse(f"`{node.format_node()}` does not scale with its input")
 
     walk(gated, True)
-    shared = _shared_parameters(model)
     clash = [p for p in found if p in shared]
     if clash:
         raise refuse(f"parameter `{clash[0]}` is shared with another layer")

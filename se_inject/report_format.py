@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import io
 import textwrap
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._files import atomic_write
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -166,12 +165,5 @@ def plot(rep: "CostReport", path: Path) -> Path:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 3))
     axes[0].legend()
     fig.suptitle(f"SE cost per stage: {rep.model}, input {_size(rep.input_size)}")
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=suffix[1:])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix[1:]), replace=True)
     return path

@@ -59,10 +59,10 @@ _SHAPE_RULES: dict[type, Callable] = {
 
 def _shape_rule(m: nn.Module) -> Callable | None:
     """The rule for ``m``'s class, if the forward it runs is the one the rule describes."""
-    if "forward" in m.__dict__:  # a forward bound on the instance: run it
-        return None
+    if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
+        return None  # a forward bound on the instance, or hooks that may change the output
     owner_of_forward = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
-    if owner_of_forward is nn.Sequential and not m._forward_hooks and not m._forward_pre_hooks:
+    if owner_of_forward is nn.Sequential:
         return _sequential  # a leaf Sequential (torchvision's Conv2dNormActivation): its layers
     if not owner_of_forward.__module__.startswith("torch.nn."):
         return None  # a forward of its own: run it
@@ -73,7 +73,7 @@ def _shape_rule(m: nn.Module) -> Callable | None:
 def _sequential(m: nn.Sequential, x: torch.Tensor) -> torch.Tensor | None:
     for layer in m:
         rule = _shape_rule(layer)
-        if rule is None or layer._forward_hooks or layer._forward_pre_hooks:
+        if rule is None:
             return None  # a layer without a rule: run the whole Sequential instead
         x = rule(layer, x)
         if x is None:

@@ -14,8 +14,9 @@ from . import rules as rules_cmd
 
 __all__ = ["main"]
 
-_COMMANDS = {"plan": plan_cmd, "report": report_cmd, "convert": convert_cmd,
-             "strip": convert_cmd, "rules": rules_cmd}
+# each registers its subcommand(s), with the function that runs them as the parser's default
+_PARSERS = (plan_cmd.add_parser, report_cmd.add_parser, convert_cmd.add_parser,
+            convert_cmd.add_strip_parser, rules_cmd.add_parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,11 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "CNNs that already exist.")
     p.add_argument("--version", action="version", version=f"se-inject {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, mod in _COMMANDS.items():
-        if name == "strip":
-            mod.add_strip_parser(sub)
-        else:
-            mod.add_parser(sub)
+    for add in _PARSERS:
+        add(sub)
     return p
 
 
@@ -38,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             category=FutureWarning)
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command].run(args)
+        return args.run(args)
     except SEInjectError as exc:
         print(f"se-inject {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -6,21 +6,21 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import convert, strip
-from .plan import _ratio
-from .report import _stages
+from ._args import RATIO, STAGES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a plain checkpoint into an SE checkpoint",
                        description=__doc__)
+    p.set_defaults(run=run)
     p.add_argument("src", type=Path, help="state_dict (.pth/.pt/.bin), .safetensors, training "
                    "checkpoint, or a folder with config.json and model weights")
     p.add_argument("-o", "--output", type=Path, required=True, help="the SE checkpoint to write")
     p.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's "
                    "own 'arch' or config.json)")
-    p.add_argument("--ratio", type=_ratio, default=16, help="reduction ratio r (default 16)")
+    p.add_argument("--ratio", type=RATIO, default=16, help="reduction ratio r (default 16)")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")
-    p.add_argument("--stages", type=_stages, default=None, metavar="K[,K...]")
+    p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]")
     p.add_argument("--init", choices=("identity", "paper"), default="identity",
                    help="identity (default): the converted model computes what the original did; "
                         "paper: gates start as new layers")
@@ -35,14 +35,16 @@ def add_parser(sub) -> None:
 def add_strip_parser(sub) -> None:
     p = sub.add_parser("strip", help="write the plain model of an SE checkpoint",
                        description=__doc__)
+    p.set_defaults(run=run)
     p.add_argument("src", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--format", choices=("safetensors", "pth"), default="safetensors")
     p.add_argument("--force", action="store_true")
+    p.set_defaults(remove=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "remove", False) or args.command == "strip":
+    if args.remove:
         out = strip(args.src, args.output, format=args.format, force=args.force)
         print(f"wrote {out} (plain model, no gates)")
         return 0

@@ -4,24 +4,16 @@ from __future__ import annotations
 import argparse
 
 from .. import api
-from ._models import create
-
-
-def _ratio(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ratio takes a positive integer, not {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--ratio takes a positive integer, not {value}")
-    return value
+from .._models import create
+from ._args import RATIO
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="list the blocks that would get a gate (changes nothing)",
                        description=__doc__)
+    p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
-    p.add_argument("--ratio", type=_ratio, default=16, help="reduction ratio r (default 16)")
+    p.add_argument("--ratio", type=RATIO, default=16, help="reduction ratio r (default 16)")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
                    help="built-in rule names or rule files (default: residual inception)")
     p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),

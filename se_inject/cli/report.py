@@ -6,41 +6,19 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-
-
-def _ratios(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"--ratio takes positive integers separated by commas "
-                                         f"(e.g. 16,8,4), not {text!r}")
-    return values
-
-
-def _stages(text: str):
-    if text in ("all", "all-but-last"):
-        return text
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"--stages takes stage numbers separated by commas "
-                                         f"(e.g. 2,3,4), 'all' or 'all-but-last', not {text!r}")
-    return values
+from ._args import RATIOS, STAGES
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="parameters and compute SE gates would add (fvcore)",
                        description=__doc__)
+    p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
-    p.add_argument("--ratio", type=_ratios, default=[16], metavar="R[,R...]",
+    p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16)")
     p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
                    help="input size for the count (default: the model's config)")
-    p.add_argument("--stages", type=_stages, default=None, metavar="K[,K...]",
+    p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
                    help="gate only these resolution stages (k: tensors at 1/2**k of the input's "
                         "height; ResNet-50 has 2-5), or all-but-last")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",

@@ -8,6 +8,7 @@ from ..rules import builtin_rule_names, builtin_rules_dir, load_rule, resolve_ru
 
 def add_parser(sub) -> None:
     p = sub.add_parser("rules", help="list, show or check rule files", description=__doc__)
+    p.set_defaults(run=run)
     p.add_argument("action", nargs="?", choices=("list", "show", "check"), default="list")
     p.add_argument("names", nargs="*", metavar="NAME_OR_FILE")
 
