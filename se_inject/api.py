@@ -1,6 +1,8 @@
 """The public calls: plan, apply, remove. Check everything first, then mutate."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import warnings
 from collections import Counter, defaultdict
@@ -121,6 +123,21 @@ def _stage(view, node, input_height: int) -> tuple[tuple[int, ...], int]:
     return spatial, max(0, round(math.log2(input_height / spatial[0])))
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Tracing allocates many small objects, which starts the cyclic garbage collector; a full
+    collection walks every object in the process (a large model holds hundreds of thousands)
+    and can take longer than the trace. Pause it while planning and rewriting; the garbage
+    that tracing leaves is collected by later collections as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                stages=None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
@@ -201,7 +218,8 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
     options = _trace_options(leaf_modules, autowrap_functions)
-    return _make_plan(model, ratio, resolve_rules(rules), input_size, options, stages)[0]
+    with _gc_paused():
+        return _make_plan(model, ratio, resolve_rules(rules), input_size, options, stages)[0]
 
 
 def _check_init(init) -> str:
@@ -259,7 +277,9 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     init = _check_init(init)
     options = _trace_options(leaf_modules, autowrap_functions)
     resolved = resolve_rules(rules)
-    p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options, stages)
+    with _gc_paused():
+        p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,
+                                               stages)
     if not p.sites:
         held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
         if held:
@@ -274,7 +294,8 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         compensations = plan_compensations(
             graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
                            for s in p.sites])
-    prepared = prepare(model, p.sites, ratio, options, blocks)
+    with _gc_paused():
+        prepared = prepare(model, p.sites, ratio, options, blocks)
     if init == "identity":
         for pr in prepared:
             for g in pr.new_gates.values():

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -129,6 +130,28 @@ class _ScopeTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
 
+    def trace(self, root, concrete_args=None):
+        self._tensor_names: dict[int, tuple[str, bool]] | None = None
+        return super().trace(root, concrete_args)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """fx finds the name of a parameter or buffer by walking all of the model's
+        parameters on every access, which is quadratic in model size; look it up instead.
+        A tensor the index does not know (one the forward assigned) takes fx's own path."""
+        if not isinstance(attr_val, torch.Tensor) or not isinstance(self.root, nn.Module):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self._tensor_names is None:
+            index = {id(b): (n, False) for n, b in self.root.named_buffers()}
+            index.update((id(p), (n, True)) for n, p in self.root.named_parameters())
+            self._tensor_names = index
+        name, is_param = self._tensor_names.get(id(attr_val), (None, False))
+        wanted = is_param if isinstance(attr_val, nn.Parameter) else self.proxy_buffer_attributes
+        if name is None or not wanted:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """Placeholders for the inputs the model is given; every other parameter keeps its
         default, as when the model is called as ``model(x)``. Recorded as the model's Call."""
@@ -206,7 +229,9 @@ class _NoProxiesLeft:
     def __exit__(self, *exc):
         for m, attrs, copies in self._before:
             for k, v in list(m.__dict__.items()):
-                if k in _MODULE_STATE or not _holds_proxy(v):
+                if k in _MODULE_STATE or (k in attrs and v is attrs[k] and k not in copies):
+                    continue  # the value it had before tracing
+                if not _holds_proxy(v):
                     continue
                 if k not in attrs:
                     del m.__dict__[k]
