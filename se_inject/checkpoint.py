@@ -238,6 +238,31 @@ def _create(arch: str, kwargs: dict) -> nn.Module:
         raise CheckpointError(f"timm could not build {arch!r} with {kwargs}: {exc}") from None
 
 
+def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor],
+                where: str) -> nn.Module:
+    """The model built around the checkpoint's own tensors: made on the meta device (no random
+    initialisation, no memory), then given the file's tensors as its parameters and buffers, so
+    that the weights exist once. A model that cannot be made on the meta device, or that keeps
+    a buffer outside its state_dict, is built as usual and the weights copied in."""
+    try:
+        with torch.device("meta"):
+            net = _create(arch, kwargs)
+    except SEInjectError:
+        raise
+    except Exception:  # a constructor that computes with its tensors
+        net = None
+    if net is not None:
+        own = net.state_dict()
+        _check_fits(net, own, state, where)
+        cast = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()}
+        net.load_state_dict(cast, strict=True, assign=True)
+        if not any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+            return net
+    net = _create(arch, kwargs)
+    _load_into(net, state, where)
+    return net
+
+
 def _num_classes(arch: str, state: dict[str, torch.Tensor]) -> dict:
     """num_classes from the classifier's weight in the checkpoint, where timm names it."""
     import timm
@@ -248,7 +273,11 @@ def _num_classes(arch: str, state: dict[str, torch.Tensor]) -> dict:
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    own = model.state_dict()
+    _check_fits(model, model.state_dict(), state, where)
+    model.load_state_dict(state, strict=True)
+
+
+def _check_fits(model: nn.Module, own: dict, state: dict[str, torch.Tensor], where: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -262,7 +291,6 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
         raise CheckpointError(f"{where} does not fit {type(model).__name__} "
                               f"({len(own)} keys in the model, {len(state)} in the file): "
                               + "; ".join(parts) + ". Check --model (the architecture).")
-    model.load_state_dict(state, strict=True)
 
 
 def _parse_recipe(text: str, where: str) -> dict:
@@ -360,8 +388,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
                               "(a timm model name)")
     kwargs = {**_num_classes(arch, state), **info.get("kwargs", {})}
     say(f"building {arch} {kwargs}")
-    net = _create(arch, kwargs)
-    _load_into(net, state, str(src))
+    net = _from_state(arch, kwargs, state, str(src))
     del state
     say("placing gates")
     _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init)

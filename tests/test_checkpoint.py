@@ -103,6 +103,57 @@ def test_convert_load_strip_round_trip(r18, tmp_path):
         ["plain.safetensors", "r18.pth", "se.safetensors", "se2.safetensors"]  # nothing else
 
 
+def test_converted_model_uses_the_file_tensors_without_a_second_copy(r18, tmp_path):
+    from se_inject.checkpoint import _from_state
+    m, src = r18
+    state, _ = read_checkpoint(src)
+    net = _from_state("resnet18", {"num_classes": 7}, state, str(src))
+    own = net.state_dict()
+    assert all(own[k].data_ptr() == v.data_ptr() for k, v in state.items())
+    assert all(not t.is_meta for t in (*net.parameters(), *net.buffers()))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    net = _from_state("resnet18", {"num_classes": 7}, half, str(src))
+    assert all(p.dtype == torch.float32 for p in net.parameters())   # the model's dtype, as
+    assert torch.equal(net.fc.weight, half["fc.weight"].float())       # load_state_dict gives
+
+
+def test_convert_falls_back_where_the_meta_device_cannot_build_the_model(tmp_path, monkeypatch):
+    # test_coatnet keeps relative-position indices outside its state_dict: the constructor
+    # must fill them, so the model is built for real and the weights copied in.
+    m = _trained_like(timm.create_model("test_coatnet", pretrained=False)).eval()
+    torch.save(m.state_dict(), tmp_path / "c.pth")
+    x = torch.randn(1, 3, 160, 160)
+    g = se_inject.load(convert(tmp_path / "c.pth", tmp_path / "c.safetensors",
+                               model="test_coatnet"))
+    y0, y1 = _out(m, x), _out(g, x)
+    assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
+    import se_inject.checkpoint as ck
+    real = ck._create
+
+    def no_meta(arch, kwargs):  # a constructor that computes with its tensors
+        if torch.empty(0).is_meta:
+            raise RuntimeError("Tensor.item() cannot be called on meta tensors")
+        return real(arch, kwargs)
+    monkeypatch.setattr(ck, "_create", no_meta)
+    g = se_inject.load(convert(tmp_path / "c.pth", tmp_path / "c2.safetensors",
+                               model="test_coatnet"))
+    assert (_out(g, x) - y0).abs().max() <= 1e-6 * y0.abs().max()
+
+
+def test_large_conversions_show_progress(r18, tmp_path, monkeypatch, capsys):
+    import se_inject.checkpoint as ck
+    m, src = r18
+    monkeypatch.setattr(ck, "_PROGRESS_BYTES", src.stat().st_size + 1)
+    convert(src, tmp_path / "quiet.safetensors", model="resnet18")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(ck, "_PROGRESS_BYTES", src.stat().st_size - 1)
+    convert(src, tmp_path / "loud.safetensors", model="resnet18")
+    err = capsys.readouterr().err.splitlines()
+    steps = [re.sub(r"^\[\s*[\d.]+ s\] ", "", line).split(" ")[0] for line in err]
+    assert steps == ["reading", "building", "placing", "writing", "done"], err
+    assert f"{src.stat().st_size / 2 ** 20:.0f} MiB" in err[0]
+
+
 def test_paper_init_and_pth_format(r18, tmp_path):
     m, src = r18
     out = convert(src, tmp_path / "se.pth", model="resnet18", init="paper", format="pth",
