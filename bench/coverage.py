@@ -121,7 +121,7 @@ def check(family: str, name: str, build, max_params: float | None = None) -> dic
         held = Counter(s.reason for s in plan.skipped if "gate" in s.reason)
         row.update(status="kept", reason="; ".join(f"{n} × {r}" for r, n in held.items()))
         return row
-    gates = [(n, g) for n, g in model.named_modules() if isinstance(g, se_inject.SEGate)]
+    gates = [(n, g) for n, g in model.named_modules() if isinstance(g, se_inject.ChannelGate)]
     try:
         with torch.no_grad():
             after = [o.shape for o in _tensors(model(x))]

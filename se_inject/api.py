@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import dataclasses
 import warnings
 from collections import Counter, defaultdict
 from typing import Callable, Iterable, Sequence
@@ -13,7 +14,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
-from .gate import SEGate, reduced_channels
+from .gate import ChannelGate, GateSpec, gate_parameters
 from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
 from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
@@ -36,11 +37,49 @@ def _check_model(model) -> None:
                                    "for a timm name use timm.create_model(name) first")
 
 
-def _check_ratio(ratio) -> int:
-    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+def _positive(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_ratio(ratio) -> int | dict[int, int]:
+    """A positive integer, or one per stage: {stage: r} (keys may be digit strings, as JSON
+    writes them)."""
+    if isinstance(ratio, dict):
+        try:
+            out = {int(k): v for k, v in ratio.items()}
+        except (TypeError, ValueError):
+            out = None
+        if out and all(k >= 0 and _positive(v) for k, v in out.items()):
+            return dict(sorted(out.items()))
+        raise InvalidArgumentError(f"a ratio per stage must map stage numbers to positive "
+                                   f"integers, e.g. {{2: 16, 3: 16, 4: 8, 5: 8}}; got {ratio!r}")
+    if not _positive(ratio):
         raise InvalidArgumentError(f"ratio must be a positive integer (the paper's r, e.g. 16), "
-                                   f"not {ratio!r}")
+                                   f"or one per stage ({{stage: r}}), not {ratio!r}")
     return ratio
+
+
+POSITIONS = ("standard", "pre", "post", "identity")
+
+
+def _check_position(position) -> str:
+    if position not in POSITIONS:
+        raise InvalidArgumentError(f"position must be one of {', '.join(map(repr, POSITIONS))} "
+                                   f"(paper Table 14); got {position!r}")
+    return position
+
+
+def _gate_spec(gate, squeeze, excite, min_channels, divisor) -> GateSpec:
+    return GateSpec(kind=gate, squeeze=squeeze, excite=excite, min_channels=min_channels,
+                    divisor=divisor)
+
+
+def _placed(resolved, position: str) -> tuple:
+    """The rules with their sums' gates moved to ``position`` ("standard" keeps each rule's)."""
+    if position == "standard":
+        return tuple(resolved)
+    return tuple(dataclasses.replace(r, gate_at=position) if r.merge == "add" else r
+                 for r in resolved)
 
 
 def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
@@ -139,7 +178,7 @@ def _gc_paused():
 
 
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
-               stages=None) -> tuple[Plan, dict, tuple]:
+               stages=None, spec: GateSpec | None = None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
     with each planned gate's candidate."""
     shapes = _input_shapes(model, input_size)
@@ -176,6 +215,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
             continue
         seen.add((block, key))
         chosen.append((block, key, c, *_stage(view, c.gated, shapes[0][-2])))
+    spec = spec or GateSpec()
+    if isinstance(ratio, dict) and stages is None:
+        stages = frozenset(ratio)  # a ratio per stage names the stages to gate
     if stages is not None:
         present = sorted({t[4] for t in chosen})
         keep = set(present[:-1]) if stages == "all-but-last" else stages
@@ -186,6 +228,12 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         skipped += [Skipped(view.describe(c.merge), c.rule.name, f"stage {stage} not chosen")
                     for _, _, c, _, stage in chosen if stage not in keep]
         chosen = [t for t in chosen if t[4] in keep]
+    if isinstance(ratio, dict):
+        missing = sorted({t[4] for t in chosen} - set(ratio))
+        if missing:
+            raise InvalidArgumentError(f"the ratio per stage {ratio} gives none for stage(s) "
+                                       f"{missing}, which are gated; add them or leave them "
+                                       "out with stages=[...]")
     per_block = defaultdict(list)
     for block, _, c, _, _ in chosen:
         per_block[block].append(c)
@@ -194,11 +242,13 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     for block, key, c, spatial, stage in chosen:
         channels = view.attrs(c.gated)["channels"]
         name = next(names[block])
+        r = ratio[stage] if isinstance(ratio, dict) else ratio
         sites.append(Site(block=block, tensor=view.describe(c.gated), channels=channels,
-                          reduced=reduced_channels(channels, ratio), rule=c.rule.name,
+                          reduced=spec.reduced(channels, r), rule=c.rule.name,
                           position=c.rule.gate_at, gate=f"{block}.{name}" if block else name,
                           merge=view.describe(c.merge), entry=view.describe(c.entry),
-                          spatial=spatial, stage=stage, key=key))
+                          spatial=spatial, stage=stage, ratio=r,
+                          parameters=gate_parameters(channels, r, spec), key=key))
     prints, calls = fingerprints(graph), block_calls(graph)
     blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
               for block in per_block}
@@ -207,8 +257,11 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                 ratio=ratio), blocks, (graph, gated)
 
 
-def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None, *,
-         input_size=None, stages=None, leaf_modules: Iterable[type] = (),
+def plan(model: nn.Module, ratio: int | dict = 16,
+         rules: RuleSpec | Sequence[RuleSpec] | None = None, *, input_size=None, stages=None,
+         position: str = "standard", gate: str = "se", squeeze: str = "avg",
+         excite: str | None = None, min_channels: int = 1, divisor: int = 1,
+         leaf_modules: Iterable[type] = (),
          autowrap_functions: Iterable[Callable] = ()) -> Plan:
     """The sites apply() would gate, with the rule behind each. Changes nothing.
 
@@ -217,9 +270,11 @@ def plan(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec]
     _check_model(model)
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
+    resolved = _placed(resolve_rules(rules), _check_position(position))
+    spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
     options = _trace_options(leaf_modules, autowrap_functions)
     with _gc_paused():
-        return _make_plan(model, ratio, resolve_rules(rules), input_size, options, stages)[0]
+        return _make_plan(model, ratio, resolved, input_size, options, stages, spec)[0]
 
 
 def _check_init(init) -> str:
@@ -246,15 +301,18 @@ def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
                         "(README.md, 'Rule files').")
 
 
-def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec] | None = None,
-          *, input_size=None, stages=None, init: str = "paper",
-          leaf_modules: Iterable[type] = (),
+def apply(model: nn.Module, ratio: int | dict = 16,
+          rules: RuleSpec | Sequence[RuleSpec] | None = None, *, input_size=None, stages=None,
+          init: str = "paper", position: str = "standard", gate: str = "se",
+          squeeze: str = "avg", excite: str | None = None, min_channels: int = 1,
+          divisor: int = 1, leaf_modules: Iterable[type] = (),
           autowrap_functions: Iterable[Callable] = ()) -> nn.Module:
     """Insert SE gates into ``model`` in place and return it (the same object).
 
     Args:
         model: any nn.Module that torch.fx can trace (timm, torchvision, your own).
-        ratio: the paper's reduction ratio r: each gate is C -> C//r -> C.
+        ratio: the paper's reduction ratio r: each gate is C -> C//r -> C; or one per stage,
+            ``{stage: r}``, which also names the stages to gate.
         rules: built-in rule names and/or paths to rule files, tried in order
             (default: ``("residual", "inception")``).
         input_size: (C, H, W) used for shape propagation (default: the timm config's, else
@@ -265,6 +323,16 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         init: "paper": each gate starts as a new layer would (PyTorch's default initialisation),
             so outputs change; "identity": the gated model computes exactly what the model did
             and every gate can still learn (README.md, "Function-preserving gates").
+        position: where a residual block's gate goes (paper Table 14): "standard" (each
+            rule's own place: the residual branch, before the sum), "pre" (in front of the
+            residual branch), "post" (after the sum and its activation), "identity" (on the
+            shortcut). Concatenation blocks keep their rule's place.
+        gate: "se" (the paper's gate), "eca" (ECA) or "ese" (effective SE).
+        squeeze: "avg" (the paper's) or "max" (Table 11).
+        excite: "sigmoid", "hard_sigmoid" or "tanh" (Table 12); default sigmoid (hard_sigmoid
+            for "ese").
+        min_channels, divisor: the bottleneck width: C // r at least ``min_channels``; with
+            ``divisor > 1``, C / r rounded to a multiple of it as timm's ``make_divisible``.
         leaf_modules: extra module classes fx should call without tracing into.
         autowrap_functions: extra functions fx should record as single calls.
 
@@ -275,11 +343,16 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
     init = _check_init(init)
+    spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
+    if init == "identity" and spec.excite == "tanh":
+        raise InvalidArgumentError("init='identity' needs an excitation that gives 0.5 at zero "
+                                   "(sigmoid or hard_sigmoid); tanh gives 0. Use init='paper' "
+                                   "with excite='tanh'.")
     options = _trace_options(leaf_modules, autowrap_functions)
-    resolved = resolve_rules(rules)
+    resolved = _placed(resolve_rules(rules), _check_position(position))
     with _gc_paused():
         p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,
-                                               stages)
+                                               stages, spec)
     if not p.sites:
         held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
         if held:
@@ -295,7 +368,7 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
             graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
                            for s in p.sites])
     with _gc_paused():
-        prepared = prepare(model, p.sites, ratio, options, blocks)
+        prepared = prepare(model, p.sites, spec, options, blocks)
     if init == "identity":
         for pr in prepared:
             for g in pr.new_gates.values():
@@ -307,7 +380,7 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
         gate.compensated = comp.parameters
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],
-                options=options)
+                options=options, gate=spec)
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__
@@ -323,7 +396,7 @@ def apply(model: nn.Module, ratio: int = 16, rules: RuleSpec | Sequence[RuleSpec
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""
-    compensated = [p for g in model.modules() if isinstance(g, SEGate)
+    compensated = [p for g in model.modules() if isinstance(g, ChannelGate)
                    for p in getattr(g, "compensated", ())]
     remove_gates(model)
     scale(model, compensated, 1 / FACTOR)

@@ -328,10 +328,13 @@ def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -
             raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
                                   f"{needs}; code is never imported from a checkpoint, so pass "
                                   "them to se_inject.load(..., leaf_modules=[...])")
+        spec = step.get("gate") or {}
         _apply_seeded(model, step["ratio"], rules_from(step), stages=step.get("stages"),
                       input_size=tuple(step["input_size"]) if step.get("input_size") else None,
                       init=step.get("init", "paper"), leaf_modules=leaf_modules,
-                      autowrap_functions=autowrap_functions)
+                      autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
+                      **{k: spec[k] for k in ("squeeze", "excite", "min_channels", "divisor")
+                         if k in spec})
         got = recipe_of(model)[-1]["gates"]
         if got != step["gates"]:
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "
@@ -369,9 +372,10 @@ def _size(path: Path) -> int:
 
 def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, stages=None,
             input_size=None, init: str = "identity", format: str = "safetensors",
-            force: bool = False, ema: bool = False) -> Path:
+            force: bool = False, ema: bool = False, **variant) -> Path:
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
-    computes what the original did (init="identity")."""
+    computes what the original did (init="identity"). ``variant``: the gate's options, as for
+    se_inject.apply (position, gate, squeeze, excite, min_channels, divisor)."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
@@ -391,7 +395,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     net = _from_state(arch, kwargs, state, str(src))
     del state
     say("placing gates")
-    _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init)
+    _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init, **variant)
     say(f"writing {out}")
     _write_state(_plain_state(net), out, format, _recipe_json(net, None, None), force, (src,))
     say("done")

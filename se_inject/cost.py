@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, SEInjectError
-from .gate import SEGate, reduced_channels
+from .gate import GateSpec, make_gate
 from .plan import Plan
 
 __all__ = ["cost", "CostReport", "RatioCost", "StageCost", "GateCost", "SCHEMA", "UNIT",
@@ -190,7 +190,13 @@ def _resolve_model(model_or_name) -> tuple[nn.Module, str]:
     return model_or_name, type(model_or_name).__name__
 
 
+_VARIANT = {"position", "gate", "squeeze", "excite", "min_channels", "divisor"}
+
+
 def _ratios(ratio) -> tuple[int, ...]:
+    if isinstance(ratio, dict):
+        from .api import _check_ratio
+        return (_check_ratio(ratio),)
     values = [ratio] if isinstance(ratio, int) else list(ratio) if ratio is not None else []
     if not values or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                              for r in values):
@@ -214,10 +220,11 @@ class _GateCounter:
         self.dtype = dtype
         self.cache: dict[tuple, tuple[int, int]] = {}
 
-    def __call__(self, channels: int, spatial: tuple[int, ...], ratio: int) -> tuple[int, int]:
-        key = (channels, spatial, ratio)
+    def __call__(self, channels: int, spatial: tuple[int, ...], ratio: int,
+                 spec: GateSpec) -> tuple[int, int]:
+        key = (channels, spatial, ratio, spec)
         if key not in self.cache:
-            gate = SEGate(channels, ratio, dtype=self.dtype)
+            gate = make_gate(channels, ratio, spec, dtype=self.dtype)
             params = sum(p.numel() for p in gate.parameters())
             x = torch.zeros(1, channels, *spatial, dtype=self.dtype)
             counted = count_ops(gate, (x,))
@@ -257,27 +264,36 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 
 
-def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, input_size=None,
-         rules=None, stages=None, measure: bool = False, measure_rounds: int = 20,
-         leaf_modules: Iterable[type] = (),
-         autowrap_functions: Iterable[Callable] = ()) -> CostReport:
+def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16, *,
+         input_size=None, rules=None, stages=None, measure: bool = False,
+         measure_rounds: int = 20, leaf_modules: Iterable[type] = (),
+         autowrap_functions: Iterable[Callable] = (), **variant) -> CostReport:
     """What SE gates would add to a model, counted with fvcore. The model is not changed.
 
     Args:
         model_or_name: an nn.Module, or a timm model name (built with random weights).
         ratio: the reduction ratio r, or several (one column per ratio, as the paper's Table 10).
         input_size: (C, H, W) for the count (default: the timm config's, else (3, 224, 224)).
+            ``{stage: r}`` counts one ratio per stage.
         rules, stages, leaf_modules, autowrap_functions: as for :func:`se_inject.apply`
             (``stages=[2, 3, 4]`` or ``"all-but-last"``: the paper's Table 13).
+        variant: the gate's options as for :func:`se_inject.apply`: position, gate, squeeze,
+            excite, min_channels, divisor.
         measure: also time forward passes of the base and the gated model on the current device
             (CUDA if available), side by side, and report the ratio.
     """
-    from .api import _dtype, _input_shapes, _no_sites_error, plan
+    from .api import _dtype, _gate_spec, _input_shapes, _no_sites_error, plan
     ratios = _ratios(ratio)
+    unknown = set(variant) - _VARIANT
+    if unknown:
+        raise TypeError(f"cost() got unexpected keyword argument(s) {sorted(unknown)}")
+    spec = _gate_spec(variant.get("gate", "se"), variant.get("squeeze", "avg"),
+                      variant.get("excite"), variant.get("min_channels", 1),
+                      variant.get("divisor", 1))
     model, name = _resolve_model(model_or_name)
     shapes = _input_shapes(model, input_size)
     p: Plan = plan(model, ratios[0], rules, input_size=input_size, stages=stages,
-                   leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+                   leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, **variant)
     if not len(p):
         raise _no_sites_error(model, p)
     dtype = _dtype(model)
@@ -289,9 +305,10 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, inp
     for r in ratios:
         gates = []
         for s in p:
-            params, ops = gate_counter(s.channels, s.spatial, r)
+            rs = r[s.stage] if isinstance(r, dict) else r
+            params, ops = gate_counter(s.channels, s.spatial, rs, spec)
             gates.append(GateCost(gate=s.gate, block=s.block, rule=s.rule, stage=s.stage,
-                                  channels=s.channels, reduced=reduced_channels(s.channels, r),
+                                  channels=s.channels, reduced=spec.reduced(s.channels, rs),
                                   spatial=tuple(s.spatial), parameters=params, ops=ops))
         results.append(_ratio_cost(r, gates, base_params, base.total))
     if measure:
@@ -302,7 +319,8 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] = 16, *, inp
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 apply(gated, rc.ratio, rules, input_size=input_size, stages=stages,
-                      leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+                      leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+                      **variant)
             measured.append(replace(rc, measured=_measure(model, gated, inputs, measure_rounds)))
         results = measured
     return CostReport(model=name, input_size=tuple(shapes[0][1:]), stages=_stage_label(stages),

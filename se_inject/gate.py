@@ -1,44 +1,222 @@
-"""The Squeeze-and-Excitation gate of Hu et al. (arXiv 1709.01507), Eq. 2-4."""
+"""Channel gates: the Squeeze-and-Excitation gate of Hu et al. (arXiv 1709.01507, Eq. 2-4) with the
+paper's ablations (squeeze: Table 11; excitation: Table 12), and two gates timm also offers
+through the same rules: ECA (Wang et al., arXiv 1910.03151) and effective SE (Lee & Park, arXiv
+1911.06667)."""
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["SEGate", "reduced_channels"]
+from .errors import InvalidArgumentError
+
+__all__ = ["ChannelGate", "SEGate", "ECAGate", "EffectiveSEGate", "GateSpec",
+           "reduced_channels", "make_gate", "gate_parameters", "eca_kernel_size"]
+
+KINDS = ("se", "eca", "ese")
+SQUEEZES = ("avg", "max")
+EXCITES = ("sigmoid", "hard_sigmoid", "tanh")
 
 
-def reduced_channels(channels: int, ratio: int) -> int:
-    """Width of the bottleneck of a gate on ``channels`` channels: ``C // r``, at least 1."""
-    return max(1, channels // ratio)
+def reduced_channels(channels: int, ratio: int, min_channels: int = 1, divisor: int = 1) -> int:
+    """Width of the bottleneck of a gate on ``channels`` channels.
+
+    ``divisor == 1``: ``C // r``, at least ``min_channels`` (the paper's C/r).
+    ``divisor > 1``: ``C / r`` rounded to the nearest multiple of ``divisor``, at least
+    ``min_channels``, and never rounded down by more than 10% (timm's ``make_divisible``).
+    """
+    if divisor == 1:
+        return max(min_channels, channels // ratio)
+    v = channels / ratio
+    new = max(min_channels, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
 
 
-class SEGate(nn.Module):
-    """``u * sigmoid(fc2(relu(fc1(mean_hw(u)))))`` on an NCHW tensor ``u``.
+def _excitation(name: str) -> nn.Module:
+    return {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh}[name]()
+
+
+def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
+    return x.mean((2, 3), keepdim=True) if how == "avg" else x.amax((2, 3), keepdim=True)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Which gate, and how it squeezes and excites.
+
+    kind: "se" (the paper's gate), "eca" (a 1-D convolution across channels, no bottleneck),
+        "ese" (effective SE: one C -> C layer).
+    squeeze: "avg" (global average pooling, the paper's) or "max" (Table 11).
+    excite: "sigmoid" (the paper's), "hard_sigmoid" (mobile nets: relu6(x + 3) / 6), "tanh"
+        (Table 12). Default: sigmoid, except hard_sigmoid for "ese" as in its paper and timm.
+    min_channels, divisor: the bottleneck width of "se" gates (see ``reduced_channels``).
+    """
+
+    kind: str = "se"
+    squeeze: str = "avg"
+    excite: str | None = None
+    min_channels: int = 1
+    divisor: int = 1
+
+    def __post_init__(self):
+        for field, value, allowed in (("gate", self.kind, KINDS), ("squeeze", self.squeeze, SQUEEZES),
+                                      ("excite", self.excite, EXCITES + (None,))):
+            if value not in allowed:
+                raise InvalidArgumentError(f"{field} must be one of "
+                                           f"{', '.join(map(repr, (a for a in allowed if a)))}; "
+                                           f"got {value!r}")
+        if self.excite is None:
+            object.__setattr__(self, "excite", "hard_sigmoid" if self.kind == "ese" else "sigmoid")
+        for field in ("min_channels", "divisor"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgumentError(f"{field} must be a positive integer, not {v!r}")
+
+    def reduced(self, channels: int, ratio: int) -> int | None:
+        """The bottleneck width, or None for gates without one (eca, ese)."""
+        if self.kind != "se":
+            return None
+        return reduced_channels(channels, ratio, self.min_channels, self.divisor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ChannelGate(nn.Module):
+    """What every gate se-inject inserts shares: ``channels``, the gate's settings, and a start
+    at exactly 0.5 for every channel (``start_as_identity``)."""
+
+    channels: int
+    spec: GateSpec
+
+    def start_as_identity(self) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        parts = [f"channels={self.channels}"]
+        if getattr(self, "ratio", None) is not None:
+            parts.append(f"ratio={self.ratio}")
+        d = GateSpec(kind=self.spec.kind)
+        parts += [f"{k}={getattr(self.spec, k)!r}" for k in ("squeeze", "excite")
+                  if getattr(self.spec, k) != getattr(d, k)]
+        return ", ".join(parts)
+
+
+def _check_identity(spec: GateSpec) -> None:
+    if spec.excite == "tanh":
+        raise InvalidArgumentError("init='identity' needs an excitation that gives 0.5 at zero "
+                                   "(sigmoid or hard_sigmoid); tanh gives 0 there. Use "
+                                   "init='paper' with excite='tanh'.")
+
+
+class SEGate(ChannelGate):
+    """``u * gate(fc2(relu(fc1(squeeze_hw(u)))))`` on an NCHW tensor ``u`` (Eq. 2-4); by default
+    the squeeze is the spatial mean and the gate a sigmoid.
 
     ``fc1`` (C -> C/r) and ``fc2`` (C/r -> C) are 1x1 convolutions with biases, named as in
     timm's ``SEModule`` so that weights move between the two without renaming.
     """
 
-    def __init__(self, channels: int, ratio: int = 16, *, device=None, dtype=None):
+    def __init__(self, channels: int, ratio: int = 16, *, spec: GateSpec | None = None,
+                 device=None, dtype=None):
         super().__init__()
-        rd = reduced_channels(channels, ratio)
+        self.spec = spec or GateSpec()
+        rd = self.spec.reduced(channels, ratio) if self.spec.kind == "se" else \
+            reduced_channels(channels, ratio)
         self.channels, self.ratio = channels, ratio
         self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=True, device=device, dtype=dtype)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True, device=device, dtype=dtype)
-        self.gate = nn.Sigmoid()
+        self.gate = _excitation(self.spec.excite)
 
     @torch.no_grad()
     def start_as_identity(self) -> None:
-        """fc2 at zero: every channel is excited by sigmoid(0) = 0.5 until the gate learns
-        (the layer before the gate is scaled by 2 to match; see se_inject.identity)."""
+        """fc2 at zero: every channel is excited by exactly 0.5 until the gate learns (the
+        layer before the gate is scaled by 2 to match; see se_inject.identity)."""
+        _check_identity(self.spec)
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)          # squeeze, Eq. 2
-        s = self.gate(self.fc2(self.act(self.fc1(s))))  # excitation, Eq. 3
-        return x * s                               # scale, Eq. 4
+        s = _squeeze(x, self.spec.squeeze)               # squeeze, Eq. 2
+        s = self.gate(self.fc2(self.act(self.fc1(s))))   # excitation, Eq. 3
+        return x * s                                      # scale, Eq. 4
 
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, ratio={self.ratio}"
+
+class ECAGate(ChannelGate):
+    """ECA: ``u * gate(conv1d_k(squeeze_hw(u)))``, the 1-D convolution running across channels
+    with the kernel size ECA's paper derives from C (gamma=2, b=1). Parameters and their names
+    are timm's ``EcaModule``'s (``conv.weight``), built by it."""
+
+    def __init__(self, channels: int, ratio: int | None = None, *, spec: GateSpec | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        from timm.layers import EcaModule
+        self.spec = spec or GateSpec(kind="eca")
+        self.channels, self.ratio = channels, None
+        self.conv = EcaModule(channels=channels, device=device, dtype=dtype).conv
+        self.gate = _excitation(self.spec.excite)
+
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        _check_identity(self.spec)
+        self.conv.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[0], x.shape[1]
+        y = _squeeze(x, self.spec.squeeze).view(n, 1, c)
+        y = self.gate(self.conv(y)).view(n, c, 1, 1)
+        return x * y
+
+
+class EffectiveSEGate(ChannelGate):
+    """Effective SE: ``u * gate(fc(squeeze_hw(u)))`` with one C -> C 1x1 convolution and, by
+    default, a hard sigmoid. Parameters and names are timm's ``EffectiveSEModule``'s (``fc``)."""
+
+    def __init__(self, channels: int, ratio: int | None = None, *, spec: GateSpec | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        from timm.layers import EffectiveSEModule
+        self.spec = spec or GateSpec(kind="ese")
+        self.channels, self.ratio = channels, None
+        self.fc = EffectiveSEModule(channels, device=device, dtype=dtype).fc
+        self.gate = _excitation(self.spec.excite)
+
+    @torch.no_grad()
+    def start_as_identity(self) -> None:
+        _check_identity(self.spec)
+        self.fc.weight.zero_()
+        self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc(_squeeze(x, self.spec.squeeze)))
+
+
+_CLASSES = {"se": SEGate, "eca": ECAGate, "ese": EffectiveSEGate}
+
+
+def make_gate(channels: int, ratio: int, spec: GateSpec | None = None, *, device=None,
+              dtype=None) -> ChannelGate:
+    spec = spec or GateSpec()
+    return _CLASSES[spec.kind](channels, ratio, spec=spec, device=device, dtype=dtype)
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
+    """ECA's kernel size for C channels: the odd number nearest |log2(C) + b| / gamma, at least 3
+    (as timm's EcaModule computes it)."""
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def gate_parameters(channels: int, ratio: int, spec: GateSpec | None = None) -> int:
+    """Weights and biases of one gate: 2·C·C/r + C/r + C for SE; k for ECA; C·C + C for
+    effective SE."""
+    spec = spec or GateSpec()
+    if spec.kind == "eca":
+        return eca_kernel_size(channels)
+    if spec.kind == "ese":
+        return channels * channels + channels
+    rd = spec.reduced(channels, ratio)
+    return 2 * channels * rd + rd + channels

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .gate import SEGate
+from .gate import ChannelGate
 from .shapes import VALUE
 
 __all__ = ["node_kind", "MERGE_KINDS"]
@@ -21,7 +21,7 @@ MERGE_KINDS = ("add", "cat")  # the ops a block ends in
 # Module class -> op kind, looked up along the class's MRO (subclasses such as timm's
 # Conv2dSame or StdConv2d inherit their base's kind).
 _MODULE_KINDS: dict[type, str] = {
-    SEGate: "gate",
+    ChannelGate: "gate",
     nn.Conv1d: "conv", nn.Conv2d: "conv", nn.Conv3d: "conv",
     nn.ConvTranspose2d: "conv",
     nn.Linear: "linear",

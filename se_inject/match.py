@@ -120,6 +120,11 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
                          operand=None, region=region, frame=g.nodes[source]["frame"])
     if rule.gate_at == "output":
         operand, gated = None, merge
+    elif rule.gate_at in ("pre", "post", "identity"):
+        found = _integration(g, rule.gate_at, merge, kind, entry, acts, gated, branch)
+        if isinstance(found, str):
+            return found
+        gated, at, operand = found
     elif rule.gate_at == "after_depthwise":
         found = _after_depthwise(g, branch)
         if isinstance(found, str):
@@ -130,6 +135,34 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}
+
+
+def _integration(g: nx.DiGraph, where: str, merge, kind: str, entry, acts, gated, branch):
+    """(tensor, node, operand) for the paper's other integrations of SE into a residual block
+    (Table 14): "pre", in front of the residual branch, where it reads the block's input;
+    "post", after the sum and the activation that follows it; "identity", on the shortcut."""
+    if kind != "add":
+        return f"'{where}' places a gate in a residual block (a sum), not a concatenation"
+    if where == "identity":
+        others = [(i, o) for i, o in acts if o is not gated]
+        if len(others) != 1:
+            return "no single shortcut operand"
+        i, o = others[0]
+        return o, merge, i
+    if where == "post":
+        users = list(g.successors(merge))
+        if len(users) == 1 and g.nodes[users[0]]["kind"] == "act" \
+                and g.nodes[users[0]]["frame"] == g.nodes[merge]["frame"]:
+            return users[0], users[0], None
+        return merge, merge, None
+    readers = [u for u in g.successors(entry) if u in branch]
+    if len(readers) != 1:
+        return f"the residual branch reads the block's input in {len(readers)} places"
+    at = readers[0]
+    position = next((i for i, a in enumerate(at.args) if a is entry), None)
+    if position is None:
+        return "the residual branch reads the block's input inside a container"
+    return entry, at, position
 
 
 def _overlap(branches) -> bool:

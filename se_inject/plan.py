@@ -18,19 +18,23 @@ class Site:
 
     block:    qualified name of the module whose forward holds the merge ("" is the model)
     tensor:   the tensor the gate scales (a module path, or ``block.op`` for a function)
-    channels: channels of that tensor (C); reduced: width of the gate's bottleneck (C // r)
-    rule:     the rule that matched; position: "branch" (before the merge) or "output" (after)
+    channels: channels of that tensor (C); reduced: width of the gate's bottleneck (C // r;
+              None for gates without one: ECA, effective SE)
+    rule:     the rule that matched; position: where the rule puts the gate ("branch": before
+              the merge, "output": after it, "pre", "post", "identity": paper Table 14...)
     gate:     qualified name the gate module gets (``block.se_gate``, ``block.se_gate_1``, ...)
     merge:    the add or concatenation the block ends in; entry: the block's entry tensor
     spatial:  height and width of the gated tensor for the plan's input size
     stage:    the network's resolution stage there: k where the tensor is 1/2**k of the input's
               height (rounded), so ResNet-50's stages are 2 to 5, as the paper's conv2_x-conv5_x
+    ratio:    the reduction ratio r of this gate (one per stage may be chosen)
+    parameters: the gate's weights and biases
     """
 
     block: str
     tensor: str
     channels: int
-    reduced: int
+    reduced: int | None
     rule: str
     position: str
     gate: str
@@ -38,6 +42,8 @@ class Site:
     entry: str
     spatial: tuple[int, ...] = ()
     stage: int = 0
+    ratio: int = 16
+    parameters: int = 0
     key: LocalKey = field(repr=False, compare=False, default=())
 
 
@@ -57,7 +63,7 @@ class Plan(Sequence[Site]):
     sites: tuple[Site, ...]
     skipped: tuple[Skipped, ...] = ()
     model: str = ""
-    ratio: int = 16
+    ratio: int | dict = 16
 
     def __len__(self) -> int:
         return len(self.sites)
@@ -76,12 +82,12 @@ class Plan(Sequence[Site]):
         return tuple(sorted({s.stage for s in self.sites}))
 
     def added_parameters(self) -> int:
-        """Weights and biases of the planned gates: 2·C·C/r + C/r + C per gate."""
-        return sum(2 * s.channels * s.reduced + s.reduced + s.channels for s in self.sites)
+        """Weights and biases of the planned gates (for SE: 2·C·C/r + C/r + C per gate)."""
+        return sum(s.parameters for s in self.sites)
 
     def table(self) -> str:
         head = ("#", "block", "rule", "gated tensor", "C", "C/r", "stage", "gate")
-        rows = [(str(i), s.block or "(model)", s.rule, s.tensor, str(s.channels), str(s.reduced),
+        rows = [(str(i), s.block or "(model)", s.rule, s.tensor, str(s.channels), str(s.reduced or "-"),
                  str(s.stage), s.gate) for i, s in enumerate(self.sites)]
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
         right = {0, 4, 5, 6}

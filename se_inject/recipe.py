@@ -18,11 +18,12 @@ RECIPE = "_se_inject_recipe"
 SCHEMA = "se-inject.recipe/1"
 
 
-def record_step(model: nn.Module, *, ratio: int, rules, stages, input_size, init: str,
-                gates: list[str], options) -> None:
+def record_step(model: nn.Module, *, ratio, rules, stages, input_size, init: str,
+                gates: list[str], options, gate) -> None:
     steps = model.__dict__.setdefault(RECIPE, [])
     steps.append({
-        "ratio": ratio,
+        "ratio": {str(k): v for k, v in ratio.items()} if isinstance(ratio, dict) else ratio,
+        "gate": gate.to_dict(),
         "rules": [_rule_dict(r) for r in rules],
         "stages": sorted(stages) if isinstance(stages, frozenset) else stages,
         "input_size": list(input_size) if input_size is not None else None,

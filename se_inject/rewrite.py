@@ -22,7 +22,7 @@ from torch import nn
 from .errors import NotGatedError, RewriteError
 from .calls import Inputs, inputs_of, wrap_body
 from .frames import local_keys
-from .gate import SEGate
+from .gate import ChannelGate, GateSpec, make_gate
 from .plan import LocalKey, Site
 from .trace import Call, TraceOptions, reads_training_flag, trace_block
 
@@ -76,7 +76,7 @@ def _inputs(owner: nn.Module, block: str, calls: Sequence[Call]) -> Inputs | Non
 @dataclass
 class Prepared:
     owner: nn.Module
-    new_gates: dict[str, SEGate]
+    new_gates: dict[str, ChannelGate]
     state: OwnerState
     forward: Callable
 
@@ -160,11 +160,11 @@ def _dispatch(train_fn: Callable, eval_fn: Callable) -> Callable:
     return forward
 
 
-def _gate_factory(owner: nn.Module):
+def _gate_factory(owner: nn.Module, spec: GateSpec):
     ref = next((t for t in [*owner.parameters(), *owner.buffers()] if t.is_floating_point()), None)
     device = ref.device if ref is not None else None
     dtype = ref.dtype if ref is not None else None
-    return lambda channels, ratio: SEGate(channels, ratio, device=device, dtype=dtype)
+    return lambda channels, ratio: make_gate(channels, ratio, spec, device=device, dtype=dtype)
 
 
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
@@ -191,7 +191,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     return forward, traced
 
 
-def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceOptions,
+def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: TraceOptions,
             contexts: dict[str, BlockContext] | None = None) -> list[Prepared]:
     """Build every new forward and gate without touching the model.
 
@@ -213,12 +213,12 @@ def prepare(model: nn.Module, sites: Sequence[Site], ratio: int, options: TraceO
                                "instance; se-inject rewrites the class's forward and would lose "
                                "it. Remove the override or mark the module as a leaf.")
         gates = dict(old.gates) if old else {}
-        make = _gate_factory(owner)
+        make = _gate_factory(owner, spec)
         new_gates = {}
         for s in block_sites:
             name = s.gate.rsplit(".", 1)[-1]
             gates[name] = s.key
-            new_gates[name] = make(s.channels, ratio)
+            new_gates[name] = make(s.channels, s.ratio)
         context = contexts.get(block, BlockContext())
         inputs = _inputs(owner, label, context.calls)
         group = None if context.fingerprint is None else (

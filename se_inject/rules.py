@@ -38,7 +38,8 @@ class Rule:
     equal_shapes: bool
     entry_as_operand: str           # "allow" or "forbid"
     min_branches_with_conv: int
-    gate_at: str                    # "branch", "output" or "after_depthwise"
+    gate_at: str                    # "branch", "output", "after_depthwise" (any merge) or
+                                    # "pre", "post", "identity" (sums only: paper Table 14)
     existing_gate: str              # "skip" or "allow": a block that already holds a channel gate
     depthwise_branch: bool          # the gated branch must hold a depthwise convolution
     disjoint_branches: bool         # the operands' branches share no layer (parallel branches)
@@ -150,7 +151,8 @@ _MATCH_SCHEMA = {
     "depthwise_branch": (False, _of_type(bool, "true or false"), False),
     "disjoint_branches": (False, _of_type(bool, "true or false"), False),
 }
-_GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise"), None)}
+_GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise", "pre", "post",
+                                     "identity"), None)}
 
 
 def _sub(schema):

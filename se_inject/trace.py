@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import TraceError
-from .gate import SEGate
+from .gate import ChannelGate
 from .kinds import MERGE_KINDS, node_kind
 
 __all__ = ["Call", "Frame", "TraceOptions", "trace_model", "trace_block"]
@@ -59,7 +59,7 @@ def is_container(m: nn.Module) -> bool:
 
 def _registry_leaf_modules() -> list[type]:
     """Module classes that timm and torchvision keep out of fx traces."""
-    leaves: list[type] = [SEGate]
+    leaves: list[type] = [ChannelGate]
     try:
         from timm.layers import get_notrace_modules
         leaves += list(get_notrace_modules())

@@ -19,8 +19,8 @@ def paper_reference(u, gate):
     return se_reference(u, gate.fc1.weight, gate.fc1.bias, gate.fc2.weight, gate.fc2.bias)
 
 
-def gates(model) -> list[tuple[str, se_inject.SEGate]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, se_inject.SEGate)]
+def gates(model) -> list[tuple[str, se_inject.ChannelGate]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, se_inject.ChannelGate)]
 
 
 @torch.no_grad()

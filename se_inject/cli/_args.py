@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-__all__ = ["integers", "RATIO", "RATIOS", "STAGES"]
+__all__ = ["integers", "RATIO", "RATIOS", "STAGES", "add_variant_args", "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -29,6 +29,50 @@ def integers(option: str, minimum: int, example: str, *, many: bool,
     return parse
 
 
-RATIO = integers("--ratio", 1, "16", many=False)
-RATIOS = integers("--ratio", 1, "16,8,4", many=True)
+def _ratio(many: bool) -> Callable[[str], object]:
+    """--ratio: an integer (several with commas where ``many``), or one per stage as
+    STAGE:R pairs (2:16,3:16,4:8,5:8)."""
+    plain = integers("--ratio", 1, "16,8,4" if many else "16", many=many)
+
+    def parse(text: str):
+        if ":" not in text:
+            return plain(text)
+        try:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",")
+                     if item.strip()]
+            out = {k: r for k, r in pairs}
+        except ValueError:
+            out = {}
+        if not out or any(k < 0 or r < 1 for k, r in out.items()):
+            raise argparse.ArgumentTypeError(f"--ratio per stage takes STAGE:R pairs separated by "
+                                             f"commas (e.g. 2:16,3:16,4:8,5:8), not {text!r}")
+        return out
+    return parse
+
+
+RATIO = _ratio(many=False)
+RATIOS = _ratio(many=True)
+
+
+def add_variant_args(p: argparse.ArgumentParser) -> None:
+    """The gate's options (se_inject.apply's position, gate, squeeze, excite, min_channels,
+    divisor)."""
+    g = p.add_argument_group("gate variant (paper Tables 11, 12, 14)")
+    g.add_argument("--position", choices=("standard", "pre", "post", "identity"),
+                   default="standard", help="where a residual block's gate goes (default: "
+                   "standard, the residual branch before the sum)")
+    g.add_argument("--gate", choices=("se", "eca", "ese"), default="se",
+                   help="se (the paper's), eca, or ese (effective SE)")
+    g.add_argument("--squeeze", choices=("avg", "max"), default="avg")
+    g.add_argument("--excite", choices=("sigmoid", "hard_sigmoid", "tanh"), default=None,
+                   help="default: sigmoid (hard_sigmoid for --gate ese)")
+    g.add_argument("--min-channels", type=integers("--min-channels", 1, "8", many=False),
+                   default=1, help="narrowest bottleneck (default 1)")
+    g.add_argument("--divisor", type=integers("--divisor", 1, "8", many=False), default=1,
+                   help="round the bottleneck width to a multiple of this (default 1: C // r)")
+
+
+def variant_of(args: argparse.Namespace) -> dict:
+    return {"position": args.position, "gate": args.gate, "squeeze": args.squeeze,
+            "excite": args.excite, "min_channels": args.min_channels, "divisor": args.divisor}
 STAGES = integers("--stages", 0, "2,3,4", many=True, words=("all", "all-but-last"))

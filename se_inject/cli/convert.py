@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import convert, strip
-from ._args import RATIO, STAGES
+from ._args import RATIO, STAGES, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="the SE checkpoint to write")
     p.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's "
                    "own 'arch' or config.json)")
-    p.add_argument("--ratio", type=RATIO, default=16, help="reduction ratio r (default 16)")
+    p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
+                   help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]")
     p.add_argument("--init", choices=("identity", "paper"), default="identity",
@@ -30,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--remove", action="store_true", help="the way back: write the plain model "
                    "of an SE checkpoint (as se-inject strip)")
+    add_variant_args(p)
 
 
 def add_strip_parser(sub) -> None:
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = convert(args.src, args.output, model=args.model, ratio=args.ratio, rules=args.rules,
                   stages=args.stages, init=args.init, format=args.format, force=args.force,
-                  ema=args.ema)
+                  ema=args.ema, **variant_of(args))
     print(f"wrote {out}; load it with se_inject.load({str(out)!r})")
     return 0

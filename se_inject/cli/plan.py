@@ -5,7 +5,7 @@ import argparse
 
 from .. import api
 from .._models import create
-from ._args import RATIO
+from ._args import RATIO, STAGES, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -13,17 +13,22 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
-    p.add_argument("--ratio", type=RATIO, default=16, help="reduction ratio r (default 16)")
+    p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
+                   help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
                    help="built-in rule names or rule files (default: residual inception)")
     p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
                    help="input size for shape propagation (default: the model's config)")
+    p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
+                   help="gate only these resolution stages, or all-but-last (paper Table 13)")
+    add_variant_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
     model = create(args.model)
-    p = api.plan(model, ratio=args.ratio, rules=args.rules,
-                 input_size=tuple(args.input_size) if args.input_size else None)
+    p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
+                 input_size=tuple(args.input_size) if args.input_size else None,
+                 **variant_of(args))
     base = sum(t.numel() for t in model.parameters())
     print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")
     print(p.table())

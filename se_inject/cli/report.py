@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import RATIOS, STAGES
+from ._args import RATIOS, STAGES, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -14,8 +14,9 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
-    p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]",
-                   help="reduction ratio(s), e.g. 16,8,4 (default 16)")
+    p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
+                   help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "
+                        "2:16,3:16,4:8,5:8")
     p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
                    help="input size for the count (default: the model's config)")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
@@ -28,6 +29,7 @@ def add_parser(sub) -> None:
                    help="write added parameters and ops per stage to FILE (.png or .svg)")
     p.add_argument("--measure", action="store_true",
                    help="also time base and gated forward passes on this device, side by side")
+    add_variant_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
     rep = cost(args.model, ratio=args.ratio, stages=args.stages, rules=args.rules,
                input_size=tuple(args.input_size) if args.input_size else None,
-               measure=args.measure)
+               measure=args.measure, **variant_of(args))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.plot is not None:

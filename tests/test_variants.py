@@ -1,0 +1,272 @@
+"""Gate variants (paper Tables 11-14, ECA, effective SE), each against its equations written out
+directly, and the options that choose them on apply(), plan(), cost(), save/load and the CLI."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from timm.layers import EcaModule, EffectiveSEModule, make_divisible
+
+import se_inject
+from se_inject.cli import main
+from se_inject.gate import (ECAGate, EffectiveSEGate, GateSpec, SEGate, gate_parameters,
+                            make_gate, reduced_channels)
+
+from conftest import gates
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# ---------------------------------------------------------------- the equations, written out
+
+_EXCITE = {"sigmoid": lambda v: 1 / (1 + torch.exp(-v)),
+           "hard_sigmoid": lambda v: torch.clamp(v + 3, 0, 6) / 6,
+           "tanh": lambda v: (torch.exp(v) - torch.exp(-v)) / (torch.exp(v) + torch.exp(-v))}
+
+
+def _squeeze(u, how):  # Eq. 2, or its max-pooling ablation (Table 11): one value per channel
+    n, c = u.shape[:2]
+    flat = u.reshape(n, c, -1)
+    return flat.sum(-1) / flat.shape[-1] if how == "avg" else flat.max(-1).values
+
+
+def se_reference(u, w1, b1, w2, b2, squeeze, excite):
+    z = _squeeze(u, squeeze)
+    s = _EXCITE[excite](torch.clamp(z @ w1.T + b1, min=0) @ w2.T + b2)   # Eq. 3
+    return u * s[:, :, None, None]                                      # Eq. 4
+
+
+def eca_reference(u, w, squeeze, excite):
+    """ECA: channel c is excited by sum_j w_j z_{c+j-p}, zero outside the channels."""
+    z = _squeeze(u, squeeze)
+    n, c = z.shape
+    k = w.numel()
+    p = (k - 1) // 2
+    s = torch.zeros(n, c, dtype=u.dtype)
+    for ch in range(c):
+        for j in range(k):
+            src = ch + j - p
+            if 0 <= src < c:
+                s[:, ch] += w[j] * z[:, src]
+    return u * _EXCITE[excite](s)[:, :, None, None]
+
+
+def ese_reference(u, w, b, squeeze, excite):
+    z = _squeeze(u, squeeze)
+    return u * _EXCITE[excite](z @ w.T + b)[:, :, None, None]
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max"])
+@pytest.mark.parametrize("excite", ["sigmoid", "hard_sigmoid", "tanh"])
+def test_se_gate_variants_follow_their_equations(squeeze, excite):
+    torch.manual_seed(0)
+    g = SEGate(24, 4, spec=GateSpec(squeeze=squeeze, excite=excite)).double()
+    u = torch.randn(3, 24, 5, 7, dtype=torch.double)
+    ref = se_reference(u, g.fc1.weight[:, :, 0, 0], g.fc1.bias, g.fc2.weight[:, :, 0, 0],
+                       g.fc2.bias, squeeze, excite)
+    torch.testing.assert_close(g(u), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max"])
+@pytest.mark.parametrize("excite", ["sigmoid", "hard_sigmoid"])
+@pytest.mark.parametrize("channels", [16, 100, 512])
+def test_eca_gate_follows_its_equation(channels, squeeze, excite):
+    torch.manual_seed(1)
+    g = ECAGate(channels, spec=GateSpec(kind="eca", squeeze=squeeze, excite=excite)).double()
+    g.conv.weight.data.normal_()
+    u = torch.randn(2, channels, 4, 3, dtype=torch.double)
+    ref = eca_reference(u, g.conv.weight.flatten(), squeeze, excite)
+    torch.testing.assert_close(g(u), ref, rtol=1e-12, atol=1e-12)
+    # ECA's paper: k = odd nearest |log2(C) + 1| / 2, at least 3
+    t = int(abs(math.log2(channels) + 1) / 2)
+    assert g.conv.weight.numel() == max(t if t % 2 else t + 1, 3)
+
+
+@pytest.mark.parametrize("squeeze", ["avg", "max"])
+@pytest.mark.parametrize("excite", [None, "sigmoid"])
+def test_effective_se_gate_follows_its_equation(squeeze, excite):
+    torch.manual_seed(2)
+    spec = GateSpec(kind="ese", squeeze=squeeze, excite=excite)
+    g = EffectiveSEGate(20, spec=spec).double()
+    u = torch.randn(2, 20, 6, 6, dtype=torch.double)
+    ref = ese_reference(u, g.fc.weight[:, :, 0, 0], g.fc.bias, squeeze,
+                        excite or "hard_sigmoid")    # effective SE's own gate: a hard sigmoid
+    torch.testing.assert_close(g(u), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eca_and_effective_se_compute_what_timm_layers_do():
+    torch.manual_seed(3)
+    u = torch.randn(2, 64, 7, 7)
+    ours, theirs = ECAGate(64), EcaModule(channels=64)
+    ours.load_state_dict(theirs.state_dict())       # same parameter names and shapes
+    torch.testing.assert_close(ours(u), theirs(u), rtol=0, atol=0)
+    ours, theirs = EffectiveSEGate(64), EffectiveSEModule(64)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(u), theirs(u), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels,ratio,min_channels,divisor", [
+    (64, 16, 1, 8), (96, 16, 8, 8), (40, 4, 1, 8), (1000, 24, 1, 8), (72, 4, 16, 4),
+    (24, 16, 8, 1), (7, 16, 1, 1)])
+def test_bottleneck_width_rounds_as_timm(channels, ratio, min_channels, divisor):
+    got = reduced_channels(channels, ratio, min_channels, divisor)
+    if divisor == 1:
+        assert got == max(min_channels, channels // ratio)   # the paper's C/r, floored
+    else:
+        assert got == make_divisible(channels / ratio, divisor, min_value=min_channels)
+
+
+@pytest.mark.parametrize("spec", [GateSpec(), GateSpec(divisor=8, min_channels=8),
+                                  GateSpec(kind="eca"), GateSpec(kind="ese")])
+@pytest.mark.parametrize("channels", [32, 200])
+def test_parameter_formula_matches_the_modules(spec, channels):
+    g = make_gate(channels, 16, spec)
+    assert sum(p.numel() for p in g.parameters()) == gate_parameters(channels, 16, spec)
+
+
+def test_bad_variant_options_are_refused_before_anything_changes():
+    model = timm.create_model("resnet18")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for kwargs, words in [({"gate": "cbam"}, "gate must be one of"),
+                          ({"squeeze": "median"}, "squeeze must be one of"),
+                          ({"excite": "relu"}, "excite must be one of"),
+                          ({"position": "middle"}, "position must be one of"),
+                          ({"divisor": 0}, "divisor must be a positive integer"),
+                          ({"ratio": {2: 0}}, "ratio per stage"),
+                          ({"ratio": {2: 16}}, "gives none for stage"),
+                          ({"excite": "tanh", "init": "identity"}, "tanh gives 0")]:
+        if "ratio" in kwargs and "gives none" in words:
+            kwargs = {**kwargs, "stages": [2, 3]}
+        with pytest.raises(se_inject.SEInjectError, match=words):
+            se_inject.apply(model, **kwargs)
+        assert model.state_dict().keys() == before.keys()
+        assert not gates(model)
+
+
+# ---------------------------------------------------------------- positions (Table 14)
+
+def _branch(blk, x):
+    x = blk.act1(blk.bn1(blk.conv1(x)))
+    return blk.bn2(blk.conv2(blk.aa(blk.drop_block(x))))
+
+
+def _shortcut(blk, x):
+    return blk.downsample(x) if blk.downsample is not None else x
+
+
+_POSITIONS = {
+    "standard": lambda b, g, x: b.act2(g(_branch(b, x)) + _shortcut(b, x)),
+    "pre": lambda b, g, x: b.act2(_branch(b, g(x)) + _shortcut(b, x)),
+    "post": lambda b, g, x: g(b.act2(_branch(b, x) + _shortcut(b, x))),
+    "identity": lambda b, g, x: b.act2(_branch(b, x) + g(_shortcut(b, x))),
+}
+
+
+@pytest.mark.parametrize("position", list(_POSITIONS))
+@pytest.mark.parametrize("block", ["layer1.0", "layer2.0"])   # identity and projection shortcut
+def test_positions_place_the_gate_as_the_paper_draws_them(position, block):
+    torch.manual_seed(4)
+    model = timm.create_model("resnet18").eval()
+    se_inject.apply(model, position=position, input_size=(3, 64, 64))
+    blk = model.get_submodule(block)
+    g = blk.se_gate
+    x = torch.randn(2, blk.conv1.in_channels, 16, 16)
+    want_channels = {"pre": blk.conv1.in_channels}.get(position, blk.conv2.out_channels)
+    assert g.channels == want_channels
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), _POSITIONS[position](blk, g, x), rtol=0, atol=0)
+    assert len(gates(model)) == 8
+    assert {s.position for s in se_inject.plan(timm.create_model("resnet18"),
+                                               position=position)} == \
+        {"branch" if position == "standard" else position}
+
+
+def test_positions_leave_concatenation_blocks_at_their_rule():
+    model = timm.create_model("inception_v3")
+    p = se_inject.plan(model, position="identity", input_size=(3, 299, 299))
+    assert len(p) == 11 and {s.position for s in p} == {"output"}
+
+
+# ---------------------------------------------------------------- stages and ratios
+
+def test_ratio_per_stage():
+    model = timm.create_model("resnet50")
+    ratio = {2: 16, 3: 16, 4: 8, 5: 8}
+    se_inject.apply(model, ratio=ratio)
+    for name, g in gates(model):
+        stage = 2 + int(name.split(".")[0][-1]) - 1      # layer1..layer4 are stages 2..5
+        assert g.fc1.out_channels == g.channels // ratio[stage], name
+    se_inject.remove(model)
+    se_inject.apply(model, ratio={4: 8, 5: 4})          # the stages named are the ones gated
+    assert {n.split(".")[0] for n, _ in gates(model)} == {"layer3", "layer4"}
+
+
+def test_options_reach_every_gate_and_survive_save_and_load(tmp_path):
+    torch.manual_seed(5)
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    se_inject.apply(model, ratio={2: 4, 3: 8, 4: 8, 5: 16}, position="pre", gate="se",
+                    squeeze="max", excite="hard_sigmoid", divisor=8, min_channels=8)
+    for _, g in gates(model):
+        assert isinstance(g.gate, torch.nn.Hardsigmoid) and g.spec.squeeze == "max"
+        assert g.fc1.out_channels % 8 == 0 and g.fc1.out_channels >= 8
+    back = se_inject.load(se_inject.save(model, tmp_path / "m.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), model(x))
+    eca = timm.create_model("resnet18").eval()
+    se_inject.apply(eca, gate="eca", init="identity")
+    assert all(isinstance(g, ECAGate) for _, g in gates(eca)) and len(gates(eca)) == 8
+    back = se_inject.load(se_inject.save(eca, tmp_path / "eca.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), eca(x))
+
+
+@pytest.mark.parametrize("gate", ["eca", "ese"])
+def test_identity_init_for_other_gates_keeps_outputs(gate):
+    torch.manual_seed(6)
+    model = timm.create_model("resnet18").eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y0 = model(x)
+        se_inject.apply(model, gate=gate, init="identity")
+        assert torch.equal(model(x), y0)
+
+
+def test_cost_counts_the_chosen_gate():
+    rep = se_inject.cost("resnet18", gate="eca")
+    p = se_inject.plan(timm.create_model("resnet18"))
+    want = sum(max(int(abs(math.log2(s.channels) + 1) / 2) | 1, 3) for s in p)
+    assert rep.ratios[0].added_parameters == want
+    per_stage = se_inject.cost("resnet50", ratio={2: 16, 3: 16, 4: 8, 5: 8})
+    native16 = se_inject.cost("resnet50", ratio=16).ratios[0]
+    native8 = se_inject.cost("resnet50", ratio=8).ratios[0]
+    by = {s.stage: s.parameters for s in per_stage.ratios[0].stages}
+    assert by[2] == {s.stage: s.parameters for s in native16.stages}[2]
+    assert by[5] == {s.stage: s.parameters for s in native8.stages}[5]
+
+
+def test_cli_takes_the_variant_options(tmp_path, capsys):
+    assert main(["plan", "resnet18", "--position", "identity", "--gate", "eca"]) == 0
+    out = capsys.readouterr().out
+    assert "8 gates (8 residual) at ratio 16, +36 parameters" in out   # ECA: k = 3,3,5,...,5
+    assert "layer4.0.act2" in out     # layer4.1's identity shortcut: the previous block's output
+    assert main(["report", "resnet50", "--ratio", "2:16,3:16,4:8,5:8", "--format", "json"]) == 0
+    import json
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["ratios"][0]["ratio"] == {"2": 16, "3": 16, "4": 8, "5": 8}
+    m = timm.create_model("resnet18").eval()
+    torch.save(m.state_dict(), tmp_path / "r.pth")
+    assert main(["convert", str(tmp_path / "r.pth"), "--model", "resnet18", "-o",
+                 str(tmp_path / "o.safetensors"), "--excite", "hard_sigmoid"]) == 0
+    g = se_inject.load(tmp_path / "o.safetensors")
+    assert all(isinstance(x.gate, torch.nn.Hardsigmoid) for _, x in gates(g))
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "resnet18", "--ratio", "2:x"])
+    assert e.value.code == 2
+    assert main(["convert", str(tmp_path / "r.pth"), "--model", "resnet18", "-o",
+                 str(tmp_path / "t.safetensors"), "--excite", "tanh"]) != 0
+    assert not (tmp_path / "t.safetensors").exists()
