@@ -25,13 +25,12 @@ def reduced_channels(channels: int, ratio: int, min_channels: int = 1, divisor: 
 
     ``divisor == 1``: ``C // r``, at least ``min_channels`` (the paper's C/r).
     ``divisor > 1``: ``C / r`` rounded to the nearest multiple of ``divisor``, at least
-    ``min_channels``, and never rounded down by more than 10% (timm's ``make_divisible``).
+    ``divisor`` and ``min_channels``: timm's ``make_divisible`` as its ``SEModule`` calls it, so
+    ``divisor=8`` gives the widths of timm's SE models (seresnet50 and the like).
     """
     if divisor == 1:
         return max(min_channels, channels // ratio)
-    v = channels / ratio
-    new = max(min_channels, int(v + divisor / 2) // divisor * divisor)
-    return new + divisor if new < 0.9 * v else new
+    return max(min_channels, divisor, int(channels / ratio + divisor / 2) // divisor * divisor)
 
 
 def _excitation(name: str) -> nn.Module:

@@ -7,7 +7,7 @@ import math
 import pytest
 import timm
 import torch
-from timm.layers import EcaModule, EffectiveSEModule, make_divisible
+from timm.layers import EcaModule, EffectiveSEModule, SEModule, make_divisible
 
 import se_inject
 from se_inject.cli import main
@@ -108,13 +108,16 @@ def test_eca_and_effective_se_compute_what_timm_layers_do():
 
 @pytest.mark.parametrize("channels,ratio,min_channels,divisor", [
     (64, 16, 1, 8), (96, 16, 8, 8), (40, 4, 1, 8), (1000, 24, 1, 8), (72, 4, 16, 4),
-    (24, 16, 8, 1), (7, 16, 1, 1)])
+    (184, 16, 1, 8), (16, 16, 1, 8), (24, 16, 8, 1), (7, 16, 1, 1)])
 def test_bottleneck_width_rounds_as_timm(channels, ratio, min_channels, divisor):
     got = reduced_channels(channels, ratio, min_channels, divisor)
     if divisor == 1:
         assert got == max(min_channels, channels // ratio)   # the paper's C/r, floored
     else:
-        assert got == make_divisible(channels / ratio, divisor, min_value=min_channels)
+        assert got == make_divisible(channels / ratio, divisor,
+                                     min_value=max(min_channels, divisor), round_limit=0.)
+    if divisor == 8 and min_channels == 1:                   # timm's own SE module
+        assert got == SEModule(channels, rd_ratio=1 / ratio).fc1.out_channels
 
 
 @pytest.mark.parametrize("spec", [GateSpec(), GateSpec(divisor=8, min_channels=8),
