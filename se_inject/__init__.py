@@ -3,11 +3,12 @@ from .api import apply, plan, remove
 from .checkpoint import load, save
 from .cost import CostReport, cost
 from .errors import SEInjectError
+from .fuse import fuse, unfuse
 from .gate import ChannelGate, ECAGate, EffectiveSEGate, GateSpec, SEGate
 from .plan import Plan, Site
 
 __version__ = "0.1.0"
 
-__all__ = sorted(["apply", "plan", "remove", "save", "load", "cost", "CostReport", "Plan", "Site",
+__all__ = sorted(["apply", "plan", "remove", "fuse", "unfuse", "save", "load", "cost", "CostReport", "Plan", "Site",
                   "ChannelGate", "SEGate", "ECAGate", "EffectiveSEGate", "GateSpec",
                   "SEInjectError", "__version__"])

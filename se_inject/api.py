@@ -15,6 +15,7 @@ from torch import nn
 from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, gate_parameters
+from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
 from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
@@ -305,7 +306,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
           rules: RuleSpec | Sequence[RuleSpec] | None = None, *, input_size=None, stages=None,
           init: str = "paper", position: str = "standard", gate: str = "se",
           squeeze: str = "avg", excite: str | None = None, min_channels: int = 1,
-          divisor: int = 1, leaf_modules: Iterable[type] = (),
+          divisor: int = 1, fused: bool = False, leaf_modules: Iterable[type] = (),
           autowrap_functions: Iterable[Callable] = ()) -> nn.Module:
     """Insert SE gates into ``model`` in place and return it (the same object).
 
@@ -333,6 +334,9 @@ def apply(model: nn.Module, ratio: int | dict = 16,
             for "ese").
         min_channels, divisor: the bottleneck width: C // r at least ``min_channels``; with
             ``divisor > 1``, C / r rounded to a multiple of it as timm's ``make_divisible``.
+        fused: compile the gated model in place (``se_inject.fuse``): each gate's squeeze,
+            excitation and scale run fused with the norm before and the sum and activation
+            after them.
         leaf_modules: extra module classes fx should call without tracing into.
         autowrap_functions: extra functions fx should record as single calls.
 
@@ -340,6 +344,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         SEInjectError: for every refusal; the model is then unchanged.
     """
     _check_model(model)
+    if not isinstance(fused, bool):
+        raise InvalidArgumentError(f"fused must be True or False, not {fused!r}")
     ratio = _check_ratio(ratio)
     stages = _check_stages(stages)
     init = _check_init(init)
@@ -381,6 +387,10 @@ def apply(model: nn.Module, ratio: int | dict = 16,
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],
                 options=options, gate=spec)
+    settings = fused_settings(model)
+    if settings is not None or fused:  # code compiled before would run without the new gates
+        unfuse(model)
+        fuse(model, **(settings or {}))
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__
@@ -401,4 +411,5 @@ def remove(model: nn.Module) -> nn.Module:
     remove_gates(model)
     scale(model, compensated, 1 / FACTOR)
     forget_recipe(model)
+    unfuse(model)  # compiled code of the gated model must not outlive its gates
     return model

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidArgumentError
@@ -35,6 +36,12 @@ def reduced_channels(channels: int, ratio: int, min_channels: int = 1, divisor: 
 
 def _excitation(name: str) -> nn.Module:
     return {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh}[name]()
+
+
+def _fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to a vector per sample, as the matrix product it is: the
+    same numbers as running the convolution on a 1x1 map, without a convolution's overhead."""
+    return F.linear(v, conv.weight.flatten(1), conv.bias)
 
 
 def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -139,9 +146,9 @@ class SEGate(ChannelGate):
         self.fc2.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = _squeeze(x, self.spec.squeeze)               # squeeze, Eq. 2
-        s = self.gate(self.fc2(self.act(self.fc1(s))))   # excitation, Eq. 3
-        return x * s                                      # scale, Eq. 4
+        s = _squeeze(x, self.spec.squeeze).flatten(1)                  # squeeze, Eq. 2
+        s = self.gate(_fc(self.fc2, self.act(_fc(self.fc1, s))))       # excitation, Eq. 3
+        return x * s[:, :, None, None]                                 # scale, Eq. 4
 
 
 class ECAGate(ChannelGate):
@@ -190,7 +197,8 @@ class EffectiveSEGate(ChannelGate):
         self.fc.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(self.fc(_squeeze(x, self.spec.squeeze)))
+        s = self.gate(_fc(self.fc, _squeeze(x, self.spec.squeeze).flatten(1)))
+        return x * s[:, :, None, None]
 
 
 _CLASSES = {"se": SEGate, "eca": ECAGate, "ese": EffectiveSEGate}

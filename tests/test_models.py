@@ -143,10 +143,10 @@ def test_fx_deepcopy_and_state_dict_round_trip(case):
     with torch.no_grad():
         y = model(x)
         # gates in the model's own forward need the model wrapped (apply() warns about this)
-        own = any(isinstance(m, se_inject.SEGate) for m in model.children())
+        own = any(isinstance(m, se_inject.ChannelGate) for m in model.children())
         traced = fx.symbolic_trace(torch.nn.Sequential(model) if own else model)
         n_traced = sum(1 for n in traced.graph.nodes
-                       if re.search(r"(^|\.)se_gate(_[1-9][0-9]*)?\.fc1$", str(n.target)))
+                       if re.search(r"(^|\.)se_gate(_[1-9][0-9]*)?\.fc1\.weight$", str(n.target)))
         assert n_traced == len(gates(model))
         torch.testing.assert_close(traced(x), y, rtol=0, atol=0)
         twin = copy.deepcopy(model)

@@ -103,7 +103,8 @@ def test_eca_and_effective_se_compute_what_timm_layers_do():
     torch.testing.assert_close(ours(u), theirs(u), rtol=0, atol=0)
     ours, theirs = EffectiveSEGate(64), EffectiveSEModule(64)
     ours.load_state_dict(theirs.state_dict())
-    torch.testing.assert_close(ours(u), theirs(u), rtol=0, atol=0)
+    # the same sums; a matrix product instead of a 1x1 convolution may order them differently
+    torch.testing.assert_close(ours(u), theirs(u), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels,ratio,min_channels,divisor", [

@@ -1,0 +1,116 @@
+"""The fused fast path: torch.compile of the gated model, in place, with the gate fused into
+the kernels around it, and the same outputs as the eager model."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.utils import run_and_get_code
+
+import se_inject
+from se_inject.fuse import fused_settings
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                  nn.BatchNorm2d(cout)) if stride > 1 or cin != cout else None
+
+    def forward(self, x):
+        s = x if self.down is None else self.down(x)
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + s)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, 2, 1)
+        self.blocks = nn.Sequential(Block(32, 32, 1), Block(32, 64, 2))
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _net():
+    torch.manual_seed(0)
+    net = Net()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_var.data.uniform_(0.5, 1.5)
+            m.running_mean.data.normal_(0, 0.1)
+    return net
+
+
+def test_fused_model_is_the_same_object_with_the_same_outputs():
+    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
+    eager = copy.deepcopy(net)
+    keys = list(net.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    assert se_inject.fuse(net) is net and type(net) is Net
+    assert list(net.state_dict()) == keys                   # no _orig_mod. prefix
+    with torch.no_grad():
+        y, (code, *_) = run_and_get_code(net, x)
+        ref = eager(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    kernels = re.findall(r"(cpp_fused_\w+) = ", code) or re.findall(r"(triton_\w+) = ", code)
+    # each gate's scale runs in one kernel with the excitation, the residual sum and the ReLU...
+    assert sum(all(op in k for op in ("add", "mul", "relu", "sigmoid")) for k in kernels) == 2
+    # ...and its squeeze in the same pass as the norm before it
+    assert sum("mean" in k and "batch_norm" in k and "sigmoid" not in k for k in kernels) == 2
+    # (the last block's scale kernel also takes the head's global pooling: one pass fewer)
+
+
+def test_fused_training_step_matches_eager():
+    net = se_inject.apply(_net().train(), input_size=(3, 32, 32))
+    eager = copy.deepcopy(net)
+    x = torch.randn(4, 3, 32, 32)
+    se_inject.fuse(net)
+    net(x).square().mean().backward()
+    eager(x).square().mean().backward()
+    grads = dict(eager.named_parameters())
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("blocks.0.se_gate.fc1.weight", "blocks.1.se_gate.fc2.bias"):
+        assert dict(net.named_parameters())[name].grad.abs().sum() > 0
+
+
+def test_apply_fused_and_remove_unfuses():
+    net = _net().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+    se_inject.apply(net, input_size=(3, 32, 32), fused=True, init="identity")
+    assert fused_settings(net) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+    se_inject.remove(net)
+    assert fused_settings(net) is None and net._compiled_call_impl is None
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+    with pytest.raises(se_inject.SEInjectError, match="fused must be True or False"):
+        se_inject.apply(net, fused="yes")
+
+
+@pytest.mark.slow
+def test_fused_resnet50_matches_eager():
+    import timm
+    net = se_inject.apply(timm.create_model("resnet50").eval())
+    eager = copy.deepcopy(net)
+    x = torch.randn(2, 3, 224, 224)
+    se_inject.fuse(net)
+    with torch.no_grad():
+        y, ref = net(x), eager(x)
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
