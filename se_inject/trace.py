@@ -213,9 +213,16 @@ def _holds_proxy(value, depth: int = 3) -> bool:
 
 class _NoProxiesLeft:
     """Tracing runs the model's Python, which may cache a traced value on a module (timm's
-    LeViT caches its attention biases in eval mode). Undo every such change on exit."""
+    LeViT caches its attention biases in eval mode). Undo every such change on exit.
+
+    fx hands out proxies for the parameters and buffers of submodules, but the traced root's
+    own buffers are the real tensors: an in-place update in its forward (a norm layer counting
+    its batches) would change them. Their values are put back too."""
 
     def __init__(self, model: nn.Module):
+        self._root_buffers = [(k, v, v.clone()) for k, v in model._buffers.items()
+                              if isinstance(v, torch.Tensor)]
+        self._model = model
         self._before = []
         for m in model.modules():
             attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_STATE}
@@ -227,6 +234,10 @@ class _NoProxiesLeft:
         return self
 
     def __exit__(self, *exc):
+        with torch.no_grad():
+            for k, v, saved in self._root_buffers:
+                if self._model._buffers.get(k) is v and not torch.equal(v, saved):
+                    v.copy_(saved)
         for m, attrs, copies in self._before:
             for k, v in list(m.__dict__.items()):
                 if k in _MODULE_STATE or (k in attrs and v is attrs[k] and k not in copies):

@@ -33,3 +33,16 @@ def test_get_attr_nodes_match_plain_fx():
     assert ours == theirs
     assert ours.count("gamma") == 1  # one node, used twice
     assert "scale" in ours and "step" in ours
+
+
+def test_planning_leaves_every_buffer_as_it_was():
+    # Inception-v3's BatchNormAct2d is traced alone once to see whether it hides a block; its
+    # forward counts batches in place on its own buffer, which fx does not turn into a proxy
+    import timm
+    import se_inject
+    from se_inject import trace
+    trace._OPENS.clear()            # each class is tried once per process
+    model = timm.create_model("inception_v3").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    se_inject.plan(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
