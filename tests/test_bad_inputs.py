@@ -1,0 +1,238 @@
+"""A catalogue of bad inputs across apply(), rule files, checkpoints and the command line. For
+each: the error's type, a message that names the input, a non-zero exit from the CLI, and
+nothing changed or written."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import se_inject
+from se_inject.checkpoint import CheckpointError
+from se_inject.cli import main
+from se_inject.errors import (InvalidArgumentError, NoSitesError, NotGatedError, RuleError,
+                              SEInjectError, TraceError)
+from se_inject.identity import IdentityInitError
+
+from handwritten import BlockNet
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return (type(model), [(k, v.clone()) for k, v in model.state_dict().items()],
+            [(n, type(m)) for n, m in model.named_modules()],
+            [n for n, m in model.named_modules() if "forward" in m.__dict__])
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] is b[0] and a[2] == b[2] and a[3] == b[3] and len(a[1]) == len(b[1]) and \
+        all(ka == kb and torch.equal(va, vb) for (ka, va), (kb, vb) in zip(a[1], b[1]))
+
+
+class _Branchy(nn.Module):
+    """A forward that branches on a tensor's value: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c(x)
+        if y.sum() > 0:
+            return y + x
+        return y
+
+
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + x
+
+
+@dataclass
+class ApplyCase:
+    id: str
+    build: Callable[[], nn.Module]
+    kwargs: dict
+    error: type
+    names: str      # the part of the message that names the bad input
+
+
+APPLY_CASES = [
+    ApplyCase("ratio-zero", BlockNet, {"ratio": 0}, InvalidArgumentError, "not 0"),
+    ApplyCase("ratio-string", BlockNet, {"ratio": "16"}, InvalidArgumentError, "not '16'"),
+    ApplyCase("ratio-per-stage-bad", BlockNet, {"ratio": {2: 0}}, InvalidArgumentError,
+              "{2: 0}"),
+    ApplyCase("stages-absent", BlockNet, {"stages": [9]}, InvalidArgumentError, "stages [9]"),
+    ApplyCase("stages-word", BlockNet, {"stages": "first"}, InvalidArgumentError, "'first'"),
+    ApplyCase("init", BlockNet, {"init": "zeros"}, InvalidArgumentError, "'zeros'"),
+    ApplyCase("position", BlockNet, {"position": "middle"}, InvalidArgumentError, "'middle'"),
+    ApplyCase("gate", BlockNet, {"gate": "cbam"}, InvalidArgumentError, "'cbam'"),
+    ApplyCase("squeeze", BlockNet, {"squeeze": "median"}, InvalidArgumentError, "'median'"),
+    ApplyCase("excite", BlockNet, {"excite": "relu"}, InvalidArgumentError, "'relu'"),
+    ApplyCase("divisor", BlockNet, {"divisor": 0}, InvalidArgumentError, "divisor"),
+    ApplyCase("tanh-identity", BlockNet, {"excite": "tanh", "init": "identity"},
+              InvalidArgumentError, "tanh"),
+    ApplyCase("fused", BlockNet, {"fused": "yes"}, InvalidArgumentError, "'yes'"),
+    ApplyCase("input-size", BlockNet, {"input_size": (3, 0, 32)}, InvalidArgumentError,
+              "(3, 0, 32)"),
+    ApplyCase("unknown-rule", BlockNet, {"rules": ["no-such-rule"]}, RuleError,
+              "no-such-rule"),
+    ApplyCase("no-cnn-blocks", _MLP, {"input_size": (8,)}, NoSitesError, "_MLP"),
+    ApplyCase("untraceable", _Branchy, {}, TraceError, "_Branchy"),
+    ApplyCase("identity-without-a-producer", lambda: timm.create_model("inception_v3"),
+              {"init": "identity"}, IdentityInitError, "se_gate"),
+]
+
+
+@pytest.mark.parametrize("case", APPLY_CASES, ids=[c.id for c in APPLY_CASES])
+def test_apply_refuses_and_leaves_the_model_as_it_was(case):
+    model = case.build()
+    before = _fingerprint(model)
+    with pytest.raises(case.error) as info:
+        se_inject.apply(model, **case.kwargs)
+    assert isinstance(info.value, SEInjectError)
+    assert case.names in str(info.value), str(info.value)
+    assert _same(before, _fingerprint(model))
+
+
+def test_not_a_module_and_not_gated():
+    with pytest.raises(InvalidArgumentError, match="not str"):
+        se_inject.apply("resnet50")
+    model = BlockNet()
+    with pytest.raises(NotGatedError, match="BlockNet holds no se-inject gates"):
+        se_inject.remove(model)
+
+
+# ------------------------------------------------------------------------- rule files
+
+RULE_CASES = {
+    "python-tag": ("schema: 1\nname: x\nsummary: s\nmatch: !!python/object:os.system {}\n",
+                   "rule.yaml:4"),
+    "missing-gate": ("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: add\n", "gate"),
+    "bad-merge": ("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: sum\ngate:\n  at: branch\n",
+                  "'sum'"),
+    "not-yaml": ("schema: 1\nname: [unclosed\n", "rule.yaml"),
+    "bad-position": ("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: add\ngate:\n"
+                     "  at: middle\n", "'middle'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_bad_rule_files(case, tmp_path, capsys):
+    text, names = RULE_CASES[case]
+    path = tmp_path / "rule.yaml"
+    path.write_text(text)
+    model = BlockNet()
+    before = _fingerprint(model)
+    with pytest.raises(RuleError) as info:
+        se_inject.apply(model, rules=[str(path)])
+    assert names in str(info.value) and "rule.yaml" in str(info.value)
+    assert _same(before, _fingerprint(model))
+    assert main(["rules", "check", str(path)]) != 0
+    assert names in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- checkpoints, CLI
+
+def _listing(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    m = timm.create_model("resnet18", num_classes=3)
+    torch.save(m.state_dict(), tmp_path / "r18.pth")
+    with open(tmp_path / "evil.pth", "wb") as fh:
+        pickle.dump({"state_dict": _Evil()}, fh)
+    (tmp_path / "trunc.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4000])
+    (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(256))
+    torch.save({"epoch": 1, "state_dict": m.state_dict()}, tmp_path / "noarch.pth.tar")
+    se = se_inject.apply(timm.create_model("resnet18", num_classes=3))
+    se_inject.save(se, tmp_path / "se.safetensors")
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(tmp_path / "se.safetensors"), tmp_path / "bad-recipe.safetensors",
+              metadata={"se_inject.recipe": "{not json"})
+    return tmp_path
+
+
+CLI_CASES = {
+    "pickle-runs-code": (["convert", "evil.pth", "--model", "resnet18", "-o", "o.safetensors"],
+                         "evil.pth: refused: unpickling it would import or run code"),
+    "truncated": (["convert", "trunc.pth", "--model", "resnet18", "-o", "o.safetensors"],
+                  "trunc.pth: not a readable PyTorch checkpoint"),
+    "random-bytes": (["convert", "noise.safetensors", "--model", "resnet18", "-o", "o.pth"],
+                     "noise.safetensors: not a readable safetensors file"),
+    "wrong-model": (["convert", "r18.pth", "--model", "resnet34", "-o", "o.safetensors"],
+                    "r18.pth does not fit ResNet"),
+    "exists": (["convert", "r18.pth", "--model", "resnet18", "-o", "exists.safetensors"],
+               "exists.safetensors exists; pass --force"),
+    "onto-input": (["convert", "r18.pth", "--model", "resnet18", "-o", "r18.pth", "--force"],
+                   "r18.pth: the output would overwrite the input"),
+    "missing-folder": (["convert", "r18.pth", "--model", "resnet18", "-o", "no/o.safetensors"],
+                       "folder no does not exist"),
+    "no-architecture": (["convert", "noarch.pth.tar", "-o", "o.safetensors"],
+                        "noarch.pth.tar does not name its architecture: pass --model"),
+    "no-such-file": (["convert", "nothing.pth", "--model", "resnet18", "-o", "o.safetensors"],
+                     "nothing.pth: no such file"),
+    "already-gated": (["convert", "se.safetensors", "--model", "resnet18", "-o", "o.pth"],
+                      "se.safetensors already holds SE gates"),
+    "strip-a-plain-file": (["strip", "r18.pth", "-o", "o.safetensors"],
+                           "r18.pth: no se-inject recipe"),
+    "strip-bad-recipe": (["strip", "bad-recipe.safetensors", "-o", "o.safetensors"],
+                         "bad-recipe.safetensors: its se-inject recipe is not valid JSON"),
+    "unknown-model": (["plan", "resnet5O"], "resnet5O"),
+    "bad-plot-path": (["report", "resnet18", "--plot", "costs.docx"], "costs.docx"),
+    "bad-ratio": (["plan", "resnet18", "--ratio", "2:x"], "'2:x'"),
+    "bad-gate": (["plan", "resnet18", "--gate", "cbam"], "'cbam'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_refuses_with_a_nonzero_exit_and_writes_nothing(case, folder, capsys, monkeypatch):
+    argv, names = CLI_CASES[case]
+    monkeypatch.chdir(folder)
+    before = _listing(folder)
+    try:
+        code = main(argv)
+    except SystemExit as exc:      # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0
+    assert names in err, err
+    assert "Traceback" not in err
+    assert _listing(folder) == before                         # nothing written or changed
+    assert not (folder / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_load_refusals_name_the_file(folder):
+    with pytest.raises(CheckpointError, match="r18.pth: no se-inject recipe"):
+        se_inject.load(folder / "r18.pth")
+    with pytest.raises(CheckpointError, match="bad-recipe.safetensors: its se-inject recipe"):
+        se_inject.load(folder / "bad-recipe.safetensors")
+    recipe = json.loads(torch.load(folder / "r18.pth", weights_only=True) and "{}")
+    assert recipe == {}
+
+
+def test_the_catalogue_is_large_enough():
+    assert len(APPLY_CASES) + len(RULE_CASES) + len(CLI_CASES) + 2 >= 25
