@@ -1,0 +1,185 @@
+"""Random CNNs for property-based tests: chains, residual blocks of 1-3 convolutions, inception
+modules of 2-5 branches (pooling branches among them), nested in each other, with random widths
+and strides; and how many gates the built-in rules should place in each."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+import se_inject
+from se_inject.errors import NoSitesError
+from se_inject.identity import IdentityInitError
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> list:
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+    return layers + [nn.ReLU()] if relu else layers
+
+
+class Res(nn.Module):
+    """relu(branch(x) + shortcut(x)); the shortcut is x, or a 1x1 projection when the shape
+    changes. The branch may hold a nested block between its convolutions."""
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None):
+        super().__init__()
+        self.branch, self.shortcut = branch, shortcut
+
+    def forward(self, x):
+        s = x if self.shortcut is None else self.shortcut(x)
+        return torch.relu(self.branch(x) + s)
+
+
+class Inception(nn.Module):
+    def __init__(self, branches: list[nn.Module]):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x):
+        return torch.cat([b(x) for b in self.branches], dim=1)
+
+
+class Net(nn.Module):
+    def __init__(self, stem: int, blocks: list[nn.Module], width: int):
+        super().__init__()
+        self.stem = nn.Sequential(*conv_bn(3, stem))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+@dataclass
+class Built:
+    module: nn.Module
+    width: int           # output channels
+    downsample: int      # how many stride-2 steps it took
+    gates: int           # gates the built-in rules place in it, whatever encloses it
+    pool_branches: int = 0
+    kinds: list = field(default_factory=list)
+    yielding: int = 0    # its own inception gate: the rule yields it when a matched residual or
+                         # inception block encloses it
+
+
+def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
+    kinds = ["chain", "res", "inception"] if depth < 2 else ["chain", "res"]
+    kind = draw(st.sampled_from(kinds))
+    width = st.integers(2, 12).map(lambda v: 2 * v)
+    if kind == "chain":
+        cout = draw(width)
+        stride = 2 if strides_left and draw(st.booleans()) else 1
+        return Built(nn.Sequential(*conv_bn(cin, cout, stride=stride)), cout, stride == 2, 0,
+                     kinds=["chain"])
+    if kind == "res":
+        n = draw(st.integers(1, 3))
+        cout = draw(width)
+        stride = 2 if strides_left and draw(st.booleans()) else 1
+        layers, c, inner = [], cin, None
+        for i in range(n):
+            last = i == n - 1
+            layers += conv_bn(c, cout, stride=stride if i == 0 else 1, relu=not last)
+            c = cout
+            if i == 0 and not last and depth < 2 and draw(st.booleans()):
+                inner = _block(draw, c, depth + 1, 0)
+                layers.append(inner.module)
+                c = inner.width
+                if c != cout:
+                    layers += conv_bn(c, cout, k=1)
+                    c = cout
+        if n == 1 and depth < 2 and draw(st.booleans()):   # a nested block after the conv
+            inner = _block(draw, cout, depth + 1, 0)
+            layers += [inner.module, *conv_bn(inner.width, cout, k=1, relu=False)]
+        short = None if stride == 1 and cin == cout else \
+            nn.Sequential(*conv_bn(cin, cout, k=1, stride=stride, relu=False))
+        g = 1 + (inner.gates if inner else 0)     # a residual block always matches
+        return Built(Res(nn.Sequential(*layers), short), cout, stride == 2, g,
+                     inner.pool_branches if inner else 0, ["res"] + (inner.kinds if inner else []))
+    n = draw(st.integers(2, 5))
+    branches, widths, with_conv, pools, inners, kinds = [], [], 0, 0, [], ["inception"]
+    for _ in range(n):
+        b = draw(st.sampled_from(["conv", "conv2", "pool", "poolconv", "nested"]
+                                 if depth < 1 else ["conv", "conv2", "pool", "poolconv"]))
+        if b in ("conv", "conv2"):
+            cout = draw(width)
+            layers = conv_bn(cin, cout) + (conv_bn(cout, cout) if b == "conv2" else [])
+            with_conv += 1
+        elif b == "pool":
+            layers, cout = [nn.MaxPool2d(3, 1, 1)], cin
+            pools += 1
+        elif b == "poolconv":
+            cout = draw(width)
+            layers = [nn.MaxPool2d(3, 1, 1), *conv_bn(cin, cout, k=1)]
+            with_conv += 1
+        else:
+            cout = draw(width)
+            inner = _block(draw, cin, depth + 1, 0)
+            layers = [inner.module, *conv_bn(inner.width, cout, k=1)]
+            with_conv += 1
+            inners.append(inner)
+            pools += inner.pool_branches
+            kinds += inner.kinds
+        branches.append(nn.Sequential(*layers))
+        widths.append(cout)
+    matches = with_conv >= 2           # the rule: at least 2 branches with a convolution
+    gates = sum(i.gates + (0 if matches else i.yielding) for i in inners)
+    return Built(Inception(branches), sum(widths), 0, gates, pools, kinds, int(matches))
+
+
+@st.composite
+def nets(draw) -> tuple[Net, int]:
+    """A random Net and the number of gates the default rules should give it."""
+    stem = draw(st.integers(2, 8).map(lambda v: 2 * v))
+    blocks, c, strides, gates = [], stem, 2, 0
+    for _ in range(draw(st.integers(1, 4))):
+        b = _block(draw, c, 0, strides)
+        blocks.append(b.module)
+        c, strides, gates = b.width, strides - b.downsample, gates + b.gates + b.yielding
+    torch.manual_seed(draw(st.integers(0, 2 ** 16)))
+    net = Net(stem, blocks, c).eval()
+    for m in net.modules():     # statistics as training leaves them, so that every layer acts
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+            m.running_mean.data.normal_(0, 0.2)
+            m.running_var.data.uniform_(0.5, 1.5)
+    return net, gates
+
+
+def check(net: nn.Module, expected: int) -> str:
+    """The invariants; returns the outcome ("gated", "refused", "identity refused")."""
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = net(x)
+    state0 = {k: v.clone() for k, v in net.state_dict().items()}
+    paper = copy.deepcopy(net)
+    try:
+        se_inject.apply(paper, input_size=(3, 16, 16))
+    except NoSitesError:
+        assert expected == 0, f"refused a net with {expected} blocks"
+        assert list(paper.state_dict()) == list(state0)
+        return "refused"
+    n = sum(1 for m in paper.modules() if isinstance(m, se_inject.ChannelGate))
+    assert n == expected, f"{n} gates for {expected} blocks"
+    with torch.no_grad():
+        assert paper(x).shape == y0.shape
+    ident = copy.deepcopy(net)
+    try:
+        se_inject.apply(ident, input_size=(3, 16, 16), init="identity")
+    except IdentityInitError:   # a branch without weights (a pooling branch) under a gate
+        assert all(torch.equal(v, state0[k]) for k, v in ident.state_dict().items())
+        return "identity refused"
+    with torch.no_grad():
+        assert torch.equal(ident(x), y0), "identity-initialised gates changed the outputs"
+    se_inject.remove(ident)
+    with torch.no_grad():
+        assert torch.equal(ident(x), y0)
+    assert list(ident.state_dict()) == list(state0)
+    assert all(torch.equal(v, state0[k]) for k, v in ident.state_dict().items())
+    return "gated"
