@@ -52,8 +52,9 @@ def main() -> None:
     n = sum(outcomes.values())
     lines = [f"# se-inject fuzzing: {n} random CNNs (seed {args.seed})", "",
              f"- invariants held: {'no, ' + failure.splitlines()[0] if failure else 'all'}",
-             f"- outcomes: gated and identity-checked {outcomes['gated']}; gated, identity "
-             f"refused (a weightless branch under a gate) {outcomes['identity refused']}; "
+             f"- outcomes: gated and identity-checked {outcomes['gated']}; gated, identity init "
+             f"refused (IdentityInitError: no layer it may scale) "
+             f"{outcomes['identity refused']}; "
              f"refused, no block {outcomes['refused']}",
              f"- gates per net: " + ", ".join(f"{k}: {v}" for k, v in sorted(blocks.items())),
              f"- time: {time.perf_counter() - start:.0f} s"]
