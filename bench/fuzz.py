@@ -53,10 +53,10 @@ def main() -> None:
     lines = [f"# se-inject fuzzing: {n} random CNNs (seed {args.seed})", "",
              f"- invariants held: {'no, ' + failure.splitlines()[0] if failure else 'all'}",
              f"- outcomes: gated and identity-checked {outcomes['gated']}; gated, identity init "
-             f"refused (IdentityInitError: no layer it may scale) "
+             "refused (IdentityInitError: no layer it may scale) "
              f"{outcomes['identity refused']}; "
              f"refused, no block {outcomes['refused']}",
-             f"- gates per net: " + ", ".join(f"{k}: {v}" for k, v in sorted(blocks.items())),
+             "- gates per net: " + ", ".join(f"{k}: {v}" for k, v in sorted(blocks.items())),
              f"- time: {time.perf_counter() - start:.0f} s"]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
