@@ -107,7 +107,7 @@ class GateCost:
     rule: str
     stage: int
     channels: int
-    reduced: int
+    reduced: int | None     # None for gates without a bottleneck (ECA, effective SE)
     spatial: tuple[int, ...]
     parameters: int
     ops: int

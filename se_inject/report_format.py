@@ -70,7 +70,8 @@ def sections(rep: "CostReport") -> list[tuple[str, list[str], list[list[str]], s
         row = [str(i), g.gate, str(g.stage), str(g.channels), _size(g.spatial)]
         for r in rep.ratios:
             x = r.gates[i]
-            row += [str(x.reduced), f"{x.parameters:,}", f"{x.ops:,}"]
+            row += [str(x.reduced) if x.reduced is not None else "-", f"{x.parameters:,}",
+                    f"{x.ops:,}"]
         gate_rows.append(row)
     n = len(rep.ratios)
     return [

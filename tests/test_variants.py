@@ -274,3 +274,10 @@ def test_cli_takes_the_variant_options(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "r.pth"), "--model", "resnet18", "-o",
                  str(tmp_path / "t.safetensors"), "--excite", "tanh"]) != 0
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_report_shows_no_bottleneck_for_eca(capsys):
+    assert main(["report", "resnet18", "--gate", "eca", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in out.splitlines() if "se_gate" in r]
+    assert len(rows) == 8 and all("| - |" in r for r in rows) and "None" not in out
