@@ -2,9 +2,10 @@
 per gate and per resolution stage, for one or several ratios.
 
 Compute is counted by fvcore's ``FlopCountAnalysis`` (a multiply-add counts as one op, as fvcore
-counts it), with handles for the ops fvcore leaves out and a gate is made of: the squeeze's mean,
-the ReLU, the sigmoid, the channel-wise scale, and the residual sum (one op per element; the mean
-one per input element, as fvcore counts average pooling). Ops fvcore has no handle for are
+counts it), with handles for the ops fvcore leaves out and a gate is made of: the squeeze's mean
+(or max), the ReLU, the sigmoid (or hard sigmoid, or tanh), the channel-wise scale, and the
+residual sum (one op per element; the squeeze one per input element, as fvcore counts average
+pooling). Ops fvcore has no handle for are
 listed in the report, never counted as zero without saying so.
 
 The base model is analysed once. Each gate is analysed alone, at its site's shape: the gated
@@ -56,9 +57,10 @@ def _per_input_element(inputs, outputs) -> int:
 
 # aten op -> handle, added to fvcore's own: what a gate and a residual block are made of.
 EXTRA_HANDLES: dict[str, Callable] = {
-    "aten::mean": _per_input_element,
+    **dict.fromkeys(("aten::mean", "aten::amax"), _per_input_element),
     **dict.fromkeys(("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sigmoid",
-                     "aten::sigmoid_", "aten::relu", "aten::relu_"), _per_output_element),
+                     "aten::sigmoid_", "aten::hardsigmoid", "aten::tanh", "aten::relu",
+                     "aten::relu_"), _per_output_element),
 }
 
 
