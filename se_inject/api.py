@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
-import dataclasses
 import warnings
 from collections import Counter, defaultdict
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InvalidArgumentError, NoSitesError
 from .frames import block_calls, fingerprints, local_keys
-from .gate import ChannelGate, GateSpec, gate_parameters
+from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
@@ -163,6 +163,14 @@ def _stage(view, node, input_height: int) -> tuple[tuple[int, ...], int]:
     return spatial, max(0, round(math.log2(input_height / spatial[0])))
 
 
+class _Chosen(NamedTuple):
+    block: str
+    key: tuple
+    candidate: object       # match.Candidate
+    spatial: tuple[int, ...]
+    stage: int
+
+
 @contextlib.contextmanager
 def _gc_paused():
     """Tracing allocates many small objects, which starts the cyclic garbage collector; a full
@@ -215,29 +223,29 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         if (block, key) in seen:  # a module called more than once: one gate serves every call
             continue
         seen.add((block, key))
-        chosen.append((block, key, c, *_stage(view, c.gated, shapes[0][-2])))
+        chosen.append(_Chosen(block, key, c, *_stage(view, c.gated, shapes[0][-2])))
     spec = spec or GateSpec()
     if isinstance(ratio, dict) and stages is None:
         stages = frozenset(ratio)  # a ratio per stage names the stages to gate
     if stages is not None:
-        present = sorted({t[4] for t in chosen})
+        present = sorted({t.stage for t in chosen})
         keep = set(present[:-1]) if stages == "all-but-last" else stages
         if stages != "all-but-last" and not keep & set(present):
             raise InvalidArgumentError(f"stages {sorted(stages)} hold no site of "
                                        f"{type(model).__name__}: its sites lie in stages "
                                        f"{present} (k: tensors at 1/2**k of the input's height)")
-        skipped += [Skipped(view.describe(c.merge), c.rule.name, f"stage {stage} not chosen")
-                    for _, _, c, _, stage in chosen if stage not in keep]
-        chosen = [t for t in chosen if t[4] in keep]
+        skipped += [Skipped(view.describe(t.candidate.merge), t.candidate.rule.name,
+                            f"stage {t.stage} not chosen") for t in chosen if t.stage not in keep]
+        chosen = [t for t in chosen if t.stage in keep]
     if isinstance(ratio, dict):
-        missing = sorted({t[4] for t in chosen} - set(ratio))
+        missing = sorted({t.stage for t in chosen} - set(ratio))
         if missing:
             raise InvalidArgumentError(f"the ratio per stage {ratio} gives none for stage(s) "
                                        f"{missing}, which are gated; add them or leave them "
                                        "out with stages=[...]")
     per_block = defaultdict(list)
-    for block, _, c, _, _ in chosen:
-        per_block[block].append(c)
+    for t in chosen:
+        per_block[t.block].append(t.candidate)
     names = {block: iter(_gate_names(modules[block], len(cs))) for block, cs in per_block.items()}
     sites = []
     for block, key, c, spatial, stage in chosen:
@@ -253,7 +261,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     prints, calls = fingerprints(graph), block_calls(graph)
     blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
               for block in per_block}
-    gated = {site.gate: t[2] for site, t in zip(sites, chosen)}
+    gated = {site.gate: t.candidate for site, t in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
                 ratio=ratio), blocks, (graph, gated)
 
@@ -350,10 +358,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
     stages = _check_stages(stages)
     init = _check_init(init)
     spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
-    if init == "identity" and spec.excite == "tanh":
-        raise InvalidArgumentError("init='identity' needs an excitation that gives 0.5 at zero "
-                                   "(sigmoid or hard_sigmoid); tanh gives 0. Use init='paper' "
-                                   "with excite='tanh'.")
+    if init == "identity":
+        check_identity(spec)
     options = _trace_options(leaf_modules, autowrap_functions)
     resolved = _placed(resolve_rules(rules), _check_position(position))
     with _gc_paused():
@@ -389,8 +395,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
                 options=options, gate=spec)
     settings = fused_settings(model)
     if settings is not None or fused:  # code compiled before would run without the new gates
-        unfuse(model)
-        fuse(model, **(settings or {}))
+        fuse(model, **(settings or {}))  # (fuse() drops what was compiled before)
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__

@@ -238,18 +238,21 @@ def _create(arch: str, kwargs: dict) -> nn.Module:
         raise CheckpointError(f"timm could not build {arch!r} with {kwargs}: {exc}") from None
 
 
-def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor],
-                where: str) -> nn.Module:
+def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: str,
+                gate: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The model built around the checkpoint's own tensors: made on the meta device (no random
-    initialisation, no memory), then given the file's tensors as its parameters and buffers, so
-    that the weights exist once. A model that cannot be made on the meta device, or that keeps
-    a buffer outside its state_dict, is built as usual and the weights copied in."""
+    initialisation, no memory), gated by ``gate`` where the file holds gates, then given the
+    file's tensors as its parameters and buffers, so that the weights exist once. A model that
+    cannot be made or gated on the meta device, or that keeps a buffer outside its state_dict,
+    is built as usual and the weights copied in."""
     try:
         with torch.device("meta"):
             net = _create(arch, kwargs)
+        if gate is not None:
+            gate(net)
     except SEInjectError:
         raise
-    except Exception:  # a constructor that computes with its tensors
+    except Exception:  # a constructor or forward that computes with its tensors
         net = None
     if net is not None:
         own = net.state_dict()
@@ -259,6 +262,8 @@ def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor],
         if not any(t.is_meta for t in (*net.parameters(), *net.buffers())):
             return net
     net = _create(arch, kwargs)
+    if gate is not None:
+        gate(net)
     _load_into(net, state, where)
     return net
 
@@ -317,11 +322,16 @@ def _apply_seeded(model: nn.Module, *args, **kwargs) -> None:
         apply(model, *args, **kwargs)
 
 
-def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -> nn.Module:
+def _base(recipe: dict, where: str) -> tuple[str, dict]:
     base = recipe.get("base") or {}
     if base.get("library") != "timm" or not isinstance(base.get("architecture"), str):
         raise CheckpointError(f"{where}: the recipe names no timm architecture")
-    model = _create(base["architecture"], dict(base.get("kwargs") or {}))
+    return base["architecture"], dict(base.get("kwargs") or {})
+
+
+def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(),
+                      autowrap_functions=()) -> None:
+    """Repeat the recipe's apply() steps on ``model``; the gates must land where they did."""
     for step in recipe.get("steps") or []:
         needs = step.get("leaf_modules") or step.get("autowrap_functions")
         if needs and not (leaf_modules or autowrap_functions):
@@ -340,7 +350,6 @@ def _rebuild(recipe: dict, where: str, leaf_modules=(), autowrap_functions=()) -
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "
                                   f"file has {step['gates'][:3]}...; use the se-inject version "
                                   f"that wrote it ({recipe.get('se_inject')})")
-    return model
 
 
 def load(path, *, leaf_modules=(), autowrap_functions=()) -> nn.Module:
@@ -349,10 +358,11 @@ def load(path, *, leaf_modules=(), autowrap_functions=()) -> nn.Module:
     if "recipe" not in info:
         raise CheckpointError(f"{path}: no se-inject recipe in it: a plain checkpoint. Convert it "
                               "first: se-inject convert FILE --model ARCH -o OUT")
-    model = _rebuild(_parse_recipe(info["recipe"], str(path)), str(path), leaf_modules,
-                     autowrap_functions)
-    _load_into(model, state, str(path))
-    return model
+    where = str(path)
+    recipe = _parse_recipe(info["recipe"], where)
+    arch, kwargs = _base(recipe, where)
+    return _from_state(arch, kwargs, state, where, gate=lambda net: _gate_as_recorded(
+        net, recipe, where, leaf_modules, autowrap_functions))
 
 
 # ---------------------------------------------------------------------------- converting

@@ -14,7 +14,8 @@ from torch import nn
 from .errors import InvalidArgumentError
 
 __all__ = ["ChannelGate", "SEGate", "ECAGate", "EffectiveSEGate", "GateSpec",
-           "reduced_channels", "make_gate", "gate_parameters", "eca_kernel_size"]
+           "reduced_channels", "make_gate", "gate_parameters", "eca_kernel_size",
+           "check_identity"]
 
 KINDS = ("se", "eca", "ese")
 SQUEEZES = ("avg", "max")
@@ -110,7 +111,8 @@ class ChannelGate(nn.Module):
         return ", ".join(parts)
 
 
-def _check_identity(spec: GateSpec) -> None:
+def check_identity(spec: GateSpec) -> None:
+    """Refuse a gate that cannot start at exactly 0.5 (init="identity")."""
     if spec.excite == "tanh":
         raise InvalidArgumentError("init='identity' needs an excitation that gives 0.5 at zero "
                                    "(sigmoid or hard_sigmoid); tanh gives 0 there. Use "
@@ -129,8 +131,7 @@ class SEGate(ChannelGate):
                  device=None, dtype=None):
         super().__init__()
         self.spec = spec or GateSpec()
-        rd = self.spec.reduced(channels, ratio) if self.spec.kind == "se" else \
-            reduced_channels(channels, ratio)
+        rd = reduced_channels(channels, ratio, self.spec.min_channels, self.spec.divisor)
         self.channels, self.ratio = channels, ratio
         self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=True, device=device, dtype=dtype)
         self.act = nn.ReLU(inplace=True)
@@ -141,7 +142,7 @@ class SEGate(ChannelGate):
     def start_as_identity(self) -> None:
         """fc2 at zero: every channel is excited by exactly 0.5 until the gate learns (the
         layer before the gate is scaled by 2 to match; see se_inject.identity)."""
-        _check_identity(self.spec)
+        check_identity(self.spec)
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
@@ -167,7 +168,7 @@ class ECAGate(ChannelGate):
 
     @torch.no_grad()
     def start_as_identity(self) -> None:
-        _check_identity(self.spec)
+        check_identity(self.spec)
         self.conv.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class EffectiveSEGate(ChannelGate):
 
     @torch.no_grad()
     def start_as_identity(self) -> None:
-        _check_identity(self.spec)
+        check_identity(self.spec)
         self.fc.weight.zero_()
         self.fc.bias.zero_()
 

@@ -4,7 +4,6 @@ nothing changed or written."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 from dataclasses import dataclass
@@ -230,8 +229,6 @@ def test_load_refusals_name_the_file(folder):
         se_inject.load(folder / "r18.pth")
     with pytest.raises(CheckpointError, match="bad-recipe.safetensors: its se-inject recipe"):
         se_inject.load(folder / "bad-recipe.safetensors")
-    recipe = json.loads(torch.load(folder / "r18.pth", weights_only=True) and "{}")
-    assert recipe == {}
 
 
 def test_the_catalogue_is_large_enough():

@@ -256,3 +256,24 @@ def test_bad_checkpoints_exit_2_and_write_nothing(r18, tmp_path, capsys):
                  "--format", "pth"]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)["state_dict"]
     assert all(torch.equal(back[k], v) for k, v in m.state_dict().items())
+
+
+def test_load_builds_on_the_meta_device_and_adopts_the_file_tensors(r18, tmp_path, monkeypatch):
+    import se_inject.checkpoint as ck
+    m, src = r18
+    out = convert(src, tmp_path / "se.safetensors", model="resnet18")
+    real = ck._create
+    devices = []
+
+    def spy(arch, kwargs):
+        devices.append(torch.empty(0).device.type)
+        return real(arch, kwargs)
+    monkeypatch.setattr(ck, "_create", spy)
+    g = se_inject.load(out)
+    assert devices == ["meta"]                       # no model with random weights was made
+    assert all(not t.is_meta for t in (*g.parameters(), *g.buffers()))
+    x = torch.randn(2, 3, 64, 64)
+    y0, y1 = _out(m, x), _out(g, x)
+    assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
+    se_inject.remove(g)                              # the scaled layers are scaled back
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in g.state_dict().items())
