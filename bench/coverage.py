@@ -9,7 +9,10 @@ CRASH or broken (a bug in se-inject: any other exception, a changed output shape
 gradient reaches).
 
     python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
-                             [--max-params MILLIONS] [--out bench/out/coverage.md]
+                             [--max-params MILLIONS] [--repeats N] [--out bench/out/coverage.md]
+
+Times are the best of --repeats runs. Beside apply ÷ create, each model's bare torch.fx trace
+÷ create is reported: the part of the cost no fx-based pass can avoid.
 """
 from __future__ import annotations
 
@@ -81,7 +84,34 @@ def _first_sentence(text: str) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-def check(family: str, name: str, build, max_params: float | None = None) -> dict:
+class _BareTracer(torch.fx.Tracer):
+    """torch.fx's own tracer with the leaf modules and functions timm and torchvision register:
+    the least any fx pass spends on a model before it has looked at a single node."""
+
+    def __init__(self):
+        from se_inject.trace import _registry_autowrap, _registry_leaf_modules
+        functions, modules = _registry_autowrap()
+        super().__init__(autowrap_functions=functions, autowrap_modules=modules)
+        self.leaves = tuple(_registry_leaf_modules())
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def _fx_floor(model) -> float | None:
+    """Seconds for one bare fx trace of the model, or None where fx alone cannot trace it."""
+    from se_inject.trace import _NoProxiesLeft
+    try:
+        with _NoProxiesLeft(model):  # timm caches (attention biases) would keep fx's proxies
+            t = time.perf_counter()
+            _BareTracer().trace(model)
+            return time.perf_counter() - t
+    except Exception:  # fx needs se-inject's help (leaf retries, instance forwards) here
+        return None
+
+
+def check(family: str, name: str, build, max_params: float | None = None,
+          repeats: int = 1) -> dict:
     row = {"model": name, "family": family, "sites": {}, "status": "", "reason": ""}
     if max_params is not None and family != "torchvision":
         n = _meta_params(name)
@@ -90,9 +120,12 @@ def check(family: str, name: str, build, max_params: float | None = None) -> dic
                                                 f"{max_params / 1e6:.0f} M on this machine")
             return row
     try:
-        t = time.perf_counter()
-        model = build()
-        row["create_s"] = time.perf_counter() - t
+        times = []
+        for _ in range(repeats):  # the best of each: this machine is shared and noisy
+            t = time.perf_counter()
+            model = build()
+            times.append(time.perf_counter() - t)
+        row["create_s"] = min(times)
         model.eval()
         size = _input_size(model, name)
         x = torch.randn(2, *size)
@@ -104,11 +137,19 @@ def check(family: str, name: str, build, max_params: float | None = None) -> dic
     try:
         plan = se_inject.plan(model)
         row["sites"] = plan.by_rule()
-        t = time.perf_counter()
+        floors = [_fx_floor(model) for _ in range(repeats)]
+        if None not in floors:
+            row["fx_floor_s"] = min(floors)
+        times = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            se_inject.apply(model)
-        row["apply_s"] = time.perf_counter() - t
+            for i in range(repeats):  # on fresh copies; the last on the model checked below
+                target = model if i == repeats - 1 else build().eval()
+                t = time.perf_counter()
+                se_inject.apply(target)
+                times.append(time.perf_counter() - t)
+                del target
+        row["apply_s"] = min(times)
     except se_inject.SEInjectError as exc:
         row.update(status="refused", reason=_first_sentence(f"{type(exc).__name__}: {exc}"))
         return row
@@ -117,6 +158,8 @@ def check(family: str, name: str, build, max_params: float | None = None) -> dic
                    trace=traceback.format_exc(limit=-4))
         return row
     row["ratio"] = row["apply_s"] / row["create_s"]
+    if "fx_floor_s" in row:
+        row["floor_ratio"] = row["fx_floor_s"] / row["create_s"]
     if not plan.sites:  # apply() warned and changed nothing: every block holds a gate
         held = Counter(s.reason for s in plan.skipped if "gate" in s.reason)
         row.update(status="kept", reason="; ".join(f"{n} × {r}" for r, n in held.items()))
@@ -172,6 +215,16 @@ def report(rows: list[dict]) -> str:
         lines.append(f"- apply ÷ create over {len(ratios)} models: median "
                      f"{sorted(ratios)[len(ratios) // 2]:.3f}, worst {worst['ratio']:.3f} "
                      f"({worst['model']}); {within}")
+        over = [r for r in rows if r.get("ratio", 0) > 0.5]
+        floored = [r for r in over if r.get("floor_ratio", 0) > 0.5]
+        lines.append(f"- over 0.5×: {len(over)}; of these, {len(floored)} where a bare torch.fx "
+                     "trace alone (no shapes, matching or rewriting) takes over 0.5× create: "
+                     + (", ".join(f"{r['model']} {r['floor_ratio']:.2f}" for r in floored) or "-"))
+        lines += ["", "| model | create ms | bare fx trace ÷ create | apply ÷ create |",
+                  "|---|---:|---:|---:|"]
+        for r in sorted(over, key=lambda r: -r["ratio"]):
+            floor = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"
+            lines.append(f"| {r['model']} | {r['create_s'] * 1e3:.0f} | {floor} | {r['ratio']:.2f} |")
     skipped = [r for r in rows if r["status"] == "skipped"]
     if skipped:
         lines.append(f"- skipped (over --max-params): {len(skipped)}")
@@ -191,6 +244,9 @@ def main(argv=None) -> int:
                     help="skip timm models with more parameters (millions); default: none, "
                          "300 with --all (a training step of a larger one needs more memory "
                          "than a 24 GiB machine has)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="time create, a bare fx trace and apply this many times each and keep "
+                         "the best (default 3, 1 with --all)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"))
     args = ap.parse_args(argv)
     only = [m for m in args.only.split(",") if m] or None
@@ -202,11 +258,12 @@ def main(argv=None) -> int:
     if not args.skip_torchvision:
         jobs += [("torchvision", n, (lambda n=n: torchvision.models.get_model(n, weights=None)))
                  for n in torchvision.models.list_models(module=torchvision.models)]
+    repeats = args.repeats or (1 if args.all else 3)
     limit = args.max_params if args.max_params is not None else (300 if args.all else None)
     rows = []
     for i, (family, name, build) in enumerate(jobs, 1):
         t = time.perf_counter()
-        row = check(family, name, build, None if limit is None else limit * 1e6)
+        row = check(family, name, build, None if limit is None else limit * 1e6, repeats)
         rows.append(row)
         print(f"[{i}/{len(jobs)}] {family}/{name}: {row['status']} {_sites(row)} "
               f"({time.perf_counter() - t:.1f} s) {row['reason'][:120]}", file=sys.stderr, flush=True)

@@ -118,3 +118,33 @@ def test_shortcuts_leave_mixed_operands_to_the_real_kernel():
         if isinstance(value, torch.Tensor):
             assert tuple(n.meta[VALUE].shape) == tuple(value.shape), n.format_node()
             assert n.meta[VALUE].dtype == value.dtype, n.format_node()
+
+
+class _Resize(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, x):
+        return nn.functional.interpolate(x, **self.kwargs) + 1
+
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((2, 3, 7, 9), dict(scale_factor=2, mode="bilinear")),
+    ((2, 3, 7, 9), dict(scale_factor=0.5)),
+    ((2, 3, 7, 9), dict(scale_factor=(1.7, 0.3), mode="nearest")),
+    ((2, 3, 7, 9), dict(scale_factor=2.3, recompute_scale_factor=True, mode="bicubic")),
+    ((2, 3, 7, 9), dict(size=5)),
+    ((2, 3, 7, 9), dict(size=(4, 11), mode="bilinear", align_corners=True)),
+    ((2, 3, 11), dict(scale_factor=1.5, mode="linear")),
+    ((1, 2, 3, 4, 5), dict(size=(6, 2, 3), mode="trilinear")),
+])
+def test_interpolate_shapes_equal_real_shapes(shape, kwargs):
+    model = nn.Sequential(_Resize(**kwargs), nn.Upsample(scale_factor=2))
+    graph = fx.Tracer().trace(model)
+    propagate_shapes(model, graph, [shape])
+    real = _real_values(model, graph, torch.randn(shape))
+    resized = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    assert len(resized) == 3
+    for n in resized:
+        assert tuple(n.meta[VALUE].shape) == tuple(real[n].shape), n.format_node()
