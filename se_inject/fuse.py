@@ -5,6 +5,8 @@ excitation, scales, adds the shortcut and runs the block's activation. The excit
 1x1 convolutions act on a C-vector and cost nothing next to them."""
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 from .errors import InvalidArgumentError
@@ -42,9 +44,28 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     compile_options = {**frozen, **(options or {})} or None
     unfuse(model)
     model.compile(backend=backend, mode=mode, dynamic=dynamic, options=compile_options)
+    if freeze:
+        model._compiled_call_impl = _with_freezing(model._compiled_call_impl)
     model.__dict__[_FUSED] = {"freeze": freeze, "backend": backend, "mode": mode,
                               "dynamic": dynamic, "options": options}
     return model
+
+
+def _with_freezing(compiled):
+    """``compiled``, called with Inductor's ``freezing`` setting on.
+
+    torch.compile's ``options`` reach Inductor only when it compiles a graph, but Dynamo reads
+    ``freezing`` earlier, while it traces (inside the first call): only then does it keep the
+    weights as attributes of the graph, which freezing turns into constants. Without this the
+    weights stay graph inputs and nothing is frozen or folded."""
+    from torch._inductor import config
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 def fused_settings(model: nn.Module) -> dict | None:

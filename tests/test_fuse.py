@@ -73,6 +73,28 @@ def test_fused_model_is_the_same_object_with_the_same_outputs():
     # (the last block's scale kernel also takes the head's global pooling: one pass fewer)
 
 
+def test_freeze_folds_the_norms_and_keeps_the_gates_fused():
+    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
+    eager = copy.deepcopy(net)
+    x = torch.randn(4, 3, 32, 32)
+    se_inject.fuse(net, freeze=True)
+    with torch.no_grad():
+        y, (code, *_) = run_and_get_code(net, x)
+        ref = eager(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the weights are constants of the compiled code: its only input is the image...
+    (inputs,) = re.findall(r"def call\(self, args\):\n\s+(.*) = args", code)
+    assert len([a for a in inputs.split(",") if a.strip()]) == 1, inputs
+    # ...and every norm is folded into its convolution: no kernel computes one
+    assert "batch_norm" not in code
+    kernels = re.findall(r"(cpp_fused_\w+) = ", code)
+    assert sum(all(op in k for op in ("add", "mul", "relu", "sigmoid")) for k in kernels) == 2
+    # a fused training step still compiles without freezing
+    net.train()
+    net(x).sum().backward()
+    assert net.blocks[0].se_gate.fc1.weight.grad is not None
+
+
 def test_fused_training_step_matches_eager():
     net = se_inject.apply(_net().train(), input_size=(3, 32, 32))
     eager = copy.deepcopy(net)
