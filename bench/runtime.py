@@ -14,11 +14,13 @@ outputs, relative to their largest value).
 
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
+                            [--no-freeze] [--options '{"cpp_wrapper": true}'] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -75,7 +77,7 @@ def step_fn(model, mode: str, x, autocast):
 
 
 def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
-            say) -> dict:
+            say, freeze: bool = True, options: dict | None = None) -> dict:
     cuda = device.type == "cuda"
     models = build(name, device, channels_last=cuda)
     cfg = models["base"].pretrained_cfg
@@ -92,7 +94,8 @@ def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
         for k, m in models.items():
             variants[f"{k} fused"] = se_inject.fuse(copy.deepcopy(m).eval()
                                                     if mode == "infer" else copy.deepcopy(m),
-                                                    freeze=mode == "infer")
+                                                    freeze=freeze and mode == "infer",
+                                                    options=options)
     runs = {}
     diffs = {}
     for label, m in variants.items():
@@ -172,6 +175,10 @@ def main() -> None:
     ap.add_argument("--batches", default=None, help="default: 1,8 on CPU, 1,32 on GPU")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-fused", action="store_true")
+    ap.add_argument("--no-freeze", action="store_true",
+                    help="fused inference without Inductor's freezing (norms stay separate)")
+    ap.add_argument("--options", type=json.loads, default=None,
+                    help='Inductor options for the fused models, JSON: {"cpp_wrapper": true}')
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
@@ -182,6 +189,9 @@ def main() -> None:
         f"CPU ({torch.get_num_threads()} threads), fp32"
     if cuda:
         device_name += ", bf16 autocast, channels_last"
+    device_name += "; fused inference " + ("without" if args.no_freeze else "with") + " freezing"
+    if args.options:
+        device_name += f", Inductor options {json.dumps(args.options)}"
     batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1,8")).split(",")]
     jobs = [(m, mode, b) for m in args.models.split(",") for mode in args.modes.split(",")
             for b in batches]
@@ -191,7 +201,8 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
     for i, (m, mode, b) in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
-        results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say))
+        results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
+                               freeze=not args.no_freeze, options=args.options))
     text = table(results, device_name, args.rounds)
     out = args.out or Path("bench/out") / f"runtime_{'gpu' if cuda else 'cpu'}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """The fused fast path: the gated model compiled in place with torch.compile (Inductor: C++ on
 CPU, Triton on GPU). Inductor turns each gate into two passes over the gated tensor: the squeeze
-(a mean, computed in the same pass as the norm before it) and one kernel that applies the
-excitation, scales, adds the shortcut and runs the block's activation. The excitation's two
-1x1 convolutions act on a C-vector and cost nothing next to them."""
+(a mean: in the pass of the norm before it, or a pass of its own where freezing has folded that
+norm into its convolution) and one kernel that applies the excitation, scales, adds the shortcut
+and runs the block's activation. The excitation's two small matrix products act on a C-vector."""
 from __future__ import annotations
 
 import functools
@@ -24,11 +24,12 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     for each input shape compiles (seconds to minutes); later calls run the compiled code.
 
     freeze: for inference (eval mode, under ``torch.no_grad()``): Inductor's freezing treats
-        the weights as constants, folds each norm into its convolution and lays weights out
-        once instead of at every call (Inductor's channels-last layout optimisation stays off:
-        with it, frozen outputs went wrong on a gated Inception-v3). The
-        compiled code keeps the weights it saw: call ``fuse(model, freeze=True)`` again after
-        loading new weights. Training steps are compiled as without it.
+        the weights as constants, folds each norm into its convolution (and a residual sum
+        into the convolution before it where no gate scales that branch) and lays weights out
+        once instead of at every call; Inductor's channels-last layout optimisation stays off
+        (see below). The compiled code keeps the weights it saw: call
+        ``fuse(model, freeze=True)`` again after loading new weights. Training steps are
+        compiled as without it.
     Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU.
     Outputs equal the eager model's up to floating-point reassociation in the fused kernels
     (README.md, "Fused fast path", gives the measured differences).
@@ -38,8 +39,10 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     if mode is not None and (options is not None or freeze):
         raise InvalidArgumentError("torch.compile takes mode or options (freeze is one), not "
                                    "both")
-    # Inductor's layout optimisation (feature maps turned channels-last) under freezing gave
-    # outputs 31% off on a gated Inception-v3 at batch 8 (torch 2.15, CPU); without it, 1e-5.
+    # Inductor's layout optimisation (feature maps turned channels-last): on a gated
+    # Inception-v3 at batch 8 (torch 2.15, CPU) frozen outputs were 8e-5 off with it and 2e-5
+    # without, and 31% off with it when the weights reached Inductor as graph inputs; it gave
+    # ResNet-50 no speed here.
     frozen = {"freezing": True, "layout_optimization": False} if freeze else {}
     compile_options = {**frozen, **(options or {})} or None
     unfuse(model)
