@@ -30,7 +30,9 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         (see below). The compiled code keeps the weights it saw: call
         ``fuse(model, freeze=True)`` again after loading new weights. Training steps are
         compiled as without it.
-    Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU.
+    Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU;
+    ``options={"cpp_wrapper": True}`` calls the kernels from C++ rather than Python, which
+    matters at batch 1, where a gate adds five calls (compiling takes longer).
     Outputs equal the eager model's up to floating-point reassociation in the fused kernels
     (README.md, "Fused fast path", gives the measured differences).
     """
