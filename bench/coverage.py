@@ -30,6 +30,7 @@ import torch
 import torchvision
 
 import se_inject
+from se_inject.trace import TraceOptions, _NoProxiesLeft
 
 torch.set_num_threads(2)
 # torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
@@ -89,10 +90,8 @@ class _BareTracer(torch.fx.Tracer):
     the least any fx pass spends on a model before it has looked at a single node."""
 
     def __init__(self):
-        from se_inject.trace import _registry_autowrap, _registry_leaf_modules
-        functions, modules = _registry_autowrap()
-        super().__init__(autowrap_functions=functions, autowrap_modules=modules)
-        self.leaves = tuple(_registry_leaf_modules())
+        self.leaves, kwargs = TraceOptions().tracer_args()  # what se-inject's tracer starts from
+        super().__init__(**kwargs)
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
@@ -100,11 +99,11 @@ class _BareTracer(torch.fx.Tracer):
 
 def _fx_floor(model) -> float | None:
     """Seconds for one bare fx trace of the model, or None where fx alone cannot trace it."""
-    from se_inject.trace import _NoProxiesLeft
+    tracer = _BareTracer()
     try:
         with _NoProxiesLeft(model):  # timm caches (attention biases) would keep fx's proxies
             t = time.perf_counter()
-            _BareTracer().trace(model)
+            tracer.trace(model)
             return time.perf_counter() - t
     except Exception:  # fx needs se-inject's help (leaf retries, instance forwards) here
         return None
