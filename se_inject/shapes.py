@@ -183,8 +183,12 @@ def _to_meta(x: Any) -> Any:
 
 class _MetaInterpreter(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
+        # fx's run_node also enters two context managers that record the node as the one
+        # running, for tracers that run under an interpreter; nothing traces here, and they
+        # cost as much as a shortcut op itself
         try:
-            value = _to_meta(super().run_node(n))
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = _to_meta(getattr(self, n.op)(n.target, args, kwargs))
         except TraceError:
             raise
         except Exception as exc:

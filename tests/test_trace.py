@@ -1,9 +1,12 @@
-"""The tracer names parameters and buffers as torch.fx does."""
+"""The tracer names parameters and buffers, and unpacks proxies, as torch.fx does."""
+import operator
+
+import pytest
 import torch
 import torch.fx as fx
 from torch import nn
 
-from se_inject.trace import TraceOptions, trace_model
+from se_inject.trace import _UNPACKS, TraceOptions, trace_model
 
 
 class _Shared(nn.Module):
@@ -46,3 +49,59 @@ def test_planning_leaves_every_buffer_as_it_was():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     se_inject.plan(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class _Unpacks(nn.Module):
+    """Every way a forward can unpack a traced value."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)                      # a call's result
+        n, c, h, w = x.shape                          # an attribute of a proxy
+        (p, q), r = (a.split(1, dim=1), b)            # nested, in one statement
+        s = [t * 2 for t in (p, q)]                   # a real tuple: no unpacking of a proxy
+        y = torch.cat([p, q, r, *s], dim=1)
+        y = y[:, :c] + self._half(self.conv(x))
+        return y.view(n, c, h * w).mean(-1)
+
+    def _half(self, x):
+        first, second = torch.split(x, 2, dim=1)      # in another function of the module
+        return torch.cat([second, first], dim=1)
+
+
+def _ops(graph: fx.Graph) -> list[tuple]:
+    return [(n.op, str(n.target), str(n.args)) for n in graph.nodes]
+
+
+def test_unpacking_gives_the_graph_plain_fx_gives():
+    _UNPACKS.clear()
+    ours = trace_model(_Unpacks(), TraceOptions(), n_inputs=1)
+    theirs = fx.symbolic_trace(_Unpacks()).graph
+    assert _ops(ours) == _ops(theirs)
+    getitems = [n for n in ours.nodes if n.target is operator.getitem]
+    assert len(getitems) == 2 + 4 + 2 + 2 + 1  # chunk, shape, split, torch.split; y[:, :c]
+    # read from the table, not by fx's disassembly: forward's and _half's code were looked up
+    assert {c.co_name for c in _UNPACKS} >= {"forward", "_half"}
+    model = _Unpacks()
+    x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(fx.GraphModule(model, ours)(x), model(x))
+
+
+@pytest.mark.parametrize("body", ["star", "loop"])
+def test_an_unpacking_fx_cannot_trace_fails_as_in_fx(body):
+    class M(nn.Module):
+        def forward(self, x):
+            if body == "star":
+                a, *rest = x.chunk(3, dim=1)  # a count fx cannot know
+                return a
+            return sum(t for t in x.chunk(2, dim=1))
+
+    with pytest.raises(Exception) as theirs:
+        fx.symbolic_trace(M())
+    with pytest.raises(Exception) as ours:
+        trace_model(M(), TraceOptions(), n_inputs=1)
+    assert "iterate" in str(theirs.value).lower() or "iter" in str(theirs.value).lower()
+    assert str(theirs.value).split(".")[0] in str(ours.value)
