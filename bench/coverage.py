@@ -30,7 +30,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.trace import TraceOptions, _NoProxiesLeft
+from se_inject.trace import TraceOptions, _NoProxiesLeft, _Proxy
 
 torch.set_num_threads(2)
 # torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
@@ -86,8 +86,9 @@ def _first_sentence(text: str) -> str:
 
 
 class _BareTracer(torch.fx.Tracer):
-    """torch.fx's own tracer with the leaf modules and functions timm and torchvision register:
-    the least any fx pass spends on a model before it has looked at a single node."""
+    """torch.fx's own tracer with the leaf modules and functions timm and torchvision register,
+    and se-inject's proxies (which unpack ``a, b = x.chunk(2)`` without disassembling the
+    caller): the least any fx pass spends on a model before it has looked at a single node."""
 
     def __init__(self):
         self.leaves, kwargs = TraceOptions().tracer_args()  # what se-inject's tracer starts from
@@ -95,6 +96,9 @@ class _BareTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
 
 def _fx_floor(model) -> float | None:
