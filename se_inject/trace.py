@@ -133,7 +133,7 @@ def _unpack_counts(code) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
 
 class _FastUnpack:
     """fx's ``Proxy.__iter__`` answers ``a, b = proxy`` by disassembling the calling function
-    on every unpacking (a fifth of a ShuffleNet's trace); the same answer, read from a table
+    on every unpacking (a sixth of a ShuffleNet's trace); the same answer, read from a table
     built once per code object. Attributes (``x.shape``) get the same iteration."""
 
     def __iter__(self):
