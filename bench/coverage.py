@@ -30,7 +30,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.trace import TraceOptions, _NoProxiesLeft, _Proxy
+from se_inject.trace import TraceOptions, UnpackingTracer, _NoProxiesLeft
 
 torch.set_num_threads(2)
 # torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
@@ -85,7 +85,7 @@ def _first_sentence(text: str) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
-class _BareTracer(torch.fx.Tracer):
+class _BareTracer(UnpackingTracer):
     """torch.fx's own tracer with the leaf modules and functions timm and torchvision register,
     and se-inject's proxies (which unpack ``a, b = x.chunk(2)`` without disassembling the
     caller): the least any fx pass spends on a model before it has looked at a single node."""
@@ -96,9 +96,6 @@ class _BareTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
-
-    def proxy(self, node):
-        return _Proxy(node, self)
 
 
 def _fx_floor(model) -> float | None:

@@ -23,7 +23,7 @@ from .errors import TraceError
 from .gate import ChannelGate
 from .kinds import MERGE_KINDS, node_kind
 
-__all__ = ["Call", "Frame", "TraceOptions", "trace_model", "trace_block"]
+__all__ = ["Call", "Frame", "TraceOptions", "UnpackingTracer", "trace_model", "trace_block"]
 
 SCOPE = "se_inject.frame"  # node.meta key: the Frame whose forward created the node
 RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward returned
@@ -160,7 +160,14 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
 
-class _ScopeTracer(fx.Tracer):
+class UnpackingTracer(fx.Tracer):
+    """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack)."""
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+
+class _ScopeTracer(UnpackingTracer):
     """Records the module invocation that creates every node; remembers where tracing failed."""
 
     def __init__(self, leaves: tuple[type, ...], n_inputs: int | None = None, **kwargs):
@@ -177,9 +184,6 @@ class _ScopeTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
 
     def trace(self, root, concrete_args=None):
         self._tensor_names: dict[int, tuple[str, bool]] | None = None
@@ -436,7 +440,7 @@ def _trace_instance_forward(tracer: fx.Tracer, module: nn.Module, bound) -> fx.G
         module.__class__ = original
 
 
-class _BlockTracer(fx.Tracer):
+class _BlockTracer(UnpackingTracer):
     """Traces one module's own forward: every child module stays a single call.
 
     Given ``inputs`` (the call's arguments with a placeholder name at each tensor, see
@@ -450,9 +454,6 @@ class _BlockTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root and not is_container(m)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _Proxy(node, self)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         if self._inputs is None:
