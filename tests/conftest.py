@@ -39,6 +39,18 @@ def eq5_parameters(stages, ratio):
     return weights, biases
 
 
+@torch.no_grad()
+def randomize_norms(model, spread: float = 0.1) -> None:
+    """Batch-norm statistics and affine terms as training leaves them, so that every layer acts
+    (timm zero-initialises each branch's last norm, which would hide any gate)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, spread)
+            m.running_mean.normal_(0, spread)
+            m.running_var.uniform_(0.5, 1.5)
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

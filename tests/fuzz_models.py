@@ -14,6 +14,8 @@ import se_inject
 from se_inject.errors import NoSitesError
 from se_inject.identity import IdentityInitError
 
+from conftest import randomize_norms
+
 
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> list:
     layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
@@ -143,12 +145,7 @@ def nets(draw) -> tuple[Net, int]:
         c, strides, gates = b.width, strides - b.downsample, gates + b.gates + b.yielding
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
     net = Net(stem, blocks, c).eval()
-    for m in net.modules():     # statistics as training leaves them, so that every layer acts
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-            m.running_mean.data.normal_(0, 0.2)
-            m.running_var.data.uniform_(0.5, 1.5)
+    randomize_norms(net, spread=0.2)
     return net, gates
 
 

@@ -10,7 +10,7 @@ import torch
 
 import se_inject
 
-from conftest import gates
+from conftest import gates, randomize_norms
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
@@ -20,10 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 def gated():
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.running_var.data.uniform_(0.5, 1.5)
+    randomize_norms(model)
     se_inject.apply(model, input_size=(3, 64, 64))
     for _, g in gates(model):   # gates that act: not all near 0.5
         g.fc2.weight.data.normal_(0, 0.5)

@@ -11,7 +11,7 @@ import torch.fx as fx
 import torchvision
 
 import se_inject
-from conftest import eq5_parameters, gates, n_params, paper_reference, saturate
+from conftest import eq5_parameters, gates, n_params, paper_reference, randomize_norms, saturate
 
 RESNET50_PARAMS = 25_557_032          # paper.md; timm and torchvision agree
 RESNET50_STAGES = [(3, 256), (4, 512), (6, 1024), (3, 2048)]
@@ -63,24 +63,13 @@ MODELS = {
 }
 
 
-@torch.no_grad()
-def _randomize_norms(model):
-    """timm zero-initialises each branch's last norm, which would hide any gate: undo that."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0, 0.1)
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-
-
 @pytest.fixture(scope="module", params=list(MODELS))
 def case(request):
     build, side, expected = MODELS[request.param]
     model = build().eval()
     if callable(expected):
         expected = expected(model)
-    _randomize_norms(model)
+    randomize_norms(model)
     x = torch.randn(2, 3, side, side)
     with torch.no_grad():
         y0 = model(x)
