@@ -23,6 +23,14 @@ import torch.nn.functional as F
 import se_inject
 
 
+def gate_vector(model: torch.nn.Module, sharded: bool) -> torch.Tensor:
+    """Every gate parameter, flattened into one CPU vector (FSDP2's shards gathered whole)."""
+    params = [p for name, p in model.named_parameters() if ".se_gate" in name]
+    if sharded:
+        params = [p.full_tensor() for p in params]   # DTensor shards -> whole
+    return torch.cat([p.detach().reshape(-1).float().cpu() for p in params])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet18")
@@ -56,6 +64,8 @@ def main() -> None:
     else:
         net = model
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    sharded = bool(args.fsdp and distributed)
+    at_zero = gate_vector(model, sharded) == 0  # the excitation weights identity init zeroed
 
     g = torch.Generator().manual_seed(1)       # the same data set on every rank
     pattern = torch.randn(4, 3, 1, 1, generator=g)
@@ -77,19 +87,16 @@ def main() -> None:
             print(f"step {step + 1}/{args.steps}  loss {loss.item():.4f}  "
                   f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
-    gate_params = [p for name, p in model.named_parameters() if ".se_gate" in name]
-    if args.fsdp and distributed:
-        gate_params = [p.full_tensor() for p in gate_params]   # DTensor shards -> whole
-    flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in gate_params])
+    flat = gate_vector(model, sharded)
     if distributed:
         everyone = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(everyone, flat.to(device) if cuda else flat)
         same = all(torch.equal(e.cpu(), flat) for e in everyone)
     else:
         same = True
-    moved = bool(flat.abs().sum() > 0)
+    moved = bool(at_zero.any() and flat[at_zero].abs().sum() > 0)
 
-    if args.fsdp and distributed:              # gather the shards into a whole state_dict
+    if sharded:                                # gather the shards into a whole state_dict
         from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                              get_model_state_dict)
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
@@ -99,14 +106,14 @@ def main() -> None:
     if rank == 0:
         if state is not None:
             plain = timm.create_model(args.model, pretrained=False, num_classes=4)
-            torch.manual_seed(0)
             se_inject.apply(plain, init="identity", input_size=(3, args.size, args.size))
             plain.load_state_dict(state)
             to_save = plain
         else:
             to_save = model
         se_inject.save(to_save.cpu(), args.out, force=True)
-        print(f"processes: {world}, engine: {'FSDP2' if args.fsdp and distributed else 'DDP' if distributed else 'none'}")
+        engine = "FSDP2" if sharded else "DDP" if distributed else "none"
+        print(f"processes: {world}, engine: {engine}")
         print(f"gate parameters identical across ranks: {same}")
         print(f"gates learned (excitation weights left zero): {moved}")
         print(f"saved {args.out}; load it with se_inject.load({args.out!r})")
