@@ -183,8 +183,6 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    if not cuda:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     device_name = torch.cuda.get_device_name() if cuda else \
         f"CPU ({torch.get_num_threads()} threads), fp32"
     if cuda:

@@ -43,8 +43,7 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
                                    "both")
     # Inductor's layout optimisation (feature maps turned channels-last): on a gated
     # Inception-v3 at batch 8 (torch 2.15, CPU) frozen outputs were 8e-5 off with it and 2e-5
-    # without, and 31% off with it when the weights reached Inductor as graph inputs; it gave
-    # ResNet-50 no speed here.
+    # without; it gave ResNet-50 no speed here.
     frozen = {"freezing": True, "layout_optimization": False} if freeze else {}
     compile_options = {**frozen, **(options or {})} or None
     unfuse(model)
