@@ -25,6 +25,8 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
+REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and no activation: "
+               "one convolution in re-parameterisable form (RepVGG, MobileOne), not a block")
 
 
 @dataclass
@@ -103,6 +105,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if rule.disjoint_branches and _overlap(branches):
         return "its branches share layers (a channel split, not parallel branches)"
     region = set().union(*(b for _, _, b in branches)) | {merge}
+    if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry):
+        return REPARAM_SUM
     if rule.existing_gate == "skip" and any(g.nodes[n]["kind"] == "chgate" for n in region):
         return HOLDS_A_GATE
     _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
@@ -135,6 +139,57 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}
+_LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add"}
+_SUBTRACTIONS = {operator.sub, torch.sub, "sub", "__sub__"}
+
+
+def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
+    """Whether the block is one linear layer written as parallel branches (RepVGG, MobileOne,
+    GhostNetV3's training-time branches, ``x + dwconv(x)``): the region holds only
+    convolutions, batch norms without an activation of their own, identities and sums, and no
+    path from the entry to the sum passes through more than one convolution."""
+    g = view.graph
+    depth = {entry: 0}
+    for n in sorted(region, key=lambda x: g.nodes[x]["index"]):
+        kind = g.nodes[n]["kind"]
+        if not _linear(view, n, kind):
+            return False
+        d = max(depth.get(p, 0) for p in g.predecessors(n)) + (kind in _CONV_KINDS)
+        if d > 1:
+            return False
+        depth[n] = d
+    return True
+
+
+def _linear(view: GraphView, node: fx.Node, kind: str) -> bool:
+    """A convolution, a foldable batch norm, an identity, a sum or difference, or a scale by a
+    weight (a layer scale): what a re-parameterisation folds into one convolution."""
+    if kind in _CONV_KINDS:
+        return _is_conv(view, node)
+    if kind == "norm":
+        return _folds(view, node)
+    if kind == "mul":  # by a weight or a constant, not by another activation (a gate)
+        g = view.graph
+        return sum(isinstance(a, fx.Node) and a in g for a in node.args) == 1
+    return kind in _LINEAR_KINDS or (node.op != "call_module" and node.target in _SUBTRACTIONS)
+
+
+def _is_conv(view: GraphView, node: fx.Node) -> bool:
+    """A convolution itself, not a leaf module that holds one among other layers."""
+    if node.op != "call_module":
+        return True
+    return isinstance(view.modules.get(node.target), torch.nn.modules.conv._ConvNd)
+
+
+def _folds(view: GraphView, node: fx.Node) -> bool:
+    """A batch norm with no activation of its own (timm's BatchNormAct2d may hold one): it
+    folds into the convolution before it."""
+    if node.op == "call_function":
+        return node.target is torch.nn.functional.batch_norm
+    m = view.modules.get(node.target) if node.op == "call_module" else None
+    act = getattr(m, "act", None)
+    return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+        act is None or isinstance(act, torch.nn.Identity))
 
 
 def _integration(g: nx.DiGraph, where: str, merge, kind: str, entry, acts, gated, branch):

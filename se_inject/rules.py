@@ -43,6 +43,7 @@ class Rule:
     existing_gate: str              # "skip" or "allow": a block that already holds a channel gate
     depthwise_branch: bool          # the gated branch must hold a depthwise convolution
     disjoint_branches: bool         # the operands' branches share no layer (parallel branches)
+    reparam_sums: str               # "skip" or "allow": a sum of one-convolution linear branches
     yield_to: tuple[str, ...]
     path: str
 
@@ -150,6 +151,7 @@ _MATCH_SCHEMA = {
     "existing_gate": (False, _choice("skip", "allow"), "skip"),
     "depthwise_branch": (False, _of_type(bool, "true or false"), False),
     "disjoint_branches": (False, _of_type(bool, "true or false"), False),
+    "reparam_sums": (False, _choice("skip", "allow"), "skip"),
 }
 _GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise", "pre", "post",
                                      "identity"), None)}
@@ -226,7 +228,7 @@ def _parse(text: str, path: str) -> Rule:
                 equal_shapes=m["equal_shapes"], entry_as_operand=m["entry_as_operand"],
                 min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
                 existing_gate=m["existing_gate"], depthwise_branch=m["depthwise_branch"],
-                disjoint_branches=m["disjoint_branches"],
+                disjoint_branches=m["disjoint_branches"], reparam_sums=m["reparam_sums"],
                 yield_to=f["yield_to"], path=path)
 
 

@@ -100,7 +100,10 @@ def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
             layers += [inner.module, *conv_bn(inner.width, cout, k=1, relu=False)]
         short = None if stride == 1 and cin == cout else \
             nn.Sequential(*conv_bn(cin, cout, k=1, stride=stride, relu=False))
-        g = 1 + (inner.gates if inner else 0)     # a residual block always matches
+        # a residual block matches unless it is one convolution written out: a single conv
+        # and norm beside the shortcut, nothing nonlinear (the rule's reparam_sums: skip)
+        linear = n == 1 and inner is None
+        g = (0 if linear else 1) + (inner.gates if inner else 0)
         return Built(Res(nn.Sequential(*layers), short), cout, stride == 2, g,
                      inner.pool_branches if inner else 0, ["res"] + (inner.kinds if inner else []))
     n = draw(st.integers(2, 5))

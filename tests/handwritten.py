@@ -10,6 +10,12 @@ def conv_bn(cin, cout, k=3, stride=1):
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
 
 
+def branch(c):
+    """conv-bn-relu-conv-bn: a residual branch (one conv and a norm alone would be a
+    re-parameterisable sum, which the residual rule leaves alone)."""
+    return nn.Sequential(*conv_bn(c, c), nn.ReLU(), *conv_bn(c, c))
+
+
 class InlineResidualNet(nn.Module):
     """Three residual blocks written inline in the top-level forward: +, += and torch.add."""
 
@@ -181,7 +187,7 @@ class TrainingBlock(nn.Module):
 
     def __init__(self, c=16):
         super().__init__()
-        self.conv = conv_bn(c, c)
+        self.conv = branch(c)
 
     def forward(self, x):
         y = self.conv(x)
@@ -230,7 +236,7 @@ class ShortcutArgBlock(nn.Module):
 
     def __init__(self, c=16):
         super().__init__()
-        self.conv = conv_bn(c, c)
+        self.conv = branch(c)
 
     def forward(self, x, shortcut=None, relu: bool = True):
         if shortcut is None:
@@ -258,7 +264,7 @@ class BranchListBlock(nn.Module):
 
     def __init__(self, c=16):
         super().__init__()
-        self.convs = nn.ModuleList([conv_bn(c, c), conv_bn(c, c)])
+        self.convs = nn.ModuleList([branch(c), branch(c)])
 
     def forward(self, xs):
         return [x + conv(x) for x, conv in zip(xs, self.convs)]
@@ -340,7 +346,7 @@ class CachingBlock(nn.Module):
 
     def __init__(self, c=16):
         super().__init__()
-        self.conv = conv_bn(c, c)
+        self.conv = branch(c)
         self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
         self.cache = {}
 
@@ -491,3 +497,40 @@ class SplitNet(nn.Module):
 
     def forward(self, x):
         return self.split(self.partial(F.relu(self.stem(x)))).mean((2, 3))
+
+
+class RepBranchBlock(nn.Module):
+    """RepVGG / MobileOne training-time branches: a 3x3 conv, a 1x1 conv and a norm of one
+    input, summed (one 3x3 convolution once re-parameterised), then the activation."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.kxk, self.k1 = conv_bn(c, c, 3), conv_bn(c, c, 1)
+        self.skip = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return F.relu(self.kxk(x) + self.k1(x) + self.skip(x))
+
+
+class LinearSumsNet(nn.Module):
+    """Sums that are one linear layer (a re-parameterisable block, a convolutional position
+    encoding ``x + dwconv(x)``, a layer-scaled difference as in FastViT's RepMixer) beside sums
+    that are blocks: two convolutions in series without an activation, and a residual block."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.rep = RepBranchBlock(c)
+        self.pos = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.mix, self.norm = conv_bn(c, c, 3), nn.BatchNorm2d(c)
+        self.scale = nn.Parameter(torch.full((1, c, 1, 1), 0.5))
+        self.deep1, self.deep2 = conv_bn(c, c, 1), conv_bn(c, c, 3)
+        self.r1, self.r2 = conv_bn(c, c), conv_bn(c, c)
+
+    def forward(self, x):
+        x = self.rep(F.relu(self.stem(x)))
+        x = x + self.pos(x)
+        x = x + self.scale * (self.mix(x) - self.norm(x))
+        x = x + self.deep2(self.deep1(x))
+        x = F.relu(x + self.r2(F.relu(self.r1(x))))
+        return x.mean((2, 3))

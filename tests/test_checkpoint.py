@@ -277,3 +277,26 @@ def test_load_builds_on_the_meta_device_and_adopts_the_file_tensors(r18, tmp_pat
     assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
     se_inject.remove(g)                              # the scaled layers are scaled back
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in g.state_dict().items())
+
+
+def test_a_recipe_from_before_reparam_sums_loads_its_gates_where_they_were(tmp_path):
+    """Rules in checkpoints written before `reparam_sums` existed gated such sums: loading
+    one rebuilds those gates (reading them as `allow`), not the fewer that `skip` gives."""
+    text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
+    rule = tmp_path / "residual.yaml"
+    rule.write_text(text.replace("reparam_sums: skip", "reparam_sums: allow"))
+    m = se_inject.apply(timm.create_model("repvgg_a0", num_classes=10).eval(), rules=[rule])
+    path = se_inject.save(m, tmp_path / "rep.pth")
+    obj = torch.load(path, weights_only=True)
+    recipe = json.loads(obj["se_inject.recipe"])
+    for step in recipe["steps"]:
+        for r in step["rules"]:
+            del r["reparam_sums"]
+    obj["se_inject.recipe"] = json.dumps(recipe)
+    torch.save(obj, path)
+    g = se_inject.load(path).eval()
+    assert [n for n, _ in gates(g)] == [n for n, _ in gates(m)]
+    assert len(gates(g)) > 0 == len(se_inject.plan(timm.create_model("repvgg_a0")))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)

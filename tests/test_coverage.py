@@ -20,6 +20,8 @@ CI_SUBSET = [
     ("nf_resnet26", "gated"),              # its blocks are timm no-trace modules that trace
     ("densenet121", "refused"),            # dense connections only
     ("vit_tiny_patch16_224", "refused"),   # no CNN block
+    ("repvgg_a0", "refused"),              # sums of one-conv branches: a plain net once fused
+    ("mobileone_s0", "refused"),
     ("seresnet18", "kept"),                # every block holds its own SE
 ]
 

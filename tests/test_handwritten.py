@@ -348,3 +348,34 @@ def test_shufflenet_v2_downsampling_units_are_two_branch_modules():
                 a, b = x.chunk(2, dim=1)
                 want = channel_shuffle(torch.cat((a, unit.branch2(b)), dim=1), 2)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
+    """A sum whose every path from the entry crosses at most one convolution, with nothing but
+    norms, identities, sums, differences and weight scales besides, is one convolution written
+    out (RepVGG, MobileOne, a position encoding): no gate by default; `reparam_sums: allow`
+    gates it like any other sum."""
+    from handwritten import LinearSumsNet
+    model = LinearSumsNet().eval()
+    p = se_inject.plan(model)
+    reparam = [s.merge for s in p.skipped if "re-parameterisable" in s.reason]
+    assert sorted(reparam) == ["add", "add", "rep.add", "rep.add"]
+    assert [s.tensor for s in p] == ["deep2.1", "r2.1"]   # two convs in series; a block
+    assert all(s.rule == "residual" for s in p)
+    text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
+    rule = tmp_path / "rep.yaml"
+    rule.write_text(text.replace("reparam_sums: skip", "reparam_sums: allow"))
+    assert [s.tensor for s in se_inject.plan(model, rules=[rule])] == [
+        "rep.kxk.1", "rep.add", "pos", "mul", "deep2.1", "r2.1"]
+    with pytest.raises(se_inject.SEInjectError, match="re-parameterisable"):
+        se_inject.apply(RepBranchNet())
+
+
+class RepBranchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from handwritten import RepBranchBlock, conv_bn
+        self.stem, self.blocks = conv_bn(3, 16), torch.nn.Sequential(*[RepBranchBlock() for _ in range(3)])
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))

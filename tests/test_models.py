@@ -41,7 +41,8 @@ def _hrnet_sites(model):
 
 
 def _no_se(m):
-    return not any(type(x).__name__ in ("SEModule", "SqueezeExcitation") for x in m.modules())
+    return not any(type(x).__name__ in ("SEModule", "SqueezeExcite", "SqueezeExcitation")
+                   for x in m.modules())
 
 
 # name -> (builder, input side, expected gates: a number from the paper and the architecture,
@@ -55,6 +56,9 @@ MODELS = {
     "timm/dla34": (_timm("dla34"), 64, _count("DlaBasic")),  # root concats aggregate a chain
     "timm/hrnet_w18_small": (_timm("hrnet_w18_small"), 64, _hrnet_sites),
     "timm/tresnet_m": (_timm("tresnet_m"), 64, _count("BasicBlock", "Bottleneck", where=_no_se)),
+    # training-time re-parameterisable branches (sums of one-conv linear branches) are not
+    # blocks: one gate per bottleneck, not one per branch sum
+    "timm/ghostnetv3_050": (_timm("ghostnetv3_050"), 64, _count("GhostBottleneckV3", where=_no_se)),
     "torchvision/resnet50": (_tv("resnet50"), 64, 16),
     "torchvision/googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64, 9),
     # blocks made of torchvision.ops leaf modules (Conv2dNormActivation, SqueezeExcitation)
