@@ -10,6 +10,12 @@ gradient reaches).
 
     python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
                              [--max-params MILLIONS] [--repeats N] [--out bench/out/coverage.md]
+                             [--resume FILE.jsonl] [--minutes M]
+
+--all takes the architectures smallest first (by parameter count). --resume appends each
+model's row to FILE.jsonl as it finishes and skips the models already there, so a sweep of
+many hours can run in pieces; --minutes stops starting new models after M minutes and reports
+what was swept (the summary says how many of how many).
 
 Times are the best of --repeats runs. Beside apply ÷ create, each model's bare torch.fx trace
 ÷ create is reported: the part of the cost no fx-based pass can avoid.
@@ -195,7 +201,7 @@ def _sites(row) -> str:
     return ", ".join(f"{r} {n}" for r, n in sorted(row["sites"].items())) or "-"
 
 
-def report(rows: list[dict]) -> str:
+def report(rows: list[dict], planned: int | None = None) -> str:
     fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"})
     gated_fams = sorted({r["family"] for r in rows if r["family"] != "torchvision"
                          and r["status"] in ("gated", "kept")})
@@ -203,8 +209,11 @@ def report(rows: list[dict]) -> str:
     tv = [r for r in rows if r["family"] == "torchvision"]
     ratios = [r["ratio"] for r in rows if "ratio" in r]
     worst = max(rows, key=lambda r: r.get("ratio", 0)) if ratios else None
-    lines = ["# se-inject coverage", "",
-             f"- timm: {len(gated_fams)} of {len(fams)} model modules gated or already gated "
+    lines = ["# se-inject coverage", ""]
+    if planned is not None and planned > len(rows):
+        lines.append(f"- partial sweep: {len(rows)} of {planned} models (the rest not yet run; "
+                     "--resume continues it).")
+    lines += [f"- timm: {len(gated_fams)} of {len(fams)} model modules gated or already gated "
              f"(one architecture each unless --all).",
              f"- torchvision: {sum(r['status'] == 'gated' for r in tv)} of {len(tv)} "
              "classification models gated.",
@@ -235,6 +244,24 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_rows(path: Path) -> dict[tuple[str, str], dict]:
+    """The rows a resumed sweep already has, by (family, model); a line cut short by a killed
+    run is dropped (that model runs again)."""
+    rows = {}
+    if path.exists():
+        text = path.read_text()
+        if text and not text.endswith("\n"):  # new rows start on a line of their own
+            with path.open("a") as f:
+                f.write("\n")
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["family"], row["model"]] = row
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--all", action="store_true", help="every timm architecture")
@@ -248,10 +275,17 @@ def main(argv=None) -> int:
                     help="time create, a bare fx trace and apply this many times each and keep "
                          "the best (default 3, 1 with --all)")
     ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"))
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="JSON-lines file: rows already there are kept, new rows appended")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="start no new model after this many minutes; report what was swept")
     args = ap.parse_args(argv)
     only = [m for m in args.only.split(",") if m] or None
     if args.all:
         todo = [(f, n) for f in (only or timm.list_modules()) for n in timm.list_models(module=f)]
+        print(f"  ordering {len(todo)} architectures by size", file=sys.stderr, flush=True)
+        size = {n: _meta_params(n) for _, n in todo}
+        todo.sort(key=lambda fn: (size[fn[1]] is None, size[fn[1]] or 0, fn[1]))
     else:
         todo = timm_representatives(only)
     jobs = [(f, n, (lambda n=n: timm.create_model(n, pretrained=False))) for f, n in todo]
@@ -260,15 +294,27 @@ def main(argv=None) -> int:
                  for n in torchvision.models.list_models(module=torchvision.models)]
     repeats = args.repeats or (1 if args.all else 3)
     limit = args.max_params if args.max_params is not None else (300 if args.all else None)
+    done = _read_rows(args.resume) if args.resume else {}
     rows = []
+    start = time.perf_counter()
     for i, (family, name, build) in enumerate(jobs, 1):
+        if (family, name) in done:
+            rows.append(done[family, name])
+            continue
+        if args.minutes is not None and time.perf_counter() - start > args.minutes * 60:
+            print(f"  --minutes {args.minutes:g} reached: {len(jobs) - i + 1} models not run",
+                  file=sys.stderr, flush=True)
+            break
         t = time.perf_counter()
         row = check(family, name, build, None if limit is None else limit * 1e6, repeats)
         rows.append(row)
+        if args.resume:
+            with args.resume.open("a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
         print(f"[{i}/{len(jobs)}] {family}/{name}: {row['status']} {_sites(row)} "
               f"({time.perf_counter() - t:.1f} s) {row['reason'][:120]}", file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    text = report(rows)
+    text = report(rows, planned=len(jobs))
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
     print(text)
