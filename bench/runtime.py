@@ -168,6 +168,17 @@ def table(results: list[dict], device_name: str, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux), or just "CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return "CPU"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -184,7 +195,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else \
-        f"CPU ({torch.get_num_threads()} threads), fp32"
+        f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
     if cuda:
         device_name += ", bf16 autocast, channels_last"
     device_name += "; fused inference " + ("without" if args.no_freeze else "with") + " freezing"
