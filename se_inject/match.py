@@ -25,8 +25,9 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
-REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and no activation: "
-               "one convolution in re-parameterisable form (RepVGG, MobileOne), not a block")
+REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and nothing "
+               "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
+               "block")
 
 
 @dataclass
@@ -146,8 +147,9 @@ _SUBTRACTIONS = {operator.sub, torch.sub, "sub", "__sub__"}
 def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
     """Whether the block is one linear layer written as parallel branches (RepVGG, MobileOne,
     GhostNetV3's training-time branches, ``x + dwconv(x)``): the region holds only
-    convolutions, batch norms without an activation of their own, identities and sums, and no
-    path from the entry to the sum passes through more than one convolution."""
+    convolutions, batch norms without an activation of their own, identities, sums,
+    differences and scales by a weight, and no path from the entry to the sum passes through
+    more than one convolution."""
     g = view.graph
     depth = {entry: 0}
     for n in sorted(region, key=lambda x: g.nodes[x]["index"]):

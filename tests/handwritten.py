@@ -512,6 +512,18 @@ class RepBranchBlock(nn.Module):
         return F.relu(self.kxk(x) + self.k1(x) + self.skip(x))
 
 
+class RepBranchNet(nn.Module):
+    """Nothing but re-parameterisable blocks after the stem: a plain net once fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(*[RepBranchBlock() for _ in range(3)])
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
 class LinearSumsNet(nn.Module):
     """Sums that are one linear layer (a re-parameterisable block, a convolutional position
     encoding ``x + dwconv(x)``, a layer-scaled difference as in FastViT's RepMixer) beside sums

@@ -355,7 +355,7 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     norms, identities, sums, differences and weight scales besides, is one convolution written
     out (RepVGG, MobileOne, a position encoding): no gate by default; `reparam_sums: allow`
     gates it like any other sum."""
-    from handwritten import LinearSumsNet
+    from handwritten import LinearSumsNet, RepBranchNet
     model = LinearSumsNet().eval()
     p = se_inject.plan(model)
     reparam = [s.merge for s in p.skipped if "re-parameterisable" in s.reason]
@@ -370,12 +370,3 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     with pytest.raises(se_inject.SEInjectError, match="re-parameterisable"):
         se_inject.apply(RepBranchNet())
 
-
-class RepBranchNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        from handwritten import RepBranchBlock, conv_bn
-        self.stem, self.blocks = conv_bn(3, 16), torch.nn.Sequential(*[RepBranchBlock() for _ in range(3)])
-
-    def forward(self, x):
-        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
