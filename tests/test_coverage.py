@@ -1,6 +1,7 @@
 """The coverage sweep's per-model check, over the registries: a subset of families in CI,
 every timm family and torchvision model behind the `slow` marker (bench/coverage.py)."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,16 @@ def test_every_timm_family(family):
 def test_every_torchvision_classifier(name):
     row = coverage.check("torchvision", name, lambda: torchvision.models.get_model(name, weights=None))
     assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
+
+
+def test_a_resumed_sweep_keeps_finished_rows_and_drops_a_cut_one(tmp_path):
+    done = tmp_path / "rows.jsonl"
+    row = {"family": "resnet", "model": "resnet10t", "status": "gated", "sites": {"residual": 4},
+           "reason": ""}
+    done.write_text(json.dumps(row) + "\n" + '{"family": "vgg", "model": "vg')  # killed mid-write
+    rows = coverage._read_rows(done)
+    assert rows == {("resnet", "resnet10t"): row}
+    assert done.read_text().endswith("\n")        # the next row starts on a line of its own
+    text = coverage.report(list(rows.values()), planned=3)
+    assert "partial sweep: 1 of 3 models" in text
+    assert "partial" not in coverage.report(list(rows.values()), planned=1)
