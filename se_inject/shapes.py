@@ -134,10 +134,29 @@ def _interpolate(x: torch.Tensor, size=None, scale_factor=None, *rest, **kwargs)
     return x.new_empty((*x.shape[:2], *out))
 
 
+_DEVICE_MOVES = {T.to, T.cpu, T.cuda}
+
+
+def _stay_on_meta(func, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
+    """A move to another device leaves a meta tensor where it is (a meta tensor cannot be copied
+    out, and a device read while tracing is recorded as a constant); a dtype change applies."""
+    if func is not T.to:
+        return x
+    dtype = kwargs.get("dtype")
+    for a in rest:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, torch.Tensor):
+            dtype = a.dtype
+    return x if dtype is None or dtype == x.dtype else x.to(dtype)
+
+
 def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":
         return None
+    if func in _DEVICE_MOVES:
+        return _stay_on_meta(func, x, args[1:], kwargs)
     if func in _LIKE_INPUT or func in _IN_PLACE:
         return _like(x, func in _IN_PLACE)
     if func is F.interpolate:

@@ -148,3 +148,31 @@ def test_interpolate_shapes_equal_real_shapes(shape, kwargs):
     assert len(resized) == 3
     for n in resized:
         assert tuple(n.meta[VALUE].shape) == tuple(real[n].shape), n.format_node()
+
+
+def test_device_moves_keep_meta_tensors_and_apply_dtypes():
+    """A device read while tracing is recorded as a constant (`.to(device=cpu)`): shapes stay on
+    meta, and the dtype asked for is still applied, as in a real run."""
+    class Moves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.arange(6.0))
+
+        def forward(self, x):
+            t = self.table.to(device=self.table.device, dtype=torch.float64)
+            u = x.to(self.table.device).to(torch.float16).cpu()
+            return t * 2, u.to(x), x.to("cpu", torch.bfloat16), x.to(device="cpu")
+
+    model = Moves()
+    graph = fx.symbolic_trace(model).graph
+    assert any(n.kwargs.get("device") == "cpu" for n in graph.nodes)  # a constant
+    propagate_shapes(model, graph, [(2, 3, 5, 7)])
+    real = _real_values(model, graph, torch.randn(2, 3, 5, 7))
+    checked = 0
+    for n, value in real.items():
+        if isinstance(value, torch.Tensor):
+            assert n.meta[VALUE].device.type == "meta", n.format_node()
+            assert tuple(n.meta[VALUE].shape) == tuple(value.shape), n.format_node()
+            assert n.meta[VALUE].dtype == value.dtype, n.format_node()
+            checked += 1
+    assert checked >= 8
