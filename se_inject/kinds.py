@@ -1,5 +1,5 @@
 """What kind of operation a traced node is: tables from module class, function and tensor
-method to a kind (conv, dwconv, norm, act, add, cat, pool, mul, linear, permute, gate,
+method to a kind (conv, dwconv, norm, act, add, sub, cat, pool, mul, linear, permute, gate,
 chgate, identity...), looked up by the graph view and by the tracer."""
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     F.max_pool2d: "pool", F.avg_pool2d: "pool", F.adaptive_avg_pool2d: "pool",
     F.adaptive_max_pool2d: "pool",
     operator.add: "add", operator.iadd: "add", torch.add: "add",
+    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
     torch.permute: "permute",
@@ -62,6 +63,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
 # Tensor method (call_method target) -> op kind.
 _METHOD_KINDS: dict[str, str] = {
     "add": "add", "add_": "add", "__add__": "add", "__iadd__": "add",
+    "sub": "sub", "sub_": "sub", "__sub__": "sub", "__isub__": "sub",
     "mul": "mul", "mul_": "mul", "relu": "act", "relu_": "act", "sigmoid": "act",
     "permute": "permute",
 }

@@ -140,8 +140,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}
-_LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add"}
-_SUBTRACTIONS = {operator.sub, torch.sub, "sub", "__sub__"}
+_LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add", "sub"}
 
 
 def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
@@ -173,7 +172,7 @@ def _linear(view: GraphView, node: fx.Node, kind: str) -> bool:
     if kind == "mul":  # by a weight or a constant, not by another activation (a gate)
         g = view.graph
         return sum(isinstance(a, fx.Node) and a in g for a in node.args) == 1
-    return kind in _LINEAR_KINDS or (node.op != "call_module" and node.target in _SUBTRACTIONS)
+    return kind in _LINEAR_KINDS
 
 
 def _is_conv(view: GraphView, node: fx.Node) -> bool:

@@ -296,7 +296,8 @@ def test_a_recipe_from_before_reparam_sums_loads_its_gates_where_they_were(tmp_p
     torch.save(obj, path)
     g = se_inject.load(path).eval()
     assert [n for n, _ in gates(g)] == [n for n, _ in gates(m)]
-    assert len(gates(g)) > 0 == len(se_inject.plan(timm.create_model("repvgg_a0")))
+    assert len(gates(g)) > 0
+    assert len(se_inject.plan(timm.create_model("repvgg_a0"))) == 0   # what `skip` would give
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
