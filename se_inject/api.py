@@ -24,7 +24,7 @@ from .recipe import forget_recipe, record_step
 from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import Frame, TraceOptions, is_container, trace_model
+from .trace import Frame, TraceOptions, is_container, trace_model, tracing_session
 
 __all__ = ["apply", "plan", "remove"]
 
@@ -172,15 +172,20 @@ class _Chosen(NamedTuple):
 
 
 @contextlib.contextmanager
-def _gc_paused():
-    """Tracing allocates many small objects, which starts the cyclic garbage collector; a full
-    collection walks every object in the process (a large model holds hundreds of thousands)
-    and can take longer than the trace. Pause it while planning and rewriting; the garbage
-    that tracing leaves is collected by later collections as usual."""
+def _tracing():
+    """Planning and rewriting trace the model, then each block to rewrite: one
+    ``tracing_session`` serves all of those traces (fx's own patch of nn.Module, remade on
+    each, costs more than tracing a small block).
+
+    Tracing also allocates many small objects, which starts the cyclic garbage collector; a
+    full collection walks every object in the process (a large model holds hundreds of
+    thousands) and can take longer than the trace. It is paused meanwhile; the garbage that
+    tracing leaves is collected by later collections as usual."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        yield
+        with tracing_session():
+            yield
     finally:
         if enabled:
             gc.enable()
@@ -282,7 +287,7 @@ def plan(model: nn.Module, ratio: int | dict = 16,
     resolved = _placed(resolve_rules(rules), _check_position(position))
     spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
     options = _trace_options(leaf_modules, autowrap_functions)
-    with _gc_paused():
+    with _tracing():
         return _make_plan(model, ratio, resolved, input_size, options, stages, spec)[0]
 
 
@@ -362,24 +367,24 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         check_identity(spec)
     options = _trace_options(leaf_modules, autowrap_functions)
     resolved = _placed(resolve_rules(rules), _check_position(position))
-    with _gc_paused():
+    with _tracing():  # the model's trace and every block's
         p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,
                                                stages, spec)
-    if not p.sites:
-        held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
-        if held:
-            warnings.warn(f"every block of {type(model).__name__} that the rules match already "
-                          f"holds a gate ({len(held)} blocks); apply() changed nothing. A rule "
-                          "with 'existing_gate: allow' gates blocks that hold a gate of their "
-                          "own (README.md, 'Rule files').", stacklevel=2)
-            return model
-        raise _no_sites_error(model, p)
-    compensations = []
-    if init == "identity":
-        compensations = plan_compensations(
-            graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
-                           for s in p.sites])
-    with _gc_paused():
+        if not p.sites:
+            held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+            if held:
+                warnings.warn(f"every block of {type(model).__name__} that the rules match "
+                              f"already holds a gate ({len(held)} blocks); apply() changed "
+                              "nothing. A rule with 'existing_gate: allow' gates blocks that "
+                              "hold a gate of their own (README.md, 'Rule files').",
+                              stacklevel=2)
+                return model
+            raise _no_sites_error(model, p)
+        compensations = []
+        if init == "identity":
+            compensations = plan_compensations(
+                graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
+                               for s in p.sites])
         prepared = prepare(model, p.sites, spec, options, blocks)
     if init == "identity":
         for pr in prepared:

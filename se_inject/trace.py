@@ -7,11 +7,13 @@ that a site found anywhere in the graph can be realised in the module that owns 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dis
 import functools
 import inspect
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -160,11 +162,111 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
 
+try:
+    from torch.fx import _symbolic_trace as _fx_impl
+    _FX_HOOKS = all(hasattr(_fx_impl, n) for n in (
+        "_orig_module_call", "_orig_module_getattr", "_autowrap_check", "CURRENT_PATCHER",
+        "_get_is_fx_tracing"))
+except ImportError:  # pragma: no cover - every supported torch has the module
+    _fx_impl, _FX_HOOKS = None, False
+
+_ACTIVE = threading.local()  # .stack: [(tracer, parameter proxy cache)], innermost last
+_SESSION = {"depth": 0, "patched": False}
+_SESSION_LOCK = threading.Lock()
+
+
+def _active_tracer():
+    stack = getattr(_ACTIVE, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _no_foreign_tracer() -> None:
+    if _fx_impl._get_is_fx_tracing():
+        raise RuntimeError("an fx tracer that is not se-inject's ran inside se-inject's tracing "
+                           "session, where nn.Module's calls and attributes reach only "
+                           "se-inject's tracers; it would have traced a wrong graph")
+
+
+def _session_call(mod, *args, **kwargs):
+    """nn.Module.__call__ during a tracing session: what fx's own wrapper does for the tracer
+    tracing in this thread, the module's plain call otherwise."""
+    active = _active_tracer()
+    if active is None:
+        _no_foreign_tracer()
+        return _fx_impl._orig_module_call(mod, *args, **kwargs)
+    tracer = active[0]
+
+    def forward(*args, **kwargs):
+        return _fx_impl._orig_module_call(mod, *args, **kwargs)
+
+    _fx_impl._autowrap_check(_fx_impl.CURRENT_PATCHER,
+                             getattr(getattr(mod, "forward", mod), "__globals__", {}),
+                             tracer._autowrap_function_ids)
+    return tracer.call_module(mod, forward, args, kwargs)
+
+
+def _session_getattr(mod, attr):
+    value = _fx_impl._orig_module_getattr(mod, attr)
+    active = _active_tracer()
+    if active is None:
+        _no_foreign_tracer()
+        return value
+    return active[0].getattr(attr, value, active[1])
+
+
+# fx's patcher leaves a method alone when it already carries this flag.
+for _fn in (_session_call, _session_getattr):
+    setattr(_fn, "__fx_already_patched", True)
+
+
+@contextlib.contextmanager
+def tracing_session():
+    """Hold one patch of nn.Module's ``__call__`` and ``__getattr__`` for several traces.
+
+    fx patches both on nn.Module on every trace and puts them back after it. Setting an
+    attribute on nn.Module invalidates the method caches of each of its subclasses (more
+    than a thousand with timm imported): about a millisecond each time, four times a trace,
+    and every class's cache then refills. Within a session, se-inject's tracers find the
+    methods already patched, which fx leaves as they are: each module call goes to the
+    tracer tracing in that thread, or runs as usual where none is. Re-entrant. Where this
+    torch lacks the internals it relies on, or nn.Module is patched already, it does nothing
+    and every trace patches as fx does."""
+    with _SESSION_LOCK:
+        if _SESSION["depth"] == 0:
+            _SESSION["patched"] = (_FX_HOOKS
+                                   and nn.Module.__call__ is _fx_impl._orig_module_call
+                                   and nn.Module.__getattr__ is _fx_impl._orig_module_getattr)
+            if _SESSION["patched"]:
+                nn.Module.__call__ = _session_call
+                nn.Module.__getattr__ = _session_getattr
+        _SESSION["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SESSION_LOCK:
+            _SESSION["depth"] -= 1
+            if _SESSION["depth"] == 0 and _SESSION["patched"]:
+                nn.Module.__call__ = _fx_impl._orig_module_call
+                nn.Module.__getattr__ = _fx_impl._orig_module_getattr
+                _SESSION["patched"] = False
+
+
 class UnpackingTracer(fx.Tracer):
-    """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack)."""
+    """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack); within a
+    ``tracing_session`` it takes the session's module patch instead of making its own."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def trace(self, root, concrete_args=None):
+        if not _SESSION["patched"]:
+            return super().trace(root, concrete_args)
+        stack = _ACTIVE.__dict__.setdefault("stack", [])
+        stack.append((self, {}))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            stack.pop()
 
 
 class _ScopeTracer(UnpackingTracer):

@@ -105,3 +105,85 @@ def test_an_unpacking_fx_cannot_trace_fails_as_in_fx(body):
         trace_model(M(), TraceOptions(), n_inputs=1)
     assert "iter" in str(theirs.value).lower()
     assert str(theirs.value).split(".")[0] in str(ours.value)
+
+
+# A tracing session: one patch of nn.Module for every trace in it
+
+
+def _snapshot(graph: fx.Graph) -> list[tuple]:
+    from se_inject.trace import SCOPE
+    return [(*op, n.meta.get(SCOPE)) for op, n in zip(_ops(graph), graph.nodes)]
+
+
+def _patched() -> bool:
+    from torch.fx import _symbolic_trace as fx_impl
+    return nn.Module.__call__ is not fx_impl._orig_module_call \
+        or nn.Module.__getattr__ is not fx_impl._orig_module_getattr
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_convnext", "inception_v3"])
+def test_a_session_traces_what_fx_patching_each_trace_traces(name):
+    import timm
+    from se_inject.trace import trace_block, tracing_session
+    model = timm.create_model(name).eval()
+    block = next(m for m in model.modules() if type(m).__name__ in
+                 ("BasicBlock", "ConvNeXtBlock", "InceptionA"))
+    alone = (trace_model(model, TraceOptions(), n_inputs=1),
+             trace_block(block, TraceOptions(), training=True))
+    assert not _patched()
+    with tracing_session():
+        assert _patched()  # else both sides would be traced alike, by fx's own patch
+        within = (trace_model(model, TraceOptions(), n_inputs=1),
+                  trace_block(block, TraceOptions(), training=True))
+    assert not _patched()
+    for a, b in zip(alone, within):
+        assert _snapshot(a) == _snapshot(b)
+        assert a.python_code("self").src == b.python_code("self").src
+
+
+def test_parameters_reached_through_attributes_stay_nodes_in_a_session():
+    # fx's patched __getattr__ is what turns `self.gamma` into a node rather than a constant
+    from se_inject.trace import tracing_session
+    with tracing_session():
+        graph = trace_model(_Shared(), TraceOptions(), n_inputs=1)
+    assert _get_attrs(graph) == _get_attrs(fx.symbolic_trace(_Shared()).graph)
+    assert not [n for n in graph.nodes if n.op == "get_attr" and "tensor_constant" in n.target]
+
+
+def test_sessions_nest_and_put_nn_module_back():
+    from se_inject.trace import tracing_session
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    expected = model(x)
+    with tracing_session():
+        with tracing_session():
+            assert _patched()
+        assert _patched()  # the outer session still holds it
+        assert torch.equal(model(x), expected)  # a call that no trace is making runs as usual
+    assert not _patched()
+    with pytest.raises(KeyError):
+        with tracing_session():
+            raise KeyError("x")
+    assert not _patched()
+
+
+def test_a_foreign_fx_tracer_in_a_session_fails_instead_of_tracing_a_wrong_graph():
+    from se_inject.trace import tracing_session
+    with tracing_session():
+        with pytest.raises(RuntimeError, match="not se-inject's"):
+            fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    assert not _patched()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_apply_leaves_nn_module_as_it_was(name):
+    import timm
+    import se_inject
+    model = timm.create_model(name)
+    try:
+        se_inject.apply(model)
+    except se_inject.SEInjectError:
+        assert name.startswith("vit")  # refused: no CNN block
+    else:
+        assert not name.startswith("vit")
+    assert not _patched()
