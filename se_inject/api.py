@@ -172,10 +172,10 @@ class _Chosen(NamedTuple):
 
 
 @contextlib.contextmanager
-def _tracing():
+def _tracing(model: nn.Module):
     """Planning and rewriting trace the model, then each block to rewrite: one
     ``tracing_session`` serves all of those traces (fx's own patch of nn.Module, remade on
-    each, costs more than tracing a small block).
+    each, costs more than tracing a small block) and patches the model's classes only.
 
     Tracing also allocates many small objects, which starts the cyclic garbage collector; a
     full collection walks every object in the process (a large model holds hundreds of
@@ -184,7 +184,7 @@ def _tracing():
     enabled = gc.isenabled()
     gc.disable()
     try:
-        with tracing_session():
+        with tracing_session(model):
             yield
     finally:
         if enabled:
@@ -287,7 +287,7 @@ def plan(model: nn.Module, ratio: int | dict = 16,
     resolved = _placed(resolve_rules(rules), _check_position(position))
     spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
     options = _trace_options(leaf_modules, autowrap_functions)
-    with _tracing():
+    with _tracing(model):
         return _make_plan(model, ratio, resolved, input_size, options, stages, spec)[0]
 
 
@@ -367,7 +367,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         check_identity(spec)
     options = _trace_options(leaf_modules, autowrap_functions)
     resolved = _placed(resolve_rules(rules), _check_position(position))
-    with _tracing():  # the model's trace and every block's
+    with _tracing(model):  # the model's trace and every block's
         p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,
                                                stages, spec)
         if not p.sites:

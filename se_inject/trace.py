@@ -170,9 +170,11 @@ try:
 except ImportError:  # pragma: no cover - every supported torch has the module
     _fx_impl, _FX_HOOKS = None, False
 
-_ACTIVE = threading.local()  # .stack: [(tracer, parameter proxy cache)], innermost last
-_SESSION = {"depth": 0, "patched": False}
+_ACTIVE = threading.local()  # .stack: [(tracer, parameter proxy cache)], innermost last;
+# .entering: the module a session's __call__ is about to run (see _unrouted_call)
+_SESSION: dict = {"depth": 0, "active": False, "classes": {}, "module": False, "hook": None}
 _SESSION_LOCK = threading.Lock()
+_FX_FLAG = "__fx_already_patched"  # fx's patcher leaves a method alone that carries this
 
 
 def _active_tracer():
@@ -188,15 +190,17 @@ def _no_foreign_tracer() -> None:
 
 
 def _session_call(mod, *args, **kwargs):
-    """nn.Module.__call__ during a tracing session: what fx's own wrapper does for the tracer
-    tracing in this thread, the module's plain call otherwise."""
+    """A module's __call__ during a tracing session: what fx's own wrapper does for the
+    tracer tracing in this thread, the module's plain call otherwise."""
     active = _active_tracer()
     if active is None:
         _no_foreign_tracer()
+        _ACTIVE.entering = mod
         return _fx_impl._orig_module_call(mod, *args, **kwargs)
     tracer = active[0]
 
     def forward(*args, **kwargs):
+        _ACTIVE.entering = mod
         return _fx_impl._orig_module_call(mod, *args, **kwargs)
 
     _fx_impl._autowrap_check(_fx_impl.CURRENT_PATCHER,
@@ -214,41 +218,111 @@ def _session_getattr(mod, attr):
     return active[0].getattr(attr, value, active[1])
 
 
-# fx's patcher leaves a method alone when it already carries this flag.
 for _fn in (_session_call, _session_getattr):
-    setattr(_fn, "__fx_already_patched", True)
+    setattr(_fn, _FX_FLAG, True)
+
+
+def _unrouted_call(mod, args):
+    """Global forward pre-hook of a session that patches classes: a module call that did not
+    come through a patched __call__ (a module of a class the model does not register) is
+    refused as fx refuses it, rather than traced through with its weights as constants."""
+    entering, _ACTIVE.entering = getattr(_ACTIVE, "entering", None), None
+    if entering is mod or _SESSION["module"]:  # nn.Module's own __call__ routes every call
+        return None
+    if _active_tracer() is not None:
+        raise NameError(f"a {type(mod).__name__} module is called that is not installed as a "
+                        "submodule of the traced model")
+    _no_foreign_tracer()
+    return None
+
+
+_NN_MODULE_METHODS = ("__call__", "__getattr__", "_call_impl", "_wrapped_call_impl")
+
+
+def _plain(cls: type) -> bool:
+    """Whether the class calls and looks up attributes exactly as nn.Module does."""
+    return all(getattr(cls, n) is getattr(nn.Module, n) for n in _NN_MODULE_METHODS)
+
+
+def _session_patch(model: nn.Module | None) -> None:
+    """Route module calls and attribute misses to se-inject's tracers (lock held).
+
+    Setting ``__call__`` or ``__getattr__`` on nn.Module updates the call and attribute slots
+    of every one of its subclasses (more than a thousand with timm imported): about 2 ms
+    each, as fx does four times a trace, and each class's method cache then refills. Set on
+    the model's own classes instead, each has few subclasses: microseconds. nn.Module itself
+    is patched only when the model has a class that calls or looks up attributes its own
+    way, or a compiled module, or none was named."""
+    modules = list(model.modules()) if model is not None else []
+    classes = {type(m) for m in modules}
+    plain = model is not None and all(map(_plain, classes)) and not any(
+        m.__dict__.get("_compiled_call_impl") is not None or "__call__" in m.__dict__
+        for m in modules)
+    if not plain and not _SESSION["module"]:
+        nn.Module.__call__ = _session_call
+        nn.Module.__getattr__ = _session_getattr
+        _SESSION["module"] = True
+    for cls in classes - set(_SESSION["classes"]):
+        if _plain(cls):
+            _SESSION["classes"][cls] = {n: cls.__dict__[n] for n in ("__call__", "__getattr__")
+                                        if n in cls.__dict__}
+            cls.__call__ = _session_call
+            cls.__getattr__ = _session_getattr
+    if _SESSION["hook"] is None:
+        for fn in (_fx_impl._orig_module_call, _fx_impl._orig_module_getattr):
+            setattr(fn, _FX_FLAG, True)  # fx's own trace now leaves nn.Module unpatched
+        _SESSION["hook"] = nn.modules.module.register_module_forward_pre_hook(_unrouted_call)
+
+
+def _session_unpatch() -> None:
+    for cls, saved in _SESSION["classes"].items():
+        for n in ("__call__", "__getattr__"):
+            if n in saved:
+                setattr(cls, n, saved[n])
+            else:
+                delattr(cls, n)
+    _SESSION["classes"] = {}
+    if _SESSION["module"]:
+        nn.Module.__call__ = _fx_impl._orig_module_call
+        nn.Module.__getattr__ = _fx_impl._orig_module_getattr
+        _SESSION["module"] = False
+    if _SESSION["hook"] is not None:
+        _SESSION["hook"].remove()
+        _SESSION["hook"] = None
+        for fn in (_fx_impl._orig_module_call, _fx_impl._orig_module_getattr):
+            if _FX_FLAG in fn.__dict__:
+                delattr(fn, _FX_FLAG)
 
 
 @contextlib.contextmanager
-def tracing_session():
-    """Hold one patch of nn.Module's ``__call__`` and ``__getattr__`` for several traces.
-
-    fx patches both on nn.Module on every trace and puts them back after it. Setting an
-    attribute on nn.Module invalidates the method caches of each of its subclasses (more
-    than a thousand with timm imported): about a millisecond each time, four times a trace,
-    and every class's cache then refills. Within a session, se-inject's tracers find the
-    methods already patched, which fx leaves as they are: each module call goes to the
-    tracer tracing in that thread, or runs as usual where none is. Re-entrant. Where this
-    torch lacks the internals it relies on, or nn.Module is patched already, it does nothing
-    and every trace patches as fx does."""
+def tracing_session(model: nn.Module | None = None):
+    """One patch of module calls and attribute misses for every trace of ``model`` (and its
+    submodules) within it, where fx patches nn.Module anew on every trace (see
+    _session_patch). Each module call goes to the se-inject tracer tracing in that thread,
+    or runs as usual where none is. Re-entrant. Where this torch lacks the fx internals it
+    relies on, or nn.Module is patched already, it does nothing and every trace patches as
+    fx does."""
     with _SESSION_LOCK:
         if _SESSION["depth"] == 0:
-            _SESSION["patched"] = (_FX_HOOKS
-                                   and nn.Module.__call__ is _fx_impl._orig_module_call
-                                   and nn.Module.__getattr__ is _fx_impl._orig_module_getattr)
-            if _SESSION["patched"]:
-                nn.Module.__call__ = _session_call
-                nn.Module.__getattr__ = _session_getattr
+            _SESSION["active"] = (_FX_HOOKS
+                                  and nn.Module.__call__ is _fx_impl._orig_module_call
+                                  and nn.Module.__getattr__ is _fx_impl._orig_module_getattr)
+        if _SESSION["active"]:
+            try:
+                _session_patch(model)
+            except BaseException:
+                if _SESSION["depth"] == 0:
+                    _session_unpatch()
+                raise
         _SESSION["depth"] += 1
     try:
         yield
     finally:
         with _SESSION_LOCK:
             _SESSION["depth"] -= 1
-            if _SESSION["depth"] == 0 and _SESSION["patched"]:
-                nn.Module.__call__ = _fx_impl._orig_module_call
-                nn.Module.__getattr__ = _fx_impl._orig_module_getattr
-                _SESSION["patched"] = False
+            if _SESSION["depth"] == 0 and _SESSION["active"]:
+                _session_unpatch()
+                _SESSION["active"] = False
 
 
 class UnpackingTracer(fx.Tracer):
@@ -259,7 +333,7 @@ class UnpackingTracer(fx.Tracer):
         return _Proxy(node, self)
 
     def trace(self, root, concrete_args=None):
-        if not _SESSION["patched"]:
+        if not _SESSION["active"]:
             return super().trace(root, concrete_args)
         stack = _ACTIVE.__dict__.setdefault("stack", [])
         stack.append((self, {}))

@@ -107,7 +107,7 @@ def test_an_unpacking_fx_cannot_trace_fails_as_in_fx(body):
     assert str(theirs.value).split(".")[0] in str(ours.value)
 
 
-# A tracing session: one patch of nn.Module for every trace in it
+# A tracing session: one patch of module calls for every trace in it
 
 
 def _snapshot(graph: fx.Graph) -> list[tuple]:
@@ -115,64 +115,142 @@ def _snapshot(graph: fx.Graph) -> list[tuple]:
     return [(*op, n.meta.get(SCOPE)) for op, n in zip(_ops(graph), graph.nodes)]
 
 
-def _patched() -> bool:
+def _module_patched() -> bool:
     from torch.fx import _symbolic_trace as fx_impl
     return nn.Module.__call__ is not fx_impl._orig_module_call \
         or nn.Module.__getattr__ is not fx_impl._orig_module_getattr
 
 
+def _state(model: nn.Module | list) -> tuple:
+    """What a session patches: nn.Module's and the model's classes' own call and attribute
+    methods (or those of the listed modules'), the flag fx reads on nn.Module's, and torch's
+    global forward pre-hooks."""
+    from torch.fx import _symbolic_trace as fx_impl
+    from torch.nn.modules import module
+    modules = model.modules() if isinstance(model, nn.Module) else model
+    classes = sorted({type(m) for m in modules} | {nn.Module}, key=str)
+    return ([(c, n, c.__dict__.get(n)) for c in classes for n in ("__call__", "__getattr__")],
+            hasattr(fx_impl._orig_module_call, "__fx_already_patched"),
+            dict(module._global_forward_pre_hooks))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "test_convnext", "inception_v3"])
-def test_a_session_traces_what_fx_patching_each_trace_traces(name):
+@pytest.mark.parametrize("per_class", [True, False])
+def test_a_session_traces_what_fx_patching_each_trace_traces(name, per_class):
     import timm
     from se_inject.trace import trace_block, tracing_session
     model = timm.create_model(name).eval()
     block = next(m for m in model.modules() if type(m).__name__ in
                  ("BasicBlock", "ConvNeXtBlock", "InceptionA"))
+    before = _state(model)
     alone = (trace_model(model, TraceOptions(), n_inputs=1),
              trace_block(block, TraceOptions(), training=True))
-    assert not _patched()
-    with tracing_session():
-        assert _patched()  # else both sides would be traced alike, by fx's own patch
+    assert _state(model) == before
+    with tracing_session(model if per_class else None):
+        # else both sides would be traced alike, by fx's own patch
+        assert _module_patched() != per_class
+        assert ("__call__" in type(block).__dict__) == per_class
         within = (trace_model(model, TraceOptions(), n_inputs=1),
                   trace_block(block, TraceOptions(), training=True))
-    assert not _patched()
+    assert _state(model) == before
     for a, b in zip(alone, within):
         assert _snapshot(a) == _snapshot(b)
         assert a.python_code("self").src == b.python_code("self").src
 
 
 def test_parameters_reached_through_attributes_stay_nodes_in_a_session():
-    # fx's patched __getattr__ is what turns `self.gamma` into a node rather than a constant
+    # fx's patched __getattr__ is what turns `self.step` into a node rather than a constant
     from se_inject.trace import tracing_session
-    with tracing_session():
-        graph = trace_model(_Shared(), TraceOptions(), n_inputs=1)
+    model = _Shared()
+    before = _state(model)
+    with tracing_session(model):
+        graph = trace_model(model, TraceOptions(), n_inputs=1)
+    assert _state(model) == before
     assert _get_attrs(graph) == _get_attrs(fx.symbolic_trace(_Shared()).graph)
     assert not [n for n in graph.nodes if n.op == "get_attr" and "tensor_constant" in n.target]
 
 
-def test_sessions_nest_and_put_nn_module_back():
+class _OwnGetattr(nn.Module):
+    """Looks attributes up its own way, then as nn.Module does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("scale", torch.full((3, 1, 1), 2.0))
+
+    def __getattr__(self, name):
+        if name == "alias":
+            return self.conv
+        return super().__getattr__(name)
+
+    def forward(self, x):
+        return self.alias(x) * (self.scale + 1)
+
+
+def test_a_class_with_its_own_getattr_is_traced_as_fx_traces_it():
+    # its super().__getattr__ must still reach the tracer: nn.Module itself is patched
+    from se_inject.trace import tracing_session
+    model = _OwnGetattr()
+    before = _state(model)
+    with tracing_session(model):
+        assert _module_patched()
+        graph = trace_model(model, TraceOptions(), n_inputs=1)
+    assert _state(model) == before
+    assert _ops(graph) == _ops(fx.symbolic_trace(_OwnGetattr()).graph)
+
+
+class _Unregistered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.hidden = [nn.BatchNorm2d(3)]  # a plain list: not a submodule, not in the state_dict
+
+    def forward(self, x):
+        return self.hidden[0](self.conv(x))
+
+
+def test_a_module_the_model_does_not_register_is_refused_as_fx_refuses_it():
+    from se_inject.errors import TraceError
+    from se_inject.trace import tracing_session
+    with pytest.raises(NameError, match="not installed as a submodule"):
+        fx.symbolic_trace(_Unregistered())
+    model = _Unregistered()
+    before = _state(model)
+    with tracing_session(model):
+        assert not _module_patched()  # BatchNorm2d's calls are not routed by its class
+        with pytest.raises(TraceError, match="not installed as a submodule"):
+            trace_model(model, TraceOptions(), n_inputs=1)
+    assert _state(model) == before
+
+
+def test_sessions_nest_and_put_everything_back():
     from se_inject.trace import tracing_session
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     x = torch.randn(1, 3, 8, 8)
     expected = model(x)
-    with tracing_session():
-        with tracing_session():
-            assert _patched()
-        assert _patched()  # the outer session still holds it
+    before = _state(model), _state(other)
+    with tracing_session(model):
+        with tracing_session(other):
+            assert "__call__" in nn.BatchNorm2d.__dict__  # the inner model's class too
+        assert "__call__" in nn.ReLU.__dict__  # the outer session still holds its patch
         assert torch.equal(model(x), expected)  # a call that no trace is making runs as usual
-    assert not _patched()
+    assert (_state(model), _state(other)) == before
     with pytest.raises(KeyError):
-        with tracing_session():
+        with tracing_session(model):
             raise KeyError("x")
-    assert not _patched()
+    assert _state(model) == before[0]
 
 
-def test_a_foreign_fx_tracer_in_a_session_fails_instead_of_tracing_a_wrong_graph():
+@pytest.mark.parametrize("per_class", [True, False])
+def test_a_foreign_fx_tracer_in_a_session_fails_instead_of_tracing_a_wrong_graph(per_class):
     from se_inject.trace import tracing_session
-    with tracing_session():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    before = _state(model)
+    with tracing_session(model if per_class else None):
         with pytest.raises(RuntimeError, match="not se-inject's"):
-            fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
-    assert not _patched()
+            fx.symbolic_trace(model)
+    assert _state(model) == before
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
@@ -180,10 +258,12 @@ def test_apply_leaves_nn_module_as_it_was(name):
     import timm
     import se_inject
     model = timm.create_model(name)
+    modules = list(model.modules())
+    before = _state(modules)
     try:
         se_inject.apply(model)
     except se_inject.SEInjectError:
         assert name.startswith("vit")  # refused: no CNN block
     else:
         assert not name.startswith("vit")
-    assert not _patched()
+    assert _state(modules) == before
