@@ -4,6 +4,7 @@ latency against timm's hand-written SE model. Ratios are measured side by side i
 
     python bench/apply_speed.py [--repeats 15] [--latency-rounds 30] [--threads 2]
                                 [--out bench/out/apply_speed.md]
+    python bench/apply_speed.py --session-ab [--repeats 15]   # the tracing session on and off
 """
 from __future__ import annotations
 
@@ -41,6 +42,29 @@ def apply_vs_create(name: str, repeats: int) -> dict:
             "first_apply_ms": first * 1e3}
 
 
+SESSION_MODELS = ("test_resnet", "test_convnext", "mobilenetv2_050", "resnet18", "resnet50")
+
+
+def session_ab(name: str, repeats: int) -> dict:
+    """apply() with the tracing session (se_inject.trace.tracing_session: one patch of the
+    model's classes for all of apply's traces) against fx patching nn.Module on every trace,
+    interleaved, each on a freshly created model."""
+    from se_inject import trace
+    times = {True: [], False: []}
+    try:
+        for i in range(repeats):
+            for on in (True, False) if i % 2 else (False, True):
+                trace._FX_HOOKS = on
+                model = timm.create_model(name, pretrained=False).eval()
+                t, _ = _timed(lambda: se_inject.apply(model))
+                times[on].append(t)
+            print(f"  {name}: round {i + 1}/{repeats}", file=sys.stderr)
+    finally:
+        trace._FX_HOOKS = True
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {"model": name, "session_ms": on * 1e3, "per_trace_ms": off * 1e3, "ratio": on / off}
+
+
 @torch.no_grad()
 def latency(batch: int, repeats: int, side: int = 224) -> dict:
     """Paired rounds: each round times all three models, in an order that rotates, and the
@@ -76,11 +100,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latency-rounds", type=int, default=30)
-    ap.add_argument("--out", type=Path, default=Path("bench/out/apply_speed.md"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default bench/out/apply_speed.md (--session-ab: apply_session.md)")
+    ap.add_argument("--session-ab", action="store_true",
+                    help="only time apply() with and without its tracing session")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = f"{platform.processor() or platform.machine()}, {args.threads} threads, " \
              f"torch {torch.__version__}, timm {timm.__version__}"
+    if args.session_ab:
+        se_inject.apply(timm.create_model("resnet18"))  # lazy imports and fx's caches
+        rows = [session_ab(n, args.repeats) for n in SESSION_MODELS]
+        lines = [f"# apply() with and without its tracing session ({device}; medians of "
+                 f"{args.repeats}, interleaved)", "",
+                 "| model | apply, one session (ms) | apply, fx's patch per trace (ms) | ratio |",
+                 "|---|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['session_ms']:.1f} | {r['per_trace_ms']:.1f} | "
+                  f"{r['ratio']:.3f} |" for r in rows]
+        return _write("\n".join(lines) + "\n", args.out or Path("bench/out/apply_session.md"))
     rows = [apply_vs_create(n, args.repeats) for n in ("resnet50", "resnet152")]
     lat = latency(args.batch, args.latency_rounds)
     lines = [f"# se-inject core figures ({device}; medians of {args.repeats}, interleaved)", "",
@@ -98,10 +135,13 @@ def main(argv=None) -> int:
               "| seresnet50 ÷ resnet50 | gated ÷ resnet50 |", "|---:|---:|---:|---:|---:|---:|",
               f"| {lat['gated_ms']:.1f} | {lat['native_ms']:.1f} | {lat['plain_ms']:.1f} | "
               f"{ratio('gated/native')} | {ratio('native/plain')} | {ratio('gated/plain')} |"]
-    text = "\n".join(lines) + "\n"
+    return _write("\n".join(lines) + "\n", args.out or Path("bench/out/apply_speed.md"))
+
+
+def _write(text: str, out: Path) -> int:
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     return 0
 
 

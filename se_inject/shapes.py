@@ -97,7 +97,8 @@ _LIKE_INPUT = {
 _IN_PLACE = {F.relu_, torch.relu_, F.hardtanh_, F.leaky_relu_, F.elu_, torch.sigmoid_,
              T.relu_, T.sigmoid_, T.tanh_}
 # Elementwise binary ops: with two tensors of one shape, dtype and layout, or a floating-point
-# tensor and a Python number, the output is like the first tensor. (None: not in place.)
+# tensor and a Python number, the output is like the first tensor; so it is, in place, when
+# the second broadcasts to the first (see _shortcut for out of place). (True: in place.)
 _BINARY = {**dict.fromkeys((T.__add__, T.__radd__, T.__mul__, T.__rmul__, T.__sub__,
                             T.__truediv__, T.add, T.mul, T.sub, T.div, torch.add, torch.mul,
                             torch.sub), False),
@@ -151,6 +152,12 @@ def _stay_on_meta(func, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Ten
     return x if dtype is None or dtype == x.dtype else x.to(dtype)
 
 
+def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
+    """Whether a tensor of shape ``small`` broadcasts to ``big`` without changing it."""
+    return len(small) <= len(big) and all(a == 1 or a == b for a, b in
+                                          zip(reversed(small), reversed(big)))
+
+
 def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":
@@ -178,6 +185,14 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if isinstance(y, torch.Tensor):
         if y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride():
             return _like(x, in_place)
+        if y.dtype == x.dtype and y.device.type == "meta" and _broadcasts_into(y.shape, x.shape):
+            if in_place:  # into a dense tensor (an expanded one is refused by the kernel)
+                return x if x.is_contiguous() or (
+                    x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) else None
+            # a layer scale or a gate (x * gamma): with a dense input whose every size is over
+            # 1, its strides alone order the output's dimensions, so the output is dense too
+            if x.is_contiguous() and all(n > 1 for n in x.shape):
+                return torch.empty(x.shape, dtype=x.dtype, device="meta")
     elif isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
         return _like(x, in_place)
     return None

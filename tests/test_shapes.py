@@ -176,3 +176,54 @@ def test_device_moves_keep_meta_tensors_and_apply_dtypes():
             assert n.meta[VALUE].dtype == value.dtype, n.format_node()
             checked += 1
     assert checked >= 8
+
+
+def _broadcast_cases():
+    """(x, y): x of rank 2 to 5, dense, channels-last or a view; y one of x's shapes with sizes
+    set to 1 or leading dimensions dropped, dense, a view or expanded; and y larger than x."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for _ in range(300):
+        rank = int(torch.randint(2, 6, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1, 5, (rank,), generator=g)]
+        if torch.rand(1, generator=g) < 0.6:
+            shape = [max(v, 2) for v in shape]
+        x = torch.empty(shape, device="meta")
+        kind = int(torch.randint(0, 3, (1,), generator=g))
+        if kind == 1 and rank == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif kind == 2:
+            x = torch.empty(shape[::-1], device="meta").permute(*reversed(range(rank)))
+        small = [1 if torch.rand(1, generator=g) < 0.5 else v for v in shape]
+        small = small[int(torch.randint(0, rank, (1,), generator=g)):]
+        y = torch.empty(small, device="meta")
+        if torch.rand(1, generator=g) < 0.3 and len(small) >= 2:
+            y = torch.empty(small[::-1], device="meta").t() if len(small) == 2 else \
+                torch.empty(small, device="meta").transpose(0, -1).contiguous().transpose(0, -1)
+        if torch.rand(1, generator=g) < 0.2:
+            y = torch.empty([1] * len(small), device="meta").expand(small)
+        cases.append((x, y))
+        cases.append((y, x))  # the larger second: broadcast the other way
+    return cases
+
+
+def test_broadcast_shortcuts_give_the_kernels_shape_strides_and_dtype():
+    # strides too: later shortcuts compare them, and a leaf module may read its input's layout
+    from se_inject.shapes import _BINARY, _shortcut
+
+    taken = 0
+    for x, y in _broadcast_cases():
+        for func, in_place in _BINARY.items():
+            try:
+                want = func(x, y)  # on meta, in place only checks and returns x
+            except RuntimeError:  # an in-place op whose output would need y's larger shape
+                continue
+            got = _shortcut(func, (x, y), {})
+            if got is None:
+                continue
+            taken += 1
+            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), \
+                (func, tuple(x.shape), x.stride(), tuple(y.shape), y.stride())
+            if in_place:
+                assert got is x
+    assert taken > 2000  # the shortcut answered most cases; the kernel answered the rest
