@@ -22,6 +22,12 @@ __all__ = ["propagate_shapes", "VALUE"]
 
 VALUE = "se_inject.value"  # node.meta key: the meta tensor (or structure of them) a node produced
 
+def _new(x: torch.Tensor, shape) -> torch.Tensor:
+    """A dense meta tensor of ``x``'s dtype (``x.new_empty`` on meta goes through a Python
+    decomposition, three times slower)."""
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
 def _same(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x  # a meta tensor only describes a shape: the input's describes the output too
 
@@ -36,11 +42,11 @@ def _conv(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | None:
         pad = (0,) * len(spatial) if m.padding == "valid" else m.padding
         out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
                for s, p, d, k, st in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
-    return x.new_empty((x.shape[0], m.out_channels, *out))
+    return _new(x, (x.shape[0], m.out_channels, *out))
 
 
 def _linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], m.out_features))
+    return _new(x, (*x.shape[:-1], m.out_features))
 
 
 # Module class -> output from input, without running the module, for classes whose stock
@@ -132,7 +138,7 @@ def _interpolate(x: torch.Tensor, size=None, scale_factor=None, *rest, **kwargs)
         out = [math.floor(float(s) * float(f)) for s, f in zip(x.shape[2:], scales)]
     if len(out) != n or not all(isinstance(v, int) and v > 0 for v in out):
         return None
-    return x.new_empty((*x.shape[:2], *out))
+    return _new(x, (*x.shape[:2], *out))
 
 
 _DEVICE_MOVES = {T.to, T.cpu, T.cuda}
@@ -150,6 +156,17 @@ def _stay_on_meta(func, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Ten
         elif isinstance(a, torch.Tensor):
             dtype = a.dtype
     return x if dtype is None or dtype == x.dtype else x.to(dtype)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` covers its storage without gaps or overlaps, in some order of dimensions
+    (a contiguous, channels-last or permuted tensor, not an expanded or sliced one)."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
@@ -171,13 +188,13 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if func is F.linear and len(args) >= 2 and not kwargs and x.dim() >= 1:
         w = args[1]
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == x.shape[-1]:
-            return x.new_empty((*x.shape[:-1], w.shape[0]))
+            return _new(x, (*x.shape[:-1], w.shape[0]))
     if func is F.scaled_dot_product_attention and len(args) >= 3:
         q, k, v = args[:3]  # (..., L, E) with values (..., S, Ev) -> (..., L, Ev)
         if all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (k, v)) \
                 and q.dim() == v.dim() and k.shape[-1] == q.shape[-1]:
-            return q.new_empty((*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]),
-                                q.shape[-2], v.shape[-1]))
+            return _new(q, (*torch.broadcast_shapes(q.shape[:-2], v.shape[:-2]),
+                            q.shape[-2], v.shape[-1]))
     in_place = _BINARY.get(func)
     if in_place is None or len(args) != 2 or kwargs:
         return None
@@ -187,12 +204,12 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
             return _like(x, in_place)
         if y.dtype == x.dtype and y.device.type == "meta" and _broadcasts_into(y.shape, x.shape):
             if in_place:  # into a dense tensor (an expanded one is refused by the kernel)
-                return x if x.is_contiguous() or (
-                    x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) else None
+                return x if _dense(x) else None
             # a layer scale or a gate (x * gamma): with a dense input whose every size is over
-            # 1, its strides alone order the output's dimensions, so the output is dense too
-            if x.is_contiguous() and all(n > 1 for n in x.shape):
-                return torch.empty(x.shape, dtype=x.dtype, device="meta")
+            # 1 (so no two strides are equal), its strides alone order the output's
+            # dimensions, and the output is laid out as it is
+            if all(n > 1 for n in x.shape) and _dense(x):
+                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
     elif isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
         return _like(x, in_place)
     return None
