@@ -1,9 +1,9 @@
 """Shape propagation on meta tensors: analysis computes nothing and copies no weights.
 
 Modules whose output shape follows from their input by a known rule (norms, activations,
-convolutions, linear layers) are not run at all; every other leaf module runs with its
-parameters and buffers swapped for meta tensors of the same shape for the length of the call
-(restored in ``finally``).
+convolutions, linear layers, timm's norm+activation layers) are not run at all; every other
+leaf module runs with its parameters and buffers swapped for meta tensors of the same shape for
+the length of the call (restored in ``finally``).
 """
 from __future__ import annotations
 
@@ -64,6 +64,37 @@ _SHAPE_RULES: dict[type, Callable] = {
 }
 
 
+def _norm_act(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """timm's BatchNormAct2d and GroupNormAct: a norm of a 4-D tensor, then the layer's own
+    dropout and activation modules; like the input when those two have the ``_same`` rule
+    (stock layers: a custom activation is run instead)."""
+    channels = getattr(m, "num_features", getattr(m, "num_channels", None))
+    if x.dim() != 4 or x.shape[1] != channels:
+        return None  # let the module itself refuse it
+    for sub in (getattr(m, "drop", None), getattr(m, "act", None)):
+        if not isinstance(sub, nn.Module) or _shape_rule(sub) is not _same:
+            return None
+    return _empty_as(x)
+
+
+_FOREIGN_RULES: dict[type, Callable] | None = None  # rules for forwards outside torch.nn
+
+
+def _foreign_rules() -> dict[type, Callable]:
+    global _FOREIGN_RULES
+    if _FOREIGN_RULES is None:
+        _FOREIGN_RULES = {}
+        try:
+            from timm.layers import norm_act
+        except ImportError:
+            return _FOREIGN_RULES
+        for name in ("BatchNormAct2d", "GroupNormAct"):
+            cls = getattr(norm_act, name, None)
+            if isinstance(cls, type) and "forward" in cls.__dict__:
+                _FOREIGN_RULES[cls] = _norm_act
+    return _FOREIGN_RULES
+
+
 def _shape_rule(m: nn.Module) -> Callable | None:
     """The rule for ``m``'s class, if the forward it runs is the one the rule describes."""
     if "forward" in m.__dict__ or m._forward_hooks or m._forward_pre_hooks:
@@ -71,6 +102,9 @@ def _shape_rule(m: nn.Module) -> Callable | None:
     owner_of_forward = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
     if owner_of_forward is nn.Sequential:
         return _sequential  # a leaf Sequential (torchvision's Conv2dNormActivation): its layers
+    foreign = _foreign_rules().get(owner_of_forward)
+    if foreign is not None:
+        return foreign
     if not owner_of_forward.__module__.startswith("torch.nn."):
         return None  # a forward of its own: run it
     # the stock forward it runs (ReLU6 runs Hardtanh's) is the one a rule describes

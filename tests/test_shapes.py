@@ -76,10 +76,11 @@ def _models_with_shortcuts():
     timm = pytest.importorskip("timm")
     tv = pytest.importorskip("torchvision")
     # leaf Sequentials of stock layers (Conv2dNormActivation with ReLU6, Hardswish), timm's
-    # norm+act leaves, functional activations, in-place and broadcast binary ops
+    # norm+act leaves (BatchNormAct2d answered by its rule), functional activations, in-place and broadcast binary ops
     return [("torchvision mobilenet_v2", tv.models.mobilenet_v2()),
             ("torchvision mobilenet_v3_small", tv.models.mobilenet_v3_small()),
             ("timm cspnext_tiny", timm.create_model("cspnext_tiny")),
+            ("timm mobilenetv2_050", timm.create_model("mobilenetv2_050")),  # BatchNormAct2d
             ("timm mobilevit_xxs", timm.create_model("mobilevit_xxs")),
             ("timm nf_resnet26", timm.create_model("nf_resnet26"))]
 
@@ -227,3 +228,44 @@ def test_broadcast_shortcuts_give_the_kernels_shape_strides_and_dtype():
             if in_place:
                 assert got is x
     assert taken > 2000  # the shortcut answered most cases; the kernel answered the rest
+
+
+def _norm_acts():
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    class Clamp(nn.Module):  # an activation with no rule: the layer must run
+        def forward(self, x):
+            return x.clamp(0, 1)[:, :2]
+
+    odd = BatchNormAct2d(8)
+    odd.act = Clamp()
+    return [BatchNormAct2d(8, act_layer=nn.SiLU), BatchNormAct2d(8, act_layer=nn.ReLU6),
+            BatchNormAct2d(8, drop_layer=nn.Dropout2d), GroupNormAct(8, num_groups=4), odd]
+
+
+@pytest.mark.parametrize("layer", _norm_acts(), ids=lambda m: f"{type(m).__name__}-"
+                         f"{type(m.drop).__name__}-{type(m.act).__name__}")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_timm_norm_act_layers_give_their_real_shape_strides_and_dtype(layer, channels_last):
+    from se_inject.shapes import _norm_act
+    layer.eval()
+    x = torch.randn(2, 8, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        real = layer(x)
+    assert _shape_rule(layer) is _norm_act
+    got = _norm_act(layer, x.to("meta"))
+    if type(layer.act).__name__ == "Clamp":
+        assert got is None  # its activation has no rule: the layer runs
+    else:
+        assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)
+    assert _norm_act(layer, torch.empty(2, 6, 5, 7, device="meta")) is None  # wrong channels
+    # in a graph, rule or run, the shape is the real one
+    tracer = fx.Tracer()
+    tracer.is_leaf_module = lambda m, qualname: m is layer
+    model = nn.Sequential(layer)
+    graph = tracer.trace(model)
+    propagate_shapes(model, graph, [tuple(x.shape)])
+    out = next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
+    assert (out.shape, out.dtype) == (real.shape, real.dtype)
