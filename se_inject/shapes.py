@@ -7,6 +7,7 @@ the length of the call (restored in ``finally``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -77,22 +78,15 @@ def _norm_act(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return _empty_as(x)
 
 
-_FOREIGN_RULES: dict[type, Callable] | None = None  # rules for forwards outside torch.nn
-
-
+@functools.cache
 def _foreign_rules() -> dict[type, Callable]:
-    global _FOREIGN_RULES
-    if _FOREIGN_RULES is None:
-        _FOREIGN_RULES = {}
-        try:
-            from timm.layers import norm_act
-        except ImportError:
-            return _FOREIGN_RULES
-        for name in ("BatchNormAct2d", "GroupNormAct"):
-            cls = getattr(norm_act, name, None)
-            if isinstance(cls, type) and "forward" in cls.__dict__:
-                _FOREIGN_RULES[cls] = _norm_act
-    return _FOREIGN_RULES
+    """Rules for forwards defined outside torch.nn (timm's, where timm is installed)."""
+    try:
+        from timm.layers import norm_act
+    except ImportError:
+        return {}
+    classes = (getattr(norm_act, n, None) for n in ("BatchNormAct2d", "GroupNormAct"))
+    return {c: _norm_act for c in classes if isinstance(c, type) and "forward" in c.__dict__}
 
 
 def _shape_rule(m: nn.Module) -> Callable | None:
