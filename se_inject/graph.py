@@ -8,6 +8,8 @@ gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), `
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import networkx as nx
@@ -113,6 +115,17 @@ class GraphView:
 
     def attrs(self, node: fx.Node) -> dict:
         return self.graph.nodes[node]
+
+    @functools.cached_property
+    def preds(self) -> dict:
+        """Each node's inputs in the activation graph, as plain lists (walks over large blocks
+        read them hundreds of thousands of times; networkx's views cost a call each)."""
+        return {n: list(p) for n, p in self.graph.pred.items()}
+
+    @functools.cached_property
+    def kinds(self) -> dict:
+        """Each node's kind, read as ``preds`` is."""
+        return dict(self.graph.nodes(data="kind"))
 
     def describe(self, node: fx.Node) -> str:
         """A readable name for the tensor a node yields: the module path, or scope.op."""

@@ -4,7 +4,8 @@ A block ends in a merge node (an add, or a concatenation along channels); its en
 merge's immediate dominator, and each operand's branch is the set of nodes on the paths from
 the entry to that operand. Because the entry dominates every operand, a backward walk from an
 operand that stops at the entry stays inside the block, so finding all blocks costs time
-proportional to the size of the graph.
+proportional to the sum of their sizes: the size of the graph where blocks follow each other,
+more where blocks span others (HRNet's fusions, whose entry lies before a whole stage).
 """
 from __future__ import annotations
 
@@ -58,12 +59,12 @@ def _operands(node: fx.Node, kind: str) -> tuple[list, int | None]:
     return [(i, a) for i, a in enumerate(tensors)], dim
 
 
-def _branch(g: nx.DiGraph, operand, entry) -> set:
+def _branch(preds: dict, operand, entry) -> set:
     if operand is entry:
         return set()
     seen, stack = {operand}, [operand]
     while stack:
-        for p in g.predecessors(stack.pop()):
+        for p in preds[stack.pop()]:
             if p is not entry and p not in seen:
                 seen.add(p)
                 stack.append(p)
@@ -71,8 +72,8 @@ def _branch(g: nx.DiGraph, operand, entry) -> set:
 
 
 def _convs(view: GraphView, nodes: Iterable) -> int:
-    g = view.graph
-    return sum(1 for n in nodes if g.nodes[n]["kind"] in _CONV_KINDS)
+    kinds = view.kinds
+    return sum(1 for n in nodes if kinds[n] in _CONV_KINDS)
 
 
 def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
@@ -99,7 +100,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return "no single entry (the merge depends on more than one model input)"
     if rule.entry_as_operand == "forbid" and any(o is entry for _, o in acts):
         return "the block's entry is itself an operand (a dense connection)"
-    branches = [(i, o, _branch(g, o, entry)) for i, o in acts]
+    branches = [(i, o, _branch(view.preds, o, entry)) for i, o in acts]
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
@@ -108,13 +109,13 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry):
         return REPARAM_SUM
-    if rule.existing_gate == "skip" and any(g.nodes[n]["kind"] == "chgate" for n in region):
+    if rule.existing_gate == "skip" and any(view.kinds[n] == "chgate" for n in region):
         return HOLDS_A_GATE
     _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
     branch = next(b for i, o, b in branches if o is gated)
     if rule.gate_at != "output" and any(o is not gated and _is_split_piece(o) for _, o, _ in branches):
         return "a connection between the scales of a multi-scale block (Res2Net), not a block"
-    if rule.depthwise_branch and not any(g.nodes[n]["kind"] == "dwconv" for n in branch):
+    if rule.depthwise_branch and not any(view.kinds[n] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"
     at = merge
     source = _channel_slice_source(gated, branch)
@@ -141,6 +142,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 
 _PASS_THROUGH = {"norm", "act", "identity"}
 _LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add", "sub"}
+_MAYBE_LINEAR = _CONV_KINDS | _LINEAR_KINDS | {"mul"}  # the kinds _linear can accept
 
 
 def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
@@ -149,13 +151,16 @@ def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
     convolutions, batch norms without an activation of their own, identities, sums,
     differences and scales by a weight, and no path from the entry to the sum passes through
     more than one convolution."""
+    kinds = view.kinds
+    if any(kinds[n] not in _MAYBE_LINEAR for n in region):  # most blocks: settled by kind alone
+        return False
     g = view.graph
     depth = {entry: 0}
     for n in sorted(region, key=lambda x: g.nodes[x]["index"]):
-        kind = g.nodes[n]["kind"]
+        kind = kinds[n]
         if not _linear(view, n, kind):
             return False
-        d = max(depth.get(p, 0) for p in g.predecessors(n)) + (kind in _CONV_KINDS)
+        d = max(depth.get(p, 0) for p in view.preds[n]) + (kind in _CONV_KINDS)
         if d > 1:
             return False
         depth[n] = d
