@@ -169,7 +169,42 @@ def _interpolate(x: torch.Tensor, size=None, scale_factor=None, *rest, **kwargs)
     return _new(x, (*x.shape[:2], *out))
 
 
+def _spatial_mean(x: torch.Tensor, dim=None, keepdim: bool = False, *more, **rest):
+    """``x.mean((2, 3), keepdim=...)`` of a floating-point NCHW tensor (SE's squeeze, timm's
+    spelling): contiguous, as the mean's meta kernel (a Python decomposition) lays it out."""
+    if more or rest or x.dim() != 4 or not x.is_floating_point() or not isinstance(keepdim, bool) \
+            or not isinstance(dim, (tuple, list)) or len(dim) != 2 \
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dim) \
+            or sorted(d % 4 for d in dim) != [2, 3]:
+        return None
+    return torch.empty((*x.shape[:2], 1, 1) if keepdim else x.shape[:2], dtype=x.dtype,
+                       device="meta")
+
+
+def _adaptive_avg_pool2d(x: torch.Tensor, output_size=None, *more, **rest):
+    """F.adaptive_avg_pool2d of a floating-point NCHW tensor (torchvision's SE squeezes with
+    it): contiguous, or channels-last for a channels-last input, as its kernels lay it out;
+    other layouts are left to the kernel."""
+    if more or rest or x.dim() != 4 or not x.is_floating_point():
+        return None
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        return None
+    size = [x.shape[2 + i] if v is None else v for i, v in enumerate(size)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        return None
+    if x.is_contiguous():
+        layout = torch.contiguous_format
+    elif x.is_contiguous(memory_format=torch.channels_last) and min(x.shape) > 1:
+        layout = torch.channels_last  # (with a size of 1 the kernel may read it as contiguous)
+    else:
+        return None
+    return torch.empty((*x.shape[:2], *size), dtype=x.dtype, device="meta", memory_format=layout)
+
+
 _DEVICE_MOVES = {T.to, T.cpu, T.cuda}
+_SPATIAL = {T.mean: _spatial_mean, torch.mean: _spatial_mean,
+            F.adaptive_avg_pool2d: _adaptive_avg_pool2d}
 
 
 def _stay_on_meta(func, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
@@ -203,6 +238,19 @@ def _broadcasts_into(small: torch.Size, big: torch.Size) -> bool:
                                           zip(reversed(small), reversed(big)))
 
 
+def _orders_alike(small: torch.Tensor, big: torch.Tensor) -> bool:
+    """Whether ``small``, broadcast to ``big``'s shape, leaves the order of dimensions in an
+    elementwise output to ``big``. The kernel orders two dimensions by the first operand whose
+    strides differ there, skipping broadcast ones (stride 0); so every pair of ``small``'s own
+    dimensions (size over 1, stride not 0) must have distinct strides ordered as ``big``'s."""
+    offset = big.dim() - small.dim()
+    own = [(s, big.stride(d + offset)) for d, (n, s) in
+           enumerate(zip(small.shape, small.stride())) if n > 1 and s != 0]
+    if len({s for s, _ in own}) < len(own):
+        return False
+    return sorted(own) == sorted(own, key=lambda p: p[1])
+
+
 def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":
@@ -213,6 +261,9 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return _like(x, func in _IN_PLACE)
     if func is F.interpolate:
         return _interpolate(*args, **kwargs)
+    spatial = _SPATIAL.get(func)
+    if spatial is not None:
+        return spatial(*args, **kwargs)
     if func is F.linear and len(args) >= 2 and not kwargs and x.dim() >= 1:
         w = args[1]
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == x.shape[-1]:
@@ -238,6 +289,12 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
             # dimensions, and the output is laid out as it is
             if all(n > 1 for n in x.shape) and _dense(x):
                 return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+        if (not in_place and y.dtype == x.dtype and y.device.type == "meta"
+                and _broadcasts_into(x.shape, y.shape) and all(n > 1 for n in y.shape)
+                and _dense(y) and _orders_alike(x, y)):
+            # the other way round (torchvision's SE: scale * input): the output is laid out as
+            # the larger operand wherever the smaller one does not order dimensions otherwise
+            return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device="meta")
     elif isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
         return _like(x, in_place)
     return None

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from se_inject.shapes import VALUE, _shape_rule, propagate_shapes
@@ -81,6 +82,8 @@ def _models_with_shortcuts():
             ("torchvision mobilenet_v3_small", tv.models.mobilenet_v3_small()),
             ("timm cspnext_tiny", timm.create_model("cspnext_tiny")),
             ("timm mobilenetv2_050", timm.create_model("mobilenetv2_050")),  # BatchNormAct2d
+            ("timm efficientnet_b0", timm.create_model("efficientnet_b0")),  # x.mean((2, 3)) in SE
+            ("torchvision regnet_y_400mf", tv.models.regnet_y_400mf()),  # scale * input in SE
             ("timm mobilevit_xxs", timm.create_model("mobilevit_xxs")),
             ("timm nf_resnet26", timm.create_model("nf_resnet26"))]
 
@@ -228,6 +231,60 @@ def test_broadcast_shortcuts_give_the_kernels_shape_strides_and_dtype():
             if in_place:
                 assert got is x
     assert taken > 2000  # the shortcut answered most cases; the kernel answered the rest
+
+
+def _pooled_inputs():
+    """4-D meta tensors: contiguous, channels-last, permuted, sliced and expanded, sizes 1 to 4
+    (ambiguous layouts included), four floating dtypes and an integer one."""
+    g = torch.Generator().manual_seed(1)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)
+    out = []
+    for i in range(200):
+        shape = [int(v) for v in torch.randint(1, 5, (4,), generator=g)]
+        dtype = dtypes[i % len(dtypes)]
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        kind = i % 5
+        if kind == 1:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif kind == 2:
+            perm = torch.randperm(4, generator=g).tolist()
+            x = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
+                *[perm.index(d) for d in range(4)])
+        elif kind == 3:
+            x = torch.empty([*shape[:3], shape[3] + 2], dtype=dtype, device="meta")[..., 1:-1]
+        elif kind == 4:
+            x = torch.empty([shape[0], shape[1], 1, 1], dtype=dtype, device="meta").expand(shape)
+        out.append(x)
+    return out
+
+
+def test_squeeze_shortcuts_give_the_kernels_shape_strides_and_dtype():
+    """The spatial mean (timm's SE) and adaptive average pooling (torchvision's SE, classifier
+    heads) answered from the input's shape match their meta kernels, or leave it to them."""
+    from se_inject.shapes import _shortcut
+
+    T = torch.Tensor
+    calls = [(T.mean, ((2, 3),), {"keepdim": True}), (T.mean, ([3, 2],), {}),
+             (torch.mean, ((-2, -1), True), {}), (T.mean, (), {"dim": (2, 3), "keepdim": False}),
+             (T.mean, ((1, 2),), {"keepdim": True}),  # not spatial: left to the kernel
+             (torch.mean, ((2, 3),), {"dtype": torch.float64}),
+             (F.adaptive_avg_pool2d, (1,), {}), (F.adaptive_avg_pool2d, ((2, 3),), {}),
+             (F.adaptive_avg_pool2d, ((None, 1),), {}), (F.adaptive_avg_pool2d, (5,), {})]
+    taken = 0
+    for x in _pooled_inputs():
+        for func, args, kwargs in calls:
+            try:
+                want = func(x, *args, **kwargs)
+            except RuntimeError:  # the mean of integers
+                assert _shortcut(func, (x, *args), kwargs) is None
+                continue
+            got = _shortcut(func, (x, *args), kwargs)
+            if got is None:
+                continue
+            taken += 1
+            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), \
+                (func, args, kwargs, tuple(x.shape), x.stride())
+    assert taken > 800
 
 
 def _norm_acts():
