@@ -202,7 +202,38 @@ def _adaptive_avg_pool2d(x: torch.Tensor, output_size=None, *more, **rest):
     return torch.empty((*x.shape[:2], *size), dtype=x.dtype, device="meta", memory_format=layout)
 
 
+def _cat(tensors=None, dim=0, *more, **rest):
+    """torch.cat of meta tensors of one dtype and rank (inception blocks, CSP and shuffle
+    merges): contiguous, or channels-last when every input is, as its meta kernel lays it out.
+    Ambiguous layouts (a 4-D input with a size of 1) and 5-D inputs are left to the kernel."""
+    if more or rest or not isinstance(tensors, (list, tuple)) or not tensors \
+            or not all(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors):
+        return None
+    first = tensors[0]
+    rank = first.dim()
+    if rank == 0 or rank == 5 or not isinstance(dim, int) or isinstance(dim, bool) \
+            or not -rank <= dim < rank:
+        return None
+    dim %= rank
+    kept = first.shape[:dim] + first.shape[dim + 1:]
+    if any(t.dim() != rank or t.dtype != first.dtype or t.shape[:dim] + t.shape[dim + 1:] != kept
+           for t in tensors):
+        return None
+    layout = torch.contiguous_format
+    if rank == 4:
+        if any(min(t.shape) < 2 for t in tensors):
+            return None
+        if not any(t.is_contiguous() for t in tensors):
+            if not all(t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+                return None
+            layout = torch.channels_last
+    shape = list(first.shape)
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=first.dtype, device="meta", memory_format=layout)
+
+
 _DEVICE_MOVES = {T.to, T.cpu, T.cuda}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
 _SPATIAL = {T.mean: _spatial_mean, torch.mean: _spatial_mean,
             F.adaptive_avg_pool2d: _adaptive_avg_pool2d}
 
@@ -252,6 +283,8 @@ def _orders_alike(small: torch.Tensor, big: torch.Tensor) -> bool:
 
 
 def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if func in _CATS:
+        return _cat(*args, **kwargs)
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor) or x.device.type != "meta":
         return None

@@ -287,6 +287,55 @@ def test_squeeze_shortcuts_give_the_kernels_shape_strides_and_dtype():
     assert taken > 800
 
 
+def _cat_cases():
+    """Lists of 1 to 3 meta tensors of rank 1 to 5 that agree off the concatenated dimension,
+    each contiguous, channels-last, permuted or sliced; sizes 1 to 4; dtypes mostly shared."""
+    g = torch.Generator().manual_seed(2)
+    dtypes = (torch.float32, torch.float16, torch.int64)
+    cases = []
+    for i in range(400):
+        rank = int(torch.randint(1, 6, (1,), generator=g))
+        dim = int(torch.randint(-rank, rank, (1,), generator=g))
+        base = [int(v) for v in torch.randint(1 if i % 3 == 0 else 2, 5, (rank,), generator=g)]
+        tensors = []
+        for k in range(int(torch.randint(1, 4, (1,), generator=g))):
+            shape = list(base)
+            shape[dim] = int(torch.randint(1, 5, (1,), generator=g))
+            dtype = dtypes[int(torch.randint(0, 3, (1,), generator=g))] if i % 7 == 0 else \
+                torch.float32
+            t = torch.empty(shape, dtype=dtype, device="meta")
+            kind = int(torch.randint(0, 4, (1,), generator=g))
+            if kind == 1 and rank == 4:
+                t = t.contiguous(memory_format=torch.channels_last)
+            elif kind == 2:
+                perm = torch.randperm(rank, generator=g).tolist()
+                t = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
+                    *[perm.index(d) for d in range(rank)])
+            elif kind == 3:
+                t = torch.empty([*shape[:-1], shape[-1] + 1], dtype=dtype, device="meta")[..., 1:]
+            tensors.append(t)
+        cases.append((tensors, dim))
+    return cases
+
+
+def test_cat_shortcut_gives_the_kernels_shape_strides_and_dtype():
+    from se_inject.shapes import _shortcut
+
+    taken = 0
+    for tensors, dim in _cat_cases():
+        for func in (torch.cat, torch.concat):
+            want = func(tensors, dim)
+            for args, kwargs in (((tensors, dim), {}), ((tensors,), {"dim": dim})):
+                got = _shortcut(func, args, kwargs)
+                if got is None:
+                    continue
+                taken += 1
+                assert (got.shape, got.stride(), got.dtype) == \
+                    (want.shape, want.stride(), want.dtype), \
+                    ([(tuple(t.shape), t.stride(), t.dtype) for t in tensors], dim)
+    assert taken > 500
+
+
 def _norm_acts():
     from timm.layers import BatchNormAct2d, GroupNormAct
 
