@@ -166,13 +166,14 @@ try:
     from torch.fx import _symbolic_trace as _fx_impl
     _FX_HOOKS = all(hasattr(_fx_impl, n) for n in (
         "_orig_module_call", "_orig_module_getattr", "_autowrap_check", "CURRENT_PATCHER",
-        "_get_is_fx_tracing"))
+        "_get_is_fx_tracing", "_create_wrapped_func"))
 except ImportError:  # pragma: no cover - every supported torch has the module
     _fx_impl, _FX_HOOKS = None, False
 
 _ACTIVE = threading.local()  # .stack: [(tracer, parameter proxy cache)], innermost last;
 # .entering: the module a session's __call__ is about to run (see _unrouted_call)
-_SESSION: dict = {"depth": 0, "active": False, "classes": {}, "module": False, "hook": None}
+_SESSION: dict = {"depth": 0, "active": False, "classes": {}, "module": False, "hook": None,
+                  "wrap": None}
 _SESSION_LOCK = threading.Lock()
 _FX_FLAG = "__fx_already_patched"  # fx's patcher leaves a method alone that carries this
 
@@ -272,6 +273,27 @@ def _session_patch(model: nn.Module | None) -> None:
         for fn in (_fx_impl._orig_module_call, _fx_impl._orig_module_getattr):
             setattr(fn, _FX_FLAG, True)  # fx's own trace now leaves nn.Module unpatched
         _SESSION["hook"] = nn.modules.module.register_module_forward_pre_hook(_unrouted_call)
+    if _SESSION["wrap"] is None:
+        _SESSION["wrap"] = _fx_impl._create_wrapped_func
+        _fx_impl._create_wrapped_func = _reused_wrapper(_SESSION["wrap"])
+
+
+def _reused_wrapper(make: Callable) -> Callable:
+    """fx's ``_create_wrapped_func``, making each function's wrapper once per session.
+
+    On every trace fx puts a wrapper in place of each function registered with
+    ``torch.fx.wrap`` and each function of its autowrap modules (``math``, torchvision.ops):
+    some 100 per trace here, each made anew with ``functools.wraps`` (~10 us), then taken out
+    again. The wrapper looks for a proxy among its arguments and asks that proxy's tracer for
+    the node, so one wrapper serves every trace; fx still puts it in place and takes it out."""
+    made: dict[int, tuple] = {}
+
+    def wrapper_of(orig_fn):
+        hit = made.get(id(orig_fn))
+        if hit is None:
+            hit = made[id(orig_fn)] = (orig_fn, make(orig_fn))  # orig_fn kept: its id stays
+        return hit[1]
+    return wrapper_of
 
 
 def _session_unpatch() -> None:
@@ -286,6 +308,9 @@ def _session_unpatch() -> None:
         nn.Module.__call__ = _fx_impl._orig_module_call
         nn.Module.__getattr__ = _fx_impl._orig_module_getattr
         _SESSION["module"] = False
+    if _SESSION["wrap"] is not None:
+        _fx_impl._create_wrapped_func = _SESSION["wrap"]
+        _SESSION["wrap"] = None
     if _SESSION["hook"] is not None:
         _SESSION["hook"].remove()
         _SESSION["hook"] = None

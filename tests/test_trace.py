@@ -1,4 +1,5 @@
 """The tracer names parameters and buffers, and unpacks proxies, as torch.fx does."""
+import math
 import operator
 
 import pytest
@@ -110,6 +111,26 @@ def test_an_unpacking_fx_cannot_trace_fails_as_in_fx(body):
 # A tracing session: one patch of module calls for every trace in it
 
 
+def _scaled(x, n):
+    return x / n
+
+
+fx.wrap("_scaled")  # a function fx records as one call, as timm registers its own
+
+
+class _Wrapped(nn.Module):
+    """Calls a function registered with torch.fx.wrap and one of math's (fx's autowrap module)
+    on traced values: fx puts a wrapper in place of each for every trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return _scaled(y, math.sqrt(y.shape[1])) + x.mean((1,), keepdim=True)
+
+
 def _snapshot(graph: fx.Graph) -> list[tuple]:
     from se_inject.trace import SCOPE
     return [(*op, n.meta.get(SCOPE)) for op, n in zip(_ops(graph), graph.nodes)]
@@ -131,17 +152,23 @@ def _state(model: nn.Module | list) -> tuple:
     classes = sorted({type(m) for m in modules} | {nn.Module}, key=str)
     return ([(c, n, c.__dict__.get(n)) for c in classes for n in ("__call__", "__getattr__")],
             hasattr(fx_impl._orig_module_call, "__fx_already_patched"),
-            dict(module._global_forward_pre_hooks))
+            dict(module._global_forward_pre_hooks), fx_impl._create_wrapped_func,
+            math.sqrt, _scaled)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "test_convnext", "inception_v3"])
+@pytest.mark.parametrize("name", ["resnet18", "test_convnext", "inception_v3", "wrapped"])
 @pytest.mark.parametrize("per_class", [True, False])
 def test_a_session_traces_what_fx_patching_each_trace_traces(name, per_class):
     import timm
     from se_inject.trace import trace_block, tracing_session
-    model = timm.create_model(name).eval()
-    block = next(m for m in model.modules() if type(m).__name__ in
-                 ("BasicBlock", "ConvNeXtBlock", "InceptionA"))
+    if name == "wrapped":  # the second trace in the session reuses the first's wrappers
+        model = nn.Sequential(_Wrapped(), _Wrapped())
+        block = model[1]
+        assert {n.target for n in fx.symbolic_trace(block).graph.nodes} >= {_scaled, math.sqrt}
+    else:
+        model = timm.create_model(name).eval()
+        block = next(m for m in model.modules() if type(m).__name__ in
+                     ("BasicBlock", "ConvNeXtBlock", "InceptionA"))
     before = _state(model)
     alone = (trace_model(model, TraceOptions(), n_inputs=1),
              trace_block(block, TraceOptions(), training=True))
