@@ -5,6 +5,8 @@ latency against timm's hand-written SE model. Ratios are measured side by side i
     python bench/apply_speed.py [--repeats 15] [--latency-rounds 30] [--threads 2]
                                 [--out bench/out/apply_speed.md]
     python bench/apply_speed.py --session-ab [--repeats 15]   # the tracing session on and off
+    python bench/apply_speed.py --phases resnet50,mobilenetv2_050 [--repeats 15]
+                                                  # where a warm apply() spends its time
 """
 from __future__ import annotations
 
@@ -65,6 +67,54 @@ def session_ab(name: str, repeats: int) -> dict:
     return {"model": name, "session_ms": on * 1e3, "per_trace_ms": off * 1e3, "ratio": on / off}
 
 
+# apply()'s steps, as api.py and rewrite.py call them: (module, name, label, inside prepare)
+_PHASES = (("api", "trace_model", "fx trace of the model", False),
+           ("api", "propagate_shapes", "meta shape propagation", False),
+           ("api", "build_view", "graph view", False),
+           ("api", "find_candidates", "matching the rules", False),
+           ("api", "local_keys", "node keys", False),
+           ("api", "fingerprints", "block fingerprints", False),
+           ("api", "prepare", "preparing the rewrites, in all", False),
+           ("rewrite", "trace_block", "of which: standalone block traces", True),
+           ("rewrite", "make_gate", "of which: building the gates", True),
+           ("rewrite", "_compile", "of which: code generation", True))
+
+
+def phases(name: str, repeats: int) -> dict:
+    """Median time of each step of a warm apply() on freshly created models; the steps are
+    timed by wrapping the functions apply() calls, so their sum leaves 'the rest'."""
+    import importlib
+    spent: dict[str, float] = {}
+    originals = []
+    for mod_name, fn_name, label, _ in _PHASES:
+        mod = importlib.import_module(f"se_inject.{mod_name}")
+        fn = getattr(mod, fn_name)
+
+        def timed(*args, _fn=fn, _label=label, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _fn(*args, **kwargs)
+            finally:
+                spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t
+        originals.append((mod, fn_name, fn))
+        setattr(mod, fn_name, timed)
+    runs = []
+    try:
+        se_inject.apply(timm.create_model(name, pretrained=False))
+        for i in range(repeats):
+            model = timm.create_model(name, pretrained=False)
+            spent.clear()
+            t, _ = _timed(lambda: se_inject.apply(model))
+            top = sum(spent.get(label, 0.0) for _, _, label, inner in _PHASES if not inner)
+            runs.append({**spent, "the rest (checks, commit, gc pause, session)": t - top,
+                         "apply, total": t})
+            print(f"  {name} phases: run {i + 1}/{repeats}", file=sys.stderr)
+    finally:
+        for mod, fn_name, fn in originals:
+            setattr(mod, fn_name, fn)
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) * 1e3 for k in runs[0]}
+
+
 @torch.no_grad()
 def latency(batch: int, repeats: int, side: int = 224) -> dict:
     """Paired rounds: each round times all three models, in an order that rotates, and the
@@ -104,6 +154,8 @@ def main(argv=None) -> int:
                     help="default bench/out/apply_speed.md (--session-ab: apply_session.md)")
     ap.add_argument("--session-ab", action="store_true",
                     help="only time apply() with and without its tracing session")
+    ap.add_argument("--phases", default=None, metavar="MODELS",
+                    help="only time apply()'s steps on these timm models (comma-separated)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = f"{platform.processor() or platform.machine()}, {args.threads} threads, " \
@@ -118,6 +170,18 @@ def main(argv=None) -> int:
         lines += [f"| {r['model']} | {r['session_ms']:.1f} | {r['per_trace_ms']:.1f} | "
                   f"{r['ratio']:.3f} |" for r in rows]
         return _write("\n".join(lines) + "\n", args.out or Path("bench/out/apply_session.md"))
+    if args.phases:
+        names = [n for n in args.phases.split(",") if n]
+        se_inject.apply(timm.create_model("resnet18"))  # lazy imports and fx's caches
+        results = {n: phases(n, args.repeats) for n in names}
+        steps = [label for _, _, label, _ in _PHASES] + [k for k in next(iter(results.values()))
+                                                          if k not in {p[2] for p in _PHASES}]
+        lines = [f"# where a warm apply() spends its time ({device}; medians of {args.repeats}, "
+                 "ms)", "", "| step | " + " | ".join(names) + " |",
+                 "|---|" + "---:|" * len(names)]
+        lines += [f"| {s} | " + " | ".join(f"{results[n].get(s, 0.0):.1f}" for n in names) + " |"
+                  for s in steps]
+        return _write("\n".join(lines) + "\n", args.out or Path("bench/out/apply_phases.md"))
     rows = [apply_vs_create(n, args.repeats) for n in ("resnet50", "resnet152")]
     lat = latency(args.batch, args.latency_rounds)
     lines = [f"# se-inject core figures ({device}; medians of {args.repeats}, interleaved)", "",
