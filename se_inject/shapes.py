@@ -3,7 +3,10 @@
 Modules whose output shape follows from their input by a known rule (norms, activations,
 convolutions, linear layers, timm's norm+activation layers) are not run at all; every other
 leaf module runs with its parameters and buffers swapped for meta tensors of the same shape for
-the length of the call (restored in ``finally``).
+the length of the call (restored in ``finally``). Functions likewise (``_shortcut``): norms,
+activations, elementwise arithmetic, SE's squeezes, concatenations and a few others are answered
+from their inputs where the answer (shape, strides, dtype) is the meta kernel's, and run
+otherwise.
 """
 from __future__ import annotations
 
