@@ -9,7 +9,6 @@ gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), `
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import networkx as nx

@@ -146,12 +146,16 @@ def _like(x: torch.Tensor, in_place: bool) -> torch.Tensor:
     return x if in_place else _empty_as(x)
 
 
+def _empty_strided_as(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+
+
 def _empty_as(x: torch.Tensor) -> torch.Tensor:
     """A meta tensor of ``x``'s shape, strides and dtype (``torch.empty_like`` on meta runs a
     Python decomposition some 30 times slower). Like ``empty_like``, strides are kept only for
     a dense layout; anything else (an expanded view) gets contiguous ones."""
     if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+        return _empty_strided_as(x)
     return torch.empty(x.shape, dtype=x.dtype, device="meta")
 
 
@@ -317,20 +321,21 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     if isinstance(y, torch.Tensor):
         if y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride():
             return _like(x, in_place)
-        if y.dtype == x.dtype and y.device.type == "meta" and _broadcasts_into(y.shape, x.shape):
+        if y.dtype != x.dtype or y.device.type != "meta":
+            return None
+        if _broadcasts_into(y.shape, x.shape):
             if in_place:  # into a dense tensor (an expanded one is refused by the kernel)
                 return x if _dense(x) else None
             # a layer scale or a gate (x * gamma): with a dense input whose every size is over
             # 1 (so no two strides are equal), its strides alone order the output's
             # dimensions, and the output is laid out as it is
             if all(n > 1 for n in x.shape) and _dense(x):
-                return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-        if (not in_place and y.dtype == x.dtype and y.device.type == "meta"
-                and _broadcasts_into(x.shape, y.shape) and all(n > 1 for n in y.shape)
-                and _dense(y) and _orders_alike(x, y)):
+                return _empty_strided_as(x)
+        if not in_place and _broadcasts_into(x.shape, y.shape) and all(n > 1 for n in y.shape) \
+                and _dense(y) and _orders_alike(x, y):
             # the other way round (torchvision's SE: scale * input): the output is laid out as
             # the larger operand wherever the smaller one does not order dimensions otherwise
-            return torch.empty_strided(y.shape, y.stride(), dtype=y.dtype, device="meta")
+            return _empty_strided_as(y)
     elif isinstance(y, (int, float)) and not isinstance(y, bool) and x.is_floating_point():
         return _like(x, in_place)
     return None

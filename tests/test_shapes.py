@@ -77,7 +77,8 @@ def _models_with_shortcuts():
     timm = pytest.importorskip("timm")
     tv = pytest.importorskip("torchvision")
     # leaf Sequentials of stock layers (Conv2dNormActivation with ReLU6, Hardswish), timm's
-    # norm+act leaves (BatchNormAct2d answered by its rule), functional activations, in-place and broadcast binary ops
+    # norm+act leaves (BatchNormAct2d answered by its rule), functional activations, in-place
+    # and broadcast binary ops, SE squeezes, concatenations
     return [("torchvision mobilenet_v2", tv.models.mobilenet_v2()),
             ("torchvision mobilenet_v3_small", tv.models.mobilenet_v3_small()),
             ("timm cspnext_tiny", timm.create_model("cspnext_tiny")),
@@ -182,6 +183,11 @@ def test_device_moves_keep_meta_tensors_and_apply_dtypes():
     assert checked >= 8
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What a shortcut must reproduce of the kernel's output."""
+    return t.shape, t.stride(), t.dtype
+
+
 def _broadcast_cases():
     """(x, y): x of rank 2 to 5, dense, channels-last or a view; y one of x's shapes with sizes
     set to 1 or leading dimensions dropped, dense, a view or expanded; and y larger than x."""
@@ -226,7 +232,7 @@ def test_broadcast_shortcuts_give_the_kernels_shape_strides_and_dtype():
             if got is None:
                 continue
             taken += 1
-            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), \
+            assert _layout(got) == _layout(want), \
                 (func, tuple(x.shape), x.stride(), tuple(y.shape), y.stride())
             if in_place:
                 assert got is x
@@ -282,8 +288,7 @@ def test_squeeze_shortcuts_give_the_kernels_shape_strides_and_dtype():
             if got is None:
                 continue
             taken += 1
-            assert (got.shape, got.stride(), got.dtype) == (want.shape, want.stride(), want.dtype), \
-                (func, args, kwargs, tuple(x.shape), x.stride())
+            assert _layout(got) == _layout(want), (func, args, kwargs, tuple(x.shape), x.stride())
     assert taken > 800
 
 
@@ -330,9 +335,7 @@ def test_cat_shortcut_gives_the_kernels_shape_strides_and_dtype():
                 if got is None:
                     continue
                 taken += 1
-                assert (got.shape, got.stride(), got.dtype) == \
-                    (want.shape, want.stride(), want.dtype), \
-                    ([(tuple(t.shape), t.stride(), t.dtype) for t in tensors], dim)
+                assert _layout(got) == _layout(want), ([_layout(t) for t in tensors], dim)
     assert taken > 500
 
 
@@ -365,7 +368,7 @@ def test_timm_norm_act_layers_give_their_real_shape_strides_and_dtype(layer, cha
     if type(layer.act).__name__ == "Clamp":
         assert got is None  # its activation has no rule: the layer runs
     else:
-        assert (got.shape, got.stride(), got.dtype) == (real.shape, real.stride(), real.dtype)
+        assert _layout(got) == _layout(real)
     assert _norm_act(layer, torch.empty(2, 6, 5, 7, device="meta")) is None  # wrong channels
     # in a graph, rule or run, the shape is the real one
     tracer = fx.Tracer()
