@@ -45,6 +45,17 @@ def _fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     return F.linear(v, conv.weight.flatten(1), conv.bias)
 
 
+def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
+    """``_fc`` for an SE gate's two layers. Compiled for the CPU (not exported), it is written as
+    a multiply and a sum: Inductor then generates it inside the gate's own C++ kernel, with the
+    squeeze, the scale and what consumes it, where a matrix product stays a separate call to
+    MKL (~15-35 us each at batch 1, two per gate). Same numbers up to the order of the sum."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
+            and v.device.type == "cpu":  # (in this order: fx's proxies have no device)
+        return (v.unsqueeze(1) * conv.weight.flatten(1)).sum(-1) + conv.bias
+    return _fc(conv, v)
+
+
 def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True) if how == "avg" else x.amax((2, 3), keepdim=True)
 
@@ -148,7 +159,8 @@ class SEGate(ChannelGate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = _squeeze(x, self.spec.squeeze).flatten(1)                  # squeeze, Eq. 2
-        s = self.gate(_fc(self.fc2, self.act(_fc(self.fc1, s))))       # excitation, Eq. 3
+        fc = _excitation_fc
+        s = self.gate(fc(self.fc2, self.act(fc(self.fc1, s))))         # excitation, Eq. 3
         return x * s[:, :, None, None]                                 # scale, Eq. 4
 
 
