@@ -79,6 +79,11 @@ def step_fn(model, mode: str, x, autocast):
 def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
             say, freeze: bool = True, options: dict | None = None) -> dict:
     cuda = device.type == "cuda"
+    # Every configuration compiles fresh models of the same classes. Dynamo keeps compiled
+    # code per Python function (here the model class's forward), up to 8 entries, and past
+    # that runs the function eagerly: a "fused" column would then time eager code. Earlier
+    # configurations' entries are dropped here, and main() makes hitting the limit an error.
+    torch._dynamo.reset()
     models = build(name, device, channels_last=cuda)
     cfg = models["base"].pretrained_cfg
     x = torch.randn(batch, *cfg["input_size"], device=device)
@@ -180,6 +185,7 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # see measure()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--modes", default="infer,train")
