@@ -29,8 +29,11 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         into the convolution before it where no gate scales that branch) and lays weights out
         once instead of at every call; Inductor's channels-last layout optimisation stays off
         (see below). The compiled code keeps the weights it saw: call
-        ``fuse(model, freeze=True)`` again after loading new weights. Training steps are
-        compiled as without it.
+        ``fuse(model, freeze=True)`` again after loading new weights. Dynamo would reuse the
+        code compiled before for the same model object, as its guards check the weights'
+        identity, not their values; so freezing drops what Dynamo has compiled for the
+        forward functions of the model's module classes, and other models of those classes
+        compile again on their next call. Training steps are compiled as without it.
     Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU;
     ``options={"cpp_wrapper": True}`` calls the kernels from C++ rather than Python, which
     matters at batch 1, where each call costs about as much as a small kernel (compiling
@@ -49,12 +52,32 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     frozen = {"freezing": True, "layout_optimization": False} if freeze else {}
     compile_options = {**frozen, **(options or {})} or None
     unfuse(model)
+    if freeze:
+        _drop_compiled_code(model)
     model.compile(backend=backend, mode=mode, dynamic=dynamic, options=compile_options)
     if freeze:
         model._compiled_call_impl = _with_freezing(model._compiled_call_impl)
     model.__dict__[_FUSED] = {"freeze": freeze, "backend": backend, "mode": mode,
                               "dynamic": dynamic, "options": options}
     return model
+
+
+def _drop_compiled_code(model: nn.Module) -> None:
+    """Forget Dynamo's compiled code for the forward functions of ``model``'s modules, and for
+    the functions Dynamo generated to resume them after a graph break."""
+    from torch._dynamo import eval_frame
+    from torch._dynamo.resume_execution import ContinueExecutionCache
+
+    codes = {getattr(getattr(m.forward, "__func__", m.forward), "__code__", None)
+             for m in model.modules()} - {None}
+    todo = list(codes)
+    while todo:
+        for resumed in ContinueExecutionCache.cache.get(todo.pop(), {}).values():
+            if resumed not in codes:
+                codes.add(resumed)
+                todo.append(resumed)
+    for code in codes:
+        eval_frame.reset_code(code)
 
 
 def _with_freezing(compiled):

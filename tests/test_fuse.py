@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import re
+from unittest import mock
 
 import pytest
 import torch
 from torch import nn
+from torch._inductor.graph import GraphLowering
 from torch._inductor.utils import run_and_get_code
 
 import se_inject
@@ -112,6 +114,46 @@ def test_freeze_folds_the_norms_and_keeps_the_gates_fused():
     net.train()
     net(x).sum().backward()
     assert net.blocks[0].se_gate.fc1.weight.grad is not None
+
+
+class NetWithGraphBreak(Net):
+    def forward(self, x):
+        h = self.blocks(self.stem(x))
+        torch._dynamo.graph_break()           # the head runs in a function Dynamo generates
+        return self.head(h.mean((2, 3)))
+
+
+def _call_and_get_code(model, x):
+    # run_and_get_code resets Dynamo first; this keeps what it has compiled before
+    codes = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        return model(x), codes
+
+
+@pytest.mark.parametrize("cls", [Net, NetWithGraphBreak])
+def test_freezing_again_after_loading_new_weights_uses_them(cls):
+    # frozen code keeps the weights it saw, and Dynamo's guards check only their identity:
+    # fuse(freeze=True) again must compile with the new ones, also code resumed after a
+    # graph break; and past Dynamo's limit of compiled versions per function (8; 2 here)
+    torch.manual_seed(0)
+    net = se_inject.apply(cls().eval(), input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
+        se_inject.fuse(net, freeze=True)
+        net(x)
+        for seed in range(4):
+            torch.manual_seed(100 + seed)
+            other = cls().eval()
+            randomize_norms(other)
+            se_inject.apply(other, input_size=(3, 32, 32))
+            net.load_state_dict(other.state_dict())
+            ref = other(x)
+            if seed == 0:                               # frozen: the old weights
+                assert (net(x) - ref).abs().max() > 1e-2
+            se_inject.fuse(net, freeze=True)
+            y, codes = _call_and_get_code(net, x)
+            assert len(codes) == (1 if cls is Net else 2)   # compiled, not run eagerly
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_training_step_matches_eager():
