@@ -76,11 +76,9 @@ def test_fused_model_is_the_same_object_with_the_same_outputs():
 _MATRIX_PRODUCTS = r"(_mkl_linear|_linear_pointwise)(\.default)?\(|extern_kernels\.(addmm|mm)\("
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_compiled_gates_compute_their_layers_inside_the_generated_kernels(freeze):
-    # compiled for the CPU, a gate's two small layers are generated C++ in the gate's kernels;
-    # the only matrix product left is the head's (written as matrix products, the two gates
-    # would add four calls of their own)
+def _fused_and_checked(freeze):
+    """A gated _net() in eval mode, fused; its output checked against the eager model's.
+    Returns the model, the input and the code Inductor generated."""
     net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
     eager = copy.deepcopy(net)
     x = torch.randn(4, 3, 32, 32)
@@ -89,20 +87,22 @@ def test_compiled_gates_compute_their_layers_inside_the_generated_kernels(freeze
         y, (code, *_) = run_and_get_code(net, x)
         ref = eager(x)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    return net, x, code
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_compiled_gates_compute_their_layers_inside_the_generated_kernels(freeze):
+    # compiled for the CPU, a gate's two small layers are generated C++ in the gate's kernels;
+    # the only matrix product left is the head's (written as matrix products, the two gates
+    # would add four calls of their own)
+    _, _, code = _fused_and_checked(freeze)
     assert len(re.findall(_MATRIX_PRODUCTS, code)) == 1
     kernels = re.findall(r"(cpp_fused_\w+) = ", code)
     assert sum("sum" in k and "sigmoid" in k for k in kernels) == 2
 
 
 def test_freeze_folds_the_norms_and_keeps_the_gates_fused():
-    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
-    eager = copy.deepcopy(net)
-    x = torch.randn(4, 3, 32, 32)
-    se_inject.fuse(net, freeze=True)
-    with torch.no_grad():
-        y, (code, *_) = run_and_get_code(net, x)
-        ref = eager(x)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    net, x, code = _fused_and_checked(freeze=True)
     # the weights are constants of the compiled code: its only input is the image...
     (inputs,) = re.findall(r"def call\(self, args\):\n\s+(.*) = args", code)
     assert len([a for a in inputs.split(",") if a.strip()]) == 1, inputs
