@@ -64,10 +64,16 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
 
 def _drop_compiled_code(model: nn.Module) -> None:
     """Forget Dynamo's compiled code for the forward functions of ``model``'s modules, and for
-    the functions Dynamo generated to resume them after a graph break."""
-    from torch._dynamo import eval_frame
-    from torch._dynamo.resume_execution import ContinueExecutionCache
+    the functions Dynamo generated to resume them after a graph break. Where this torch lacks
+    the Dynamo internals used, all compiled code is forgotten (torch.compiler.reset())."""
+    try:
+        from torch._dynamo.eval_frame import reset_code
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+    except ImportError:
+        import torch
 
+        torch.compiler.reset()
+        return
     codes = {getattr(getattr(m.forward, "__func__", m.forward), "__code__", None)
              for m in model.modules()} - {None}
     todo = list(codes)
@@ -77,7 +83,7 @@ def _drop_compiled_code(model: nn.Module) -> None:
                 codes.add(resumed)
                 todo.append(resumed)
     for code in codes:
-        eval_frame.reset_code(code)
+        reset_code(code)
 
 
 def _with_freezing(compiled):

@@ -156,6 +156,27 @@ def test_freezing_again_after_loading_new_weights_uses_them(cls):
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_freezing_again_without_dynamos_internals_forgets_all_compiled_code(monkeypatch):
+    # a torch without the internals that drop one model's code: freezing again must still
+    # take the new weights, at the price of all compiled code
+    import torch._dynamo.eval_frame as eval_frame
+    monkeypatch.delattr(eval_frame, "reset_code")
+    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        se_inject.fuse(net, freeze=True)
+        net(x)
+        torch.manual_seed(100)
+        other = Net().eval()
+        randomize_norms(other)
+        se_inject.apply(other, input_size=(3, 32, 32))
+        net.load_state_dict(other.state_dict())
+        se_inject.fuse(net, freeze=True)
+        y, codes = _call_and_get_code(net, x)
+        assert len(codes) == 1
+        torch.testing.assert_close(y, other(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_training_step_matches_eager():
     net = se_inject.apply(_net().train(), input_size=(3, 32, 32))
     eager = copy.deepcopy(net)
