@@ -2,7 +2,9 @@
 CPU, Triton on GPU). Inductor turns each gate into two passes over the gated tensor: the squeeze
 (a mean: in the pass of the norm before it, or a pass of its own where freezing has folded that
 norm into its convolution) and one kernel that applies the excitation, scales, adds the shortcut
-and runs the block's activation. On the CPU the excitation's two small layers are generated C++
+and runs the block's activation. Frozen, a gate on a 1x1 convolution and a norm takes that mean
+from the convolution's input where that reads fewer bytes (se_inject.gate.mean_through_linear):
+one pass over the gated tensor. On the CPU the excitation's two small layers are generated C++
 inside those kernels (se_inject.gate._excitation_fc) rather than calls to a matrix library."""
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import functools
 from torch import nn
 
 from .errors import InvalidArgumentError
+from .gate import SQUEEZE_THROUGH_LINEAR, ChannelGate
 
 __all__ = ["fuse", "unfuse", "fused_settings"]
 
@@ -28,7 +31,8 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         the weights as constants, folds each norm into its convolution (and a residual sum
         into the convolution before it where no gate scales that branch) and lays weights out
         once instead of at every call; Inductor's channels-last layout optimisation stays off
-        (see below). The compiled code keeps the weights it saw: call
+        (see below). A gate on ``norm(conv1x1(h))`` averages ``h`` through the two layers
+        where that reads less than the gated tensor (gate.mean_through_linear). The compiled code keeps the weights it saw: call
         ``fuse(model, freeze=True)`` again after loading new weights. Dynamo would reuse the
         code compiled before for the same model object, as its guards check the weights'
         identity, not their values; so freezing drops what Dynamo has compiled for the
@@ -54,6 +58,8 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     unfuse(model)
     if freeze:
         _drop_compiled_code(model)
+        for gate in _gates(model):
+            gate.__dict__[SQUEEZE_THROUGH_LINEAR] = True
     model.compile(backend=backend, mode=mode, dynamic=dynamic, options=compile_options)
     if freeze:
         model._compiled_call_impl = _with_freezing(model._compiled_call_impl)
@@ -112,4 +118,10 @@ def unfuse(model: nn.Module) -> nn.Module:
     """Back to eager execution (what fuse() did, undone)."""
     if model.__dict__.pop(_FUSED, None) is not None:
         model._compiled_call_impl = None
+        for gate in _gates(model):
+            gate.__dict__.pop(SQUEEZE_THROUGH_LINEAR, None)
     return model
+
+
+def _gates(model: nn.Module):
+    return (m for m in model.modules() if isinstance(m, ChannelGate))

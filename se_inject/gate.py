@@ -15,7 +15,7 @@ from .errors import InvalidArgumentError
 
 __all__ = ["ChannelGate", "SEGate", "ECAGate", "EffectiveSEGate", "GateSpec",
            "reduced_channels", "make_gate", "gate_parameters", "eca_kernel_size",
-           "check_identity"]
+           "check_identity", "mean_through_linear", "linear_producer"]
 
 KINDS = ("se", "eca", "ese")
 SQUEEZES = ("avg", "max")
@@ -58,6 +58,60 @@ def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
 
 def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True) if how == "avg" else x.amax((2, 3), keepdim=True)
+
+
+def _squeezed(x: torch.Tensor, how: str, squeezed: torch.Tensor | None) -> torch.Tensor:
+    """The squeeze of ``x`` as an (N, C) matrix: ``squeezed`` where the caller computed it."""
+    return _squeeze(x, how).flatten(1) if squeezed is None else squeezed
+
+
+# A gate with this attribute set (by se_inject.fuse with freeze=True) takes the mean of a
+# tensor made by a 1x1 convolution and a norm in eval mode from the convolution's input.
+SQUEEZE_THROUGH_LINEAR = "_se_inject_squeeze_through_linear"
+
+
+def linear_producer(conv: nn.Module, norm: nn.Module | None) -> bool:
+    """Whether ``norm(conv(h))`` (``conv(h)`` where ``norm`` is None) is affine in ``h`` pixel
+    by pixel, so that its spatial mean is ``norm(conv(mean_hw(h)))``: a plain 1x1 convolution
+    with stride 1, no padding and one group, and a BatchNorm2d using its running statistics."""
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1) \
+            or conv.padding not in ((0, 0), "valid") or conv.groups != 1:
+        return False
+    return norm is None or (type(norm) is nn.BatchNorm2d and not norm.training
+                            and norm.running_mean is not None and norm.running_var is not None)
+
+
+def mean_through_linear(gate: nn.Module, h: torch.Tensor, conv: nn.Module,
+                        norm: nn.Module | None) -> torch.Tensor | None:
+    """The spatial mean of ``norm(conv(h))``, computed from ``h`` (N, C_in, H, W): the 1x1
+    convolution and the norm applied to ``mean_hw(h)``, the same numbers up to rounding.
+
+    Compiled with freezing (``fuse(model, freeze=True)``), where the norm is folded into the
+    convolution and the gated tensor's mean would be a pass of its own over it, this reads
+    the convolution's input and weights instead: fewer bytes where the map has more pixels
+    than the input has channels (ResNet-50's stages 1 and 2 at 224x224, whose bottlenecks
+    widen four times). Returns None, and the gate squeezes as usual, in every other case:
+    where it would read more, eager (the reference), export, training-mode norms, a max
+    squeeze, other layers, or a gate that fuse() did not mark."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() \
+            or not getattr(gate, SQUEEZE_THROUGH_LINEAR, False) \
+            or getattr(gate.spec, "squeeze", None) != "avg" or not linear_producer(conv, norm) \
+            or h.dim() != 4:
+        return None
+    n, c_in, hw, c_out = h.shape[0], h.shape[1], h.shape[2] * h.shape[3], conv.out_channels
+    if n * c_in * hw + c_out * c_in >= n * c_out * hw:
+        return None  # reading h and the weights costs more than reading the gated tensor
+    m = h.mean((2, 3))
+    w = conv.weight.flatten(1)
+    # (on the CPU as a multiply and a sum, generated inside the kernel, as _excitation_fc)
+    s = (m.unsqueeze(1) * w).sum(-1) if h.device.type == "cpu" else F.linear(m, w)
+    if conv.bias is not None:
+        s = s + conv.bias
+    if norm is not None:
+        s = (s - norm.running_mean) * torch.rsqrt(norm.running_var + norm.eps)
+        if norm.weight is not None:
+            s = s * norm.weight + norm.bias
+    return s
 
 
 @dataclass(frozen=True)
@@ -157,8 +211,10 @@ class SEGate(ChannelGate):
         self.fc2.weight.zero_()
         self.fc2.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = _squeeze(x, self.spec.squeeze).flatten(1)                  # squeeze, Eq. 2
+    def forward(self, x: torch.Tensor, squeezed: torch.Tensor | None = None) -> torch.Tensor:
+        """``squeezed``: the squeeze of ``x`` (N, C) where the caller computed it (see
+        ``mean_through_linear``)."""
+        s = _squeezed(x, self.spec.squeeze, squeezed)                  # squeeze, Eq. 2
         fc = _excitation_fc
         s = self.gate(fc(self.fc2, self.act(fc(self.fc1, s))))         # excitation, Eq. 3
         return x * s[:, :, None, None]                                 # scale, Eq. 4
@@ -183,9 +239,9 @@ class ECAGate(ChannelGate):
         check_identity(self.spec)
         self.conv.weight.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, squeezed: torch.Tensor | None = None) -> torch.Tensor:
         n, c = x.shape[0], x.shape[1]
-        y = _squeeze(x, self.spec.squeeze).view(n, 1, c)
+        y = _squeezed(x, self.spec.squeeze, squeezed).view(n, 1, c)
         y = self.gate(self.conv(y)).view(n, c, 1, 1)
         return x * y
 
@@ -209,8 +265,8 @@ class EffectiveSEGate(ChannelGate):
         self.fc.weight.zero_()
         self.fc.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.gate(_fc(self.fc, _squeeze(x, self.spec.squeeze).flatten(1)))
+    def forward(self, x: torch.Tensor, squeezed: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.gate(_fc(self.fc, _squeezed(x, self.spec.squeeze, squeezed)))
         return x * s[:, :, None, None]
 
 

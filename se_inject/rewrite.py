@@ -22,7 +22,7 @@ from torch import nn
 from .errors import NotGatedError, RewriteError
 from .calls import Inputs, inputs_of, wrap_body
 from .frames import local_keys
-from .gate import ChannelGate, GateSpec, make_gate
+from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .trace import Call, TraceOptions, reads_training_flag, trace_block
 
@@ -91,7 +91,8 @@ def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tupl
     return {traced[node]: key for node, key in class_keys.items() if node in traced}
 
 
-def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tuple, tuple]:
+def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
+            owner: nn.Module | None = None) -> dict[tuple, tuple]:
     """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
     class_keys = local_keys(graph)  # a block traced alone is one frame
     nodes = {key: node for node, key in class_keys.items()}
@@ -106,6 +107,7 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tup
             with graph.inserting_after(merge):
                 gate = graph.call_module(name, (merge,))
             merge.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+            _squeeze_through_linear(graph, gate, owner)
             continue
         args = list(merge.args)
         if operand >= len(args) or not isinstance(args[operand], fx.Node):
@@ -115,8 +117,45 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str) -> dict[tup
             args[operand] = gate = graph.call_module(name, (args[operand],))
         merge.args = tuple(args)
         _sum_into_gate_output(merge, gate)
+        _squeeze_through_linear(graph, gate, owner)
     graph.lint()
     return _traced_keys(graph, class_keys)
+
+
+def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | None] | None:
+    """``(h, conv, norm)`` where ``node`` is ``self.norm(self.conv(h))`` or ``self.conv(h)``
+    with a 1x1 convolution and a BatchNorm2d (see gate.linear_producer)."""
+    def call(n):
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs \
+                or not isinstance(n.args[0], fx.Node):
+            return None
+        try:
+            return owner.get_submodule(n.target)
+        except AttributeError:
+            return None
+
+    norm = None
+    if type(call(node)) is nn.BatchNorm2d:
+        norm, node = node.target, node.args[0]
+    conv = call(node)
+    if conv is None or not linear_producer(conv, None):
+        return None
+    return node.args[0], node.target, norm
+
+
+def _squeeze_through_linear(graph: fx.Graph, gate: fx.Node, owner: nn.Module | None) -> None:
+    """Before a gate on ``norm(conv(h))``, a call that lets it take its squeeze from ``h``
+    once fuse(freeze=True) has compiled the model (gate.mean_through_linear; None, and the
+    usual squeeze, otherwise)."""
+    chain = None if owner is None else _linear_chain(gate.args[0], owner)
+    if chain is None:
+        return
+    h, conv, norm = chain
+    with graph.inserting_before(gate):
+        attrs = [graph.get_attr(gate.target), h, graph.get_attr(conv),
+                 None if norm is None else graph.get_attr(norm)]
+        squeezed = graph.call_function(mean_through_linear, tuple(attrs))
+    gate.args = (gate.args[0], squeezed)
 
 
 _PLAIN_ADDS = {("call_function", operator.add), ("call_function", torch.add),
@@ -180,7 +219,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
-        traced[training] = _insert(graph, gates, label)
+        traced[training] = _insert(graph, gates, label, owner)
         compiled[training] = _compile(graph, type(owner))
     if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
         forward = next(iter(compiled.values()))[1]

@@ -116,6 +116,106 @@ def test_freeze_folds_the_norms_and_keeps_the_gates_fused():
     assert net.blocks[0].se_gate.fc1.weight.grad is not None
 
 
+class Bottleneck(nn.Module):
+    """1x1 (narrow), 3x3, 1x1 (widen four times) as in ResNet-50: the gated tensor is
+    ``bn3(conv3(h))``, a 1x1 convolution and a norm of ``h``."""
+
+    def __init__(self, cin, width, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=True)
+        self.bn3 = nn.BatchNorm2d(4 * width)
+        self.down = nn.Conv2d(cin, 4 * width, 1, stride) if stride > 1 or cin != 4 * width \
+            else None
+
+    def forward(self, x):
+        s = x if self.down is None else self.down(x)
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return torch.relu(self.bn3(self.conv3(h)) + s)
+
+
+class BottleneckNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, 1, 1)
+        # at 32x32: 1,024 pixels and 8 channels into conv3, then 16 pixels and 64 channels
+        self.blocks = nn.Sequential(Bottleneck(32, 8), Bottleneck(32, 8), Bottleneck(32, 64, 8))
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _squeezed_channels(net, x, freeze):
+    """Channels of every tensor the gates' squeezes average, in the graph Dynamo captures."""
+    graphs = []
+
+    def capture(gm, example_inputs, **options):
+        graphs.append(gm)
+        return gm.forward
+
+    se_inject.fuse(net, freeze=freeze, backend=capture)
+    with torch.no_grad():
+        net(x)
+    (gm,) = graphs
+    return [n.args[0].meta["example_value"].shape[1] for n in gm.graph.nodes
+            if n.target in ("mean", torch.mean) and n.args[0].meta["example_value"].dim() == 4]
+
+
+def test_frozen_gates_average_a_1x1_convolutions_input_where_that_reads_less():
+    # the mean of bn3(conv3(h)) is bn3(conv3(mean(h))): frozen, the first two gates average h
+    # (8 channels of 1,024 pixels, not 32); the third keeps its own squeeze, as h and conv3's
+    # weights (64 channels of 16 pixels, 64 x 256) would be more to read than its input
+    torch.manual_seed(0)
+    net = BottleneckNet().eval()
+    randomize_norms(net)
+    se_inject.apply(net, input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert _squeezed_channels(net, x, freeze=False) == [32, 32, 256, 256]   # (the head's last)
+    assert _squeezed_channels(net, x, freeze=True) == [8, 8, 256, 256]
+    eager = copy.deepcopy(net)
+    se_inject.fuse(net, freeze=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-5)
+    se_inject.unfuse(net)                                   # eager again: its own squeeze
+    from se_inject.gate import SQUEEZE_THROUGH_LINEAR
+    assert not any(SQUEEZE_THROUGH_LINEAR in g.__dict__ for g in net.modules())
+    with torch.no_grad():
+        assert torch.equal(net(x), eager(x))
+
+
+@pytest.mark.parametrize("case", ["plain", "no-bias", "no-affine", "no-norm", "3x3", "stride-2",
+                                  "training", "max", "not-frozen", "eager"])
+def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
+    from se_inject.gate import SQUEEZE_THROUGH_LINEAR, mean_through_linear
+    torch.manual_seed(0)
+    k, stride = (3, 1) if case == "3x3" else (1, 2) if case == "stride-2" else (1, 1)
+    conv = nn.Conv2d(8, 32, k, stride, bias=case != "no-bias").eval()
+    bn = None if case == "no-norm" else nn.BatchNorm2d(32, affine=case != "no-affine").eval()
+    if bn is not None:
+        randomize_norms(nn.Sequential(bn)) if bn.affine else bn.running_var.uniform_(0.5, 1.5)
+        bn.train(case == "training")
+    gate = se_inject.SEGate(32, spec=se_inject.GateSpec(squeeze="max" if case == "max" else "avg"))
+    if case != "not-frozen":
+        gate.__dict__[SQUEEZE_THROUGH_LINEAR] = True
+    h = torch.randn(2, 8, 16, 16)
+
+    def squeeze(h):
+        s = mean_through_linear(gate, h, conv, bn)
+        return torch.full((1,), float("nan")) if s is None else s
+
+    torch._dynamo.reset()   # (one case's code could serve the next: new objects, reused ids)
+    with torch.no_grad():
+        s = (squeeze if case == "eager" else torch.compile(squeeze, fullgraph=True))(h)
+        u = conv(h) if bn is None else bn(conv(h))
+    if case in ("plain", "no-bias", "no-affine", "no-norm"):
+        torch.testing.assert_close(s, u.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    else:                                                   # the gate squeezes u itself
+        assert s.shape == (1,) and s.isnan().all()
+
 class NetWithGraphBreak(Net):
     def forward(self, x):
         h = self.blocks(self.stem(x))
@@ -209,12 +309,17 @@ def test_apply_fused_and_remove_unfuses():
 
 
 @pytest.mark.slow
-def test_fused_resnet50_matches_eager():
+@pytest.mark.parametrize("freeze", [False, True])
+def test_fused_resnet50_matches_eager(freeze):
+    # (norms randomised: timm zero-initialises each bottleneck's last, whose output the gates
+    # average, frozen for stages 1 and 2 through conv3)
     import timm
-    net = se_inject.apply(timm.create_model("resnet50").eval())
+    net = timm.create_model("resnet50").eval()
+    randomize_norms(net)
+    net = se_inject.apply(net)
     eager = copy.deepcopy(net)
     x = torch.randn(2, 3, 224, 224)
-    se_inject.fuse(net)
+    se_inject.fuse(net, freeze=freeze)
     with torch.no_grad():
         y, ref = net(x), eager(x)
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
