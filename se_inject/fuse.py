@@ -32,12 +32,12 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         into the convolution before it where no gate scales that branch) and lays weights out
         once instead of at every call; Inductor's channels-last layout optimisation stays off
         (see below). A gate on ``norm(conv1x1(h))`` averages ``h`` through the two layers
-        where that reads less than the gated tensor (gate.mean_through_linear). The compiled code keeps the weights it saw: call
-        ``fuse(model, freeze=True)`` again after loading new weights. Dynamo would reuse the
-        code compiled before for the same model object, as its guards check the weights'
-        identity, not their values; so freezing drops what Dynamo has compiled for the
-        forward functions of the model's module classes, and other models of those classes
-        compile again on their next call. Training steps are compiled as without it.
+        where that reads less than the gated tensor (gate.mean_through_linear). The compiled
+        code keeps the weights it saw: call ``fuse(model, freeze=True)`` again after loading
+        new weights. Dynamo would reuse the code compiled before for the same model object,
+        as its guards check the weights' identity, not their values; so freezing drops what
+        Dynamo has compiled for the forward functions of the model's module classes, and
+        other models of those classes compile again on their next call. Training steps are compiled as without it.
     Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU;
     ``options={"cpp_wrapper": True}`` calls the kernels from C++ rather than Python, which
     matters at batch 1, where each call costs about as much as a small kernel (compiling

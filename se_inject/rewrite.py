@@ -92,7 +92,7 @@ def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tupl
 
 
 def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
-            owner: nn.Module | None = None) -> dict[tuple, tuple]:
+            owner: nn.Module) -> dict[tuple, tuple]:
     """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
     class_keys = local_keys(graph)  # a block traced alone is one frame
     nodes = {key: node for node, key in class_keys.items()}
@@ -143,11 +143,11 @@ def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | 
     return node.args[0], node.target, norm
 
 
-def _squeeze_through_linear(graph: fx.Graph, gate: fx.Node, owner: nn.Module | None) -> None:
+def _squeeze_through_linear(graph: fx.Graph, gate: fx.Node, owner: nn.Module) -> None:
     """Before a gate on ``norm(conv(h))``, a call that lets it take its squeeze from ``h``
     once fuse(freeze=True) has compiled the model (gate.mean_through_linear; None, and the
     usual squeeze, otherwise)."""
-    chain = None if owner is None else _linear_chain(gate.args[0], owner)
+    chain = _linear_chain(gate.args[0], owner)
     if chain is None:
         return
     h, conv, norm = chain
