@@ -37,7 +37,8 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         new weights. Dynamo would reuse the code compiled before for the same model object,
         as its guards check the weights' identity, not their values; so freezing drops what
         Dynamo has compiled for the forward functions of the model's module classes, and
-        other models of those classes compile again on their next call. Training steps are compiled as without it.
+        other models of those classes compile again on their next call. Training steps are
+        compiled as without it.
     Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU;
     ``options={"cpp_wrapper": True}`` calls the kernels from C++ rather than Python, which
     matters at batch 1, where each call costs about as much as a small kernel (compiling
