@@ -52,7 +52,8 @@ def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     MKL (~15-35 us each at batch 1, two per gate). Same numbers up to the order of the sum."""
     if torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
             and v.device.type == "cpu":  # (in this order: fx's proxies have no device)
-        return (v.unsqueeze(1) * conv.weight.flatten(1)).sum(-1) + conv.bias
+        s = (v.unsqueeze(1) * conv.weight.flatten(1)).sum(-1)
+        return s if conv.bias is None else s + conv.bias
     return _fc(conv, v)
 
 
@@ -95,18 +96,13 @@ def mean_through_linear(gate: nn.Module, h: torch.Tensor, conv: nn.Module,
     squeeze, other layers, or a gate that fuse() did not mark."""
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting() \
             or not getattr(gate, SQUEEZE_THROUGH_LINEAR, False) \
-            or getattr(gate.spec, "squeeze", None) != "avg" or not linear_producer(conv, norm) \
+            or gate.spec.squeeze != "avg" or not linear_producer(conv, norm) \
             or h.dim() != 4:
         return None
     n, c_in, hw, c_out = h.shape[0], h.shape[1], h.shape[2] * h.shape[3], conv.out_channels
     if n * c_in * hw + c_out * c_in >= n * c_out * hw:
         return None  # reading h and the weights costs more than reading the gated tensor
-    m = h.mean((2, 3))
-    w = conv.weight.flatten(1)
-    # (on the CPU as a multiply and a sum, generated inside the kernel, as _excitation_fc)
-    s = (m.unsqueeze(1) * w).sum(-1) if h.device.type == "cpu" else F.linear(m, w)
-    if conv.bias is not None:
-        s = s + conv.bias
+    s = _excitation_fc(conv, h.mean((2, 3)))   # (on the CPU, generated inside the kernel)
     if norm is not None:
         s = (s - norm.running_mean) * torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:

@@ -196,7 +196,10 @@ def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
     conv = nn.Conv2d(8, 32, k, stride, bias=case != "no-bias").eval()
     bn = None if case == "no-norm" else nn.BatchNorm2d(32, affine=case != "no-affine").eval()
     if bn is not None:
-        randomize_norms(nn.Sequential(bn)) if bn.affine else bn.running_var.uniform_(0.5, 1.5)
+        if bn.affine:
+            randomize_norms(bn)
+        else:
+            bn.running_var.uniform_(0.5, 1.5)
         bn.train(case == "training")
     gate = se_inject.SEGate(32, spec=se_inject.GateSpec(squeeze="max" if case == "max" else "avg"))
     if case != "not-frozen":
