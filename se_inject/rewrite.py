@@ -8,6 +8,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import linecache
 import operator
 import types
@@ -200,7 +201,9 @@ def _dispatch(train_fn: Callable, eval_fn: Callable) -> Callable:
 
 
 def _gate_factory(owner: nn.Module, spec: GateSpec):
-    ref = next((t for t in [*owner.parameters(), *owner.buffers()] if t.is_floating_point()), None)
+    # (lazily: a block such as an HRNet stage holds thousands of tensors, and the first will do)
+    ref = next((t for t in itertools.chain(owner.parameters(), owner.buffers())
+                if t.is_floating_point()), None)
     device = ref.device if ref is not None else None
     dtype = ref.dtype if ref is not None else None
     return lambda channels, ratio: make_gate(channels, ratio, spec, device=device, dtype=dtype)
