@@ -454,7 +454,8 @@ class _ScopeTracer(UnpackingTracer):
         return node
 
 
-_MODULE_STATE = ("_modules", "_parameters", "_buffers")
+_MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
+_ABSENT = object()
 
 
 def _holds_proxy(value, depth: int = 3) -> bool:
@@ -480,10 +481,10 @@ class _NoProxiesLeft:
                               if isinstance(v, torch.Tensor)]
         self._model = model
         self._before = []
-        for m in model.modules():
-            attrs = {k: v for k, v in m.__dict__.items() if k not in _MODULE_STATE}
-            copies = {k: (dict(v) if isinstance(v, dict) else list(v))
-                      for k, v in attrs.items() if type(v) in (dict, list)}
+        for m in model.modules():  # (a copy of __dict__ whole: half the time of filtering it)
+            attrs = m.__dict__.copy()
+            copies = {k: v.copy() for k, v in attrs.items()
+                      if (type(v) is dict or type(v) is list) and k not in _MODULE_STATE}
             self._before.append((m, attrs, copies))
 
     def __enter__(self):
@@ -496,7 +497,7 @@ class _NoProxiesLeft:
                     v.copy_(saved)
         for m, attrs, copies in self._before:
             for k, v in list(m.__dict__.items()):
-                if k in _MODULE_STATE or (k in attrs and v is attrs[k] and k not in copies):
+                if (attrs.get(k, _ABSENT) is v and k not in copies) or k in _MODULE_STATE:
                     continue  # the value it had before tracing
                 if not _holds_proxy(v):
                     continue
