@@ -15,6 +15,9 @@ outputs, relative to their largest value).
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
                             [--no-freeze] [--options '{"cpp_wrapper": true}'] [--out FILE]
+
+A --models entry may name the rule to gate with: ``mobilenetv2_100:inverted-residual`` (the
+paper's placement, after the projection) against the default ``inverted-residual-dw``.
 """
 from __future__ import annotations
 
@@ -40,8 +43,18 @@ MODELS = {
 }
 
 
-def build(name: str, device, channels_last: bool) -> dict[str, torch.nn.Module]:
+def model_spec(entry: str) -> tuple[str, dict, str | None]:
+    """(timm name, apply() options, native model) for a --models entry: a timm name (options
+    from MODELS), or ``name:rule`` to gate it with that rule instead (``+`` joins several)."""
+    name, _, rules = entry.partition(":")
     opts, native = MODELS.get(name, ({}, None))
+    if rules:
+        opts = {**opts, "rules": rules.split("+")}
+    return name, opts, native
+
+
+def build(entry: str, device, channels_last: bool) -> dict[str, torch.nn.Module]:
+    name, opts, native = model_spec(entry)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -135,7 +148,7 @@ def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
                 torch.cuda.synchronize()
             times[label].append((time.perf_counter() - t) / iters)
     return {"model": name, "mode": mode, "batch": batch, "times": times, "diffs": diffs,
-            "native": MODELS.get(name, ({}, None))[1]}
+            "native": model_spec(name)[2]}
 
 
 def ratio(times, a: str, b: str) -> str:
