@@ -273,6 +273,32 @@ def test_tracing_leaves_no_traced_values_in_the_model():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
+def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
+    """A forward that stores a traced value in a new attribute, or in place of an existing one,
+    leaves the model as it was before apply() traced it (a list it only read is kept as is)."""
+    from handwritten import CachingNet, branch
+
+    class Stashing(torch.nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.conv = branch(c)
+            self.last = None
+            self.names = ["a"]
+
+        def forward(self, x):
+            y = x + self.conv(x)
+            self.last = y          # replaces None
+            self.seen = y.mean()   # a new attribute
+            return y + len(self.names)
+
+    model = CachingNet().eval()
+    model.block = Stashing()
+    names = model.block.names
+    se_inject.apply(model)
+    assert model.block.last is None and "seen" not in model.block.__dict__
+    assert model.block.names is names and names == ["a"]
+
+
 def test_optional_model_arguments_keep_their_defaults():
     from handwritten import OptionalMaskNet
     model = OptionalMaskNet().eval()
