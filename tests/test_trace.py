@@ -1,4 +1,5 @@
 """The tracer names parameters and buffers, and unpacks proxies, as torch.fx does."""
+import collections
 import math
 import operator
 
@@ -88,6 +89,52 @@ def test_unpacking_gives_the_graph_plain_fx_gives():
     assert {c.co_name for c in _UNPACKS} >= {"forward", "_half"}
     model = _Unpacks()
     x = torch.randn(2, 4, 3, 3)
+    assert torch.equal(fx.GraphModule(model, ours)(x), model(x))
+
+
+_Pair = collections.namedtuple("_Pair", "a b")  # fx's create_arg makes a node that builds it
+
+
+def _pair_sum(pair):
+    return pair.a + pair.b
+
+
+fx.wrap("_pair_sum")
+
+
+class _ArgKinds(nn.Module):
+    """A forward whose calls take every kind of argument fx turns into a graph argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.w = nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.table = torch.arange(4.0).view(1, 4, 1, 1)  # neither a parameter nor a buffer
+
+    def forward(self, x):
+        y = self.conv(x) + self.conv(x * 0.5)                  # one module called twice
+        y = nn.functional.conv2d(y, self.w, None, 1, 1, 1, 4)  # a parameter, None, ints
+        y = y[..., 1:-1, ::2]                                  # Ellipsis and slices
+        y = y.to(torch.float32, memory_format=torch.contiguous_format)
+        y = torch.cat((y, y * self.table), 1)[:, :4]           # a constant tensor, a tuple
+        y = self.norm(y).permute([0, 2, 3, 1])                 # a list
+        y = nn.functional.layer_norm(y, (4,), eps=1e-5).permute(0, 3, 1, 2)
+        y = _pair_sum(_Pair(y, y + 1))                         # a named tuple
+        return y.flatten(1).mean(dim=-1, keepdim=True)
+
+
+def test_every_kind_of_argument_gives_the_graph_plain_fx_gives():
+    ours = trace_model(_ArgKinds(), TraceOptions(), n_inputs=1)
+    theirs = fx.symbolic_trace(_ArgKinds()).graph
+    assert [(n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in ours.nodes] == \
+        [(n.op, str(n.target), repr(n.args), repr(n.kwargs)) for n in theirs.nodes]
+    assert [type(a) for n in ours.nodes for a in n.args] == \
+        [type(a) for n in theirs.nodes for a in n.args]
+    pair = next(n for n in ours.nodes if n.target is _pair_sum).args[0]
+    assert pair.op == "call_function" and pair.target is _Pair
+    model = _ArgKinds()
+    x = torch.randn(2, 4, 6, 6)
     assert torch.equal(fx.GraphModule(model, ours)(x), model(x))
 
 
