@@ -12,6 +12,7 @@ import dis
 import functools
 import inspect
 import math
+import operator
 import sys
 import threading
 from dataclasses import dataclass
@@ -529,7 +530,12 @@ class _NoProxiesLeft:
                 if self._model._buffers.get(k) is v and not torch.equal(v, saved):
                     v.copy_(saved)
         for m, attrs, copies in self._before:
-            for k, v in list(m.__dict__.items()):
+            now = m.__dict__
+            if not copies and len(now) == len(attrs) and all(map(operator.is_, now.values(),
+                                                                 attrs.values())) \
+                    and now.keys() == attrs.keys():
+                continue  # the module as it was: the common case, checked at C speed
+            for k, v in list(now.items()):
                 if (attrs.get(k, _ABSENT) is v and k not in copies) or k in _MODULE_STATE:
                     continue  # the value it had before tracing
                 if not _holds_proxy(v):
