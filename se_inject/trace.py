@@ -364,7 +364,7 @@ class UnpackingTracer(fx.Tracer):
     Per node, fx also does work se-inject has no use for: a copy of its module stack into
     the node's meta (se-inject records each node's Frame instead), a copy of its scope on
     every module call, and a row of isinstance checks before it turns a proxy or an int into
-    an argument. Skipping these makes a trace 10-20% faster; the graph is the same."""
+    an argument. Skipping them gives the same graph; apply() takes 0.82-0.96x the time."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
