@@ -36,7 +36,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.trace import TraceOptions, UnpackingTracer, _NoProxiesLeft
+from se_inject.trace import TraceOptions, UnpackingTracer, _NoProxiesLeft, tracing_session
 
 torch.set_num_threads(2)
 # torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
@@ -106,12 +106,17 @@ class _BareTracer(UnpackingTracer):
 
 
 def _fx_floor(model) -> float | None:
-    """Seconds for one bare fx trace of the model, or None where fx alone cannot trace it."""
+    """Seconds for one bare fx trace of the model, or None where fx alone cannot trace it.
+
+    Timed within a tracing session, as apply() traces, session included: fx's own patch of
+    nn.Module on every trace costs several milliseconds with timm imported (see
+    se_inject.trace._session_patch), which apply() does not pay and a floor must not count."""
     tracer = _BareTracer()
     try:
         with _NoProxiesLeft(model):  # timm caches (attention biases) would keep fx's proxies
             t = time.perf_counter()
-            tracer.trace(model)
+            with tracing_session(model):
+                tracer.trace(model)
             return time.perf_counter() - t
     except Exception:  # fx needs se-inject's help (leaf retries, instance forwards) here
         return None
