@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import sys
 import warnings
 from collections import Counter, defaultdict
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -36,6 +37,42 @@ def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be a torch.nn.Module, not {type(model).__name__}; "
                                    "for a timm name use timm.create_model(name) first")
+    wrapper = _wrapper_kind(model)
+    if wrapper is not None:
+        raise InvalidArgumentError(wrapper)
+
+
+def _wrapper_kind(model: nn.Module) -> str | None:
+    """What to do instead, where ``model`` wraps the model to gate: torch.compile's
+    OptimizedModule, DataParallel, DistributedDataParallel, FSDP. A wrapper's forward calls
+    the wrapped model through machinery fx cannot trace (or, compiled, not at all), and DDP
+    and FSDP fix the parameters they synchronise when they are built. Their modules are only
+    looked for where torch has imported them: a model cannot be an instance otherwise."""
+    inner = getattr(model, "_orig_mod", None) if _imported_instance(
+        model, "torch._dynamo.eval_frame", "OptimizedModule") else None
+    if isinstance(inner, nn.Module):
+        return (f"model is torch.compile's wrapper (OptimizedModule) of a "
+                f"{type(inner).__name__}: gate the model it compiled, se_inject.apply("
+                f"model._orig_mod), then compile that again; or gate the uncompiled model with "
+                f"apply(..., fused=True), which compiles it in place")
+    if isinstance(model, nn.DataParallel):
+        return (f"model is a DataParallel wrapper of a {type(model.module).__name__}: gate "
+                f"the model it wraps, se_inject.apply(model.module), or gate it before "
+                f"wrapping it")
+    if isinstance(model, nn.parallel.DistributedDataParallel) or _imported_instance(
+            model, "torch.distributed.fsdp.fully_sharded_data_parallel",
+            "FullyShardedDataParallel") or _imported_instance(
+            model, "torch.distributed.fsdp", "FSDPModule"):
+        return (f"model is sharded or wrapped for distributed training "
+                f"({type(model).__name__}), which fixes the parameters it synchronises when "
+                f"it is built: gate the model first (se_inject.apply(model)), then wrap or "
+                f"shard it, as examples/finetune.py does")
+    return None
+
+
+def _imported_instance(obj, module: str, name: str) -> bool:
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(obj, cls)
 
 
 def _positive(v) -> bool:

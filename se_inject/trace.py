@@ -553,7 +553,62 @@ class _NoProxiesLeft:
         return False
 
 
+def _code_of(fn) -> Any:
+    """The code object a hook runs: through partials, bound methods and callable objects."""
+    for _ in range(8):
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+            continue
+        fn = getattr(fn, "__func__", fn)
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            return code
+        call = getattr(type(fn), "__call__", None)
+        if call is None or call is fn:
+            return None
+        fn = call
+    return None
+
+
+def _failing_hook(model: nn.Module, exc: BaseException) -> tuple[str, Any] | None:
+    """Where ``exc`` was raised inside a forward hook or pre-hook of one of ``model``'s
+    modules, or a global one: what the hook is registered on, and its code. (fx does not run
+    the hooks of the model itself: it calls its forward.)"""
+    hooks: dict[Any, str] = {}
+    g = nn.modules.module
+    for kind, table in (("global forward hook", g._global_forward_hooks),
+                        ("global forward pre-hook", g._global_forward_pre_hooks)):
+        for h in table.values():
+            if not getattr(h, "__module__", "").startswith("se_inject"):
+                hooks.setdefault(_code_of(h), f"a {kind}")
+    for name, m in model.named_modules():
+        for kind, table in (("forward hook", m._forward_hooks),
+                            ("forward pre-hook", m._forward_pre_hooks)):
+            for h in table.values():
+                hooks.setdefault(_code_of(h), f"a {kind} on `{name}`")
+    hooks.pop(None, None)
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:  # the innermost hook frame is the one that failed
+        code = tb.tb_frame.f_code
+        if code in hooks:
+            found = (hooks[code], code)
+        tb = tb.tb_next
+    return found
+
+
 def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> TraceError:
+    hook = _failing_hook(model, exc)
+    if hook is not None:
+        where, code = hook
+        return TraceError(
+            f"torch.fx could not trace {type(model).__name__}: it failed in {where} "
+            f"({code.co_name}, {code.co_filename}:{code.co_firstlineno}): "
+            f"{type(exc).__name__}: {exc}. fx runs the hooks of the modules it traces through, "
+            "on traced values (torch.fx.Proxy), not tensors. Remove the hook while gating "
+            "(call remove() on the handle that registering it returned, gate the model, then "
+            "register it again), or have it return at once when the value it is given is a "
+            "torch.fx.Proxy.")
     frame = tracer.failed_in
     mod = tracer.failed_module
     where = "the model's own forward" if frame is None or not frame.qualname else \

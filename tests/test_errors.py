@@ -74,3 +74,104 @@ def test_every_error_class_is_an_seinjecterror():
     import se_inject.errors as e
     for name in e.__all__:
         assert issubclass(getattr(e, name), SEInjectError)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            store=dist.FileStore(str(tmp_path / "store"), 1))
+    yield
+    dist.destroy_process_group()
+
+
+def _wrapped(kind):
+    model = BlockNet()
+    if kind == "compile":
+        return model, torch.compile(model), "_orig_mod"
+    if kind == "dp":
+        return model, nn.DataParallel(model), "model.module"
+    if kind == "ddp":
+        return model, nn.parallel.DistributedDataParallel(model), "then wrap or shard it"
+    from torch.distributed.fsdp import fully_shard
+    return model, fully_shard(model), "then wrap or shard it"
+
+
+@pytest.mark.parametrize("kind", ["compile", "dp", "ddp", "fsdp2"])
+def test_a_wrapped_model_is_refused_with_what_to_do(kind, request):
+    if kind in ("ddp", "fsdp2"):
+        request.getfixturevalue("process_group")
+    model, wrapper, advice = _wrapped(kind)
+    keys = list(wrapper.state_dict())
+    for call in (se_inject.apply, se_inject.plan):
+        with pytest.raises(InvalidArgumentError, match="wrap") as info:
+            call(wrapper)
+        assert advice in str(info.value)
+        assert list(wrapper.state_dict()) == keys
+        assert not gates_in(wrapper)
+    if kind in ("compile", "dp"):  # the advice works: the model inside gets its gates
+        se_inject.apply(model)
+        assert len(gates_in(wrapper)) == 3
+        assert wrapper(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+def gates_in(model):
+    return [m for m in model.modules() if isinstance(m, se_inject.SEGate)]
+
+
+def _big(module, args, output):
+    if output.abs().max() > 100:  # control flow on a traced value
+        raise AssertionError("unreachable")
+
+
+def _big_input(module, args):
+    _big(module, None, args[0])
+
+
+@pytest.mark.parametrize("where", ["blocks.1", "blocks", "global", "pre", "partial"])
+def test_a_hook_that_cannot_run_on_traced_values_is_named(where):
+    import functools
+    model = BlockNet()
+    keys = list(model.state_dict())
+    g = nn.modules.module
+    if where == "global":
+        handle = g.register_module_forward_hook(_big)
+        named = "a global forward hook (_big, "
+    elif where == "pre":
+        handle = model.blocks.register_forward_pre_hook(_big_input)
+        named = "a forward pre-hook on `blocks` (_big_input, "
+    elif where == "partial":
+        handle = model.blocks[2].register_forward_hook(functools.partial(_big))
+        named = "a forward hook on `blocks.2` (_big, "
+    else:
+        handle = model.get_submodule(where).register_forward_hook(_big)
+        named = f"a forward hook on `{where}` (_big, "
+    try:
+        with pytest.raises(TraceError) as info:
+            se_inject.apply(model)
+        assert named in str(info.value) and __file__ in str(info.value)
+        assert "control flow" in str(info.value)
+        _untouched(model, keys)
+    finally:
+        handle.remove()
+
+
+def test_a_hook_that_returns_on_traced_values_leaves_apply_working():
+    """The advice in the error works: the hook passes traced values by, apply gates the
+    model, and the hook still sees every real call."""
+    model = BlockNet().eval()
+    seen = []
+
+    def hook(module, args, output):
+        if isinstance(output, torch.fx.Proxy):
+            return
+        seen.append(output.shape)
+        _big(module, args, output)
+
+    model.blocks[1].register_forward_hook(hook)
+    se_inject.apply(model)
+    assert seen == []  # the hook ran on traced values only, and passed them by
+    seen.clear()
+    model(torch.randn(2, 3, 16, 16))
+    assert seen == [torch.Size([2, 32, 16, 16])]
+    assert len(gates_in(model)) == 3
