@@ -70,6 +70,17 @@ def _wrapper_kind(model: nn.Module) -> str | None:
     return None
 
 
+def _tensor_mode(model: nn.Module):
+    """Inference mode on where the model's tensors were made in it, off otherwise, whatever the
+    caller's mode: gates are made as the model's own tensors were, so that a model made for
+    training stays trainable when gated inside ``torch.inference_mode()``, and the tensors of
+    a model made in that mode can be scaled in place (identity initialisation) outside it."""
+    first = next(iter(model.parameters()), None)
+    if first is None:
+        first = next(iter(model.buffers()), None)
+    return torch.inference_mode(first is not None and first.is_inference())
+
+
 def _imported_instance(obj, module: str, name: str) -> bool:
     cls = getattr(sys.modules.get(module), name, None)
     return isinstance(cls, type) and isinstance(obj, cls)
@@ -422,16 +433,18 @@ def apply(model: nn.Module, ratio: int | dict = 16,
             compensations = plan_compensations(
                 graph, model, [(s.gate, gated[s.gate].gated, gated[s.gate].operand is not None)
                                for s in p.sites])
-        prepared = prepare(model, p.sites, spec, options, blocks)
-    if init == "identity":
-        for pr in prepared:
-            for g in pr.new_gates.values():
-                g.start_as_identity()
-    commit(prepared)
-    for comp in compensations:  # nothing above failed: scale the producers, note it on the gate
-        scale(model, comp.parameters, FACTOR)
-        gate = model.get_submodule(comp.gate)
-        gate.compensated = comp.parameters
+        with _tensor_mode(model):
+            prepared = prepare(model, p.sites, spec, options, blocks)
+    with _tensor_mode(model):
+        if init == "identity":
+            for pr in prepared:
+                for g in pr.new_gates.values():
+                    g.start_as_identity()
+        commit(prepared)
+        for comp in compensations:  # nothing above failed: scale the producers, note it
+            scale(model, comp.parameters, FACTOR)
+            gate = model.get_submodule(comp.gate)
+            gate.compensated = comp.parameters
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],
                 options=options, gate=spec)
@@ -456,7 +469,8 @@ def remove(model: nn.Module) -> nn.Module:
     compensated = [p for g in model.modules() if isinstance(g, ChannelGate)
                    for p in getattr(g, "compensated", ())]
     remove_gates(model)
-    scale(model, compensated, 1 / FACTOR)
+    with _tensor_mode(model):
+        scale(model, compensated, 1 / FACTOR)
     forget_recipe(model)
     unfuse(model)  # compiled code of the gated model must not outlive its gates
     return model

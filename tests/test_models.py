@@ -283,3 +283,40 @@ def test_timm_notrace_blocks_that_trace_are_opened_and_others_stay_leaves():
         assert torch.equal(model(x), y0)
     with pytest.raises(se_inject.SEInjectError, match="no residual or inception-style block"):
         se_inject.apply(timm.create_model("vgg11"))
+
+
+def test_gating_inside_inference_mode_keeps_a_trainable_model_trainable():
+    """Gates are made as the model's own tensors were, not in the caller's mode: gated inside
+    torch.inference_mode(), a model made for training still trains, gates included."""
+    from handwritten import BlockNet
+    model = BlockNet().eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    with torch.inference_mode():
+        se_inject.apply(model, init="identity")
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    out = model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    out.square().sum().backward()
+    assert all(p.grad is not None for _, g in gates(model) for p in g.parameters())
+
+
+def test_a_model_made_in_inference_mode_is_gated_whole_outside_it():
+    """Its tensors can only change in place inside inference mode: identity initialisation
+    scales them there (outside it, the scaling failed after the gates were in)."""
+    from handwritten import BlockNet
+    with torch.inference_mode():
+        model = BlockNet().eval()
+        randomize_norms(model)
+        x = torch.randn(2, 3, 16, 16)
+        ref = model(x)
+    se_inject.apply(model, init="identity")
+    assert len(gates(model)) == 3
+    assert all(t.is_inference() for t in model.state_dict().values())
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+    se_inject.remove(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
