@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import time
@@ -50,7 +51,7 @@ def _load_pickle(path: Path) -> Any:
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
             raise CheckpointError(
                 f"{path}: refused: unpickling it would import or run code "
-                f"({_first_line(text)}). se-inject reads only tensors and plain containers; "
+                f"({_pickled_global(text)}). se-inject reads only tensors and plain containers; "
                 "re-save the weights as a state_dict or safetensors from code you trust.") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or "
                               f"truncated?): {_first_line(text)}") from None
@@ -59,7 +60,17 @@ def _load_pickle(path: Path) -> Any:
                               f"truncated?): {type(exc).__name__}: {_first_line(str(exc))}") from None
 
 
+def _pickled_global(text: str) -> str:
+    """What torch.load's refusal says the file would import (the whole model object, when it
+    names a module class), else its first line."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found is None:
+        return _first_line(text)
+    return f"it holds a pickled {found.group(1)}, not only tensors"
+
+
 def _first_line(text: str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal bold, as torch.load writes it
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return (lines[0] if lines else text)[:300]
 

@@ -17,6 +17,7 @@ from se_inject.cli import main
 from se_inject.identity import IdentityInitError
 
 from conftest import gates, paper_reference
+from handwritten import BlockNet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -221,6 +222,17 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="would import or run code"):
         read_checkpoint(src)
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_a_pickled_model_object_is_refused_naming_its_class(tmp_path):
+    """torch.save(model) rather than its state_dict: the message names what the file would
+    import, and carries none of torch.load's terminal escapes."""
+    src = tmp_path / "whole.pth"
+    torch.save(BlockNet(), src)
+    with pytest.raises(CheckpointError, match="would import or run code") as info:
+        read_checkpoint(src)
+    assert "holds a pickled handwritten.BlockNet" in str(info.value)
+    assert "\x1b" not in str(info.value)
 
 
 def test_bad_checkpoints_exit_2_and_write_nothing(r18, tmp_path, capsys):
