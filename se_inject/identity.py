@@ -9,8 +9,8 @@ floating point, and the gated model computes bit for bit what the model computed
 gate still learns: its last layer gets a gradient on the first backward pass (its first layer on
 the next ones, once the last is no longer zero), as a zero-initialised residual branch does.
 
-Sites where no such producer is found, or where the producer or a tensor on the way is used by
-anything else, are refused before anything changes.
+Sites where no such producer is found, or where the producer or a tensor on the way is read by
+anything else (reads of its shape, dtype or device aside), are refused before anything changes.
 """
 from __future__ import annotations
 
@@ -53,6 +53,29 @@ _AFFINE = (nn.modules.conv._ConvNd, nn.Linear)
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.reshape,
           torch.unsqueeze}
+
+
+# reads of a tensor that depend on its shape, dtype or device only: timm's drop path in training
+# mode reads its input's shape and makes its mask with ``x.new_empty(...)``
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "get_device",
+                     "is_contiguous", "new_empty", "new_zeros", "new_ones", "new_full"}
+_METADATA_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _value_readers(node: fx.Node) -> list[fx.Node]:
+    """The ops that read ``node``'s values: scaling it changes what they compute."""
+    return [u for u in node.users if not _reads_metadata_only(u, node)]
+
+
+def _reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _METADATA_ATTRS
+    if (user.op == "call_method" and user.target in _METADATA_METHODS) or \
+            (user.op == "call_function" and user.target in _METADATA_FUNCTIONS):
+        return user.args[0] is node and node not in _flat(user.args[1:]) and \
+            node not in _flat(user.kwargs.values())
+    return False
 
 
 def _parameter_behind(node: fx.Node) -> str | None:
@@ -117,8 +140,9 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     def walk(node: fx.Node, first: bool) -> None:
         # every reader of a gated output goes through the gate; any other tensor on the way
         # must have one reader, or scaling what makes it would change the others
-        if not (first and not branch) and len(node.users) != 1:
-            raise refuse(f"`{node.name}` is used by {len(node.users)} ops; scaling what makes "
+        readers = _value_readers(node)
+        if not (first and not branch) and len(readers) != 1:
+            raise refuse(f"`{node.name}` is used by {len(readers)} ops; scaling what makes "
                          "it would change the others")
         if node.op == "call_module":
             m = modules[node.target]

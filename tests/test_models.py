@@ -320,3 +320,22 @@ def test_a_model_made_in_inference_mode_is_gated_whole_outside_it():
     se_inject.remove(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
+def test_identity_init_with_drop_path_in_training_mode(name):
+    """timm's drop path reads its input's shape and makes its mask with ``x.new_empty``: reads
+    that scaling does not change. Gated in training mode with ``init="identity"``, the model
+    computes what it computed before in both modes, the drop-path masks drawn alike."""
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.3)
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, init="identity")
+    assert len(gates(model)) == {"resnet18": 8, "convnext_atto": 12}[name]
+    x = torch.randn(4, 3, 64, 64)
+    for train in (True, False):
+        model.train(train), plain.train(train)
+        torch.manual_seed(1)
+        want = plain(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
