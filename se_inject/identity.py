@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SEInjectError
+from .kinds import reads_metadata_only
 
 __all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
@@ -55,27 +56,10 @@ _VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.re
           torch.unsqueeze}
 
 
-# reads of a tensor that depend on its shape, dtype or device only: timm's drop path in training
-# mode reads its input's shape and makes its mask with ``x.new_empty(...)``
-_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
-_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "get_device",
-                     "is_contiguous", "new_empty", "new_zeros", "new_ones", "new_full"}
-_METADATA_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
-
-
 def _value_readers(node: fx.Node) -> list[fx.Node]:
-    """The ops that read ``node``'s values: scaling it changes what they compute."""
-    return [u for u in node.users if not _reads_metadata_only(u, node)]
-
-
-def _reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
-    if user.op == "call_function" and user.target is getattr:
-        return user.args[0] is node and user.args[1] in _METADATA_ATTRS
-    if (user.op == "call_method" and user.target in _METADATA_METHODS) or \
-            (user.op == "call_function" and user.target in _METADATA_FUNCTIONS):
-        return user.args[0] is node and node not in _flat(user.args[1:]) and \
-            node not in _flat(user.kwargs.values())
-    return False
+    """The ops that read ``node``'s values (not only its shape, dtype or device): scaling it
+    changes what they compute."""
+    return [u for u in node.users if not reads_metadata_only(u, node)]
 
 
 def _parameter_behind(node: fx.Node) -> str | None:

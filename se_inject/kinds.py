@@ -109,3 +109,89 @@ def node_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_method":
         return _METHOD_KINDS.get(node.target, "other")
     return "other"
+
+
+# Reads of a tensor that depend on its shape, dtype or device only (timm's drop path in
+# training mode reads its input's shape and makes its mask with ``x.new_empty(...)``).
+_METADATA_ATTRS = {"shape", "ndim", "dtype", "device", "layout", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "get_device",
+                     "is_contiguous", "new_empty", "new_zeros", "new_ones", "new_full"}
+_METADATA_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _flat(a)
+        elif isinstance(a, dict):
+            yield from _flat(a.values())
+        else:
+            yield a
+
+
+def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads nothing of ``node`` but its shape, dtype or device."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[0] is node and user.args[1] in _METADATA_ATTRS
+    if (user.op == "call_method" and user.target in _METADATA_METHODS) or \
+            (user.op == "call_function" and user.target in _METADATA_FUNCTIONS):
+        return user.args[0] is node and node not in _flat(user.args[1:]) and \
+            node not in _flat(user.kwargs.values())
+    return False
+
+
+# Stochastic depth: a residual branch dropped per sample in training (timm's DropPath,
+# torchvision's StochasticDepth and stochastic_depth), identity in eval mode.
+_DROP_MODULES: tuple[type, ...] = ()
+_DROP_FUNCTIONS: set = set()
+try:
+    from timm.layers import DropPath as _TimmDropPath
+    _DROP_MODULES += (_TimmDropPath,)
+except ImportError:
+    pass
+try:
+    from torchvision.ops import StochasticDepth as _TvDrop
+    from torchvision.ops import stochastic_depth as _tv_drop
+    _DROP_MODULES += (_TvDrop,)
+    _DROP_FUNCTIONS.add(_tv_drop)
+except ImportError:
+    pass
+_RANDOM_OPS = {"bernoulli", "bernoulli_", "uniform_", "rand_like", torch.bernoulli,
+               torch.rand_like, torch.rand}
+_PRODUCT_OPS = {operator.mul, torch.mul, "mul"}
+
+
+def drop_path_input(node: fx.Node, module_of) -> fx.Node | None:
+    """``x`` where ``node`` is stochastic depth over ``x``: a call of a drop-path module or
+    function, or, traced through in training mode, ``x`` times a random per-sample mask made
+    from ``x``'s shape alone. ``module_of(node)`` gives a call_module node's module."""
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    if not args:
+        return None
+    if node.op == "call_module" and isinstance(module_of(node), _DROP_MODULES) \
+            or node.op == "call_function" and node.target in _DROP_FUNCTIONS:
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op in ("call_function", "call_method") and node.target in _PRODUCT_OPS \
+            and len(args) == 2 and not node.kwargs:
+        for x, mask in ((args[0], args[1]), (args[1], args[0])):
+            if _random_mask(mask, x):
+                return x
+    return None
+
+
+def _random_mask(mask: fx.Node, x: fx.Node, reach: int = 32) -> bool:
+    """Whether ``mask`` is drawn at random from nothing but ``x``'s shape and constants."""
+    seen, stack, drawn = {mask}, [mask], False
+    while stack:
+        n = stack.pop()
+        if n.op not in ("call_function", "call_method") or len(seen) > reach:
+            return False
+        drawn = drawn or n.target in _RANDOM_OPS
+        for p in n.all_input_nodes:
+            if p is x:
+                if not reads_metadata_only(n, x):
+                    return False
+            elif p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return drawn

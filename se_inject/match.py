@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from .graph import ROOT, GraphView
+from .kinds import drop_path_input
 from .rules import Rule
 from .trace import Frame
 
@@ -118,10 +119,11 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if rule.depthwise_branch and not any(view.kinds[n] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"
     at = merge
-    source = _channel_slice_source(gated, branch)
+    source = _channel_slice_source(_before_drop_path(view, gated, branch), branch)
     if rule.gate_at == "branch" and source is not None:
         # a partial-channel residual (ReXNet): the sum takes a slice of the branch's output;
         # gate that whole output, so every channel the block produces is scaled
+        source = _before_drop_path(view, source, branch)
         return Candidate(merge=merge, entry=entry, rule=rule, gated=source, at=source,
                          operand=None, region=region, frame=g.nodes[source]["frame"])
     if rule.gate_at == "output":
@@ -136,8 +138,21 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         if isinstance(found, str):
             return found
         gated, at, operand = found
+    else:  # in front of the merge; the rewrite puts the gate before the branch's drop path
+        gated = _before_drop_path(view, gated, branch)
     return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
                      region=region, frame=g.nodes[at]["frame"])
+
+
+def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:
+    """What the branch's stochastic depth (drop path) drops, where ``node`` is its output: a
+    branch gate sits before it, as in timm's own SE blocks, so that its squeeze reads the
+    same values in training as in eval (not values scaled by 1 / keep probability)."""
+    while True:
+        inner = drop_path_input(node, lambda n: view.modules.get(n.target))
+        if inner is None or inner not in branch:
+            return node
+        node = inner
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}

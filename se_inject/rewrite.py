@@ -25,6 +25,7 @@ from .calls import Inputs, inputs_of, wrap_body
 from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
+from .kinds import drop_path_input
 from .trace import Call, TraceOptions, reads_training_flag, trace_block
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
@@ -114,10 +115,18 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
         if operand >= len(args) or not isinstance(args[operand], fx.Node):
             raise RewriteError(f"`{block}`: operand {operand} of `{merge.format_node()}` is not a "
                                "tensor in a trace of the block alone.")
-        with graph.inserting_before(merge):
-            args[operand] = gate = graph.call_module(name, (args[operand],))
-        merge.args = tuple(args)
-        _sum_into_gate_output(merge, gate)
+        drop = args[operand]
+        x = drop_path_input(drop, lambda n: owner.get_submodule(n.target)) \
+            if len(drop.users) == 1 else None
+        if x is not None:  # the gate goes in front of the branch's stochastic depth
+            with graph.inserting_before(drop):
+                gate = graph.call_module(name, (x,))
+            drop.args = tuple(gate if a is x else a for a in drop.args)
+        else:
+            with graph.inserting_before(merge):
+                args[operand] = gate = graph.call_module(name, (args[operand],))
+            merge.args = tuple(args)
+            _sum_into_gate_output(merge, gate)
         _squeeze_through_linear(graph, gate, owner)
     graph.lint()
     return _traced_keys(graph, class_keys)

@@ -322,16 +322,22 @@ def test_a_model_made_in_inference_mode_is_gated_whole_outside_it():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
-def test_identity_init_with_drop_path_in_training_mode(name):
+@pytest.mark.parametrize("name,n_gates", [("resnet18", 8), ("convnext_atto", 12),
+                                          ("rexnet_100", 1), ("tv:convnext_tiny", 18)])
+def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
     """timm's drop path reads its input's shape and makes its mask with ``x.new_empty``: reads
-    that scaling does not change. Gated in training mode with ``init="identity"``, the model
-    computes what it computed before in both modes, the drop-path masks drawn alike."""
-    model = timm.create_model(name, pretrained=False, drop_path_rate=0.3)
+    that scaling does not change; torchvision's StochasticDepth is kept whole and passes a
+    factor through. Gated in training mode with ``init="identity"``, the model computes what it
+    computed before in both modes, the drop-path masks drawn alike. (ReXNet's partial-channel
+    residual was refused outright in training mode: its gate landed inside the drop path.)"""
+    if name.startswith("tv:"):
+        model = getattr(torchvision.models, name[3:])(weights=None, stochastic_depth_prob=0.3)
+    else:
+        model = timm.create_model(name, pretrained=False, drop_path_rate=0.3)
     randomize_norms(model)
     plain = copy.deepcopy(model)
     se_inject.apply(model, init="identity")
-    assert len(gates(model)) == {"resnet18": 8, "convnext_atto": 12}[name]
+    assert len(gates(model)) == n_gates
     x = torch.randn(4, 3, 64, 64)
     for train in (True, False):
         model.train(train), plain.train(train)
@@ -339,3 +345,29 @@ def test_identity_init_with_drop_path_in_training_mode(name):
         want = plain(x)
         torch.manual_seed(1)
         torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("apply_in_train", [True, False])
+def test_with_drop_path_the_gate_sits_where_timm_puts_se_in_either_mode(apply_in_train):
+    """timm's SE blocks run se, then drop path, then the sum. Gated in training mode (drop path
+    traced as a random mask) or in eval mode (drop path traced as nothing), the gate goes in
+    front of the drop path, and the model computes what seresnet50 computes with the same
+    weights and the same masks in both modes; the plan names the same tensors either way."""
+    model = timm.create_model("resnet50", pretrained=False, drop_path_rate=0.5)
+    randomize_norms(model)
+    model.train(apply_in_train)
+    plan = se_inject.plan(model)
+    assert [s.tensor for s in plan.sites] == \
+        [s.tensor for s in se_inject.plan(copy.deepcopy(model).train(not apply_in_train)).sites]
+    assert all(s.tensor.endswith(".bn3") for s in plan.sites)
+    se_inject.apply(model)
+    ref = timm.create_model("seresnet50", pretrained=False, drop_path_rate=0.5)
+    ref.load_state_dict({k.replace(".se_gate.", ".se."): v
+                         for k, v in model.state_dict().items()}, strict=True)
+    x = torch.randn(4, 3, 64, 64)
+    for train in (True, False):
+        model.train(train), ref.train(train)
+        torch.manual_seed(3)
+        want = ref(x)
+        torch.manual_seed(3)  # summation order differs (up to 2e-5 here); a gate behind the
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)  # drop path: 1e-1
