@@ -396,3 +396,51 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     with pytest.raises(se_inject.SEInjectError, match="re-parameterisable"):
         se_inject.apply(RepBranchNet())
 
+
+
+class _InlineDropBlock(torch.nn.Module):
+    """A residual block that drops its branch per sample itself, in its own forward, in
+    training mode only (no drop-path module to recognise)."""
+
+    def __init__(self, c=16, p=0.5):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+        self.p = p
+
+    def branch(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x):
+        y = self.branch(x)
+        if self.training and self.p > 0:
+            keep = 1 - self.p
+            y = y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(keep) / keep)
+        return F.relu(x + y)
+
+
+@pytest.mark.parametrize("apply_in_train", [True, False])
+def test_an_inline_drop_path_stays_after_the_gate(apply_in_train):
+    """The gate scales the branch before its random per-sample mask in training, and is the
+    branch's last op in eval, whichever mode the block was gated in."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
+                              _InlineDropBlock(), _InlineDropBlock())
+    net.train(apply_in_train)
+    tensors = [s.tensor for s in se_inject.plan(net).sites]
+    assert tensors == ["1.bn2", "2.bn2"]
+    assert [s.tensor for s in se_inject.plan(net.train(not apply_in_train)).sites] == tensors
+    se_inject.apply(net.train(apply_in_train))
+    x = torch.randn(8, 3, 8, 8)
+    for train in (True, False):
+        net.train(train)
+        torch.manual_seed(5)
+        got = net(x)
+        torch.manual_seed(5)
+        h = net[0](x)
+        for block in net[1:]:
+            y = block.se_gate(block.branch(h))
+            if train:
+                y = y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(0.5) / 0.5)
+            h = F.relu(h + y)
+        torch.testing.assert_close(got, h, rtol=0, atol=0)
