@@ -75,3 +75,12 @@ def test_onnx_export_runs_in_onnxruntime(gated, x, tmp_path):
     import onnx
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops.count("Sigmoid") == 8
+
+
+def test_torchscript_trace(gated, x):
+    """torch.jit.trace records the rewritten forwards like any others (torch.jit.script, which
+    compiles each class's own forward from its source, is not supported)."""
+    traced = torch.jit.trace(gated, (x,))
+    with torch.no_grad():
+        assert _rel(traced(x), gated(x)) <= 1e-6
+    assert str(traced.inlined_graph).count("aten::sigmoid") == 8
