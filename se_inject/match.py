@@ -108,7 +108,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if rule.disjoint_branches and _overlap(branches):
         return "its branches share layers (a channel split, not parallel branches)"
     region = set().union(*(b for _, _, b in branches)) | {merge}
-    if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry):
+    if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
+                                                                         merge):
         return REPARAM_SUM
     if rule.existing_gate == "skip" and any(view.kinds[n] == "chgate" for n in region):
         return HOLDS_A_GATE
@@ -160,19 +161,32 @@ _LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add", "sub"}
 _MAYBE_LINEAR = _CONV_KINDS | _LINEAR_KINDS | {"mul"}  # the kinds _linear can accept
 
 
-def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
+def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
     """Whether the block is one linear layer written as parallel branches (RepVGG, MobileOne,
     GhostNetV3's training-time branches, ``x + dwconv(x)``): the region holds only
     convolutions, batch norms without an activation of their own, identities, sums,
     differences and scales by a weight, and no path from the entry to the sum passes through
-    more than one convolution."""
+    more than one convolution. Stochastic depth counts as an identity, and the nodes that draw
+    its mask from the branch's shape (in training mode) as nothing, so that a block is one in
+    both modes or in neither."""
     kinds = view.kinds
-    if any(kinds[n] not in _MAYBE_LINEAR for n in region):  # most blocks: settled by kind alone
-        return False
+    drops = {}
+    for n in region:
+        if kinds[n] in ("mul", "module", "other"):
+            x = drop_path_input(n, lambda m: view.modules.get(m.target))
+            if x is not None:
+                drops[n] = x
+    if drops:
+        region = _value_region(view, region, merge, drops)
+    if any(kinds[n] not in _MAYBE_LINEAR and n not in drops for n in region):
+        return False  # most blocks: settled by kind alone
     g = view.graph
     depth = {entry: 0}
     for n in sorted(region, key=lambda x: g.nodes[x]["index"]):
         kind = kinds[n]
+        if n in drops:
+            depth[n] = depth.get(drops[n], 0)
+            continue
         if not _linear(view, n, kind):
             return False
         d = max(depth.get(p, 0) for p in view.preds[n]) + (kind in _CONV_KINDS)
@@ -180,6 +194,18 @@ def _is_reparam_sum(view: GraphView, region: set, entry) -> bool:
             return False
         depth[n] = d
     return True
+
+
+def _value_region(view: GraphView, region: set, merge, drops: dict) -> set:
+    """The nodes of ``region`` that the merge's values come from, a drop path's mask left out."""
+    seen, stack = {merge}, [merge]
+    while stack:
+        n = stack.pop()
+        for p in ([drops[n]] if n in drops else view.preds[n]):
+            if p in region and p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
 
 
 def _linear(view: GraphView, node: fx.Node, kind: str) -> bool:

@@ -444,3 +444,30 @@ def test_an_inline_drop_path_stays_after_the_gate(apply_in_train):
                 y = y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(0.5) / 0.5)
             h = F.relu(h + y)
         torch.testing.assert_close(got, h, rtol=0, atol=0)
+
+
+def test_a_sum_that_folds_into_one_convolution_stays_ungated_with_drop_path_in_training():
+    """``x + drop_path(dwconv(x))`` is one convolution written as two branches, in eval mode
+    and in training mode, where its drop path is traced as a random mask: ungated in both
+    (the mask once made it look like a block in training mode only)."""
+    from timm.layers import DropPath
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.drop_path = DropPath(0.5)
+            self.block = _InlineDropBlock(8)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.drop_path(self.dw(x))
+            return self.block(x)
+
+    net = Net()
+    for train in (True, False):
+        p = se_inject.plan(net.train(train))
+        assert [s.block for s in p.sites] == ["block"]
+        assert [s.reason for s in p.skipped if s.rule == "residual"
+                and s.reason.startswith("a sum of parallel branches")] != []
