@@ -131,10 +131,17 @@ def _placed(resolved, position: str) -> tuple:
                  for r in resolved)
 
 
+# Models without a timm config whose default input is not 224 x 224: torchvision's
+# Inception-v3 (its weights' crop) cannot run its training-mode auxiliary head below 299.
+_INPUT_SIZES = {"torchvision.models.inception.Inception3": (3, 299, 299)}
+
+
 def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+        cls = type(model)
+        input_size = tuple(cfg.get("input_size", _INPUT_SIZES.get(
+            f"{cls.__module__}.{cls.__qualname__}", (3, 224, 224))))
     sizes = [input_size] if input_size and all(isinstance(v, int) for v in input_size) \
         else list(input_size or ())
     shapes = []
@@ -378,7 +385,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         rules: built-in rule names and/or paths to rule files, tried in order
             (default: ``("residual", "inception")``).
         input_size: (C, H, W) used for shape propagation (default: the timm config's, else
-            (3, 224, 224)); a list of them for a model with several inputs.
+            (3, 224, 224), or (3, 299, 299) for torchvision's Inception-v3); a list of them for
+            a model with several inputs.
         stages: gate only these resolution stages (paper Table 13): stage k holds tensors at
             1/2**k of the input's height, so ResNet-50's are 2, 3, 4, 5 (conv2_x..conv5_x);
             or "all-but-last". Default: every stage.

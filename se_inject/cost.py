@@ -275,7 +275,7 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     Args:
         model_or_name: an nn.Module, or a timm model name (built with random weights).
         ratio: the reduction ratio r, or several (one column per ratio, as the paper's Table 10).
-        input_size: (C, H, W) for the count (default: the timm config's, else (3, 224, 224)).
+        input_size: (C, H, W) for the count (default: as for apply()).
             ``{stage: r}`` counts one ratio per stage.
         rules, stages, leaf_modules, autowrap_functions: as for :func:`se_inject.apply`
             (``stages=[2, 3, 4]`` or ``"all-but-last"``: the paper's Table 13).

@@ -376,3 +376,13 @@ def test_with_drop_path_the_gate_sits_where_timm_puts_se_in_either_mode(apply_in
         want = ref(x)
         torch.manual_seed(3)  # summation order differs (up to 2e-5 here); a gate behind the
         torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)  # drop path: 1e-1
+
+
+def test_torchvision_inception_v3_is_gated_in_training_mode_without_an_input_size():
+    """Its auxiliary head runs in training mode and needs its weights' 299 x 299 input: 224 x
+    224 made shape propagation fail. Both modes give the same 11 gates."""
+    model = torchvision.models.inception_v3(weights=None, init_weights=False)
+    assert model.training and model.aux_logits
+    sites = [s.tensor for s in se_inject.plan(model).sites]
+    assert len(sites) == 11 and sites == [s.tensor for s in se_inject.plan(model.eval()).sites]
+    assert se_inject.plan(model).sites[0].spatial == (35, 35)  # Mixed_5b at 299 x 299
