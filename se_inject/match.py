@@ -159,6 +159,7 @@ def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:
 _PASS_THROUGH = {"norm", "act", "identity"}
 _LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add", "sub"}
 _MAYBE_LINEAR = _CONV_KINDS | _LINEAR_KINDS | {"mul"}  # the kinds _linear can accept
+_MAYBE_LINEAR_OR_DROP = _MAYBE_LINEAR | {"module", "other"}  # and a drop path's nodes
 
 
 def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
@@ -170,16 +171,18 @@ def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
     its mask from the branch's shape (in training mode) as nothing, so that a block is one in
     both modes or in neither."""
     kinds = view.kinds
+    if any(kinds[n] not in _MAYBE_LINEAR_OR_DROP for n in region):
+        return False  # most blocks: settled by kind alone
     drops = {}
     for n in region:
-        if kinds[n] in ("mul", "module", "other"):
+        if kinds[n] not in _LINEAR_KINDS:
             x = drop_path_input(n, lambda m: view.modules.get(m.target))
             if x is not None:
                 drops[n] = x
     if drops:
         region = _value_region(view, region, merge, drops)
     if any(kinds[n] not in _MAYBE_LINEAR and n not in drops for n in region):
-        return False  # most blocks: settled by kind alone
+        return False
     g = view.graph
     depth = {entry: 0}
     for n in sorted(region, key=lambda x: g.nodes[x]["index"]):
