@@ -8,6 +8,8 @@ import pytest
 import timm
 import torchvision
 
+import se_inject
+
 _spec = importlib.util.spec_from_file_location(
     "coverage_bench", Path(__file__).resolve().parent.parent / "bench" / "coverage.py")
 coverage = importlib.util.module_from_spec(_spec)
@@ -48,6 +50,49 @@ def test_every_timm_family(family):
 def test_every_torchvision_classifier(name):
     row = coverage.check("torchvision", name, lambda: torchvision.models.get_model(name, weights=None))
     assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
+
+
+def _with_drop_path(build_plain, build_dropping):
+    try:
+        return build_dropping()
+    except TypeError:  # the architecture takes no drop path
+        return build_plain()
+
+
+def _sites(model, train: bool):
+    try:
+        return [(s.block, s.tensor, s.rule) for s in se_inject.plan(model.train(train)).sites]
+    except se_inject.SEInjectError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _plans_alike(model):
+    """In training mode a drop path is traced as a random mask, in eval mode as nothing: the
+    plan must not depend on it."""
+    assert _sites(model, True) == _sites(model, False)
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto", "efficientnet_lite0",
+                                  "rexnet_100", "efficientvim_m1"])
+def test_drop_path_subset_plans_alike_in_training_and_eval(name):
+    _plans_alike(timm.create_model(name, pretrained=False, drop_path_rate=0.1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", timm.list_modules())
+def test_every_timm_family_plans_alike_in_training_and_eval_with_drop_path(family):
+    (_, name), = coverage.timm_representatives([family])
+    _plans_alike(_with_drop_path(lambda: timm.create_model(name, pretrained=False),
+                                 lambda: timm.create_model(name, pretrained=False,
+                                                           drop_path_rate=0.1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_classifier_plans_alike_in_training_and_eval(name):
+    get = torchvision.models.get_model
+    _plans_alike(_with_drop_path(lambda: get(name, weights=None),
+                                 lambda: get(name, weights=None, stochastic_depth_prob=0.1)))
 
 
 def test_a_resumed_sweep_keeps_finished_rows_and_drops_a_cut_one(tmp_path):
