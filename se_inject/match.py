@@ -27,6 +27,10 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
+SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a mixed convolution, "
+                "as MixNet's: one layer), not one input in parallel")
+GATED_NOT_A_FEATURE_MAP = ("the tensor the rule would gate is not a 4-D channel-first feature map "
+                           "(a token sequence reshaped, say)")
 REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and nothing "
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
@@ -107,6 +111,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
     if rule.disjoint_branches and _overlap(branches):
         return "its branches share layers (a channel split, not parallel branches)"
+    if rule.disjoint_branches and entry.target in _SPLITS:
+        return SPLIT_PIECES
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
                                                                          merge):
@@ -125,6 +131,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         # a partial-channel residual (ReXNet): the sum takes a slice of the branch's output;
         # gate that whole output, so every channel the block produces is scaled
         source = _before_drop_path(view, source, branch)
+        if not _feature_map(g, source):
+            return GATED_NOT_A_FEATURE_MAP
         return Candidate(merge=merge, entry=entry, rule=rule, gated=source, at=source,
                          operand=None, region=region, frame=g.nodes[source]["frame"])
     if rule.gate_at == "output":
@@ -141,8 +149,15 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         gated, at, operand = found
     else:  # in front of the merge; the rewrite puts the gate before the branch's drop path
         gated = _before_drop_path(view, gated, branch)
+    if not _feature_map(g, gated):
+        return GATED_NOT_A_FEATURE_MAP
     return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
                      region=region, frame=g.nodes[at]["frame"])
+
+
+def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
+    a = g.nodes[node]
+    return a["ndim"] == 4 and a["layout"] == "nchw" and a["channels"] is not None
 
 
 def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:

@@ -471,3 +471,67 @@ def test_a_sum_that_folds_into_one_convolution_stays_ungated_with_drop_path_in_t
         assert [s.block for s in p.sites] == ["block"]
         assert [s.reason for s in p.skipped if s.rule == "residual"
                 and s.reason.startswith("a sum of parallel branches")] != []
+
+
+class _ReshapedEntry(torch.nn.Module):
+    """A residual block whose input is a token sequence reshaped back into a map (hybrid
+    models do this): the reshaped tensor's layout cannot be told from its shape."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.c1, self.b1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+        self.c2, self.b2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+        self.proj = torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, img):
+        x = self.stem(img)
+        b, c, h, w = x.shape
+        y = x.flatten(2).transpose(1, 2).transpose(1, 2).reshape(b, c, h, w)
+        return self.proj(y) + self.b2(self.c2(F.relu(self.b1(self.c1(y)))))
+
+
+def test_a_gate_in_front_of_a_reshaped_input_is_refused_not_a_crash():
+    """position='pre' gates the block's input; here that input is a reshaped token sequence,
+    not a known feature map. The block is skipped with that reason (a TypeError before), and
+    apply() raises an SEInjectError, leaving the model as it was."""
+    net = _ReshapedEntry()
+    assert [s.tensor for s in se_inject.plan(net, input_size=(3, 16, 16)).sites] == ["b2"]
+    p = se_inject.plan(net, input_size=(3, 16, 16), position="pre")
+    assert not p.sites
+    assert [s.reason for s in p.skipped] == [
+        "the tensor the rule would gate is not a 4-D channel-first feature map "
+        "(a token sequence reshaped, say)"]
+    keys = list(net.state_dict())
+    with pytest.raises(NoSitesError):
+        se_inject.apply(net, input_size=(3, 16, 16), position="pre")
+    assert list(net.state_dict()) == keys
+
+
+class _MixedConvNet(torch.nn.Module):
+    """MixNet's mixed convolution: the channels split in groups, each convolved with its own
+    kernel size, concatenated again. One layer, not an inception module."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 24, 3, padding=1)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(8, 8, k, padding=k // 2)
+                                         for k in (3, 5, 7))
+        self.inception = torch.nn.ModuleList([torch.nn.Conv2d(24, 8, 1),
+                                              torch.nn.Conv2d(24, 8, 3, padding=1)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        pieces = torch.split(x, [8, 8, 8], 1)
+        x = torch.cat([c(pieces[i]) for i, c in enumerate(self.convs)], 1)
+        return torch.cat([b(x) for b in self.inception], 1)
+
+
+def test_a_mixed_convolution_is_not_an_inception_module():
+    """Its branches convolve different pieces of one split tensor: skipped, with that reason;
+    the inception module after it, whose branches read one tensor, is gated."""
+    p = se_inject.plan(_MixedConvNet(), input_size=(3, 16, 16))
+    assert [(s.rule, s.channels) for s in p.sites] == [("inception", 16)]  # not the 24 mixed
+    assert [s.reason for s in p.skipped] == [
+        "its branches convolve different pieces of one split tensor (a mixed convolution, "
+        "as MixNet's: one layer), not one input in parallel"]
