@@ -580,21 +580,29 @@ def _failing_hook(model: nn.Module, exc: BaseException) -> tuple[str, Any] | Non
                         ("global forward pre-hook", g._global_forward_pre_hooks)):
         for h in table.values():
             if not getattr(h, "__module__", "").startswith("se_inject"):
-                hooks.setdefault(_code_of(h), f"a {kind}")
+                hooks.setdefault(_code_of(h), kind)
+    names = {}
     for name, m in model.named_modules():
+        names[id(m)] = name
+        if not name:
+            continue
         for kind, table in (("forward hook", m._forward_hooks),
                             ("forward pre-hook", m._forward_pre_hooks)):
             for h in table.values():
-                hooks.setdefault(_code_of(h), f"a {kind} on `{name}`")
+                hooks.setdefault(_code_of(h), kind)
     hooks.pop(None, None)
     found = None
     tb = exc.__traceback__
     while tb is not None:  # the innermost hook frame is the one that failed
-        code = tb.tb_frame.f_code
-        if code in hooks:
-            found = (hooks[code], code)
+        if tb.tb_frame.f_code in hooks:
+            found = tb.tb_frame
         tb = tb.tb_next
-    return found
+    if found is None:
+        return None
+    code = found.f_code
+    on = next((names[id(v)] for v in found.f_locals.values()  # the module it was called for
+               if isinstance(v, nn.Module) and names.get(id(v))), None)
+    return (f"a {hooks[code]}" + (f" on `{on}`" if on else ""), code)
 
 
 def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> TraceError:

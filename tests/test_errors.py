@@ -136,7 +136,7 @@ def test_a_hook_that_cannot_run_on_traced_values_is_named(where):
     g = nn.modules.module
     if where == "global":
         handle = g.register_module_forward_hook(_big)
-        named = "a global forward hook (_big, "
+        named = "a global forward hook on `stem` (_big, "  # the first module it ran on
     elif where == "pre":
         handle = model.blocks.register_forward_pre_hook(_big_input)
         named = "a forward pre-hook on `blocks` (_big_input, "
@@ -175,3 +175,21 @@ def test_a_hook_that_returns_on_traced_values_leaves_apply_working():
     model(torch.randn(2, 3, 16, 16))
     assert seen == [torch.Size([2, 32, 16, 16])]
     assert len(gates_in(model)) == 3
+
+
+def test_one_hook_on_several_modules_is_named_with_the_module_it_failed_on():
+    model = BlockNet()
+    calls = []
+
+    def hook(module, args, output):  # fine on the first two blocks, fails on the third
+        calls.append(module)
+        if len(calls) == 3 and output.abs().max() > 100:
+            raise AssertionError("unreachable")
+
+    handles = [b.register_forward_hook(hook) for b in model.blocks]
+    try:
+        with pytest.raises(TraceError, match=r"a forward hook on `blocks\.2` \(hook, "):
+            se_inject.apply(model)
+    finally:
+        for h in handles:
+            h.remove()
