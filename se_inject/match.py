@@ -111,7 +111,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
     if rule.disjoint_branches and _overlap(branches):
         return "its branches share layers (a channel split, not parallel branches)"
-    if rule.disjoint_branches and entry.target in _SPLITS:
+    if rule.disjoint_branches and entry.op in ("call_function", "call_method") \
+            and entry.target in _SPLITS:
         return SPLIT_PIECES
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
