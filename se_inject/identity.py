@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SEInjectError
-from .kinds import reads_metadata_only
+from .kinds import flat, reads_metadata_only
 
 __all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
@@ -145,7 +145,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
             target = node.target
             if target in _EACH_OPERAND or target in ("add", "add_"):
                 is_cat = target in (torch.cat, torch.concat, torch.concatenate)
-                operands = list(_flat(node.args[:1])) if is_cat else list(node.args)
+                operands = list(flat(node.args[:1])) if is_cat else list(node.args)
                 if any(not isinstance(a, fx.Node) for a in operands) or \
                         node.kwargs.get("alpha", 1) != 1:
                     raise refuse(f"`{node.format_node()}` adds a constant")
@@ -172,14 +172,6 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     if len(set(found)) != len(found):
         raise refuse("one layer reaches the gated tensor by two paths")
     return Compensation(gate, tuple(found))
-
-
-def _flat(args):
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            yield from _flat(a)
-        else:
-            yield a
 
 
 def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:

@@ -119,12 +119,13 @@ _METADATA_METHODS = {"size", "dim", "numel", "nelement", "element_size", "get_de
 _METADATA_FUNCTIONS = {torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like}
 
 
-def _flat(args):
+def flat(args):
+    """The items of ``args``, lists, tuples and dicts followed."""
     for a in args:
         if isinstance(a, (list, tuple)):
-            yield from _flat(a)
+            yield from flat(a)
         elif isinstance(a, dict):
-            yield from _flat(a.values())
+            yield from flat(a.values())
         else:
             yield a
 
@@ -135,8 +136,8 @@ def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
         return user.args[0] is node and user.args[1] in _METADATA_ATTRS
     if (user.op == "call_method" and user.target in _METADATA_METHODS) or \
             (user.op == "call_function" and user.target in _METADATA_FUNCTIONS):
-        return user.args[0] is node and node not in _flat(user.args[1:]) and \
-            node not in _flat(user.kwargs.values())
+        return user.args[0] is node and node not in flat(user.args[1:]) and \
+            node not in flat(user.kwargs.values())
     return False
 
 

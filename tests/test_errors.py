@@ -5,6 +5,7 @@ from torch import nn
 
 import se_inject
 from se_inject.errors import (InvalidArgumentError, NotGatedError, SEInjectError, TraceError)
+from conftest import gates
 from handwritten import BlockNet
 
 
@@ -108,15 +109,11 @@ def test_a_wrapped_model_is_refused_with_what_to_do(kind, request):
             call(wrapper)
         assert advice in str(info.value)
         assert list(wrapper.state_dict()) == keys
-        assert not gates_in(wrapper)
+        assert not gates(wrapper)
     if kind in ("compile", "dp"):  # the advice works: the model inside gets its gates
         se_inject.apply(model)
-        assert len(gates_in(wrapper)) == 3
+        assert len(gates(wrapper)) == 3
         assert wrapper(torch.randn(2, 3, 16, 16)).shape == (2, 10)
-
-
-def gates_in(model):
-    return [m for m in model.modules() if isinstance(m, se_inject.SEGate)]
 
 
 def _big(module, args, output):
@@ -174,7 +171,7 @@ def test_a_hook_that_returns_on_traced_values_leaves_apply_working():
     seen.clear()
     model(torch.randn(2, 3, 16, 16))
     assert seen == [torch.Size([2, 32, 16, 16])]
-    assert len(gates_in(model)) == 3
+    assert len(gates(model)) == 3
 
 
 def test_one_hook_on_several_modules_is_named_with_the_module_it_failed_on():

@@ -12,6 +12,7 @@ import torchvision
 
 import se_inject
 from conftest import eq5_parameters, gates, n_params, paper_reference, randomize_norms, saturate
+from handwritten import BlockNet
 
 RESNET50_PARAMS = 25_557_032          # paper.md; timm and torchvision agree
 RESNET50_STAGES = [(3, 256), (4, 512), (6, 1024), (3, 2048)]
@@ -293,7 +294,6 @@ def test_timm_notrace_blocks_that_trace_are_opened_and_others_stay_leaves():
 def test_gating_inside_inference_mode_keeps_a_trainable_model_trainable():
     """Gates are made as the model's own tensors were, not in the caller's mode: gated inside
     torch.inference_mode(), a model made for training still trains, gates included."""
-    from handwritten import BlockNet
     model = BlockNet().eval()
     randomize_norms(model)
     x = torch.randn(2, 3, 16, 16)
@@ -311,7 +311,6 @@ def test_gating_inside_inference_mode_keeps_a_trainable_model_trainable():
 def test_a_model_made_in_inference_mode_is_gated_whole_outside_it():
     """Its tensors can only change in place inside inference mode: identity initialisation
     scales them there (outside it, the scaling failed after the gates were in)."""
-    from handwritten import BlockNet
     with torch.inference_mode():
         model = BlockNet().eval()
         randomize_norms(model)
