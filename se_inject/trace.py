@@ -385,7 +385,13 @@ class UnpackingTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         """fx's call_module, without the scope and module-stack bookkeeping: the module
-        stack stays empty, so no node gets ``meta["nn_module_stack"]``."""
+        stack stays empty, so no node gets ``meta["nn_module_stack"]``.
+
+        A container the model is not holding (a slice such as ``self.body[:2]``, made in a
+        forward as timm's models do with gradient checkpointing on) only calls children the
+        model holds: it is traced through, with no name or frame of its own."""
+        if is_container(m) and self.submodule_paths and m not in self.submodule_paths:
+            return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return self.create_proxy("call_module", qualname, args, kwargs)

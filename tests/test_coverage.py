@@ -95,6 +95,35 @@ def test_every_torchvision_classifier_plans_alike_in_training_and_eval(name):
                                  lambda: get(name, weights=None, stochastic_depth_prob=0.1)))
 
 
+def _plans_alike_with_grad_checkpointing(name):
+    """timm's gradient checkpointing runs the same layers through torch.utils.checkpoint (and
+    TResNet through a slice of its body, an nn.Sequential the model does not hold): the plan
+    must not depend on it."""
+    if name == "densenet121":
+        pytest.xfail("DenseNet's checkpointed layers test `tensor.requires_grad`, which fx "
+                     "cannot decide: a TraceError instead of NoSitesError (dense connections "
+                     "get no gate either way)")
+    model = timm.create_model(name, pretrained=False)
+    plain = _sites(model, True)
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError):
+        pytest.skip(f"{name} has no gradient checkpointing")
+    assert _sites(model, True) == plain
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto", "tresnet_m"])
+def test_grad_checkpointing_subset_plans_alike(name):
+    _plans_alike_with_grad_checkpointing(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", timm.list_modules())
+def test_every_timm_family_plans_alike_with_grad_checkpointing(family):
+    (_, name), = coverage.timm_representatives([family])
+    _plans_alike_with_grad_checkpointing(name)
+
+
 def test_a_resumed_sweep_keeps_finished_rows_and_drops_a_cut_one(tmp_path):
     done = tmp_path / "rows.jsonl"
     row = {"family": "resnet", "model": "resnet10t", "status": "gated", "sites": {"residual": 4},
