@@ -9,6 +9,7 @@ __all__ = [
     "NoSitesError",
     "RewriteError",
     "NotGatedError",
+    "BlockChangedError",
 ]
 
 
@@ -54,3 +55,8 @@ class RewriteError(SEInjectError):
 
 class NotGatedError(SEInjectError):
     """remove() was asked to take gates out of a model that holds none."""
+
+
+class BlockChangedError(SEInjectError):
+    """A gated block was called after an attribute its forward reads had changed (a
+    re-parameterisation, a flag set by hand): its gated forward no longer matches it."""

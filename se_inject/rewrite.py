@@ -20,13 +20,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import NotGatedError, RewriteError
+from .errors import BlockChangedError, NotGatedError, RewriteError
 from .calls import Inputs, inputs_of, wrap_body
 from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import Call, TraceOptions, reads_training_flag, trace_block
+from .trace import CONTAINERS, Call, TraceOptions, forward_names, reads_training_flag, trace_block
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -132,6 +132,28 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
     return _traced_keys(graph, class_keys)
 
 
+def _call_containers_whole(graph: fx.Graph) -> None:
+    """Each container (an nn.Sequential) whose layers hold no gate and feed nothing but each
+    other becomes one call of the container again, as in the class's forward. The generated
+    forward then keeps working when the container is replaced by a module that computes the
+    same (timm's reparameterize_model fuses a conv-norm Sequential into one convolution)."""
+    erased: set[fx.Node] = set()
+    whole_of: dict[fx.Node, fx.Node] = {}
+    for call in reversed(getattr(graph, CONTAINERS, ())):  # outer containers first
+        if call.nodes & erased or any(user not in call.nodes for n in call.nodes
+                                      if n is not call.out for user in n.users):
+            continue
+        with graph.inserting_after(call.out):
+            whole = graph.call_module(call.qualname, (whole_of.get(call.arg, call.arg),))
+        call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
+        whole_of[call.out] = whole
+        for node in reversed(list(graph.nodes)):
+            if node in call.nodes:
+                graph.erase_node(node)
+                erased.add(node)
+    graph.lint()
+
+
 def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | None] | None:
     """``(h, conv, norm)`` where ``node`` is ``self.norm(self.conv(h))`` or ``self.conv(h)``
     with a 1x1 convolution and a BatchNorm2d (see gate.linear_producer)."""
@@ -232,6 +254,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
         traced[training] = _insert(graph, gates, label, owner)
+        _call_containers_whole(graph)
         compiled[training] = _compile(graph, type(owner))
     if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
         forward = next(iter(compiled.values()))[1]
@@ -240,6 +263,47 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     if inputs is not None:
         forward = wrap_body(type(owner), inputs, forward)
     return forward, traced
+
+
+_MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}
+_PLAIN = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+def _attributes_read(owner: nn.Module) -> tuple[tuple[str, object], ...]:
+    """The plain attributes (flags, numbers, strings, None) of ``owner`` that its class's
+    forward reads, with their values: tracing took them as they are now."""
+    names = forward_names(type(owner))
+    return tuple(sorted((k, v) for k, v in owner.__dict__.items()
+                        if k in names and k not in _MODULE_OWN and type(v) in _PLAIN))
+
+
+def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...]) -> Callable:
+    """``forward``, after a check that the attributes it was traced with still hold the values
+    it was traced with (a few attribute reads per call)."""
+    if not reads:
+        return forward
+
+    def guarded(self, *args, **kwargs):
+        for name, value in reads:
+            now = getattr(self, name, _MISSING)
+            if now is not value and (type(now) is not type(value) or now != value):
+                _changed(self, label, name, value, now)
+        return forward(self, *args, **kwargs)
+    guarded.__qualname__ = forward.__qualname__
+    return guarded
+
+
+def _changed(block: nn.Module, label: str, name: str, was: object, now: object):
+    now = "nothing (deleted)" if now is _MISSING else (
+        repr(now) if type(now) in _PLAIN else f"a {type(now).__name__}")
+    raise BlockChangedError(
+        f"`{label}` ({type(block).__name__}) changed after se_inject.apply: its forward read "
+        f"`{name}` = {was!r} when the gates went in, and `{name}` is {now} now (a "
+        "re-parameterisation such as timm's reparameterize_model, or a setting changed by "
+        "hand). Its gated forward was generated from the block as it was and would compute "
+        "something else. Change blocks before se_inject.apply, or re-gate after the change "
+        "keeping the trained gates: README.md, \"Changing a gated model\".")
 
 
 def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: TraceOptions,
@@ -282,6 +346,7 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
         else:
             result = built[group]
         forward, traced = result
+        forward = _guarded(forward, label, _attributes_read(owner))
         out.append(Prepared(owner=owner, new_gates=new_gates,
                             state=OwnerState(gates=gates, traced=dict(traced)), forward=forward))
     return out

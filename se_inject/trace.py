@@ -31,6 +31,7 @@ __all__ = ["Call", "Frame", "TraceOptions", "UnpackingTracer", "trace_model", "t
 SCOPE = "se_inject.frame"  # node.meta key: the Frame whose forward created the node
 RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward returned
 LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing made them
+CONTAINERS = "_se_inject_containers"  # a block's graph attribute: its ContainerCalls
 
 
 @dataclass(frozen=True)
@@ -753,6 +754,17 @@ def _trace_instance_forward(tracer: fx.Tracer, module: nn.Module, bound) -> fx.G
         module.__class__ = original
 
 
+@dataclass(frozen=True)
+class ContainerCall:
+    """A container's call in a block's trace: its name, its input, the node it returned and
+    every node its layers made (the returned one among them)."""
+
+    qualname: str
+    arg: Any
+    out: fx.Node
+    nodes: frozenset
+
+
 class _BlockTracer(UnpackingTracer):
     """Traces one module's own forward: every child module stays a single call.
 
@@ -764,9 +776,26 @@ class _BlockTracer(UnpackingTracer):
         super().__init__(**kwargs)
         self._root = root
         self._inputs = inputs
+        self.containers: list[ContainerCall] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root and not is_container(m)
+
+    def trace_through(self, m, qualname, forward, args, kwargs):
+        """Traces a container's layers, recording which nodes its call made (see
+        ContainerCall)."""
+        if m is self._root or kwargs or len(args) != 1 or not isinstance(args[0], fx.Proxy):
+            return super().trace_through(m, qualname, forward, args, kwargs)
+        last = next(reversed(self.graph.nodes), None)
+        out = super().trace_through(m, qualname, forward, args, kwargs)
+        made = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            made.append(node)
+        if isinstance(out, fx.Proxy) and made and out.node is made[0]:
+            self.containers.append(ContainerCall(qualname, args[0].node, out.node, frozenset(made)))
+        return out
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         if self._inputs is None:
@@ -779,21 +808,27 @@ class _BlockTracer(UnpackingTracer):
 
 def trace_block(block: nn.Module, options: TraceOptions, training: bool,
                 inputs=None) -> fx.Graph:
-    """fx graph of ``block.forward`` of the class (not an instance override), in one mode."""
+    """fx graph of ``block.forward`` of the class (not an instance override), in one mode;
+    the containers it called, their layers traced, are listed in its CONTAINERS attribute."""
     _, kwargs = options.tracer_args()
     tracer = _BlockTracer(block, inputs, **kwargs)
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     try:
         with _NoProxiesLeft(block):
-            return tracer.trace(block)
+            graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
+    setattr(graph, CONTAINERS, tracer.containers)
+    return graph
 
 
-def reads_training_flag(cls: type) -> bool:
-    """Whether the class's forward (or a method it calls on self) reads ``self.training``."""
+@functools.lru_cache(maxsize=None)
+def forward_names(cls: type) -> frozenset[str]:
+    """Every name the class's forward, and the methods and properties it reaches on self,
+    look up (attributes, globals and methods alike)."""
     seen: set[str] = set()
+    out: set[str] = set()
     todo = ["forward"]
     while todo:
         name = todo.pop()
@@ -801,14 +836,22 @@ def reads_training_flag(cls: type) -> bool:
             continue
         seen.add(name)
         fn = inspect.getattr_static(cls, name, None)
-        code = getattr(fn, "__code__", None)
+        if isinstance(fn, property):
+            fn = fn.fget
+        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
         if code is None:
             continue
         names = _code_names(code)
-        if "training" in names:
-            return True
-        todo += [n for n in names if n not in seen and callable(inspect.getattr_static(cls, n, None))]
-    return False
+        out |= names
+        todo += [n for n in names if n not in seen and (
+            callable(inspect.getattr_static(cls, n, None))
+            or isinstance(inspect.getattr_static(cls, n, None), property))]
+    return frozenset(out)
+
+
+def reads_training_flag(cls: type) -> bool:
+    """Whether the class's forward (or a method it calls on self) reads ``self.training``."""
+    return "training" in forward_names(cls)
 
 
 def _code_names(code) -> set[str]:

@@ -84,3 +84,116 @@ def test_torchscript_trace(gated, x):
     with torch.no_grad():
         assert _rel(traced(x), gated(x)) <= 1e-6
     assert str(traced.inlined_graph).count("aten::sigmoid") == 8
+
+
+# Re-parameterisation (timm.utils.reparameterize_model, a step before deployment) changes blocks
+# in place: a conv-norm Sequential becomes one convolution, a flag switches the forward to it.
+
+class _ConvNorm(torch.nn.Sequential):
+    def __init__(self, c):
+        super().__init__(torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c))
+
+    def fuse(self):
+        conv, bn = self
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        fused = torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+        fused.weight.data = conv.weight * scale[:, None, None, None]
+        fused.bias.data = bn.bias - bn.running_mean * scale
+        return fused
+
+
+class _RepBlock(torch.nn.Module):
+    """A residual block whose branch holds a conv-norm container and a re-parameterisable
+    sum (3x3 conv-norm + identity) that a flag replaces by one convolution."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.mix = _ConvNorm(c)
+        self.branch = _ConvNorm(c)
+        self.fused = False
+
+    def reparameterize(self):
+        conv = self.mix.fuse()
+        conv.weight.data[torch.arange(conv.out_channels), torch.arange(conv.out_channels), 1, 1] += 1
+        self.mix, self.fused = conv, True
+
+    def forward(self, x):
+        x = self.mix(x) if self.fused else self.mix(x) + x
+        return x + self.branch(torch.relu(x))
+
+
+class _RepNet(torch.nn.Module):
+    def __init__(self, fused_flag: bool = True):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_RepBlock(32), _RepBlock(32))
+        if not fused_flag:  # reparameterize() only fuses the containers
+            for b in self.blocks:
+                b.reparameterize = lambda b=b: setattr(b, "branch", b.branch.fuse())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
+def _acting(model) -> None:
+    randomize_norms(model)
+    for _, g in gates(model):
+        g.fc2.weight.data.normal_(0, 0.5)
+
+
+@torch.no_grad()
+def test_a_container_replaced_by_reparameterisation_keeps_the_gated_output():
+    torch.manual_seed(0)
+    model = _RepNet(fused_flag=False).eval()
+    se_inject.apply(model, input_size=(3, 16, 16))
+    _acting(model)
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    fused = timm.utils.reparameterize_model(model)
+    assert isinstance(fused.blocks[0].branch, torch.nn.Conv2d)
+    assert len(gates(fused)) == len(gates(model)) == 2
+    assert _rel(fused(x), ref) <= 1e-5
+
+
+@torch.no_grad()
+def test_a_flag_changed_after_apply_is_refused_and_regating_keeps_the_trained_gates():
+    torch.manual_seed(0)
+    model = _RepNet().eval()
+    se_inject.apply(model, input_size=(3, 16, 16))
+    _acting(model)
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    fused = timm.utils.reparameterize_model(model)
+    with pytest.raises(se_inject.SEInjectError, match=r"`blocks.0` \(_RepBlock\).*`fused` = "
+                                                      r"False.*`fused` is True now"):
+        fused(x)
+    # README, "Changing a gated model": the gates' weights, the gates out, the gates in again
+    trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
+    se_inject.remove(fused)
+    se_inject.apply(fused, input_size=(3, 16, 16))
+    missing, unexpected = fused.load_state_dict(trained, strict=False)
+    assert not unexpected and not [k for k in missing if ".se_gate" in k]
+    assert _rel(fused(x), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["repvit_m1", "lcnetv2_small"])
+@torch.no_grad()
+def test_timm_reparameterize_model_on_a_gated_model(name):
+    """RepViT's conv-norm containers are fused; LCNetV2's multi-branch depthwise convolution
+    becomes one, switching its forward by `dw_conv` (None before)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    se_inject.apply(model, input_size=(3, 64, 64))
+    _acting(model)
+    x = torch.randn(1, 3, 64, 64)
+    ref = model(x)
+    fused = timm.utils.reparameterize_model(model)
+    if name == "lcnetv2_small":
+        with pytest.raises(se_inject.SEInjectError, match="`dw_conv` = None"):
+            fused(x)
+        trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
+        se_inject.remove(fused)
+        se_inject.apply(fused, input_size=(3, 64, 64))
+        assert not fused.load_state_dict(trained, strict=False).unexpected_keys
+    assert len(gates(fused)) == len(gates(model))
+    assert _rel(fused(x), ref) <= 1e-4
