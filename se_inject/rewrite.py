@@ -132,16 +132,21 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
     return _traced_keys(graph, class_keys)
 
 
-def _call_containers_whole(graph: fx.Graph) -> None:
+def _call_containers_whole(graph: fx.Graph) -> set[str]:
     """Each container (an nn.Sequential) whose layers hold no gate and feed nothing but each
     other becomes one call of the container again, as in the class's forward. The generated
     forward then keeps working when the container is replaced by a module that computes the
-    same (timm's reparameterize_model fuses a conv-norm Sequential into one convolution)."""
+    same (timm's reparameterize_model fuses a conv-norm Sequential into one convolution).
+    Returns the names of the containers whose layers stay calls of their own."""
     erased: set[fx.Node] = set()
+    kept: set[str] = set()
     whole_of: dict[fx.Node, fx.Node] = {}
     for call in reversed(getattr(graph, CONTAINERS, ())):  # outer containers first
-        if call.nodes & erased or any(user not in call.nodes for n in call.nodes
-                                      if n is not call.out for user in n.users):
+        if call.nodes & erased:
+            continue
+        if any(user not in call.nodes for n in call.nodes if n is not call.out
+               for user in n.users):
+            kept.add(call.qualname)
             continue
         with graph.inserting_after(call.out):
             whole = graph.call_module(call.qualname, (whole_of.get(call.arg, call.arg),))
@@ -152,6 +157,7 @@ def _call_containers_whole(graph: fx.Graph) -> None:
                 graph.erase_node(node)
                 erased.add(node)
     graph.lint()
+    return kept
 
 
 def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | None] | None:
@@ -241,10 +247,12 @@ def _gate_factory(owner: nn.Module, spec: GateSpec):
 
 
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
-                   inputs: Inputs | None, options: TraceOptions) -> tuple[Callable, dict]:
-    """The block's class forward with the gates' calls in it, and its traced -> class keys."""
+                   inputs: Inputs | None, options: TraceOptions
+                   ) -> tuple[Callable, dict, frozenset[str]]:
+    """The block's class forward with the gates' calls in it, its traced -> class keys, and
+    the containers whose layers it calls one by one."""
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
-    compiled, traced = {}, {}
+    compiled, traced, inlined = {}, {}, set()
     for training in modes:
         try:
             graph = trace_block(owner, options, training, inputs)
@@ -254,7 +262,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
         traced[training] = _insert(graph, gates, label, owner)
-        _call_containers_whole(graph)
+        inlined |= _call_containers_whole(graph)
         compiled[training] = _compile(graph, type(owner))
     if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
         forward = next(iter(compiled.values()))[1]
@@ -262,7 +270,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
         forward = _dispatch(compiled[True][1], compiled[False][1])
     if inputs is not None:
         forward = wrap_body(type(owner), inputs, forward)
-    return forward, traced
+    return forward, traced, frozenset(inlined)
 
 
 _MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}
@@ -278,28 +286,50 @@ def _attributes_read(owner: nn.Module) -> tuple[tuple[str, object], ...]:
                         if k in names and k not in _MODULE_OWN and type(v) in _PLAIN))
 
 
-def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...]) -> Callable:
+def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, type, int], ...]:
+    """Each container whose layers the generated forward calls one by one: its class, length."""
+    out = []
+    for name in sorted(names):
+        c = owner.get_submodule(name)
+        out.append((name, type(c), len(c)))
+    return tuple(out)
+
+
+def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...],
+             containers: tuple[tuple[str, type, int], ...] = ()) -> Callable:
     """``forward``, after a check that the attributes it was traced with still hold the values
-    it was traced with (a few attribute reads per call)."""
-    if not reads:
+    it was traced with, and that the containers whose layers it calls are still of the class
+    and length they had (a few attribute reads per call)."""
+    if not reads and not containers:
         return forward
 
     def guarded(self, *args, **kwargs):
         for name, value in reads:
             now = getattr(self, name, _MISSING)
             if now is not value and (type(now) is not type(value) or now != value):
-                _changed(self, label, name, value, now)
+                _changed(self, label, name, repr(value), now)
+        for name, cls, n in containers:
+            try:
+                now = self.get_submodule(name)
+            except AttributeError:
+                now = _MISSING
+            if type(now) is not cls or len(now) != n:
+                _changed(self, label, name, f"a {cls.__name__} of {n} layers", now)
         return forward(self, *args, **kwargs)
     guarded.__qualname__ = forward.__qualname__
     return guarded
 
 
-def _changed(block: nn.Module, label: str, name: str, was: object, now: object):
-    now = "nothing (deleted)" if now is _MISSING else (
-        repr(now) if type(now) in _PLAIN else f"a {type(now).__name__}")
+def _changed(block: nn.Module, label: str, name: str, was: str, now: object):
+    if now is _MISSING:
+        now = "nothing (deleted)"
+    elif isinstance(now, nn.Sequential):
+        now = f"a {type(now).__name__} of {len(now)} layers"
+    else:
+        now = repr(now) if type(now) in _PLAIN else f"a {type(now).__name__}"
     raise BlockChangedError(
-        f"`{label}` ({type(block).__name__}) changed after se_inject.apply: its forward read "
-        f"`{name}` = {was!r} when the gates went in, and `{name}` is {now} now (a "
+        f"`{label}` ({type(block).__name__}) changed after se_inject.apply: its forward reads "
+        f"`{name}`, which was {was} when the gates went in and is {now} now (a "
         "re-parameterisation such as timm's reparameterize_model, or a setting changed by "
         "hand). Its gated forward was generated from the block as it was and would compute "
         "something else. Change blocks before se_inject.apply, or re-gate after the change "
@@ -345,8 +375,8 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
                 built[group] = result
         else:
             result = built[group]
-        forward, traced = result
-        forward = _guarded(forward, label, _attributes_read(owner))
+        forward, traced, inlined = result
+        forward = _guarded(forward, label, _attributes_read(owner), _containers(owner, inlined))
         out.append(Prepared(owner=owner, new_gates=new_gates,
                             state=OwnerState(gates=gates, traced=dict(traced)), forward=forward))
     return out

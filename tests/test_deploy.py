@@ -7,6 +7,7 @@ import copy
 import pytest
 import timm
 import torch
+import torchvision
 
 import se_inject
 
@@ -114,7 +115,8 @@ class _RepBlock(torch.nn.Module):
 
     def reparameterize(self):
         conv = self.mix.fuse()
-        conv.weight.data[torch.arange(conv.out_channels), torch.arange(conv.out_channels), 1, 1] += 1
+        c = torch.arange(conv.out_channels)
+        conv.weight.data[c, c, 1, 1] += 1
         self.mix, self.fused = conv, True
 
     def forward(self, x):
@@ -164,8 +166,8 @@ def test_a_flag_changed_after_apply_is_refused_and_regating_keeps_the_trained_ga
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
     fused = timm.utils.reparameterize_model(model)
-    with pytest.raises(se_inject.SEInjectError, match=r"`blocks.0` \(_RepBlock\).*`fused` = "
-                                                      r"False.*`fused` is True now"):
+    with pytest.raises(se_inject.SEInjectError, match=r"`blocks.0` \(_RepBlock\).*`fused`, "
+                                                      r"which was False.* is True now"):
         fused(x)
     # README, "Changing a gated model": the gates' weights, the gates out, the gates in again
     trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
@@ -189,7 +191,8 @@ def test_timm_reparameterize_model_on_a_gated_model(name):
     ref = model(x)
     fused = timm.utils.reparameterize_model(model)
     if name == "lcnetv2_small":
-        with pytest.raises(se_inject.SEInjectError, match="`dw_conv` = None"):
+        with pytest.raises(se_inject.SEInjectError,
+                           match="`dw_conv`, which was None .* is a Conv2d now"):
             fused(x)
         trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
         se_inject.remove(fused)
@@ -197,3 +200,20 @@ def test_timm_reparameterize_model_on_a_gated_model(name):
         assert not fused.load_state_dict(trained, strict=False).unexpected_keys
     assert len(gates(fused)) == len(gates(model))
     assert _rel(fused(x), ref) <= 1e-4
+
+
+@torch.no_grad()
+def test_a_container_holding_a_gate_replaced_after_apply_is_refused():
+    """torchvision's MobileNetV2 keeps each inverted residual's layers in one nn.Sequential; the
+    EfficientNet placement puts the gate inside it, so the generated forward calls its layers
+    one by one and cannot follow a replacement."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    se_inject.apply(model, rules=["inverted-residual-dw"], input_size=(3, 64, 64))
+    x = torch.randn(1, 3, 64, 64)
+    model(x)
+    block = model.features[3]
+    block.conv = torch.nn.Sequential(*list(block.conv)[:-1])
+    with pytest.raises(se_inject.SEInjectError, match=r"`features.3` \(InvertedResidual\).*`conv`, "
+                                                      r"which was a Sequential of 4 layers"):
+        model(x)
