@@ -142,20 +142,19 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
     kept: set[str] = set()
     whole_of: dict[fx.Node, fx.Node] = {}
     for call in reversed(getattr(graph, CONTAINERS, ())):  # outer containers first
-        if call.nodes & erased:
+        made = set(call.nodes)
+        if made & erased:
             continue
-        if any(user not in call.nodes for n in call.nodes if n is not call.out
-               for user in n.users):
+        if any(user not in made for n in call.nodes if n is not call.out for user in n.users):
             kept.add(call.qualname)
             continue
         with graph.inserting_after(call.out):
             whole = graph.call_module(call.qualname, (whole_of.get(call.arg, call.arg),))
         call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
         whole_of[call.out] = whole
-        for node in reversed(list(graph.nodes)):
-            if node in call.nodes:
-                graph.erase_node(node)
-                erased.add(node)
+        for node in call.nodes:  # users before what they use
+            graph.erase_node(node)
+        erased |= made
     graph.lint()
     return kept
 

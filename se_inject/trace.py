@@ -757,12 +757,12 @@ def _trace_instance_forward(tracer: fx.Tracer, module: nn.Module, bound) -> fx.G
 @dataclass(frozen=True)
 class ContainerCall:
     """A container's call in a block's trace: its name, its input, the node it returned and
-    every node its layers made (the returned one among them)."""
+    every node its layers made, the last made first (the returned one among them)."""
 
     qualname: str
     arg: Any
     out: fx.Node
-    nodes: frozenset
+    nodes: tuple
 
 
 class _BlockTracer(UnpackingTracer):
@@ -794,7 +794,7 @@ class _BlockTracer(UnpackingTracer):
                 break
             made.append(node)
         if isinstance(out, fx.Proxy) and made and out.node is made[0]:
-            self.containers.append(ContainerCall(qualname, args[0].node, out.node, frozenset(made)))
+            self.containers.append(ContainerCall(qualname, args[0].node, out.node, tuple(made)))
         return out
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
