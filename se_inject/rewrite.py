@@ -313,19 +313,23 @@ def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...
             except AttributeError:
                 now = _MISSING
             if type(now) is not cls or len(now) != n:
-                _changed(self, label, name, f"a {cls.__name__} of {n} layers", now)
+                _changed(self, label, name, f"{_a(cls.__name__)} of {n} layers", now)
         return forward(self, *args, **kwargs)
     guarded.__qualname__ = forward.__qualname__
     return guarded
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "AEIOU" else "a ") + noun
 
 
 def _changed(block: nn.Module, label: str, name: str, was: str, now: object):
     if now is _MISSING:
         now = "nothing (deleted)"
     elif isinstance(now, nn.Sequential):
-        now = f"a {type(now).__name__} of {len(now)} layers"
+        now = f"{_a(type(now).__name__)} of {len(now)} layers"
     else:
-        now = repr(now) if type(now) in _PLAIN else f"a {type(now).__name__}"
+        now = repr(now) if type(now) in _PLAIN else _a(type(now).__name__)
     raise BlockChangedError(
         f"`{label}` ({type(block).__name__}) changed after se_inject.apply: its forward reads "
         f"`{name}`, which was {was} when the gates went in and is {now} now (a "

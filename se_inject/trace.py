@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import TraceError
+from .errors import BlockChangedError, TraceError
 from .gate import ChannelGate
 from .kinds import MERGE_KINDS, node_kind
 
@@ -717,7 +717,7 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
         setattr(graph, RETURNS, tracer.returns)
         setattr(graph, LOG, tracer.log)
         return graph
-    except TraceError:
+    except (TraceError, BlockChangedError):  # the latter: a gated block changed since
         raise
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
         raise _trace_failure(model, tracer, exc) from exc

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 import se_inject
+from se_inject.errors import BlockChangedError
 
 from conftest import gates, randomize_norms
 
@@ -169,6 +170,8 @@ def test_a_flag_changed_after_apply_is_refused_and_regating_keeps_the_trained_ga
     with pytest.raises(se_inject.SEInjectError, match=r"`blocks.0` \(_RepBlock\).*`fused`, "
                                                       r"which was False.* is True now"):
         fused(x)
+    with pytest.raises(BlockChangedError, match="`fused`"):  # not a TraceError's leaf advice
+        se_inject.plan(fused, input_size=(3, 16, 16))
     # README, "Changing a gated model": the gates' weights, the gates out, the gates in again
     trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
     se_inject.remove(fused)
