@@ -137,26 +137,30 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
     other becomes one call of the container again, as in the class's forward. The generated
     forward then keeps working when the container is replaced by a module that computes the
     same (timm's reparameterize_model fuses a conv-norm Sequential into one convolution).
-    Returns the names of the containers whose layers stay calls of their own."""
+    Returns the names of the containers whose layers the generated code still names (a gate
+    among them, or a squeeze taken through them)."""
+    containers = getattr(graph, CONTAINERS, ())
     erased: set[fx.Node] = set()
-    kept: set[str] = set()
-    whole_of: dict[fx.Node, fx.Node] = {}
-    for call in reversed(getattr(graph, CONTAINERS, ())):  # outer containers first
+    # Latest finished first: an outer container before the ones inside it, and a container
+    # before any that feeds it (whose output, made whole later, is then passed on to it).
+    for call in reversed(containers):
         made = set(call.nodes)
-        if made & erased:
-            continue
-        if any(user not in made for n in call.nodes if n is not call.out for user in n.users):
-            kept.add(call.qualname)
+        if made & erased or any(user not in made for n in call.nodes if n is not call.out
+                                for user in n.users):
             continue
         with graph.inserting_after(call.out):
-            whole = graph.call_module(call.qualname, (whole_of.get(call.arg, call.arg),))
+            whole = graph.call_module(call.qualname, (call.arg,))
         call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
-        whole_of[call.out] = whole
         for node in call.nodes:  # users before what they use
             graph.erase_node(node)
         erased |= made
     graph.lint()
-    return kept
+    named: set[str] = set()  # every module path the code goes through to reach a layer
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            parts = n.target.split(".")
+            named.update(".".join(parts[:k]) for k in range(1, len(parts)))
+    return {c.qualname for c in containers if c.qualname in named}
 
 
 def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | None] | None:

@@ -220,3 +220,32 @@ def test_a_container_holding_a_gate_replaced_after_apply_is_refused():
     with pytest.raises(se_inject.SEInjectError, match=r"`features.3` \(InvertedResidual\).*`conv`, "
                                                       r"which was a Sequential of 4 layers"):
         model(x)
+
+
+class _SqueezeThroughBlock(torch.nn.Module):
+    """The branch ends in a container (1x1 conv, norm): its gate takes the squeeze through the
+    container's two layers (gate.mean_through_linear), which the generated code names."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU())
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.b(self.a(x)))
+
+
+@torch.no_grad()
+def test_a_container_a_gate_squeezes_through_is_checked_and_one_it_does_not_is_free():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _SqueezeThroughBlock(16))
+    se_inject.apply(model.eval(), input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    block = model[1]
+    block.a = torch.nn.Sequential(block.a[0], torch.nn.ReLU())   # same layers, a new container
+    assert _rel(model(x), ref) == 0
+    block.b = torch.nn.Conv2d(16, 16, 1)
+    with pytest.raises(BlockChangedError, match="`b`, which was a Sequential of 2 layers .* is a "
+                                                "Conv2d now"):
+        model(x)
