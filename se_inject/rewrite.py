@@ -253,7 +253,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                    inputs: Inputs | None, options: TraceOptions
                    ) -> tuple[Callable, dict, frozenset[str]]:
     """The block's class forward with the gates' calls in it, its traced -> class keys, and
-    the containers whose layers it calls one by one."""
+    the containers whose layers its code names (see _call_containers_whole)."""
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
     compiled, traced, inlined = {}, {}, set()
     for training in modes:
@@ -290,7 +290,7 @@ def _attributes_read(owner: nn.Module) -> tuple[tuple[str, object], ...]:
 
 
 def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, type, int], ...]:
-    """Each container whose layers the generated forward calls one by one: its class, length."""
+    """Each container whose layers the generated forward names: its class and length."""
     out = []
     for name in sorted(names):
         c = owner.get_submodule(name)
@@ -299,9 +299,9 @@ def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, typ
 
 
 def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...],
-             containers: tuple[tuple[str, type, int], ...] = ()) -> Callable:
+             containers: tuple[tuple[str, type, int], ...]) -> Callable:
     """``forward``, after a check that the attributes it was traced with still hold the values
-    it was traced with, and that the containers whose layers it calls are still of the class
+    it was traced with, and that the containers whose layers it names are still of the class
     and length they had (a few attribute reads per call)."""
     if not reads and not containers:
         return forward

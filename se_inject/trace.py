@@ -760,9 +760,9 @@ class ContainerCall:
     every node its layers made, the last made first (the returned one among them)."""
 
     qualname: str
-    arg: Any
+    arg: fx.Node
     out: fx.Node
-    nodes: tuple
+    nodes: tuple[fx.Node, ...]
 
 
 class _BlockTracer(UnpackingTracer):
@@ -843,9 +843,10 @@ def forward_names(cls: type) -> frozenset[str]:
             continue
         names = _code_names(code)
         out |= names
-        todo += [n for n in names if n not in seen and (
-            callable(inspect.getattr_static(cls, n, None))
-            or isinstance(inspect.getattr_static(cls, n, None), property))]
+        for n in names - seen:
+            member = inspect.getattr_static(cls, n, None)
+            if callable(member) or isinstance(member, property):
+                todo.append(n)
     return frozenset(out)
 
 
