@@ -326,6 +326,74 @@ def test_a_model_made_in_inference_mode_is_gated_whole_outside_it():
         torch.testing.assert_close(model(x), ref, rtol=0, atol=1e-6)
 
 
+def _flat_key(key: str) -> str:
+    """A state_dict key with timm's feature-wrapper naming undone: FeatureHookNet and
+    FeatureListNet join the first levels of a module path with '_' ('stem_0.conv')."""
+    return key.replace("_", ".")
+
+
+# (model, the class timm's features_only=True builds: a flattened module list, the model's own
+# feature class, forward hooks)
+FEATURE_MODELS = [("resnet50", "FeatureListNet"), ("mobilenetv3_large_100", "MobileNetV3Features"),
+                  ("xception41", "FeatureHookNet")]
+
+
+@pytest.mark.parametrize("name,wrapper", FEATURE_MODELS)
+def test_features_only_backbones_get_the_classifiers_gates(name, wrapper):
+    """A detection backbone (timm.create_model(..., features_only=True)) is gated at the blocks
+    the classifier is, and each feature map it returns is what the gated classifier computes at
+    that module with the same weights, not what the plain backbone computes."""
+    full = timm.create_model(name, pretrained=False).eval()
+    n_full = len(se_inject.plan(full).sites)
+    se_inject.apply(full)
+    randomize_norms(full)
+    with torch.no_grad():
+        for _, g in gates(full):
+            for p in g.parameters():
+                p.normal_(0, 0.5)
+    backbone = timm.create_model(name, pretrained=False, features_only=True).eval()
+    plain = copy.deepcopy(backbone)
+    assert type(backbone).__name__ == wrapper
+    se_inject.apply(backbone)
+    assert type(backbone).__name__ == wrapper
+    assert len(gates(backbone)) == n_full
+    weights = {_flat_key(k): v for k, v in full.state_dict().items()}
+    backbone.load_state_dict({k: weights[_flat_key(k)] for k in backbone.state_dict()})
+    plain.load_state_dict({k: weights[_flat_key(k)] for k in plain.state_dict()})
+    modules, seen = dict(full.named_modules()), []
+    for module in backbone.feature_info.module_name():
+        modules[module].register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        features, base = backbone(x), plain(x)
+        full(x)
+    assert len(features) == len(seen) == len(base) >= 4
+    for f, want in zip(features, seen):
+        torch.testing.assert_close(f, want, rtol=0, atol=0)
+    assert max(((f - b).abs().max() / b.abs().max()).item() for f, b in zip(features, base)) > 0.05
+    backbone.train()
+    sum(f.square().mean() for f in backbone(x)).backward()
+    assert all(p.grad is not None for _, g in gates(backbone) for p in g.parameters())
+
+
+def test_a_model_made_on_the_meta_device_is_gated_there_and_loads_after_to_empty():
+    """Large models are made without memory (`with torch.device("meta")`), gated, then given
+    storage and weights: the gates are made on the model's device, and the loaded model computes
+    what the gated model it was saved from computes."""
+    ref = timm.create_model("resnet18", pretrained=False).eval()
+    se_inject.apply(ref)
+    randomize_norms(ref)
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", pretrained=False)
+    se_inject.apply(model)
+    assert {t.device.type for _, g in gates(model) for t in g.parameters()} == {"meta"}
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name,n_gates", [("resnet18", 8), ("convnext_atto", 12),
                                           ("rexnet_100", 1), ("tv:convnext_tiny", 18)])
 def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
