@@ -188,6 +188,80 @@ def _spatial_mean(x: torch.Tensor, dim=None, keepdim: bool = False, *more, **res
                        device="meta")
 
 
+# Reductions over given dimensions, with the names their parameters after the input take.
+_REDUCTIONS = {T.mean: ("dim", "keepdim"), torch.mean: ("dim", "keepdim"),
+               T.sum: ("dim", "keepdim"), torch.sum: ("dim", "keepdim"),
+               T.amax: ("dim", "keepdim"), torch.amax: ("dim", "keepdim"),
+               T.norm: ("p", "dim", "keepdim"), torch.norm: ("p", "dim", "keepdim"),
+               torch.linalg.vector_norm: ("ord", "dim", "keepdim")}
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _reduction(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
+    """A mean, sum, max or vector norm of a floating-point tensor over dimensions of more than
+    one element each (attention's and LayerNorm-style code): contiguous whatever the input's
+    layout, as the kernels lay it out. A norm over a dimension of size 1 keeps the input's
+    strides instead; that, a dtype or an output argument are left to the kernel."""
+    names = _REDUCTIONS[func]
+    if "dtype" in kwargs and kwargs["dtype"] is None:  # Tensor.norm passes its default on
+        kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+    if len(args) > len(names) or any(k not in names for k in kwargs) \
+            or any(k in kwargs for k in names[:len(args)]) or not x.is_floating_point():
+        return None
+    bound = {**dict(zip(names, args)), **kwargs}
+    order = bound.get("p", bound.get("ord", 2))
+    if not (order == "fro" and "p" in names) and \
+            (isinstance(order, bool) or not isinstance(order, (int, float))):
+        return None
+    dim, keepdim = bound.get("dim"), bound.get("keepdim", False)
+    dims = (dim,) if isinstance(dim, int) else dim
+    rank = x.dim()
+    if not isinstance(keepdim, bool) or not isinstance(dims, (tuple, list)) or not dims \
+            or not all(isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank
+                       for d in dims):
+        return None
+    reduced = {d % rank for d in dims}
+    if len(reduced) != len(dims) or any(x.shape[d] < 2 for d in reduced):
+        return None
+    shape = [1 if d in reduced else n for d, n in enumerate(x.shape)
+             if keepdim or d not in reduced]
+    return torch.empty(shape, dtype=x.dtype, device="meta")
+
+
+def _normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None, *more, **rest
+               ) -> torch.Tensor | None:
+    """F.normalize of a contiguous floating-point tensor: contiguous too (other layouts are
+    laid out by the division's operands, and are left to the kernel)."""
+    rank = x.dim()
+    if more or rest or out is not None or not x.is_floating_point() or rank == 0 \
+            or isinstance(p, bool) or not isinstance(p, (int, float)) \
+            or not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank \
+            or x.stride() != _contiguous_strides(x.shape):
+        return None
+    return _empty_strided_as(x)
+
+
+def _matmul(a: torch.Tensor, b=None, *more, **rest) -> torch.Tensor | None:
+    """A product of two floating-point tensors of rank 2 or more and one dtype (attention):
+    contiguous, with the batch dimensions broadcast, as the kernels lay it out."""
+    if more or rest or not isinstance(b, torch.Tensor) or b.device.type != "meta" \
+            or a.dim() < 2 or b.dim() < 2 or a.dtype != b.dtype or not a.is_floating_point() \
+            or a.shape[-1] != b.shape[-2]:
+        return None
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError:
+        return None  # the kernel's own message
+    return torch.empty((*batch, a.shape[-2], b.shape[-1]), dtype=a.dtype, device="meta")
+
+
 def _adaptive_avg_pool2d(x: torch.Tensor, output_size=None, *more, **rest):
     """F.adaptive_avg_pool2d of a floating-point NCHW tensor (torchvision's SE squeezes with
     it): contiguous, or channels-last for a channels-last input, as its kernels lay it out;
@@ -241,6 +315,7 @@ def _cat(tensors=None, dim=0, *more, **rest):
 
 _DEVICE_MOVES = {T.to, T.cpu, T.cuda}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_MATMULS = {T.matmul, torch.matmul, T.__matmul__}
 _SPATIAL = {T.mean: _spatial_mean, torch.mean: _spatial_mean,
             F.adaptive_avg_pool2d: _adaptive_avg_pool2d}
 
@@ -303,7 +378,15 @@ def _shortcut(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
         return _interpolate(*args, **kwargs)
     spatial = _SPATIAL.get(func)
     if spatial is not None:
-        return spatial(*args, **kwargs)
+        out = spatial(*args, **kwargs)
+        if out is not None:
+            return out
+    if func in _REDUCTIONS:
+        return _reduction(func, *args, **kwargs)
+    if func is F.normalize:
+        return _normalize(*args, **kwargs)
+    if func in _MATMULS:
+        return _matmul(*args, **kwargs)
     if func is F.linear and len(args) >= 2 and not kwargs and x.dim() >= 1:
         w = args[1]
         if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == x.shape[-1]:

@@ -378,3 +378,92 @@ def test_timm_norm_act_layers_give_their_real_shape_strides_and_dtype(layer, cha
     propagate_shapes(model, graph, [tuple(x.shape)])
     out = next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
     assert (out.shape, out.dtype) == (real.shape, real.dtype)
+
+
+def _reduced_inputs(n: int = 120):
+    """Meta tensors of rank 1 to 5: contiguous, channels-last, permuted, sliced, expanded and
+    contiguous but for the strides of dimensions of size 1; sizes 1 to 4; four floating dtypes
+    and an integer one."""
+    g = torch.Generator().manual_seed(3)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64)
+    out = []
+    for i in range(n):
+        rank = int(torch.randint(1, 6, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1, 5, (rank,), generator=g)]
+        dtype = dtypes[i % len(dtypes)]
+        x = torch.empty(shape, dtype=dtype, device="meta")
+        kind = i % 6
+        if kind == 1 and rank == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif kind == 2:
+            perm = torch.randperm(rank, generator=g).tolist()
+            x = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
+                *[perm.index(d) for d in range(rank)])
+        elif kind == 3:
+            x = torch.empty([*shape[:-1], shape[-1] + 1], dtype=dtype, device="meta")[..., 1:]
+        elif kind == 4:
+            x = torch.empty([1] * rank, dtype=dtype, device="meta").expand(shape)
+        elif kind == 5:
+            x = torch.empty([*shape[:-1], shape[-1] + 2], dtype=dtype, device="meta")[..., 2:]
+            x = x[:1] if x.dim() > 1 else x  # a leading size of 1 with the old stride
+        out.append(x)
+    # sizes of 1 with strides out of order: a norm over them keeps the input's strides
+    out += [torch.empty_strided((4, 3, 1, 1), (3, 1, 1, 12), device="meta"),
+            torch.empty(2, 1, 3, device="meta").permute(2, 0, 1)]
+    return out
+
+
+def test_reduction_normalize_and_matmul_shortcuts_give_the_kernels_shape_strides_and_dtype():
+    """Attention and norm code (means, sums, maxima and vector norms over given dimensions,
+    F.normalize, matrix products) answered from the inputs' shapes match the kernels, or leave
+    it to them."""
+    from se_inject.shapes import _shortcut
+
+    T = torch.Tensor
+    taken = 0
+
+    def check(func, args, kwargs):
+        nonlocal taken
+        try:
+            want = func(*args, **kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            assert _shortcut(func, args, kwargs) is None, (func, args, kwargs)
+            return
+        got = _shortcut(func, args, kwargs)
+        if got is not None:
+            taken += 1
+            assert _layout(got) == _layout(want), \
+                (func, [(_layout(a) if isinstance(a, torch.Tensor) else a) for a in args], kwargs)
+
+    for x in _reduced_inputs():
+        r = x.dim()
+        dims = [*range(-r, r), (0, -1), [r - 1], (0, 0), ()]
+        for d in dims:
+            for keep in (True, False):
+                check(T.mean, (x, d), {"keepdim": keep})
+                check(torch.sum, (x, d, keep), {})
+                check(T.amax, (x,), {"dim": d, "keepdim": keep})
+                check(T.norm, (x,), {"dim": d, "keepdim": keep})
+                check(T.norm, (x, 1, d, keep), {})
+                check(T.norm, (x,), {"p": 2, "dim": d, "keepdim": keep, "dtype": None})
+                check(torch.norm, (x, "fro", d), {})
+                check(torch.linalg.vector_norm, (x, float("inf"), d, keep), {})
+                check(torch.linalg.vector_norm, (x,), {"dim": d, "keepdim": keep})
+            check(T.mean, (x, d), {"dtype": torch.float64})  # left to the kernel
+            check(F.normalize, (x,), {"dim": d} if isinstance(d, int) else {})
+            check(F.normalize, (x, 1.0, d if isinstance(d, int) else -1), {})
+    inputs = _reduced_inputs(300)
+    g = torch.Generator().manual_seed(4)
+    for i, a in enumerate(inputs):
+        rank = int(torch.randint(1, 5, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1, 4, (rank,), generator=g)]
+        if rank >= 2:
+            shape[-2] = a.shape[-1]
+        elif i % 2:
+            shape[-1] = a.shape[-1]
+        b = torch.empty(shape, dtype=a.dtype if i % 9 else torch.float32, device="meta")
+        if i % 3 == 1 and rank >= 2:
+            b = b.transpose(-1, -2).contiguous().transpose(-1, -2)
+        for func in (T.matmul, torch.matmul, T.__matmul__):
+            check(func, (a, b), {})
+    assert taken > 7000
