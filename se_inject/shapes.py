@@ -207,8 +207,8 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 def _reduction(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
     """A mean, sum, max or vector norm of a floating-point tensor over dimensions of more than
     one element each (attention's and LayerNorm-style code): contiguous whatever the input's
-    layout, as the kernels lay it out. A norm over a dimension of size 1 keeps the input's
-    strides instead; that, a dtype or an output argument are left to the kernel."""
+    layout, as the kernels lay it out. A reduction over a dimension of size 1 (a norm's output
+    then keeps the input's strides), a dtype or an output argument are left to the kernel."""
     names = _REDUCTIONS[func]
     if "dtype" in kwargs and kwargs["dtype"] is None:  # Tensor.norm passes its default on
         kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
@@ -217,7 +217,7 @@ def _reduction(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
         return None
     bound = {**dict(zip(names, args)), **kwargs}
     order = bound.get("p", bound.get("ord", 2))
-    if not (order == "fro" and "p" in names) and \
+    if not (isinstance(order, str) and order == "fro" and "p" in names) and \
             (isinstance(order, bool) or not isinstance(order, (int, float))):
         return None
     dim, keepdim = bound.get("dim"), bound.get("keepdim", False)
