@@ -239,6 +239,22 @@ def test_broadcast_shortcuts_give_the_kernels_shape_strides_and_dtype():
     assert taken > 2000  # the shortcut answered most cases; the kernel answered the rest
 
 
+def _laid_out(shape, dtype, kind: str, g: torch.Generator) -> torch.Tensor:
+    """A meta tensor of this shape and dtype laid out as ``kind`` says: "contiguous",
+    "channels_last" (4-D; contiguous otherwise), "permuted" (a random order of dimensions in
+    memory) or "sliced" (a view that skips the first element of each row)."""
+    if kind == "permuted":
+        perm = torch.randperm(len(shape), generator=g).tolist()
+        return torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
+            *[perm.index(d) for d in range(len(shape))])
+    if kind == "sliced":
+        return torch.empty([*shape[:-1], shape[-1] + 1], dtype=dtype, device="meta")[..., 1:]
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if kind == "channels_last" and len(shape) == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def _pooled_inputs():
     """4-D meta tensors: contiguous, channels-last, permuted, sliced and expanded, sizes 1 to 4
     (ambiguous layouts included), four floating dtypes and an integer one."""
@@ -248,18 +264,13 @@ def _pooled_inputs():
     for i in range(200):
         shape = [int(v) for v in torch.randint(1, 5, (4,), generator=g)]
         dtype = dtypes[i % len(dtypes)]
-        x = torch.empty(shape, dtype=dtype, device="meta")
         kind = i % 5
-        if kind == 1:
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif kind == 2:
-            perm = torch.randperm(4, generator=g).tolist()
-            x = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
-                *[perm.index(d) for d in range(4)])
-        elif kind == 3:
+        if kind == 3:
             x = torch.empty([*shape[:3], shape[3] + 2], dtype=dtype, device="meta")[..., 1:-1]
         elif kind == 4:
             x = torch.empty([shape[0], shape[1], 1, 1], dtype=dtype, device="meta").expand(shape)
+        else:
+            x = _laid_out(shape, dtype, ("contiguous", "channels_last", "permuted")[kind], g)
         out.append(x)
     return out
 
@@ -292,6 +303,9 @@ def test_squeeze_shortcuts_give_the_kernels_shape_strides_and_dtype():
     assert taken > 800
 
 
+_KINDS = ("contiguous", "channels_last", "permuted", "sliced")
+
+
 def _cat_cases():
     """Lists of 1 to 3 meta tensors of rank 1 to 5 that agree off the concatenated dimension,
     each contiguous, channels-last, permuted or sliced; sizes 1 to 4; dtypes mostly shared."""
@@ -308,17 +322,8 @@ def _cat_cases():
             shape[dim] = int(torch.randint(1, 5, (1,), generator=g))
             dtype = dtypes[int(torch.randint(0, 3, (1,), generator=g))] if i % 7 == 0 else \
                 torch.float32
-            t = torch.empty(shape, dtype=dtype, device="meta")
             kind = int(torch.randint(0, 4, (1,), generator=g))
-            if kind == 1 and rank == 4:
-                t = t.contiguous(memory_format=torch.channels_last)
-            elif kind == 2:
-                perm = torch.randperm(rank, generator=g).tolist()
-                t = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
-                    *[perm.index(d) for d in range(rank)])
-            elif kind == 3:
-                t = torch.empty([*shape[:-1], shape[-1] + 1], dtype=dtype, device="meta")[..., 1:]
-            tensors.append(t)
+            tensors.append(_laid_out(shape, dtype, _KINDS[kind], g))
         cases.append((tensors, dim))
     return cases
 
@@ -391,21 +396,14 @@ def _reduced_inputs(n: int = 120):
         rank = int(torch.randint(1, 6, (1,), generator=g))
         shape = [int(v) for v in torch.randint(1, 5, (rank,), generator=g)]
         dtype = dtypes[i % len(dtypes)]
-        x = torch.empty(shape, dtype=dtype, device="meta")
         kind = i % 6
-        if kind == 1 and rank == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        elif kind == 2:
-            perm = torch.randperm(rank, generator=g).tolist()
-            x = torch.empty([shape[p] for p in perm], dtype=dtype, device="meta").permute(
-                *[perm.index(d) for d in range(rank)])
-        elif kind == 3:
-            x = torch.empty([*shape[:-1], shape[-1] + 1], dtype=dtype, device="meta")[..., 1:]
-        elif kind == 4:
+        if kind == 4:
             x = torch.empty([1] * rank, dtype=dtype, device="meta").expand(shape)
         elif kind == 5:
             x = torch.empty([*shape[:-1], shape[-1] + 2], dtype=dtype, device="meta")[..., 2:]
             x = x[:1] if x.dim() > 1 else x  # a leading size of 1 with the old stride
+        else:
+            x = _laid_out(shape, dtype, _KINDS[kind], g)
         out.append(x)
     # sizes of 1 with strides out of order: a norm over them keeps the input's strides
     out += [torch.empty_strided((4, 3, 1, 1), (3, 1, 1, 12), device="meta"),
