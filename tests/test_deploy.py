@@ -144,6 +144,16 @@ def _acting(model) -> None:
         g.fc2.weight.data.normal_(0, 0.5)
 
 
+def _regate(model, input_size) -> None:
+    """README, "Changing a gated model": the gates' weights, the gates out, the gates in again,
+    every trained gate tensor loaded into a new gate."""
+    trained = {k: v for k, v in model.state_dict().items() if ".se_gate" in k}
+    se_inject.remove(model)
+    se_inject.apply(model, input_size=input_size)
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    assert not unexpected and not [k for k in missing if ".se_gate" in k]
+
+
 @torch.no_grad()
 def test_a_container_replaced_by_reparameterisation_keeps_the_gated_output():
     torch.manual_seed(0)
@@ -172,12 +182,7 @@ def test_a_flag_changed_after_apply_is_refused_and_regating_keeps_the_trained_ga
         fused(x)
     with pytest.raises(BlockChangedError, match="`fused`"):  # not a TraceError's leaf advice
         se_inject.plan(fused, input_size=(3, 16, 16))
-    # README, "Changing a gated model": the gates' weights, the gates out, the gates in again
-    trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
-    se_inject.remove(fused)
-    se_inject.apply(fused, input_size=(3, 16, 16))
-    missing, unexpected = fused.load_state_dict(trained, strict=False)
-    assert not unexpected and not [k for k in missing if ".se_gate" in k]
+    _regate(fused, (3, 16, 16))
     assert _rel(fused(x), ref) <= 1e-5
 
 
@@ -197,10 +202,7 @@ def test_timm_reparameterize_model_on_a_gated_model(name):
         with pytest.raises(se_inject.SEInjectError,
                            match="`dw_conv`, which was None .* is a Conv2d now"):
             fused(x)
-        trained = {k: v for k, v in fused.state_dict().items() if ".se_gate" in k}
-        se_inject.remove(fused)
-        se_inject.apply(fused, input_size=(3, 64, 64))
-        assert not fused.load_state_dict(trained, strict=False).unexpected_keys
+        _regate(fused, (3, 64, 64))
     assert len(gates(fused)) == len(gates(model))
     assert _rel(fused(x), ref) <= 1e-4
 
