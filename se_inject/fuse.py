@@ -5,7 +5,9 @@ norm into its convolution) and one kernel that applies the excitation, scales, a
 and runs the block's activation. Frozen, a gate on a 1x1 convolution and a norm takes that mean
 from the convolution's input where that reads fewer bytes (se_inject.gate.mean_through_linear):
 one pass over the gated tensor. On the CPU the excitation's two small layers are generated C++
-inside those kernels (se_inject.gate._excitation_fc) rather than calls to a matrix library."""
+inside those kernels (se_inject.gate._excitation_fc) rather than calls to a matrix library, and
+a frozen gate sums its pixels in chunks (se_inject.gate.squeeze_in_chunks), one parallel loop
+over whole pixels rather than one per block of channels."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +15,7 @@ import functools
 from torch import nn
 
 from .errors import InvalidArgumentError
-from .gate import SQUEEZE_THROUGH_LINEAR, ChannelGate
+from .gate import FROZEN, ChannelGate
 
 __all__ = ["fuse", "unfuse", "fused_settings"]
 
@@ -32,13 +34,14 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         into the convolution before it where no gate scales that branch) and lays weights out
         once instead of at every call; Inductor's channels-last layout optimisation stays off
         (see below). A gate on ``norm(conv1x1(h))`` averages ``h`` through the two layers
-        where that reads less than the gated tensor (gate.mean_through_linear). The compiled
-        code keeps the weights it saw: call ``fuse(model, freeze=True)`` again after loading
-        new weights. Dynamo would reuse the code compiled before for the same model object,
-        as its guards check the weights' identity, not their values; so freezing drops what
-        Dynamo has compiled for the forward functions of the model's module classes, and
-        other models of those classes compile again on their next call. Training steps are
-        compiled as without it.
+        where that reads less than the gated tensor (gate.mean_through_linear); on the CPU,
+        the squeeze sums equal chunks of pixels, then the chunks (gate.squeeze_in_chunks).
+        The compiled code keeps the weights it saw: call ``fuse(model, freeze=True)`` again
+        after loading new weights. Dynamo would reuse the code compiled before for the same
+        model object, as its guards check the weights' identity, not their values; so
+        freezing drops what Dynamo has compiled for the forward functions of the model's
+        module classes, and other models of those classes compile again on their next call.
+        Training steps are compiled as without it.
     Other args are torch.compile's. ``mode="max-autotune"`` searches kernel settings on GPU;
     ``options={"cpp_wrapper": True}`` calls the kernels from C++ rather than Python, which
     matters at batch 1, where each call costs about as much as a small kernel (compiling
@@ -60,7 +63,7 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     if freeze:
         _drop_compiled_code(model)
         for gate in _gates(model):
-            gate.__dict__[SQUEEZE_THROUGH_LINEAR] = True
+            gate.__dict__[FROZEN] = True
     model.compile(backend=backend, mode=mode, dynamic=dynamic, options=compile_options)
     if freeze:
         model._compiled_call_impl = _with_freezing(model._compiled_call_impl)
@@ -120,7 +123,7 @@ def unfuse(model: nn.Module) -> nn.Module:
     if model.__dict__.pop(_FUSED, None) is not None:
         model._compiled_call_impl = None
         for gate in _gates(model):
-            gate.__dict__.pop(SQUEEZE_THROUGH_LINEAR, None)
+            gate.__dict__.pop(FROZEN, None)
     return model
 
 

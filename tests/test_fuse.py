@@ -150,7 +150,9 @@ class BottleneckNet(nn.Module):
 
 
 def _squeezed_channels(net, x, freeze):
-    """Channels of every tensor the gates' squeezes average, in the graph Dynamo captures."""
+    """Every reduction of a 4-D tensor over its pixels in the graph Dynamo captures, and the
+    tensor's channels: ("mean", C), or ("chunks", C) for a frozen gate's squeeze on the CPU
+    (gate.squeeze_in_chunks, which starts by turning the map channels-last)."""
     graphs = []
 
     def capture(gm, example_inputs, **options):
@@ -161,8 +163,10 @@ def _squeezed_channels(net, x, freeze):
     with torch.no_grad():
         net(x)
     (gm,) = graphs
-    return [n.args[0].meta["example_value"].shape[1] for n in gm.graph.nodes
-            if n.target in ("mean", torch.mean) and n.args[0].meta["example_value"].dim() == 4]
+    inputs = [(n, n.args[0].meta["example_value"]) for n in gm.graph.nodes
+              if n.target in ("mean", torch.mean, "permute")]
+    return [("chunks" if n.target == "permute" else "mean", v.shape[1]) for n, v in inputs
+            if v.dim() == 4]
 
 
 def test_frozen_gates_average_a_1x1_convolutions_input_where_that_reads_less():
@@ -174,23 +178,52 @@ def test_frozen_gates_average_a_1x1_convolutions_input_where_that_reads_less():
     randomize_norms(net)
     se_inject.apply(net, input_size=(3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
-    assert _squeezed_channels(net, x, freeze=False) == [32, 32, 256, 256]   # (the head's last)
-    assert _squeezed_channels(net, x, freeze=True) == [8, 8, 256, 256]
+    assert _squeezed_channels(net, x, freeze=False) == [("mean", 32), ("mean", 32),
+                                                        ("mean", 256), ("mean", 256)]  # (head)
+    assert _squeezed_channels(net, x, freeze=True) == [("chunks", 8), ("chunks", 8),
+                                                       ("chunks", 256), ("mean", 256)]
     eager = copy.deepcopy(net)
     se_inject.fuse(net, freeze=True)
     with torch.no_grad():
         torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-5)
     se_inject.unfuse(net)                                   # eager again: its own squeeze
-    from se_inject.gate import SQUEEZE_THROUGH_LINEAR
-    assert not any(SQUEEZE_THROUGH_LINEAR in g.__dict__ for g in net.modules())
+    from se_inject.gate import FROZEN
+    assert not any(FROZEN in g.__dict__ for g in net.modules())
     with torch.no_grad():
         assert torch.equal(net(x), eager(x))
+
+
+@pytest.mark.parametrize("size", [(56, 56), (7, 7), (13, 13), (2, 3), (1, 1)])
+@pytest.mark.parametrize("how", ["avg", "max"])
+def test_a_squeeze_in_chunks_of_pixels_is_the_squeeze_over_all_of_them(size, how):
+    # 56x56 and 7x7 split into 8 and 7 chunks; 13x13 and 2x3 cannot be split into equal
+    # chunks of 4 pixels or more (nor 1x1), and are reduced at once
+    from se_inject.gate import squeeze_in_chunks
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, *size)
+    want = x.mean((2, 3)) if how == "avg" else x.amax((2, 3))
+    for layout in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.testing.assert_close(squeeze_in_chunks(layout, how), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", [dict(gate="se", squeeze="max"), dict(gate="eca"),
+                                  dict(gate="ese")])
+def test_frozen_gates_of_every_kind_squeeze_in_chunks_and_match_eager(gate):
+    # the max squeeze and the other gates take the same chunked squeeze when frozen
+    torch.manual_seed(0)
+    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32), **gate)
+    eager = copy.deepcopy(net)
+    x = torch.randn(2, 3, 32, 32)
+    assert [k for k, _ in _squeezed_channels(net, x, freeze=True)] == ["chunks", "chunks", "mean"]
+    se_inject.fuse(net, freeze=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["plain", "no-bias", "no-affine", "no-norm", "3x3", "stride-2",
                                   "training", "max", "not-frozen", "eager"])
 def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
-    from se_inject.gate import SQUEEZE_THROUGH_LINEAR, mean_through_linear
+    from se_inject.gate import FROZEN, mean_through_linear
     torch.manual_seed(0)
     k, stride = (3, 1) if case == "3x3" else (1, 2) if case == "stride-2" else (1, 1)
     conv = nn.Conv2d(8, 32, k, stride, bias=case != "no-bias").eval()
@@ -203,7 +236,7 @@ def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
         bn.train(case == "training")
     gate = se_inject.SEGate(32, spec=se_inject.GateSpec(squeeze="max" if case == "max" else "avg"))
     if case != "not-frozen":
-        gate.__dict__[SQUEEZE_THROUGH_LINEAR] = True
+        gate.__dict__[FROZEN] = True
     h = torch.randn(2, 8, 16, 16)
 
     def squeeze(h):
