@@ -70,7 +70,7 @@ FROZEN = "_se_inject_frozen"
 
 def _chunks(pixels: int) -> int:
     """How many equal chunks ``squeeze_in_chunks`` splits ``pixels`` into: the most, up to 8,
-    that leaves at least 4 pixels in each; 1 where none does (a prime number of pixels)."""
+    that leaves at least 4 pixels in each; 1 where none does (13 x 13, or a prime number)."""
     return next((t for t in range(8, 1, -1) if pixels % t == 0 and pixels // t >= 4), 1)
 
 
