@@ -96,10 +96,10 @@ def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:
     return parts.amax(2).amax(1)
 
 
-def _frozen_on_cpu(gate: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``gate`` runs in code compiled with freezing (not exported) on the CPU."""
+def _compiled_frozen(gate: nn.Module) -> bool:
+    """Whether ``gate`` runs in code compiled with freezing (not exported)."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
-        and getattr(gate, FROZEN, False) and x.device.type == "cpu"  # (fx's proxies: no device)
+        and getattr(gate, FROZEN, False)
 
 
 def linear_producer(conv: nn.Module, norm: nn.Module | None) -> bool:
@@ -125,10 +125,8 @@ def mean_through_linear(gate: nn.Module, h: torch.Tensor, conv: nn.Module,
     widen four times). Returns None, and the gate squeezes as usual, in every other case:
     where it would read more, eager (the reference), export, training-mode norms, a max
     squeeze, other layers, or a gate that fuse() did not mark."""
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() \
-            or not getattr(gate, FROZEN, False) \
-            or gate.spec.squeeze != "avg" or not linear_producer(conv, norm) \
-            or h.dim() != 4:
+    if not _compiled_frozen(gate) or gate.spec.squeeze != "avg" \
+            or not linear_producer(conv, norm) or h.dim() != 4:
         return None
     n, c_in, hw, c_out = h.shape[0], h.shape[1], h.shape[2] * h.shape[3], conv.out_channels
     if n * c_in * hw + c_out * c_in >= n * c_out * hw:
@@ -200,7 +198,7 @@ class ChannelGate(nn.Module):
         CPU (``squeeze_in_chunks``)."""
         if squeezed is not None:
             return squeezed
-        if _frozen_on_cpu(self, x):
+        if _compiled_frozen(self) and x.device.type == "cpu":  # (fx's proxies: no device)
             return squeeze_in_chunks(x, self.spec.squeeze)
         return _squeeze(x, self.spec.squeeze).flatten(1)
 
