@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import InvalidArgumentError
 
@@ -68,10 +69,16 @@ def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
 FROZEN = "_se_inject_frozen"
 
 
-def _chunks(pixels: int) -> int:
+def _chunks(pixels) -> int:
     """How many equal chunks ``squeeze_in_chunks`` splits ``pixels`` into: the most, up to 8,
-    that leaves at least 4 pixels in each; 1 where none does (13 x 13, or a prime number)."""
-    return next((t for t in range(8, 1, -1) if pixels % t == 0 and pixels // t >= 4), 1)
+    that leaves at least 4 pixels in each; 1 where none does (13 x 13, or a prime number).
+
+    1 as well where the number is symbolic (compiled with dynamic shapes): deciding would make
+    Dynamo guard on its divisibility by each count tried, and compile again for new sizes
+    that the same code serves (statically_known_true asks without adding a guard)."""
+    return next((t for t in range(8, 1, -1)
+                 if statically_known_true(pixels % t == 0)
+                 and statically_known_true(pixels // t >= 4)), 1)
 
 
 def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:

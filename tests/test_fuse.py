@@ -220,6 +220,26 @@ def test_frozen_gates_of_every_kind_squeeze_in_chunks_and_match_eager(gate):
         torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_with_dynamic_shapes_one_graph_serves_every_size():
+    # with symbolic sizes the squeeze is not split (deciding would guard on divisibility by
+    # each count and compile again for each new size); outputs stay the eager model's
+    net = se_inject.apply(_net().eval(), input_size=(3, 32, 32))
+    eager = copy.deepcopy(net)
+    graphs = []
+
+    def capture(gm, example_inputs, **options):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    se_inject.fuse(net, freeze=True, dynamic=True, backend=capture)
+    with torch.no_grad():
+        for size in (32, 48, 26, 40, 36):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(net(x), eager(x), rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
+
+
 @pytest.mark.parametrize("case", ["plain", "no-bias", "no-affine", "no-norm", "3x3", "stride-2",
                                   "training", "max", "not-frozen", "eager"])
 def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
