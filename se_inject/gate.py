@@ -82,9 +82,9 @@ def _chunks(pixels) -> int:
 
 
 def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:
-    """The squeeze of an (N, C, H, W) tensor as an (N, C) matrix, reduced over equal chunks of
-    pixels and then over the chunks: the same numbers as ``mean``/``amax`` over (H, W), up to
-    the order of the sum.
+    """The squeeze of an (N, C, H, W) tensor as an (N, C) matrix, on the CPU reduced over equal
+    chunks of pixels and then over the chunks (elsewhere at once): the same numbers as
+    ``mean``/``amax`` over (H, W), up to the order of the sum.
 
     For Inductor's C++ code on frozen feature maps, which oneDNN's convolutions hand over
     channels-last: a reduction over all the pixels at once becomes one parallel loop over the
@@ -94,7 +94,7 @@ def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:
     (README.md, "Fused fast path")."""
     n, c, h, w = x.shape
     pixels = h * w
-    t = _chunks(pixels)
+    t = _chunks(pixels) if x.device.type == "cpu" else 1
     if t == 1:
         return _squeeze(x, how).flatten(1)
     parts = x.permute(0, 2, 3, 1).reshape(n, t, pixels // t, c)
@@ -138,8 +138,7 @@ def mean_through_linear(gate: nn.Module, h: torch.Tensor, conv: nn.Module,
     n, c_in, hw, c_out = h.shape[0], h.shape[1], h.shape[2] * h.shape[3], conv.out_channels
     if n * c_in * hw + c_out * c_in >= n * c_out * hw:
         return None  # reading h and the weights costs more than reading the gated tensor
-    m = squeeze_in_chunks(h, "avg") if h.device.type == "cpu" else h.mean((2, 3))
-    s = _excitation_fc(conv, m)   # (on the CPU, generated inside the kernel)
+    s = _excitation_fc(conv, squeeze_in_chunks(h, "avg"))  # (CPU: generated in the kernel)
     if norm is not None:
         s = (s - norm.running_mean) * torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:
@@ -205,7 +204,7 @@ class ChannelGate(nn.Module):
         CPU (``squeeze_in_chunks``)."""
         if squeezed is not None:
             return squeezed
-        if _compiled_frozen(self) and x.device.type == "cpu":  # (fx's proxies: no device)
+        if _compiled_frozen(self):
             return squeeze_in_chunks(x, self.spec.squeeze)
         return _squeeze(x, self.spec.squeeze).flatten(1)
 

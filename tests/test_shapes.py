@@ -270,7 +270,7 @@ def _pooled_inputs():
         elif kind == 4:
             x = torch.empty([shape[0], shape[1], 1, 1], dtype=dtype, device="meta").expand(shape)
         else:
-            x = _laid_out(shape, dtype, ("contiguous", "channels_last", "permuted")[kind], g)
+            x = _laid_out(shape, dtype, _KINDS[kind], g)
         out.append(x)
     return out
 
