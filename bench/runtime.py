@@ -15,6 +15,13 @@ outputs, relative to their largest value).
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
                             [--no-freeze] [--options '{"cpp_wrapper": true}'] [--out FILE]
+    python bench/runtime.py --split [--models ...] [--rounds 40]
+
+--split (CPU) says where the fused batch-1 overhead goes instead: plain and gated models, both
+frozen, profiled call by call (torch.profiler, with Inductor's kernels recording themselves),
+split into convolutions, matrix products, Inductor's generated kernels and the rest (Python
+between the calls, allocation, Dynamo's guards; the profiler's own cost lands here too), with
+the whole call also timed without the profiler in each round.
 
 A --models entry may name the rule to gate with: ``mobilenetv2_100:inverted-residual`` (the
 paper's placement, after the projection) against the default ``inverted-residual-dw``.
@@ -186,6 +193,92 @@ def table(results: list[dict], device_name: str, rounds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What a profiled call is split into, by the name of the profiler's event.
+_PARTS = ("convolutions", "matrix products", "generated kernels")
+
+
+def _part(event: str) -> str | None:
+    if "convolution" in event:
+        return "convolutions"
+    if event.startswith("mkl::") or event in ("aten::addmm", "aten::mm", "aten::linear"):
+        return "matrix products"
+    if "cpp_fused" in event:
+        return "generated kernels"
+    return None
+
+
+def split(name: str, rounds: int, say, calls: int = 4) -> dict:
+    """Where the time of a frozen, fused batch-1 inference call goes, plain against gated.
+    Each round profiles ``calls`` calls of each model in turn, then times as many without the
+    profiler; per call, in µs (split_table takes the medians over rounds)."""
+    from torch._inductor import config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    torch._dynamo.reset()
+    models = build(name, torch.device("cpu"), channels_last=False)
+    models.pop("native", None)
+    x = torch.randn(1, *models["base"].pretrained_cfg["input_size"])
+    fused = {k: se_inject.fuse(m.eval(), freeze=True) for k, m in models.items()}
+    with torch.no_grad(), inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        for k, m in fused.items():
+            t = time.perf_counter()
+            for _ in range(2):  # compile and warm up
+                m(x)
+            say(f"  {k} fused: ready in {time.perf_counter() - t:.1f} s")
+    parts: dict[str, list[dict]] = {k: [] for k in fused}
+    with torch.no_grad():
+        for r in range(rounds):
+            for k in (fused if r % 2 == 0 else reversed(list(fused))):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    t = time.perf_counter()
+                    for _ in range(calls):
+                        fused[k](x)
+                    wall = (time.perf_counter() - t) / calls * 1e6
+                got = dict.fromkeys(_PARTS, 0.0)
+                for e in prof.key_averages():
+                    part = _part(e.key)
+                    if part:
+                        got[part] += e.self_cpu_time_total / calls
+                got["the rest"] = wall - sum(got[p] for p in _PARTS)
+                got["call"] = wall
+                t = time.perf_counter()
+                for _ in range(calls):
+                    fused[k](x)
+                got["call, not profiled"] = (time.perf_counter() - t) / calls * 1e6
+                parts[k].append(got)
+            say(f"  round {r + 1}/{rounds}")
+    return {"model": name, "parts": parts}
+
+
+def split_table(results: list[dict], device_name: str, rounds: int) -> str:
+    lines = [f"# Where the fused batch-1 overhead goes, {device_name}", "",
+             "Frozen inference (`fuse(freeze=True)`), profiled with torch.profiler (Inductor's "
+             f"kernels recording themselves); µs per call, medians over {rounds} rounds. A "
+             "share is the median over rounds of the part's difference divided by the plain "
+             "model's call in the same round; the difference in µs is that share of the median "
+             "plain call. Times include the profiler's own cost, most of it in 'the rest' (the "
+             "gated model records more events); the last row times the same calls without the "
+             "profiler, in the same rounds.", "",
+             "| model | part | plain µs | gated µs | gated − plain µs | share of the plain call |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        p = r["parts"]
+        for part in _PARTS + ("the rest", "call", "call, not profiled"):
+            a = statistics.median(g[part] for g in p["base"])
+            b = statistics.median(g[part] for g in p["gated"])
+            # each round's difference as a share of that round's plain call, so that the
+            # machine's speed drifting between rounds moves both alike
+            ref = "call, not profiled" if part == "call, not profiled" else "call"
+            share = statistics.median((y[part] - x[part]) / x[ref]
+                                      for x, y in zip(p["base"], p["gated"]))
+            label = {"call": "whole call", "call, not profiled": "whole call, not profiled"
+                     }.get(part, part)
+            d = share * statistics.median(g[ref] for g in p["base"])
+            lines.append(f"| {r['model']} | {label} | {a:.0f} | {b:.0f} | {d:+.0f} "
+                         f"| {share:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def _cpu_name() -> str:
     """The processor's model name (Linux), or just "CPU"."""
     try:
@@ -210,8 +303,28 @@ def main() -> None:
     ap.add_argument("--options", type=json.loads, default=None,
                     help='Inductor options for the fused models, JSON: {"cpp_wrapper": true}')
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--split", action="store_true",
+                    help="CPU: where the fused batch-1 inference overhead goes (see above)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
+
+    def say(msg):
+        print(msg, file=sys.stderr, flush=True)
+    if args.split:
+        if cuda:
+            ap.error("--split profiles CPU runs only")
+        device_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
+        results = []
+        names = args.models.split(",")
+        for i, m in enumerate(names, 1):
+            say(f"[{i}/{len(names)}] {m}: split")
+            results.append(split(m, args.rounds, say))
+        text = split_table(results, device_name, args.rounds)
+        out = args.out or Path("bench/out/runtime_split_cpu.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(text)
+        return
     device = torch.device("cuda" if cuda else "cpu")
     device_name = torch.cuda.get_device_name() if cuda else \
         f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
@@ -224,9 +337,6 @@ def main() -> None:
     jobs = [(m, mode, b) for m in args.models.split(",") for mode in args.modes.split(",")
             for b in batches]
     results = []
-
-    def say(msg):
-        print(msg, file=sys.stderr, flush=True)
     for i, (m, mode, b) in enumerate(jobs, 1):
         say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
         results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
