@@ -308,26 +308,28 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
 
+    cpu_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
+
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
+
+    def emit(text: str, default: str) -> None:
+        out = args.out or Path("bench/out") / default
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(text)
     if args.split:
         if cuda:
             ap.error("--split profiles CPU runs only")
-        device_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
         results = []
         names = args.models.split(",")
         for i, m in enumerate(names, 1):
             say(f"[{i}/{len(names)}] {m}: split")
             results.append(split(m, args.rounds, say))
-        text = split_table(results, device_name, args.rounds)
-        out = args.out or Path("bench/out/runtime_split_cpu.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(text)
+        emit(split_table(results, cpu_name, args.rounds), "runtime_split_cpu.md")
         return
     device = torch.device("cuda" if cuda else "cpu")
-    device_name = torch.cuda.get_device_name() if cuda else \
-        f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
+    device_name = torch.cuda.get_device_name() if cuda else cpu_name
     if cuda:
         device_name += ", bf16 autocast, channels_last"
     device_name += "; fused inference " + ("without" if args.no_freeze else "with") + " freezing"
@@ -341,11 +343,7 @@ def main() -> None:
         say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
         results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
                                freeze=not args.no_freeze, options=args.options))
-    text = table(results, device_name, args.rounds)
-    out = args.out or Path("bench/out") / f"runtime_{'gpu' if cuda else 'cpu'}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    emit(table(results, device_name, args.rounds), f"runtime_{'gpu' if cuda else 'cpu'}.md")
 
 
 if __name__ == "__main__":
