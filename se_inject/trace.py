@@ -384,6 +384,18 @@ class UnpackingTracer(fx.Tracer):
             return {k: self.create_arg(v) for k, v in a.items()}
         return super().create_arg(a)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        """fx's create_node, with the arguments attached once the node exists: fx's graph
+        walks every argument of a call through pytree to warn of raw symbolic integers,
+        which a trace with proxies never passes (a twentieth of a small model's apply)."""
+        if not (args or kwargs) or self.check_mutable_operations:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, (), {}, name, type_expr)
+        node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def call_module(self, m, forward, args, kwargs):
         """fx's call_module, without the scope and module-stack bookkeeping: the module
         stack stays empty, so no node gets ``meta["nn_module_stack"]``.
