@@ -235,17 +235,37 @@ def _reduction(func, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
     return torch.empty(shape, dtype=x.dtype, device="meta")
 
 
+def _dense_in_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The strides of a dense tensor of ``x``'s shape whose dimensions lie in memory in the
+    order of ``x``'s strides: what an elementwise kernel gives where ``x`` is its first operand
+    and orders every pair of dimensions (every size over 1, every stride distinct and not 0),
+    dense or not (a slice of attention's interleaved q, k, v). None otherwise."""
+    strides = x.stride()
+    if any(n < 2 for n in x.shape) or 0 in strides or len(set(strides)) < len(strides):
+        return None
+    out, step = [0] * x.dim(), 1
+    for d in sorted(range(x.dim()), key=strides.__getitem__):
+        out[d] = step
+        step *= x.shape[d]
+    return tuple(out)
+
+
 def _normalize(x: torch.Tensor, p=2.0, dim=1, eps=1e-12, out=None, *more, **rest
                ) -> torch.Tensor | None:
-    """F.normalize of a contiguous floating-point tensor: contiguous too (other layouts are
-    laid out by the division's operands, and are left to the kernel)."""
+    """F.normalize of a floating-point tensor, ``x / norm(x).expand_as(x)``: contiguous for a
+    contiguous ``x``; where ``x`` orders every pair of dimensions by itself, dense in its order
+    (``_dense_in_order``); other layouts are left to the kernel."""
     rank = x.dim()
     if more or rest or out is not None or not x.is_floating_point() or rank == 0 \
             or isinstance(p, bool) or not isinstance(p, (int, float)) \
-            or not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank \
-            or x.stride() != _contiguous_strides(x.shape):
+            or not isinstance(dim, int) or isinstance(dim, bool) or not -rank <= dim < rank:
         return None
-    return _empty_strided_as(x)
+    if x.stride() == _contiguous_strides(x.shape):
+        return _empty_strided_as(x)
+    strides = _dense_in_order(x)
+    if strides is None:
+        return None
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype, device="meta")
 
 
 def _matmul(a: torch.Tensor, b=None, *more, **rest) -> torch.Tensor | None:

@@ -450,6 +450,20 @@ def test_reduction_normalize_and_matmul_shortcuts_give_the_kernels_shape_strides
             check(T.mean, (x, d), {"dtype": torch.float64})  # left to the kernel
             check(F.normalize, (x,), {"dim": d} if isinstance(d, int) else {})
             check(F.normalize, (x, 1.0, d if isinstance(d, int) else -1), {})
+    # one of several tensors interleaved in memory in a random order of dimensions (attention's
+    # q, k and v after unbind): the normalized tensor is laid out by the input's strides alone
+    # where every size is over 1
+    g = torch.Generator().manual_seed(5)
+    before = taken
+    for i in range(200):
+        rank = int(torch.randint(2, 5, (1,), generator=g))
+        shape = [int(v) for v in torch.randint(1 if i % 4 == 0 else 2, 5, (rank,), generator=g)]
+        at = int(torch.randint(0, rank + 1, (1,), generator=g))
+        whole = _laid_out([*shape[:at], 3, *shape[at:]], torch.float32, "permuted", g)
+        x = whole.select(at, i % 3)
+        for d in range(-rank, rank):
+            check(F.normalize, (x,), {"dim": d})
+    assert taken - before > 500
     inputs = _reduced_inputs(300)
     g = torch.Generator().manual_seed(4)
     for i, a in enumerate(inputs):
