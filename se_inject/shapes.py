@@ -83,13 +83,21 @@ def _norm_act(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 @functools.cache
 def _foreign_rules() -> dict[type, Callable]:
-    """Rules for forwards defined outside torch.nn (timm's, where timm is installed)."""
+    """Rules for forwards defined outside torch.nn (timm's, where timm is installed): its
+    norm+activation layers, and its own activation modules (elementwise, as torch's: timm's
+    "gelu" is one of them), which run on meta tensors otherwise, some 50 us each."""
     try:
-        from timm.layers import norm_act
+        from timm.layers import activations, norm_act
     except ImportError:
         return {}
-    classes = (getattr(norm_act, n, None) for n in ("BatchNormAct2d", "GroupNormAct"))
-    return {c: _norm_act for c in classes if isinstance(c, type) and "forward" in c.__dict__}
+    rules = {getattr(norm_act, n, None): _norm_act for n in ("BatchNormAct2d", "GroupNormAct")}
+    rules.update({getattr(activations, n, None): _same for n in _TIMM_ACTIVATIONS})
+    return {c: r for c, r in rules.items() if isinstance(c, type) and "forward" in c.__dict__}
+
+
+# timm.layers.activations' modules whose forward is an elementwise function of the input
+_TIMM_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "Swish", "Mish",
+                     "HardSigmoid", "HardSwish", "HardMish")
 
 
 def _shape_rule(m: nn.Module) -> Callable | None:

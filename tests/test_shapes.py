@@ -1,4 +1,6 @@
 """Shape propagation on meta tensors agrees with running the real layers."""
+import inspect
+
 import pytest
 import torch
 import torch.fx as fx
@@ -353,8 +355,42 @@ def _norm_acts():
 
     odd = BatchNormAct2d(8)
     odd.act = Clamp()
+    from timm.layers.activations import GELU
     return [BatchNormAct2d(8, act_layer=nn.SiLU), BatchNormAct2d(8, act_layer=nn.ReLU6),
-            BatchNormAct2d(8, drop_layer=nn.Dropout2d), GroupNormAct(8, num_groups=4), odd]
+            BatchNormAct2d(8, act_layer=GELU), BatchNormAct2d(8, drop_layer=nn.Dropout2d),
+            GroupNormAct(8, num_groups=4), odd]
+
+
+def _timm_activations():
+    from timm.layers import activations
+    from se_inject.shapes import _TIMM_ACTIVATIONS
+    out = []
+    for name in _TIMM_ACTIVATIONS:
+        cls = getattr(activations, name)
+        out.append(cls())
+        if "inplace" in inspect.signature(cls).parameters:
+            out.append(cls(inplace=True))
+    return out
+
+
+@pytest.mark.parametrize("layer", _timm_activations(),
+                         ids=lambda m: f"{type(m).__name__}-{getattr(m, 'inplace', False)}")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "permuted"])
+def test_timm_activations_are_answered_with_their_real_shape_strides_and_dtype(layer, layout):
+    """timm's own activation modules keep their input's shape, strides and dtype, as the rule
+    that answers them says; a subclass with a forward of its own is run instead."""
+    from se_inject.shapes import _same
+    g = torch.Generator().manual_seed(6)
+    x = _laid_out((2, 8, 5, 7), torch.float32, layout, g)
+    real = layer(torch.empty_strided(x.shape, x.stride()).normal_(generator=g))
+    assert _shape_rule(layer) is _same
+    assert _layout(real) == _layout(x)
+
+    class Narrower(type(layer)):
+        def forward(self, x):
+            return super().forward(x)[:, :2]
+
+    assert _shape_rule(Narrower()) is None
 
 
 @pytest.mark.parametrize("layer", _norm_acts(), ids=lambda m: f"{type(m).__name__}-"
