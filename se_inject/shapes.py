@@ -81,6 +81,11 @@ def _norm_act(m: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return _empty_as(x)
 
 
+# timm.layers.activations' modules whose forward is an elementwise function of the input
+_TIMM_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "Swish", "Mish",
+                     "HardSigmoid", "HardSwish", "HardMish")
+
+
 @functools.cache
 def _foreign_rules() -> dict[type, Callable]:
     """Rules for forwards defined outside torch.nn (timm's, where timm is installed): its
@@ -93,11 +98,6 @@ def _foreign_rules() -> dict[type, Callable]:
     rules = {getattr(norm_act, n, None): _norm_act for n in ("BatchNormAct2d", "GroupNormAct")}
     rules.update({getattr(activations, n, None): _same for n in _TIMM_ACTIVATIONS})
     return {c: r for c, r in rules.items() if isinstance(c, type) and "forward" in c.__dict__}
-
-
-# timm.layers.activations' modules whose forward is an elementwise function of the input
-_TIMM_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "Swish", "Mish",
-                     "HardSigmoid", "HardSwish", "HardMish")
 
 
 def _shape_rule(m: nn.Module) -> Callable | None:
