@@ -798,7 +798,7 @@ class _BlockTracer(UnpackingTracer):
         ContainerCall)."""
         if m is self._root or kwargs or len(args) != 1 or not isinstance(args[0], fx.Proxy):
             return super().trace_through(m, qualname, forward, args, kwargs)
-        last = next(reversed(self.graph.nodes), None)
+        last = next(iter(reversed(self.graph.nodes)), None)
         out = super().trace_through(m, qualname, forward, args, kwargs)
         made = []
         for node in reversed(self.graph.nodes):
