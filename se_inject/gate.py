@@ -46,12 +46,19 @@ def _fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     return F.linear(v, conv.weight.flatten(1), conv.bias)
 
 
+def _exporting() -> bool:
+    """torch.compiler.is_exporting(), read from its flag: in some torch releases (2.11 among
+    them) Dynamo answers the call itself with True under torch.compile too."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """``_fc`` for an SE gate's two layers. Compiled for the CPU (not exported), it is written as
     a multiply and a sum: Inductor then generates it inside the gate's own C++ kernel, with the
     squeeze, the scale and what consumes it, where a matrix product stays a separate call to
     MKL (~15-35 us each at batch 1, two per gate). Same numbers up to the order of the sum."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
+    if torch.compiler.is_compiling() and not _exporting() \
             and v.device.type == "cpu":  # (in this order: fx's proxies have no device)
         s = (v.unsqueeze(1) * conv.weight.flatten(1)).sum(-1)
         return s if conv.bias is None else s + conv.bias
@@ -105,7 +112,7 @@ def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:
 
 def _compiled_frozen(gate: nn.Module) -> bool:
     """Whether ``gate`` runs in code compiled with freezing (not exported)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting() \
+    return torch.compiler.is_compiling() and not _exporting() \
         and getattr(gate, FROZEN, False)
 
 
