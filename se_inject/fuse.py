@@ -2,9 +2,10 @@
 CPU, Triton on GPU). Inductor turns each gate into two passes over the gated tensor: the squeeze
 (a mean: in the pass of the norm before it, or a pass of its own where freezing has folded that
 norm into its convolution) and one kernel that applies the excitation, scales, adds the shortcut
-and runs the block's activation. Frozen, a gate on a 1x1 convolution and a norm takes that mean
-from the convolution's input where that reads fewer bytes (se_inject.gate.mean_through_linear):
-one pass over the gated tensor. On the CPU the excitation's two small layers are generated C++
+and runs the block's activation. Frozen on the CPU, a gate on a 1x1 convolution and a norm takes
+that mean from the convolution's input where that reads fewer bytes
+(se_inject.gate.mean_through_linear): one pass over the gated tensor (on a GPU its extra kernels
+cost more than that saves). On the CPU the excitation's two small layers are generated C++
 inside those kernels (se_inject.gate._excitation_fc) rather than calls to a matrix library, and
 a frozen gate sums its pixels in chunks (se_inject.gate.squeeze_in_chunks), one parallel loop
 over whole pixels rather than one per block of channels."""
@@ -33,8 +34,8 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
         the weights as constants, folds each norm into its convolution (and a residual sum
         into the convolution before it where no gate scales that branch) and lays weights out
         once instead of at every call; Inductor's channels-last layout optimisation stays off
-        (see below). A gate on ``norm(conv1x1(h))`` averages ``h`` through the two layers
-        where that reads less than the gated tensor (gate.mean_through_linear); on the CPU,
+        (see below). On the CPU, a gate on ``norm(conv1x1(h))`` averages ``h`` through the
+        two layers where that reads less than the gated tensor (gate.mean_through_linear), and
         the squeeze sums equal chunks of pixels, then the chunks (gate.squeeze_in_chunks).
         The compiled code keeps the weights it saw: call ``fuse(model, freeze=True)`` again
         after loading new weights. Dynamo would reuse the code compiled before for the same

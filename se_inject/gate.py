@@ -70,8 +70,8 @@ def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
 
 
 # A gate with this attribute set is compiled for inference with frozen weights (by
-# se_inject.fuse with freeze=True): it takes the mean of a tensor made by a 1x1 convolution and
-# a norm in eval mode from the convolution's input (mean_through_linear), and on the CPU it
+# se_inject.fuse with freeze=True): on the CPU it takes the mean of a tensor made by a 1x1
+# convolution and a norm in eval mode from the convolution's input (mean_through_linear), and
 # squeezes pixels in chunks (squeeze_in_chunks).
 FROZEN = "_se_inject_frozen"
 
@@ -132,15 +132,17 @@ def mean_through_linear(gate: nn.Module, h: torch.Tensor, conv: nn.Module,
     """The spatial mean of ``norm(conv(h))``, computed from ``h`` (N, C_in, H, W): the 1x1
     convolution and the norm applied to ``mean_hw(h)``, the same numbers up to rounding.
 
-    Compiled with freezing (``fuse(model, freeze=True)``), where the norm is folded into the
-    convolution and the gated tensor's mean would be a pass of its own over it, this reads
-    the convolution's input and weights instead: fewer bytes where the map has more pixels
-    than the input has channels (ResNet-50's stages 1 and 2 at 224x224, whose bottlenecks
-    widen four times). Returns None, and the gate squeezes as usual, in every other case:
-    where it would read more, eager (the reference), export, training-mode norms, a max
-    squeeze, other layers, or a gate that fuse() did not mark."""
+    Compiled with freezing (``fuse(model, freeze=True)``) for the CPU, where the norm is
+    folded into the convolution and the gated tensor's mean would be a pass of its own over
+    it, this reads the convolution's input and weights instead: fewer bytes where the map has
+    more pixels than the input has channels (ResNet-50's stages 1 and 2 at 224x224, whose
+    bottlenecks widen four times). Returns None, and the gate squeezes as usual, in every
+    other case: where it would read more, eager (the reference), export, training-mode norms,
+    a max squeeze, other layers, a gate that fuse() did not mark, and other devices. On a GPU
+    the extra kernels cost more than the bytes saved: a frozen gated ResNet-50 took 1.15x
+    (batch 1) and 1.30x (batch 32) the time it took without them (H200, bf16)."""
     if not _compiled_frozen(gate) or gate.spec.squeeze != "avg" \
-            or not linear_producer(conv, norm) or h.dim() != 4:
+            or not linear_producer(conv, norm) or h.dim() != 4 or h.device.type != "cpu":
         return None
     n, c_in, hw, c_out = h.shape[0], h.shape[1], h.shape[2] * h.shape[3], conv.out_channels
     if n * c_in * hw + c_out * c_in >= n * c_out * hw:

@@ -272,6 +272,22 @@ def test_mean_through_linear_is_the_mean_of_the_norm_of_the_convolution(case):
     else:                                                   # the gate squeezes u itself
         assert s.shape == (1,) and s.isnan().all()
 
+
+def test_mean_through_linear_squeezes_through_the_layers_on_the_cpu_only():
+    # on a GPU its extra kernels cost more than the pass over the gated tensor they save
+    # (README, GPU figures). Frozen compiled code is stood in for by patching its check.
+    from se_inject import gate as gate_module
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(8, 32, 1).eval(), nn.BatchNorm2d(32).eval()
+    randomize_norms(bn)
+    gate, h = se_inject.SEGate(32), torch.randn(2, 8, 16, 16)
+    with mock.patch.object(gate_module, "_compiled_frozen", return_value=True), torch.no_grad():
+        s = gate_module.mean_through_linear(gate, h, conv, bn)
+        torch.testing.assert_close(s, bn(conv(h)).mean((2, 3)), rtol=1e-5, atol=1e-6)
+        conv.to("meta"), bn.to("meta")
+        assert gate_module.mean_through_linear(gate, h.to("meta"), conv, bn) is None
+
+
 class NetWithGraphBreak(Net):
     def forward(self, x):
         h = self.blocks(self.stem(x))
