@@ -15,7 +15,14 @@ outputs, relative to their largest value).
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
                             [--no-freeze] [--options '{"cpp_wrapper": true}'] [--out FILE]
+    python bench/runtime.py --jobs 12 [--until $(( $(date +%s) + 600 ))] [...]
     python bench/runtime.py --split [--models ...] [--rounds 40]
+
+--jobs N prepares (builds and compiles) N configurations at once, each in a process of its own,
+and times them one at a time while the others are paused: on a machine with many cores the
+compiles, which take most of a GPU run, overlap, and no timing shares the machine with one.
+--until stops waiting for compiles when only the time to time what is ready is left, and
+names in the table what was left out.
 
 --split (CPU) says where the fused batch-1 overhead goes instead: plain and gated models, both
 frozen, profiled call by call (torch.profiler, with Inductor's kernels recording themselves),
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -77,17 +85,22 @@ def build(entry: str, device, channels_last: bool) -> dict[str, torch.nn.Module]
     return models
 
 
-def step_fn(model, mode: str, x, autocast):
+def step_fn(model, mode: str, x, autocast, cuda_graphs: bool = False):
+    # Inductor's CUDA graphs (option "triton.cudagraphs") replay into memory of their own:
+    # each call is a new step, whose outputs may overwrite the last one's
+    mark = torch.compiler.cudagraph_mark_step_begin if cuda_graphs else (lambda: None)
     if mode == "infer":
         model.eval()
 
         def run():
+            mark()
             with torch.no_grad(), autocast():
                 return model(x)
     else:
         model.train()
 
         def run():
+            mark()
             with autocast():
                 out = model(x)
             out.float().square().mean().backward()
@@ -96,8 +109,10 @@ def step_fn(model, mode: str, x, autocast):
     return run
 
 
-def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
-            say, freeze: bool = True, options: dict | None = None) -> dict:
+def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
+            freeze: bool = True, options: dict | None = None) -> dict:
+    """Build the models of one configuration, compile the fused ones and warm every variant up:
+    what time_rounds() then times."""
     cuda = device.type == "cuda"
     # Every configuration compiles fresh models of the same classes. Dynamo keeps compiled
     # code per Python function (here the model class's forward), up to 8 entries, and past
@@ -115,6 +130,7 @@ def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
             torch.autocast("cpu", enabled=False)
 
     variants = {f"{k} eager": m for k, m in models.items()}
+    graphs = cuda and bool((options or {}).get("triton.cudagraphs"))
     if fused:
         for k, m in models.items():
             variants[f"{k} fused"] = se_inject.fuse(copy.deepcopy(m).eval()
@@ -125,17 +141,45 @@ def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
     diffs = {}
     for label, m in variants.items():
         t = time.perf_counter()
-        runs[label] = step_fn(m, mode, x, autocast)
+        runs[label] = step_fn(m, mode, x, autocast, cuda_graphs=graphs and "fused" in label)
         for _ in range(2):       # compile (fused) and warm up
             runs[label]()
         if cuda:
             torch.cuda.synchronize()
         say(f"  {label}: ready in {time.perf_counter() - t:.1f} s")
         if label.endswith("fused") and mode == "infer":
-            eager = variants[label.replace("fused", "eager")]
-            with torch.no_grad(), autocast():
-                a, b = eager.eval()(x).float(), m.eval()(x).float()
-            diffs[label.split()[0]] = ((a - b).abs().max() / a.abs().max()).item()
+            diffs[label.split()[0]] = _errors(variants[label.replace("fused", "eager")], m, x,
+                                              autocast, graphs)
+    return {"model": name, "mode": mode, "batch": batch, "runs": runs, "diffs": diffs,
+            "cuda": cuda}
+
+
+def _errors(eager, fused, x, autocast, graphs: bool) -> tuple[float, float]:
+    """The fused model's output against the eager model's in fp32, and the eager model's own
+    under autocast against that (0 on the CPU, which runs fp32): max |difference| ÷ max
+    |reference|. Under bf16 the second is the yardstick for the first; a randomly initialised
+    Inception-v3 in eval mode has outputs near 1e12 and bf16 moves them by 3-20%."""
+    def rel(a, ref):
+        return ((a - ref).abs().max() / ref.abs().max()).item()
+    with torch.no_grad():
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False  # (matrix products: off by default)
+        try:
+            ref = eager.eval()(x).float()
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
+        with autocast():
+            low = eager(x).float()
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            out = fused.eval()(x).float()
+    return rel(out, ref), rel(low, ref)
+
+
+def time_rounds(prep: dict, rounds: int) -> dict:
+    """Time every variant of a prepare()d configuration once per round, in turn (the order
+    reversed every other round)."""
+    runs, cuda = prep["runs"], prep["cuda"]
     # iterations per timing: about 0.2 s of the slowest variant
     t = time.perf_counter()
     runs["gated eager"]()
@@ -154,8 +198,147 @@ def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
             if cuda:
                 torch.cuda.synchronize()
             times[label].append((time.perf_counter() - t) / iters)
-    return {"model": name, "mode": mode, "batch": batch, "times": times, "diffs": diffs,
-            "native": model_spec(name)[2]}
+    name = prep["model"]
+    return {"model": name, "mode": prep["mode"], "batch": prep["batch"], "times": times,
+            "diffs": prep["diffs"], "native": model_spec(name)[2]}
+
+
+def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
+            say, freeze: bool = True, options: dict | None = None) -> dict:
+    return time_rounds(prepare(name, mode, batch, device, fused, say, freeze, options), rounds)
+
+
+def _setup() -> None:
+    """Settings of every process that times."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # see prepare()
+
+
+def _worker(job: tuple, device_type: str, kw: dict, rounds: int, conn) -> None:
+    """One configuration in its own process (run_parallel): prepare, say so, wait for the
+    driver's word, time, send the result."""
+    os.setpgrp()  # a process group of its own, which Inductor's compile workers join
+    _setup()
+    name, mode, batch = job
+
+    def say(msg):
+        print(f"[{name} {mode} {batch}]{msg}", file=sys.stderr, flush=True)
+    try:
+        prep = prepare(name, mode, batch, torch.device(device_type), say=say, **kw)
+        conn.send(("ready", None))
+        conn.recv()
+        conn.send(("done", time_rounds(prep, rounds)))
+    except Exception as e:  # the driver reports it beside the table
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):  # not yet in a group of its own, or gone
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_parallel(jobs: list[tuple], device, kw: dict, rounds: int, n: int, until: float,
+                 say, done) -> dict[tuple, str]:
+    """Prepare (build and compile) up to ``n`` configurations at once, each in a process of
+    its own, and time them one at a time while the others are paused (SIGSTOP, with their
+    compile workers), so that no timing shares the machine with a compile. A configuration
+    is timed once there is no time left to wait for the others, or none is left compiling.
+    ``until`` (time.time()) is when the last timing must end: what cannot be prepared and
+    timed by then is left out. ``done(result)`` is called as each is timed. Returns why each
+    configuration left out was left out."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked process
+    # Inductor compiles kernels in a pool of processes, one per core by default, in each
+    # configuration's process: share the cores out instead.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS",
+                          str(max(2, min(8, 4 * (os.cpu_count() or 1) // min(n, len(jobs))))))
+    waiting = list(jobs)
+    compiling: dict[tuple, tuple] = {}
+    ready: list[tuple] = []
+    left_out: dict[tuple, str] = {}
+    per_job = 20.0  # seconds one timing takes: a guess until one has been timed
+
+    def start_more():
+        while waiting and len(compiling) + len(ready) < n:
+            job = waiting.pop(0)
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(job, device.type, kw, rounds, there),
+                               daemon=True)
+            proc.start()
+            compiling[job] = procs[job] = (proc, here)
+            say(f"[{job[0]} {job[1]} {job[2]}] preparing")
+
+    def poll():
+        for job, (proc, conn) in list(compiling.items()):
+            if conn.poll():
+                kind, what = conn.recv()
+                if kind == "ready":
+                    ready.append(job)
+                    del compiling[job]
+                    say(f"[{job[0]} {job[1]} {job[2]}] ready")
+                    continue
+                left_out[job] = what
+            elif proc.is_alive():
+                continue
+            else:
+                left_out[job] = f"its process ended (exit code {proc.exitcode})"
+            del compiling[job]
+            say(f"[{job[0]} {job[1]} {job[2]}] left out: {left_out[job]}")
+
+    procs: dict[tuple, tuple] = {}
+    timed = 0
+    start_more()
+    while compiling or ready or waiting:
+        # wait for compiles while there would still be time to time every one of them
+        while compiling and (time.time() < until - per_job * (len(ready) + len(compiling))
+                             or (not ready and time.time() < until - per_job)):
+            time.sleep(0.5)
+            poll()
+        poll()
+        if not ready and not compiling:  # every one of them failed: start the next ones
+            start_more()
+            continue
+        if not ready:  # no time left for those still compiling
+            for job, (proc, _) in compiling.items():
+                _signal_group(proc.pid, signal.SIGKILL)
+                left_out[job] = "not prepared in time"
+            compiling.clear()
+            for job in waiting:
+                left_out[job] = "not started in time"
+            waiting.clear()
+            break
+        for proc, _ in compiling.values():
+            _signal_group(proc.pid, signal.SIGSTOP)
+        ready.sort(key=jobs.index)
+        while ready:
+            job = ready.pop(0)
+            proc, conn = procs[job]
+            if time.time() + per_job > until:
+                _signal_group(proc.pid, signal.SIGKILL)
+                left_out[job] = "not timed in time"
+                continue
+            t = time.time()
+            conn.send("go")
+            kind, what = conn.recv()
+            took = time.time() - t
+            per_job = 1.2 * took if timed == 0 else max(per_job, 1.2 * took)
+            timed += 1
+            proc.join()
+            if kind == "done":
+                done(what)
+                say(f"[{job[0]} {job[1]} {job[2]}] timed in {took:.0f} s")
+            else:
+                left_out[job] = what
+        for proc, _ in compiling.values():
+            _signal_group(proc.pid, signal.SIGCONT)
+        start_more()
+    return left_out
 
 
 def ratio(times, a: str, b: str) -> str:
@@ -166,7 +349,8 @@ def ratio(times, a: str, b: str) -> str:
     return f"{med:.3f} ({q1:.3f}–{q3:.3f})"
 
 
-def table(results: list[dict], device_name: str, rounds: int) -> str:
+def table(results: list[dict], device_name: str, rounds: int,
+          left_out: dict[tuple, str] | None = None) -> str:
     lines = [f"# se-inject runtime on {device_name}", "",
              f"Ratios of time per call, median over {rounds} rounds (interquartile range); "
              "'native' is timm's hand-built SE model.", "",
@@ -183,13 +367,21 @@ def table(results: list[dict], device_name: str, rounds: int) -> str:
                      f"| {ratio(t, 'gated eager', 'native eager')} "
                      f"| {ratio(t, 'gated fused', 'native fused')} "
                      f"| {ratio(t, 'gated fused', 'gated eager')} |")
-    diffs = [(r["model"], k, v) for r in results for k, v in r["diffs"].items()]
-    if diffs:
-        worst = {}
-        for model, k, v in diffs:
-            worst[(model, k)] = max(v, worst.get((model, k), 0.0))
-        lines += ["", "Fused vs eager outputs, inference, max |difference| ÷ max |output|: " +
-                  ", ".join(f"{m} {k} {v:.1e}" for (m, k), v in worst.items())]
+    worst: dict[tuple, tuple] = {}
+    for r in results:
+        for k, (fused, eager) in r["diffs"].items():
+            old = worst.get((r["model"], k), (0.0, 0.0))
+            worst[(r["model"], k)] = (max(fused, old[0]), max(eager, old[1]))
+    if worst:
+        low = any(e for _, e in worst.values())
+        lines += ["", "Fused inference outputs against the eager model's in fp32, max "
+                  "|difference| ÷ max |output|" + (" (in brackets, the eager model's own "
+                                                   "under autocast)" if low else "") + ": " +
+                  ", ".join(f"{m} {k} {f:.1e}" + (f" ({e:.1e})" if low else "")
+                            for (m, k), (f, e) in worst.items())]
+    if left_out:
+        lines += ["", "Not measured: " + "; ".join(f"{m} {mode} batch {b} ({why})"
+                                                 for (m, mode, b), why in left_out.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -291,7 +483,7 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
-    torch._dynamo.config.fail_on_recompile_limit_hit = True  # see measure()
+    _setup()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--modes", default="infer,train")
@@ -303,6 +495,12 @@ def main() -> None:
     ap.add_argument("--options", type=json.loads, default=None,
                     help='Inductor options for the fused models, JSON: {"cpp_wrapper": true}')
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="prepare (build and compile) this many configurations at once, each "
+                         "in a process of its own, and time them one at a time")
+    ap.add_argument("--until", type=float, default=None,
+                    help="when (seconds since the epoch, as `date +%%s`) the last timing must "
+                         "end: configurations that cannot be timed by then are left out")
     ap.add_argument("--split", action="store_true",
                     help="CPU: where the fused batch-1 inference overhead goes (see above)")
     args = ap.parse_args()
@@ -313,11 +511,12 @@ def main() -> None:
     def say(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    def emit(text: str, default: str) -> None:
+    def emit(text: str, default: str, show: bool = True) -> None:
         out = args.out or Path("bench/out") / default
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-        print(text)
+        if show:
+            print(text)
     if args.split:
         if cuda:
             ap.error("--split profiles CPU runs only")
@@ -338,12 +537,24 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1,8")).split(",")]
     jobs = [(m, mode, b) for m in args.models.split(",") for mode in args.modes.split(",")
             for b in batches]
+    default_out = f"runtime_{'gpu' if cuda else 'cpu'}.md"
     results = []
-    for i, (m, mode, b) in enumerate(jobs, 1):
-        say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
-        results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
-                               freeze=not args.no_freeze, options=args.options))
-    emit(table(results, device_name, args.rounds), f"runtime_{'gpu' if cuda else 'cpu'}.md")
+    if args.jobs == 1 and args.until is None:
+        for i, (m, mode, b) in enumerate(jobs, 1):
+            say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
+            results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
+                                   freeze=not args.no_freeze, options=args.options))
+        emit(table(results, device_name, args.rounds), default_out)
+        return
+
+    def done(result: dict) -> None:  # the table so far, written as each is timed
+        results.append(result)
+        results.sort(key=lambda r: jobs.index((r["model"], r["mode"], r["batch"])))
+        emit(table(results, device_name, args.rounds), default_out, show=False)
+    kw = {"fused": not args.no_fused, "freeze": not args.no_freeze, "options": args.options}
+    left_out = run_parallel(jobs, device, kw, args.rounds, max(1, args.jobs),
+                            args.until if args.until is not None else float("inf"), say, done)
+    emit(table(results, device_name, args.rounds, left_out), default_out)
 
 
 if __name__ == "__main__":
