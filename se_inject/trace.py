@@ -164,6 +164,9 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
 
+# A tracing session needs these fx internals. Where fx keeps its tracing flag for the whole
+# process rather than per thread (no _get_is_fx_tracing: torch 2.11 among others), a session
+# could not tell a trace in another thread from a foreign tracer, so sessions stay off there.
 try:
     from torch.fx import _symbolic_trace as _fx_impl
     _FX_HOOKS = all(hasattr(_fx_impl, n) for n in (
