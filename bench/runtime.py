@@ -9,8 +9,8 @@ plain model with the fused path ≤ +3% for CPU batch-1 inference, ≤ +3% for a
 CPU: fp32, batches 1 and 8. GPU (when there is one): bf16 autocast, channels_last, batches 1
 and 32. Each round times every variant once, in turn (a few iterations each, after warm-up and
 compilation); a ratio is the median over rounds of the per-round ratios, with its interquartile
-range. The fused variants are also checked against the eager ones (largest difference of the
-outputs, relative to their largest value).
+range. Fused inference outputs are also checked against the eager model's in fp32 (largest
+difference relative to the largest output), beside the eager model's own under bf16 autocast.
 
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
@@ -117,7 +117,7 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
     # Every configuration compiles fresh models of the same classes. Dynamo keeps compiled
     # code per Python function (here the model class's forward), up to 8 entries, and past
     # that runs the function eagerly: a "fused" column would then time eager code. Earlier
-    # configurations' entries are dropped here, and main() makes hitting the limit an error.
+    # configurations' entries are dropped here, and _setup() makes hitting the limit an error.
     torch._dynamo.reset()
     models = build(name, device, channels_last=cuda)
     cfg = models["base"].pretrained_cfg
