@@ -531,29 +531,32 @@ class _NoProxiesLeft:
     """Tracing runs the model's Python, which may cache a traced value on a module (timm's
     LeViT caches its attention biases in eval mode). Undo every such change on exit.
 
-    fx hands out proxies for the parameters and buffers of submodules, but the traced root's
-    own buffers are the real tensors: an in-place update in its forward (a norm layer counting
-    its batches) would change them. Their values are put back too."""
+    fx hands out proxies for parameters but buffers are the real tensors: an in-place update
+    in a forward that is traced through (a norm layer counting its batches, as torch's
+    BatchNorm does and subclasses that copy its forward do) would change them. Each such
+    buffer whose version counter moved gets its value back. torch.nn's own layers are
+    leaves, never traced through, except the root."""
 
     def __init__(self, model: nn.Module):
-        self._root_buffers = [(k, v, v.clone()) for k, v in model._buffers.items()
-                              if isinstance(v, torch.Tensor)]
-        self._model = model
+        self._buffers = []
         self._before = []
         for m in model.modules():  # (a copy of __dict__ whole: half the time of filtering it)
             attrs = m.__dict__.copy()
             copies = {k: v.copy() for k, v in attrs.items()
                       if (type(v) is dict or type(v) is list) and k not in _MODULE_STATE}
             self._before.append((m, attrs, copies))
+            if m._buffers and (m is model or not type(m).__module__.startswith("torch.nn.")):
+                self._buffers += [(b, b._version, b.clone()) for b in m._buffers.values()
+                                  if isinstance(b, torch.Tensor)]
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         with torch.no_grad():
-            for k, v, saved in self._root_buffers:
-                if self._model._buffers.get(k) is v and not torch.equal(v, saved):
-                    v.copy_(saved)
+            for b, version, saved in self._buffers:
+                if b._version != version:
+                    b.copy_(saved)
         for m, attrs, copies in self._before:
             now = m.__dict__
             if not copies and len(now) == len(attrs) and all(map(operator.is_, now.values(),

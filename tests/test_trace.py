@@ -58,6 +58,39 @@ def test_planning_leaves_every_buffer_as_it_was():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+class _CountingNorm(nn.BatchNorm2d):
+    """A norm whose forward copies torch's BatchNorm2d's: it counts batches in place, on a
+    buffer that fx leaves a real tensor. Not torch.nn's own, so fx traces through it."""
+
+    def forward(self, x):
+        if self.training and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias, self.training, self.momentum, self.eps)
+
+
+class _CountingBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), _CountingNorm(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), _CountingNorm(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def test_applying_leaves_the_buffers_of_layers_traced_through_as_they_were():
+    import se_inject
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _CountingNorm(16), nn.ReLU(),
+                          _CountingBlock(16), _CountingBlock(16)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert sum(isinstance(m, se_inject.ChannelGate) for m in model.modules()) == 2
+    after = model.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == []
+
+
 class _Unpacks(nn.Module):
     """Every way a forward can unpack a traced value."""
 
