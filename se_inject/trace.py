@@ -535,7 +535,8 @@ class _NoProxiesLeft:
     in a forward that is traced through (a norm layer counting its batches, as torch's
     BatchNorm does and subclasses that copy its forward do) would change them. Each such
     buffer whose version counter moved gets its value back. torch.nn's own layers are
-    leaves, never traced through, except the root."""
+    leaves, never traced through, except the root; inference tensors have no version counter,
+    and outside inference mode nothing can change them in place."""
 
     def __init__(self, model: nn.Module):
         self._buffers = []
@@ -547,7 +548,7 @@ class _NoProxiesLeft:
             self._before.append((m, attrs, copies))
             if m._buffers and (m is model or not type(m).__module__.startswith("torch.nn.")):
                 self._buffers += [(b, b._version, b.clone()) for b in m._buffers.values()
-                                  if isinstance(b, torch.Tensor)]
+                                  if isinstance(b, torch.Tensor) and not b.is_inference()]
 
     def __enter__(self):
         return self
