@@ -172,6 +172,10 @@ def main(argv=None) -> int:
         return _write("\n".join(lines) + "\n", args.out or Path("bench/out/apply_session.md"))
     if args.phases:
         names = [n for n in args.phases.split(",") if n]
+        unknown = [n for n in names if not timm.is_model(n)]
+        if unknown or not names:
+            ap.error(f"--phases {args.phases!r}: {', '.join(unknown) or 'no model'} is not a timm "
+                     "model name; list them with timm.list_models()")
         se_inject.apply(timm.create_model("resnet18"))  # lazy imports and fx's caches
         results = {n: phases(n, args.repeats) for n in names}
         steps = [label for _, _, label, _ in _PHASES] + [k for k in next(iter(results.values()))

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/out/report_speed.md"))
     args = ap.parse_args(argv)
     ratios = [int(r) for r in args.ratios.split(",")]
+    unknown = [m for m in args.models.split(",") if not timm.is_model(m)]
+    if unknown:
+        ap.error(f"--models: {', '.join(unknown)} is not a timm model name; list them with "
+                 "timm.list_models()")
     lines = []
 
     def out(line: str) -> None:

@@ -504,6 +504,10 @@ def main() -> None:
     ap.add_argument("--split", action="store_true",
                     help="CPU: where the fused batch-1 inference overhead goes (see above)")
     args = ap.parse_args()
+    unknown = [m for m in args.models.split(",") if not timm.is_model(m.split(":")[0])]
+    if unknown:
+        ap.error(f"--models: {', '.join(unknown)} is not a timm model name (a name may end in "
+                 "':RULE', the rule to gate it with); list them with timm.list_models()")
     cuda = torch.cuda.is_available()
 
     cpu_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
