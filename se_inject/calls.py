@@ -21,6 +21,9 @@ from .trace import Call
 __all__ = ["Leaf", "Inputs", "inputs_of", "with_placeholders", "wrap_body"]
 
 
+RECIPE = "_se_inject_recipe"  # on each generated forward: how to make it again (rewrite.py)
+
+
 @dataclass(frozen=True)
 class Leaf:
     """Where the parent passed a tensor: the placeholder's name."""
@@ -148,4 +151,5 @@ def wrap_body(cls: type, inputs: Inputs, body: Callable) -> Callable:
     exec(compile(src + "\n", f"<se-inject {cls.__qualname__}.forward signature>", "exec"), env)
     fn = env["forward"]
     fn.__qualname__ = f"{cls.__qualname__}.forward"
+    fn.__dict__[RECIPE] = ("signature", cls, inputs, body)
     return fn

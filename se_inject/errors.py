@@ -1,6 +1,8 @@
 """The errors se-inject raises on purpose: one base class, one subclass per cause."""
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "SEInjectError",
     "InvalidArgumentError",
@@ -10,6 +12,7 @@ __all__ = [
     "RewriteError",
     "NotGatedError",
     "BlockChangedError",
+    "NotPicklableError",
 ]
 
 
@@ -60,3 +63,8 @@ class NotGatedError(SEInjectError):
 class BlockChangedError(SEInjectError):
     """A gated block was called after an attribute its forward reads had changed (a
     re-parameterisation, a flag set by hand): its gated forward no longer matches it."""
+
+
+class NotPicklableError(SEInjectError, pickle.PicklingError):
+    """A gated model could not be pickled whole (``torch.save(model)``): a function its
+    generated forward calls cannot be imported by name where the pickle is loaded."""

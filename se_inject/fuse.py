@@ -115,7 +115,11 @@ def _with_freezing(compiled):
 
 
 def fused_settings(model: nn.Module) -> dict | None:
-    """The arguments fuse() was called with, or None for a model it did not compile."""
+    """The arguments fuse() was called with, or None for a model it did not compile. A model
+    loaded from a pickle of a fused one is not compiled: nn.Module leaves its compiled call
+    out of a pickle (call fuse() again)."""
+    if model.__dict__.get("_compiled_call_impl") is None:
+        return None
     return model.__dict__.get(_FUSED)
 
 

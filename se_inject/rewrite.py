@@ -7,6 +7,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 """
 from __future__ import annotations
 
+import copyreg
 import hashlib
 import itertools
 import linecache
@@ -20,8 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import BlockChangedError, NotGatedError, RewriteError
-from .calls import Inputs, inputs_of, wrap_body
+from .errors import BlockChangedError, NotGatedError, NotPicklableError, RewriteError
+from .calls import RECIPE, Inputs, inputs_of, wrap_body
 from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
@@ -219,25 +220,97 @@ _COMPILED: dict[tuple, Callable] = {}
 def _compile(graph: fx.Graph, cls: type) -> tuple[str, Callable]:
     """The graph's code as a function ``forward(self, ...)``; identical code compiles once."""
     code = graph.python_code(root_module="self")
-    key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
+    return code.src, _forward_from_code(code.src, code.globals, cls.__qualname__)
+
+
+def _forward_from_code(src: str, names: dict, qualname: str) -> Callable:
+    key = (src, tuple(sorted((k, id(v)) for k, v in names.items())))
     fn = _COMPILED.get(key)
     if fn is None:
-        digest = hashlib.sha1(code.src.encode()).hexdigest()[:10]
-        filename = f"<se-inject {cls.__qualname__}.forward {digest}>"
-        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-        namespace = dict(code.globals)
-        exec(compile(code.src, filename, "exec"), namespace)  # code fx generated from the graph
+        digest = hashlib.sha1(src.encode()).hexdigest()[:10]
+        filename = f"<se-inject {qualname}.forward {digest}>"
+        linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+        namespace = dict(names)
+        exec(compile(src, filename, "exec"), namespace)  # code fx generated from the graph
         fn = namespace["forward"]
-        fn.__qualname__ = f"{cls.__qualname__}.forward"
+        fn.__qualname__ = f"{qualname}.forward"
+        fn.__dict__[RECIPE] = ("code", src, dict(names), qualname)
         _COMPILED[key] = fn
-    return code.src, fn
+    return fn
 
 
 def _dispatch(train_fn: Callable, eval_fn: Callable) -> Callable:
     def forward(self, *args, **kwargs):
         return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
     forward.__qualname__ = train_fn.__qualname__
+    forward.__dict__[RECIPE] = ("dispatch", train_fn, eval_fn)
     return forward
+
+
+# Pickling a gated block whole (torch.save(model), multiprocessing): its forward is a function
+# generated at apply time, bound on the instance, which pickle would store as a name to look
+# up on the block when loading, where no such attribute exists. Each generated function
+# carries how it was made (RECIPE: fx's code and the names it uses, or a wrapper and what it
+# wraps), so the pickle holds that instead, and loading makes the same function again.
+
+@dataclass(frozen=True)
+class _Portable:
+    """A generated forward as pickle stores it: ``kind`` and its arguments, functions among
+    them as _Portable too; fx's code with the import lines of the names it uses."""
+
+    kind: str
+    args: tuple
+
+
+def _portable(fn: Callable, label: str) -> _Portable:
+    kind, *args = fn.__dict__[RECIPE]
+    if kind == "code":
+        src, names, qualname = args
+        from torch.fx.graph_module import _format_import_block
+        from torch.package import sys_importer
+        try:
+            imports = _format_import_block(names, sys_importer)
+        except Exception as exc:
+            raise NotPicklableError(
+                f"{label}: its gated forward calls a function that cannot be imported by name "
+                f"({type(exc).__name__}: {exc}), so a pickle of the model could not be loaded. "
+                "Save the state_dict instead (se_inject.save, or torch.save(model.state_dict()))"
+                ", or define the function at the top level of a module.") from exc
+        return _Portable(kind, (src, imports, qualname))
+    return _Portable(kind, tuple(_portable(a, label) if _generated(a) else a for a in args))
+
+
+def _generated(fn) -> bool:
+    return isinstance(fn, types.FunctionType) and RECIPE in fn.__dict__
+
+
+def _rebuilt(p: _Portable) -> Callable:
+    if p.kind == "code":
+        src, imports, qualname = p.args
+        names: dict = {}
+        exec(compile(imports, f"<se-inject {qualname}.forward imports>", "exec"), names)
+        names.pop("__builtins__", None)
+        return _forward_from_code(src, names, qualname)
+    args = [_rebuilt(a) if isinstance(a, _Portable) else a for a in p.args]
+    make = {"dispatch": _dispatch, "guard": _guarded, "signature": wrap_body}[p.kind]
+    return make(*args)
+
+
+def _bound_forward(owner: nn.Module, forward: _Portable) -> types.MethodType:
+    return types.MethodType(_rebuilt(forward), owner)
+
+
+_METHOD_REDUCE = copyreg.dispatch_table.get(types.MethodType, types.MethodType.__reduce__)
+
+
+def _reduce_method(method: types.MethodType):
+    if _generated(method.__func__) and isinstance(method.__self__, nn.Module):
+        label = f"a {type(method.__self__).__name__} block"
+        return _bound_forward, (method.__self__, _portable(method.__func__, label))
+    return _METHOD_REDUCE(method)
+
+
+copyreg.pickle(types.MethodType, _reduce_method)
 
 
 def _gate_factory(owner: nn.Module, spec: GateSpec):
@@ -320,6 +393,7 @@ def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...
                 _changed(self, label, name, f"{_a(cls.__name__)} of {n} layers", now)
         return forward(self, *args, **kwargs)
     guarded.__qualname__ = forward.__qualname__
+    guarded.__dict__[RECIPE] = ("guard", forward, label, reads, containers)
     return guarded
 
 
