@@ -300,17 +300,28 @@ def _bound_forward(owner: nn.Module, forward: _Portable) -> types.MethodType:
     return types.MethodType(_rebuilt(forward), owner)
 
 
-_METHOD_REDUCE = copyreg.dispatch_table.get(types.MethodType, types.MethodType.__reduce__)
+def _method_reduction(default: Callable) -> Callable:
+    """A reduction for bound methods: a generated forward as _Portable, any other method as
+    ``default`` would store it."""
+    def reduce_method(method: types.MethodType):
+        if _generated(method.__func__) and isinstance(method.__self__, nn.Module):
+            label = f"a {type(method.__self__).__name__} block"
+            return _bound_forward, (method.__self__, _portable(method.__func__, label))
+        return default(method)
+    return reduce_method
 
 
-def _reduce_method(method: types.MethodType):
-    if _generated(method.__func__) and isinstance(method.__self__, nn.Module):
-        label = f"a {type(method.__self__).__name__} block"
-        return _bound_forward, (method.__self__, _portable(method.__func__, label))
-    return _METHOD_REDUCE(method)
+def _register_method_reductions() -> None:
+    """pickle (torch.save) reads copyreg's table; multiprocessing's pickler (torch's too, for
+    processes it spawns) keeps a reduction for bound methods of its own, which wins there."""
+    plain = copyreg.dispatch_table.get(types.MethodType, types.MethodType.__reduce__)
+    copyreg.pickle(types.MethodType, _method_reduction(plain))
+    from multiprocessing.reduction import ForkingPickler
+    own = getattr(ForkingPickler, "_extra_reducers", {}).get(types.MethodType, plain)
+    ForkingPickler.register(types.MethodType, _method_reduction(own))
 
 
-copyreg.pickle(types.MethodType, _reduce_method)
+_register_method_reductions()
 
 
 def _gate_factory(owner: nn.Module, spec: GateSpec):

@@ -138,6 +138,31 @@ def test_a_gated_model_loads_in_a_fresh_process(tmp_path):
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
 
+def _outputs_in_child(model, x, queue):
+    with torch.no_grad():
+        queue.put(model.eval()(x).numpy())
+
+
+def test_a_gated_model_passed_to_a_spawned_process_runs_gated_there():
+    """multiprocessing's pickler has a reduction for bound methods of its own (a name to look
+    up, as pickle's), which se-inject's must replace there too."""
+    torch.manual_seed(0)
+    model = ShortcutArgNet()
+    se_inject.apply(model)
+    x = torch.randn(2, 3, 32, 32)
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_outputs_in_child, args=(model, x, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=240)
+    finally:
+        child.join(timeout=60)
+    with torch.no_grad():
+        assert torch.equal(torch.from_numpy(got), model.eval()(x))
+    assert child.exitcode == 0
+
+
 def test_a_pickled_fused_model_loads_eager_and_says_so():
     """nn.Module leaves its compiled call out of a pickle: the loaded model runs eagerly, and
     se-inject does not report it as fused."""
