@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copyreg
 import hashlib
+import importlib
 import itertools
 import linecache
 import operator
@@ -51,6 +52,66 @@ class OwnerState:
     def class_key(self, traced_key: tuple, training: bool) -> tuple | None:
         table = self.traced.get(training) or next(iter(self.traced.values()), {})
         return table.get(traced_key)
+
+    def __reduce__(self):
+        # A key's target may be a function pickle cannot find by its qualified name
+        # (torch.nn.functional.max_pool2d is boolean_dispatch.<locals>.fn): keys travel with
+        # such targets as the module and name they are found under.
+        gates = {k: _keys_out(v) for k, v in self.gates.items()}
+        traced = {mode: {_keys_out(a): _keys_out(b) for a, b in table.items()}
+                  for mode, table in self.traced.items()}
+        return _owner_state, (gates, traced)
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A function as the module and attribute name it is found under."""
+
+    module: str
+    name: str
+
+    def resolve(self):
+        return _lookup(self.module, self.name)
+
+
+def _lookup(module: str, name: str):
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _found(fn, name: str) -> bool:
+    try:
+        return _lookup(fn.__module__, name) is fn
+    except (ImportError, AttributeError, TypeError):
+        return False
+
+
+def _target_out(x):
+    if not isinstance(x, types.FunctionType) or _found(x, x.__qualname__):
+        return x  # pickle finds it by its qualified name
+    if _found(x, x.__name__):
+        return _Named(x.__module__, x.__name__)
+    raise NotPicklableError(
+        f"a gated block's forward calls {x.__qualname__} (module {x.__module__}), which "
+        "cannot be imported by name, so a pickle of the model could not be loaded. Save the "
+        "state_dict instead (se_inject.save, or torch.save(model.state_dict())), or define "
+        "the function at the top level of a module.")
+
+
+def _keys_out(key: tuple) -> tuple:
+    return tuple(_target_out(x) for x in key)
+
+
+def _keys_in(key: tuple) -> tuple:
+    return tuple(x.resolve() if isinstance(x, _Named) else x for x in key)
+
+
+def _owner_state(gates: dict, traced: dict) -> OwnerState:
+    return OwnerState(gates={k: _keys_in(v) for k, v in gates.items()},
+                      traced={mode: {_keys_in(a): _keys_in(b) for a, b in table.items()}
+                              for mode, table in traced.items()})
 
 
 def owner_state(module: nn.Module) -> OwnerState | None:

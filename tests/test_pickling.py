@@ -19,9 +19,10 @@ import se_inject
 from se_inject.calls import RECIPE
 from se_inject.errors import NotPicklableError
 from se_inject.fuse import fused_settings
+from se_inject.rewrite import owner_state
 from conftest import gates
-from handwritten import (BlockNet, InlineResidualNet, ShortcutArgNet, TrainingNet, branch,
-                         conv_bn)
+from handwritten import (BlockNet, FunctionalInceptionNet, InlineResidualNet, ShortcutArgNet,
+                         TrainingNet, branch, conv_bn)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*sit in the forward of the model itself")
 
@@ -69,6 +70,9 @@ def _outputs(model: nn.Module, x: torch.Tensor) -> dict[bool, torch.Tensor]:
 CASES = {
     "block_net": (BlockNet, {"code"}),
     "inline_residual": (InlineResidualNet, {"code"}),
+    # its block calls F.max_pool2d, which pickle cannot find by its qualified name
+    # (boolean_dispatch.<locals>.fn): the block's record of its gates names it all the same
+    "functional_inception": (FunctionalInceptionNet, {"code"}),
     "training_net": (TrainingNet, {"code", "dispatch"}),
     "shortcut_arg_net": (ShortcutArgNet, {"code", "signature"}),
     "timm_resnet18": (lambda: timm.create_model("resnet18", drop_path_rate=0.1,
@@ -102,6 +106,11 @@ def test_a_gated_model_pickled_whole_loads_back_gated(name):
     for m in loaded.modules():
         if "forward" in m.__dict__:
             assert m.__dict__["forward"].__self__ is m
+    # each block's record of where its gates sit (what re-gating and planning read), the same
+    # functions among its keys
+    states = {n: owner_state(m) for n, m in model.named_modules() if owner_state(m)}
+    assert states and {n: owner_state(m) for n, m in loaded.named_modules()
+                       if owner_state(m)} == states
     again = _roundtrip(loaded)  # what was loaded pickles again
     assert torch.equal(_outputs(again, x)[False], expected[False])
 
