@@ -7,6 +7,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 """
 from __future__ import annotations
 
+import copy
 import copyreg
 import hashlib
 import importlib
@@ -61,6 +62,9 @@ class OwnerState:
         traced = {mode: {_keys_out(a): _keys_out(b) for a, b in table.items()}
                   for mode, table in self.traced.items()}
         return _owner_state, (gates, traced)
+
+    def __deepcopy__(self, memo):  # (not through __reduce__: a copy needs no names)
+        return OwnerState(copy.deepcopy(self.gates, memo), copy.deepcopy(self.traced, memo))
 
 
 @dataclass(frozen=True)

@@ -232,8 +232,9 @@ def test_a_forward_calling_a_function_pickle_cannot_name_is_refused_at_saving():
     assert isinstance(info.value, pickle.PicklingError)
     message = str(info.value)
     assert "_LocalCallBlock" in message and "state_dict" in message
-    with torch.no_grad():  # the model is as it was
+    with torch.no_grad():  # the model is as it was, and copies as before
         assert torch.equal(model(x), y)
+        assert torch.equal(copy.deepcopy(model)(x), y)
     assert torch.equal(torch.load(io.BytesIO(_state_bytes(model)))["block.se_gate.fc1.weight"],
                        model.block.se_gate.fc1.weight)
 
