@@ -7,7 +7,6 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 """
 from __future__ import annotations
 
-import copy
 import copyreg
 import hashlib
 import importlib
@@ -63,9 +62,6 @@ class OwnerState:
                   for mode, table in self.traced.items()}
         return _owner_state, (gates, traced)
 
-    def __deepcopy__(self, memo):  # (not through __reduce__: a copy needs no names)
-        return OwnerState(copy.deepcopy(self.gates, memo), copy.deepcopy(self.traced, memo))
-
 
 @dataclass(frozen=True)
 class _Named:
@@ -93,15 +89,14 @@ def _found(fn, name: str) -> bool:
 
 
 def _target_out(x):
-    if not isinstance(x, types.FunctionType) or _found(x, x.__qualname__):
-        return x  # pickle finds it by its qualified name
-    if _found(x, x.__name__):
+    """``x``, or the module and name it is found under where pickle would not find it by its
+    qualified name. A function found under no name is left to pickle, which refuses it; the
+    block's generated forward, pickled before this record, calls it too and is refused first
+    (_portable), with a NotPicklableError."""
+    if isinstance(x, types.FunctionType) and not _found(x, x.__qualname__) \
+            and _found(x, x.__name__):
         return _Named(x.__module__, x.__name__)
-    raise NotPicklableError(
-        f"a gated block's forward calls {x.__qualname__} (module {x.__module__}), which "
-        "cannot be imported by name, so a pickle of the model could not be loaded. Save the "
-        "state_dict instead (se_inject.save, or torch.save(model.state_dict())), or define "
-        "the function at the top level of a module.")
+    return x
 
 
 def _keys_out(key: tuple) -> tuple:

@@ -249,8 +249,8 @@ def test_other_bound_methods_pickle_as_before():
     """The reduction se-inject registers for bound methods hands every method that is not a
     generated forward to pickle's own: a name looked up on the object when loading."""
 
-    class_method = pickle.loads(pickle.dumps(Path("/tmp").joinpath))
-    assert class_method("a") == Path("/tmp/a")
+    joined = pickle.loads(pickle.dumps(Path("/tmp").joinpath))
+    assert joined("a") == Path("/tmp/a")
     counter = _Counter()
     restored = pickle.loads(pickle.dumps(counter.bump))
     assert restored() == 1 and restored.__func__ is _Counter.bump
