@@ -49,6 +49,7 @@ import timm
 import torch
 
 import se_inject
+from se_inject import gate as gate_module
 
 # model -> (apply() options, timm's model with SE built in, or None)
 MODELS = {
@@ -109,10 +110,28 @@ def step_fn(model, mode: str, x, autocast, cuda_graphs: bool = False):
     return run
 
 
+def _as_sum(run, device_type: str):
+    """``run`` with the gates' two layers compiled as a multiply and a sum on this device too
+    (se_inject.gate.SUM_EXCITATION_DEVICES), as they are on the CPU. Set around every call:
+    Dynamo guards on the setting, so the two forms keep compiled code of their own."""
+    devices = gate_module.SUM_EXCITATION_DEVICES
+    with_sum = devices if device_type in devices else devices + (device_type,)
+
+    def wrapped():
+        gate_module.SUM_EXCITATION_DEVICES = with_sum
+        try:
+            return run()
+        finally:
+            gate_module.SUM_EXCITATION_DEVICES = devices
+    return wrapped
+
+
 def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
-            freeze: bool = True, options: dict | None = None) -> dict:
+            freeze: bool = True, options: dict | None = None,
+            excitation_sum: bool = False) -> dict:
     """Build the models of one configuration, compile the fused ones and warm every variant up:
-    what time_rounds() then times."""
+    what time_rounds() then times. ``excitation_sum``: a further variant, "gated-sum fused",
+    whose gates' layers are compiled as a multiply and a sum (_as_sum)."""
     cuda = device.type == "cuda"
     # Every configuration compiles fresh models of the same classes. Dynamo keeps compiled
     # code per Python function (here the model class's forward), up to 8 entries, and past
@@ -137,19 +156,28 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
                                                     if mode == "infer" else copy.deepcopy(m),
                                                     freeze=freeze and mode == "infer",
                                                     options=options)
+        if excitation_sum and "gated" in models:
+            variants["gated-sum fused"] = se_inject.fuse(
+                copy.deepcopy(models["gated"]).eval() if mode == "infer"
+                else copy.deepcopy(models["gated"]),
+                freeze=freeze and mode == "infer", options=options)
     runs = {}
     diffs = {}
     for label, m in variants.items():
         t = time.perf_counter()
         runs[label] = step_fn(m, mode, x, autocast, cuda_graphs=graphs and "fused" in label)
+        if label == "gated-sum fused":
+            runs[label] = _as_sum(runs[label], device.type)
         for _ in range(2):       # compile (fused) and warm up
             runs[label]()
         if cuda:
             torch.cuda.synchronize()
         say(f"  {label}: ready in {time.perf_counter() - t:.1f} s")
         if label.endswith("fused") and mode == "infer":
-            diffs[label.split()[0]] = _errors(variants[label.replace("fused", "eager")], m, x,
-                                              autocast, graphs)
+            kind = label.split()[0]
+            eager = variants[f"{kind.removesuffix('-sum')} eager"]
+            check = lambda: _errors(eager, m, x, autocast, graphs)  # noqa: E731
+            diffs[kind] = _as_sum(check, device.type)() if kind == "gated-sum" else check()
     return {"model": name, "mode": mode, "batch": batch, "runs": runs, "diffs": diffs,
             "cuda": cuda}
 
@@ -204,8 +232,10 @@ def time_rounds(prep: dict, rounds: int) -> dict:
 
 
 def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
-            say, freeze: bool = True, options: dict | None = None) -> dict:
-    return time_rounds(prepare(name, mode, batch, device, fused, say, freeze, options), rounds)
+            say, freeze: bool = True, options: dict | None = None,
+            excitation_sum: bool = False) -> dict:
+    return time_rounds(prepare(name, mode, batch, device, fused, say, freeze, options,
+                               excitation_sum), rounds)
 
 
 def _setup() -> None:
@@ -351,12 +381,17 @@ def ratio(times, a: str, b: str) -> str:
 
 def table(results: list[dict], device_name: str, rounds: int,
           left_out: dict[tuple, str] | None = None) -> str:
+    # bench/runtime.py --excitation-sum: the gated model compiled with its gates' layers as a
+    # multiply and a sum, beside the same model compiled with matrix products
+    sums = any("gated-sum fused" in r["times"] for r in results)
     lines = [f"# se-inject runtime on {device_name}", "",
              f"Ratios of time per call, median over {rounds} rounds (interquartile range); "
              "'native' is timm's hand-built SE model.", "",
              "| model | mode | batch | base ms | gated ÷ base, eager | gated ÷ base, fused "
-             "| gated ÷ native, eager | gated ÷ native, fused | fused ÷ eager, gated |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| gated ÷ native, eager | gated ÷ native, fused | fused ÷ eager, gated |"
+             + (" gated-sum ÷ base, fused | gated-sum ÷ native, fused "
+                "| gated-sum ÷ gated, fused |" if sums else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 3 if sums else "")]
     for r in results:
         t = r["times"]
         base_ms = statistics.median(t["base eager"]) * 1e3
@@ -366,7 +401,10 @@ def table(results: list[dict], device_name: str, rounds: int,
                      f"| {ratio(t, 'gated fused', 'base fused')} "
                      f"| {ratio(t, 'gated eager', 'native eager')} "
                      f"| {ratio(t, 'gated fused', 'native fused')} "
-                     f"| {ratio(t, 'gated fused', 'gated eager')} |")
+                     f"| {ratio(t, 'gated fused', 'gated eager')} |"
+                     + (f" {ratio(t, 'gated-sum fused', 'base fused')} "
+                        f"| {ratio(t, 'gated-sum fused', 'native fused')} "
+                        f"| {ratio(t, 'gated-sum fused', 'gated fused')} |" if sums else ""))
     worst: dict[tuple, tuple] = {}
     for r in results:
         for k, (fused, eager) in r["diffs"].items():
@@ -501,6 +539,9 @@ def main() -> None:
     ap.add_argument("--until", type=float, default=None,
                     help="when (seconds since the epoch, as `date +%%s`) the last timing must "
                          "end: configurations that cannot be timed by then are left out")
+    ap.add_argument("--excitation-sum", action="store_true",
+                    help="GPU: also time the gated model compiled with its gates' two layers "
+                         "as a multiply and a sum, as on the CPU, beside matrix products")
     ap.add_argument("--split", action="store_true",
                     help="CPU: where the fused batch-1 inference overhead goes (see above)")
     args = ap.parse_args()
@@ -509,6 +550,9 @@ def main() -> None:
         ap.error(f"--models: {', '.join(unknown)} is not a timm model name (a name may end in "
                  "':RULE', the rule to gate it with); list them with timm.list_models()")
     cuda = torch.cuda.is_available()
+    if args.excitation_sum and not cuda:
+        ap.error("--excitation-sum compares the two forms on a GPU: on the CPU the gates' "
+                 "layers are always compiled as a multiply and a sum")
 
     cpu_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
 
@@ -547,7 +591,8 @@ def main() -> None:
         for i, (m, mode, b) in enumerate(jobs, 1):
             say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
             results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
-                                   freeze=not args.no_freeze, options=args.options))
+                                   freeze=not args.no_freeze, options=args.options,
+                                   excitation_sum=args.excitation_sum))
         emit(table(results, device_name, args.rounds), default_out)
         return
 
@@ -555,7 +600,8 @@ def main() -> None:
         results.append(result)
         results.sort(key=lambda r: jobs.index((r["model"], r["mode"], r["batch"])))
         emit(table(results, device_name, args.rounds), default_out, show=False)
-    kw = {"fused": not args.no_fused, "freeze": not args.no_freeze, "options": args.options}
+    kw = {"fused": not args.no_fused, "freeze": not args.no_freeze, "options": args.options,
+          "excitation_sum": args.excitation_sum}
     left_out = run_parallel(jobs, device, kw, args.rounds, max(1, args.jobs),
                             args.until if args.until is not None else float("inf"), say, done)
     emit(table(results, device_name, args.rounds, left_out), default_out)

@@ -53,13 +53,18 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
+# The devices on which a compiled SE gate writes its two layers as a multiply and a sum
+# (_excitation_fc). bench/runtime.py --excitation-sum adds the GPU's to compare the two forms.
+SUM_EXCITATION_DEVICES = ("cpu",)
+
+
 def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
     """``_fc`` for an SE gate's two layers. Compiled for the CPU (not exported), it is written as
     a multiply and a sum: Inductor then generates it inside the gate's own C++ kernel, with the
     squeeze, the scale and what consumes it, where a matrix product stays a separate call to
     MKL (~15-35 us each at batch 1, two per gate). Same numbers up to the order of the sum."""
     if torch.compiler.is_compiling() and not _exporting() \
-            and v.device.type == "cpu":  # (in this order: fx's proxies have no device)
+            and v.device.type in SUM_EXCITATION_DEVICES:  # (fx's proxies have no device)
         s = (v.unsqueeze(1) * conv.weight.flatten(1)).sum(-1)
         return s if conv.bias is None else s + conv.bias
     return _fc(conv, v)
