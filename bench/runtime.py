@@ -15,6 +15,7 @@ difference relative to the largest output), beside the eager model's own under b
     python bench/runtime.py [--models resnet50,mobilenetv2_100,inception_v3] [--rounds 10]
                             [--modes infer,train] [--batches 1,8] [--no-fused]
                             [--no-freeze] [--options '{"cpp_wrapper": true}'] [--out FILE]
+                            [--excitation-matmul]
     python bench/runtime.py --jobs 12 [--until $(( $(date +%s) + 600 ))] [...]
     python bench/runtime.py --split [--models ...] [--rounds 40]
 
@@ -23,6 +24,10 @@ and times them one at a time while the others are paused: on a machine with many
 compiles, which take most of a GPU run, overlap, and no timing shares the machine with one.
 --until stops waiting for compiles when only the time to time what is ready is left, and
 names in the table what was left out.
+
+--excitation-matmul adds a variant, "gated-mm", compiled with its gates' two layers as matrix
+products (calls to MKL or cuBLAS) instead of a multiply and a sum that Inductor generates
+(se_inject.gate.EXCITATION_AS_SUM), timed in the same rounds.
 
 --split (CPU) says where the fused batch-1 overhead goes instead: plain and gated models, both
 frozen, profiled call by call (torch.profiler, with Inductor's kernels recording themselves),
@@ -110,28 +115,25 @@ def step_fn(model, mode: str, x, autocast, cuda_graphs: bool = False):
     return run
 
 
-def _as_sum(run, device_type: str):
-    """``run`` with the gates' two layers compiled as a multiply and a sum on this device too
-    (se_inject.gate.SUM_EXCITATION_DEVICES), as they are on the CPU. Set around every call:
-    Dynamo guards on the setting, so the two forms keep compiled code of their own."""
-    devices = gate_module.SUM_EXCITATION_DEVICES
-    with_sum = devices if device_type in devices else devices + (device_type,)
-
+def _as_matmul(run):
+    """``run`` with the gates' two layers compiled as matrix products instead of a multiply and
+    a sum (se_inject.gate.EXCITATION_AS_SUM off), set around every call: Dynamo guards on the
+    setting, so the two forms keep compiled code of their own."""
     def wrapped():
-        gate_module.SUM_EXCITATION_DEVICES = with_sum
+        gate_module.EXCITATION_AS_SUM = False
         try:
             return run()
         finally:
-            gate_module.SUM_EXCITATION_DEVICES = devices
+            gate_module.EXCITATION_AS_SUM = True
     return wrapped
 
 
 def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
             freeze: bool = True, options: dict | None = None,
-            excitation_sum: bool = False) -> dict:
+            excitation_matmul: bool = False) -> dict:
     """Build the models of one configuration, compile the fused ones and warm every variant up:
-    what time_rounds() then times. ``excitation_sum``: a further variant, "gated-sum fused",
-    whose gates' layers are compiled as a multiply and a sum (_as_sum)."""
+    what time_rounds() then times. ``excitation_matmul``: a further variant, "gated-mm fused",
+    whose gates' layers are compiled as matrix products (_as_matmul)."""
     cuda = device.type == "cuda"
     # Every configuration compiles fresh models of the same classes. Dynamo keeps compiled
     # code per Python function (here the model class's forward), up to 8 entries, and past
@@ -156,8 +158,8 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
                                                     if mode == "infer" else copy.deepcopy(m),
                                                     freeze=freeze and mode == "infer",
                                                     options=options)
-        if excitation_sum and "gated" in models:
-            variants["gated-sum fused"] = se_inject.fuse(
+        if excitation_matmul and "gated" in models:
+            variants["gated-mm fused"] = se_inject.fuse(
                 copy.deepcopy(models["gated"]).eval() if mode == "infer"
                 else copy.deepcopy(models["gated"]),
                 freeze=freeze and mode == "infer", options=options)
@@ -166,8 +168,8 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
     for label, m in variants.items():
         t = time.perf_counter()
         runs[label] = step_fn(m, mode, x, autocast, cuda_graphs=graphs and "fused" in label)
-        if label == "gated-sum fused":
-            runs[label] = _as_sum(runs[label], device.type)
+        if label == "gated-mm fused":
+            runs[label] = _as_matmul(runs[label])
         for _ in range(2):       # compile (fused) and warm up
             runs[label]()
         if cuda:
@@ -175,9 +177,9 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
         say(f"  {label}: ready in {time.perf_counter() - t:.1f} s")
         if label.endswith("fused") and mode == "infer":
             kind = label.split()[0]
-            eager = variants[f"{kind.removesuffix('-sum')} eager"]
+            eager = variants[f"{kind.removesuffix('-mm')} eager"]
             check = lambda: _errors(eager, m, x, autocast, graphs)  # noqa: E731
-            diffs[kind] = _as_sum(check, device.type)() if kind == "gated-sum" else check()
+            diffs[kind] = _as_matmul(check)() if kind == "gated-mm" else check()
     return {"model": name, "mode": mode, "batch": batch, "runs": runs, "diffs": diffs,
             "cuda": cuda}
 
@@ -233,9 +235,9 @@ def time_rounds(prep: dict, rounds: int) -> dict:
 
 def measure(name: str, mode: str, batch: int, device, rounds: int, fused: bool,
             say, freeze: bool = True, options: dict | None = None,
-            excitation_sum: bool = False) -> dict:
+            excitation_matmul: bool = False) -> dict:
     return time_rounds(prepare(name, mode, batch, device, fused, say, freeze, options,
-                               excitation_sum), rounds)
+                               excitation_matmul), rounds)
 
 
 def _setup() -> None:
@@ -381,17 +383,17 @@ def ratio(times, a: str, b: str) -> str:
 
 def table(results: list[dict], device_name: str, rounds: int,
           left_out: dict[tuple, str] | None = None) -> str:
-    # bench/runtime.py --excitation-sum: the gated model compiled with its gates' layers as a
-    # multiply and a sum, beside the same model compiled with matrix products
-    sums = any("gated-sum fused" in r["times"] for r in results)
+    # --excitation-matmul: the gated model compiled with its gates' layers as matrix products,
+    # beside the same model compiled as it is by default (a multiply and a sum)
+    mms = any("gated-mm fused" in r["times"] for r in results)
     lines = [f"# se-inject runtime on {device_name}", "",
              f"Ratios of time per call, median over {rounds} rounds (interquartile range); "
              "'native' is timm's hand-built SE model.", "",
              "| model | mode | batch | base ms | gated ÷ base, eager | gated ÷ base, fused "
              "| gated ÷ native, eager | gated ÷ native, fused | fused ÷ eager, gated |"
-             + (" gated-sum ÷ base, fused | gated-sum ÷ native, fused "
-                "| gated-sum ÷ gated, fused |" if sums else ""),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 3 if sums else "")]
+             + (" gated-mm ÷ base, fused | gated-mm ÷ native, fused "
+                "| gated ÷ gated-mm, fused |" if mms else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 3 if mms else "")]
     for r in results:
         t = r["times"]
         base_ms = statistics.median(t["base eager"]) * 1e3
@@ -402,9 +404,9 @@ def table(results: list[dict], device_name: str, rounds: int,
                      f"| {ratio(t, 'gated eager', 'native eager')} "
                      f"| {ratio(t, 'gated fused', 'native fused')} "
                      f"| {ratio(t, 'gated fused', 'gated eager')} |"
-                     + (f" {ratio(t, 'gated-sum fused', 'base fused')} "
-                        f"| {ratio(t, 'gated-sum fused', 'native fused')} "
-                        f"| {ratio(t, 'gated-sum fused', 'gated fused')} |" if sums else ""))
+                     + (f" {ratio(t, 'gated-mm fused', 'base fused')} "
+                        f"| {ratio(t, 'gated-mm fused', 'native fused')} "
+                        f"| {ratio(t, 'gated fused', 'gated-mm fused')} |" if mms else ""))
     worst: dict[tuple, tuple] = {}
     for r in results:
         for k, (fused, eager) in r["diffs"].items():
@@ -539,9 +541,9 @@ def main() -> None:
     ap.add_argument("--until", type=float, default=None,
                     help="when (seconds since the epoch, as `date +%%s`) the last timing must "
                          "end: configurations that cannot be timed by then are left out")
-    ap.add_argument("--excitation-sum", action="store_true",
-                    help="GPU: also time the gated model compiled with its gates' two layers "
-                         "as a multiply and a sum, as on the CPU, beside matrix products")
+    ap.add_argument("--excitation-matmul", action="store_true",
+                    help="also time the gated model compiled with its gates' two layers as "
+                         "matrix products, beside the default (a multiply and a sum)")
     ap.add_argument("--split", action="store_true",
                     help="CPU: where the fused batch-1 inference overhead goes (see above)")
     args = ap.parse_args()
@@ -550,10 +552,6 @@ def main() -> None:
         ap.error(f"--models: {', '.join(unknown)} is not a timm model name (a name may end in "
                  "':RULE', the rule to gate it with); list them with timm.list_models()")
     cuda = torch.cuda.is_available()
-    if args.excitation_sum and not cuda:
-        ap.error("--excitation-sum compares the two forms on a GPU: on the CPU the gates' "
-                 "layers are always compiled as a multiply and a sum")
-
     cpu_name = f"{_cpu_name()} ({torch.get_num_threads()} threads), fp32"
 
     def say(msg):
@@ -592,7 +590,7 @@ def main() -> None:
             say(f"[{i}/{len(jobs)}] {m} {mode} batch {b}")
             results.append(measure(m, mode, b, device, args.rounds, not args.no_fused, say,
                                    freeze=not args.no_freeze, options=args.options,
-                                   excitation_sum=args.excitation_sum))
+                                   excitation_matmul=args.excitation_matmul))
         emit(table(results, device_name, args.rounds), default_out)
         return
 
@@ -601,7 +599,7 @@ def main() -> None:
         results.sort(key=lambda r: jobs.index((r["model"], r["mode"], r["batch"])))
         emit(table(results, device_name, args.rounds), default_out, show=False)
     kw = {"fused": not args.no_fused, "freeze": not args.no_freeze, "options": args.options,
-          "excitation_sum": args.excitation_sum}
+          "excitation_matmul": args.excitation_matmul}
     left_out = run_parallel(jobs, device, kw, args.rounds, max(1, args.jobs),
                             args.until if args.until is not None else float("inf"), say, done)
     emit(table(results, device_name, args.rounds, left_out), default_out)

@@ -5,10 +5,11 @@ norm into its convolution) and one kernel that applies the excitation, scales, a
 and runs the block's activation. Frozen on the CPU, a gate on a 1x1 convolution and a norm takes
 that mean from the convolution's input where that reads fewer bytes
 (se_inject.gate.mean_through_linear): one pass over the gated tensor (on a GPU its extra kernels
-cost more than that saves). On the CPU the excitation's two small layers are generated C++
-inside those kernels (se_inject.gate._excitation_fc) rather than calls to a matrix library, and
-a frozen gate sums its pixels in chunks (se_inject.gate.squeeze_in_chunks), one parallel loop
-over whole pixels rather than one per block of channels."""
+cost more than that saves). The excitation's two small layers are generated code rather than
+calls to a matrix library (se_inject.gate._excitation_fc): on the CPU, C++ inside those kernels;
+on a GPU, Triton reductions. Frozen on the CPU, a gate sums its pixels in chunks
+(se_inject.gate.squeeze_in_chunks), one parallel loop over whole pixels rather than one per
+block of channels."""
 from __future__ import annotations
 
 import functools

@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from torch._inductor.graph import GraphLowering
 from torch._inductor.utils import run_and_get_code
+from torch.overrides import TorchFunctionMode
 
 import se_inject
+from se_inject import gate as gate_module
 from se_inject.fuse import fused_settings
 
 from conftest import randomize_norms
@@ -99,6 +101,42 @@ def test_compiled_gates_compute_their_layers_inside_the_generated_kernels(freeze
     assert len(re.findall(_MATRIX_PRODUCTS, code)) == 1
     kernels = re.findall(r"(cpp_fused_\w+) = ", code)
     assert sum("sum" in k and "sigmoid" in k for k in kernels) == 2
+
+
+class _Calls(TorchFunctionMode):
+    """The names of the torch functions called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_compiled_gate_layers_are_a_multiply_and_a_sum_on_every_device(device, monkeypatch):
+    # not for the CPU alone: on a GPU too, Inductor's reductions beat cuBLAS on a few vectors
+    # (README, GPU figures); "meta" stands for a device other than the CPU
+    conv = nn.Conv2d(8, 3, 1).to(device)
+    v = torch.randn(5, 8, device=device)
+
+    def layers():
+        with _Calls() as calls:
+            out = gate_module._excitation_fc(conv, v)
+        return out, calls.names
+    eager, names = layers()
+    assert "linear" in names                                # eager: the matrix product
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out, names = layers()
+    assert "linear" not in names and "sum" in names
+    if device == "cpu":                                     # Eq. 3's W·v + b, from the weights
+        ref = v @ conv.weight.flatten(1).T + conv.bias
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(eager, ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(gate_module, "EXCITATION_AS_SUM", False)  # the setting is read
+    assert "linear" in layers()[1]
 
 
 def test_freeze_folds_the_norms_and_keeps_the_gates_fused():
