@@ -74,7 +74,15 @@ def _excitation_fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
 
 
 def _squeeze(x: torch.Tensor, how: str) -> torch.Tensor:
-    return x.mean((2, 3), keepdim=True) if how == "avg" else x.amax((2, 3), keepdim=True)
+    """The squeeze of an (N, C, H, W) tensor as an (N, C) matrix, in one call: run eagerly, a
+    gate's cost on a GPU is largely the host issuing its calls (README.md, GPU figures)."""
+    return x.mean((2, 3)) if how == "avg" else x.amax((2, 3))
+
+
+def _per_channel(s: torch.Tensor) -> torch.Tensor:
+    """(N, C) as (N, C, 1, 1), to scale an NCHW tensor, in one call (two for ``s[..., None,
+    None]``)."""
+    return s.view(s.shape[0], s.shape[1], 1, 1)
 
 
 # A gate with this attribute set is compiled for inference with frozen weights (by
@@ -111,7 +119,7 @@ def squeeze_in_chunks(x: torch.Tensor, how: str) -> torch.Tensor:
     pixels = h * w
     t = _chunks(pixels) if x.device.type == "cpu" else 1
     if t == 1:
-        return _squeeze(x, how).flatten(1)
+        return _squeeze(x, how)
     parts = x.permute(0, 2, 3, 1).reshape(n, t, pixels // t, c)
     if how == "avg":
         return parts.sum(2).sum(1) / pixels
@@ -223,7 +231,7 @@ class ChannelGate(nn.Module):
             return squeezed
         if _compiled_frozen(self):
             return squeeze_in_chunks(x, self.spec.squeeze)
-        return _squeeze(x, self.spec.squeeze).flatten(1)
+        return _squeeze(x, self.spec.squeeze)
 
     def extra_repr(self) -> str:
         parts = [f"channels={self.channels}"]
@@ -276,7 +284,7 @@ class SEGate(ChannelGate):
         s = self.squeezed(x, squeezed)                                  # squeeze, Eq. 2
         fc = _excitation_fc
         s = self.gate(fc(self.fc2, self.act(fc(self.fc1, s))))         # excitation, Eq. 3
-        return x * s[:, :, None, None]                                 # scale, Eq. 4
+        return x * _per_channel(s)                                     # scale, Eq. 4
 
 
 class ECAGate(ChannelGate):
@@ -326,7 +334,7 @@ class EffectiveSEGate(ChannelGate):
 
     def forward(self, x: torch.Tensor, squeezed: torch.Tensor | None = None) -> torch.Tensor:
         s = self.gate(_fc(self.fc, self.squeezed(x, squeezed)))
-        return x * s[:, :, None, None]
+        return x * _per_channel(s)
 
 
 _CLASSES = {"se": SEGate, "eca": ECAGate, "ese": EffectiveSEGate}
