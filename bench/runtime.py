@@ -120,11 +120,11 @@ def _as_matmul(run):
     a sum (se_inject.gate.EXCITATION_AS_SUM off), set around every call: Dynamo guards on the
     setting, so the two forms keep compiled code of their own."""
     def wrapped():
-        gate_module.EXCITATION_AS_SUM = False
+        before, gate_module.EXCITATION_AS_SUM = gate_module.EXCITATION_AS_SUM, False
         try:
             return run()
         finally:
-            gate_module.EXCITATION_AS_SUM = True
+            gate_module.EXCITATION_AS_SUM = before
     return wrapped
 
 
@@ -153,16 +153,14 @@ def prepare(name: str, mode: str, batch: int, device, fused: bool, say,
     variants = {f"{k} eager": m for k, m in models.items()}
     graphs = cuda and bool((options or {}).get("triton.cudagraphs"))
     if fused:
-        for k, m in models.items():
+        compiled = dict(models)
+        if excitation_matmul:  # the same gated model, its own compiled copy
+            compiled["gated-mm"] = models["gated"]
+        for k, m in compiled.items():
             variants[f"{k} fused"] = se_inject.fuse(copy.deepcopy(m).eval()
                                                     if mode == "infer" else copy.deepcopy(m),
                                                     freeze=freeze and mode == "infer",
                                                     options=options)
-        if excitation_matmul and "gated" in models:
-            variants["gated-mm fused"] = se_inject.fuse(
-                copy.deepcopy(models["gated"]).eval() if mode == "infer"
-                else copy.deepcopy(models["gated"]),
-                freeze=freeze and mode == "infer", options=options)
     runs = {}
     diffs = {}
     for label, m in variants.items():
