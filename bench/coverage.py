@@ -93,9 +93,10 @@ def _first_sentence(text: str) -> str:
 
 class _BareTracer(UnpackingTracer):
     """torch.fx's tracer with the leaf modules and functions timm and torchvision register,
-    and se-inject's proxies and argument handling (which unpack ``a, b = x.chunk(2)`` without
-    disassembling the caller, and skip fx's per-node bookkeeping): the least any fx pass
-    spends on a model before it has looked at a single node."""
+    and se-inject's proxies, argument handling and parameter lookup (which unpack ``a, b =
+    x.chunk(2)`` without disassembling the caller, skip fx's per-node bookkeeping, and find a
+    parameter's name by its identity where fx walks every parameter of the model on each
+    access): the least any fx pass spends on a model before it has looked at a single node."""
 
     def __init__(self):
         self.leaves, kwargs = TraceOptions().tracer_args()  # what se-inject's tracer starts from

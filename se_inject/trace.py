@@ -368,7 +368,8 @@ class UnpackingTracer(fx.Tracer):
     Per node, fx also does work se-inject has no use for: a copy of its module stack into
     the node's meta (se-inject records each node's Frame instead), a copy of its scope on
     every module call, and a row of isinstance checks before it turns a proxy or an int into
-    an argument. Skipping them gives the same graph, sooner (README, "Figures")."""
+    an argument; and it names a parameter or buffer a forward reads by walking all of the
+    model's (see ``getattr``). Skipping them gives the same graph, sooner (README, "Figures")."""
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -418,6 +419,7 @@ class UnpackingTracer(fx.Tracer):
         return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
+        self._tensor_names: dict[int, tuple[str, bool]] | None = None
         if not _SESSION["active"]:
             return super().trace(root, concrete_args)
         stack = _ACTIVE.__dict__.setdefault("stack", [])
@@ -426,6 +428,24 @@ class UnpackingTracer(fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             stack.pop()
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        """fx finds the name of a parameter or buffer by walking all of the model's
+        parameters on every access, which is quadratic in model size; look it up instead.
+        A tensor the index does not know (one the forward assigned) takes fx's own path."""
+        if not isinstance(attr_val, torch.Tensor) or not isinstance(self.root, nn.Module):
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if self._tensor_names is None:
+            index = {id(b): (n, False) for n, b in self.root.named_buffers()}
+            index.update((id(p), (n, True)) for n, p in self.root.named_parameters())
+            self._tensor_names = index
+        name, is_param = self._tensor_names.get(id(attr_val), (None, False))
+        wanted = is_param if isinstance(attr_val, nn.Parameter) else self.proxy_buffer_attributes
+        if name is None or not wanted:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 class _ScopeTracer(UnpackingTracer):
@@ -445,28 +465,6 @@ class _ScopeTracer(UnpackingTracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
-
-    def trace(self, root, concrete_args=None):
-        self._tensor_names: dict[int, tuple[str, bool]] | None = None
-        return super().trace(root, concrete_args)
-
-    def getattr(self, attr, attr_val, parameter_proxy_cache):
-        """fx finds the name of a parameter or buffer by walking all of the model's
-        parameters on every access, which is quadratic in model size; look it up instead.
-        A tensor the index does not know (one the forward assigned) takes fx's own path."""
-        if not isinstance(attr_val, torch.Tensor) or not isinstance(self.root, nn.Module):
-            return super().getattr(attr, attr_val, parameter_proxy_cache)
-        if self._tensor_names is None:
-            index = {id(b): (n, False) for n, b in self.root.named_buffers()}
-            index.update((id(p), (n, True)) for n, p in self.root.named_parameters())
-            self._tensor_names = index
-        name, is_param = self._tensor_names.get(id(attr_val), (None, False))
-        wanted = is_param if isinstance(attr_val, nn.Parameter) else self.proxy_buffer_attributes
-        if name is None or not wanted:
-            return super().getattr(attr, attr_val, parameter_proxy_cache)
-        if name not in parameter_proxy_cache:
-            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
-        return parameter_proxy_cache[name]
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """Placeholders for the inputs the model is given; every other parameter keeps its

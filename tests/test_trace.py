@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from se_inject.trace import _FX_HOOKS, _UNPACKS, TraceOptions, trace_model
+from se_inject.trace import _FX_HOOKS, _UNPACKS, TraceOptions, trace_block, trace_model
 
 # tests of what a tracing session patches; where this torch's fx lacks what sessions need,
 # they do nothing and every trace patches as fx does (se_inject.trace._FX_HOOKS)
@@ -36,9 +36,14 @@ def _get_attrs(graph: fx.Graph) -> list[str]:
     return [n.target for n in graph.nodes if n.op == "get_attr"]
 
 
-def test_get_attr_nodes_match_plain_fx():
+@pytest.mark.parametrize("trace", [
+    lambda m: trace_model(m, TraceOptions(), n_inputs=1),
+    lambda m: trace_block(m, TraceOptions(), training=m.training),
+], ids=["model", "block"])
+def test_get_attr_nodes_match_plain_fx(trace):
+    # both tracers look parameters and buffers up by identity, where fx walks them all
     model = _Shared()
-    ours = _get_attrs(trace_model(model, TraceOptions(), n_inputs=1))
+    ours = _get_attrs(trace(model))
     theirs = _get_attrs(fx.symbolic_trace(_Shared()).graph)
     assert ours == theirs
     assert ours.count("gamma") == 1  # one node, used twice
