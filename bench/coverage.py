@@ -36,7 +36,7 @@ import torch
 import torchvision
 
 import se_inject
-from se_inject.trace import TraceOptions, UnpackingTracer, _NoProxiesLeft, tracing_session
+from se_inject.trace import TraceOptions, UnpackingTracer, _NothingLeft, tracing_session
 
 torch.set_num_threads(2)
 # torchvision models carry no input size; these need more than 224 (Inception-v3's auxiliary
@@ -114,7 +114,7 @@ def _fx_floor(model) -> float | None:
     se_inject.trace._session_patch), which apply() does not pay and a floor must not count."""
     tracer = _BareTracer()
     try:
-        with _NoProxiesLeft(model):  # timm caches (attention biases) would keep fx's proxies
+        with _NothingLeft(model):  # timm caches (attention biases) would keep fx's proxies
             t = time.perf_counter()
             with tracing_session(model):
                 tracer.trace(model)

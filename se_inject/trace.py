@@ -515,19 +515,29 @@ _MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
 _ABSENT = object()
 
 
-def _holds_proxy(value, depth: int = 3) -> bool:
-    if isinstance(value, fx.Proxy):
+def _is_proxy(value) -> bool:
+    return isinstance(value, fx.Proxy)
+
+
+def _is_meta_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "meta"
+
+
+def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
+    if test(value):
         return True
     if depth and isinstance(value, (list, tuple)):
-        return any(_holds_proxy(v, depth - 1) for v in value)
+        return any(_holds(v, test, depth - 1) for v in value)
     if depth and isinstance(value, dict):
-        return any(_holds_proxy(v, depth - 1) for v in value.values())
+        return any(_holds(v, test, depth - 1) for v in value.values())
     return False
 
 
-class _NoProxiesLeft:
+class _NothingLeft:
     """Tracing runs the model's Python, which may cache a traced value on a module (timm's
-    LeViT caches its attention biases in eval mode). Undo every such change on exit.
+    LeViT, EfficientViT and TinyViT cache their attention biases in eval mode); so does
+    running it on meta tensors to learn its shapes, with a meta tensor. Undo every change
+    that leaves such a value (``left`` says which: a proxy by default) on exit.
 
     fx hands out proxies for parameters but buffers are the real tensors: an in-place update
     in a forward that is traced through (a norm layer counting its batches, as torch's
@@ -536,7 +546,8 @@ class _NoProxiesLeft:
     leaves, never traced through, except the root; inference tensors have no version counter,
     and outside inference mode nothing can change them in place."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, left: Callable[[Any], bool] = _is_proxy):
+        self._left = left
         self._buffers = []
         self._before = []
         for m in model.modules():  # (a copy of __dict__ whole: half the time of filtering it)
@@ -565,7 +576,7 @@ class _NoProxiesLeft:
             for k, v in list(now.items()):
                 if (attrs.get(k, _ABSENT) is v and k not in copies) or k in _MODULE_STATE:
                     continue  # the value it had before tracing
-                if not _holds_proxy(v):
+                if not _holds(v, self._left):
                     continue
                 if k not in attrs:
                     del m.__dict__[k]
@@ -686,7 +697,7 @@ def _openable(model: nn.Module, leaves: tuple[type, ...], options: TraceOptions,
         if cls not in _OPENS:
             trial = _ScopeTracer(tuple(c for c in leaves if c is not cls), **kwargs)
             try:
-                with _NoProxiesLeft(instance):
+                with _NothingLeft(instance):
                     _OPENS[cls] = _holds_merge(trial.trace(instance))
             except Exception:  # stays a leaf, as timm registered it
                 _OPENS[cls] = False
@@ -726,7 +737,7 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
     tracer = _ScopeTracer(leaves, n_inputs, **kwargs)
     fn = _instance_forward(model)
     try:
-        with _NoProxiesLeft(model):
+        with _NothingLeft(model):
             if fn is None:
                 graph = tracer.trace(model)
             else:  # the model's own forward was replaced on the instance; fx reads the class's
@@ -832,7 +843,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     try:
-        with _NoProxiesLeft(block):
+        with _NothingLeft(block):
             graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)

@@ -370,6 +370,20 @@ class CachingNet(nn.Module):
         return self.block(F.relu(self.stem(x))).mean((2, 3))
 
 
+class CachingLeafNet(nn.Module):
+    """A residual block, then a CachingBlock that se-inject is told to call as a leaf (as timm's
+    EfficientViT attention is): shape propagation runs it, on meta tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.res = Bottleneck(16, 8, 16)
+        self.cached = CachingBlock()
+
+    def forward(self, x):
+        return self.cached(self.res(F.relu(self.stem(x)))).mean((2, 3))
+
+
 class OptionalMaskNet(nn.Module):
     """Hiera-style: the model's own forward takes an optional mask, and holds the blocks."""
 

@@ -257,6 +257,26 @@ def test_blocks_sharing_a_forward_each_take_a_later_gate(tmp_path):
             torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_shape_propagation_leaves_no_meta_tensors_in_the_model():
+    """A leaf that caches a tensor in eval mode runs on meta tensors while apply() learns the
+    shapes; its cache must be as it was afterwards, and the gated model's outputs the plain
+    model's with its gates saturated."""
+    from handwritten import CachingBlock, CachingLeafNet
+    model = CachingLeafNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    p = se_inject.plan(model, leaf_modules=[CachingBlock])
+    assert [s.block for s in p.sites] == ["res"]
+    assert model.cached.cache == {}
+    se_inject.apply(model, leaf_modules=[CachingBlock])
+    assert model.cached.cache == {}
+    saturate(model)
+    ref = CachingLeafNet().eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    assert model.cached.cache["bias"].device.type == "cpu"  # filled by the run, on the CPU
+
+
 def test_tracing_leaves_no_traced_values_in_the_model():
     """A block that caches a tensor in eval mode must not keep a tracing proxy afterwards."""
     from handwritten import CachingNet

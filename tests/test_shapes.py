@@ -515,3 +515,20 @@ def test_reduction_normalize_and_matmul_shortcuts_give_the_kernels_shape_strides
         for func in (T.matmul, torch.matmul, T.__matmul__):
             check(func, (a, b), {})
     assert taken > 7000
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "tiny_vit_5m_224"])
+def test_attention_bias_caches_of_timm_models_stay_empty(name):
+    # in eval mode their attention (a leaf for EfficientViT) caches its biases per device on
+    # its first run: shape propagation's run on meta tensors must not leave a meta entry
+    timm = pytest.importorskip("timm")
+    import se_inject
+    model = timm.create_model(name).eval()
+    caches = [m.attention_bias_cache for m in model.modules()
+              if isinstance(getattr(m, "attention_bias_cache", None), dict)]
+    assert len(caches) >= 3
+    se_inject.plan(model)
+    assert all(c == {} for c in caches)
+    with torch.no_grad():
+        model(torch.randn(1, *model.pretrained_cfg["input_size"]))
+    assert any(c for c in caches) and all(k == "cpu" for c in caches for k in c)
