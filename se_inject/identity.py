@@ -109,11 +109,12 @@ def plan_compensations(graph: fx.Graph, model: nn.Module,
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     shared = _shared_parameters(model)
-    return [_compensation(modules, calls, shared, *site) for site in sites]
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return [_compensation(modules, calls, shared, params, *site) for site in sites]
 
 
-def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str], gate: str,
-                  gated: fx.Node, branch: bool) -> Compensation:
+def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str],
+                  params: set[str], gate: str, gated: fx.Node, branch: bool) -> Compensation:
     found: list[str] = []
 
     def refuse(why: str) -> IdentityInitError:
@@ -156,11 +157,12 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 factors = [a for a in node.args if isinstance(a, fx.Node)]
                 for a in factors:
                     param = _parameter_behind(a)
-                    if param is not None:
+                    if param in params:  # (not a buffer, nor a tensor made in the forward)
                         found.append(param)
                         return
-                if factors:
-                    return walk(factors[0], False)
+                computed = [a for a in factors if a.op != "get_attr"]
+                if computed or factors:
+                    return walk((computed or factors)[0], False)
             if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
                 return walk(_only_tensor_input(node, refuse), False)
         raise refuse(f"`{node.format_node()}` does not scale with its input")

@@ -28,7 +28,8 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import CONTAINERS, Call, TraceOptions, forward_names, reads_training_flag, trace_block
+from .trace import (CONSTANT_PREFIX, CONTAINERS, Call, TraceOptions, forward_names,
+                    reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -142,6 +143,7 @@ class Prepared:
     new_gates: dict[str, ChannelGate]
     state: OwnerState
     forward: Callable
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # what forward reads
 
 
 # How fx records an op when it traces the code generated for it, where that differs.
@@ -395,14 +397,15 @@ def _gate_factory(owner: nn.Module, spec: GateSpec):
 
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                    inputs: Inputs | None, options: TraceOptions
-                   ) -> tuple[Callable, dict, frozenset[str]]:
-    """The block's class forward with the gates' calls in it, its traced -> class keys, and
-    the containers whose layers its code names (see _call_containers_whole)."""
+                   ) -> tuple[Callable, dict, frozenset[str], dict[str, torch.Tensor]]:
+    """The block's class forward with the gates' calls in it, its traced -> class keys, the
+    containers whose layers its code names (see _call_containers_whole), and the tensors
+    its forward made while traced, which the code reads as attributes of the block."""
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
-    compiled, traced, inlined = {}, {}, set()
+    compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:
         try:
-            graph = trace_block(owner, options, training, inputs)
+            graph = trace_block(owner, options, training, inputs, constants)
         except Exception as exc:
             raise RewriteError(f"`{label}` ({type(owner).__name__}) could not be traced on its "
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
@@ -417,7 +420,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
         forward = _dispatch(compiled[True][1], compiled[False][1])
     if inputs is not None:
         forward = wrap_body(type(owner), inputs, forward)
-    return forward, traced, frozenset(inlined)
+    return forward, traced, frozenset(inlined), constants
 
 
 _MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}
@@ -523,14 +526,15 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
             tuple(sorted(gates.items())))
         if group is None or group not in built:
             result = _build_forward(owner, label, gates, inputs, options)
-            if group is not None:
+            if group is not None and not result[3]:  # (a block's constants are its own)
                 built[group] = result
         else:
             result = built[group]
-        forward, traced, inlined = result
+        forward, traced, inlined, constants = result
         forward = _guarded(forward, label, _attributes_read(owner), _containers(owner, inlined))
         out.append(Prepared(owner=owner, new_gates=new_gates,
-                            state=OwnerState(gates=gates, traced=dict(traced)), forward=forward))
+                            state=OwnerState(gates=gates, traced=dict(traced)), forward=forward,
+                            constants=constants))
     return out
 
 
@@ -539,8 +543,15 @@ def commit(prepared: Sequence[Prepared]) -> None:
     for p in prepared:
         for name, gate in p.new_gates.items():
             p.owner._modules[name] = gate
+        _drop_constants(p.owner)  # of a forward generated before, with fewer gates
+        p.owner.__dict__.update(p.constants)
         p.owner.__dict__["forward"] = types.MethodType(p.forward, p.owner)
         p.owner.__dict__[STATE] = p.state
+
+
+def _drop_constants(owner: nn.Module) -> None:
+    for k in [k for k in owner.__dict__ if k.startswith(CONSTANT_PREFIX)]:
+        del owner.__dict__[k]
 
 
 def remove_gates(model: nn.Module) -> int:
@@ -559,4 +570,5 @@ def remove_gates(model: nn.Module) -> int:
             del m._modules[name]
             n += 1
         m.__dict__.pop("forward", None)
+        _drop_constants(m)
     return n

@@ -478,6 +478,8 @@ class _MetaInterpreter(fx.Interpreter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._mode = _ShapeMode()
+        from .trace import CONSTANTS  # (trace -> kinds -> shapes)
+        self._made = getattr(self.graph, CONSTANTS, None) or {}
 
     def call_function(self, target, args, kwargs):
         with self._mode:
@@ -507,6 +509,8 @@ class _MetaInterpreter(fx.Interpreter):
         return value
 
     def get_attr(self, target, args, kwargs):
+        if target in self._made:  # a tensor the forward made while traced
+            return _to_meta(self._made[target])
         return _to_meta(super().get_attr(target, args, kwargs))
 
     def call_module(self, target, args, kwargs):

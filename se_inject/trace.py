@@ -32,6 +32,8 @@ SCOPE = "se_inject.frame"  # node.meta key: the Frame whose forward created the 
 RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward returned
 LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing made them
 CONTAINERS = "_se_inject_containers"  # a block's graph attribute: its ContainerCalls
+CONSTANTS = "_se_inject_constants"  # graph attribute: name -> tensor made while tracing
+CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
 
 
 @dataclass(frozen=True)
@@ -369,7 +371,16 @@ class UnpackingTracer(fx.Tracer):
     the node's meta (se-inject records each node's Frame instead), a copy of its scope on
     every module call, and a row of isinstance checks before it turns a proxy or an int into
     an argument; and it names a parameter or buffer a forward reads by walking all of the
-    model's (see ``getattr``). Skipping them gives the same graph, sooner (README, "Figures")."""
+    model's (see ``getattr``). Skipping them gives the same graph, sooner (README, "Figures").
+
+    A tensor the forward makes while it is traced (``torch.arange(16)``, ``torch.tensor(...)``)
+    is a constant of the graph. fx stores each on the traced module as ``_tensor_constantN``,
+    which would leave them on the user's model after a plan and make a forward generated for
+    one block read another's; here they stay in ``constants`` (the graph's CONSTANTS), named
+    ``_se_inject_constantN``, and a gated block gets its own when its forward goes in."""
+
+    # where a trace puts its constants, shared by the traces of one block (unique names)
+    _constants_into: dict[str, torch.Tensor] | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -386,6 +397,18 @@ class UnpackingTracer(fx.Tracer):
             return [self.create_arg(e) for e in a]
         if t is dict and all(type(k) is str for k in a):
             return {k: self.create_arg(v) for k, v in a.items()}
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) \
+                and isinstance(self.root, nn.Module):
+            name = self._tensor_index().get(id(a), (None,))[0]  # a buffer
+            if name is None:  # a plain tensor attribute of a module, or a constant made before
+                name = self.tensor_attrs.get(a)
+            if name is None:  # a buffer the forward assigned while traced (self.n = self.n + 1)
+                name = next((n for n, b in self.root.named_buffers() if b is a), None)
+            if name is None:
+                name = f"{CONSTANT_PREFIX}{len(self.constants)}"
+                self.constants[name] = a
+                self.tensor_attrs[a] = name
+            return self.create_node("get_attr", name, (), {})
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
@@ -419,7 +442,8 @@ class UnpackingTracer(fx.Tracer):
         return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
-        self._tensor_names: dict[int, tuple[str, bool]] | None = None
+        self._tensor_names: dict[int, tuple[str, bool, torch.Tensor]] | None = None
+        self.constants = {} if self._constants_into is None else self._constants_into
         if not _SESSION["active"]:
             return super().trace(root, concrete_args)
         stack = _ACTIVE.__dict__.setdefault("stack", [])
@@ -435,17 +459,22 @@ class UnpackingTracer(fx.Tracer):
         A tensor the index does not know (one the forward assigned) takes fx's own path."""
         if not isinstance(attr_val, torch.Tensor) or not isinstance(self.root, nn.Module):
             return super().getattr(attr, attr_val, parameter_proxy_cache)
-        if self._tensor_names is None:
-            index = {id(b): (n, False) for n, b in self.root.named_buffers()}
-            index.update((id(p), (n, True)) for n, p in self.root.named_parameters())
-            self._tensor_names = index
-        name, is_param = self._tensor_names.get(id(attr_val), (None, False))
+        name, is_param, _ = self._tensor_index().get(id(attr_val), (None, False, None))
         wanted = is_param if isinstance(attr_val, nn.Parameter) else self.proxy_buffer_attributes
         if name is None or not wanted:
             return super().getattr(attr, attr_val, parameter_proxy_cache)
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
+
+    def _tensor_index(self) -> dict[int, tuple[str, bool, torch.Tensor]]:
+        """id -> (name, is a parameter, the tensor) for the root's parameters and buffers as
+        the trace began (holding them keeps their ids from being reused by a new tensor)."""
+        if self._tensor_names is None:
+            index = {id(b): (n, False, b) for n, b in self.root.named_buffers()}
+            index.update((id(p), (n, True, p)) for n, p in self.root.named_parameters())
+            self._tensor_names = index
+        return self._tensor_names
 
 
 class _ScopeTracer(UnpackingTracer):
@@ -744,6 +773,7 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
                 graph = _trace_instance_forward(tracer, model, fn)
         setattr(graph, RETURNS, tracer.returns)
         setattr(graph, LOG, tracer.log)
+        setattr(graph, CONSTANTS, tracer.constants)
         return graph
     except (TraceError, BlockChangedError):  # the latter: a gated block changed since
         raise
@@ -800,10 +830,11 @@ class _BlockTracer(UnpackingTracer):
     calls.py), the forward is called with exactly those: constants stay constants.
     """
 
-    def __init__(self, root: nn.Module, inputs=None, **kwargs):
+    def __init__(self, root: nn.Module, inputs=None, constants=None, **kwargs):
         super().__init__(**kwargs)
         self._root = root
         self._inputs = inputs
+        self._constants_into = constants
         self.containers: list[ContainerCall] = []
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -835,11 +866,13 @@ class _BlockTracer(UnpackingTracer):
 
 
 def trace_block(block: nn.Module, options: TraceOptions, training: bool,
-                inputs=None) -> fx.Graph:
+                inputs=None, constants: dict[str, torch.Tensor] | None = None) -> fx.Graph:
     """fx graph of ``block.forward`` of the class (not an instance override), in one mode;
-    the containers it called, their layers traced, are listed in its CONTAINERS attribute."""
+    the containers it called, their layers traced, are listed in its CONTAINERS attribute.
+    The tensors the forward made are added to ``constants`` (a new dict where None), its
+    CONSTANTS attribute, under names no earlier trace into the same dict took."""
     _, kwargs = options.tracer_args()
-    tracer = _BlockTracer(block, inputs, **kwargs)
+    tracer = _BlockTracer(block, inputs, {} if constants is None else constants, **kwargs)
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     try:
@@ -848,6 +881,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     finally:
         object.__setattr__(block, "training", was)
     setattr(graph, CONTAINERS, tracer.containers)
+    setattr(graph, CONSTANTS, tracer.constants)
     return graph
 
 

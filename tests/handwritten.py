@@ -317,6 +317,58 @@ HANDWRITTEN.update({
 })
 
 
+class ConstantBlock(nn.Module):
+    """Makes tensors in its forward (an index, a factor): torch.fx turns each into a constant
+    of the graph. Blocks alike in code get different constants from their settings."""
+
+    def __init__(self, c=16, flip=False, factor=1.0):
+        super().__init__()
+        self.conv = branch(c)
+        self.flip, self.factor = flip, factor
+
+    def forward(self, x):
+        idx = torch.arange(16).flip(0) if self.flip else torch.arange(16)
+        return x + self.conv(x)[:, idx] * torch.tensor(self.factor)
+
+
+class ConstantNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(ConstantBlock(flip=True), ConstantBlock(factor=0.5),
+                                    ConstantBlock(flip=True, factor=2.0))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN["constants_in_forward"] = (ConstantNet, 3, {"residual": 3})
+
+
+class FactorBlock(nn.Module):
+    """The branch times a factor that is no parameter: a buffer, or a tensor the forward makes."""
+
+    def __init__(self, c=16, made=False):
+        super().__init__()
+        self.conv = branch(c)
+        self.made = made
+        self.register_buffer("factor", torch.full((1, c, 1, 1), 0.5))
+
+    def forward(self, x):
+        factor = torch.full((1, 16, 1, 1), 0.5) if self.made else self.factor
+        return x + self.conv(x) * factor
+
+
+class FactorNet(nn.Module):
+    def __init__(self, made=False):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(FactorBlock(made=made), FactorBlock(made=made))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
 class TwoMergeBlock(nn.Module):
     """A projection sum (torch.add) and then an identity sum (+) in one block's forward."""
 

@@ -1,6 +1,7 @@
 """Hand-written CNNs: blocks inline in a top-level forward, inception from F.conv2d, and the
 models that must be refused or left alone."""
 import copy
+import io
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import se_inject
 from se_inject.errors import NoSitesError, RewriteError, TraceError
-from conftest import gates, paper_reference, saturate
+from conftest import gates, paper_reference, randomize_norms, saturate
 from handwritten import (HANDWRITTEN, BlockNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
                          FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
                          UntraceableNet)
@@ -555,3 +556,51 @@ def test_a_mixed_convolution_is_not_an_inception_module():
     assert [s.reason for s in p.skipped] == [
         "its branches convolve different pieces of one split tensor (a mixed convolution, "
         "as MixNet's: one layer), not one input in parallel"]
+
+
+def test_tensors_made_in_a_forward_stay_with_the_block_that_made_them():
+    """torch.fx stores a tensor made while tracing on the traced module; plan() must leave no
+    such attribute behind, and each gated block reads its own (blocks alike in code, with
+    different settings, make different ones)."""
+    from handwritten import ConstantNet
+    model = ConstantNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+
+    def attrs():
+        return {n: set(m.__dict__) for n, m in model.named_modules()}
+    before = attrs()
+    for _ in range(2):
+        se_inject.plan(model)
+        assert attrs() == before
+    ref = copy.deepcopy(model)
+    se_inject.apply(model)
+    saturate(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    held = {n: {k: v for k, v in m.__dict__.items() if isinstance(v, torch.Tensor)}
+            for n, m in model.blocks.named_children()}
+    assert sorted(v.tolist() for c in held.values() for v in c.values() if v.dim() == 0) == \
+        [0.5, 1.0, 2.0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buffer, weights_only=False)(x), ref(x))
+    se_inject.remove(model)
+    assert attrs() == before
+
+
+@pytest.mark.parametrize("made", [False, True], ids=["buffer", "made_in_forward"])
+def test_identity_init_scales_the_layer_not_a_factor_that_is_no_parameter(made):
+    """A branch times a buffer (or a tensor its forward makes): the identity gate's factor of 2
+    goes into the branch's last layer, and the gated model computes what the model did."""
+    from handwritten import FactorNet
+    model = FactorNet(made).eval()
+    randomize_norms(model)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16)
+    se_inject.apply(model, init="identity")
+    assert len(gates(model)) == 2
+    assert torch.equal(model.blocks[0].factor, ref.blocks[0].factor)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-6)

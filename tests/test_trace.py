@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from se_inject.trace import _FX_HOOKS, _UNPACKS, TraceOptions, trace_block, trace_model
+from se_inject.trace import (_FX_HOOKS, _UNPACKS, CONSTANT_PREFIX, CONSTANTS, TraceOptions,
+                             trace_block, trace_model)
 
 # tests of what a tracing session patches; where this torch's fx lacks what sessions need,
 # they do nothing and every trace patches as fx does (se_inject.trace._FX_HOOKS)
@@ -118,7 +119,11 @@ class _Unpacks(nn.Module):
 
 
 def _ops(graph: fx.Graph) -> list[tuple]:
-    return [(n.op, str(n.target), str(n.args)) for n in graph.nodes]
+    # fx stores a tensor made while tracing on the module as _tensor_constantN; se-inject
+    # keeps it with the graph as _se_inject_constantN (test_constants_stay_off_the_model)
+    def named(text):
+        return text.replace("_tensor_constant", CONSTANT_PREFIX)
+    return [(n.op, named(str(n.target)), named(str(n.args))) for n in graph.nodes]
 
 
 def test_unpacking_gives_the_graph_plain_fx_gives():
@@ -388,3 +393,31 @@ def test_apply_leaves_nn_module_as_it_was(name):
     else:
         assert not name.startswith("vit")
     assert _state(modules) == before
+
+
+class _Makes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.register_buffer("n", torch.zeros(()))
+
+    def forward(self, x):
+        self.n = self.n + 1  # a buffer replaced while running: still named as the buffer
+        return self.conv(x)[:, torch.tensor([2, 0, 1])] * torch.full((3, 1, 1), 2.0) + self.n
+
+
+def test_constants_stay_off_the_model():
+    # fx stores each tensor made while tracing on the module (_tensor_constantN); se-inject's
+    # tracer keeps them with the graph, under the same get_attr nodes
+    model = _Makes()
+    attrs = set(model.__dict__)
+    graph = trace_model(model, TraceOptions(), n_inputs=1)
+    assert set(model.__dict__) == attrs
+    made = getattr(graph, CONSTANTS)
+    assert [n.target for n in graph.nodes if n.op == "get_attr"] == [*made, "n"]
+    assert made[f"{CONSTANT_PREFIX}0"].tolist() == [2, 0, 1]
+    assert torch.equal(made[f"{CONSTANT_PREFIX}1"], torch.full((3, 1, 1), 2.0))
+    root = _Makes()
+    assert _ops(graph) == _ops(fx.Tracer().trace(root))
+    assert {k for k in root.__dict__ if k.startswith("_tensor_constant")} == \
+        {"_tensor_constant0", "_tensor_constant1"}  # what fx leaves on the module it traced
