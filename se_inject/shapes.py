@@ -548,7 +548,8 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
 
     A module that runs here (a leaf) and caches a tensor on itself, as timm's EfficientViT
     attention caches its biases in eval mode, would keep a meta tensor that its next real run
-    takes up; every such change is undone."""
+    takes up; every change a module's attributes undergo here is undone (an LSTM's record of
+    its weights as well)."""
     inputs = [torch.empty(tuple(s), device="meta", dtype=dtype) for s in input_shapes]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # no default value
@@ -558,6 +559,6 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
                          f"({names}) but {len(inputs)} input size(s) were given: pass one per input "
                          "with input_size=[(C, H, W), ...].")
     inputs += [n.args[0] for n in placeholders[len(inputs):]]
-    from .trace import _is_meta_tensor, _NothingLeft  # (trace -> kinds -> shapes)
-    with _NothingLeft(model, left=_is_meta_tensor):
+    from .trace import _anything, _NothingLeft  # (trace -> kinds -> shapes)
+    with _NothingLeft(model, left=_anything):
         _MetaInterpreter(model, graph=graph).run(*inputs)

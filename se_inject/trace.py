@@ -548,8 +548,8 @@ def _is_proxy(value) -> bool:
     return isinstance(value, fx.Proxy)
 
 
-def _is_meta_tensor(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "meta"
+def _anything(value) -> bool:
+    return True
 
 
 def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
@@ -564,9 +564,10 @@ def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
 
 class _NothingLeft:
     """Tracing runs the model's Python, which may cache a traced value on a module (timm's
-    LeViT, EfficientViT and TinyViT cache their attention biases in eval mode); so does
-    running it on meta tensors to learn its shapes, with a meta tensor. Undo every change
-    that leaves such a value (``left`` says which: a proxy by default) on exit.
+    LeViT, EfficientViT and TinyViT cache their attention biases in eval mode). Undo every
+    change to a module's attributes that leaves such a value (``left`` says which: a proxy
+    by default; anything at all for a run on meta tensors, none of whose changes are real)
+    on exit.
 
     fx hands out proxies for parameters but buffers are the real tensors: an in-place update
     in a forward that is traced through (a norm layer counting its batches, as torch's

@@ -532,3 +532,30 @@ def test_attention_bias_caches_of_timm_models_stay_empty(name):
     with torch.no_grad():
         model(torch.randn(1, *model.pretrained_cfg["input_size"]))
     assert any(c for c in caches) and all(k == "cpu" for c in caches for k in c)
+
+
+class _Recurrent(nn.Module):
+    """A residual block, then an LSTM over the pixels (a leaf: it runs on meta tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.b(F.relu(self.a(x)))
+        return self.rnn(x.flatten(2).transpose(1, 2))[0].mean(1)
+
+
+def test_a_module_run_on_meta_tensors_keeps_every_attribute_it_had():
+    import se_inject
+    model = _Recurrent().eval()
+    before = dict(model.rnn.__dict__)
+    refs = [r() for r in model.rnn._flat_weight_refs]
+    se_inject.plan(model, input_size=(3, 8, 8))  # (an LSTM on meta tensors steps in Python)
+    assert all(model.rnn.__dict__[k] is v for k, v in before.items())
+    assert [r() for r in model.rnn._flat_weight_refs] == refs
+    assert all(w is getattr(model.rnn, n) and w.device.type == "cpu"
+               for w, n in zip(model.rnn._flat_weights, model.rnn._flat_weights_names))
