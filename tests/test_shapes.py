@@ -534,6 +534,11 @@ def test_attention_bias_caches_of_timm_models_stay_empty(name):
     assert any(c for c in caches) and all(k == "cpu" for c in caches for k in c)
 
 
+class _OutputOnly(nn.LSTM):
+    def forward(self, x):  # a forward of its own: no shape rule, it runs on meta tensors
+        return super().forward(x)[0]
+
+
 class _Recurrent(nn.Module):
     """A residual block, then an LSTM over the pixels (a leaf: it runs on meta tensors)."""
 
@@ -541,12 +546,12 @@ class _Recurrent(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.rnn = _OutputOnly(8, 8, batch_first=True)
 
     def forward(self, x):
         x = self.stem(x)
         x = x + self.b(F.relu(self.a(x)))
-        return self.rnn(x.flatten(2).transpose(1, 2))[0].mean(1)
+        return self.rnn(x.flatten(2).transpose(1, 2)).mean(1)
 
 
 def test_a_module_run_on_meta_tensors_keeps_every_attribute_it_had():
@@ -554,8 +559,36 @@ def test_a_module_run_on_meta_tensors_keeps_every_attribute_it_had():
     model = _Recurrent().eval()
     before = dict(model.rnn.__dict__)
     refs = [r() for r in model.rnn._flat_weight_refs]
-    se_inject.plan(model, input_size=(3, 8, 8))  # (an LSTM on meta tensors steps in Python)
+    se_inject.plan(model, input_size=(3, 8, 8), leaf_modules=[_OutputOnly])
     assert all(model.rnn.__dict__[k] is v for k, v in before.items())
     assert [r() for r in model.rnn._flat_weight_refs] == refs
     assert all(w is getattr(model.rnn, n) and w.device.type == "cpu"
                for w, n in zip(model.rnn._flat_weights, model.rnn._flat_weights_names))
+
+
+@pytest.mark.parametrize("layer", [
+    nn.LSTM(8, 6), nn.LSTM(8, 6, num_layers=2, batch_first=True, bidirectional=True),
+    nn.LSTM(8, 6, batch_first=True, proj_size=4), nn.GRU(8, 6, bidirectional=True),
+    nn.RNN(8, 6, num_layers=3, batch_first=True),
+], ids=lambda m: repr(m).replace(" ", ""))
+@pytest.mark.parametrize("batched", [True, False])
+def test_recurrent_layers_give_their_real_shapes_strides_and_dtypes(layer, batched):
+    # answered from the input's shape (batched): on meta tensors their kernels step through
+    # the sequence in Python; unbatched, the module runs
+    from se_inject.shapes import _recurrent
+    layer.eval()
+    x = torch.randn(3, 5, 8) if batched else torch.randn(5, 8)
+    with torch.no_grad():
+        real = layer(x)
+    assert _shape_rule(layer) is _recurrent
+    if not batched:
+        assert _recurrent(layer, x.to("meta")) is None
+    tracer = fx.Tracer()
+    tracer.is_leaf_module = lambda m, qualname: m is layer
+    model = nn.Sequential(layer)
+    graph = tracer.trace(model)
+    propagate_shapes(model, graph, [tuple(x.shape)])
+    got = next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
+    flat = torch.utils._pytree.tree_leaves
+    assert [_layout(t) for t in flat(got)] == [_layout(t) for t in flat(real)]
+    assert all(t.device.type == "meta" for t in flat(got))
