@@ -258,6 +258,15 @@ def test_blocks_sharing_a_forward_each_take_a_later_gate(tmp_path):
             torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def _saturated_equals_plain(model, cls, x) -> None:
+    """With its gates saturated, ``model`` computes what a plain ``cls`` with its weights does."""
+    saturate(model)
+    ref = cls().eval()
+    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
 def test_shape_propagation_leaves_no_meta_tensors_in_the_model():
     """A leaf that caches a tensor in eval mode runs on meta tensors while apply() learns the
     shapes; its cache must be as it was afterwards, and the gated model's outputs the plain
@@ -270,11 +279,7 @@ def test_shape_propagation_leaves_no_meta_tensors_in_the_model():
     assert model.cached.cache == {}
     se_inject.apply(model, leaf_modules=[CachingBlock])
     assert model.cached.cache == {}
-    saturate(model)
-    ref = CachingLeafNet().eval()
-    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    _saturated_equals_plain(model, CachingLeafNet, x)
     assert model.cached.cache["bias"].device.type == "cpu"  # filled by the run, on the CPU
 
 
@@ -287,11 +292,7 @@ def test_tracing_leaves_no_traced_values_in_the_model():
     assert model.block.cache == {}
     se_inject.apply(model)
     assert model.block.cache == {}
-    saturate(model)
-    ref = CachingNet().eval()
-    ref.load_state_dict({k: v for k, v in model.state_dict().items() if "se_gate" not in k})
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+    _saturated_equals_plain(model, CachingNet, x)
 
 
 def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():

@@ -185,6 +185,16 @@ def test_device_moves_keep_meta_tensors_and_apply_dtypes():
     assert checked >= 8
 
 
+def _propagated_through(layer: nn.Module, x: torch.Tensor):
+    """What shape propagation gives for ``layer`` called as a leaf on a tensor like ``x``."""
+    tracer = fx.Tracer()
+    tracer.is_leaf_module = lambda m, qualname: m is layer
+    model = nn.Sequential(layer)
+    graph = tracer.trace(model)
+    propagate_shapes(model, graph, [tuple(x.shape)])
+    return next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
+
+
 def _layout(t: torch.Tensor) -> tuple:
     """What a shortcut must reproduce of the kernel's output."""
     return t.shape, t.stride(), t.dtype
@@ -412,12 +422,7 @@ def test_timm_norm_act_layers_give_their_real_shape_strides_and_dtype(layer, cha
         assert _layout(got) == _layout(real)
     assert _norm_act(layer, torch.empty(2, 6, 5, 7, device="meta")) is None  # wrong channels
     # in a graph, rule or run, the shape is the real one
-    tracer = fx.Tracer()
-    tracer.is_leaf_module = lambda m, qualname: m is layer
-    model = nn.Sequential(layer)
-    graph = tracer.trace(model)
-    propagate_shapes(model, graph, [tuple(x.shape)])
-    out = next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
+    out = _propagated_through(layer, x)
     assert (out.shape, out.dtype) == (real.shape, real.dtype)
 
 
@@ -583,12 +588,7 @@ def test_recurrent_layers_give_their_real_shapes_strides_and_dtypes(layer, batch
     assert _shape_rule(layer) is _recurrent
     if not batched:
         assert _recurrent(layer, x.to("meta")) is None
-    tracer = fx.Tracer()
-    tracer.is_leaf_module = lambda m, qualname: m is layer
-    model = nn.Sequential(layer)
-    graph = tracer.trace(model)
-    propagate_shapes(model, graph, [tuple(x.shape)])
-    got = next(n for n in graph.nodes if n.op == "call_module").meta[VALUE]
+    got = _propagated_through(layer, x)
     flat = torch.utils._pytree.tree_leaves
     assert [_layout(t) for t in flat(got)] == [_layout(t) for t in flat(real)]
     assert all(t.device.type == "meta" for t in flat(got))
