@@ -160,8 +160,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                     if param in params:  # (not a buffer, nor a tensor made in the forward)
                         found.append(param)
                         return
-                computed = [a for a in factors if a.op != "get_attr"]
-                if computed or factors:
+                if factors:  # one made by an op first: a buffer or constant scales nothing
+                    computed = [a for a in factors if a.op != "get_attr"]
                     return walk((computed or factors)[0], False)
             if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
                 return walk(_only_tensor_input(node, refuse), False)
