@@ -4,7 +4,8 @@ A gate whose last layer starts at zero (weight and bias) excites every channel w
 sigmoid(0) = 0.5 exactly. The layer that produces the gated tensor is scaled by 2 to make up for
 it: its weight and bias if it is a convolution, a linear layer or an affine norm, reached from the
 gated tensor back through ops that commute with a positive factor (ReLU, pooling, dropout,
-concatenation, sums, reshapes). Both factors are powers of two, so every product is exact in
+concatenation, sums, reshapes); of a weight that weight normalisation computes, its magnitude
+g. Both factors are powers of two, so every product is exact in
 floating point, and the gated model computes bit for bit what the model computed before. The
 gate still learns: its last layer gets a gradient on the first backward pass (its first layer on
 the next ones, once the last is no longer zero), as a zero-initialised residual branch does.
@@ -22,6 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from torch.nn.utils import parametrizations
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
 from .kinds import flat, reads_metadata_only
@@ -51,6 +55,8 @@ _PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "f
 _EACH_OPERAND = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat,
                  torch.concatenate}
 _AFFINE = (nn.modules.conv._ConvNd, nn.Linear)
+# what torch.nn.utils.parametrizations.weight_norm registers (a private class: none if it moves)
+_WEIGHT_NORM_PARAMETRIZATION = getattr(parametrizations, "_WeightNorm", ())
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.reshape,
           torch.unsqueeze}
@@ -137,7 +143,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
             if own:
                 if calls[node.target] != 1:
                     raise refuse(f"`{node.target}` is called {calls[node.target]} times")
-                found.extend(f"{node.target}.{p}" for p in own)
+                found.extend(_parameter_to_scale(modules, params, f"{node.target}.{p}", refuse)
+                             for p in own)
                 return
             if isinstance(m, _PASS_MODULES):
                 return walk(_only_tensor_input(node, refuse), False)
@@ -174,6 +181,37 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     if len(set(found)) != len(found):
         raise refuse("one layer reaches the gated tensor by two paths")
     return Compensation(gate, tuple(found))
+
+
+def _parameter_to_scale(modules: dict[str, nn.Module], params: set[str], name: str,
+                        refuse) -> str:
+    """The parameter whose scaling by the factor scales the layer's tensor ``name``: the tensor
+    itself where it is a parameter; its magnitude where weight normalisation computes it from
+    one (``W = g · v / ‖v‖``: ``torch.nn.utils.parametrizations.weight_norm``, or the older
+    ``torch.nn.utils.weight_norm``). A tensor any other parametrization or hook computes
+    (spectral normalisation divides out any factor) is refused."""
+    if name in params:
+        return name
+    owner, _, attr = name.rpartition(".")
+    m = modules[owner]
+    plist = m.parametrizations[attr] if attr in getattr(m, "parametrizations", {}) else None
+    if plist is not None:
+        g = f"{owner}.parametrizations.{attr}.original0"  # weight_norm's g (original1: v)
+        if len(plist) == 1 and isinstance(plist[0], _WEIGHT_NORM_PARAMETRIZATION) and g in params:
+            return g
+        how = " then ".join(type(p).__name__ for p in plist)
+        raise refuse(f"`{name}` is computed by a parametrization ({how}), which scaling what it "
+                     "is computed from does not scale by 2; only weight_norm's magnitude does")
+    for hook in m._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == attr and f"{owner}.{attr}_g" in params:
+            return f"{owner}.{attr}_g"
+    makers = [type(h).__name__ for h in m._forward_pre_hooks.values()
+              if getattr(h, "name", None) == attr]
+    if makers:
+        raise refuse(f"`{name}` is computed by a forward pre-hook ({makers[0]}), which scaling "
+                     "what it is computed from need not scale by 2")
+    what = "a buffer" if attr in m._buffers else "computed in the forward"
+    raise refuse(f"`{name}` is {what}, not a parameter")
 
 
 def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 
 import pytest
 import timm
@@ -76,6 +77,93 @@ def test_identity_refused_where_no_layer_can_make_up_for_it():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(se_inject.SEInjectError, match="init must be"):
         se_inject.apply(model, init="zeros")
+
+
+class _NormFreeBlock(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class _NormFreeNet(torch.nn.Module):
+    """Residual blocks without norms (as GAN discriminators and weight-normalised nets have):
+    the layer an identity gate scales is the branch's last convolution itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = torch.nn.Sequential(_NormFreeBlock(16), _NormFreeBlock(16))
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _reparametrized(how: str) -> _NormFreeNet:
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    model = _NormFreeNet().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            if how == "weight_norm":
+                parametrizations.weight_norm(m)
+            elif how == "spectral_norm":
+                parametrizations.spectral_norm(m)
+            elif how.startswith("hook_"):  # the older API: a pre-hook computes the weight
+                with warnings.catch_warnings():  # (deprecated in favour of the above)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    getattr(torch.nn.utils, how[len("hook_"):])(m)
+            elif how == "buffer":  # frozen weights, kept as a buffer
+                w = m.weight.detach().clone()
+                del m.weight
+                m.register_buffer("weight", w)
+    return model
+
+
+@pytest.mark.parametrize("how", ["weight_norm", "hook_weight_norm"])
+def test_identity_init_scales_weight_norms_magnitude(how):
+    """W = g · v / ‖v‖ scales with g: the gated model computes bit for bit what the model did,
+    with only g doubled."""
+    model, ref = _reparametrized(how), _reparametrized(how)  # (no deepcopy of the older API's)
+    x = torch.randn(2, 3, 12, 12)
+    se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert len(gates(model)) == 2
+    assert torch.equal(_out(model, x), _out(ref, x))
+    own = dict(model.named_parameters())
+    changed = sorted(n for n, p in ref.named_parameters() if not torch.equal(own[n], p))
+    g = "parametrizations.weight.original0" if how == "weight_norm" else "weight_g"
+    assert changed == [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", g)]
+    assert all(torch.equal(own[n], 2 * p) for n, p in ref.named_parameters() if n in changed)
+    se_inject.remove(model)
+    assert all(torch.equal(p, own[n]) for n, p in ref.named_parameters())
+    assert torch.equal(_out(model, x), _out(ref, x))
+
+
+@pytest.mark.parametrize("how,why", [
+    ("spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a parametrization \(_SpectralNorm"),
+    ("hook_spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a forward pre-hook "
+                           r"\(SpectralNorm"),
+    ("buffer", r"blocks\.0\.conv2\.weight` is a buffer, not a parameter")],
+    ids=["spectral_norm", "hook_spectral_norm", "buffer"])
+def test_identity_init_refuses_a_weight_it_cannot_scale_and_changes_nothing(how, why):
+    """Spectral normalisation divides any factor out of the weight, and a buffer is no
+    parameter: the identity gate is refused before anything changes."""
+    model = _reparametrized(how)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 12, 12)
+    y0 = _out(model, x)
+    with pytest.raises(IdentityInitError, match=f"gate `blocks.0.se_gate` .*{why}.*init='paper'"):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert not gates(model) and not any("forward" in m.__dict__ for m in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(_out(model, x), y0)
+    se_inject.apply(model, input_size=(3, 12, 12))        # the paper's init needs no scaling
+    assert len(gates(model)) == 2 and not torch.equal(_out(model, x), y0)
 
 
 @pytest.fixture
