@@ -519,6 +519,14 @@ class _MetaInterpreter(fx.Interpreter):
         except Exception as exc:
             where = n.meta.get("se_inject.frame")
             scope = f" in `{where.label}`" if where is not None else ""
+            lazy = self.submodules.get(n.target) if n.op == "call_module" else None
+            if isinstance(lazy, nn.modules.lazy.LazyModuleMixin) and \
+                    lazy.has_uninitialized_params():
+                raise TraceError(
+                    f"`{n.target}` ({type(lazy).__name__}) has not made its weights yet: a lazy "
+                    "layer makes them from the first input it sees. Run the model once on an "
+                    "input of the size it takes (model(torch.randn(1, C, H, W))), then apply() "
+                    "(nothing was changed).") from exc
             raise TraceError(
                 f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
                 f"{type(exc).__name__}: {exc}. If this module or function cannot run on meta "

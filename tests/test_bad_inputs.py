@@ -108,6 +108,40 @@ def test_apply_refuses_and_leaves_the_model_as_it_was(case):
     assert _same(before, _fingerprint(model))
 
 
+class _LazyNet(nn.Module):
+    """A residual block whose first convolution is lazy: it makes its weights on first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.LazyConv2d(16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+def test_a_lazy_layer_without_weights_is_named_and_nothing_changes():
+    """Shape propagation would make the lazy layer's weights (and change its class) from meta
+    tensors: apply() stops first, says what to do, and the layer is still waiting for its
+    first input."""
+    model = _LazyNet()
+    with pytest.raises(TraceError, match=r"`c1` \(LazyConv2d\) has not made its weights yet.*"
+                                         r"Run the model once"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert type(model.c1) is nn.LazyConv2d and model.c1.has_uninitialized_params()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert [n for n, _ in model.named_modules()] == ["", "stem", "c1", "c2"]
+    x = torch.randn(2, 3, 16, 16)
+    model(x)                                             # the lazy layer makes its weights
+    with torch.no_grad():
+        y0 = model(x)
+    se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    assert type(model.c1) is nn.Conv2d and hasattr(model, "se_gate")
+    with torch.no_grad():
+        assert torch.equal(model(x), y0)
+
+
 def test_not_a_module_and_not_gated():
     with pytest.raises(InvalidArgumentError, match="not str"):
         se_inject.apply("resnet50")
