@@ -2,7 +2,8 @@
 
 A gate whose last layer starts at zero (weight and bias) excites every channel with
 sigmoid(0) = 0.5 exactly. The layer that produces the gated tensor is scaled by 2 to make up for
-it: its weight and bias if it is a convolution, a linear layer or an affine norm, reached from the
+it: its weight and bias if it is a convolution, a linear layer or an affine norm (parameters, or a
+frozen layer's buffers), reached from the
 gated tensor back through ops that commute with a positive factor (ReLU, pooling, dropout,
 concatenation, sums, reshapes); of a weight that weight normalisation computes, its magnitude
 g. Both factors are powers of two, so every product is exact in
@@ -16,6 +17,7 @@ anything else (reads of its shape, dtype or device aside), are refused before an
 from __future__ import annotations
 
 import operator
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -42,7 +44,8 @@ class IdentityInitError(SEInjectError):
 @dataclass(frozen=True)
 class Compensation:
     gate: str
-    parameters: tuple[str, ...]  # qualified names, scaled by FACTOR
+    parameters: tuple[str, ...]  # qualified names of parameters (or a frozen layer's buffers),
+    #                              scaled by FACTOR
 
 
 _PASS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
@@ -80,11 +83,28 @@ def _parameter_behind(node: fx.Node) -> str | None:
     return None
 
 
+# Batch norms with their statistics and affine terms frozen as buffers (torchvision's, in its
+# detection backbones, and timm's, from timm.layers.freeze_batch_norm_2d): ``x * scale + bias``
+# with ``scale = weight / sqrt(var + eps)`` and ``bias = b - mean * scale``, which doubling
+# ``weight`` and ``b`` doubles exactly. Looked for where their modules are imported only.
+_FROZEN_NORMS = (("torchvision.ops.misc", "FrozenBatchNorm2d"),
+                 ("timm.layers.norm_act", "FrozenBatchNorm2d"),
+                 ("timm.layers.norm_act", "FrozenBatchNormAct2d"))
+
+
+def _frozen_norm(m: nn.Module) -> bool:
+    return any(isinstance(cls, type) and isinstance(m, cls)
+               for cls in (getattr(sys.modules.get(mod), name, None)
+                           for mod, name in _FROZEN_NORMS))
+
+
 def _scalable(m: nn.Module) -> tuple[str, ...] | None:
-    """Parameter names that scale ``m``'s output by a factor, if scaling them does."""
+    """Parameter (or frozen norm's buffer) names that scale ``m``'s output by a factor, if
+    scaling them does."""
     if isinstance(m, _AFFINE):
         return tuple(n for n in ("weight", "bias") if getattr(m, n, None) is not None)
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) or \
+            _frozen_norm(m):
         act = getattr(m, "act", None)  # timm's BatchNormAct2d: a norm with its activation
         drop = getattr(m, "drop", None)
         if act is not None and not isinstance(act, _PASS_MODULES):
@@ -116,11 +136,13 @@ def plan_compensations(graph: fx.Graph, model: nn.Module,
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     shared = _shared_parameters(model)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    return [_compensation(modules, calls, shared, params, *site) for site in sites]
+    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return [_compensation(modules, calls, shared, params, buffers, *site) for site in sites]
 
 
 def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str],
-                  params: set[str], gate: str, gated: fx.Node, branch: bool) -> Compensation:
+                  params: set[str], buffers: set[str], gate: str, gated: fx.Node,
+                  branch: bool) -> Compensation:
     found: list[str] = []
 
     def refuse(why: str) -> IdentityInitError:
@@ -143,8 +165,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
             if own:
                 if calls[node.target] != 1:
                     raise refuse(f"`{node.target}` is called {calls[node.target]} times")
-                found.extend(_parameter_to_scale(modules, params, f"{node.target}.{p}", refuse)
-                             for p in own)
+                found.extend(_tensor_to_scale(modules, params, buffers, f"{node.target}.{p}",
+                                              refuse) for p in own)
                 return
             if isinstance(m, _PASS_MODULES):
                 return walk(_only_tensor_input(node, refuse), False)
@@ -183,14 +205,15 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     return Compensation(gate, tuple(found))
 
 
-def _parameter_to_scale(modules: dict[str, nn.Module], params: set[str], name: str,
-                        refuse) -> str:
-    """The parameter whose scaling by the factor scales the layer's tensor ``name``: the tensor
-    itself where it is a parameter; its magnitude where weight normalisation computes it from
-    one (``W = g · v / ‖v‖``: ``torch.nn.utils.parametrizations.weight_norm``, or the older
-    ``torch.nn.utils.weight_norm``). A tensor any other parametrization or hook computes
-    (spectral normalisation divides out any factor) is refused."""
-    if name in params:
+def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: set[str],
+                     name: str, refuse) -> str:
+    """What to scale by the factor to scale the layer's tensor ``name``: the tensor itself
+    where it is a parameter or a buffer (a frozen layer's); its magnitude where weight
+    normalisation computes it from one (``W = g · v / ‖v‖``:
+    ``torch.nn.utils.parametrizations.weight_norm``, or the older ``torch.nn.utils.weight_norm``).
+    A tensor any other parametrization or hook computes (spectral normalisation divides out any
+    factor) is refused."""
+    if name in params or name in buffers:
         return name
     owner, _, attr = name.rpartition(".")
     m = modules[owner]
@@ -210,8 +233,7 @@ def _parameter_to_scale(modules: dict[str, nn.Module], params: set[str], name: s
     if makers:
         raise refuse(f"`{name}` is computed by a forward pre-hook ({makers[0]}), which scaling "
                      "what it is computed from need not scale by 2")
-    what = "a buffer" if attr in m._buffers else "computed in the forward"
-    raise refuse(f"`{name}` is {what}, not a parameter")
+    raise refuse(f"`{name}` is computed in the forward, neither a parameter nor a buffer")
 
 
 def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
@@ -222,14 +244,16 @@ def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
 
 
 def _shared_parameters(model: nn.Module) -> set[str]:
+    """Names of parameters and buffers that name a tensor another name names too."""
     seen: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in (*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)):
         seen.setdefault(id(p), []).append(name)
     return {n for names in seen.values() if len(names) > 1 for n in names}
 
 
 @torch.no_grad()
 def scale(model: nn.Module, names, factor: float) -> None:
-    params = dict(model.named_parameters())
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for n in names:
-        params[n].mul_(factor)
+        tensors[n].mul_(factor)

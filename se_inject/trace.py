@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import BlockChangedError, TraceError
 from .gate import ChannelGate
-from .kinds import MERGE_KINDS, node_kind
+from .kinds import MERGE_KINDS, flat, node_kind
 
 __all__ = ["Call", "Frame", "TraceOptions", "UnpackingTracer", "trace_model", "trace_block"]
 
@@ -737,13 +737,15 @@ def _openable(model: nn.Module, leaves: tuple[type, ...], options: TraceOptions,
 
 
 def _holds_merge(graph: fx.Graph) -> bool:
-    """Whether a sum or concatenation of values computed from the inputs happens in it: only
-    then can a block hide inside (a norm+activation layer stays whole)."""
+    """Whether a sum or concatenation of two or more values computed from the inputs happens
+    in it: only then can a block hide inside (a norm+activation layer stays whole, and so does
+    a frozen norm's ``x * scale + bias``, whose statistics fx folds into constants)."""
     live = {n for n in graph.nodes if n.op == "placeholder"}
     for n in graph.nodes:
         if n.op != "placeholder" and any(a in live for a in n.all_input_nodes):
             live.add(n)
-            if n.op != "call_module" and node_kind(n, {}) in MERGE_KINDS:
+            if n.op != "call_module" and node_kind(n, {}) in MERGE_KINDS and \
+                    sum(1 for a in flat((*n.args, *n.kwargs.values())) if a in live) >= 2:
                 return True
     return False
 

@@ -124,34 +124,34 @@ def _reparametrized(how: str) -> _NormFreeNet:
     return model
 
 
-@pytest.mark.parametrize("how", ["weight_norm", "hook_weight_norm"])
-def test_identity_init_scales_weight_norms_magnitude(how):
-    """W = g · v / ‖v‖ scales with g: the gated model computes bit for bit what the model did,
-    with only g doubled."""
+@pytest.mark.parametrize("how,scaled", [("weight_norm", "parametrizations.weight.original0"),
+                                        ("hook_weight_norm", "weight_g"), ("buffer", "weight")])
+def test_identity_init_scales_weight_norms_magnitude_or_a_frozen_weight(how, scaled):
+    """W = g · v / ‖v‖ scales with g, and a weight kept as a buffer scales as a parameter does:
+    the gated model computes bit for bit what the model did, with only g (or the buffer) and
+    the bias doubled."""
     model, ref = _reparametrized(how), _reparametrized(how)  # (no deepcopy of the older API's)
     x = torch.randn(2, 3, 12, 12)
     se_inject.apply(model, init="identity", input_size=(3, 12, 12))
     assert len(gates(model)) == 2
     assert torch.equal(_out(model, x), _out(ref, x))
-    own = dict(model.named_parameters())
-    changed = sorted(n for n, p in ref.named_parameters() if not torch.equal(own[n], p))
-    g = "parametrizations.weight.original0" if how == "weight_norm" else "weight_g"
-    assert changed == [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", g)]
-    assert all(torch.equal(own[n], 2 * p) for n, p in ref.named_parameters() if n in changed)
+    before, now = ref.state_dict(), model.state_dict()
+    changed = sorted(k for k, v in before.items() if not torch.equal(now[k], v))
+    assert changed == [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in sorted(("bias", scaled))]
+    assert all(torch.equal(now[k], 2 * before[k]) for k in changed)
     se_inject.remove(model)
-    assert all(torch.equal(p, own[n]) for n, p in ref.named_parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(_out(model, x), _out(ref, x))
 
 
 @pytest.mark.parametrize("how,why", [
     ("spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a parametrization \(_SpectralNorm"),
     ("hook_spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a forward pre-hook "
-                           r"\(SpectralNorm"),
-    ("buffer", r"blocks\.0\.conv2\.weight` is a buffer, not a parameter")],
-    ids=["spectral_norm", "hook_spectral_norm", "buffer"])
+                           r"\(SpectralNorm")],
+    ids=["spectral_norm", "hook_spectral_norm"])
 def test_identity_init_refuses_a_weight_it_cannot_scale_and_changes_nothing(how, why):
-    """Spectral normalisation divides any factor out of the weight, and a buffer is no
-    parameter: the identity gate is refused before anything changes."""
+    """Spectral normalisation divides any factor out of the weight: the identity gate is
+    refused before anything changes."""
     model = _reparametrized(how)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 12, 12)
@@ -164,6 +164,47 @@ def test_identity_init_refuses_a_weight_it_cannot_scale_and_changes_nothing(how,
     assert torch.equal(_out(model, x), y0)
     se_inject.apply(model, input_size=(3, 12, 12))        # the paper's init needs no scaling
     assert len(gates(model)) == 2 and not torch.equal(_out(model, x), y0)
+
+
+def _frozen(name: str, freeze: bool = True):
+    """Batch norms frozen into buffers: torchvision's in its detection backbones, timm's from
+    timm.layers.freeze_batch_norm_2d (with the activation, FrozenBatchNormAct2d)."""
+    torch.manual_seed(0)
+    if name == "torchvision/resnet18":
+        import torchvision
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        model = torchvision.models.resnet18(**({"norm_layer": FrozenBatchNorm2d} if freeze else {}))
+    else:
+        model = timm.create_model(name, pretrained=False)
+        model = timm.layers.freeze_batch_norm_2d(model) if freeze else model
+    with torch.no_grad():
+        for m in model.modules():
+            if "Frozen" in type(m).__name__:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["torchvision/resnet18", "resnet18", "regnetx_002"])
+def test_identity_init_scales_frozen_batch_norms(name):
+    model = _frozen(name)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    y0 = _out(model, x)
+    se_inject.apply(model, init="identity", input_size=(3, 64, 64))
+    plain = _frozen(name, freeze=False)                  # the same sites as with its norms
+    se_inject.apply(plain, input_size=(3, 64, 64))
+    assert [n for n, _ in gates(model)] == [n for n, _ in gates(plain)]
+    assert torch.equal(_out(model, x), y0)
+    now = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(now[k], v)]
+    assert changed and all(k.rsplit(".", 1)[1] in ("weight", "bias") for k in changed)
+    assert all(torch.equal(now[k], 2 * before[k]) for k in changed)
+    se_inject.remove(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.fixture
