@@ -693,13 +693,29 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
     hint = ("Mark the module as a leaf so that fx calls it without looking inside: "
             f"se_inject.apply(model, leaf_modules=[{cls}]) or "
             f"timm.layers.register_notrace_module({cls}); blocks inside a leaf get no gate. "
-            if cls else
-            "Mark the module that contains it as a leaf (se_inject.apply(model, leaf_modules=[Cls]) "
-            "or timm.layers.register_notrace_module), ")
+            if cls else _own_forward_hint(model))
     hint += ("A plain function that fx cannot trace can be kept whole with "
              "se_inject.apply(model, autowrap_functions=[fn]).")
     return TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in {where}{after}: "
                       f"{type(exc).__name__}: {exc}. {hint}")
+
+
+def _own_forward_hint(model: nn.Module) -> str:
+    """What to do where the model's own forward cannot be traced (a detector's, which takes a
+    list of images and branches on them): gate the parts that hold its convolutions."""
+    parts = []
+    for name, child in model.named_children():
+        if not isinstance(child, nn.modules.conv._ConvNd) and \
+                any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules()):
+            parts.append((sum(p.numel() for p in child.parameters()), name, type(child).__name__))
+    parts.sort(key=lambda p: -p[0])
+    named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for k, n, c in parts[:3])
+    if not parts:
+        return "Make the model's own forward traceable (no branching on tensor values). "
+    return ("Where the model's own forward cannot be traced (it takes a list of images, or "
+            "branches on values), gate the modules that hold its CNN blocks instead, in place: "
+            f"se_inject.apply(model.{parts[0][1]}); its parts with convolutions: {named}. Or "
+            "make the forward traceable. ")
 
 
 _OPENS: dict[type, bool] = {}  # timm no-trace class -> whether fx traces it cleanly here

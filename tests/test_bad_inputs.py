@@ -142,6 +142,35 @@ def test_a_lazy_layer_without_weights_is_named_and_nothing_changes():
         assert torch.equal(model(x), y0)
 
 
+class _Detector(nn.Module):
+    """A forward over a list of images that branches on their number: fx cannot trace it,
+    while its backbone traces as any CNN does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = BlockNet(), nn.Sequential(nn.Conv2d(16, 4, 1))
+        self.stem = nn.Conv2d(3, 3, 1)
+
+    def forward(self, images: list):
+        if len(images) == 0:
+            return []
+        return [self.backbone(self.stem(i[None])) for i in images]
+
+
+def test_an_untraceable_forward_names_the_parts_to_gate_instead():
+    model = _Detector()
+    before = _fingerprint(model)
+    with pytest.raises(TraceError) as info:
+        se_inject.apply(model)
+    msg = str(info.value)
+    assert "could not trace _Detector: it failed in the model's own forward" in msg
+    assert "se_inject.apply(model.backbone)" in msg and "`head` (Sequential" in msg
+    assert "`stem`" not in msg                        # a lone convolution holds no block
+    assert _same(before, _fingerprint(model))
+    se_inject.apply(model.backbone)
+    assert any(isinstance(m, se_inject.ChannelGate) for m in model.backbone.modules())
+
+
 def test_not_a_module_and_not_gated():
     with pytest.raises(InvalidArgumentError, match="not str"):
         se_inject.apply("resnet50")
