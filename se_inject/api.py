@@ -19,7 +19,7 @@ from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
-from .match import HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
+from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
@@ -356,6 +356,13 @@ def _check_init(init) -> str:
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
     name = type(model).__name__
+    volumes = sum(1 for s in p.skipped if s.reason == A_VOLUME)
+    if volumes and all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
+        return NoSitesError(
+            f"{name} has no residual or inception-style block of 2-D feature maps: {volumes} of "
+            f"its sums or concatenations are of 5-D tensors, as a 3-D convolutional network's "
+            "(video or volumes, (N, C, T, H, W)). se-inject gates 2-D CNNs: its gates, rules "
+            "and costs are for (N, C, H, W) maps.")
     if all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
         sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
         return NoSitesError(

@@ -26,6 +26,7 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
+A_VOLUME = NOT_A_FEATURE_MAP + " (5-D, as a 3-D convolution makes: video, volumes)"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
 SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a mixed convolution, "
                 "as MixNet's: one layer), not one input in parallel")
@@ -87,7 +88,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     g = view.graph
     a = g.nodes[merge]
     if a["ndim"] != 4 or a["layout"] != "nchw":
-        return NOT_A_FEATURE_MAP
+        return A_VOLUME if a["ndim"] == 5 else NOT_A_FEATURE_MAP
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
     n = len(acts)

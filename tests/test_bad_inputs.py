@@ -61,6 +61,19 @@ class _MLP(nn.Module):
         return self.b(self.a(x)) + x
 
 
+class _Video3D(nn.Module):
+    """A residual block of 3-D convolutions: its sum is of 5-D tensors (N, C, T, H, W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv3d(3, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
 @dataclass
 class ApplyCase:
     id: str
@@ -92,6 +105,9 @@ APPLY_CASES = [
               "no-such-rule"),
     ApplyCase("no-cnn-blocks", _MLP, {"input_size": (8,)}, NoSitesError, "_MLP"),
     ApplyCase("untraceable", _Branchy, {}, TraceError, "_Branchy"),
+    ApplyCase("video-3d", _Video3D, {"input_size": (3, 4, 16, 16)}, NoSitesError,
+              "_Video3D has no residual or inception-style block of 2-D feature maps: 1 of its "
+              "sums or concatenations are of 5-D tensors"),
     ApplyCase("identity-without-a-producer", lambda: timm.create_model("inception_v3"),
               {"init": "identity"}, IdentityInitError, "se_gate"),
 ]
