@@ -503,7 +503,8 @@ class _ScopeTracer(UnpackingTracer):
         n = self._n_inputs
         if n is None or not is_module or len(args) != len(params) + 1 or n >= len(params) \
                 or any(p.kind != p.POSITIONAL_OR_KEYWORD for p in params[:n]) \
-                or any(p.default is p.empty for p in params[n:]):
+                or any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                       for p in params[n:]):
             return fn, args
         extra = args[1 + n:]
         for proxy in extra:  # placeholders fx made for parameters the caller leaves out
@@ -511,7 +512,9 @@ class _ScopeTracer(UnpackingTracer):
                 self.graph.erase_node(proxy.node)
         given = args[:1 + n]
         self.log.append(Call(Frame(""), Frame(""), tuple(p.node for p in given[1:]), {}))
-        return fn, given
+        # the forward as written, not fx's copy with every parameter positional (made where
+        # there are keyword-only ones, *args or **kwargs): those keep their defaults
+        return root_fn, given
 
     def trace_through(self, m, qualname, forward, args, kwargs):
         if is_container(m):  # no frame of its own

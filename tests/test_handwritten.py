@@ -321,6 +321,47 @@ def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
     assert model.block.names is names and names == ["a"]
 
 
+@pytest.mark.parametrize("extra", ["keyword_only", "var_keyword", "var_positional"])
+def test_keyword_only_and_variadic_model_arguments_keep_their_defaults(extra):
+    """A forward with keyword-only parameters, **kwargs or *args (a backbone wrapper with
+    ``return_features=False``): traced as ``model(x)`` calls it, each at its default. fx's
+    own placeholders for them made the flag a traced value (and the trace fail on ``if``)."""
+    from handwritten import BlockNet
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = BlockNet()
+
+        def features(self, x):
+            return self.net.blocks(F.relu(self.net.stem(x)))
+
+        if extra == "keyword_only":
+            def forward(self, x, *, return_features=False):
+                f = self.features(x)
+                return f if return_features else self.net.fc(f.mean((2, 3)))
+        elif extra == "var_keyword":
+            def forward(self, x, **options):
+                f = self.features(x)
+                return f if options.get("return_features") else self.net.fc(f.mean((2, 3)))
+        else:
+            def forward(self, x, *more):
+                f = self.features(x)
+                return f if more else self.net.fc(f.mean((2, 3)))
+
+    model = Wrapper().eval()
+    randomize_norms(model)
+    ref, x = copy.deepcopy(model), torch.randn(2, 3, 16, 16)
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert [n for n, _ in gates(model)] == [f"net.blocks.{i}.se_gate" for i in range(3)]
+    saturate(model)                                   # gates that pass everything through
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        features = model(x, True) if extra == "var_positional" else \
+            model(x, return_features=True)
+        assert features.shape == (2, 64, 8, 8) and torch.equal(features, ref.features(x))
+
+
 def test_optional_model_arguments_keep_their_defaults():
     from handwritten import OptionalMaskNet
     model = OptionalMaskNet().eval()
