@@ -4,6 +4,7 @@ import math
 import operator
 
 import pytest
+import timm
 import torch
 import torch.fx as fx
 from torch import nn
@@ -421,3 +422,16 @@ def test_constants_stay_off_the_model():
     assert _ops(graph) == _ops(fx.Tracer().trace(root))
     assert {k for k in root.__dict__ if k.startswith("_tensor_constant")} == \
         {"_tensor_constant0", "_tensor_constant1"}  # what fx leaves on the module it traced
+
+
+def test_the_module_walk_of_a_snapshot_finds_what_modules_finds():
+    """Shared submodules once, empty slots (None) skipped, every module reached."""
+    from se_inject.trace import _all_modules
+    shared = torch.nn.Conv2d(3, 3, 1)
+    model = torch.nn.Sequential(shared, torch.nn.Sequential(shared, torch.nn.ReLU()),
+                                timm.create_model("resnet18"))
+    model.register_module("empty", None)
+    model[1].again = model[2].layer1
+    walked = _all_modules(model)
+    assert len(walked) == len({id(m) for m in walked})
+    assert {id(m) for m in walked} == {id(m) for m in model.modules()}
