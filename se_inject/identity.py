@@ -6,7 +6,7 @@ it: its weight and bias if it is a convolution, a linear layer or an affine norm
 frozen layer's buffers), reached from the
 gated tensor back through ops that commute with a positive factor (ReLU, pooling, dropout,
 concatenation, sums, reshapes); of a weight that weight normalisation computes, its magnitude
-g. Both factors are powers of two, so every product is exact in
+g; of a pruned weight, the unpruned one. Both factors are powers of two, so every product is exact in
 floating point, and the gated model computes bit for bit what the model computed before. The
 gate still learns: its last layer gets a gradient on the first backward pass (its first layer on
 the next ones, once the last is no longer zero), as a zero-initialised residual branch does.
@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
@@ -210,9 +210,10 @@ def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: s
     """What to scale by the factor to scale the layer's tensor ``name``: the tensor itself
     where it is a parameter or a buffer (a frozen layer's); its magnitude where weight
     normalisation computes it from one (``W = g · v / ‖v‖``:
-    ``torch.nn.utils.parametrizations.weight_norm``, or the older ``torch.nn.utils.weight_norm``).
-    A tensor any other parametrization or hook computes (spectral normalisation divides out any
-    factor) is refused."""
+    ``torch.nn.utils.parametrizations.weight_norm``, or the older ``torch.nn.utils.weight_norm``);
+    the unpruned weight where ``torch.nn.utils.prune`` masks it (``W = W_orig · mask``). A tensor
+    any other parametrization or hook computes (spectral normalisation divides out any factor)
+    is refused."""
     if name in params or name in buffers:
         return name
     owner, _, attr = name.rpartition(".")
@@ -228,8 +229,12 @@ def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: s
     for hook in m._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and hook.name == attr and f"{owner}.{attr}_g" in params:
             return f"{owner}.{attr}_g"
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == attr and \
+                type(hook).apply_mask is prune.BasePruningMethod.apply_mask and \
+                f"{owner}.{attr}_orig" in params:  # torch.nn.utils.prune: W = W_orig * mask
+            return f"{owner}.{attr}_orig"
     makers = [type(h).__name__ for h in m._forward_pre_hooks.values()
-              if getattr(h, "name", None) == attr]
+              if attr in (getattr(h, "name", None), getattr(h, "_tensor_name", None))]
     if makers:
         raise refuse(f"`{name}` is computed by a forward pre-hook ({makers[0]}), which scaling "
                      "what it is computed from need not scale by 2")

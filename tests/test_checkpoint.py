@@ -11,6 +11,7 @@ import warnings
 import pytest
 import timm
 import torch
+from torch.nn.utils import prune
 
 import se_inject
 from se_inject.checkpoint import CheckpointError, convert, read_checkpoint, strip
@@ -103,6 +104,21 @@ class _NormFreeNet(torch.nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class _HalvingPrune(prune.BasePruningMethod):
+    """A pruning method with a mask of its own making: ``weight_orig * mask / 2``."""
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        return default_mask
+
+    def apply_mask(self, module):
+        return super().apply_mask(module) / 2
+
+    @classmethod
+    def apply(cls, module, name):
+        return super().apply(module, name)
+
+
 def _reparametrized(how: str) -> _NormFreeNet:
     from torch.nn.utils import parametrizations
     torch.manual_seed(0)
@@ -117,6 +133,10 @@ def _reparametrized(how: str) -> _NormFreeNet:
                 with warnings.catch_warnings():  # (deprecated in favour of the above)
                     warnings.simplefilter("ignore", FutureWarning)
                     getattr(torch.nn.utils, how[len("hook_"):])(m)
+            elif how == "pruned":  # a pre-hook computes weight_orig * weight_mask
+                prune.l1_unstructured(m, "weight", amount=0.3)
+            elif how == "pruned_own_mask":  # a pruning method that masks in its own way
+                _HalvingPrune.apply(m, "weight")
             elif how == "buffer":  # frozen weights, kept as a buffer
                 w = m.weight.detach().clone()
                 del m.weight
@@ -125,11 +145,12 @@ def _reparametrized(how: str) -> _NormFreeNet:
 
 
 @pytest.mark.parametrize("how,scaled", [("weight_norm", "parametrizations.weight.original0"),
-                                        ("hook_weight_norm", "weight_g"), ("buffer", "weight")])
+                                        ("hook_weight_norm", "weight_g"), ("buffer", "weight"),
+                                        ("pruned", "weight_orig")])
 def test_identity_init_scales_weight_norms_magnitude_or_a_frozen_weight(how, scaled):
-    """W = g · v / ‖v‖ scales with g, and a weight kept as a buffer scales as a parameter does:
-    the gated model computes bit for bit what the model did, with only g (or the buffer) and
-    the bias doubled."""
+    """W = g · v / ‖v‖ scales with g, a pruned W = W_orig · mask with W_orig, and a weight
+    kept as a buffer scales as a parameter does: the gated model computes bit for bit what the
+    model did, with only g (W_orig, the buffer) and the bias doubled."""
     model, ref = _reparametrized(how), _reparametrized(how)  # (no deepcopy of the older API's)
     x = torch.randn(2, 3, 12, 12)
     se_inject.apply(model, init="identity", input_size=(3, 12, 12))
@@ -147,8 +168,10 @@ def test_identity_init_scales_weight_norms_magnitude_or_a_frozen_weight(how, sca
 @pytest.mark.parametrize("how,why", [
     ("spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a parametrization \(_SpectralNorm"),
     ("hook_spectral_norm", r"blocks\.0\.conv2\.weight` is computed by a forward pre-hook "
-                           r"\(SpectralNorm")],
-    ids=["spectral_norm", "hook_spectral_norm"])
+                           r"\(SpectralNorm"),
+    ("pruned_own_mask", r"blocks\.0\.conv2\.weight` is computed by a forward pre-hook "
+                        r"\(_HalvingPrune")],
+    ids=["spectral_norm", "hook_spectral_norm", "pruned_own_mask"])
 def test_identity_init_refuses_a_weight_it_cannot_scale_and_changes_nothing(how, why):
     """Spectral normalisation divides any factor out of the weight: the identity gate is
     refused before anything changes."""
