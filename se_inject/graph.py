@@ -126,6 +126,13 @@ class GraphView:
         """Each node's kind, read as ``preds`` is."""
         return dict(self.graph.nodes(data="kind"))
 
+    def of_kinds(self, *kinds: str) -> frozenset:
+        """The nodes of these kinds, to intersect with a block's nodes at C speed."""
+        cache = self.__dict__.setdefault("_of_kinds", {})
+        if kinds not in cache:
+            cache[kinds] = frozenset(n for n, k in self.kinds.items() if k in kinds)
+        return cache[kinds]
+
     def describe(self, node: fx.Node) -> str:
         """A readable name for the tensor a node yields: the module path, or scope.op."""
         a = self.graph.nodes[node]

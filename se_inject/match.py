@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Iterable
 
 import networkx as nx
 import torch
@@ -65,21 +64,36 @@ def _operands(node: fx.Node, kind: str) -> tuple[list, int | None]:
     return [(i, a) for i, a in enumerate(tensors)], dim
 
 
-def _branch(preds: dict, operand, entry) -> set:
+def _branch(preds: dict, operand, entry, closed: dict | None = None) -> set:
+    """Every node ``operand`` is computed from, back to ``entry`` (not included).
+
+    ``closed`` maps a merge already looked at to its region and entry: every node its value is
+    computed from back to its entry, a set closed under inputs but for that entry. A walk
+    that reaches such a merge takes its region whole and goes on from its entry, instead of
+    walking it again: a sum that spans a network (a U-Net's outer skip) encloses the sums
+    inside it, and walking each anew made the matcher quadratic in the nesting depth."""
     if operand is entry:
         return set()
     seen, stack = {operand}, [operand]
     while stack:
-        for p in preds[stack.pop()]:
+        n = stack.pop()
+        hop = closed.get(n) if closed else None
+        if hop is not None and entry not in hop[0]:
+            region, inner_entry = hop
+            seen |= region
+            if inner_entry is not entry and inner_entry not in seen:
+                seen.add(inner_entry)
+                stack.append(inner_entry)
+            continue
+        for p in preds[n]:
             if p is not entry and p not in seen:
                 seen.add(p)
                 stack.append(p)
     return seen
 
 
-def _convs(view: GraphView, nodes: Iterable) -> int:
-    kinds = view.kinds
-    return sum(1 for n in nodes if kinds[n] in _CONV_KINDS)
+def _convs(view: GraphView, nodes: set) -> int:
+    return len(view.of_kinds(*_CONV_KINDS).intersection(nodes))
 
 
 def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
@@ -106,7 +120,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return "no single entry (the merge depends on more than one model input)"
     if rule.entry_as_operand == "forbid" and any(o is entry for _, o in acts):
         return "the block's entry is itself an operand (a dense connection)"
-    branches = [(i, o, _branch(view.preds, o, entry)) for i, o in acts]
+    closed = view.__dict__.setdefault("_closed_regions", {})
+    branches = [(i, o, _branch(view.preds, o, entry, closed)) for i, o in acts]
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
@@ -116,10 +131,12 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
             and entry.target in _SPLITS:
         return SPLIT_PIECES
     region = set().union(*(b for _, _, b in branches)) | {merge}
+    if merge not in closed and all(p is entry or p in region for p in view.preds[merge]):
+        closed[merge] = (frozenset(region), entry)  # (no other input left unwalked)
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
                                                                          merge):
         return REPARAM_SUM
-    if rule.existing_gate == "skip" and any(view.kinds[n] == "chgate" for n in region):
+    if rule.existing_gate == "skip" and not view.of_kinds("chgate").isdisjoint(region):
         return HOLDS_A_GATE
     _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
     branch = next(b for i, o, b in branches if o is gated)
@@ -188,7 +205,7 @@ def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
     its mask from the branch's shape (in training mode) as nothing, so that a block is one in
     both modes or in neither."""
     kinds = view.kinds
-    if any(kinds[n] not in _MAYBE_LINEAR_OR_DROP for n in region):
+    if not region <= view.of_kinds(*_MAYBE_LINEAR_OR_DROP):
         return False  # most blocks: settled by kind alone
     drops = {}
     for n in region:
@@ -366,10 +383,11 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...]) -> tuple[list[Cand
             rejected += reasons
     by_merge = {c.merge: c for c in found}
     suppressed: dict[fx.Node, Candidate] = {}
+    merges = by_merge.keys()
     for outer in found:
-        for n in outer.region:
-            inner = by_merge.get(n)
-            if inner is not None and inner is not outer and outer.rule.name in inner.rule.yield_to:
+        for n in merges & outer.region:
+            inner = by_merge[n]
+            if inner is not outer and outer.rule.name in inner.rule.yield_to:
                 suppressed.setdefault(n, outer)
     kept = [c for c in found if c.merge not in suppressed]
     for merge, outer in suppressed.items():

@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import se_inject
 from se_inject.errors import RuleError, SEInjectError
@@ -120,3 +121,72 @@ def test_readme_rule_example_loads_and_works(tmp_path):
     # the example gates only blocks with a projection shortcut: blocks 0 and 2, not identity 1
     assert [n for n, m in model.named_modules() if isinstance(m, se_inject.SEGate)] == \
         ["blocks.0.se_gate", "blocks.2.se_gate"]
+
+
+class _Nested(torch.nn.Module):
+    """A U-Net's skips at one resolution: each sum adds a 1x1 convolution of its mirror's input
+    to the layers inside it, so every sum's region holds the sums within it."""
+
+    def __init__(self, levels: int = 6, c: int = 8):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.enc = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 3, padding=1) for _ in range(levels))
+        self.skip = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 1) for _ in range(levels))
+        self.dec = torch.nn.ModuleList(torch.nn.Conv2d(c, c, 3, padding=1) for _ in range(levels))
+
+    def forward(self, x):
+        x = self.stem(x)
+        skips = []
+        for e in self.enc:
+            skips.append(x)
+            x = torch.relu(e(x))
+        for d, k, s in zip(self.dec, reversed(skips), reversed(self.skip)):
+            x = torch.relu(d(x)) + s(k)
+        return x
+
+
+class _CountingRegions(dict):
+    """The matcher's regions of merges looked at, counting the walks that took one whole."""
+
+    hops = 0
+
+    def get(self, key, default=None):
+        found = super().get(key, default)
+        self.hops += found is not None
+        return found
+
+
+@pytest.mark.parametrize("name", ["nested", "hrnet_w18_small", "dla34", "cspresnet50",
+                                  "inception_v3", "densenet121"])
+def test_the_matcher_taking_enclosed_regions_whole_finds_what_walking_them_finds(name,
+                                                                                 monkeypatch):
+    """Walking back from a sum's operands, the matcher takes the region of a sum it has already
+    looked at whole; candidates (their regions too) and rejections equal those of walking
+    every node."""
+    import timm
+    from se_inject import match
+    from se_inject.graph import build_view
+    from se_inject.shapes import propagate_shapes
+    from se_inject.trace import TraceOptions, trace_model
+    model = _Nested() if name == "nested" else timm.create_model(name, pretrained=False)
+    size = (3, 32, 32) if name == "nested" else (3, 128, 128)
+
+    def found(reuse: bool):
+        graph = trace_model(model, TraceOptions(), n_inputs=1)
+        propagate_shapes(model, graph, [(2, *size)], torch.float32)
+        view = build_view(graph, model)
+        regions = view.__dict__["_closed_regions"] = _CountingRegions()
+        if not reuse:
+            monkeypatch.setattr(match, "_branch", lambda p, o, e, closed=None: plain(p, o, e))
+        candidates, rejected = match.find_candidates(view, resolve_rules(None))
+        monkeypatch.undo()
+        return ({(c.merge.name, c.rule.name, c.gated.name, c.at.name,
+                  frozenset(n.name for n in c.region)) for c in candidates},
+                sorted((r.merge.name, r.rule.name, r.reason) for r in rejected), regions.hops)
+
+    plain = match._branch
+    with_hops, walked = found(True), found(False)
+    assert with_hops[:2] == walked[:2] and (with_hops[0] or with_hops[1])
+    assert walked[2] == 0
+    if name in ("nested", "hrnet_w18_small", "dla34"):
+        assert with_hops[2] > 0                  # regions were taken whole
