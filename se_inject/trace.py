@@ -162,6 +162,23 @@ class _Proxy(_FastUnpack, fx.Proxy):
     pass
 
 
+def _in_place(kind: str, target, kwargs: dict) -> bool:
+    """Whether the op changes its first argument in place and returns it: a tensor method
+    ending in one underscore (``add_``), torch's in-place functions (``torch.relu_``), or a
+    functional layer called with ``inplace=True``. (fx traces ``y += x`` as ``y + x`` bound
+    to the name ``y``, as Python does for a value without ``__iadd__``.)"""
+    if kind == "call_method":
+        return isinstance(target, str) and target.endswith("_") and not target.startswith("_")
+    if kind != "call_function":
+        return False
+    module = getattr(target, "__module__", None) or ""
+    if not (module == "torch" or module.startswith("torch.nn.functional")
+            or module.startswith("torch._C")):
+        return False
+    name = getattr(target, "__name__", "")
+    return (name.endswith("_") and not name.startswith("_")) or kwargs.get("inplace") is True
+
+
 class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
@@ -384,6 +401,18 @@ class UnpackingTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **more):
+        """fx's create_proxy; where the op changes a traced tensor in place (``y.add_(x)``,
+        ``torch.relu_(y)``, ``F.relu(y, inplace=True)``), the proxy that stood for that tensor stands for the op's result from then on. fx leaves it
+        on the value before the op: ``y.add_(x); return torch.relu(y)`` was traced as the ReLU
+        of the sum's first operand, so a gate placed on that operand scaled a tensor nothing
+        read, and the sum was lost."""
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        receiver = args[0] if args else None
+        if type(receiver) is _Proxy and _in_place(kind, target, kwargs):
+            receiver.node = proxy.node
+        return proxy
 
     def create_arg(self, a: Any):
         t = type(a)

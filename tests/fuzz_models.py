@@ -24,15 +24,23 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True)
 
 class Res(nn.Module):
     """relu(branch(x) + shortcut(x)); the shortcut is x, or a 1x1 projection when the shape
-    changes. The branch may hold a nested block between its convolutions."""
+    changes. The branch may hold a nested block between its convolutions. The sum is written
+    ``y + s``, ``y += s`` or in place, ``y.add_(s)``, the ReLU then reading ``y``."""
 
-    def __init__(self, branch: nn.Module, shortcut: nn.Module | None):
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None, style: str = "plus"):
         super().__init__()
-        self.branch, self.shortcut = branch, shortcut
+        self.branch, self.shortcut, self.style = branch, shortcut, style
 
     def forward(self, x):
         s = x if self.shortcut is None else self.shortcut(x)
-        return torch.relu(self.branch(x) + s)
+        y = self.branch(x)
+        if self.style == "in_place":
+            y.add_(s)
+        elif self.style == "augmented":
+            y += s
+        else:
+            y = y + s
+        return torch.relu(y)
 
 
 class Inception(nn.Module):
@@ -104,7 +112,8 @@ def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
         # and norm beside the shortcut, nothing nonlinear (the rule's reparam_sums: skip)
         linear = n == 1 and inner is None
         g = (0 if linear else 1) + (inner.gates if inner else 0)
-        return Built(Res(nn.Sequential(*layers), short), cout, stride == 2, g,
+        style = draw(st.sampled_from(["plus", "augmented", "in_place"]))
+        return Built(Res(nn.Sequential(*layers), short, style), cout, stride == 2, g,
                      inner.pool_branches if inner else 0, ["res"] + (inner.kinds if inner else []))
     n = draw(st.integers(2, 5))
     branches, widths, with_conv, pools, inners, kinds = [], [], 0, 0, [], ["inception"]
@@ -169,6 +178,11 @@ def check(net: nn.Module, expected: int) -> str:
     assert n == expected, f"{n} gates for {expected} blocks"
     with torch.no_grad():
         assert paper(x).shape == y0.shape
+        for m in paper.modules():  # gates that pass everything: the plain net's outputs
+            if isinstance(m, se_inject.ChannelGate):
+                m.fc2.weight.zero_()
+                m.fc2.bias.fill_(30.0)  # sigmoid(30) is 1.0 in float32
+        assert torch.allclose(paper(x), y0, rtol=0, atol=0), "saturated gates changed the net"
     ident = copy.deepcopy(net)
     try:
         se_inject.apply(ident, input_size=(3, 16, 16), init="identity")

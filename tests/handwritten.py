@@ -345,6 +345,41 @@ class ConstantNet(nn.Module):
 HANDWRITTEN["constants_in_forward"] = (ConstantNet, 3, {"residual": 3})
 
 
+class InPlaceBlock(nn.Module):
+    """Sums and activations done in place, the result read through the first operand's name:
+    ``y.add_(x)``, then ``relu(y)`` (or through another name bound to ``y``)."""
+
+    def __init__(self, c=16, how="method"):
+        super().__init__()
+        self.branch, self.how = branch(c), how
+
+    def forward(self, x):
+        y = self.branch(x)
+        if self.how == "method":                 # the sum in place
+            y.add_(x)
+            return F.relu(y)
+        if self.how == "alias":                  # ... read through another name
+            kept = y
+            y.add_(x)
+            return torch.relu_(kept)
+        F.relu(y, inplace=True)                  # an activation in place, then the sum
+        return x + y
+
+
+class InPlaceNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(InPlaceBlock(how="method"), InPlaceBlock(how="alias"),
+                                    InPlaceBlock(how="functional"))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN["in_place"] = (InPlaceNet, 3, {"residual": 3})
+
+
 class FactorBlock(nn.Module):
     """The branch times a factor that is no parameter: a buffer, or a tensor the forward makes."""
 

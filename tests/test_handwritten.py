@@ -67,6 +67,30 @@ def test_inline_residuals_gate_the_branch_not_the_shortcut():
         torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_sum_in_place_gates_the_branch_and_keeps_the_sum():
+    """``y.add_(x); relu(y)``: fx traced the ReLU as reading the branch before the sum, so a
+    gate on the branch scaled a tensor only the sum read, and the sum itself was lost."""
+    from handwritten import InPlaceNet
+    model = InPlaceNet().eval()
+    randomize_norms(model)
+    se_inject.apply(model)
+    b, x = model.blocks, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        h = F.relu(model.stem(x))
+        h = F.relu(paper_reference(b[0].branch(h), b[0].se_gate) + h)
+        h = F.relu(paper_reference(b[1].branch(h), b[1].se_gate) + h)
+        h = h + paper_reference(F.relu(b[2].branch(h)), b[2].se_gate)
+        torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    ref = InPlaceNet().eval()
+    ref.load_state_dict(model.state_dict(), strict=False)
+    twin = copy.deepcopy(model)
+    se_inject.apply(ref, init="identity")
+    with torch.no_grad():
+        saturate(twin)
+        y = twin(x)
+        torch.testing.assert_close(ref(x), y, rtol=0, atol=1e-6)   # (both: the plain model)
+
+
 def test_functional_inception_gates_the_concat_output():
     model = FunctionalInceptionNet().eval()
     se_inject.apply(model)
