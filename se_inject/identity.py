@@ -2,14 +2,14 @@
 
 A gate whose last layer starts at zero (weight and bias) excites every channel with
 sigmoid(0) = 0.5 exactly. The layer that produces the gated tensor is scaled by 2 to make up for
-it: its weight and bias if it is a convolution, a linear layer or an affine norm (parameters, or a
-frozen layer's buffers), reached from the
-gated tensor back through ops that commute with a positive factor (ReLU, pooling, dropout,
-concatenation, sums, reshapes); of a weight that weight normalisation computes, its magnitude
-g; of a pruned weight, the unpruned one. Both factors are powers of two, so every product is exact in
-floating point, and the gated model computes bit for bit what the model computed before. The
-gate still learns: its last layer gets a gradient on the first backward pass (its first layer on
-the next ones, once the last is no longer zero), as a zero-initialised residual branch does.
+it: its weight and bias if it is a convolution, a linear layer or an affine norm (parameters, or
+a frozen layer's buffers), reached from the gated tensor back through ops that commute with a
+positive factor (ReLU, pooling, dropout, concatenation, sums, reshapes); of a weight that weight
+normalisation computes, its magnitude g; of a pruned weight, the unpruned one. Both factors are
+powers of two, so every product is exact in floating point, and the gated model computes bit
+for bit what the model computed before. The gate still learns: its last layer gets a gradient on
+the first backward pass (its first layer on the next ones, once the last is no longer zero), as
+a zero-initialised residual branch does.
 
 Sites where no such producer is found, or where the producer or a tensor on the way is read by
 anything else (reads of its shape, dtype or device aside), are refused before anything changes.
@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-
 from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.weight_norm import WeightNorm
 

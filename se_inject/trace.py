@@ -762,10 +762,10 @@ def _own_forward_hint(model: nn.Module) -> str:
         if not isinstance(child, nn.modules.conv._ConvNd) and \
                 any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules()):
             parts.append((sum(p.numel() for p in child.parameters()), name, type(child).__name__))
-    parts.sort(key=lambda p: -p[0])
-    named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for k, n, c in parts[:3])
     if not parts:
         return "Make the model's own forward traceable (no branching on tensor values). "
+    parts.sort(key=lambda p: -p[0])
+    named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for k, n, c in parts[:3])
     return ("Where the model's own forward cannot be traced (it takes a list of images, or "
             "branches on values), gate the modules that hold its CNN blocks instead, in place: "
             f"se_inject.apply(model.{parts[0][1]}); its parts with convolutions: {named}. Or "
