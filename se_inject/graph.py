@@ -126,6 +126,13 @@ class GraphView:
         """Each node's kind, read as ``preds`` is."""
         return dict(self.graph.nodes(data="kind"))
 
+    @functools.cached_property
+    def closed_regions(self) -> dict:
+        """The matcher's record of each merge it has looked at: (region, entry), every node the
+        merge is computed from back to its entry, which walks over enclosing blocks take whole
+        (match._branch)."""
+        return {}
+
     def of_kinds(self, *kinds: str) -> frozenset:
         """The nodes of these kinds, to intersect with a block's nodes at C speed."""
         cache = self.__dict__.setdefault("_of_kinds", {})

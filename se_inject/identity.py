@@ -133,10 +133,11 @@ def plan_compensations(graph: fx.Graph, model: nn.Module,
     that a zero-initialised gate there changes nothing. Raises before anything changes."""
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    shared = _shared_parameters(model)
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    buffers = {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    return [_compensation(modules, calls, shared, params, buffers, *site) for site in sites]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    shared = _shared({**buffers, **params})
+    return [_compensation(modules, calls, shared, params.keys(), buffers.keys(), *site)
+            for site in sites]
 
 
 def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str],
@@ -247,11 +248,10 @@ def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
     return tensors[0]
 
 
-def _shared_parameters(model: nn.Module) -> set[str]:
-    """Names of parameters and buffers that name a tensor another name names too."""
+def _shared(tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The names that name a tensor another name names too."""
     seen: dict[int, list[str]] = {}
-    for name, p in (*model.named_parameters(remove_duplicate=False),
-                    *model.named_buffers(remove_duplicate=False)):
+    for name, p in tensors.items():
         seen.setdefault(id(p), []).append(name)
     return {n for names in seen.values() if len(names) > 1 for n in names}
 

@@ -120,7 +120,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return "no single entry (the merge depends on more than one model input)"
     if rule.entry_as_operand == "forbid" and any(o is entry for _, o in acts):
         return "the block's entry is itself an operand (a dense connection)"
-    closed = view.__dict__.setdefault("_closed_regions", {})
+    closed = view.closed_regions
     branches = [(i, o, _branch(view.preds, o, entry, closed)) for i, o in acts]
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:

@@ -162,6 +162,10 @@ class _Proxy(_FastUnpack, fx.Proxy):
     pass
 
 
+class _Attribute(_FastUnpack, fx.proxy.Attribute):
+    pass
+
+
 def _in_place(kind: str, target, kwargs: dict) -> bool:
     """Whether the op changes its first argument in place and returns it: a tensor method
     ending in one underscore (``add_``), torch's in-place functions (``torch.relu_``), or a
@@ -177,10 +181,6 @@ def _in_place(kind: str, target, kwargs: dict) -> bool:
         return False
     name = getattr(target, "__name__", "")
     return (name.endswith("_") and not name.startswith("_")) or kwargs.get("inplace") is True
-
-
-class _Attribute(_FastUnpack, fx.proxy.Attribute):
-    pass
 
 
 # A tracing session needs these fx internals. Where fx keeps its tracing flag for the whole
@@ -404,10 +404,10 @@ class UnpackingTracer(fx.Tracer):
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):
         """fx's create_proxy; where the op changes a traced tensor in place (``y.add_(x)``,
-        ``torch.relu_(y)``, ``F.relu(y, inplace=True)``), the proxy that stood for that tensor stands for the op's result from then on. fx leaves it
-        on the value before the op: ``y.add_(x); return torch.relu(y)`` was traced as the ReLU
-        of the sum's first operand, so a gate placed on that operand scaled a tensor nothing
-        read, and the sum was lost."""
+        ``torch.relu_(y)``, ``F.relu(y, inplace=True)``), the proxy that stood for that tensor
+        stands for the op's result from then on. fx leaves it on the value before the op:
+        ``y.add_(x); return torch.relu(y)`` was traced as the ReLU of the sum's first operand,
+        so a gate placed on that operand scaled a tensor nothing read, and the sum was lost."""
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
         receiver = args[0] if args else None
         if type(receiver) is _Proxy and _in_place(kind, target, kwargs):

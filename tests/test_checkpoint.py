@@ -114,10 +114,6 @@ class _HalvingPrune(prune.BasePruningMethod):
     def apply_mask(self, module):
         return super().apply_mask(module) / 2
 
-    @classmethod
-    def apply(cls, module, name):
-        return super().apply(module, name)
-
 
 def _reparametrized(how: str) -> _NormFreeNet:
     from torch.nn.utils import parametrizations

@@ -175,7 +175,7 @@ def test_the_matcher_taking_enclosed_regions_whole_finds_what_walking_them_finds
         graph = trace_model(model, TraceOptions(), n_inputs=1)
         propagate_shapes(model, graph, [(2, *size)], torch.float32)
         view = build_view(graph, model)
-        regions = view.__dict__["_closed_regions"] = _CountingRegions()
+        regions = view.__dict__["closed_regions"] = _CountingRegions()  # (the cached value)
         if not reuse:
             monkeypatch.setattr(match, "_branch", lambda p, o, e, closed=None: plain(p, o, e))
         candidates, rejected = match.find_candidates(view, resolve_rules(None))
