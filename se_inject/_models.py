@@ -7,7 +7,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["check_name", "create"]
+__all__ = ["check_name", "create", "in_chans_for", "input_width"]
 
 
 def check_name(name: str) -> None:
@@ -25,3 +25,35 @@ def create(name: str, **kwargs) -> nn.Module:
     import timm
     check_name(name)
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def in_chans_for(name: str, first: str, width: int) -> int | None:
+    """The ``in_chans`` with which timm builds ``name`` so that its first layer (``first``, its
+    pretrained_cfg's first_conv) takes ``width`` channels: None where that is the model's
+    default; else ``width`` itself for most models, a fraction of it where the stem folds pixels
+    into channels before its first convolution (TResNet's space-to-depth: 16 × in_chans);
+    ``width`` where no whole number fits or the default model cannot be built to compare with."""
+    import timm
+    import torch
+    cfg = timm.get_pretrained_cfg(name)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    default = int(size[0]) if size else 3
+    if width == default:
+        return None
+    try:
+        with torch.device("meta"):
+            ref = create(name).get_submodule(first)
+    except Exception:  # a constructor that computes with its tensors, or no such layer
+        return width
+    taken = input_width(ref)
+    if taken is None or taken % default or width % (taken // default):
+        return width
+    return width // (taken // default)
+
+
+def input_width(layer: nn.Module) -> int | None:
+    """The channels a first layer takes (a convolution's, or a patch embedding's linear)."""
+    for attr in ("in_channels", "in_features"):
+        if isinstance(getattr(layer, attr, None), int):
+            return getattr(layer, attr)
+    return None

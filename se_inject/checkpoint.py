@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import create
+from ._models import create, in_chans_for
 from .errors import SEInjectError
 from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
 
@@ -279,13 +279,23 @@ def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: 
     return net
 
 
-def _num_classes(arch: str, state: dict[str, torch.Tensor]) -> dict:
-    """num_classes from the classifier's weight in the checkpoint, where timm names it."""
+def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
+    """num_classes from the classifier's weight in the checkpoint and in_chans from its first
+    layer's, where timm names them."""
     import timm
     cfg = timm.get_pretrained_cfg(arch)
+    out = {}
     name = getattr(cfg, "classifier", None) if cfg is not None else None
     w = state.get(f"{name}.weight") if isinstance(name, str) else None
-    return {"num_classes": int(w.shape[0])} if w is not None and w.dim() >= 1 else {}
+    if w is not None and w.dim() >= 1:
+        out["num_classes"] = int(w.shape[0])
+    first = getattr(cfg, "first_conv", None) if cfg is not None else None
+    w = state.get(f"{first}.weight") if isinstance(first, str) else None
+    in_chans = in_chans_for(arch, first, int(w.shape[1])) if w is not None and w.dim() >= 2 \
+        else None
+    if in_chans is not None:
+        out["in_chans"] = in_chans
+    return out
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -411,7 +421,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     if not arch:
         raise CheckpointError(f"{src} does not name its architecture: pass --model NAME "
                               "(a timm model name)")
-    kwargs = {**_num_classes(arch, state), **info.get("kwargs", {})}
+    kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {})}
     say(f"building {arch} {kwargs}")
     net = _from_state(arch, kwargs, state, str(src))
     del state

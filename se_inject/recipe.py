@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from ._models import input_width, in_chans_for
 from .errors import InvalidArgumentError
 from .rules import Rule
 
@@ -78,8 +79,9 @@ def base_architecture(model: nn.Module) -> dict[str, Any]:
     first = cfg.get("first_conv")
     if isinstance(first, str):
         try:
-            conv = model.get_submodule(first)
-            kwargs["in_chans"] = int(conv.in_channels)
+            width = input_width(model.get_submodule(first))
         except AttributeError:
-            pass
+            width = None
+        if width is not None:
+            kwargs["in_chans"] = in_chans_for(arch, first, width) or width
     return {"library": "timm", "architecture": arch, "kwargs": kwargs}

@@ -358,6 +358,26 @@ def test_input_kinds(r18, tmp_path, kind):
     assert torch.equal(g.state_dict()["fc.weight"], want)
 
 
+@pytest.mark.parametrize("name,in_chans,first", [("resnet18", 1, "conv1"),
+                                                   ("resnet18", 4, "conv1"),
+                                                   ("tresnet_m", 1, "body.conv1.conv")])
+def test_a_checkpoint_for_other_input_channels_converts_and_loads(tmp_path, name, in_chans, first):
+    # Grayscale or multispectral inputs: the file's first layer says how many channels the
+    # model takes. TResNet folds 4 x 4 pixels into channels before its first convolution,
+    # which takes 16 x in_chans: in_chans is not that layer's width.
+    m = _trained_like(timm.create_model(name, pretrained=False, in_chans=in_chans,
+                                        num_classes=5)).eval()
+    torch.save({"arch": name, "state_dict": m.state_dict()}, tmp_path / "plain.pth")
+    g = se_inject.load(convert(tmp_path / "plain.pth", tmp_path / "se.safetensors"))
+    assert g.get_submodule(first).in_channels == m.get_submodule(first).in_channels
+    x = torch.randn(2, in_chans, 64, 64)
+    y0, y1 = _out(m, x), _out(g, x)
+    assert (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+    again = se_inject.load(se_inject.save(g, tmp_path / "again.safetensors"))  # save's own record
+    assert again.get_submodule(first).in_channels == m.get_submodule(first).in_channels
+    assert torch.equal(_out(again, x), y1)
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
