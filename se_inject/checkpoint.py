@@ -236,8 +236,76 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
     if recipe is None:
         raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
                               "save a plain model with torch.save or safetensors instead")
+    _check_rebuilds(model, json.loads(recipe))
     fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
     return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
+
+
+# layers that compute nothing in eval mode: a rate of theirs that load() cannot know is warned of
+_TRAIN_ONLY = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
+               "DropBlock2d")
+
+
+def _train_only(m: nn.Module) -> bool:
+    return type(m).__name__ in _TRAIN_ONLY
+
+
+def _layout(m: nn.Module) -> str:
+    """What a layer's class and settings say of it (a layer's repr without its children's)."""
+    if not m._modules:
+        return repr(m)
+    extra = m.extra_repr()
+    return f"{type(m).__name__}({extra})" if extra else type(m).__name__
+
+
+def _check_rebuilds(model: nn.Module, recipe: dict) -> None:
+    """Refuse to write a checkpoint that load() would rebuild as another model: one whose layers
+    (their classes and settings, gates aside) differ from what timm builds from the recorded
+    name and kwargs, as after create_model(..., global_pool="max") or a layer replaced by hand.
+    Eval-only differences in dropout rates are warned of."""
+    arch, kwargs = recipe["base"]["architecture"], recipe["base"]["kwargs"]
+    gated = {g for step in recipe["steps"] for g in step["gates"]}
+    try:
+        with torch.device("meta"):
+            ref = create(arch, **kwargs)
+    except SEInjectError:
+        raise
+    except Exception:  # a constructor that computes with its tensors: nothing to compare
+        return
+    theirs = dict(ref.named_modules())
+    rates = []
+    for name, m in model.named_modules():
+        if name in gated or any(name.startswith(g + ".") for g in gated):
+            continue
+        r = theirs.pop(name, None)
+        if r is not None and type(r) is type(m) and _layout(r) == _layout(m):
+            continue
+        if _train_only(m) and (r is None or type(r) is type(m) or isinstance(r, nn.Identity)):
+            rates.append(f"`{name}` {_layout(m)} (rebuilt: "
+                         f"{'none' if r is None else _layout(r)})")
+            continue
+        label = name or "(model)"
+        now = f"is {_layout(r)}" if r is not None else "does not exist"
+        raise CheckpointError(
+            f"{type(model).__name__} would not load back as itself: its layer `{label}` is "
+            f"{_layout(m)}, where timm's {arch} built with {kwargs} {now}. It was made with "
+            "options the model does not record (create_model(..., global_pool=...), "
+            "output_stride=..., act_layer=...) or changed after it was made. Pass its options: "
+            "se_inject.save(model, path, model_kwargs={...}); a model changed by hand cannot be "
+            "rebuilt from a name: save its state_dict (nothing was written).")
+    extra = [n for n in theirs if not _train_only(theirs[n])
+             and n not in gated and not any(n.startswith(g + ".") for g in gated)]
+    if extra:
+        raise CheckpointError(
+            f"{type(model).__name__} would not load back as itself: timm's {arch} built with "
+            f"{kwargs} has a layer `{extra[0]}` ({type(theirs[extra[0]]).__name__}) that the "
+            "model lacks. Pass the options it was made with: se_inject.save(model, path, "
+            "model_kwargs={...}) (nothing was written).")
+    if rates:
+        warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
+                      f"{arch} built with {kwargs} does not, e.g. {rates[0]}: a loaded model "
+                      "computes the same in eval mode but trains with the default rates; pass "
+                      "model_kwargs={'drop_path_rate': ...} to keep them.", stacklevel=3)
 
 
 # ---------------------------------------------------------------------------- building
@@ -280,8 +348,8 @@ def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: 
 
 
 def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
-    """num_classes from the classifier's weight in the checkpoint and in_chans from its first
-    layer's, where timm names them."""
+    """num_classes from the classifier's weight in the checkpoint (0 where it has none) and
+    in_chans from its first layer's, where timm names them."""
     import timm
     cfg = timm.get_pretrained_cfg(arch)
     out = {}
@@ -289,6 +357,8 @@ def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
     w = state.get(f"{name}.weight") if isinstance(name, str) else None
     if w is not None and w.dim() >= 1:
         out["num_classes"] = int(w.shape[0])
+    elif isinstance(name, str) and not any(k.startswith(name + ".") for k in state):
+        out["num_classes"] = 0  # a backbone saved without its classifier
     first = getattr(cfg, "first_conv", None) if cfg is not None else None
     w = state.get(f"{first}.weight") if isinstance(first, str) else None
     in_chans = in_chans_for(arch, first, int(w.shape[1])) if w is not None and w.dim() >= 2 \
@@ -427,6 +497,11 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     del state
     say("placing gates")
     _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init, **variant)
+    if recipe_of(net) is None:
+        raise CheckpointError(f"{src}: every block of {arch} that the rules match already holds "
+                              "a channel gate of its own, so there is nothing to convert "
+                              "(nothing was written). A rule with 'existing_gate: allow' "
+                              "(--rules FILE) gates them anyway: README.md, 'Rule files'.")
     say(f"writing {out}")
     _write_state(_plain_state(net), out, format, _recipe_json(net, None, None), force, (src,))
     say("done")

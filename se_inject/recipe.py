@@ -66,7 +66,8 @@ def rules_from(step: dict) -> list[Rule]:
 
 
 def base_architecture(model: nn.Module) -> dict[str, Any]:
-    """The timm architecture and the kwargs that rebuild ``model``'s shapes."""
+    """The timm architecture and the kwargs that rebuild ``model``: its shapes (classes, input
+    channels), a features_only wrapper's, and its dropout rates."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
@@ -84,4 +85,16 @@ def base_architecture(model: nn.Module) -> dict[str, Any]:
             width = None
         if width is not None:
             kwargs["in_chans"] = in_chans_for(arch, first, width) or width
+    info = getattr(model, "feature_info", None)  # a classifier's is a list of dicts
+    if type(info).__name__ == "FeatureInfo" and hasattr(info, "out_indices"):
+        kwargs["features_only"] = True  # (create_model(..., features_only=True))
+        kwargs["out_indices"] = [int(i) for i in info.out_indices]
+    # stochastic depth grows to drop_path_rate at the last block; save() checks the guess
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"
+             and isinstance(getattr(m, "drop_prob", None), float)]
+    if rates and max(rates) > 0:
+        kwargs["drop_path_rate"] = round(max(rates), 6)
+    rate = model.__dict__.get("drop_rate")
+    if isinstance(rate, float) and rate > 0:
+        kwargs["drop_rate"] = rate
     return {"library": "timm", "architecture": arch, "kwargs": kwargs}

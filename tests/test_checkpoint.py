@@ -378,6 +378,60 @@ def test_a_checkpoint_for_other_input_channels_converts_and_loads(tmp_path, name
     assert torch.equal(_out(again, x), y1)
 
 
+@pytest.mark.parametrize("kwargs,layer", [({"global_pool": "max"}, "global_pool.pool"),
+                                          ({"output_stride": 16}, "layer4.0.conv1")])
+def test_save_refuses_a_model_that_would_load_back_as_another(tmp_path, kwargs, layer):
+    # Options that change no tensor's shape are not in a model's state: timm's resnet18 rebuilt
+    # from its name would pool by the mean, or downsample where this one dilates.
+    m = _trained_like(timm.create_model("resnet18", pretrained=False, **kwargs)).eval()
+    se_inject.apply(m, init="identity")
+    with pytest.raises(CheckpointError, match=rf"would not load back.*`{re.escape(layer)}`"):
+        se_inject.save(m, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors", model_kwargs=kwargs))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_out(g, x), _out(m, x))
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet18", {"features_only": True, "out_indices": (1, 3)}),
+    ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
+    ("convnext_atto", {"drop_path_rate": 0.2, "drop_rate": 0.3})])
+def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwargs):
+    m = _trained_like(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    se_inject.apply(m, init="identity")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                            # no rate left behind
+        g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors"))
+    assert type(g) is type(m)
+    rates = [(n, mod.drop_prob) for n, mod in m.named_modules() if hasattr(mod, "drop_prob")]
+    assert rates == [(n, mod.drop_prob) for n, mod in g.named_modules() if hasattr(mod, "drop_prob")]
+    assert getattr(g, "drop_rate", None) == getattr(m, "drop_rate", None)
+    x = torch.randn(2, 3, 64, 64)
+    y0, y1 = _out(m, x), _out(g, x)
+    if isinstance(y0, torch.Tensor):
+        y0, y1 = [y0], [y1]
+    assert len(y0) == len(y1) and all(torch.equal(a, b) for a, b in zip(y0, y1))
+
+
+def test_convert_takes_a_backbone_saved_without_its_classifier(tmp_path):
+    m = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=0)).eval()
+    torch.save(m.state_dict(), tmp_path / "backbone.pth")
+    g = se_inject.load(convert(tmp_path / "backbone.pth", tmp_path / "se.safetensors",
+                               model="resnet18"))
+    x = torch.randn(2, 3, 64, 64)
+    y0, y1 = _out(m, x), _out(g, x)
+    assert y1.shape == (2, 512) and (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+
+
+def test_convert_refuses_a_model_whose_blocks_all_hold_gates(tmp_path):
+    torch.save(timm.create_model("efficientnet_b0", pretrained=False).state_dict(),
+               tmp_path / "b0.pth")
+    with pytest.raises(CheckpointError, match="already holds a channel gate.*nothing was written"):
+        convert(tmp_path / "b0.pth", tmp_path / "se.safetensors", model="efficientnet_b0")
+    assert [p.name for p in tmp_path.iterdir()] == ["b0.pth"]
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
