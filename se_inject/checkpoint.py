@@ -473,10 +473,13 @@ def _size(path: Path) -> int:
 
 def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, stages=None,
             input_size=None, init: str = "identity", format: str = "safetensors",
-            force: bool = False, ema: bool = False, **variant) -> Path:
+            force: bool = False, ema: bool = False, model_kwargs: dict | None = None,
+            **variant) -> Path:
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
-    computes what the original did (init="identity"). ``variant``: the gate's options, as for
-    se_inject.apply (position, gate, squeeze, excite, min_channels, divisor)."""
+    computes what the original did (init="identity"). ``model_kwargs``: timm.create_model
+    options the checkpoint's tensors do not show (global_pool, output_stride, act_layer...).
+    ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
+    min_channels, divisor)."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
@@ -491,7 +494,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     if not arch:
         raise CheckpointError(f"{src} does not name its architecture: pass --model NAME "
                               "(a timm model name)")
-    kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {})}
+    kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {}), **(model_kwargs or {})}
     say(f"building {arch} {kwargs}")
     net = _from_state(arch, kwargs, state, str(src))
     del state
@@ -503,7 +506,8 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
                               "(nothing was written). A rule with 'existing_gate: allow' "
                               "(--rules FILE) gates them anyway: README.md, 'Rule files'.")
     say(f"writing {out}")
-    _write_state(_plain_state(net), out, format, _recipe_json(net, None, None), force, (src,))
+    _write_state(_plain_state(net), out, format, _recipe_json(net, None, model_kwargs), force,
+                 (src,))
     say("done")
     return out
 

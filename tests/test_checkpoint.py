@@ -414,6 +414,23 @@ def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwarg
     assert len(y0) == len(y1) and all(torch.equal(a, b) for a, b in zip(y0, y1))
 
 
+def test_convert_takes_the_options_a_checkpoint_does_not_show(tmp_path, capsys):
+    m = _trained_like(timm.create_model("resnet18", pretrained=False, global_pool="max")).eval()
+    torch.save(m.state_dict(), tmp_path / "max.pth")
+    out = tmp_path / "se.safetensors"
+    assert main(["convert", str(tmp_path / "max.pth"), "--model", "resnet18", "-o", str(out),
+                 "--model-kwargs", '{"global_pool": "max"}']) == 0
+    x = torch.randn(2, 3, 64, 64)
+    y0, y1 = _out(m, x), _out(se_inject.load(out), x)
+    assert (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tmp_path / "max.pth"), "--model", "resnet18", "-o",
+              str(tmp_path / "bad.safetensors"), "--model-kwargs", "global_pool=max"])
+    assert exc.value.code == 2 and "--model-kwargs takes a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_convert_takes_a_backbone_saved_without_its_classifier(tmp_path):
     m = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=0)).eval()
     torch.save(m.state_dict(), tmp_path / "backbone.pth")

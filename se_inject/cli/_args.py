@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Callable
 
-__all__ = ["integers", "RATIO", "RATIOS", "STAGES", "add_variant_args", "variant_of"]
+__all__ = ["integers", "model_kwargs", "RATIO", "RATIOS", "STAGES", "add_variant_args",
+           "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -27,6 +29,19 @@ def integers(option: str, minimum: int, example: str, *, many: bool,
                                              f"not {text!r}")
         return values if many else values[0]
     return parse
+
+
+def model_kwargs(text: str) -> dict:
+    """--model-kwargs: a JSON object of timm.create_model keyword arguments."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        value = exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            "--model-kwargs takes a JSON object of timm.create_model options, e.g. "
+            f"'{{\"global_pool\": \"max\"}}', not {text!r}")
+    return value
 
 
 def _ratio(many: bool) -> Callable[[str], object]:
