@@ -28,8 +28,8 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CONSTANT_PREFIX, CONTAINERS, Call, TraceOptions, forward_names,
-                    reads_training_flag, trace_block)
+from .trace import (CONSTANT_PREFIX, CONTAINERS, STATE_CHANGES, Call, TraceOptions,
+                    forward_names, reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -411,6 +411,16 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
+        changes = getattr(graph, STATE_CHANGES)
+        if changes:
+            raise RewriteError(
+                f"`{label}` ({type(owner).__name__}) changes its own state when it runs "
+                f"({', '.join(f'`{c}`' for c in changes[:4])}{', ...' if len(changes) > 4 else ''}"
+                "): a forward generated from a trace of it would compute its output but would "
+                "not make those changes. Move the update into a layer of its own (a module "
+                "that is called, not traced through), or pass the class as a leaf "
+                f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
+                "(nothing was changed).")
         traced[training] = _insert(graph, gates, label, owner)
         inlined |= _call_containers_whole(graph)
         compiled[training] = _compile(graph, type(owner))

@@ -33,6 +33,7 @@ RETURNS = "_se_inject_returns"  # graph attribute: Frame -> what its forward ret
 LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing made them
 CONTAINERS = "_se_inject_containers"  # a block's graph attribute: its ContainerCalls
 CONSTANTS = "_se_inject_constants"  # graph attribute: name -> tensor made while tracing
+STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what its forward changed
 CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
 
 
@@ -573,6 +574,7 @@ class _ScopeTracer(UnpackingTracer):
 
 
 _MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
+_PLAIN = (bool, int, float, str, type(None))
 # What nn.Module.__init__ sets: torch's own bookkeeping (its dicts of parameters, buffers and
 # submodules, ordered dicts of hooks, flags), never a forward's cache
 _BASE_STATE = frozenset(nn.Module().__dict__)
@@ -623,12 +625,17 @@ class _NothingLeft:
     BatchNorm does and subclasses that copy its forward do) would change them. Each such
     buffer whose version counter moved gets its value back. torch.nn's own layers are
     leaves, never traced through, except the root; inference tensors have no version counter,
-    and outside inference mode nothing can change them in place."""
+    and outside inference mode nothing can change them in place. A number, flag or string a
+    forward sets (a counter of its calls) gets its value back too.
+
+    ``changed`` lists, after exit, each buffer updated in place and each such attribute set:
+    state a forward keeps, which a graph made from its trace would not."""
 
     def __init__(self, model: nn.Module, left: Callable[[Any], bool] = _is_proxy):
         self._left = left
         self._buffers = []
         self._before = []
+        self.changed: list[tuple[nn.Module, str]] = []
         for m in _all_modules(model):  # (a copy of __dict__ whole: half the time of filtering it)
             attrs = m.__dict__.copy()
             copies = None  # plain dicts and lists a forward may fill in place (a cache)
@@ -640,7 +647,7 @@ class _NothingLeft:
                     copies[k] = v.copy()
             self._before.append((m, attrs, copies or _NO_COPIES))
             if m._buffers and (m is model or not type(m).__module__.startswith("torch.nn.")):
-                self._buffers += [(b, b._version, b.clone()) for b in m._buffers.values()
+                self._buffers += [(m, k, b, b._version, b.clone()) for k, b in m._buffers.items()
                                   if isinstance(b, torch.Tensor) and not b.is_inference()]
 
     def __enter__(self):
@@ -648,9 +655,10 @@ class _NothingLeft:
 
     def __exit__(self, *exc):
         with torch.no_grad():
-            for b, version, saved in self._buffers:
+            for m, k, b, version, saved in self._buffers:
                 if b._version != version:
                     b.copy_(saved)
+                    self.changed.append((m, k))
         for m, attrs, copies in self._before:
             now = m.__dict__
             if not copies and len(now) == len(attrs) and all(map(operator.is_, now.values(),
@@ -660,7 +668,9 @@ class _NothingLeft:
             for k, v in list(now.items()):
                 if (attrs.get(k, _ABSENT) is v and k not in copies) or k in _MODULE_STATE:
                     continue  # the value it had before tracing
-                if not _holds(v, self._left):
+                if type(v) in _PLAIN and attrs.get(k, _ABSENT) != v:
+                    self.changed.append((m, k))
+                elif not _holds(v, self._left):
                     continue
                 if k not in attrs:
                     del m.__dict__[k]
@@ -948,14 +958,23 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     tracer = _BlockTracer(block, inputs, {} if constants is None else constants, **kwargs)
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
+    left = _NothingLeft(block)
     try:
-        with _NothingLeft(block):
+        with left:
             graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
     setattr(graph, CONTAINERS, tracer.containers)
     setattr(graph, CONSTANTS, tracer.constants)
+    setattr(graph, STATE_CHANGES, _named(block, left.changed))
     return graph
+
+
+def _named(root: nn.Module, changed: list[tuple[nn.Module, str]]) -> list[str]:
+    if not changed:
+        return []
+    names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    return sorted({f"{names[id(m)]}.{k}".lstrip(".") for m, k in changed})
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,8 +18,8 @@ from torch import nn
 import se_inject
 from se_inject.checkpoint import CheckpointError
 from se_inject.cli import main
-from se_inject.errors import (InvalidArgumentError, NoSitesError, NotGatedError, RuleError,
-                              SEInjectError, TraceError)
+from se_inject.errors import (InvalidArgumentError, NoSitesError, NotGatedError, RewriteError,
+                              RuleError, SEInjectError, TraceError)
 from se_inject.identity import IdentityInitError
 
 from handwritten import BlockNet
@@ -156,6 +156,57 @@ def test_a_lazy_layer_without_weights_is_named_and_nothing_changes():
     assert type(model.c1) is nn.Conv2d and hasattr(model, "se_gate")
     with torch.no_grad():
         assert torch.equal(model(x), y0)
+
+
+class _CountingBlock(nn.Module):
+    """A residual block that keeps count of its calls, in a buffer or a plain attribute: a
+    forward generated from its trace would not."""
+
+    def __init__(self, count_in: str):
+        super().__init__()
+        self.count_in = count_in
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.count_in == "buffer":
+            self.seen += 1
+        elif self.count_in == "attribute":
+            self.calls += 1
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+class _CountingNet(nn.Module):
+    def __init__(self, count_in: str):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 16, 3, padding=1), _CountingBlock(count_in)
+        self.steps = 0                                    # the root counts too, outside blocks
+
+    def forward(self, x):
+        self.steps += 1
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize("count_in,name", [("buffer", "seen"), ("attribute", "calls")])
+def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count_in, name):
+    model = _CountingNet(count_in)
+    before = _fingerprint(model)
+    with pytest.raises(RewriteError, match=rf"`block` \(_CountingBlock\) changes its own state "
+                                           rf"when it runs \(`{name}`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+    assert (model.steps, model.block.calls, float(model.block.seen)) == (0, 0, 0.0)
+    model(torch.randn(1, 3, 16, 16))                      # the model counts as it did
+    assert (model.steps, model.block.calls + float(model.block.seen)) == (1, 1)
+
+
+def test_tracing_does_not_count_as_a_call_and_a_counter_outside_the_blocks_keeps_counting():
+    model = _CountingNet("nothing")
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert hasattr(model.block, "se_gate") and model.steps == 0
+    model(torch.randn(1, 3, 16, 16))
+    assert model.steps == 1
 
 
 class _Detector(nn.Module):
