@@ -497,6 +497,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {}), **(model_kwargs or {})}
     say(f"building {arch} {kwargs}")
     net = _from_state(arch, kwargs, state, str(src))
+    dtype = _file_dtype(state)
     del state
     say("placing gates")
     _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init, **variant)
@@ -506,8 +507,8 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
                               "(nothing was written). A rule with 'existing_gate: allow' "
                               "(--rules FILE) gates them anyway: README.md, 'Rule files'.")
     say(f"writing {out}")
-    _write_state(_plain_state(net), out, format, _recipe_json(net, None, model_kwargs), force,
-                 (src,))
+    _write_state(_as_file(_plain_state(net), dtype, src), out, format,
+                 _recipe_json(net, None, model_kwargs), force, (src,))
     say("done")
     return out
 
@@ -518,6 +519,36 @@ def strip(src, out, *, format: str = "safetensors", force: bool = False) -> Path
     from .api import remove
     src, out = Path(src), Path(out)
     _check_output(out, force, (src,))
+    state, _ = read_checkpoint(src)
+    dtype = _file_dtype(state)
+    del state
     net = load(src)
     remove(net)
-    return _write_state(_plain_state(net), out, format, None, force, (src,))
+    return _write_state(_as_file(_plain_state(net), dtype, src), out, format, None, force, (src,))
+
+
+def _file_dtype(state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of a checkpoint's tensors (half-precision files), or None."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _as_file(state: dict[str, torch.Tensor], dtype: torch.dtype | None,
+             src: Path) -> dict[str, torch.Tensor]:
+    """The written tensors in the dtype the source file kept them in (the model computed in
+    its own): a float16 checkpoint stays float16, gates included. Doubling a weight for an
+    identity gate is exact in any float format, unless it leaves the format's range."""
+    if dtype is None:
+        return state
+    out = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            cast = v.to(dtype)
+            if not torch.isfinite(cast).all() and torch.isfinite(v).all():
+                raise CheckpointError(f"{src}: `{k}` does not fit {dtype} once its layer is "
+                                      "scaled for an identity gate (values past the format's "
+                                      "range); convert with --init paper, or from a float32 "
+                                      "copy (nothing was written)")
+            v = cast
+        out[k] = v
+    return out

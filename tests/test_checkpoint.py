@@ -431,6 +431,33 @@ def test_convert_takes_the_options_a_checkpoint_does_not_show(tmp_path, capsys):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_checkpoint_converts_and_strips_in_its_own_dtype(r18, tmp_path, dtype):
+    m, _ = r18
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    torch.save(sd, tmp_path / "half.pth")
+    out = convert(tmp_path / "half.pth", tmp_path / "se.safetensors", model="resnet18")
+    state, _ = read_checkpoint(out)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {dtype}
+    plain = timm.create_model("resnet18", pretrained=False, num_classes=7)
+    plain.load_state_dict(sd)
+    x = torch.randn(2, 3, 64, 64)
+    y0, y1 = _out(plain, x), _out(se_inject.load(out), x)
+    assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
+    state, _ = read_checkpoint(strip(out, tmp_path / "back.safetensors"))
+    assert state.keys() == sd.keys() and all(torch.equal(state[k], v) for k, v in sd.items())
+
+
+def test_a_half_precision_weight_that_scaling_would_overflow_is_refused(r18, tmp_path):
+    m, _ = r18
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    sd["layer1.0.bn2.weight"][0] = 40000.0                 # x 2 is past float16's 65504
+    torch.save(sd, tmp_path / "half.pth")
+    with pytest.raises(CheckpointError, match=r"`layer1.0.bn2.weight` does not fit torch.float16"):
+        convert(tmp_path / "half.pth", tmp_path / "se.safetensors", model="resnet18")
+    assert not (tmp_path / "se.safetensors").exists()
+
+
 def test_convert_takes_a_backbone_saved_without_its_classifier(tmp_path):
     m = _trained_like(timm.create_model("resnet18", pretrained=False, num_classes=0)).eval()
     torch.save(m.state_dict(), tmp_path / "backbone.pth")
