@@ -24,7 +24,12 @@ def create(name: str, **kwargs) -> nn.Module:
     """A timm model by name with random weights (nothing is downloaded)."""
     import timm
     check_name(name)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:  # an option the architecture does not take
+        if not kwargs:
+            raise
+        raise InvalidArgumentError(f"timm could not build {name!r} with {kwargs}: {exc}") from None
 
 
 def in_chans_for(name: str, first: str, width: int) -> int | None:

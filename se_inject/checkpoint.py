@@ -24,7 +24,7 @@ from torch import nn
 
 from ._files import atomic_write
 from ._models import create, in_chans_for
-from .errors import SEInjectError
+from .errors import InvalidArgumentError, SEInjectError
 from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
 
 __all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
@@ -313,8 +313,8 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> None:
 def _create(arch: str, kwargs: dict) -> nn.Module:
     try:
         return create(arch, **kwargs)
-    except TypeError as exc:
-        raise CheckpointError(f"timm could not build {arch!r} with {kwargs}: {exc}") from None
+    except InvalidArgumentError as exc:  # an unknown name, or an option it does not take
+        raise CheckpointError(str(exc)) from None
 
 
 def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: str,

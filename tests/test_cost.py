@@ -219,6 +219,21 @@ def test_cli_report_json_and_plot(tmp_path, capsys):
     assert plot.exists()
 
 
+def test_cli_report_and_plan_build_the_model_with_its_options(capsys):
+    kwargs = {"in_chans": 1, "num_classes": 10}
+    assert main(["report", "resnet18", "--format", "json", "--input-size", "1", "64", "64",
+                 "--model-kwargs", json.dumps(kwargs)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "resnet18" and d["input_size"] == [1, 64, 64]
+    assert d["base_parameters"] == n_params(timm.create_model("resnet18", **kwargs))
+    assert main(["plan", "resnet18", "--model-kwargs", '{"num_classes": 10}']) == 0
+    assert f"{n_params(timm.create_model('resnet18', num_classes=10)):,} parameters" in \
+        capsys.readouterr().out
+    assert main(["report", "resnet18", "--model-kwargs", '{"no_such_option": 1}']) == 2
+    err = capsys.readouterr().err
+    assert "could not build 'resnet18'" in err and "no_such_option" in err and "Traceback" not in err
+
+
 def test_cli_report_errors(tmp_path, capsys):
     assert main(["report", "resnet5"]) == 2
     err = capsys.readouterr().err

@@ -5,8 +5,8 @@ import argparse
 import json
 from typing import Callable
 
-__all__ = ["integers", "model_kwargs", "RATIO", "RATIOS", "STAGES", "add_variant_args",
-           "variant_of"]
+__all__ = ["integers", "model_kwargs", "add_model_kwargs", "RATIO", "RATIOS", "STAGES",
+           "add_variant_args", "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -42,6 +42,10 @@ def model_kwargs(text: str) -> dict:
             "--model-kwargs takes a JSON object of timm.create_model options, e.g. "
             f"'{{\"global_pool\": \"max\"}}', not {text!r}")
     return value
+
+
+def add_model_kwargs(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--model-kwargs", type=model_kwargs, default=None, metavar="JSON", help=help)
 
 
 def _ratio(many: bool) -> Callable[[str], object]:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import convert, strip
-from ._args import RATIO, STAGES, add_variant_args, model_kwargs, variant_of
+from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -18,10 +18,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="the SE checkpoint to write")
     p.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's "
                    "own 'arch' or config.json)")
-    p.add_argument("--model-kwargs", type=model_kwargs, default=None, metavar="JSON",
-                   help="timm.create_model options the checkpoint's model was made with that its "
-                   "tensors do not show, e.g. '{\"global_pool\": \"max\"}' (num_classes and "
-                   "in_chans are read from the file)")
+    add_model_kwargs(p, "timm.create_model options the checkpoint's model was made with that "
+                     "its tensors do not show, e.g. '{\"global_pool\": \"max\"}' (num_classes "
+                     "and in_chans are read from the file)")
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")

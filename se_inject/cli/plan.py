@@ -5,7 +5,7 @@ import argparse
 
 from .. import api
 from .._models import create
-from ._args import RATIO, STAGES, add_variant_args, variant_of
+from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
+    add_model_kwargs(p, "timm.create_model options, e.g. '{\"in_chans\": 1, \"output_stride\": 16}'")
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = create(args.model)
+    model = create(args.model, **(args.model_kwargs or {}))
     p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
                  input_size=tuple(args.input_size) if args.input_size else None,
                  **variant_of(args))

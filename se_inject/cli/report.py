@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import RATIOS, STAGES, add_variant_args, variant_of
+from ._args import RATIOS, STAGES, add_model_kwargs, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -14,6 +15,7 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
+    add_model_kwargs(p, "timm.create_model options, e.g. '{\"in_chans\": 1, \"output_stride\": 16}'")
     p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "
                         "2:16,3:16,4:8,5:8")
@@ -38,9 +40,15 @@ def run(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)
     if args.measure:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
-    rep = cost(args.model, ratio=args.ratio, stages=args.stages, rules=args.rules,
+    model = args.model
+    if args.model_kwargs:
+        from .._models import create
+        model = create(args.model, **args.model_kwargs)
+    rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
                input_size=tuple(args.input_size) if args.input_size else None,
                measure=args.measure, **variant_of(args))
+    if args.model_kwargs:
+        rep = dataclasses.replace(rep, model=args.model)
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.plot is not None:
