@@ -18,7 +18,8 @@ from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
-from .identity import FACTOR, plan_compensations, scale
+from .identity import (FACTOR, plan_compensations, scale, unwatch_plain_loads,
+                       watch_plain_loads)
 from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
@@ -460,6 +461,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
             scale(model, comp.parameters, FACTOR)
             gate = model.get_submodule(comp.gate)
             gate.compensated = comp.parameters
+        if compensations:
+            watch_plain_loads(model)
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],
                 options=options, gate=spec)
@@ -486,6 +489,7 @@ def remove(model: nn.Module) -> nn.Module:
     remove_gates(model)
     with _tensor_mode(model):
         scale(model, compensated, 1 / FACTOR)
+    unwatch_plain_loads(model)
     forget_recipe(model)
     unfuse(model)  # compiled code of the gated model must not outlive its gates
     return model

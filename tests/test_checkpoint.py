@@ -61,6 +61,36 @@ def test_identity_init_keeps_outputs_and_gates_learn(name):
     assert torch.equal(_out(model, x), y0)        # the scaled layers are scaled back
 
 
+def test_a_plain_checkpoint_loaded_into_identity_gates_gives_the_plain_model():
+    # Gate first, load pretrained weights after (strict=False: the file has no gates). The
+    # layers scaled for the gates must hold twice the file's values, or every gated branch
+    # would be halved.
+    plain = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
+    sd = plain.state_dict()
+    kept = {k: v.clone() for k, v in sd.items()}
+    x = torch.randn(2, 3, 64, 64)
+    y0 = _out(plain, x)
+    model = se_inject.apply(timm.create_model("resnet18", pretrained=False), init="identity")
+    result = model.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys and all(".se_gate." in k for k in result.missing_keys)
+    assert torch.equal(_out(model, x), y0)
+    assert all(torch.equal(kept[k], v) for k, v in sd.items())          # the caller's dict
+    twin = se_inject.apply(timm.create_model("resnet18", pretrained=False), init="identity")
+    twin = copy.deepcopy(twin)                                # the hook travels with a copy
+    twin.load_state_dict(sd, strict=False)
+    assert torch.equal(_out(twin, x), y0)
+    again = se_inject.apply(timm.create_model("resnet18", pretrained=False), init="identity")
+    again.load_state_dict(model.state_dict())                 # a gated model's own: as saved
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 model.state_dict().values()))
+    se_inject.remove(model)
+    model.load_state_dict(sd)
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    paper = se_inject.apply(timm.create_model("resnet18", pretrained=False), init="paper")
+    paper.load_state_dict(sd, strict=False)                  # nothing scaled, nothing changed
+    assert all(torch.equal(paper.state_dict()[k], v) for k, v in sd.items())
+
+
 def test_identity_gate_is_still_the_paper_gate():
     model = timm.create_model("resnet18", pretrained=False).eval()
     se_inject.apply(model, init="identity")
