@@ -236,7 +236,20 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
     if recipe is None:
         raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
                               "save a plain model with torch.save or safetensors instead")
-    _check_rebuilds(model, json.loads(recipe))
+    rates = _check_rebuilds(model, json.loads(recipe))
+    if rates:  # try the round rates a schedule may have come from
+        for guess in _rate_guesses(model, json.loads(recipe)["base"]["kwargs"]):
+            again = _recipe_json(model, arch, {**guess, **(model_kwargs or {})})
+            if not _check_rebuilds(model, json.loads(again)):
+                recipe, rates = again, []
+                break
+    if rates:
+        kwargs = json.loads(recipe)["base"]["kwargs"]
+        warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
+                      f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
+                      "same in eval mode but trains with other rates; pass "
+                      "model_kwargs={'drop_path_rate': ..., 'drop_rate': ...} to keep them.",
+                      stacklevel=2)
     fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
     return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
 
@@ -258,11 +271,11 @@ def _layout(m: nn.Module) -> str:
     return f"{type(m).__name__}({extra})" if extra else type(m).__name__
 
 
-def _check_rebuilds(model: nn.Module, recipe: dict) -> None:
+def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     """Refuse to write a checkpoint that load() would rebuild as another model: one whose layers
     (their classes and settings, gates aside) differ from what timm builds from the recorded
     name and kwargs, as after create_model(..., global_pool="max") or a layer replaced by hand.
-    Eval-only differences in dropout rates are warned of."""
+    Returns the dropout layers whose rates differ (nothing in eval mode), described."""
     arch, kwargs = recipe["base"]["architecture"], recipe["base"]["kwargs"]
     gated = {g for step in recipe["steps"] for g in step["gates"]}
     try:
@@ -271,7 +284,7 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> None:
     except SEInjectError:
         raise
     except Exception:  # a constructor that computes with its tensors: nothing to compare
-        return
+        return []
     theirs = dict(ref.named_modules())
     rates = []
     for name, m in model.named_modules():
@@ -301,11 +314,27 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> None:
             f"{kwargs} has a layer `{extra[0]}` ({type(theirs[extra[0]]).__name__}) that the "
             "model lacks. Pass the options it was made with: se_inject.save(model, path, "
             "model_kwargs={...}) (nothing was written).")
-    if rates:
-        warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
-                      f"{arch} built with {kwargs} does not, e.g. {rates[0]}: a loaded model "
-                      "computes the same in eval mode but trains with the default rates; pass "
-                      "model_kwargs={'drop_path_rate': ...} to keep them.", stacklevel=3)
+    return rates
+
+
+def _rate_guesses(model: nn.Module, kwargs: dict) -> list[dict]:
+    """drop_rate and drop_path_rate values that may rebuild the model's dropout layers: the
+    largest rate each kind of layer has, rounded, and the stochastic-depth rate of a schedule
+    that stops one block short of it (timm's EfficientNets: rate · i / n)."""
+    paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    drops = [m.p for m in model.modules() if type(m).__name__.startswith("Dropout")]
+    path_options = [kwargs.get("drop_path_rate")]
+    if paths:
+        top = max(paths)
+        path_options += [round(top, 1), round(top, 2), round(top * len(paths) / max(len(paths) - 1, 1), 3)]
+    drop_options = [kwargs.get("drop_rate")] + ([round(max(drops), 3)] if drops else [])
+    out = []
+    for dp in dict.fromkeys(path_options):
+        for dr in dict.fromkeys(drop_options):
+            guess = {k: v for k, v in (("drop_path_rate", dp), ("drop_rate", dr)) if v}
+            if guess and guess not in out:
+                out.append(guess)
+    return out
 
 
 # ---------------------------------------------------------------------------- building

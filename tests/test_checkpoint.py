@@ -426,7 +426,9 @@ def test_save_refuses_a_model_that_would_load_back_as_another(tmp_path, kwargs, 
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {"features_only": True, "out_indices": (1, 3)}),
     ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
-    ("convnext_atto", {"drop_path_rate": 0.2, "drop_rate": 0.3})])
+    ("convnext_atto", {"drop_path_rate": 0.2, "drop_rate": 0.3}),
+    ("hardcorenas_b", {"drop_path_rate": 0.1, "drop_rate": 0.2}),  # largest rate 0.1 * 18/19
+    ("fastvit_t8", {"drop_path_rate": 0.1, "drop_rate": 0.2})])    # the head's own Dropout
 def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwargs):
     m = _trained_like(timm.create_model(name, pretrained=False, **kwargs)).eval()
     se_inject.apply(m, init="identity")
@@ -434,8 +436,10 @@ def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwarg
         warnings.simplefilter("error")                            # no rate left behind
         g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors"))
     assert type(g) is type(m)
-    rates = [(n, mod.drop_prob) for n, mod in m.named_modules() if hasattr(mod, "drop_prob")]
-    assert rates == [(n, mod.drop_prob) for n, mod in g.named_modules() if hasattr(mod, "drop_prob")]
+    def rates(model):
+        return [(n, getattr(mod, "drop_prob", None), getattr(mod, "p", None))
+                for n, mod in model.named_modules() if type(mod).__name__ in ("DropPath", "Dropout")]
+    assert rates(g) == rates(m) and any(r[1] or r[2] for r in rates(m)) == ("drop_rate" in kwargs)
     assert getattr(g, "drop_rate", None) == getattr(m, "drop_rate", None)
     x = torch.randn(2, 3, 64, 64)
     y0, y1 = _out(m, x), _out(g, x)
