@@ -7,6 +7,7 @@ complete, never over the input, and never over an existing file unless ``force``
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -42,10 +43,16 @@ class CheckpointError(SEInjectError):
 
 # ---------------------------------------------------------------------------- reading
 
+# plain data that training scripts pickle beside the weights (torchvision's references keep
+# their command line as an argparse.Namespace): made without running any code of the file's
+_PLAIN_DATA = (argparse.Namespace,)
+
+
 def _load_pickle(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True,
-                          mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(list(_PLAIN_DATA)):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
@@ -63,7 +70,7 @@ def _load_pickle(path: Path) -> Any:
 def _pickled_global(text: str) -> str:
     """What torch.load's refusal says the file would import (the whole model object, when it
     names a module class), else its first line."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
     if found is None:
         return _first_line(text)
     return f"it holds a pickled {found.group(1)}, not only tensors"
@@ -376,6 +383,42 @@ def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: 
     return net
 
 
+def _under_prefix(state: dict[str, torch.Tensor], arch: str, src: Path) -> dict[str, torch.Tensor]:
+    """The weights of a model saved inside another module (a LightningModule's ``model.``, a
+    training wrapper's ``net.backbone.``): where no name in the file is one of the
+    architecture's, the tensors under the one prefix whose names are, the prefix taken off."""
+    try:
+        with torch.device("meta"):
+            names = set(create(arch).state_dict())
+    except SEInjectError:
+        raise
+    except Exception:  # a constructor that computes with its tensors: names as they are
+        return state
+    if names & state.keys():
+        return state
+    found: dict[str, int] = {}
+    for k in state:
+        parts = k.split(".")
+        for i in range(1, min(len(parts), 4)):
+            prefix = ".".join(parts[:i]) + "."
+            if k[len(prefix):] in names:
+                found[prefix] = found.get(prefix, 0) + 1
+    if not found:
+        return state
+    best = sorted(found, key=found.get, reverse=True)
+    if len(best) > 1 and found[best[0]] == found[best[1]]:
+        raise CheckpointError(f"{src}: two sets of {arch}'s weights in it, under `{best[0]}` and "
+                              f"`{best[1]}` (a model and its EMA?); save the one to convert as a "
+                              "state_dict of its own (nothing was written)")
+    prefix = best[0]
+    under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if len(under) < len(state):
+        warnings.warn(f"{src}: converting the {len(under)} tensors under `{prefix}`; the other "
+                      f"{len(state) - len(under)} (e.g. `{next(k for k in state if not k.startswith(prefix))}`) "
+                      "are not part of the model", stacklevel=3)
+    return under
+
+
 def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
     """num_classes from the classifier's weight in the checkpoint (0 where it has none) and
     in_chans from its first layer's, where timm names them."""
@@ -523,6 +566,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     if not arch:
         raise CheckpointError(f"{src} does not name its architecture: pass --model NAME "
                               "(a timm model name)")
+    state = _under_prefix(state, arch, src)
     kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {}), **(model_kwargs or {})}
     say(f"building {arch} {kwargs}")
     net = _from_state(arch, kwargs, state, str(src))

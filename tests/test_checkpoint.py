@@ -1,6 +1,7 @@
 """Function-preserving gates, checkpoints with their recipe, conversion, and safe reading."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -359,7 +360,8 @@ def test_save_from_python_and_recipe(tmp_path):
         se_inject.save(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["train", "ema", "prefixed", "folder", "folder-bin"])
+@pytest.mark.parametrize("kind", ["train", "ema", "prefixed", "folder", "folder-bin",
+                                  "torchvision-reference", "lightning"])
 def test_input_kinds(r18, tmp_path, kind):
     m, _ = r18
     sd = m.state_dict()
@@ -371,6 +373,14 @@ def test_input_kinds(r18, tmp_path, kind):
     elif kind == "prefixed":
         src = tmp_path / "ddp.bin"
         torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, src)
+    elif kind == "torchvision-reference":  # its train.py keeps the command line beside
+        src = tmp_path / "checkpoint.pth"
+        torch.save({"model": sd, "optimizer": {"state": {}}, "epoch": 3,
+                    "args": argparse.Namespace(lr=0.5, model="resnet18")}, src)
+    elif kind == "lightning":  # a LightningModule holding the model as `self.net`, and a loss
+        src = tmp_path / "epoch=3.ckpt"
+        torch.save({"epoch": 3, "global_step": 9, "state_dict": {
+            **{f"net.{k}": v for k, v in sd.items()}, "criterion.weight": torch.ones(7)}}, src)
     else:
         src = tmp_path / "hf"
         src.mkdir()
@@ -381,8 +391,15 @@ def test_input_kinds(r18, tmp_path, kind):
             save_file(dict(sd), src / "model.safetensors")
         else:
             torch.save(sd, src / "pytorch_model.bin")
-    out = convert(src, tmp_path / "se.safetensors", model=None if kind != "prefixed" else
-                  "resnet18", ema=kind == "ema")
+    named = kind in ("train", "ema", "folder", "folder-bin")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = convert(src, tmp_path / "se.safetensors", model=None if named else "resnet18",
+                      ema=kind == "ema")
+    left = [str(w.message) for w in said if "not part of the model" in str(w.message)]
+    assert left == ([] if kind != "lightning" else [
+        f"{src}: converting the {len(sd)} tensors under `net.`; the other 1 (e.g. "
+        "`criterion.weight`) are not part of the model"])
     g = se_inject.load(out)
     want = sd["fc.weight"] + (1 if kind == "ema" else 0)
     assert torch.equal(g.state_dict()["fc.weight"], want)
@@ -508,6 +525,17 @@ def test_convert_refuses_a_model_whose_blocks_all_hold_gates(tmp_path):
     with pytest.raises(CheckpointError, match="already holds a channel gate.*nothing was written"):
         convert(tmp_path / "b0.pth", tmp_path / "se.safetensors", model="efficientnet_b0")
     assert [p.name for p in tmp_path.iterdir()] == ["b0.pth"]
+
+
+def test_two_models_in_one_checkpoint_are_not_guessed_between(r18, tmp_path):
+    m, _ = r18
+    sd = m.state_dict()
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in sd.items()},
+                               **{f"model_ema.{k}": v for k, v in sd.items()}}}, tmp_path / "t.ckpt")
+    with pytest.raises(CheckpointError, match="two sets of resnet18's weights in it, under "
+                                              "`model.` and `model_ema.`"):
+        convert(tmp_path / "t.ckpt", tmp_path / "se.safetensors", model="resnet18")
+    assert not (tmp_path / "se.safetensors").exists()
 
 
 class _Evil:
