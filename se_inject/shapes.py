@@ -40,16 +40,23 @@ def _conv(m: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor | None:
     spatial = x.shape[2:]
     if x.dim() != 2 + len(m.kernel_size):
         return None  # unbatched input: let the module itself decide
+    if x.shape[1] != m.in_channels:  # (meta's own message: "Invalid channel dimensions")
+        raise RuntimeError(f"{type(m).__name__} takes {m.in_channels} channels, and would get "
+                           f"{x.shape[1]}")
     if m.padding == "same":
         out = list(spatial)
     else:
         pad = (0,) * len(spatial) if m.padding == "valid" else m.padding
         out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
                for s, p, d, k, st in zip(spatial, pad, m.dilation, m.kernel_size, m.stride)]
+    if min(out) < 1:
+        return None  # an input smaller than the kernel: the module's own error says so
     return _new(x, (x.shape[0], m.out_channels, *out))
 
 
-def _linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    if x.dim() == 0 or x.shape[-1] != m.in_features:
+        return None
     return _new(x, (*x.shape[:-1], m.out_features))
 
 
@@ -495,6 +502,7 @@ class _MetaInterpreter(fx.Interpreter):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.extra_traceback = False  # the error already names the op; no "While executing"
         self._mode = _ShapeMode()
         from .trace import CONSTANTS  # (trace -> kinds -> shapes)
         self._made = getattr(self.graph, CONSTANTS, None) or {}

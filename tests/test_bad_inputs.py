@@ -209,6 +209,21 @@ def test_tracing_does_not_count_as_a_call_and_a_counter_outside_the_blocks_keeps
     assert model.steps == 1
 
 
+@pytest.mark.parametrize("name,size,why", [
+    ("resnet18", (1, 64, 64), r"`%conv1 .*Conv2d takes 3 channels, and would get 1"),
+    ("convnext_atto", (3, 16, 16), r"stages.3.downsample.1.*Kernel size can't be greater"),
+])
+def test_an_input_size_the_model_cannot_take_is_named_and_nothing_changes(name, size, why):
+    # The model itself would refuse such an input; its gates were once placed anyway (shapes
+    # of wrong channels, or of maps shrunk to nothing, passed through convolutions' shortcut).
+    model = timm.create_model(name, pretrained=False)
+    before = _fingerprint(model)
+    with pytest.raises(TraceError, match=why) as exc:
+        se_inject.apply(model, input_size=size)
+    assert "check input_size" in str(exc.value) and "While executing" not in str(exc.value)
+    assert _same(before, _fingerprint(model))
+
+
 class _Detector(nn.Module):
     """A forward over a list of images that branches on their number: fx cannot trace it,
     while its backbone traces as any CNN does."""
