@@ -191,6 +191,9 @@ def check(net: nn.Module, expected: int) -> str:
         return "identity refused"
     with torch.no_grad():
         assert torch.equal(ident(x), y0), "identity-initialised gates changed the outputs"
+    ident.load_state_dict(state0, strict=False)  # the plain weights, loaded after gating
+    with torch.no_grad():
+        assert torch.equal(ident(x), y0), "a plain state_dict changed the identity-gated net"
     se_inject.remove(ident)
     with torch.no_grad():
         assert torch.equal(ident(x), y0)
