@@ -333,7 +333,8 @@ def _rate_guesses(model: nn.Module, kwargs: dict) -> list[dict]:
     path_options = [kwargs.get("drop_path_rate")]
     if paths:
         top = max(paths)
-        path_options += [round(top, 1), round(top, 2), round(top * len(paths) / max(len(paths) - 1, 1), 3)]
+        short = round(top * len(paths) / max(len(paths) - 1, 1), 3)
+        path_options += [round(top, 1), round(top, 2), short]
     drop_options = [kwargs.get("drop_rate")] + ([round(max(drops), 3)] if drops else [])
     out = []
     for dp in dict.fromkeys(path_options):
@@ -412,10 +413,10 @@ def _under_prefix(state: dict[str, torch.Tensor], arch: str, src: Path) -> dict[
                               "state_dict of its own (nothing was written)")
     prefix = best[0]
     under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if len(under) < len(state):
+    other = [k for k in state if not k.startswith(prefix)]
+    if other:
         warnings.warn(f"{src}: converting the {len(under)} tensors under `{prefix}`; the other "
-                      f"{len(state) - len(under)} (e.g. `{next(k for k in state if not k.startswith(prefix))}`) "
-                      "are not part of the model", stacklevel=3)
+                      f"{len(other)} (e.g. `{other[0]}`) are not part of the model", stacklevel=3)
     return under
 
 

@@ -44,7 +44,8 @@ def model_kwargs(text: str) -> dict:
     return value
 
 
-def add_model_kwargs(p: argparse.ArgumentParser, help: str) -> None:
+def add_model_kwargs(p: argparse.ArgumentParser, help: str = "timm.create_model options, e.g. "
+                     "'{\"in_chans\": 1, \"output_stride\": 16}'") -> None:
     p.add_argument("--model-kwargs", type=model_kwargs, default=None, metavar="JSON", help=help)
 
 

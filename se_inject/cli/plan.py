@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.set_defaults(run=run)
     p.add_argument("model", help="a timm model name, e.g. resnet50")
-    add_model_kwargs(p, "timm.create_model options, e.g. '{\"in_chans\": 1, \"output_stride\": 16}'")
+    add_model_kwargs(p)
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
