@@ -28,7 +28,7 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CONSTANT_PREFIX, CONTAINERS, STATE_CHANGES, Call, TraceOptions,
+from .trace import (CONSTANT_PREFIX, CONTAINERS, PLAIN, STATE_CHANGES, Call, TraceOptions,
                     forward_names, reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
@@ -434,7 +434,6 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
 
 
 _MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}
-_PLAIN = (bool, int, float, str, type(None))
 _MISSING = object()
 
 
@@ -443,7 +442,7 @@ def _attributes_read(owner: nn.Module) -> tuple[tuple[str, object], ...]:
     forward reads, with their values: tracing took them as they are now."""
     names = forward_names(type(owner))
     return tuple(sorted((k, v) for k, v in owner.__dict__.items()
-                        if k in names and k not in _MODULE_OWN and type(v) in _PLAIN))
+                        if k in names and k not in _MODULE_OWN and type(v) in PLAIN))
 
 
 def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, type, int], ...]:
@@ -491,7 +490,7 @@ def _changed(block: nn.Module, label: str, name: str, was: str, now: object):
     elif isinstance(now, nn.Sequential):
         now = f"{_a(type(now).__name__)} of {len(now)} layers"
     else:
-        now = repr(now) if type(now) in _PLAIN else _a(type(now).__name__)
+        now = repr(now) if type(now) in PLAIN else _a(type(now).__name__)
     raise BlockChangedError(
         f"`{label}` ({type(block).__name__}) changed after se_inject.apply: its forward reads "
         f"`{name}`, which was {was} when the gates went in and is {now} now (a "

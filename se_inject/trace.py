@@ -574,7 +574,7 @@ class _ScopeTracer(UnpackingTracer):
 
 
 _MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
-_PLAIN = (bool, int, float, str, type(None))
+PLAIN = (bool, int, float, str, type(None))  # values a forward reads as constants
 # What nn.Module.__init__ sets: torch's own bookkeeping (its dicts of parameters, buffers and
 # submodules, ordered dicts of hooks, flags), never a forward's cache
 _BASE_STATE = frozenset(nn.Module().__dict__)
@@ -668,7 +668,8 @@ class _NothingLeft:
             for k, v in list(now.items()):
                 if (attrs.get(k, _ABSENT) is v and k not in copies) or k in _MODULE_STATE:
                     continue  # the value it had before tracing
-                if type(v) in _PLAIN and attrs.get(k, _ABSENT) != v:
+                old = attrs.get(k, _ABSENT)
+                if type(v) in PLAIN and (type(old) not in PLAIN or old != v):
                     self.changed.append((m, k))
                 elif not _holds(v, self._left):
                     continue

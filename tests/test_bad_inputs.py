@@ -167,13 +167,15 @@ class _CountingBlock(nn.Module):
         self.count_in = count_in
         self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.register_buffer("seen", torch.zeros(()))
-        self.calls = 0
+        self.calls, self.last = 0, torch.zeros(2)       # (a tensor that is not a buffer)
 
     def forward(self, x):
         if self.count_in == "buffer":
             self.seen += 1
         elif self.count_in == "attribute":
             self.calls += 1
+        elif self.count_in == "tensor to number":
+            self.last = 1
         return x + self.c2(torch.relu(self.c1(x)))
 
 
@@ -188,7 +190,8 @@ class _CountingNet(nn.Module):
         return self.block(self.stem(x))
 
 
-@pytest.mark.parametrize("count_in,name", [("buffer", "seen"), ("attribute", "calls")])
+@pytest.mark.parametrize("count_in,name", [("buffer", "seen"), ("attribute", "calls"),
+                                           ("tensor to number", "last")])
 def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count_in, name):
     model = _CountingNet(count_in)
     before = _fingerprint(model)
@@ -197,8 +200,10 @@ def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
     assert (model.steps, model.block.calls, float(model.block.seen)) == (0, 0, 0.0)
+    assert torch.equal(model.block.last, torch.zeros(2))
     model(torch.randn(1, 3, 16, 16))                      # the model counts as it did
-    assert (model.steps, model.block.calls + float(model.block.seen)) == (1, 1)
+    assert model.steps == 1 and model.block.calls + float(model.block.seen) == \
+        (count_in != "tensor to number")
 
 
 def test_tracing_does_not_count_as_a_call_and_a_counter_outside_the_blocks_keeps_counting():
