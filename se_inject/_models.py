@@ -7,7 +7,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["check_name", "create", "in_chans_for", "input_width"]
+__all__ = ["check_name", "create", "in_chans_for", "in_chans_of", "input_width"]
 
 
 def check_name(name: str) -> None:
@@ -62,3 +62,17 @@ def input_width(layer: nn.Module) -> int | None:
         if isinstance(getattr(layer, attr, None), int):
             return getattr(layer, attr)
     return None
+
+
+def in_chans_of(model: nn.Module) -> int | None:
+    """The in_chans a timm model was built with, read from its first layer (its config's
+    first_conv); None where the config names no such layer of the model."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    first, arch = cfg.get("first_conv"), cfg.get("architecture")
+    if not isinstance(first, str) or not arch:
+        return None
+    try:
+        width = input_width(model.get_submodule(first))
+    except AttributeError:
+        return None
+    return None if width is None else in_chans_for(arch, first, width) or width

@@ -143,16 +143,10 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
         cls = type(model)
         input_size = tuple(cfg.get("input_size", _INPUT_SIZES.get(
             f"{cls.__module__}.{cls.__qualname__}", (3, 224, 224))))
-        first = cfg.get("first_conv")  # a model built with in_chans=1 keeps the cfg's 3
-        if isinstance(first, str) and cfg.get("architecture"):
-            from ._models import in_chans_for, input_width
-            try:
-                width = input_width(model.get_submodule(first))
-            except AttributeError:
-                width = None
-            c = in_chans_for(cfg["architecture"], first, width) if width else None
-            if c:
-                input_size = (c, *input_size[1:])
+        from ._models import in_chans_of
+        c = in_chans_of(model)  # a model built with in_chans=1 keeps the cfg's 3
+        if c:
+            input_size = (c, *input_size[1:])
     sizes = [input_size] if input_size and all(isinstance(v, int) for v in input_size) \
         else list(input_size or ())
     shapes = []

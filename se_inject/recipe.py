@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ._models import input_width, in_chans_for
+from ._models import in_chans_of
 from .errors import InvalidArgumentError
 from .rules import Rule
 
@@ -77,14 +77,9 @@ def base_architecture(model: nn.Module) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if getattr(model, "num_classes", None) is not None:
         kwargs["num_classes"] = int(model.num_classes)
-    first = cfg.get("first_conv")
-    if isinstance(first, str):
-        try:
-            width = input_width(model.get_submodule(first))
-        except AttributeError:
-            width = None
-        if width is not None:
-            kwargs["in_chans"] = in_chans_for(arch, first, width) or width
+    in_chans = in_chans_of(model)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
     info = getattr(model, "feature_info", None)  # a classifier's is a list of dicts
     if type(info).__name__ == "FeatureInfo" and hasattr(info, "out_indices"):
         kwargs["features_only"] = True  # (create_model(..., features_only=True))
