@@ -18,8 +18,8 @@ from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
-from .identity import (FACTOR, plan_compensations, scale, unwatch_plain_loads,
-                       watch_plain_loads)
+from .identity import FACTOR, plan_compensations, scale
+from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
 from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
@@ -456,16 +456,18 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         with _tensor_mode(model):
             prepared = prepare(model, p.sites, spec, options, blocks)
     with _tensor_mode(model):
-        if init == "identity":
-            for pr in prepared:
-                for g in pr.new_gates.values():
+        watch = bool(compensations)
+        for pr in prepared:
+            for g in pr.new_gates.values():
+                if init == "identity":
                     g.start_as_identity()
+                watch |= mark_uninitialised(g, init)  # made on the meta device: no values yet
         commit(prepared)
         for comp in compensations:  # nothing above failed: scale the producers, note it
             scale(model, comp.parameters, FACTOR)
             gate = model.get_submodule(comp.gate)
             gate.compensated = comp.parameters
-        if compensations:
+        if watch:
             watch_plain_loads(model)
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
                 input_size=input_size, init=init, gates=[s.gate for s in p.sites],

@@ -224,6 +224,16 @@ class ChannelGate(nn.Module):
     def start_as_identity(self) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def initialise(self, init: str = "paper") -> None:
+        """Give the gate its starting values again: PyTorch's default initialisation of its
+        layers, as when it was made, then for ``init="identity"`` the start at 0.5."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        if init == "identity":
+            self.start_as_identity()
+
     def squeezed(self, x: torch.Tensor, squeezed: torch.Tensor | None = None) -> torch.Tensor:
         """The squeeze of ``x`` as an (N, C) matrix: ``squeezed`` where the caller computed it
         (see ``mean_through_linear``); in chunks of pixels where the gate runs frozen on the

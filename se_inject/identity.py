@@ -31,8 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .errors import SEInjectError
 from .kinds import flat, reads_metadata_only
 
-__all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale",
-           "watch_plain_loads", "unwatch_plain_loads"]
+__all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
 FACTOR = 2.0  # 1 / sigmoid(0)
 
@@ -262,38 +261,3 @@ def scale(model: nn.Module, names, factor: float) -> None:
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for n in names:
         tensors[n].mul_(factor)
-
-
-def _scale_plain_loads(model: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """A load_state_dict pre-hook on a model with identity-initialised gates, whose scaled
-    layers hold twice the plain model's values: a checkpoint without a gate's tensors (the plain
-    model's, loaded with strict=False) has its values of the layers scaled for that gate
-    doubled as they load, so that the model computes what that checkpoint's plain model does.
-    A checkpoint that holds the gate's tensors (one saved from the gated model) loads as it is.
-    The caller's dict is not changed (load_state_dict hands the hooks a copy)."""
-    from .gate import ChannelGate
-    for name, gate in model.named_modules():
-        done = getattr(gate, "compensated", None)
-        if not done or not isinstance(gate, ChannelGate):
-            continue
-        own = f"{prefix}{name}."
-        if any(k.startswith(own) for k in state_dict):
-            continue
-        for p in done:
-            v = state_dict.get(prefix + p)
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                state_dict[prefix + p] = v * FACTOR
-
-
-def _ours(hook) -> bool:
-    return getattr(hook, "hook", hook) is _scale_plain_loads
-
-
-def watch_plain_loads(model: nn.Module) -> None:
-    if not any(map(_ours, model._load_state_dict_pre_hooks.values())):
-        model.register_load_state_dict_pre_hook(_scale_plain_loads)
-
-
-def unwatch_plain_loads(model: nn.Module) -> None:
-    for k in [k for k, h in model._load_state_dict_pre_hooks.items() if _ours(h)]:
-        del model._load_state_dict_pre_hooks[k]

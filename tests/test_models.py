@@ -394,6 +394,95 @@ def test_a_model_made_on_the_meta_device_is_gated_there_and_loads_after_to_empty
         torch.testing.assert_close(model.eval()(x), ref(x), rtol=0, atol=0)
 
 
+def _meta_gated_then_emptied(name: str, **kw):
+    """A model made on the meta device, gated there, then given storage by ``to_empty()``, its
+    gates' memory filled with NaN (what uninitialised memory may hold)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    se_inject.apply(model, **kw)
+    return _emptied(model)
+
+
+def _emptied(model):
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for _, g in gates(model):
+            for p in g.parameters():
+                p.fill_(float("nan"))
+    return model
+
+
+@pytest.mark.parametrize("gate", ["se", "eca", "ese"])
+def test_a_plain_checkpoint_loaded_into_a_model_gated_on_the_meta_device_initialises_its_gates(gate):
+    """Fine-tuning a pretrained backbone made on the meta device: gated there, given storage,
+    then the plain model's state_dict loaded (strict=False). The gates hold no values of the
+    checkpoint's, so they start as apply() would have made them (PyTorch's default
+    initialisation), not as the memory to_empty() left them (here NaN); every other tensor is
+    the checkpoint's."""
+    plain = timm.create_model("resnet18", pretrained=False).eval()
+    randomize_norms(plain)
+    model = _meta_gated_then_emptied("resnet18", gate=gate)
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(tuple(n + "." for n, _ in gates(model))) for k in missing)
+    own = model.state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(own[k], v), k
+    for _, g in gates(model):
+        for m in g.modules():
+            if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                fan_in = m.weight[0].numel()
+                bound = fan_in ** -0.5  # nn.Conv's default: kaiming_uniform(a=sqrt(5)), bias alike
+                for p in m.parameters():
+                    assert torch.isfinite(p).all() and p.abs().max() <= bound
+                    assert p.numel() == 1 or p.std() > bound / 4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, base = model.eval()(x), plain(x)
+    assert torch.isfinite(out).all()
+    assert (out - base).abs().max() > 1e-3 * base.abs().max()  # the gates act
+
+
+def test_a_plain_checkpoint_loaded_into_identity_gates_made_on_the_meta_device_keeps_its_outputs():
+    """The same route with init="identity": the gated model computes exactly what the plain
+    checkpoint's model computes (the gates start at 0.5, the scaled layers get the checkpoint's
+    values doubled), and the gates still learn."""
+    plain = timm.create_model("resnet18", pretrained=False).eval()
+    randomize_norms(plain)
+    model = _meta_gated_then_emptied("resnet18", init="identity")
+    model.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain(x), rtol=0, atol=0)
+    model.train()
+    model(x).square().mean().backward()
+    assert all(g.fc2.weight.grad.abs().sum() > 0 for _, g in gates(model))
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_gates_made_on_the_meta_device_keep_the_values_a_checkpoint_gives_them():
+    """A checkpoint holding the gates' tensors gives them their values, and a plain checkpoint
+    loaded after it does not start them again: only gates that never had values are
+    initialised. Loaded into tensors still on the meta device (assign=False), nothing is given,
+    and a later load into storage still initialises them."""
+    ref = timm.create_model("resnet18", pretrained=False).eval()
+    se_inject.apply(ref)
+    plain = timm.create_model("resnet18", pretrained=False).eval()
+    model = _meta_gated_then_emptied("resnet18")
+    model.load_state_dict(ref.state_dict())
+    model.load_state_dict(plain.state_dict(), strict=False)
+    for (_, g), (_, want) in zip(gates(model), gates(ref)):
+        for p, q in zip(g.parameters(), want.parameters()):
+            assert torch.equal(p, q)
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet18", pretrained=False)
+    se_inject.apply(model)
+    model.load_state_dict(ref.state_dict())  # copies into meta tensors: no values
+    _emptied(model).load_state_dict(plain.state_dict(), strict=False)
+    assert all(torch.isfinite(p).all() and p.abs().max() < 1 for _, g in gates(model)
+               for p in g.parameters())
+
+
 @pytest.mark.parametrize("name,n_gates", [("resnet18", 8), ("convnext_atto", 12),
                                           ("rexnet_100", 1), ("tv:convnext_tiny", 18)])
 def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
