@@ -194,6 +194,18 @@ def check(net: nn.Module, expected: int) -> str:
     ident.load_state_dict(state0, strict=False)  # the plain weights, loaded after gating
     with torch.no_grad():
         assert torch.equal(ident(x), y0), "a plain state_dict changed the identity-gated net"
+    meta = copy.deepcopy(net).to("meta")  # made without memory, gated, given storage, loaded
+    se_inject.apply(meta, input_size=(3, 16, 16), init="identity")
+    meta.to_empty(device="cpu")
+    with torch.no_grad():
+        for g in meta.modules():
+            if isinstance(g, se_inject.ChannelGate):
+                for p in g.parameters():
+                    p.fill_(float("nan"))  # what the memory to_empty() gives may hold
+    meta.load_state_dict(state0, strict=False)
+    with torch.no_grad():
+        assert torch.equal(meta(x), y0), "gates made on the meta device: a plain state_dict " \
+                                         "loaded after to_empty() changed the outputs"
     se_inject.remove(ident)
     with torch.no_grad():
         assert torch.equal(ident(x), y0)
