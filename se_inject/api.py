@@ -41,6 +41,16 @@ def _check_model(model) -> None:
     wrapper = _wrapper_kind(model)
     if wrapper is not None:
         raise InvalidArgumentError(wrapper)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if isinstance(compiled, type):
+        for name, m in model.named_modules():
+            if isinstance(m, compiled) and name:
+                inner = type(getattr(m, "_orig_mod", m)).__name__
+                raise InvalidArgumentError(
+                    f"{name} is torch.compile's wrapper (OptimizedModule) of a {inner}, which fx "
+                    f"cannot trace into: compile it in place instead (put back its _orig_mod, "
+                    f"then call .compile() on it: the module stays itself and se-inject traces "
+                    f"through it), or gate the model before compiling its parts")
 
 
 def _wrapper_kind(model: nn.Module) -> str | None:

@@ -564,8 +564,11 @@ class _MetaInterpreter(fx.Interpreter):
                         if v is not None and v.device.type != "meta":
                             saved.append((store, k, v))
                             store[k] = _as_meta_like(v)
+            # a module compiled in place runs its Python: compiling it for meta tensors
+            # would cost a compilation (and one of Dynamo's versions) for a shape
+            call = mod._call_impl if mod.__dict__.get("_compiled_call_impl") is not None else mod
             with torch.no_grad(), self._mode:
-                return mod(*args, **kwargs)
+                return call(*args, **kwargs)
         finally:
             for store, k, v in reversed(saved):
                 store[k] = v

@@ -227,6 +227,8 @@ def _session_call(mod, *args, **kwargs):
 
     def forward(*args, **kwargs):
         _ACTIVE.entering = mod
+        if mod.__dict__.get("_compiled_call_impl") is not None:
+            return mod._call_impl(*args, **kwargs)  # compiled in place: trace what it compiled
         return _fx_impl._orig_module_call(mod, *args, **kwargs)
 
     _fx_impl._autowrap_check(_fx_impl.CURRENT_PATCHER,

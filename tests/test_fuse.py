@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 import se_inject
 from se_inject import gate as gate_module
+from se_inject.errors import InvalidArgumentError
 from se_inject.fuse import fused_settings
 
 from conftest import randomize_norms
@@ -417,6 +418,65 @@ def test_apply_fused_and_remove_unfuses():
     with pytest.raises(se_inject.SEInjectError, match="fused must be True or False"):
         se_inject.apply(net, fused="yes")
 
+
+
+class Mixer(nn.Module):
+    """A layer kept whole (a leaf) with no shape shortcut: it runs during shape propagation."""
+
+    def forward(self, x):
+        return torch.tanh(x) * x.mean((2, 3), keepdim=True)
+
+
+class MixedBlock(Block):
+    def __init__(self, cin, cout, stride):
+        super().__init__(cin, cout, stride)
+        self.mix = Mixer()
+
+    def forward(self, x):
+        return super().forward(self.mix(x))
+
+
+def test_blocks_compiled_in_place_are_gated_and_their_compiled_code_runs_the_gates():
+    """Regional compilation (``block.compile()`` on each block, the model called once): fx
+    cannot trace compiled code, so se-inject traces what each block compiled, gates it, and the
+    next call compiles the gated blocks (Dynamo sees their new forwards). Their outputs are the
+    gated model's run eagerly, and the gates act. A compiled layer kept whole runs its Python
+    during shape propagation: apply() compiles nothing."""
+    net = _net().eval()
+    net.blocks[1] = MixedBlock(32, 64, 2)
+    randomize_norms(net)
+    for b in (*net.blocks, net.blocks[1].mix):
+        b.compile()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        plain = net(x)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    se_inject.apply(net, input_size=(3, 32, 32), leaf_modules=[Mixer])
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames  # nothing compiled for shapes
+    assert [n for n, m in net.named_modules() if isinstance(m, se_inject.ChannelGate)] == \
+        ["blocks.0.se_gate", "blocks.1.se_gate"]
+    with torch.no_grad():
+        for g in net.modules():
+            if isinstance(g, se_inject.ChannelGate):
+                g.fc2.bias.fill_(-3.0)
+        out = net(x)
+        for b in (*net.blocks, net.blocks[1].mix):
+            b._compiled_call_impl = None
+        eager = net(x)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert (eager - plain).abs().max() > 0.1 * plain.abs().max()
+
+
+def test_a_part_wrapped_by_torch_compile_is_refused_by_name():
+    net = _net().eval()
+    net.blocks[1] = torch.compile(net.blocks[1])
+    keys = list(net.state_dict())
+    with pytest.raises(InvalidArgumentError,
+                       match=r"blocks\.1 is torch.compile's wrapper \(OptimizedModule\) of a "
+                             r"Block.*compile\(\) on it"):
+        se_inject.apply(net, input_size=(3, 32, 32))
+    assert list(net.state_dict()) == keys
 
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze", [False, True])
