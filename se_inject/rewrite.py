@@ -28,8 +28,8 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CONSTANT_PREFIX, CONTAINERS, PLAIN, STATE_CHANGES, Call, TraceOptions,
-                    forward_names, reads_training_flag, trace_block)
+from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
+                    TraceOptions, forward_names, reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -419,6 +419,17 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                 "): a forward generated from a trace of it would compute its output but would "
                 "not make those changes. Move the update into a layer of its own (a module "
                 "that is called, not traced through), or pass the class as a leaf "
+                f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
+                "(nothing was changed).")
+        modes = getattr(graph, MODE_CHANGES)
+        if modes:
+            where = "; ".join(f"from `{n}` on: {m}" for m, n in modes.items())
+            raise RewriteError(
+                f"`{label}` ({type(owner).__name__}) runs part of its forward in a mode of its "
+                f"own ({where}): fx records the ops of a `with` block but not the `with`, so a "
+                "forward generated from a trace of it would run them in the caller's mode. Move "
+                "that part into a layer of its own (a module that is called, not traced "
+                "through), or pass the class as a leaf "
                 f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
                 "(nothing was changed).")
         traced[training] = _insert(graph, gates, label, owner)

@@ -34,6 +34,9 @@ LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing
 CONTAINERS = "_se_inject_containers"  # a block's graph attribute: its ContainerCalls
 CONSTANTS = "_se_inject_constants"  # graph attribute: name -> tensor made while tracing
 STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what its forward changed
+# a block's graph attribute: the modes (grad, inference, autocast) part of its forward ran in,
+# other than the caller's, each with the first node made in it
+MODE_CHANGES = "_se_inject_mode_changes"
 CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
 
 
@@ -909,11 +912,61 @@ class ContainerCall:
     nodes: tuple[fx.Node, ...]
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _modes() -> tuple:
+    """The modes ops run in that a ``with`` block in a forward can change and fx does not
+    record: grad mode (``torch.no_grad()``, ``torch.enable_grad()``), inference mode, and
+    autocast per device."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+              for d in _AUTOCAST_DEVICES))
+
+
+def _mode_change(entry: tuple, now: tuple) -> str:
+    if now[0] != entry[0]:
+        return "gradients " + ("on, as torch.enable_grad() sets" if now[0] else
+                               "off, as torch.no_grad() sets")
+    if now[1] != entry[1]:
+        return "in inference mode" if now[1] else "outside inference mode"
+    for d, was, is_ in zip(_AUTOCAST_DEVICES, entry[2:], now[2:]):
+        if was != is_:
+            return (f"{d} autocast to {str(is_[1]).replace('torch.', '')}" if is_[0]
+                    else f"{d} autocast off")
+    return "in another mode"
+
+
+@contextlib.contextmanager
+def _known_modes():
+    """Gradients on, inference mode off, and autocast on for every device in _AUTOCAST_DEVICES
+    with float32 as its type (what no forward asks for): a ``with`` in a traced forward that
+    turns gradients off, or autocast off or to a half type, changes what ``_modes`` reads,
+    whatever mode the caller of apply() is in. Nothing runs on data in a trace but the
+    constants a forward makes, which float32 leaves as they are."""
+    saved = [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+             for d in _AUTOCAST_DEVICES]
+    try:
+        with torch.enable_grad(), torch.inference_mode(False):
+            for d in _AUTOCAST_DEVICES:
+                torch.set_autocast_enabled(d, True)
+                torch.set_autocast_dtype(d, torch.float32)
+            yield
+    finally:
+        for d, enabled, dtype in saved:
+            torch.set_autocast_enabled(d, enabled)
+            torch.set_autocast_dtype(d, dtype)
+
+
 class _BlockTracer(UnpackingTracer):
     """Traces one module's own forward: every child module stays a single call.
 
     Given ``inputs`` (the call's arguments with a placeholder name at each tensor, see
     calls.py), the forward is called with exactly those: constants stay constants.
+
+    ``mode_changes``: each mode (see ``_modes``) that part of the forward ran in, other than
+    the one the trace began in, with the first node made in it. fx records the ops made under
+    ``with torch.no_grad():`` or ``with torch.autocast(...):`` but not the ``with``.
     """
 
     def __init__(self, root: nn.Module, inputs=None, constants=None, **kwargs):
@@ -922,6 +975,16 @@ class _BlockTracer(UnpackingTracer):
         self._inputs = inputs
         self._constants_into = constants
         self.containers: list[ContainerCall] = []
+        self.mode_changes: dict[str, str] = {}
+        self.entry = _modes()  # the modes the trace begins in (set by trace_block)
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        now = _modes()
+        if now != self.entry:
+            self.mode_changes.setdefault(_mode_change(self.entry, now),
+                                         node.target if node.op == "call_module" else node.name)
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self._root and not is_container(m)
@@ -963,13 +1026,15 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     left = _NothingLeft(block)
     try:
-        with left:
+        with left, _known_modes():
+            tracer.entry = _modes()
             graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
     setattr(graph, CONTAINERS, tracer.containers)
     setattr(graph, CONSTANTS, tracer.constants)
     setattr(graph, STATE_CHANGES, _named(block, left.changed))
+    setattr(graph, MODE_CHANGES, tracer.mode_changes)
     return graph
 
 

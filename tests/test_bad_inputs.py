@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -204,6 +205,78 @@ def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count
     model(torch.randn(1, 3, 16, 16))                      # the model counts as it did
     assert model.steps == 1 and model.block.calls + float(model.block.seen) == \
         (count_in != "tensor to number")
+
+
+class _ModalBlock(nn.Module):
+    """A residual block that runs its branch in a mode of its own: ops a trace records, under
+    a ``with`` it does not."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def _branch(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+    def forward(self, x):
+        if self.mode == "no_grad":
+            with torch.no_grad():
+                y = self._branch(x)
+        elif self.mode == "autocast off":
+            with torch.autocast("cpu", enabled=False):
+                y = self._branch(x.float())
+        elif self.mode == "autocast bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self._branch(x)
+        elif self.mode == "cuda autocast off":
+            with torch.autocast("cuda", enabled=False):
+                y = self._branch(x)
+        else:
+            y = self._branch(x)
+        return x + y
+
+
+class _ModalNet(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 16, 3, padding=1), _ModalBlock(mode)
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("no_grad", "from `c1` on: gradients off, as torch.no_grad"),
+    ("autocast off", "from `float_1` on: cpu autocast off"),
+    ("autocast bf16", "from `c1` on: cpu autocast to bfloat16"),
+    ("cuda autocast off", "from `c1` on: cuda autocast off"),
+])
+@pytest.mark.parametrize("caller", ["grad", "no_grad", "autocast"])
+def test_a_block_that_runs_part_of_its_forward_in_a_mode_of_its_own_is_refused(mode, why, caller):
+    """A forward generated from the trace would run the branch in the caller's mode: gradients
+    through a branch the block keeps out of training, or autocast's half precision where the
+    block asks for float32. Refused whatever mode apply() is called in, nothing changed."""
+    model = _ModalNet(mode)
+    before = _fingerprint(model)
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
+           "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[caller]
+    with pytest.raises(RewriteError, match=rf"`block` \(_ModalBlock\) runs part of its forward "
+                                           rf"in a mode of its own \({re.escape(why)}"):
+        with ctx():
+            se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+    assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+    assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # torch's default, given back
+
+
+def test_a_block_in_the_callers_mode_is_gated_and_apply_gives_the_modes_back():
+    model = _ModalNet("none")
+    with torch.autocast("cpu", dtype=torch.float16), torch.no_grad():
+        se_inject.apply(model, input_size=(3, 16, 16))
+        assert torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
+        assert torch.get_autocast_dtype("cpu") == torch.float16
+    assert hasattr(model.block, "se_gate")
 
 
 def test_tracing_does_not_count_as_a_call_and_a_counter_outside_the_blocks_keeps_counting():
