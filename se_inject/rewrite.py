@@ -35,6 +35,10 @@ __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "re
            "GATE_PREFIX"]
 
 STATE = "_se_inject_state"
+# what a forward calls to read the grad, inference or autocast mode it runs in
+MODE_READS = frozenset(("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
+                        "is_autocast_cpu_enabled", "get_autocast_dtype", "get_autocast_gpu_dtype",
+                        "get_autocast_cpu_dtype"))
 GATE_PREFIX = "se_gate"
 
 
@@ -401,6 +405,15 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
+    reads = sorted(forward_names(type(owner)) & MODE_READS)
+    if reads:
+        raise RewriteError(
+            f"`{label}` ({type(owner).__name__}) reads the mode it runs in "
+            f"({', '.join(f'`torch.{r}()`' for r in reads)}) in its forward: a forward generated "
+            "from a trace of it would keep the branch the trace took, in every mode. Move that "
+            "part into a layer of its own (a module that is called, not traced through), or "
+            f"pass the class as a leaf (leaf_modules=[{type(owner).__name__}]) to leave the "
+            "blocks it holds ungated (nothing was changed).")
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
     compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:
@@ -421,9 +434,9 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                 "that is called, not traced through), or pass the class as a leaf "
                 f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
                 "(nothing was changed).")
-        modes = getattr(graph, MODE_CHANGES)
-        if modes:
-            where = "; ".join(f"from `{n}` on: {m}" for m, n in modes.items())
+        own_modes = getattr(graph, MODE_CHANGES)
+        if own_modes:
+            where = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
             raise RewriteError(
                 f"`{label}` ({type(owner).__name__}) runs part of its forward in a mode of its "
                 f"own ({where}): fx records the ops of a `with` block but not the `with`, so a "

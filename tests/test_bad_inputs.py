@@ -237,10 +237,19 @@ class _ModalBlock(nn.Module):
         return x + y
 
 
+class _ModeReadingBlock(_ModalBlock):
+    def forward(self, x):
+        y = self._branch(x)
+        if torch.is_autocast_enabled("cpu") or not torch.is_grad_enabled():
+            y = y.detach()
+        return x + y
+
+
 class _ModalNet(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
-        self.stem, self.block = nn.Conv2d(3, 16, 3, padding=1), _ModalBlock(mode)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = _ModeReadingBlock(mode) if mode == "reads" else _ModalBlock(mode)
 
     def forward(self, x):
         return self.block(self.stem(x))
@@ -268,6 +277,17 @@ def test_a_block_that_runs_part_of_its_forward_in_a_mode_of_its_own_is_refused(m
     assert _same(before, _fingerprint(model))
     assert not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
     assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # torch's default, given back
+
+
+def test_a_block_that_reads_the_mode_it_runs_in_is_refused():
+    """Its generated forward would keep the branch its trace took in every mode."""
+    model = _ModalNet("reads")
+    before = _fingerprint(model)
+    with pytest.raises(RewriteError, match=r"`block` \(_ModeReadingBlock\) reads the mode it runs "
+                                           r"in \(`torch.is_autocast_enabled\(\)`, "
+                                           r"`torch.is_grad_enabled\(\)`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
 
 
 def test_a_block_in_the_callers_mode_is_gated_and_apply_gives_the_modes_back():
