@@ -39,6 +39,9 @@ STATE = "_se_inject_state"
 MODE_READS = frozenset(("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
                         "is_autocast_cpu_enabled", "get_autocast_dtype", "get_autocast_gpu_dtype",
                         "get_autocast_cpu_dtype"))
+# what a forward names to draw random numbers a trace does not record (``random.random()``,
+# ``np.random.rand()``); torch's own draws are recorded
+RANDOM_DRAWS = frozenset(("random",))
 GATE_PREFIX = "se_gate"
 
 
@@ -405,15 +408,18 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
-    reads = sorted(forward_names(type(owner)) & MODE_READS)
-    if reads:
+    names = forward_names(type(owner))
+    reads, draws = sorted(names & MODE_READS), sorted(names & RANDOM_DRAWS)
+    if reads or draws:
+        what = (f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
+                if reads else "draws Python's or NumPy's random numbers (`random`)")
         raise RewriteError(
-            f"`{label}` ({type(owner).__name__}) reads the mode it runs in "
-            f"({', '.join(f'`torch.{r}()`' for r in reads)}) in its forward: a forward generated "
-            "from a trace of it would keep the branch the trace took, in every mode. Move that "
-            "part into a layer of its own (a module that is called, not traced through), or "
-            f"pass the class as a leaf (leaf_modules=[{type(owner).__name__}]) to leave the "
-            "blocks it holds ungated (nothing was changed).")
+            f"`{label}` ({type(owner).__name__}) {what} in its forward: a trace runs that once, "
+            "and a forward generated from it would take the branch the trace took at every "
+            "call. Move that part into a layer of its own (a module that is called, not "
+            "traced through, as timm's DropPath), or pass the class as a leaf "
+            f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
+            "(nothing was changed).")
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
     compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,11 +246,21 @@ class _ModeReadingBlock(_ModalBlock):
         return x + y
 
 
+class _RandomDepthBlock(_ModalBlock):
+    """Stochastic depth drawn with Python's random: a trace draws once."""
+
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            return x
+        return x + self._branch(x)
+
+
 class _ModalNet(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.block = _ModeReadingBlock(mode) if mode == "reads" else _ModalBlock(mode)
+        self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock}.get(
+            mode, _ModalBlock)(mode)
 
     def forward(self, x):
         return self.block(self.stem(x))
@@ -286,6 +297,18 @@ def test_a_block_that_reads_the_mode_it_runs_in_is_refused():
     with pytest.raises(RewriteError, match=r"`block` \(_ModeReadingBlock\) reads the mode it runs "
                                            r"in \(`torch.is_autocast_enabled\(\)`, "
                                            r"`torch.is_grad_enabled\(\)`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+
+
+def test_a_block_that_draws_python_random_numbers_is_refused():
+    """Its trace draws once (here: keep the branch), and its generated forward would keep
+    the branch at every call in training, where the block drops it half the time."""
+    model = _ModalNet("draws").train()
+    before = _fingerprint(model)
+    random.seed(0)  # random.random() is 0.84 first: the trace keeps the branch
+    with pytest.raises(RewriteError, match=r"`block` \(_RandomDepthBlock\) draws Python's or "
+                                           r"NumPy's random numbers"):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
 
