@@ -912,7 +912,18 @@ class ContainerCall:
     nodes: tuple[fx.Node, ...]
 
 
-_AUTOCAST_DEVICES = ("cpu", "cuda")
+def _autocast_devices() -> tuple[str, ...]:
+    out = []
+    for d in ("cpu", "cuda"):
+        try:
+            torch.get_autocast_dtype(d)
+        except Exception:  # a build without the device's autocast: nothing can enter it
+            continue
+        out.append(d)
+    return tuple(out)
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
 
 
 def _modes() -> tuple:
