@@ -445,7 +445,8 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
             where = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
             raise RewriteError(
                 f"`{label}` ({type(owner).__name__}) runs part of its forward in a mode of its "
-                f"own ({where}): fx records the ops of a `with` block but not the `with`, so a "
+                f"own ({where}): fx records those ops but not what set the mode (a `with` "
+                "block, or an autograd Function, whose backward it leaves out too), so a "
                 "forward generated from a trace of it would run them in the caller's mode. Move "
                 "that part into a layer of its own (a module that is called, not traced "
                 "through), or pass the class as a leaf "

@@ -948,6 +948,22 @@ def _mode_change(entry: tuple, now: tuple) -> str:
     return "in another mode"
 
 
+def _autograd_function_running() -> str | None:
+    """The qualified name of the torch.autograd.Function whose forward is running in this
+    thread's Python stack, if one is (its first argument is autograd's context)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount:
+            ctx = frame.f_locals.get(code.co_varnames[0])
+            if isinstance(ctx, torch.autograd.function.FunctionCtx):
+                qualname = getattr(code, "co_qualname", None)  # Python 3.11 on
+                return (qualname.rsplit(".forward", 1)[0] if qualname else
+                        type(ctx).__name__.removesuffix("Backward"))
+        frame = frame.f_back
+    return None
+
+
 @contextlib.contextmanager
 def _known_modes():
     """Gradients on, inference mode off, and autocast on for every device in _AUTOCAST_DEVICES
@@ -993,8 +1009,12 @@ class _BlockTracer(UnpackingTracer):
         node = super().create_node(*args, **kwargs)
         now = _modes()
         if now != self.entry:
-            self.mode_changes.setdefault(_mode_change(self.entry, now),
-                                         node.target if node.op == "call_module" else node.name)
+            fn = _autograd_function_running()
+            what = (f"inside `{fn}`, the forward of a torch.autograd.Function, which autograd "
+                    "runs with gradients off; the trace keeps its ops, not its backward"
+                    if fn else _mode_change(self.entry, now))
+            self.mode_changes.setdefault(what, node.target if node.op == "call_module"
+                                         else node.name)
         return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

@@ -208,6 +208,18 @@ def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count
         (count_in != "tensor to number")
 
 
+class _Reverse(torch.autograd.Function):
+    """Gradient reversal: the identity forward, the negated gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
 class _ModalBlock(nn.Module):
     """A residual block that runs its branch in a mode of its own: ops a trace records, under
     a ``with`` it does not."""
@@ -230,6 +242,8 @@ class _ModalBlock(nn.Module):
         elif self.mode == "autocast bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = self._branch(x)
+        elif self.mode == "function":
+            y = self._branch(_Reverse.apply(x))
         elif self.mode == "cuda autocast off":
             with torch.autocast("cuda", enabled=False):
                 y = self._branch(x)
@@ -271,12 +285,15 @@ class _ModalNet(nn.Module):
     ("autocast off", "from `float_1` on: cpu autocast off"),
     ("autocast bf16", "from `c1` on: cpu autocast to bfloat16"),
     ("cuda autocast off", "from `c1` on: cuda autocast off"),
+    ("function", "from `view_as` on: inside `_Reverse`, the forward of a torch.autograd.Function"),
 ])
 @pytest.mark.parametrize("caller", ["grad", "no_grad", "autocast"])
 def test_a_block_that_runs_part_of_its_forward_in_a_mode_of_its_own_is_refused(mode, why, caller):
     """A forward generated from the trace would run the branch in the caller's mode: gradients
-    through a branch the block keeps out of training, or autocast's half precision where the
-    block asks for float32. Refused whatever mode apply() is called in, nothing changed."""
+    through a branch the block keeps out of training, autocast's half precision where the
+    block asks for float32, or an autograd Function's forward without its backward (before,
+    the gated block passed gradients on unreversed). Refused whatever mode apply() is called
+    in, nothing changed."""
     model = _ModalNet(mode)
     before = _fingerprint(model)
     ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
