@@ -29,7 +29,8 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, forward_names, reads_training_flag, trace_block)
+                    TraceOptions, autograd_functions, forward_names, reads_training_flag,
+                    trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -410,16 +411,22 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     its forward made while traced, which the code reads as attributes of the block."""
     names = forward_names(type(owner))
     reads, draws = sorted(names & MODE_READS), sorted(names & RANDOM_DRAWS)
-    if reads or draws:
-        what = (f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
-                if reads else "draws Python's or NumPy's random numbers (`random`)")
+    functions = autograd_functions(type(owner))
+    if reads or draws or functions:
+        if functions:
+            what = (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
+                    "in its forward: a trace records the ops its forward computes, and a forward "
+                    "generated from it would run them without the Function's backward")
+        else:
+            what = ((f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
+                     if reads else "draws Python's or NumPy's random numbers (`random`)") +
+                    " in its forward: a trace runs that once, and a forward generated from it "
+                    "would take the branch the trace took at every call")
         raise RewriteError(
-            f"`{label}` ({type(owner).__name__}) {what} in its forward: a trace runs that once, "
-            "and a forward generated from it would take the branch the trace took at every "
-            "call. Move that part into a layer of its own (a module that is called, not "
-            "traced through, as timm's DropPath), or pass the class as a leaf "
-            f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
-            "(nothing was changed).")
+            f"`{label}` ({type(owner).__name__}) {what}. Move that part into a layer of its "
+            "own (a module that is called, not traced through, as timm's DropPath), or pass "
+            f"the class as a leaf (leaf_modules=[{type(owner).__name__}]) to leave the blocks "
+            "it holds ungated (nothing was changed).")
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
     compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:

@@ -1103,6 +1103,16 @@ def forward_names(cls: type) -> frozenset[str]:
     return frozenset(out)
 
 
+def autograd_functions(cls: type) -> list[str]:
+    """The torch.autograd.Function classes the class's forward (or a method it calls on self)
+    names as globals of the forward's module: a trace records what their forwards compute,
+    never their backwards."""
+    fn = inspect.getattr_static(cls, "forward", None)
+    scope = getattr(getattr(fn, "__func__", fn), "__globals__", {})
+    return sorted(n for n in forward_names(cls) if isinstance(scope.get(n), type)
+                  and issubclass(scope[n], torch.autograd.Function))
+
+
 def reads_training_flag(cls: type) -> bool:
     """Whether the class's forward (or a method it calls on self) reads ``self.training``."""
     return "training" in forward_names(cls)

@@ -242,8 +242,6 @@ class _ModalBlock(nn.Module):
         elif self.mode == "autocast bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = self._branch(x)
-        elif self.mode == "function":
-            y = self._branch(_Reverse.apply(x))
         elif self.mode == "cuda autocast off":
             with torch.autocast("cuda", enabled=False):
                 y = self._branch(x)
@@ -269,11 +267,28 @@ class _RandomDepthBlock(_ModalBlock):
         return x + self._branch(x)
 
 
+class _FunctionBlock(_ModalBlock):
+    def forward(self, x):
+        return x + self._branch(_Reverse.apply(x))
+
+
+class _HiddenFunctionBlock(_ModalBlock):
+    """The Function reached through an attribute: its name is not in the forward's code."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self.reverse = _Reverse.apply
+
+    def forward(self, x):
+        return x + self._branch(self.reverse(x))
+
+
 class _ModalNet(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock}.get(
+        self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock,
+                      "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock}.get(
             mode, _ModalBlock)(mode)
 
     def forward(self, x):
@@ -285,15 +300,12 @@ class _ModalNet(nn.Module):
     ("autocast off", "from `float_1` on: cpu autocast off"),
     ("autocast bf16", "from `c1` on: cpu autocast to bfloat16"),
     ("cuda autocast off", "from `c1` on: cuda autocast off"),
-    ("function", "from `view_as` on: inside `_Reverse`, the forward of a torch.autograd.Function"),
 ])
 @pytest.mark.parametrize("caller", ["grad", "no_grad", "autocast"])
 def test_a_block_that_runs_part_of_its_forward_in_a_mode_of_its_own_is_refused(mode, why, caller):
     """A forward generated from the trace would run the branch in the caller's mode: gradients
-    through a branch the block keeps out of training, autocast's half precision where the
-    block asks for float32, or an autograd Function's forward without its backward (before,
-    the gated block passed gradients on unreversed). Refused whatever mode apply() is called
-    in, nothing changed."""
+    through a branch the block keeps out of training, or autocast's half precision where the
+    block asks for float32. Refused whatever mode apply() is called in, nothing changed."""
     model = _ModalNet(mode)
     before = _fingerprint(model)
     ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad,
@@ -314,6 +326,23 @@ def test_a_block_that_reads_the_mode_it_runs_in_is_refused():
     with pytest.raises(RewriteError, match=r"`block` \(_ModeReadingBlock\) reads the mode it runs "
                                            r"in \(`torch.is_autocast_enabled\(\)`, "
                                            r"`torch.is_grad_enabled\(\)`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+
+
+@pytest.mark.parametrize("mode,why", [
+    ("function", r"`block` \(_FunctionBlock\) calls a torch.autograd.Function \(`_Reverse`\)"),
+    ("hidden function", r"`block` \(_HiddenFunctionBlock\) runs part of its forward in a mode of "
+                        r"its own \(from `view_as` on: inside `_Reverse`, the forward of a "
+                        r"torch.autograd.Function"),
+])
+def test_a_block_that_calls_an_autograd_function_is_refused(mode, why):
+    """A generated forward would keep the Function's ops and lose its backward: before, the
+    gated block passed gradients on unreversed. Found by name in the forward's code, or, where
+    the code reaches it otherwise, by autograd running its forward with gradients off."""
+    model = _ModalNet(mode)
+    before = _fingerprint(model)
+    with pytest.raises(RewriteError, match=why):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
 
