@@ -23,10 +23,12 @@ from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
 from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
-from .rewrite import GATE_PREFIX, BlockContext, commit, owner_state, prepare, remove_gates
+from .rewrite import (GATE_PREFIX, RANDOM_DRAWS, BlockContext, commit, owner_state, prepare,
+                      remove_gates)
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import Frame, TraceOptions, is_container, trace_model, tracing_session
+from .trace import (Frame, TraceOptions, forward_names, is_container, trace_model,
+                    tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
 
@@ -370,6 +372,19 @@ def _check_init(init) -> str:
 
 
 def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
+    error = _no_sites(model, p)
+    drawing = sorted({type(m).__name__ for m in model.modules()
+                      if forward_names(type(m)) & RANDOM_DRAWS})
+    if drawing:  # a block that skips itself at random may have been skipped by the trace
+        error = NoSitesError(
+            f"{error} Note: {', '.join(drawing)} draw(s) Python's or NumPy's random numbers in "
+            "the forward, which the trace ran once: a block that skips its branch at random "
+            "may have been traced skipping it. Such a block cannot be gated (its gated forward "
+            "would keep one draw); draw with a layer of its own, as timm's DropPath.")
+    return error
+
+
+def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
     name = type(model).__name__
     volumes = sum(1 for s in p.skipped if s.reason == A_VOLUME)
     if volumes and all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):

@@ -347,14 +347,19 @@ def test_a_block_that_calls_an_autograd_function_is_refused(mode, why):
     assert _same(before, _fingerprint(model))
 
 
-def test_a_block_that_draws_python_random_numbers_is_refused():
-    """Its trace draws once (here: keep the branch), and its generated forward would keep
-    the branch at every call in training, where the block drops it half the time."""
+@pytest.mark.parametrize("seed,error,why", [
+    (0, RewriteError, r"`block` \(_RandomDepthBlock\) draws Python's or NumPy's random numbers"),
+    (1, NoSitesError, r"no residual or inception-style block.* Note: _RandomDepthBlock draw\(s\) "
+                      r"Python's or NumPy's random numbers in the forward"),
+])
+def test_a_block_that_draws_python_random_numbers_is_refused(seed, error, why):
+    """Its trace draws once, and its generated forward would keep the branch the trace took
+    at every call in training, where the block drops it half the time. Where the model's trace
+    drew the drop, the block is not seen at all, and the error says why it may be missing."""
     model = _ModalNet("draws").train()
     before = _fingerprint(model)
-    random.seed(0)  # random.random() is 0.84 first: the trace keeps the branch
-    with pytest.raises(RewriteError, match=r"`block` \(_RandomDepthBlock\) draws Python's or "
-                                           r"NumPy's random numbers"):
+    random.seed(seed)  # random.random() is 0.84 (keep the branch) or 0.13 (drop it) first
+    with pytest.raises(error, match=why):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
 
