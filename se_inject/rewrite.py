@@ -403,30 +403,45 @@ def _gate_factory(owner: nn.Module, spec: GateSpec):
     return lambda channels, ratio: make_gate(channels, ratio, spec, device=device, dtype=dtype)
 
 
+def _unrecorded(cls: type) -> str | None:
+    """What the class's forward does that a trace runs once and does not record, seen in its
+    code before tracing: calls to an autograd Function, reads of the grad or autocast mode,
+    Python's or NumPy's random draws."""
+    functions = autograd_functions(cls)
+    if functions:
+        return (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
+                "in its forward: a trace records the ops its forward computes, and a forward "
+                "generated from it would run them without the Function's backward")
+    names = forward_names(cls)
+    reads = sorted(names & MODE_READS)
+    if reads or names & RANDOM_DRAWS:
+        what = (f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
+                if reads else "draws Python's or NumPy's random numbers (`random`)")
+        return (f"{what} in its forward: a trace runs that once, and a forward generated from "
+                "it would take the branch the trace took at every call")
+    return None
+
+
+def _not_regenerable(label: str, owner: nn.Module, what: str, part: str,
+                     example: str = " (a module that is called, not traced through)"
+                     ) -> RewriteError:
+    cls = type(owner).__name__
+    return RewriteError(f"`{label}` ({cls}) {what}. Move {part} into a layer of its own{example}, "
+                        f"or pass the class as a leaf (leaf_modules=[{cls}]) to leave the blocks "
+                        "it holds ungated (nothing was changed).")
+
+
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                    inputs: Inputs | None, options: TraceOptions
                    ) -> tuple[Callable, dict, frozenset[str], dict[str, torch.Tensor]]:
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
-    names = forward_names(type(owner))
-    reads, draws = sorted(names & MODE_READS), sorted(names & RANDOM_DRAWS)
-    functions = autograd_functions(type(owner))
-    if reads or draws or functions:
-        if functions:
-            what = (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
-                    "in its forward: a trace records the ops its forward computes, and a forward "
-                    "generated from it would run them without the Function's backward")
-        else:
-            what = ((f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
-                     if reads else "draws Python's or NumPy's random numbers (`random`)") +
-                    " in its forward: a trace runs that once, and a forward generated from it "
-                    "would take the branch the trace took at every call")
-        raise RewriteError(
-            f"`{label}` ({type(owner).__name__}) {what}. Move that part into a layer of its "
-            "own (a module that is called, not traced through, as timm's DropPath), or pass "
-            f"the class as a leaf (leaf_modules=[{type(owner).__name__}]) to leave the blocks "
-            "it holds ungated (nothing was changed).")
+    unrecorded = _unrecorded(type(owner))
+    if unrecorded:
+        raise _not_regenerable(label, owner, unrecorded, "that part",
+                               " (a module that is called, not traced through, as timm's "
+                               "DropPath)")
     modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
     compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:
@@ -439,26 +454,19 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                "(leaf_modules=[...]) to leave it out.") from exc
         changes = getattr(graph, STATE_CHANGES)
         if changes:
-            raise RewriteError(
-                f"`{label}` ({type(owner).__name__}) changes its own state when it runs "
+            raise _not_regenerable(
+                label, owner, "changes its own state when it runs "
                 f"({', '.join(f'`{c}`' for c in changes[:4])}{', ...' if len(changes) > 4 else ''}"
                 "): a forward generated from a trace of it would compute its output but would "
-                "not make those changes. Move the update into a layer of its own (a module "
-                "that is called, not traced through), or pass the class as a leaf "
-                f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
-                "(nothing was changed).")
+                "not make those changes", "the update")
         own_modes = getattr(graph, MODE_CHANGES)
         if own_modes:
             where = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
-            raise RewriteError(
-                f"`{label}` ({type(owner).__name__}) runs part of its forward in a mode of its "
-                f"own ({where}): fx records those ops but not what set the mode (a `with` "
-                "block, or an autograd Function, whose backward it leaves out too), so a "
-                "forward generated from a trace of it would run them in the caller's mode. Move "
-                "that part into a layer of its own (a module that is called, not traced "
-                "through), or pass the class as a leaf "
-                f"(leaf_modules=[{type(owner).__name__}]) to leave the blocks it holds ungated "
-                "(nothing was changed).")
+            raise _not_regenerable(
+                label, owner, f"runs part of its forward in a mode of its own ({where}): fx "
+                "records those ops but not what set the mode (a `with` block, or an autograd "
+                "Function, whose backward it leaves out too), so a forward generated from a "
+                "trace of it would run them in the caller's mode", "that part")
         traced[training] = _insert(graph, gates, label, owner)
         inlined |= _call_containers_whole(graph)
         compiled[training] = _compile(graph, type(owner))
