@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 from .gate import FROZEN, ChannelGate
+from .trace import compiled_in_place
 
 __all__ = ["fuse", "unfuse", "fused_settings"]
 
@@ -119,7 +120,7 @@ def fused_settings(model: nn.Module) -> dict | None:
     """The arguments fuse() was called with, or None for a model it did not compile. A model
     loaded from a pickle of a fused one is not compiled: nn.Module leaves its compiled call
     out of a pickle (call fuse() again)."""
-    if model.__dict__.get("_compiled_call_impl") is None:
+    if not compiled_in_place(model):
         return None
     return model.__dict__.get(_FUSED)
 

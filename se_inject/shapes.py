@@ -504,7 +504,8 @@ class _MetaInterpreter(fx.Interpreter):
         super().__init__(*args, **kwargs)
         self.extra_traceback = False  # the error already names the op; no "While executing"
         self._mode = _ShapeMode()
-        from .trace import CONSTANTS  # (trace -> kinds -> shapes)
+        from .trace import CONSTANTS, compiled_in_place  # (trace -> kinds -> shapes)
+        self._compiled_in_place = compiled_in_place
         self._made = getattr(self.graph, CONSTANTS, None) or {}
 
     def call_function(self, target, args, kwargs):
@@ -566,7 +567,7 @@ class _MetaInterpreter(fx.Interpreter):
                             store[k] = _as_meta_like(v)
             # a module compiled in place runs its Python: compiling it for meta tensors
             # would cost a compilation (and one of Dynamo's versions) for a shape
-            call = mod._call_impl if mod.__dict__.get("_compiled_call_impl") is not None else mod
+            call = mod._call_impl if self._compiled_in_place(mod) else mod
             with torch.no_grad(), self._mode:
                 return call(*args, **kwargs)
         finally:

@@ -218,6 +218,12 @@ def _no_foreign_tracer() -> None:
                            "se-inject's tracers; it would have traced a wrong graph")
 
 
+def compiled_in_place(mod: nn.Module) -> bool:
+    """Whether ``mod.compile()`` (not torch.compile's wrapper) compiled the module: its calls
+    then run the compiled code, which fx cannot trace; ``mod._call_impl`` is its Python."""
+    return mod.__dict__.get("_compiled_call_impl") is not None
+
+
 def _session_call(mod, *args, **kwargs):
     """A module's __call__ during a tracing session: what fx's own wrapper does for the
     tracer tracing in this thread, the module's plain call otherwise."""
@@ -230,8 +236,8 @@ def _session_call(mod, *args, **kwargs):
 
     def forward(*args, **kwargs):
         _ACTIVE.entering = mod
-        if mod.__dict__.get("_compiled_call_impl") is not None:
-            return mod._call_impl(*args, **kwargs)  # compiled in place: trace what it compiled
+        if compiled_in_place(mod):
+            return mod._call_impl(*args, **kwargs)  # trace what it compiled
         return _fx_impl._orig_module_call(mod, *args, **kwargs)
 
     _fx_impl._autowrap_check(_fx_impl.CURRENT_PATCHER,
@@ -287,7 +293,7 @@ def _session_patch(model: nn.Module | None) -> None:
     modules = list(model.modules()) if model is not None else []
     classes = {type(m) for m in modules}
     plain = model is not None and all(map(_plain, classes)) and not any(
-        m.__dict__.get("_compiled_call_impl") is not None or "__call__" in m.__dict__
+        compiled_in_place(m) or "__call__" in m.__dict__
         for m in modules)
     if not plain and not _SESSION["module"]:
         nn.Module.__call__ = _session_call
