@@ -23,11 +23,11 @@ from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
 from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
-from .rewrite import (GATE_PREFIX, RANDOM_DRAWS, BlockContext, commit, owner_state, prepare,
+from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import (Frame, TraceOptions, forward_names, is_container, trace_model,
+from .trace import (Frame, TraceOptions, is_container, trace_model,
                     tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
@@ -371,16 +371,18 @@ def _check_init(init) -> str:
     return init
 
 
-def _no_sites_error(model: nn.Module, p: Plan) -> NoSitesError:
+def _no_sites_error(model: nn.Module, p: Plan, options: TraceOptions) -> NoSitesError:
     error = _no_sites(model, p)
+    wrapped = options.wrapped_ids()
     drawing = sorted({type(m).__name__ for m in model.modules()
-                      if forward_names(type(m)) & RANDOM_DRAWS})
+                      if random_draws(type(m), wrapped)})
     if drawing:  # a block that skips itself at random may have been skipped by the trace
         error = NoSitesError(
             f"{error} Note: {', '.join(drawing)} draw(s) Python's or NumPy's random numbers in "
-            "the forward, which the trace ran once: a block that skips its branch at random "
-            "may have been traced skipping it. Such a block cannot be gated (its gated forward "
-            "would keep one draw); draw with a layer of its own, as timm's DropPath.")
+            "the forward or a function it calls, which the trace ran once: a block that skips "
+            "its branch at random may have been traced skipping it. Such a block cannot be "
+            "gated (its gated forward would keep one draw); draw with a layer of its own, as "
+            "timm's DropPath.")
     return error
 
 
@@ -472,7 +474,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
                               "hold a gate of their own (README.md, 'Rule files').",
                               stacklevel=2)
                 return model
-            raise _no_sites_error(model, p)
+            raise _no_sites_error(model, p, options)
         compensations = []
         if init == "identity":
             compensations = plan_compensations(

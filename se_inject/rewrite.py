@@ -13,6 +13,7 @@ import importlib
 import itertools
 import linecache
 import operator
+import random
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,8 +30,8 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, autograd_functions, forward_names, reads_training_flag,
-                    trace_block)
+                    TraceOptions, autograd_functions, code_names, forward_names,
+                    reached_code, reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -403,23 +404,55 @@ def _gate_factory(owner: nn.Module, spec: GateSpec):
     return lambda channels, ratio: make_gate(channels, ratio, spec, device=device, dtype=dtype)
 
 
-def _unrecorded(cls: type) -> str | None:
-    """What the class's forward does that a trace runs once and does not record, seen in its
-    code before tracing: calls to an autograd Function, reads of the grad or autocast mode,
-    Python's or NumPy's random draws."""
-    functions = autograd_functions(cls)
+def _draws(value) -> bool:
+    """Whether a global is one of Python's or NumPy's random generators or their draws
+    (``from random import uniform``, ``rng = np.random.default_rng()``)."""
+    for v in (value, getattr(value, "__self__", None), type(value)):
+        module = getattr(v, "__module__", None) or ""
+        if (isinstance(v, random.Random) or module == "random"
+                or module == "numpy.random" or module.startswith("numpy.random.")):
+            return True
+    return False
+
+
+def random_draws(cls: type, wrapped: frozenset[int] = frozenset()) -> list[str]:
+    """The functions a trace of the class's forward runs (its forward, the methods it calls
+    on self, the module-level functions they call) that draw Python's or NumPy's random
+    numbers: by name (``random.random()``, ``np.random.rand()``) or through a global that
+    is a generator or one of its draws."""
+    out = []
+    for label, fn in reached_code(cls, wrapped):
+        scope = getattr(fn, "__globals__", {})
+        names = code_names(fn.__code__)
+        if names & RANDOM_DRAWS or any(n in scope and _draws(scope[n]) for n in names):
+            out.append(label)
+    return out
+
+
+def _unrecorded(cls: type, wrapped: frozenset[int] = frozenset()) -> str | None:
+    """What the class's forward, or a function it runs, does that a trace runs once and does
+    not record, seen in their code before tracing: calls to an autograd Function, reads of
+    the grad or autocast mode, Python's or NumPy's random draws."""
+    functions = autograd_functions(cls, wrapped)
     if functions:
         return (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
                 "in its forward: a trace records the ops its forward computes, and a forward "
                 "generated from it would run them without the Function's backward")
-    names = forward_names(cls)
-    reads = sorted(names & MODE_READS)
-    if reads or names & RANDOM_DRAWS:
-        what = (f"reads the mode it runs in ({', '.join(f'`torch.{r}()`' for r in reads)})"
-                if reads else "draws Python's or NumPy's random numbers (`random`)")
-        return (f"{what} in its forward: a trace runs that once, and a forward generated from "
-                "it would take the branch the trace took at every call")
-    return None
+    reads = [(label, sorted(code_names(fn.__code__) & MODE_READS))
+             for label, fn in reached_code(cls, wrapped)]
+    reads = [(label, r) for label, r in reads if r]
+    draws = random_draws(cls, wrapped)
+    if not reads and not draws:
+        return None
+    if reads:
+        what = "reads the mode it runs in ({})".format("; ".join(
+            f"{', '.join(f'`torch.{r}()`' for r in names)} in `{label}`"
+            for label, names in reads))
+    else:
+        what = ("draws Python's or NumPy's random numbers (in "
+                f"{', '.join(f'`{label}`' for label in draws)})")
+    return (f"{what} in its forward: a trace runs that once, and a forward generated from "
+            "it would take the branch the trace took at every call")
 
 
 def _not_regenerable(label: str, owner: nn.Module, what: str, part: str,
@@ -437,7 +470,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
-    unrecorded = _unrecorded(type(owner))
+    unrecorded = _unrecorded(type(owner), options.wrapped_ids())
     if unrecorded:
         raise _not_regenerable(label, owner, unrecorded, "that part",
                                " (a module that is called, not traced through, as timm's "

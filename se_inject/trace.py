@@ -15,6 +15,7 @@ import math
 import operator
 import sys
 import threading
+import types
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,6 +124,16 @@ class TraceOptions:
         kwargs = dict(autowrap_modules=modules,
                       autowrap_functions=functions + tuple(self.autowrap_functions))
         return leaves, kwargs
+
+    def wrapped_ids(self) -> frozenset[int]:
+        """The ids of the functions a tracer with these options records as one call, as fx
+        collects them: its autowrap functions and the public callables of its modules."""
+        _, kwargs = self.tracer_args()
+        found = {id(f) for f in kwargs["autowrap_functions"]}
+        for module in kwargs["autowrap_modules"]:
+            found.update(id(v) for k, v in vars(module).items()
+                         if not k.startswith("_") and callable(v))
+        return frozenset(found)
 
 
 _UNPACKS: dict = {}  # code object -> (instruction offsets, UNPACK_SEQUENCE counts or None)
@@ -1082,41 +1093,87 @@ def _named(root: nn.Module, changed: list[tuple[nn.Module, str]]) -> list[str]:
     return sorted({f"{names[id(m)]}.{k}".lstrip(".") for m, k in changed})
 
 
+def _function(member):
+    if isinstance(member, property):
+        member = member.fget
+    return getattr(member, "__func__", member)
+
+
 @functools.lru_cache(maxsize=None)
-def forward_names(cls: type) -> frozenset[str]:
-    """Every name the class's forward, and the methods and properties it reaches on self,
-    look up (attributes, globals and methods alike)."""
+def _methods(cls: type) -> tuple[Callable, ...]:
+    """The class's forward and the methods and properties its code reaches on self."""
     seen: set[str] = set()
-    out: set[str] = set()
+    out: list[Callable] = []
     todo = ["forward"]
     while todo:
         name = todo.pop()
         if name in seen:
             continue
         seen.add(name)
-        fn = inspect.getattr_static(cls, name, None)
-        if isinstance(fn, property):
-            fn = fn.fget
-        code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+        fn = _function(inspect.getattr_static(cls, name, None))
+        code = getattr(fn, "__code__", None)
         if code is None:
             continue
-        names = _code_names(code)
-        out |= names
-        for n in names - seen:
+        out.append(fn)
+        for n in code_names(code) - seen:
             member = inspect.getattr_static(cls, n, None)
             if callable(member) or isinstance(member, property):
                 todo.append(n)
-    return frozenset(out)
+    return tuple(out)
 
 
-def autograd_functions(cls: type) -> list[str]:
-    """The torch.autograd.Function classes the class's forward (or a method it calls on self)
-    names as globals of the forward's module: a trace records what their forwards compute,
-    never their backwards."""
-    fn = inspect.getattr_static(cls, "forward", None)
-    scope = getattr(getattr(fn, "__func__", fn), "__globals__", {})
-    return sorted(n for n in forward_names(cls) if isinstance(scope.get(n), type)
-                  and issubclass(scope[n], torch.autograd.Function))
+@functools.lru_cache(maxsize=None)
+def forward_names(cls: type) -> frozenset[str]:
+    """Every name the class's forward, and the methods and properties it reaches on self,
+    look up (attributes, globals and methods alike)."""
+    return frozenset().union(*(code_names(fn.__code__) for fn in _methods(cls)))
+
+
+def _traced_into(fn, scope: dict, name: str, wrapped: frozenset[int]) -> bool:
+    """Whether a trace runs the Python of ``fn``, called as the global ``name`` of ``scope``:
+    not torch's own, nor a function fx records as one call: registered with ``torch.fx.wrap``
+    there, or an autowrap function (fx patches those under public names only)."""
+    module = getattr(fn, "__module__", None) or ""
+    return not (module == "torch" or module.startswith("torch.")
+                or (id(fn) in wrapped and not name.startswith("_"))
+                or (id(scope), name) in getattr(_fx_impl, "_wrapped_fns_to_patch", {}))
+
+
+@functools.lru_cache(maxsize=None)
+def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
+                 ) -> tuple[tuple[str, Callable], ...]:
+    """The functions whose Python a trace of the class's forward runs, read from their code,
+    each with the name a message shows: the forward, the methods and properties it reaches on
+    self, and the module-level functions any of these calls by a global name (and those call
+    in turn). torch's own functions are not followed, nor those fx records as one call
+    (registered with ``torch.fx.wrap`` where they are called, or with their id in
+    ``wrapped``: the tracer's autowrap functions, TraceOptions.wrapped_ids)."""
+    out = [(f"{cls.__name__}.{fn.__name__}", fn) for fn in _methods(cls)]
+    seen = {id(fn) for _, fn in out}
+    i = 0
+    while i < len(out):
+        fn = out[i][1]
+        i += 1
+        scope = getattr(fn, "__globals__", {})
+        for n in sorted(code_names(fn.__code__)):
+            g = scope.get(n)
+            if (type(g) is types.FunctionType and id(g) not in seen
+                    and _traced_into(g, scope, n, wrapped)):
+                seen.add(id(g))
+                out.append((f"{g.__module__}.{g.__qualname__}", g))
+    return tuple(out)
+
+
+def autograd_functions(cls: type, wrapped: frozenset[int] = frozenset()) -> list[str]:
+    """The torch.autograd.Function classes that the code a trace of the class's forward runs
+    (reached_code) names as globals: a trace records what their forwards compute, never
+    their backwards."""
+    found = set()
+    for _, fn in reached_code(cls, wrapped):
+        scope = getattr(fn, "__globals__", {})
+        found.update(n for n in code_names(fn.__code__) if isinstance(scope.get(n), type)
+                     and issubclass(scope[n], torch.autograd.Function))
+    return sorted(found)
 
 
 def reads_training_flag(cls: type) -> bool:
@@ -1124,9 +1181,9 @@ def reads_training_flag(cls: type) -> bool:
     return "training" in forward_names(cls)
 
 
-def _code_names(code) -> set[str]:
+def code_names(code) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
         if inspect.iscode(const):
-            names |= _code_names(const)
+            names |= code_names(const)
     return names

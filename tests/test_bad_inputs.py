@@ -9,6 +9,7 @@ import pickle
 import random
 import re
 from dataclasses import dataclass
+from random import uniform
 from pathlib import Path
 from typing import Callable
 
@@ -283,12 +284,62 @@ class _HiddenFunctionBlock(_ModalBlock):
         return x + self._branch(self.reverse(x))
 
 
+def _coin() -> float:
+    return uniform(0, 1)  # a draw whose code does not name `random`
+
+
+def _drop_at_random(x, branch, training: bool):
+    """Stochastic depth written as a module-level function: the block's code names no draw."""
+    if training and _coin() < 0.5:
+        return x
+    return x + branch
+
+
+def _detach_without_grad(y):
+    return y if torch.is_grad_enabled() else y.detach()
+
+
+def _keep_at_random(branch, training: bool):
+    """A draw inside a function that the trace records as one call (torch.fx.wrap below, or
+    ``autowrap_functions``): it runs at every call of the block, as in the plain model."""
+    return branch * 0 if training and random.random() < 0.5 else branch
+
+
+def keep_at_random(branch, training: bool):  # public: fx autowraps public names only
+    return branch * 0 if training and random.random() < 0.5 else branch
+
+
+torch.fx.wrap("_keep_at_random")
+
+
+class _HelperDrawBlock(_ModalBlock):
+    def forward(self, x):
+        return _drop_at_random(x, self._branch(x), self.training)
+
+
+class _HelperModeBlock(_ModalBlock):
+    def forward(self, x):
+        return x + _detach_without_grad(self._branch(x))
+
+
+class _WrappedDrawBlock(_ModalBlock):
+    def forward(self, x):
+        return x + _keep_at_random(self._branch(x), self.training)
+
+
+class _AutowrappedDrawBlock(_ModalBlock):
+    def forward(self, x):
+        return x + keep_at_random(self._branch(x), self.training)
+
+
 class _ModalNet(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock,
-                      "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock}.get(
+                      "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock,
+                      "helper draws": _HelperDrawBlock, "helper reads": _HelperModeBlock,
+                      "wrapped draw": _WrappedDrawBlock, "autowrapped draw": _AutowrappedDrawBlock}.get(
             mode, _ModalBlock)(mode)
 
     def forward(self, x):
@@ -325,7 +376,8 @@ def test_a_block_that_reads_the_mode_it_runs_in_is_refused():
     before = _fingerprint(model)
     with pytest.raises(RewriteError, match=r"`block` \(_ModeReadingBlock\) reads the mode it runs "
                                            r"in \(`torch.is_autocast_enabled\(\)`, "
-                                           r"`torch.is_grad_enabled\(\)`\)"):
+                                           r"`torch.is_grad_enabled\(\)` in "
+                                           r"`_ModeReadingBlock.forward`\)"):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
 
@@ -362,6 +414,42 @@ def test_a_block_that_draws_python_random_numbers_is_refused(seed, error, why):
     with pytest.raises(error, match=why):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert _same(before, _fingerprint(model))
+
+
+@pytest.mark.parametrize("mode,seed,error,why", [
+    ("helper draws", 0, RewriteError,
+     r"`block` \(_HelperDrawBlock\) draws Python's or NumPy's random numbers \(in "
+     r"`test_bad_inputs._coin`\)"),
+    ("helper draws", 1, NoSitesError, r"Note: _HelperDrawBlock draw\(s\) Python's or NumPy's"),
+    ("helper reads", 0, RewriteError,
+     r"`block` \(_HelperModeBlock\) reads the mode it runs in \(`torch.is_grad_enabled\(\)` "
+     r"in `test_bad_inputs._detach_without_grad`\)"),
+])
+def test_a_draw_or_mode_read_in_a_function_the_forward_calls_is_refused(mode, seed, error, why):
+    """The module-level functions a forward calls are traced through as its own code is:
+    before, a block whose stochastic depth was a helper function (drawing with
+    ``from random import uniform``) was gated and never dropped its branch again."""
+    model = _ModalNet(mode).train()
+    before = _fingerprint(model)
+    random.seed(seed)  # the first draw keeps the branch (0.84) or drops it (0.13)
+    with pytest.raises(error, match=why):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+
+
+@pytest.mark.parametrize("mode", ["wrapped draw", "autowrapped draw"])
+def test_a_draw_in_a_function_the_trace_records_as_one_call_is_gated_and_still_drawn(mode):
+    """A function registered with torch.fx.wrap, or passed as one of apply()'s
+    autowrap_functions, is called by the gated forward at every call: its draws are not the
+    trace's, so the block is gated and drops its branch about half the time, as before."""
+    model = _ModalNet(mode).train()
+    extra = {"autowrap_functions": [keep_at_random]} if mode != "wrapped draw" else {}
+    se_inject.apply(model, input_size=(3, 16, 16), **extra)
+    assert hasattr(model.block, "se_gate")
+    x = torch.randn(1, 16, 8, 8)
+    random.seed(0)
+    dropped = sum(torch.equal(model.block(x), x) for _ in range(200))
+    assert 60 < dropped < 140
 
 
 def test_a_block_in_the_callers_mode_is_gated_and_apply_gives_the_modes_back():
