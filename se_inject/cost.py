@@ -284,7 +284,7 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
         measure: also time forward passes of the base and the gated model on the current device
             (CUDA if available), side by side, and report the ratio.
     """
-    from .api import _dtype, _gate_spec, _input_shapes, _no_sites_error, plan
+    from .api import _dtype, _gate_spec, _input_shapes, _no_sites_error, _trace_options, plan
     ratios = _ratios(ratio)
     unknown = set(variant) - _VARIANT
     if unknown:
@@ -297,7 +297,7 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     p: Plan = plan(model, ratios[0], rules, input_size=input_size, stages=stages,
                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, **variant)
     if not len(p):
-        raise _no_sites_error(model, p)
+        raise _no_sites_error(model, p, _trace_options(leaf_modules, autowrap_functions))
     dtype = _dtype(model)
     inputs = tuple(torch.zeros(1, *s[1:], dtype=dtype) for s in shapes)
     base = count_ops(model, inputs)

@@ -607,6 +607,8 @@ CLI_CASES = {
                          "bad-recipe.safetensors: its se-inject recipe is not valid JSON"),
     "unknown-model": (["plan", "resnet5O"], "resnet5O"),
     "bad-plot-path": (["report", "resnet18", "--plot", "costs.docx"], "costs.docx"),
+    "report-no-block": (["report", "test_vit"],
+                        "VisionTransformer has no residual or inception-style block"),
     "bad-ratio": (["plan", "resnet18", "--ratio", "2:x"], "'2:x'"),
     "bad-gate": (["plan", "resnet18", "--gate", "cbam"], "'cbam'"),
 }
