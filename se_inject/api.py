@@ -27,7 +27,7 @@ from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, r
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import (Frame, TraceOptions, is_container, trace_model,
+from .trace import (Frame, TraceOptions, is_container, module_code, trace_model,
                     tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
@@ -375,7 +375,7 @@ def _no_sites_error(model: nn.Module, p: Plan, options: TraceOptions) -> NoSites
     error = _no_sites(model, p)
     wrapped = options.wrapped_ids()
     drawing = sorted({type(m).__name__ for m in model.modules()
-                      if random_draws(type(m), wrapped)})
+                      if random_draws(module_code(m, wrapped))})
     if drawing:  # a block that skips itself at random may have been skipped by the trace
         error = NoSitesError(
             f"{error} Note: {', '.join(drawing)} draw(s) Python's or NumPy's random numbers in "

@@ -31,7 +31,7 @@ from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
                     TraceOptions, autograd_functions, code_names, forward_names,
-                    reached_code, reads_training_flag, trace_block)
+                    module_code, reads_training_flag, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -415,13 +415,12 @@ def _draws(value) -> bool:
     return False
 
 
-def random_draws(cls: type, wrapped: frozenset[int] = frozenset()) -> list[str]:
-    """The functions a trace of the class's forward runs (its forward, the methods it calls
-    on self, the module-level functions they call) that draw Python's or NumPy's random
-    numbers: by name (``random.random()``, ``np.random.rand()``) or through a global that
-    is a generator or one of its draws."""
+def random_draws(code: Sequence[tuple[str, Callable]]) -> list[str]:
+    """The functions of ``code`` (reached_code, module_code: what a trace of a forward runs)
+    that draw Python's or NumPy's random numbers: by name (``random.random()``,
+    ``np.random.rand()``) or through a global that is a generator or one of its draws."""
     out = []
-    for label, fn in reached_code(cls, wrapped):
+    for label, fn in code:
         scope = getattr(fn, "__globals__", {})
         names = code_names(fn.__code__)
         if names & RANDOM_DRAWS or any(n in scope and _draws(scope[n]) for n in names):
@@ -429,19 +428,18 @@ def random_draws(cls: type, wrapped: frozenset[int] = frozenset()) -> list[str]:
     return out
 
 
-def _unrecorded(cls: type, wrapped: frozenset[int] = frozenset()) -> str | None:
-    """What the class's forward, or a function it runs, does that a trace runs once and does
-    not record, seen in their code before tracing: calls to an autograd Function, reads of
-    the grad or autocast mode, Python's or NumPy's random draws."""
-    functions = autograd_functions(cls, wrapped)
+def _unrecorded(code: Sequence[tuple[str, Callable]]) -> str | None:
+    """What a block's forward, or a function it runs (``code``: module_code), does that a
+    trace runs once and does not record, seen in their code before tracing: calls to an
+    autograd Function, reads of the grad or autocast mode, Python's or NumPy's random draws."""
+    functions = autograd_functions(code)
     if functions:
         return (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
                 "in its forward: a trace records the ops its forward computes, and a forward "
                 "generated from it would run them without the Function's backward")
-    reads = [(label, sorted(code_names(fn.__code__) & MODE_READS))
-             for label, fn in reached_code(cls, wrapped)]
+    reads = [(label, sorted(code_names(fn.__code__) & MODE_READS)) for label, fn in code]
     reads = [(label, r) for label, r in reads if r]
-    draws = random_draws(cls, wrapped)
+    draws = random_draws(code)
     if not reads and not draws:
         return None
     if reads:
@@ -470,7 +468,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
-    unrecorded = _unrecorded(type(owner), options.wrapped_ids())
+    unrecorded = _unrecorded(module_code(owner, options.wrapped_ids()))
     if unrecorded:
         raise _not_regenerable(label, owner, unrecorded, "that part",
                                " (a module that is called, not traced through, as timm's "

@@ -17,7 +17,7 @@ import sys
 import threading
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -1129,26 +1129,24 @@ def forward_names(cls: type) -> frozenset[str]:
     return frozenset().union(*(code_names(fn.__code__) for fn in _methods(cls)))
 
 
+def _torch_own(fn) -> bool:
+    module = getattr(fn, "__module__", None) or ""
+    return module == "torch" or module.startswith("torch.")
+
+
 def _traced_into(fn, scope: dict, name: str, wrapped: frozenset[int]) -> bool:
     """Whether a trace runs the Python of ``fn``, called as the global ``name`` of ``scope``:
     not torch's own, nor a function fx records as one call: registered with ``torch.fx.wrap``
     there, or an autowrap function (fx patches those under public names only)."""
-    module = getattr(fn, "__module__", None) or ""
-    return not (module == "torch" or module.startswith("torch.")
-                or (id(fn) in wrapped and not name.startswith("_"))
+    return not (_torch_own(fn) or (id(fn) in wrapped and not name.startswith("_"))
                 or (id(scope), name) in getattr(_fx_impl, "_wrapped_fns_to_patch", {}))
 
 
-@functools.lru_cache(maxsize=None)
-def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
-                 ) -> tuple[tuple[str, Callable], ...]:
-    """The functions whose Python a trace of the class's forward runs, read from their code,
-    each with the name a message shows: the forward, the methods and properties it reaches on
-    self, and the module-level functions any of these calls by a global name (and those call
-    in turn). torch's own functions are not followed, nor those fx records as one call
-    (registered with ``torch.fx.wrap`` where they are called, or with their id in
-    ``wrapped``: the tracer's autowrap functions, TraceOptions.wrapped_ids)."""
-    out = [(f"{cls.__name__}.{fn.__name__}", fn) for fn in _methods(cls)]
+def _follow(start: list[tuple[str, Callable]], wrapped: frozenset[int]
+            ) -> tuple[tuple[str, Callable], ...]:
+    """``start`` and the module-level functions its functions call by a global name, and
+    those call in turn, that a trace runs (see _traced_into)."""
+    out = list(start)
     seen = {id(fn) for _, fn in out}
     i = 0
     while i < len(out):
@@ -1164,12 +1162,43 @@ def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
     return tuple(out)
 
 
-def autograd_functions(cls: type, wrapped: frozenset[int] = frozenset()) -> list[str]:
-    """The torch.autograd.Function classes that the code a trace of the class's forward runs
-    (reached_code) names as globals: a trace records what their forwards compute, never
-    their backwards."""
+@functools.lru_cache(maxsize=None)
+def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
+                 ) -> tuple[tuple[str, Callable], ...]:
+    """The functions whose Python a trace of the class's forward runs, read from their code,
+    each with the name a message shows: the forward, the methods and properties it reaches on
+    self, and the module-level functions any of these calls by a global name (and those call
+    in turn). torch's own functions are not followed, nor those fx records as one call
+    (registered with ``torch.fx.wrap`` where they are called, or with their id in
+    ``wrapped``: the tracer's autowrap functions, TraceOptions.wrapped_ids)."""
+    return _follow([(f"{cls.__name__}.{fn.__name__}", fn) for fn in _methods(cls)], wrapped)
+
+
+def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset()
+                ) -> tuple[tuple[str, Callable], ...]:
+    """reached_code of the module's class, and the Python functions (or partials of them)
+    its forward reads from the module's own attributes (``self.drop = my_drop``), with what
+    they reach: fx traces into a function held so, and never wraps it."""
+    cls = type(module)
+    names = forward_names(cls)
+    held = []
+    for k, v in module.__dict__.items():
+        fn = v.func if isinstance(v, functools.partial) else v
+        if k in names and type(fn) is types.FunctionType and not _torch_own(fn):
+            held.append((f"{cls.__name__}.{k} ({fn.__module__}.{fn.__qualname__})", fn))
+    code = reached_code(cls, wrapped)
+    if not held:
+        return code
+    known = {id(fn) for _, fn in code}
+    return code + tuple((label, fn) for label, fn in _follow(held, wrapped)
+                        if id(fn) not in known)
+
+
+def autograd_functions(code: Sequence[tuple[str, Callable]]) -> list[str]:
+    """The torch.autograd.Function classes that ``code`` (reached_code, module_code) names
+    as globals: a trace records what their forwards compute, never their backwards."""
     found = set()
-    for _, fn in reached_code(cls, wrapped):
+    for _, fn in code:
         scope = getattr(fn, "__globals__", {})
         found.update(n for n in code_names(fn.__code__) if isinstance(scope.get(n), type)
                      and issubclass(scope[n], torch.autograd.Function))

@@ -3,6 +3,7 @@ each: the error's type, a message that names the input, a non-zero exit from the
 nothing changed or written."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -317,6 +318,18 @@ class _HelperDrawBlock(_ModalBlock):
         return _drop_at_random(x, self._branch(x), self.training)
 
 
+class _HeldDrawBlock(_ModalBlock):
+    """The helper held by the block: ``self.drop(...)`` names no global function."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self.drop = (functools.partial(_drop_at_random) if mode == "held partial"
+                     else _drop_at_random)
+
+    def forward(self, x):
+        return self.drop(x, self._branch(x), self.training)
+
+
 class _HelperModeBlock(_ModalBlock):
     def forward(self, x):
         return x + _detach_without_grad(self._branch(x))
@@ -339,6 +352,7 @@ class _ModalNet(nn.Module):
         self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock,
                       "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock,
                       "helper draws": _HelperDrawBlock, "helper reads": _HelperModeBlock,
+                      "held draws": _HeldDrawBlock, "held partial": _HeldDrawBlock,
                       "wrapped draw": _WrappedDrawBlock, "autowrapped draw": _AutowrappedDrawBlock}.get(
             mode, _ModalBlock)(mode)
 
@@ -421,14 +435,20 @@ def test_a_block_that_draws_python_random_numbers_is_refused(seed, error, why):
      r"`block` \(_HelperDrawBlock\) draws Python's or NumPy's random numbers \(in "
      r"`test_bad_inputs._coin`\)"),
     ("helper draws", 1, NoSitesError, r"Note: _HelperDrawBlock draw\(s\) Python's or NumPy's"),
+    ("held draws", 0, RewriteError,
+     r"`block` \(_HeldDrawBlock\) draws Python's or NumPy's random numbers \(in "
+     r"`test_bad_inputs._coin`\)"),
+    ("held partial", 0, RewriteError, r"`block` \(_HeldDrawBlock\) draws Python's"),
+    ("held draws", 1, NoSitesError, r"Note: _HeldDrawBlock draw\(s\) Python's or NumPy's"),
     ("helper reads", 0, RewriteError,
      r"`block` \(_HelperModeBlock\) reads the mode it runs in \(`torch.is_grad_enabled\(\)` "
      r"in `test_bad_inputs._detach_without_grad`\)"),
 ])
 def test_a_draw_or_mode_read_in_a_function_the_forward_calls_is_refused(mode, seed, error, why):
-    """The module-level functions a forward calls are traced through as its own code is:
-    before, a block whose stochastic depth was a helper function (drawing with
-    ``from random import uniform``) was gated and never dropped its branch again."""
+    """The module-level functions a forward calls, and the functions a block holds in its
+    attributes, are traced through as its own code is: before, a block whose stochastic depth
+    was such a function (drawing with ``from random import uniform``) was gated and never
+    dropped its branch again."""
     model = _ModalNet(mode).train()
     before = _fingerprint(model)
     random.seed(seed)  # the first draw keeps the branch (0.84) or drops it (0.13)
