@@ -30,8 +30,7 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, autograd_functions, code_names, forward_names,
-                    module_code, reads_training_flag, trace_block)
+                    TraceOptions, autograd_functions, code_names, module_code, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -468,12 +467,15 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     """The block's class forward with the gates' calls in it, its traced -> class keys, the
     containers whose layers its code names (see _call_containers_whole), and the tensors
     its forward made while traced, which the code reads as attributes of the block."""
-    unrecorded = _unrecorded(module_code(owner, options.wrapped_ids()))
+    code = module_code(owner, options.wrapped_ids())
+    unrecorded = _unrecorded(code)
     if unrecorded:
         raise _not_regenerable(label, owner, unrecorded, "that part",
                                " (a module that is called, not traced through, as timm's "
                                "DropPath)")
-    modes = (True, False) if reads_training_flag(type(owner)) else (owner.training,)
+    # a forward that reads a training flag (its own, or a function's it runs, as
+    # ``F.dropout(y, block.p, block.training)``) is traced in both modes
+    modes = (True, False) if "training" in _names(code) else (owner.training,)
     compiled, traced, inlined, constants = {}, {}, set(), {}
     for training in modes:
         try:
@@ -514,12 +516,21 @@ _MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}
 _MISSING = object()
 
 
-def _attributes_read(owner: nn.Module) -> tuple[tuple[str, object], ...]:
-    """The plain attributes (flags, numbers, strings, None) of ``owner`` that its class's
-    forward reads, with their values: tracing took them as they are now."""
-    names = forward_names(type(owner))
-    return tuple(sorted((k, v) for k, v in owner.__dict__.items()
-                        if k in names and k not in _MODULE_OWN and type(v) in PLAIN))
+def _names(code: Sequence[tuple[str, Callable]]) -> frozenset[str]:
+    """Every name the functions of ``code`` (module_code) look up."""
+    return frozenset().union(*(code_names(fn.__code__) for _, fn in code))
+
+
+def _attributes_read(owner: nn.Module, wrapped: frozenset[int]) -> tuple[tuple[str, object], ...]:
+    """The plain attributes (flags, numbers, strings, None) and the functions held in
+    attributes (``self.act = torch.relu``, which fx records or traces into) of ``owner``
+    that its forward or a function it runs reads, with their values: tracing took them as
+    they are now."""
+    names = _names(module_code(owner, wrapped))
+    return tuple(sorted(((k, v) for k, v in owner.__dict__.items()
+                         if k in names and k not in _MODULE_OWN and (
+                             type(v) in PLAIN or callable(v) and not isinstance(v, type))),
+                        key=lambda kv: kv[0]))
 
 
 def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, type, int], ...]:
@@ -617,7 +628,8 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
         else:
             result = built[group]
         forward, traced, inlined, constants = result
-        forward = _guarded(forward, label, _attributes_read(owner), _containers(owner, inlined))
+        forward = _guarded(forward, label, _attributes_read(owner, options.wrapped_ids()),
+                           _containers(owner, inlined))
         out.append(Prepared(owner=owner, new_gates=new_gates,
                             state=OwnerState(gates=gates, traced=dict(traced)), forward=forward,
                             constants=constants))

@@ -1205,11 +1205,6 @@ def autograd_functions(code: Sequence[tuple[str, Callable]]) -> list[str]:
     return sorted(found)
 
 
-def reads_training_flag(cls: type) -> bool:
-    """Whether the class's forward (or a method it calls on self) reads ``self.training``."""
-    return "training" in forward_names(cls)
-
-
 def code_names(code) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:

@@ -252,3 +252,62 @@ def test_a_container_a_gate_squeezes_through_is_checked_and_one_it_does_not_is_f
     with pytest.raises(BlockChangedError, match="`b`, which was a Sequential of 2 layers .* is a "
                                                 "Conv2d now"):
         model(x)
+
+
+def _drop_by(block, y):
+    """A helper the block passes itself to: the flag and the rate it reads are the block's."""
+    return torch.nn.functional.dropout(y, block.p, block.training)
+
+
+class _HelperBlock(torch.nn.Module):
+    def __init__(self, c, act):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+        self.act, self.p = act, 0.5
+
+    def forward(self, x):
+        return x + _drop_by(self, self.c2(self.act(self.c1(x))))
+
+
+def _helper_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
+                               _HelperBlock(16, torch.relu), _HelperBlock(16, torch.tanh))
+
+
+def test_a_training_flag_read_in_a_function_the_forward_calls_keeps_both_modes():
+    """Gated in eval mode: before, the gated blocks never ran their dropout again, as the
+    function that reads ``block.training`` was traced in eval mode only. Now, seeded alike,
+    the gated model (identity-initialised) computes what the plain one does in both modes."""
+    torch.manual_seed(0)
+    plain = _helper_net().eval()
+    gated = copy.deepcopy(plain)
+    se_inject.apply(gated, init="identity", input_size=(3, 16, 16))
+    assert len(gates(gated)) == 2
+    x = torch.randn(2, 3, 16, 16)
+    for mode in (True, False, True):
+        plain.train(mode), gated.train(mode)
+        torch.manual_seed(1)
+        want = plain(x)
+        torch.manual_seed(1)
+        assert torch.equal(gated(x), want)
+    torch.manual_seed(2)
+    assert not torch.equal(gated(x), gated(x))  # training: dropout draws anew
+
+
+@pytest.mark.parametrize("attr,value,was", [
+    ("p", 0.1, "which was 0.5"),                   # read by the function the forward calls
+    ("act", torch.sigmoid, "which was <built-in method tanh"),  # a function the block holds
+])
+@torch.no_grad()
+def test_an_attribute_a_called_or_held_function_reads_changed_after_apply_is_refused(
+        attr, value, was):
+    """The trace took the rate and the held function as they were (tanh's op is in the
+    generated code): a change would have been ignored without a word."""
+    torch.manual_seed(0)
+    model = _helper_net().eval()
+    se_inject.apply(model, input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    model(x)
+    setattr(model[2], attr, value)
+    with pytest.raises(BlockChangedError, match=rf"`2` \(_HelperBlock\).*`{attr}`, {was}"):
+        model(x)
