@@ -127,13 +127,18 @@ class TraceOptions:
 
     def wrapped_ids(self) -> frozenset[int]:
         """The ids of the functions a tracer with these options records as one call, as fx
-        collects them: its autowrap functions and the public callables of its modules."""
-        _, kwargs = self.tracer_args()
-        found = {id(f) for f in kwargs["autowrap_functions"]}
-        for module in kwargs["autowrap_modules"]:
-            found.update(id(v) for k, v in vars(module).items()
-                         if not k.startswith("_") and callable(v))
-        return frozenset(found)
+        collects them: its autowrap functions and the public callables of its modules.
+        Taken once per options (apply() makes its own for each call)."""
+        found = self.__dict__.get("_wrapped_ids")
+        if found is None:
+            _, kwargs = self.tracer_args()
+            ids = {id(f) for f in kwargs["autowrap_functions"]}
+            for module in kwargs["autowrap_modules"]:
+                ids.update(id(v) for k, v in vars(module).items()
+                           if not k.startswith("_") and callable(v))
+            found = frozenset(ids)
+            object.__setattr__(self, "_wrapped_ids", found)  # frozen: not a field
+        return found
 
 
 _UNPACKS: dict = {}  # code object -> (instruction offsets, UNPACK_SEQUENCE counts or None)
