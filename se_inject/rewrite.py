@@ -436,8 +436,8 @@ def _unrecorded(code: Sequence[tuple[str, Callable]]) -> str | None:
         return (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
                 "in its forward: a trace records the ops its forward computes, and a forward "
                 "generated from it would run them without the Function's backward")
-    reads = [(label, sorted(code_names(fn.__code__) & MODE_READS)) for label, fn in code]
-    reads = [(label, r) for label, r in reads if r]
+    reads = [(label, sorted(r)) for label, fn in code
+             if (r := code_names(fn.__code__) & MODE_READS)]
     draws = random_draws(code)
     if not reads and not draws:
         return None

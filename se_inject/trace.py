@@ -1210,9 +1210,12 @@ def autograd_functions(code: Sequence[tuple[str, Callable]]) -> list[str]:
     return sorted(found)
 
 
-def code_names(code) -> set[str]:
+@functools.lru_cache(maxsize=4096)
+def code_names(code) -> frozenset[str]:
+    """Every name ``code`` and the functions defined in it look up (read by each check of a
+    block's code, several per gated block)."""
     names = set(code.co_names)
     for const in code.co_consts:
         if inspect.iscode(const):
             names |= code_names(const)
-    return names
+    return frozenset(names)
