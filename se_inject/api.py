@@ -395,6 +395,15 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             f"its sums or concatenations are of 5-D tensors, as a 3-D convolutional network's "
             "(video or volumes, (N, C, T, H, W)). se-inject gates 2-D CNNs: its gates, rules "
             "and costs are for (N, C, H, W) maps.")
+    layers = {type(m) for m in model.modules()}
+    if p.skipped and all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped) and \
+            any(issubclass(c, nn.Conv1d) for c in layers) and \
+            not any(issubclass(c, nn.Conv2d) for c in layers):
+        return NoSitesError(
+            f"{name} has no residual or inception-style block of 2-D feature maps: its "
+            f"convolutions are 1-D (nn.Conv1d: audio or sequences, (N, C, L)), and none of its "
+            f"{len(p.skipped)} sums or concatenations is of (N, C, H, W) maps. se-inject gates "
+            "2-D CNNs: its gates, rules and costs are for (N, C, H, W) maps.")
     if all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
         sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
         return NoSitesError(

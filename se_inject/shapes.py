@@ -500,8 +500,9 @@ class _MetaInterpreter(fx.Interpreter):
     fraction of a microsecond, inside it some 7 (every read is dispatched to the mode), and the
     rules and bookkeeping here read them at every node."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, inputs: str = "", **kwargs):
         super().__init__(*args, **kwargs)
+        self._inputs = inputs  # the input shapes, for errors
         self.extra_traceback = False  # the error already names the op; no "While executing"
         self._mode = _ShapeMode()
         from .trace import CONSTANTS, compiled_in_place  # (trace -> kinds -> shapes)
@@ -538,8 +539,10 @@ class _MetaInterpreter(fx.Interpreter):
                     "(nothing was changed).") from exc
             raise TraceError(
                 f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
-                f"{type(exc).__name__}: {exc}. If this module or function cannot run on meta "
-                "tensors, pass it as a leaf (leaf_modules=[...]) or check input_size.") from exc
+                f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "
+                "input_size). If the model takes another size, pass it as input_size=(C, H, W); "
+                "if this module or function cannot run on meta tensors, pass it as a leaf "
+                "(leaf_modules=[...]).") from exc
         n.meta[VALUE] = value
         return value
 
@@ -599,4 +602,7 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
     inputs += [n.args[0] for n in placeholders[len(inputs):]]
     from .trace import _anything, _NothingLeft  # (trace -> kinds -> shapes)
     with _NothingLeft(model, left=_anything):
-        _MetaInterpreter(model, graph=graph).run(*inputs)
+        shapes = [str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor)]
+        ran_on = (f"an input of shape {shapes[0]}" if len(shapes) == 1 else
+                  f"inputs of shapes {', '.join(shapes)}")
+        _MetaInterpreter(model, graph=graph, inputs=ran_on).run(*inputs)

@@ -78,6 +78,20 @@ class _Video3D(nn.Module):
         return x + self.c2(torch.relu(self.c1(x)))
 
 
+class _Audio1D(nn.Module):
+    """A residual block of 1-D convolutions: its sum is of 3-D tensors (N, C, L), as a
+    transformer's token sums are, but made by convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv1d(1, 8, 3, padding=1)
+        self.c1, self.c2 = nn.Conv1d(8, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
 @dataclass
 class ApplyCase:
     id: str
@@ -112,6 +126,11 @@ APPLY_CASES = [
     ApplyCase("video-3d", _Video3D, {"input_size": (3, 4, 16, 16)}, NoSitesError,
               "_Video3D has no residual or inception-style block of 2-D feature maps: 1 of its "
               "sums or concatenations are of 5-D tensors"),
+    ApplyCase("audio-1d", _Audio1D, {"input_size": (1, 64)}, NoSitesError,
+              "_Audio1D has no residual or inception-style block of 2-D feature maps: its "
+              "convolutions are 1-D"),
+    ApplyCase("audio-1d-default-size", _Audio1D, {}, TraceError,
+              "The model ran on an input of shape (2, 3, 224, 224) (batch 2, then input_size)"),
     ApplyCase("identity-without-a-producer", lambda: timm.create_model("inception_v3"),
               {"init": "identity"}, IdentityInitError, "se_gate"),
 ]
@@ -500,7 +519,9 @@ def test_an_input_size_the_model_cannot_take_is_named_and_nothing_changes(name, 
     before = _fingerprint(model)
     with pytest.raises(TraceError, match=why) as exc:
         se_inject.apply(model, input_size=size)
-    assert "check input_size" in str(exc.value) and "While executing" not in str(exc.value)
+    # the message names the input the model ran on, so that a user sees what to change
+    assert f"an input of shape {(2, *size)} (batch 2, then input_size)" in str(exc.value)
+    assert "While executing" not in str(exc.value)
     assert _same(before, _fingerprint(model))
 
 
