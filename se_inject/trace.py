@@ -865,11 +865,39 @@ def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = 
     opened = _openable(model, leaves, options, kwargs)
     if opened:
         try:
-            return _trace_model(model, tuple(c for c in leaves if c not in opened), n_inputs,
-                                kwargs)
+            return _trace_called_whole(model, tuple(c for c in leaves if c not in opened),
+                                       n_inputs, kwargs)
         except TraceError:
             pass  # traced alone but not in place: keep timm's registry as it is
-    return _trace_model(model, leaves, n_inputs, kwargs)
+    return _trace_called_whole(model, leaves, n_inputs, kwargs)
+
+
+def _trace_called_whole(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
+                        kwargs: dict) -> fx.Graph:
+    """_trace_model, where a layer fx cannot trace that holds nothing to gate (no parameters,
+    buffers or layers of its own, in any of its class's instances in the model: timm's
+    DropBlock2d in training mode, whose mask size is the smaller of its block and the map) is
+    called whole, as a leaf, and the model traced again. The layer runs as before."""
+    while True:
+        try:
+            return _trace_model(model, leaves, n_inputs, kwargs)
+        except TraceError as exc:
+            cls = _holds_nothing_to_gate(model, getattr(exc, "failed_module", None))
+            if cls is None or cls in leaves:
+                raise
+            leaves += (cls,)
+
+
+def _holds_nothing_to_gate(model: nn.Module, failed: nn.Module | None) -> type | None:
+    """The class of ``failed`` (the layer a trace of ``model`` failed in) if no instance of
+    it in ``model`` has parameters, buffers or layers of its own."""
+    if failed is None or failed is model or is_container(failed):
+        return None
+    cls = type(failed)
+    for m in model.modules():
+        if type(m) is cls and (m._modules or m._parameters or m._buffers):
+            return None
+    return cls
 
 
 def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
@@ -889,7 +917,9 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
     except (TraceError, BlockChangedError):  # the latter: a gated block changed since
         raise
     except Exception as exc:  # fx raises many types; all mean "cannot trace"
-        raise _trace_failure(model, tracer, exc) from exc
+        error = _trace_failure(model, tracer, exc)
+        error.failed_module = tracer.failed_module
+        raise error from exc
 
 
 def _nodes_of(value):

@@ -153,6 +153,43 @@ class UntraceableNet(nn.Module):
         return self.odd(self.res(F.relu(self.stem(x)))).mean((2, 3))
 
 
+class ClampedBlur(nn.Module):
+    """A layer with nothing to gate (no parameters, buffers or layers) that fx cannot trace:
+    its window is the smaller of its size and the map's, a branch on a traced shape (as
+    timm's DropBlock2d sizes its blocks). ``weight``: a scale of its own, a parameter."""
+
+    def __init__(self, size=3, weight=False):
+        super().__init__()
+        self.size = size
+        self.weight = nn.Parameter(torch.ones(())) if weight else None
+
+    def forward(self, x):
+        k = min(self.size, x.shape[-1])
+        if k % 2 == 0:
+            k -= 1
+        y = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)
+        return y if self.weight is None else y * self.weight
+
+
+class BlurBlock(nn.Module):
+    def __init__(self, c=16, weight=False):
+        super().__init__()
+        self.conv1, self.blur, self.conv2 = conv_bn(c, c), ClampedBlur(weight=weight), conv_bn(c, c)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.blur(self.conv1(x)))))
+
+
+class BlurNet(nn.Module):
+    def __init__(self, weights=(False, False)):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.Sequential(*(BlurBlock(16, w) for w in weights))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
 class FlagBlock(nn.Module):
     """A residual block whose forward needs a flag only its caller knows."""
 
@@ -211,6 +248,7 @@ HANDWRITTEN = {
     "functional_inception": (FunctionalInceptionNet, 2, {"inception": 2}),
     "block_net": (BlockNet, 3, {"residual": 3}),
     "training_net": (TrainingNet, 1, {"residual": 1}),
+    "untraceable_layer_called_whole": (BlurNet, 2, {"residual": 2}),
 }
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import se_inject
 from se_inject.errors import NoSitesError, RewriteError, TraceError
 from conftest import gates, paper_reference, randomize_norms, saturate
-from handwritten import (HANDWRITTEN, BlockNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
+from handwritten import (HANDWRITTEN, BlockNet, BlurNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
                          FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
                          UntraceableNet)
 
@@ -173,6 +173,30 @@ def test_untraceable_model_names_the_module_and_the_leaf_fix():
     assert not gates(model)
     se_inject.apply(model, leaf_modules=[PerSampleBlock])  # the rest still gets its gate
     assert [n for n, _ in gates(model)] == ["res.se_gate"]
+
+
+def test_a_layer_with_nothing_to_gate_that_fx_cannot_trace_is_called_whole():
+    """Before, fx's failure in ClampedBlur refused the whole model. It holds no parameters,
+    buffers or layers, so nothing in it could be gated: it is called whole, and the blocks
+    around it get their gates and compute what they computed."""
+    model = BlurNet().eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, init="identity")
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.1.se_gate"]
+    for size in (16, 2):  # on a 2 x 2 map the layer takes its other branch
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+def test_a_layer_fx_cannot_trace_with_a_parameter_in_any_instance_is_still_named():
+    # one instance with a parameter of its own: the class may hold something to gate
+    model = BlurNet(weights=(False, True))
+    keys = list(model.state_dict())
+    with pytest.raises(TraceError, match=r"`blocks\.0\.blur` \(ClampedBlur\).*leaf_modules="
+                                         r"\[ClampedBlur\]"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys and not gates(model)
 
 
 def test_failure_in_a_later_block_leaves_earlier_blocks_untouched():

@@ -534,6 +534,36 @@ def test_with_drop_path_the_gate_sits_where_timm_puts_se_in_either_mode(apply_in
         torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)  # drop path: 1e-1
 
 
+@pytest.mark.parametrize("apply_in_train", [True, False])
+def test_with_drop_block_the_model_is_gated_in_either_mode_and_draws_its_blocks(apply_in_train):
+    """timm's DropBlock2d cannot be traced in training mode (its mask size is the smaller of
+    its block size and the map's, a branch on a traced shape): apply() refused every ResNet
+    built with drop_block_rate. It holds nothing to gate and is now called whole. The plan is
+    the eval-mode one, and the gated model computes what seresnet50 computes with the same
+    weights and the same dropped blocks in both modes."""
+    model = timm.create_model("resnet50", pretrained=False, drop_block_rate=0.2)
+    randomize_norms(model)
+    model.train(apply_in_train)
+    plan = se_inject.plan(model)
+    assert [s.tensor for s in plan.sites] == \
+        [s.tensor for s in se_inject.plan(copy.deepcopy(model).eval()).sites]
+    assert len(plan.sites) == 16
+    se_inject.apply(model)
+    ref = timm.create_model("seresnet50", pretrained=False, drop_block_rate=0.2)
+    ref.load_state_dict({k.replace(".se_gate.", ".se."): v
+                         for k, v in model.state_dict().items()}, strict=True)
+    x = torch.randn(4, 3, 128, 128)
+    outs = []
+    for train in (True, False, True):
+        model.train(train), ref.train(train)
+        torch.manual_seed(3)
+        want = ref(x)
+        torch.manual_seed(3)
+        outs.append(model(x))
+        torch.testing.assert_close(outs[-1], want, rtol=1e-4, atol=1e-4)
+    assert (outs[0] - outs[1]).abs().max() > 1e-2  # blocks were dropped in training
+
+
 def test_torchvision_inception_v3_is_gated_in_training_mode_without_an_input_size():
     """Its auxiliary head runs in training mode and needs its weights' 299 x 299 input: 224 x
     224 made shape propagation fail. Both modes give the same 11 gates."""
