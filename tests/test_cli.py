@@ -52,3 +52,30 @@ def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "se_inject", "plan", "no-such-model"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown model" in r.stderr and not r.stdout
+
+
+def test_plan_of_a_model_apply_refuses_exits_with_apply_s_refusal(capsys):
+    """A dry run says what apply() does: before, it exited 0 and said apply() would refuse
+    even a model whose blocks all hold a gate, which apply() leaves as it is with a warning."""
+    import timm
+    import se_inject
+    assert main(["plan", "test_vit"]) == 2
+    out, err = capsys.readouterr()
+    assert "0 gates (none)" in out
+    with pytest.raises(se_inject.SEInjectError) as refusal:
+        se_inject.apply(timm.create_model("test_vit", pretrained=False))
+    assert err.strip() == f"se-inject plan: error: {refusal.value}"
+
+
+def test_plan_of_a_model_whose_blocks_hold_gates_says_apply_changes_nothing(capsys):
+    import timm
+    import se_inject
+    assert main(["plan", "efficientnet_b0"]) == 0
+    out = capsys.readouterr().out
+    assert "already holds a gate (9 blocks): apply() would change nothing" in out
+    model = timm.create_model("efficientnet_b0", pretrained=False)
+    keys = list(model.state_dict())
+    with pytest.warns(UserWarning, match=r"already holds a gate \(9 blocks\); apply\(\) changed "
+                                         r"nothing"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys

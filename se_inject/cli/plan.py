@@ -5,6 +5,7 @@ import argparse
 
 from .. import api
 from .._models import create
+from ..match import HOLDS_A_GATE
 from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
 
 
@@ -34,5 +35,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")
     print(p.table())
     if not len(p):
-        print("no block matched: apply() would refuse this model")
+        held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+        if held:
+            print(f"every block the rules match already holds a gate ({len(held)} blocks): "
+                  "apply() would change nothing. A rule with 'existing_gate: allow' gates them "
+                  "(README.md, 'Rule files').")
+            return 0
+        # what apply() would refuse the model with, on stderr with its exit status
+        raise api._no_sites_error(model, p, api._trace_options(None, None))
     return 0
