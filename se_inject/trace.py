@@ -640,6 +640,22 @@ def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
     return False
 
 
+def _from_an_input(value) -> bool:
+    """Whether ``value`` is a traced value computed from a placeholder (an input)."""
+    if not isinstance(value, fx.Proxy):
+        return False
+    seen, todo = set(), [value.node]
+    while todo:
+        node = todo.pop()
+        if node.op == "placeholder":
+            return True
+        for n in node.all_input_nodes:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return False
+
+
 class _NothingLeft:
     """Tracing runs the model's Python, which may cache a traced value on a module (timm's
     LeViT, EfficientViT and TinyViT cache their attention biases in eval mode). Undo every
@@ -656,10 +672,17 @@ class _NothingLeft:
     forward sets (a counter of its calls) gets its value back too.
 
     ``changed`` lists, after exit, each buffer updated in place and each such attribute set:
-    state a forward keeps, which a graph made from its trace would not."""
+    state a forward keeps, which a graph made from its trace would not. With ``keeps=True``
+    it lists as well each attribute left holding a traced value computed from the forward's
+    inputs (``self.last = y``, a list or dict filled with one): a forward that records what
+    it computed, for its caller to read, which a graph made from its trace would not do
+    either. A value computed from weights and constants alone is a cache (EfficientFormerV2's
+    attention biases, cached per device in eval mode), which the graph computes again."""
 
-    def __init__(self, model: nn.Module, left: Callable[[Any], bool] = _is_proxy):
+    def __init__(self, model: nn.Module, left: Callable[[Any], bool] = _is_proxy,
+                 keeps: bool = False):
         self._left = left
+        self._keeps = keeps
         self._buffers = []
         self._before = []
         self.changed: list[tuple[nn.Module, str]] = []
@@ -700,6 +723,8 @@ class _NothingLeft:
                     self.changed.append((m, k))
                 elif not _holds(v, self._left):
                     continue
+                elif self._keeps and _holds(v, _from_an_input):
+                    self.changed.append((m, k))
                 if k not in attrs:
                     del m.__dict__[k]
                 elif v is not attrs[k]:
@@ -1107,7 +1132,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     tracer = _BlockTracer(block, inputs, {} if constants is None else constants, **kwargs)
     was = block.training
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
-    left = _NothingLeft(block)
+    left = _NothingLeft(block, keeps=True)
     try:
         with left, _known_modes():
             tracer.entry = _modes()

@@ -191,15 +191,23 @@ class _CountingBlock(nn.Module):
         self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.register_buffer("seen", torch.zeros(()))
         self.calls, self.last = 0, torch.zeros(2)       # (a tensor that is not a buffer)
+        self.kept, self.by_name = [], {}
 
     def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
         if self.count_in == "buffer":
             self.seen += 1
         elif self.count_in == "attribute":
             self.calls += 1
         elif self.count_in == "tensor to number":
             self.last = 1
-        return x + self.c2(torch.relu(self.c1(x)))
+        elif self.count_in == "kept tensor":      # what it computed, kept for its caller
+            self.last = y.detach()
+        elif self.count_in == "kept in a list":
+            self.kept.append(y)
+        elif self.count_in == "kept in a dict":
+            self.by_name["branch"] = y.mean()
+        return x + y
 
 
 class _CountingNet(nn.Module):
@@ -214,8 +222,12 @@ class _CountingNet(nn.Module):
 
 
 @pytest.mark.parametrize("count_in,name", [("buffer", "seen"), ("attribute", "calls"),
-                                           ("tensor to number", "last")])
+                                           ("tensor to number", "last"), ("kept tensor", "last"),
+                                           ("kept in a list", "kept"),
+                                           ("kept in a dict", "by_name")])
 def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count_in, name):
+    # A value the forward computed and kept (the last three) was dropped without a word: the
+    # block was gated, and its generated forward kept nothing.
     model = _CountingNet(count_in)
     before = _fingerprint(model)
     with pytest.raises(RewriteError, match=rf"`block` \(_CountingBlock\) changes its own state "
@@ -224,9 +236,10 @@ def test_a_block_that_updates_its_own_state_is_refused_and_nothing_changes(count
     assert _same(before, _fingerprint(model))
     assert (model.steps, model.block.calls, float(model.block.seen)) == (0, 0, 0.0)
     assert torch.equal(model.block.last, torch.zeros(2))
+    assert model.block.kept == [] and model.block.by_name == {}
     model(torch.randn(1, 3, 16, 16))                      # the model counts as it did
     assert model.steps == 1 and model.block.calls + float(model.block.seen) == \
-        (count_in != "tensor to number")
+        (count_in in ("buffer", "attribute"))
 
 
 class _Reverse(torch.autograd.Function):

@@ -345,7 +345,9 @@ def test_tracing_leaves_no_traced_values_in_the_model():
 
 def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
     """A forward that stores a traced value in a new attribute, or in place of an existing one,
-    leaves the model as it was before apply() traced it (a list it only read is kept as is)."""
+    leaves the model as it was before apply() traced it (a list it only read is kept as is).
+    Values computed from the input and kept are state a generated forward would not keep:
+    the block is refused (it was gated, and stopped keeping them)."""
     from handwritten import CachingNet, branch
 
     class Stashing(torch.nn.Module):
@@ -364,7 +366,10 @@ def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
     model = CachingNet().eval()
     model.block = Stashing()
     names = model.block.names
-    se_inject.apply(model)
+    with pytest.raises(RewriteError, match=r"`block` \(Stashing\) changes its own state when "
+                                           r"it runs \(`last`, `seen`\)"):
+        se_inject.apply(model)
+    assert not gates(model)
     assert model.block.last is None and "seen" not in model.block.__dict__
     assert model.block.names is names and names == ["a"]
 
