@@ -1237,21 +1237,53 @@ def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
 def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset()
                 ) -> tuple[tuple[str, Callable], ...]:
     """reached_code of the module's class, and the Python functions (or partials of them)
-    its forward reads from the module's own attributes (``self.drop = my_drop``), with what
-    they reach: fx traces into a function held so, and never wraps it."""
+    its forward reads from the module's own attributes (``self.drop = my_drop``), and the
+    methods of plain objects held so (``self.dropper = Dropper(p)``, see _held_methods),
+    with what they reach: fx traces into them, and never wraps them."""
     cls = type(module)
     names = forward_names(cls)
     held = []
     for k, v in module.__dict__.items():
+        if k not in names:
+            continue
         fn = v.func if isinstance(v, functools.partial) else v
-        if k in names and type(fn) is types.FunctionType and not _torch_own(fn):
-            held.append((f"{cls.__name__}.{k} ({fn.__module__}.{fn.__qualname__})", fn))
+        if type(fn) is types.FunctionType:
+            if not _torch_own(fn):
+                held.append((f"{cls.__name__}.{k} ({fn.__module__}.{fn.__qualname__})", fn))
+        else:
+            held += [(f"{cls.__name__}.{k} ({type(v).__qualname__}.{m})", f)
+                     for m, f in _held_methods(v, names)]
     code = reached_code(cls, wrapped)
     if not held:
         return code
     known = {id(fn) for _, fn in code}
     return code + tuple((label, fn) for label, fn in _follow(held, wrapped)
                         if id(fn) not in known)
+
+
+def _held_methods(obj, names: frozenset[str]) -> list[tuple[str, Callable]]:
+    """The Python methods of a plain object a module holds (``self.dropper = Dropper(p)``)
+    that a trace of its forward may run: its ``__call__`` and the methods the forward names
+    (``self.dropper.drop(y)``), with the methods those name in turn. Not for modules,
+    tensors, classes, values, or torch's and the builtins' objects."""
+    cls = type(obj)
+    if isinstance(obj, (nn.Module, torch.Tensor, type, *PLAIN)) or \
+            not hasattr(obj, "__dict__") or cls.__module__ == "builtins" or _torch_own(cls):
+        return []
+    members = {}
+    for base in reversed(cls.__mro__[:-1]):  # object's own are C
+        for k, v in vars(base).items():
+            f = v.fget if isinstance(v, property) else getattr(v, "__func__", v)
+            if type(f) is types.FunctionType:
+                members[k] = f
+    out: dict[str, Callable] = {}
+    todo = [k for k in members if k in names or k == "__call__"]
+    while todo:
+        k = todo.pop()
+        if k not in out:
+            out[k] = members[k]
+            todo += [n for n in code_names(members[k].__code__) if n in members]
+    return sorted(out.items())
 
 
 def autograd_functions(code: Sequence[tuple[str, Callable]]) -> list[str]:

@@ -350,6 +350,22 @@ class _HelperDrawBlock(_ModalBlock):
         return _drop_at_random(x, self._branch(x), self.training)
 
 
+class _Dropper:
+    """Stochastic depth as a plain object (not a module) the block holds and calls."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, x, branch, training: bool):
+        return self.drop(x, branch, training)
+
+    def drop(self, x, branch, training: bool):
+        return x if training and self.coin() < self.p else x + branch
+
+    def coin(self):
+        return uniform(0, 1)
+
+
 class _HeldDrawBlock(_ModalBlock):
     """The helper held by the block: ``self.drop(...)`` names no global function."""
 
@@ -360,6 +376,20 @@ class _HeldDrawBlock(_ModalBlock):
 
     def forward(self, x):
         return self.drop(x, self._branch(x), self.training)
+
+
+class _HeldObjectBlock(_ModalBlock):
+    """An object held by the block, called (``self.dropper(...)``) or through a method
+    (``self.dropper.drop(...)``)."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode)
+        self.dropper = _Dropper(0.5)
+
+    def forward(self, x):
+        if self.mode == "held object":
+            return self.dropper(x, self._branch(x), self.training)
+        return self.dropper.drop(x, self._branch(x), self.training)
 
 
 class _HelperModeBlock(_ModalBlock):
@@ -385,6 +415,7 @@ class _ModalNet(nn.Module):
                       "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock,
                       "helper draws": _HelperDrawBlock, "helper reads": _HelperModeBlock,
                       "held draws": _HeldDrawBlock, "held partial": _HeldDrawBlock,
+                      "held object": _HeldObjectBlock, "held object's method": _HeldObjectBlock,
                       "wrapped draw": _WrappedDrawBlock, "autowrapped draw": _AutowrappedDrawBlock}.get(
             mode, _ModalBlock)(mode)
 
@@ -472,15 +503,20 @@ def test_a_block_that_draws_python_random_numbers_is_refused(seed, error, why):
      r"`test_bad_inputs._coin`\)"),
     ("held partial", 0, RewriteError, r"`block` \(_HeldDrawBlock\) draws Python's"),
     ("held draws", 1, NoSitesError, r"Note: _HeldDrawBlock draw\(s\) Python's or NumPy's"),
+    ("held object", 0, RewriteError,
+     r"`block` \(_HeldObjectBlock\) draws Python's or NumPy's random numbers \(in "
+     r"`_HeldObjectBlock.dropper \(_Dropper.coin\)`\)"),
+    ("held object's method", 0, RewriteError,
+     r"draws Python's or NumPy's random numbers \(in `_HeldObjectBlock.dropper \(_Dropper.coin\)`\)"),
     ("helper reads", 0, RewriteError,
      r"`block` \(_HelperModeBlock\) reads the mode it runs in \(`torch.is_grad_enabled\(\)` "
      r"in `test_bad_inputs._detach_without_grad`\)"),
 ])
 def test_a_draw_or_mode_read_in_a_function_the_forward_calls_is_refused(mode, seed, error, why):
     """The module-level functions a forward calls, and the functions a block holds in its
-    attributes, are traced through as its own code is: before, a block whose stochastic depth
-    was such a function (drawing with ``from random import uniform``) was gated and never
-    dropped its branch again."""
+    attributes (and the methods of plain objects it holds), are traced through as its own code
+    is: before, a block whose stochastic depth was such a function or object (drawing with
+    ``from random import uniform``) was gated and never dropped its branch again."""
     model = _ModalNet(mode).train()
     before = _fingerprint(model)
     random.seed(seed)  # the first draw keeps the branch (0.84) or drops it (0.13)
