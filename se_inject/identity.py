@@ -49,6 +49,18 @@ class Compensation:
 
 _PASS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
                  nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+# drop-block layers: a mask made from the input's shape alone (and, scaled by what it keeps,
+# from the mask alone); timm's with_noise=True adds noise, which does not scale
+_DROP_BLOCKS = (("timm.layers.drop", "DropBlock2d"), ("torchvision.ops.drop_block", "DropBlock2d"))
+
+
+def _passes(m: nn.Module) -> bool:
+    """Whether ``m``'s output scales with its input, whatever its parameters."""
+    cls = type(m)
+    return isinstance(m, _PASS_MODULES) or (
+        (cls.__module__, cls.__name__) in _DROP_BLOCKS and not getattr(m, "with_noise", False))
+
+
 _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten,
                    torch.permute, torch.reshape}
@@ -106,9 +118,9 @@ def _scalable(m: nn.Module) -> tuple[str, ...] | None:
             _frozen_norm(m):
         act = getattr(m, "act", None)  # timm's BatchNormAct2d: a norm with its activation
         drop = getattr(m, "drop", None)
-        if act is not None and not isinstance(act, _PASS_MODULES):
+        if act is not None and not _passes(act):
             return None
-        if drop is not None and not isinstance(drop, _PASS_MODULES):
+        if drop is not None and not _passes(drop):
             return None
         if getattr(m, "weight", None) is None:  # not affine: nothing to scale
             return None
@@ -120,7 +132,7 @@ def _sequential_params(m: nn.Sequential) -> tuple[str, ...] | None:
     """A leaf Sequential (torchvision's Conv2dNormActivation): its last scalable layer, after
     which only layers that commute with the factor run."""
     for name, layer in reversed(list(m.named_children())):
-        if isinstance(layer, _PASS_MODULES):
+        if _passes(layer):
             continue
         own = _scalable(layer)
         return tuple(f"{name}.{p}" for p in own) if own else None
@@ -168,7 +180,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 found.extend(_tensor_to_scale(modules, params, buffers, f"{node.target}.{p}",
                                               refuse) for p in own)
                 return
-            if isinstance(m, _PASS_MODULES):
+            if _passes(m):
                 return walk(_only_tensor_input(node, refuse), False)
             raise refuse(f"`{node.target}` ({type(m).__name__}) does not scale with its input")
         if node.op in ("call_function", "call_method"):

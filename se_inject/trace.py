@@ -77,6 +77,11 @@ def _registry_leaf_modules() -> list[type]:
     try:
         from timm.layers import get_notrace_modules
         leaves += list(get_notrace_modules())
+        # as torchvision's own DropBlock2d (below) and torch's dropout layers: one call in
+        # either mode (traced through, it vanishes in eval mode and cannot be traced in
+        # training mode), so a gate after it sits in the same place in both
+        from timm.layers import DropBlock2d
+        leaves.append(DropBlock2d)
     except ImportError:  # timm is optional for hand-written models
         pass
     return leaves + _torchvision_leaf_modules()

@@ -538,8 +538,8 @@ def test_with_drop_path_the_gate_sits_where_timm_puts_se_in_either_mode(apply_in
 def test_with_drop_block_the_model_is_gated_in_either_mode_and_draws_its_blocks(apply_in_train):
     """timm's DropBlock2d cannot be traced in training mode (its mask size is the smaller of
     its block size and the map's, a branch on a traced shape): apply() refused every ResNet
-    built with drop_block_rate. It holds nothing to gate and is now called whole. The plan is
-    the eval-mode one, and the gated model computes what seresnet50 computes with the same
+    built with drop_block_rate. It is now one call in either mode. The plan is the eval-mode
+    one, and the gated model computes what seresnet50 computes with the same
     weights and the same dropped blocks in both modes."""
     model = timm.create_model("resnet50", pretrained=False, drop_block_rate=0.2)
     randomize_norms(model)
@@ -562,6 +562,58 @@ def test_with_drop_block_the_model_is_gated_in_either_mode_and_draws_its_blocks(
         outs.append(model(x))
         torch.testing.assert_close(outs[-1], want, rtol=1e-4, atol=1e-4)
     assert (outs[0] - outs[1]).abs().max() > 1e-2  # blocks were dropped in training
+
+
+class _DropLast(torch.nn.Module):
+    """A residual block whose branch ends in a drop layer."""
+
+    def __init__(self, drop):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c2, self.bn = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.drop = drop
+
+    def forward(self, x):
+        return x + self.drop(self.bn(self.c2(torch.relu(self.c1(x)))))
+
+
+@pytest.mark.parametrize("drop", ["timm", "torchvision", "dropout2d"])
+def test_a_branch_ending_in_a_drop_block_is_gated_alike_in_either_mode(drop):
+    """timm's DropBlock2d was traced through: as nothing in eval mode, as a layer fx could not
+    trace in training mode (then called whole), so the gate went after the norm or after the
+    drop block depending on the mode the model was in. It is one call in either mode, as
+    torchvision's DropBlock2d and nn.Dropout2d are, and scales with its input, so identity
+    initialisation keeps the outputs, the same blocks dropped."""
+    def build():
+        layer = {"timm": lambda: timm.layers.DropBlock2d(0.3, 3),
+                 "torchvision": lambda: torchvision.ops.DropBlock2d(0.3, 3),
+                 "dropout2d": lambda: torch.nn.Dropout2d(0.3)}[drop]()
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _DropLast(layer))
+
+    sites = {train: [s.tensor for s in se_inject.plan(build().train(train),
+                                                       input_size=(3, 16, 16)).sites]
+             for train in (True, False)}
+    assert sites[True] == sites[False] == ["1.drop"]
+    model = build()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    x = torch.randn(2, 3, 16, 16)
+    for train in (True, False):
+        model.train(train), plain.train(train)
+        torch.manual_seed(2)
+        want = plain(x)
+        torch.manual_seed(2)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_identity_init_refuses_a_drop_block_that_adds_noise():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                _DropLast(timm.layers.DropBlock2d(0.3, 3, with_noise=True)))
+    with pytest.raises(se_inject.SEInjectError, match=r"`1.drop` \(DropBlock2d\) does not "
+                                                      r"scale with its input"):
+        se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    assert not gates(model)
 
 
 def test_torchvision_inception_v3_is_gated_in_training_mode_without_an_input_size():
