@@ -247,15 +247,19 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
     if rates:  # try the round rates a schedule may have come from
         for guess in _rate_guesses(model, json.loads(recipe)["base"]["kwargs"]):
             again = _recipe_json(model, arch, {**guess, **(model_kwargs or {})})
-            if not _check_rebuilds(model, json.loads(again)):
-                recipe, rates = again, []
-                break
+            try:
+                if not _check_rebuilds(model, json.loads(again)):
+                    recipe, rates = again, []
+                    break
+            except SEInjectError:  # an option the architecture does not take, or another model
+                continue
     if rates:
         kwargs = json.loads(recipe)["base"]["kwargs"]
         warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
                       f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
                       "same in eval mode but trains with other rates; pass "
-                      "model_kwargs={'drop_path_rate': ..., 'drop_rate': ...} to keep them.",
+                      "model_kwargs={'drop_path_rate': ..., 'drop_rate': ..., "
+                      "'drop_block_rate': ...} to keep them.",
                       stacklevel=2)
     fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
     return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
@@ -325,23 +329,28 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
 
 
 def _rate_guesses(model: nn.Module, kwargs: dict) -> list[dict]:
-    """drop_rate and drop_path_rate values that may rebuild the model's dropout layers: the
-    largest rate each kind of layer has, rounded, and the stochastic-depth rate of a schedule
-    that stops one block short of it (timm's EfficientNets: rate · i / n)."""
+    """drop_rate, drop_path_rate and drop_block_rate values that may rebuild the model's
+    dropout layers: the largest rate each kind of layer has, rounded, and the stochastic-depth
+    rate of a schedule that stops one block short of it (timm's EfficientNets: rate · i / n).
+    A drop-block rate is guessed only where the model has drop blocks (timm's ResNets)."""
     paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     drops = [m.p for m in model.modules() if type(m).__name__.startswith("Dropout")]
+    blocks = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropBlock2d"]
     path_options = [kwargs.get("drop_path_rate")]
     if paths:
         top = max(paths)
         short = round(top * len(paths) / max(len(paths) - 1, 1), 3)
         path_options += [round(top, 1), round(top, 2), short]
     drop_options = [kwargs.get("drop_rate")] + ([round(max(drops), 3)] if drops else [])
+    block_options = [kwargs.get("drop_block_rate")] + ([round(max(blocks), 3)] if blocks else [])
     out = []
     for dp in dict.fromkeys(path_options):
         for dr in dict.fromkeys(drop_options):
-            guess = {k: v for k, v in (("drop_path_rate", dp), ("drop_rate", dr)) if v}
-            if guess and guess not in out:
-                out.append(guess)
+            for db in dict.fromkeys(block_options):
+                guess = {k: v for k, v in (("drop_path_rate", dp), ("drop_rate", dr),
+                                           ("drop_block_rate", db)) if v}
+                if guess and guess not in out:
+                    out.append(guess)
     return out
 
 

@@ -445,7 +445,8 @@ def test_save_refuses_a_model_that_would_load_back_as_another(tmp_path, kwargs, 
     ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
     ("convnext_atto", {"drop_path_rate": 0.2, "drop_rate": 0.3}),
     ("hardcorenas_b", {"drop_path_rate": 0.1, "drop_rate": 0.2}),  # largest rate 0.1 * 18/19
-    ("fastvit_t8", {"drop_path_rate": 0.1, "drop_rate": 0.2})])    # the head's own Dropout
+    ("fastvit_t8", {"drop_path_rate": 0.1, "drop_rate": 0.2}),     # the head's own Dropout
+    ("resnet18", {"drop_block_rate": 0.2, "drop_path_rate": 0.1})])
 def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwargs):
     m = _trained_like(timm.create_model(name, pretrained=False, **kwargs)).eval()
     se_inject.apply(m, init="identity")
@@ -455,8 +456,10 @@ def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwarg
     assert type(g) is type(m)
     def rates(model):
         return [(n, getattr(mod, "drop_prob", None), getattr(mod, "p", None))
-                for n, mod in model.named_modules() if type(mod).__name__ in ("DropPath", "Dropout")]
-    assert rates(g) == rates(m) and any(r[1] or r[2] for r in rates(m)) == ("drop_rate" in kwargs)
+                for n, mod in model.named_modules()
+                if type(mod).__name__ in ("DropPath", "Dropout", "DropBlock2d")]
+    assert rates(g) == rates(m)
+    assert any(r[1] or r[2] for r in rates(m)) == any(k.startswith("drop_") for k in kwargs)
     assert getattr(g, "drop_rate", None) == getattr(m, "drop_rate", None)
     x = torch.randn(2, 3, 64, 64)
     y0, y1 = _out(m, x), _out(g, x)
