@@ -281,12 +281,16 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None,
                     help="time create, a bare fx trace and apply this many times each and keep "
                          "the best (default 3, 1 with --all)")
-    ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"))
+    ap.add_argument("--out", type=Path, default=Path("bench/out/coverage.md"),
+                    help="the Markdown table to write; the rows go beside it as .json")
     ap.add_argument("--resume", type=Path, default=None,
                     help="JSON-lines file: rows already there are kept, new rows appended")
     ap.add_argument("--minutes", type=float, default=None,
                     help="start no new model after this many minutes; report what was swept")
     args = ap.parse_args(argv)
+    if args.out.is_dir():  # found now, not after a sweep of an hour
+        ap.error(f"--out {args.out} is a folder: give the Markdown file to write "
+                 f"(e.g. {args.out / 'coverage.md'})")
     only = [m for m in args.only.split(",") if m] or None
     if args.all:
         todo = [(f, n) for f in (only or timm.list_modules()) for n in timm.list_models(module=f)]

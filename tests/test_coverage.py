@@ -135,3 +135,11 @@ def test_a_resumed_sweep_keeps_finished_rows_and_drops_a_cut_one(tmp_path):
     text = coverage.report(list(rows.values()), planned=3)
     assert "partial sweep: 1 of 3 models" in text
     assert "partial" not in coverage.report(list(rows.values()), planned=1)
+
+
+def test_the_sweep_refuses_a_folder_for_its_table_before_it_starts(tmp_path, capsys):
+    # a folder given as --out failed when the table was written, after the whole sweep
+    with pytest.raises(SystemExit) as exc:
+        coverage.main(["--out", str(tmp_path), "--only", "resnet", "--skip-torchvision"])
+    assert exc.value.code == 2 and "is a folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
