@@ -30,6 +30,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
 from .kinds import flat, reads_metadata_only
+from .shapes import VALUE
 
 __all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
@@ -254,7 +255,10 @@ def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: s
 
 
 def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
-    tensors = [a for a in node.all_input_nodes if a.op != "get_attr"]
+    # not a size read from a tensor's shape (F.interpolate(y, size=x.shape[-2:]), as
+    # torchvision's DeepLabV3 pools and scales back one branch of its ASPP module)
+    tensors = [a for a in node.all_input_nodes if a.op != "get_attr"
+               and isinstance(a.meta.get(VALUE, node), (torch.Tensor, fx.Node))]
     if len(tensors) != 1:
         raise refuse(f"`{node.format_node()}` has {len(tensors)} tensor inputs")
     return tensors[0]

@@ -219,8 +219,15 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
         if made & erased or any(user not in made for n in call.nodes if n is not call.out
                                 for user in n.users):
             continue
+        # what its layers read now: a gate on the container's input stands in for the input
+        # the trace recorded (torchvision's DeepLabV3 gated its ASPP's concatenation, and the
+        # projection after it, made whole again, read the ungated one)
+        read = {a for n in call.nodes for a in n.all_input_nodes
+                if a not in made and a.op != "get_attr"}
+        if len(read) != 1:
+            continue
         with graph.inserting_after(call.out):
-            whole = graph.call_module(call.qualname, (call.arg,))
+            whole = graph.call_module(call.qualname, (read.pop(),))
         call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
         for node in call.nodes:  # users before what they use
             graph.erase_node(node)

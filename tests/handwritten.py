@@ -243,12 +243,43 @@ class TrainingNet(nn.Module):
         return self.block(F.relu(self.stem(x))).mean((2, 3))
 
 
+class ASPPLike(nn.Module):
+    """DeepLabV3's ASPP: parallel branches (one pooled to 1x1 and scaled back to its input's
+    size), concatenated, and projected by an nn.Sequential the same forward calls."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Sequential(*conv_bn(c, c, 1), nn.ReLU()),
+                                    nn.Sequential(*conv_bn(c, c, 3), nn.ReLU()),
+                                    nn.Sequential(nn.AdaptiveAvgPool2d(1), *conv_bn(c, c, 1),
+                                                  nn.ReLU())])
+        self.project = nn.Sequential(*conv_bn(3 * c, c, 1), nn.ReLU())
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        res = [conv(x) for conv in self.convs[:2]]
+        res.append(F.interpolate(self.convs[2](x), size=size, mode="bilinear",
+                                 align_corners=False))
+        return self.project(torch.cat(res, dim=1))
+
+
+class ASPPNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.aspp = ASPPLike()
+
+    def forward(self, x):
+        return self.aspp(F.relu(self.stem(x))).mean((2, 3))
+
+
 HANDWRITTEN = {
     "inline_residual": (InlineResidualNet, 3, {"residual": 3}),
     "functional_inception": (FunctionalInceptionNet, 2, {"inception": 2}),
     "block_net": (BlockNet, 3, {"residual": 3}),
     "training_net": (TrainingNet, 1, {"residual": 1}),
     "untraceable_layer_called_whole": (BlurNet, 2, {"residual": 2}),
+    "aspp": (ASPPNet, 1, {"inception": 1}),
 }
 
 

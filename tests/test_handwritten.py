@@ -199,6 +199,29 @@ def test_a_layer_fx_cannot_trace_with_a_parameter_in_any_instance_is_still_named
     assert list(model.state_dict()) == keys and not gates(model)
 
 
+def test_a_gate_before_a_container_the_forward_calls_feeds_it():
+    """DeepLabV3's ASPP: the gate on the concatenation must feed the projection, an
+    nn.Sequential the forward calls. The generated forward called the gate and passed the
+    ungated concatenation to the projection (the gate computed and dropped), and identity
+    initialisation was refused for the size read from the input's shape."""
+    from handwritten import ASPPNet
+    model = ASPPNet().eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model)
+    m, x = model.aspp, torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        cat = torch.cat([m.convs[0](x), m.convs[1](x),
+                         F.interpolate(m.convs[2](x), size=(8, 8), mode="bilinear",
+                                       align_corners=False)], dim=1)
+        torch.testing.assert_close(m(x), m.project(paper_reference(cat, m.se_gate)),
+                                   rtol=1e-5, atol=1e-6)
+    se_inject.remove(model)
+    se_inject.apply(model, init="identity")
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
 def test_failure_in_a_later_block_leaves_earlier_blocks_untouched():
     model = CallerFlagNet()
     before = copy.deepcopy(model.state_dict())

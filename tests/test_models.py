@@ -616,6 +616,24 @@ def test_identity_init_refuses_a_drop_block_that_adds_noise():
     assert not gates(model)
 
 
+def test_torchvision_deeplabv3_gates_its_aspp_and_keeps_its_outputs():
+    """Its ASPP head concatenates five branches and projects them with an nn.Sequential: the
+    gate on the concatenation was computed and dropped (the projection read the ungated
+    tensor), and identity initialisation was refused for the size the pooled branch reads
+    from its input's shape."""
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+    model = deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, input_size=(3, 64, 64), init="identity")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = plain(x)["out"]
+        torch.testing.assert_close(model(x)["out"], want, rtol=0, atol=0)
+        model.classifier[0].se_gate.fc2.bias.fill_(-30.0)   # the gate now closes every channel
+        assert not torch.allclose(model(x)["out"], want)
+
+
 def test_torchvision_inception_v3_is_gated_in_training_mode_without_an_input_size():
     """Its auxiliary head runs in training mode and needs its weights' 299 x 299 input: 224 x
     224 made shape propagation fail. Both modes give the same 11 gates."""
