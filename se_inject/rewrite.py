@@ -509,6 +509,7 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                 "trace of it would run them in the caller's mode", "that part")
         traced[training] = _insert(graph, gates, label, owner)
         inlined |= _call_containers_whole(graph)
+        _check_gates_used(graph, gates, label, owner)
         compiled[training] = _compile(graph, type(owner))
     if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
         forward = next(iter(compiled.values()))[1]
@@ -517,6 +518,21 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     if inputs is not None:
         forward = wrap_body(type(owner), inputs, forward)
     return forward, traced, frozenset(inlined), constants
+
+
+def _check_gates_used(graph: fx.Graph, gates: dict[str, LocalKey], label: str,
+                      owner: nn.Module) -> None:
+    """Every gate's output is read in the generated forward: a gate computed and then passed
+    by (its input read in its place) would leave the model as it was, with a gate that
+    trains nothing. Raised before anything changes."""
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in gates and not node.users:
+            raise RewriteError(
+                f"`{label}` ({type(owner).__name__}): the forward generated for its gate "
+                f"`{node.target}` does not read the gate's output. This is a bug in se-inject; "
+                "please report it with the model. Pass the class as a leaf "
+                f"(leaf_modules=[{type(owner).__name__}]) to leave it ungated (nothing was "
+                "changed).")
 
 
 _MODULE_OWN = frozenset(nn.Module().__dict__) | {"forward", STATE}

@@ -222,6 +222,29 @@ def test_a_gate_before_a_container_the_forward_calls_feeds_it():
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
+def test_a_generated_forward_that_passes_a_gate_by_is_refused(monkeypatch):
+    """The check behind the fix above: should any rewrite leave a gate's output unread, the
+    block is refused and the model left as it was, rather than gated with a dead gate."""
+    import se_inject.rewrite as rewrite
+    from handwritten import ASPPNet
+    whole = rewrite._call_containers_whole
+
+    def pass_gates_by(graph):
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target.startswith(rewrite.GATE_PREFIX):
+                node.replace_all_uses_with(node.args[0])
+        return whole(graph)
+
+    monkeypatch.setattr(rewrite, "_call_containers_whole", pass_gates_by)
+    model = ASPPNet()
+    keys = list(model.state_dict())
+    with pytest.raises(RewriteError, match=r"`aspp` \(ASPPLike\): the forward generated for "
+                                           r"its gate `se_gate` does not read the gate's output"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys and not gates(model)
+    assert "forward" not in model.aspp.__dict__
+
+
 def test_failure_in_a_later_block_leaves_earlier_blocks_untouched():
     model = CallerFlagNet()
     before = copy.deepcopy(model.state_dict())
