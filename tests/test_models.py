@@ -483,6 +483,17 @@ def test_gates_made_on_the_meta_device_keep_the_values_a_checkpoint_gives_them()
                for p in g.parameters())
 
 
+def _same_draws_same_outputs(model, plain, x):
+    """In training and in eval mode, seeded alike, ``model`` computes exactly what ``plain``
+    computes (the same dropout masks drawn)."""
+    for train in (True, False):
+        model.train(train), plain.train(train)
+        torch.manual_seed(1)
+        want = plain(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name,n_gates", [("resnet18", 8), ("convnext_atto", 12),
                                           ("rexnet_100", 1), ("tv:convnext_tiny", 18)])
 def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
@@ -499,13 +510,7 @@ def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
     plain = copy.deepcopy(model)
     se_inject.apply(model, init="identity")
     assert len(gates(model)) == n_gates
-    x = torch.randn(4, 3, 64, 64)
-    for train in (True, False):
-        model.train(train), plain.train(train)
-        torch.manual_seed(1)
-        want = plain(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    _same_draws_same_outputs(model, plain, torch.randn(4, 3, 64, 64))
 
 
 @pytest.mark.parametrize("apply_in_train", [True, False])
@@ -598,13 +603,7 @@ def test_a_branch_ending_in_a_drop_block_is_gated_alike_in_either_mode(drop):
     randomize_norms(model)
     plain = copy.deepcopy(model)
     se_inject.apply(model, input_size=(3, 16, 16), init="identity")
-    x = torch.randn(2, 3, 16, 16)
-    for train in (True, False):
-        model.train(train), plain.train(train)
-        torch.manual_seed(2)
-        want = plain(x)
-        torch.manual_seed(2)
-        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    _same_draws_same_outputs(model, plain, torch.randn(2, 3, 16, 16))
 
 
 def test_identity_init_refuses_a_drop_block_that_adds_noise():
