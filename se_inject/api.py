@@ -371,6 +371,12 @@ def _check_init(init) -> str:
     return init
 
 
+def held_blocks(p: Plan) -> list[Skipped]:
+    """The blocks a plan left out because they hold a gate already (apply() then changes
+    nothing and warns, rather than refusing the model)."""
+    return [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+
+
 def _no_sites_error(model: nn.Module, p: Plan, options: TraceOptions) -> NoSitesError:
     error = _no_sites(model, p)
     wrapped = options.wrapped_ids()
@@ -475,7 +481,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,
                                                stages, spec)
         if not p.sites:
-            held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+            held = held_blocks(p)
             if held:
                 warnings.warn(f"every block of {type(model).__name__} that the rules match "
                               f"already holds a gate ({len(held)} blocks); apply() changed "

@@ -67,29 +67,22 @@ class _MLP(nn.Module):
 
 class _Video3D(nn.Module):
     """A residual block of 3-D convolutions: its sum is of 5-D tensors (N, C, T, H, W)."""
+    conv, in_chans = nn.Conv3d, 3
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Conv3d(3, 8, 3, padding=1)
-        self.c1, self.c2 = nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+        self.stem = self.conv(self.in_chans, 8, 3, padding=1)
+        self.c1, self.c2 = self.conv(8, 8, 3, padding=1), self.conv(8, 8, 3, padding=1)
 
     def forward(self, x):
         x = self.stem(x)
         return x + self.c2(torch.relu(self.c1(x)))
 
 
-class _Audio1D(nn.Module):
-    """A residual block of 1-D convolutions: its sum is of 3-D tensors (N, C, L), as a
-    transformer's token sums are, but made by convolutions."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv1d(1, 8, 3, padding=1)
-        self.c1, self.c2 = nn.Conv1d(8, 8, 3, padding=1), nn.Conv1d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        x = self.stem(x)
-        return x + self.c2(torch.relu(self.c1(x)))
+class _Audio1D(_Video3D):
+    """The same of 1-D convolutions: its sum is of 3-D tensors (N, C, L), as a transformer's
+    token sums are, but made by convolutions."""
+    conv, in_chans = nn.Conv1d, 1
 
 
 @dataclass

@@ -5,7 +5,6 @@ import argparse
 
 from .. import api
 from .._models import create
-from ..match import HOLDS_A_GATE
 from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
 
 
@@ -35,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")
     print(p.table())
     if not len(p):
-        held = [s for s in p.skipped if s.reason in ("already gated", HOLDS_A_GATE)]
+        held = api.held_blocks(p)
         if held:
             print(f"every block the rules match already holds a gate ({len(held)} blocks): "
                   "apply() would change nothing. A rule with 'existing_gate: allow' gates them "
