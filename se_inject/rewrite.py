@@ -40,6 +40,9 @@ STATE = "_se_inject_state"
 MODE_READS = frozenset(("is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled",
                         "is_autocast_cpu_enabled", "get_autocast_dtype", "get_autocast_gpu_dtype",
                         "get_autocast_cpu_dtype"))
+# what a forward calls to ask whether torch.fx is tracing it: true while apply() traces, false
+# at every later call
+FX_READS = frozenset(("is_fx_tracing", "is_fx_symbolic_tracing", "_get_is_fx_tracing"))
 # what a forward names to draw random numbers a trace does not record (``random.random()``,
 # ``np.random.rand()``); torch's own draws are recorded
 RANDOM_DRAWS = frozenset(("random",))
@@ -443,6 +446,12 @@ def _unrecorded(code: Sequence[tuple[str, Callable]]) -> str | None:
         return (f"calls a torch.autograd.Function ({', '.join(f'`{f}`' for f in functions)}) "
                 "in its forward: a trace records the ops its forward computes, and a forward "
                 "generated from it would run them without the Function's backward")
+    fx_reads = [label for label, fn in code if code_names(fn.__code__) & FX_READS]
+    if fx_reads:
+        return ("asks whether torch.fx is tracing it (`torch.fx._symbolic_trace.is_fx_tracing()` "
+                f"in {', '.join(f'`{label}`' for label in fx_reads)}): a trace takes the branch "
+                "for tracing, and a forward generated from it would take that branch at every "
+                "call")
     reads = [(label, sorted(r)) for label, fn in code
              if (r := code_names(fn.__code__) & MODE_READS)]
     draws = random_draws(code)

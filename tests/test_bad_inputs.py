@@ -285,6 +285,16 @@ class _ModeReadingBlock(_ModalBlock):
         return x + y
 
 
+class _FxReadingBlock(_ModalBlock):
+    """A branch taken only while torch.fx traces: true during apply(), false afterwards."""
+
+    def forward(self, x):
+        y = self._branch(x)
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            y = y * 2
+        return x + y
+
+
 class _RandomDepthBlock(_ModalBlock):
     """Stochastic depth drawn with Python's random: a trace draws once."""
 
@@ -404,7 +414,7 @@ class _ModalNet(nn.Module):
     def __init__(self, mode: str):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.block = {"reads": _ModeReadingBlock, "draws": _RandomDepthBlock,
+        self.block = {"reads": _ModeReadingBlock, "reads fx": _FxReadingBlock, "draws": _RandomDepthBlock,
                       "function": _FunctionBlock, "hidden function": _HiddenFunctionBlock,
                       "helper draws": _HelperDrawBlock, "helper reads": _HelperModeBlock,
                       "held draws": _HeldDrawBlock, "held partial": _HeldDrawBlock,
@@ -449,6 +459,18 @@ def test_a_block_that_reads_the_mode_it_runs_in_is_refused():
                                            r"`torch.is_grad_enabled\(\)` in "
                                            r"`_ModeReadingBlock.forward`\)"):
         se_inject.apply(model, input_size=(3, 16, 16))
+    assert _same(before, _fingerprint(model))
+
+
+def test_a_block_that_asks_whether_fx_is_tracing_it_is_refused():
+    """apply()'s trace takes the branch for tracing, which no later call takes: gated, the
+    block added twice its branch at every call, so that even identity-initialised gates
+    changed its outputs; refused, it is left as it was."""
+    model = _ModalNet("reads fx")
+    before = _fingerprint(model)
+    with pytest.raises(RewriteError, match=r"`block` \(_FxReadingBlock\) asks whether torch.fx is "
+                                           r"tracing it .* in `_FxReadingBlock.forward`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16), init="identity")
     assert _same(before, _fingerprint(model))
 
 
