@@ -520,13 +520,37 @@ def apply(model: nn.Module, ratio: int | dict = 16,
     own = sum(1 for s in p.sites if not s.block)
     if own:
         cls = type(model).__name__
+        also = next((sorted(pr.methods) for pr in prepared if pr.owner is model), [])
+        also = f" (its {', '.join(also)} as well, rewritten with its forward)" if also else ""
         warnings.warn(f"{own} gate(s) sit in the forward of the model itself ({cls}): calling "
-                      "the model runs them, and torch.compile and torch.export see them, but "
-                      f"torch.fx.symbolic_trace(model) reads {cls}.forward from the class and "
-                      "would not (trace nn.Sequential(model) instead), and other methods of "
+                      f"the model runs them{also}, and torch.compile and torch.export see them, "
+                      f"but torch.fx.symbolic_trace(model) reads {cls}.forward from the class "
+                      "and would not (trace nn.Sequential(model) instead), and other methods of "
                       f"{cls} that hold those sites, called directly, run without them.",
                       stacklevel=2)
+    _warn_left(model, prepared)
     return model
+
+
+def _warn_left(model: nn.Module, prepared) -> None:
+    """One warning naming the forward_* methods of gated blocks left as they are, and why."""
+    left: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    names = None
+    for pr in prepared:
+        for name, why in sorted(pr.left.items()):
+            if names is None:
+                names = {id(m): n or "(model)" for n, m in model.named_modules()}
+            left[(type(pr.owner).__name__, name, why)].append(f"`{names[id(pr.owner)]}`")
+    if not left:
+        return
+    warnings.warn(
+        f"{sum(map(len, left.values()))} method(s) of gated blocks were left as they are, and "
+        "called directly they compute without the gates: " + "; ".join(
+            f"{cls}.{name} of {', '.join(blocks[:3])}"
+            f"{f' and {len(blocks) - 3} more' if len(blocks) > 3 else ''}: {why}"
+            for (cls, name, why), blocks in left.items()) + ". A block's forward_* methods are "
+        "rewritten with its forward where they compute what it computes up to every gated "
+        "site (README.md, \"Other forward methods\").", stacklevel=3)
 
 
 def remove(model: nn.Module) -> nn.Module:

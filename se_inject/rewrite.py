@@ -30,7 +30,8 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, autograd_functions, code_names, module_code, trace_block)
+                    TraceOptions, autograd_functions, code_names, forward_names, module_code,
+                    other_forwards, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -60,6 +61,7 @@ class OwnerState:
 
     gates: dict[str, LocalKey] = field(default_factory=dict)
     traced: dict[bool, dict[tuple, tuple]] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # the block's forward_* methods rewritten with its forward
 
     def class_key(self, traced_key: tuple, training: bool) -> tuple | None:
         table = self.traced.get(training) or next(iter(self.traced.values()), {})
@@ -72,7 +74,7 @@ class OwnerState:
         gates = {k: _keys_out(v) for k, v in self.gates.items()}
         traced = {mode: {_keys_out(a): _keys_out(b) for a, b in table.items()}
                   for mode, table in self.traced.items()}
-        return _owner_state, (gates, traced)
+        return _owner_state, (gates, traced, self.methods)
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,10 @@ def _keys_in(key: tuple) -> tuple:
     return tuple(x.resolve() if isinstance(x, _Named) else x for x in key)
 
 
-def _owner_state(gates: dict, traced: dict) -> OwnerState:
+def _owner_state(gates: dict, traced: dict, methods: tuple[str, ...] = ()) -> OwnerState:
     return OwnerState(gates={k: _keys_in(v) for k, v in gates.items()},
                       traced={mode: {_keys_in(a): _keys_in(b) for a, b in table.items()}
-                              for mode, table in traced.items()})
+                              for mode, table in traced.items()}, methods=tuple(methods))
 
 
 def owner_state(module: nn.Module) -> OwnerState | None:
@@ -155,6 +157,8 @@ class Prepared:
     state: OwnerState
     forward: Callable
     constants: dict[str, torch.Tensor] = field(default_factory=dict)  # what forward reads
+    methods: dict[str, Callable] = field(default_factory=dict)  # forward_* rewritten too
+    left: dict[str, str] = field(default_factory=dict)  # forward_* left as they are: why
 
 
 # How fx records an op when it traces the code generated for it, where that differs.
@@ -297,24 +301,25 @@ def _sum_into_gate_output(merge: fx.Node, gate: fx.Node) -> None:
 _COMPILED: dict[tuple, Callable] = {}
 
 
-def _compile(graph: fx.Graph, cls: type) -> tuple[str, Callable]:
+def _compile(graph: fx.Graph, cls: type, method: str = "forward") -> tuple[str, Callable]:
     """The graph's code as a function ``forward(self, ...)``; identical code compiles once."""
     code = graph.python_code(root_module="self")
-    return code.src, _forward_from_code(code.src, code.globals, cls.__qualname__)
+    return code.src, _forward_from_code(code.src, code.globals, cls.__qualname__, method)
 
 
-def _forward_from_code(src: str, names: dict, qualname: str) -> Callable:
-    key = (src, tuple(sorted((k, id(v)) for k, v in names.items())))
+def _forward_from_code(src: str, names: dict, qualname: str,
+                       method: str = "forward") -> Callable:
+    key = (src, tuple(sorted((k, id(v)) for k, v in names.items())), method)
     fn = _COMPILED.get(key)
     if fn is None:
         digest = hashlib.sha1(src.encode()).hexdigest()[:10]
-        filename = f"<se-inject {qualname}.forward {digest}>"
+        filename = f"<se-inject {qualname}.{method} {digest}>"
         linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
         namespace = dict(names)
         exec(compile(src, filename, "exec"), namespace)  # code fx generated from the graph
         fn = namespace["forward"]
-        fn.__qualname__ = f"{qualname}.forward"
-        fn.__dict__[RECIPE] = ("code", src, dict(names), qualname)
+        fn.__qualname__ = f"{qualname}.{method}"
+        fn.__dict__[RECIPE] = ("code", src, dict(names), qualname, method)
         _COMPILED[key] = fn
     return fn
 
@@ -345,7 +350,7 @@ class _Portable:
 def _portable(fn: Callable, label: str) -> _Portable:
     kind, *args = fn.__dict__[RECIPE]
     if kind == "code":
-        src, names, qualname = args
+        src, names, qualname, *method = args
         from torch.fx.graph_module import _format_import_block
         from torch.package import sys_importer
         try:
@@ -356,7 +361,7 @@ def _portable(fn: Callable, label: str) -> _Portable:
                 f"({type(exc).__name__}: {exc}), so a pickle of the model could not be loaded. "
                 "Save the state_dict instead (se_inject.save, or torch.save(model.state_dict()))"
                 ", or define the function at the top level of a module.") from exc
-        return _Portable(kind, (src, imports, qualname))
+        return _Portable(kind, (src, imports, qualname, *method))
     return _Portable(kind, tuple(_portable(a, label) if _generated(a) else a for a in args))
 
 
@@ -366,11 +371,11 @@ def _generated(fn) -> bool:
 
 def _rebuilt(p: _Portable) -> Callable:
     if p.kind == "code":
-        src, imports, qualname = p.args
+        src, imports, qualname, *method = p.args
         names: dict = {}
         exec(compile(imports, f"<se-inject {qualname}.forward imports>", "exec"), names)
         names.pop("__builtins__", None)
-        return _forward_from_code(src, names, qualname)
+        return _forward_from_code(src, names, qualname, *method)
     args = [_rebuilt(a) if isinstance(a, _Portable) else a for a in p.args]
     make = {"dispatch": _dispatch, "guard": _guarded, "signature": wrap_body}[p.kind]
     return make(*args)
@@ -477,56 +482,192 @@ def _not_regenerable(label: str, owner: nn.Module, what: str, part: str,
                         "it holds ungated (nothing was changed).")
 
 
+@dataclass
+class _Built:
+    """What _build_forward makes for a block: its forward with the gates' calls in it, its
+    traced -> class keys per mode, the containers whose layers the code names (see
+    _call_containers_whole), the tensors its forward made while traced (which the code reads
+    as attributes of the block), its other ``forward_*`` methods rewritten the same way, and
+    those left as they are with why."""
+
+    forward: Callable
+    traced: dict
+    inlined: frozenset[str]
+    constants: dict[str, torch.Tensor]
+    methods: dict[str, tuple[Callable, frozenset[str]]] = field(default_factory=dict)
+    left: dict[str, str] = field(default_factory=dict)
+
+
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
-                   inputs: Inputs | None, options: TraceOptions
-                   ) -> tuple[Callable, dict, frozenset[str], dict[str, torch.Tensor]]:
-    """The block's class forward with the gates' calls in it, its traced -> class keys, the
-    containers whose layers its code names (see _call_containers_whole), and the tensors
-    its forward made while traced, which the code reads as attributes of the block."""
+                   inputs: Inputs | None, options: TraceOptions) -> _Built:
+    """The block's class forward with the gates' calls in it, and its ``forward_*`` methods
+    that compute what the forward computes up to every gate (see _build_method)."""
     code = module_code(owner, options.wrapped_ids())
     unrecorded = _unrecorded(code)
     if unrecorded:
         raise _not_regenerable(label, owner, unrecorded, "that part",
                                " (a module that is called, not traced through, as timm's "
                                "DropPath)")
+    constants: dict[str, torch.Tensor] = {}
+    compiled, traced, inlined, reference = _generate(owner, label, gates, inputs, options,
+                                                     _modes_of(owner, code), constants)
+    made = _Built(_one(compiled), traced, frozenset(inlined), constants)
+    if inputs is not None:
+        made.forward = wrap_body(type(owner), inputs, made.forward)
+    state = owner_state(owner)
+    ours = state.methods if state else ()
+    for name in other_forwards(type(owner)):
+        if name in owner.__dict__ and name not in ours:
+            continue  # set on the instance: the caller's own, not the class's
+        try:
+            built = _build_method(owner, label, gates, options, name, reference, constants)
+        except _Left as why:
+            made.left[name] = str(why)
+            continue
+        if built is not None:
+            made.methods[name] = built
+    return made
+
+
+def _modes_of(owner: nn.Module, code) -> tuple[bool, ...]:
     # a forward that reads a training flag (its own, or a function's it runs, as
     # ``F.dropout(y, block.p, block.training)``) is traced in both modes
-    modes = (True, False) if "training" in _names(code) else (owner.training,)
-    compiled, traced, inlined, constants = {}, {}, set(), {}
+    return (True, False) if "training" in _names(code) else (owner.training,)
+
+
+def _one(compiled: dict[bool, tuple[str, Callable]]) -> Callable:
+    if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
+        return next(iter(compiled.values()))[1]
+    return _dispatch(compiled[True][1], compiled[False][1])
+
+
+def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: Inputs | None,
+              options: TraceOptions, modes: tuple[bool, ...], constants: dict,
+              method: str = "forward", reference: dict | None = None):
+    """Per mode, ``method`` traced with the gates' calls in it, compiled; its traced -> class
+    keys, the containers its code names, and its nodes as _steps gives them before the gates
+    went in, with how many lead up to the last gated site and the layers those read (see
+    _until_gates). Given the forward's (``reference``), raises _NotThere where the method
+    reaches none of the gated sites, _Left unless it reaches every one and its steps up to
+    the last of them are the forward's, or where it cannot be rewritten as the forward
+    can."""
+    compiled, traced, inlined, steps = {}, {}, set(), {}
+    where = "" if method == "forward" else f".{method}"
     for training in modes:
+        if reference is not None and training not in reference:
+            raise _Left("it reads the block's training flag, and the forward does not")
         try:
-            graph = trace_block(owner, options, training, inputs, constants)
+            graph = trace_block(owner, options, training, inputs, constants, method,
+                                hide=state.methods if (state := owner_state(owner)) else ())
         except Exception as exc:
+            if reference is not None:
+                region = reference[training][2]
+                if not forward_names(type(owner), method) & region:
+                    raise _NotThere() from None  # it names no layer before a gated site
+                raise _Left(f"torch.fx could not trace it alone ({type(exc).__name__}: {exc})")
             raise RewriteError(f"`{label}` ({type(owner).__name__}) could not be traced on its "
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
+        steps[training] = _steps(graph), *_until_gates(graph, gates, reference is not None)
+        if reference is not None:
+            _same_until_gates(steps[training][0], steps[training][1], reference[training][0])
         changes = getattr(graph, STATE_CHANGES)
         if changes:
-            raise _not_regenerable(
-                label, owner, "changes its own state when it runs "
-                f"({', '.join(f'`{c}`' for c in changes[:4])}{', ...' if len(changes) > 4 else ''}"
-                "): a forward generated from a trace of it would compute its output but would "
-                "not make those changes", "the update")
+            what = ("changes its own state when it runs "
+                    f"({', '.join(f'`{c}`' for c in changes[:4])}"
+                    f"{', ...' if len(changes) > 4 else ''}): a forward generated from a trace "
+                    "of it would compute its output but would not make those changes")
+            if reference is not None:
+                raise _Left(what)
+            raise _not_regenerable(label, owner, what, "the update")
         own_modes = getattr(graph, MODE_CHANGES)
         if own_modes:
-            where = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
-            raise _not_regenerable(
-                label, owner, f"runs part of its forward in a mode of its own ({where}): fx "
-                "records those ops but not what set the mode (a `with` block, or an autograd "
-                "Function, whose backward it leaves out too), so a forward generated from a "
-                "trace of it would run them in the caller's mode", "that part")
-        traced[training] = _insert(graph, gates, label, owner)
+            at = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
+            what = (f"runs part of its forward in a mode of its own ({at}): fx "
+                    "records those ops but not what set the mode (a `with` block, or an autograd "
+                    "Function, whose backward it leaves out too), so a forward generated from a "
+                    "trace of it would run them in the caller's mode")
+            if reference is not None:
+                raise _Left(what)
+            raise _not_regenerable(label, owner, what, "that part")
+        traced[training] = _insert(graph, gates, label + where, owner)
         inlined |= _call_containers_whole(graph)
         _check_gates_used(graph, gates, label, owner)
-        compiled[training] = _compile(graph, type(owner))
-    if len(compiled) == 1 or compiled[True][0] == compiled[False][0]:
-        forward = next(iter(compiled.values()))[1]
-    else:
-        forward = _dispatch(compiled[True][1], compiled[False][1])
-    if inputs is not None:
-        forward = wrap_body(type(owner), inputs, forward)
-    return forward, traced, frozenset(inlined), constants
+        compiled[training] = _compile(graph, type(owner), method)
+    return compiled, traced, inlined, steps
+
+
+class _Left(Exception):
+    """Why a ``forward_*`` method of a gated block is left as it is."""
+
+
+class _NotThere(Exception):
+    """A ``forward_*`` method that reaches none of the gated sites: nothing to rewrite."""
+
+
+def _build_method(owner: nn.Module, label: str, gates: dict[str, LocalKey],
+                  options: TraceOptions, method: str, reference: dict, constants: dict
+                  ) -> tuple[Callable, frozenset[str]] | None:
+    """``method`` (a ``forward_*`` of the block's class, called with tensors) with the gates'
+    calls in it, and the containers its code names; None where it reaches none of the gated
+    sites (timm's ``forward_head``). Only a method that computes what the forward computes,
+    node for node, up to the last gated site is rewritten (xception's ``forward_with_tap``,
+    which also returns a tensor from inside the block; a model's ``forward_features``, where
+    the model's own forward holds the gates); _Left says why another is left as it is."""
+    code = module_code(owner, options.wrapped_ids(), method)
+    unrecorded = _unrecorded(code)
+    if unrecorded:
+        raise _Left(unrecorded)
+    try:
+        compiled, _, inlined, _ = _generate(owner, label, gates, None, options,
+                                            _modes_of(owner, code), constants, method, reference)
+    except _NotThere:
+        return None
+    except RewriteError as exc:
+        raise _Left(str(exc)) from None
+    return _one(compiled), frozenset(inlined)
+
+
+def _steps(graph: fx.Graph) -> list[tuple]:
+    """Each node of ``graph`` as what it computes from which earlier node (by position):
+    equal lists compute the same, whatever the nodes and placeholders are named."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    out = []
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            out.append((n.op,))
+            continue
+        args = fx.node.map_arg(n.args, lambda a: ("node", position[a]))
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: ("node", position[a]))
+        out.append((n.op, n.target, repr(args), repr(kwargs)))
+    return out
+
+
+def _until_gates(graph: fx.Graph, gates: dict[str, LocalKey], other: bool
+                 ) -> tuple[int, frozenset[str]]:
+    """How many nodes of ``graph`` lead up to its last gated site, and the attributes of the
+    block that those read (the first part of each layer's name). For ``other`` than the
+    forward, raises _NotThere where none of the sites is in the graph, _Left where some are
+    not."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    at = {key: position[node] for node, key in local_keys(graph).items()}
+    found = [at.get((op, target, k)) for op, target, k, _ in gates.values()]
+    if other and all(i is None for i in found):
+        raise _NotThere()
+    if other and any(i is None for i in found):
+        raise _Left("it reaches some of the block's gated sites, not all")
+    last = max(i for i in found if i is not None) + 1
+    region = frozenset(n.target.split(".")[0] for n in itertools.islice(graph.nodes, last)
+                       if n.op in ("call_module", "get_attr"))
+    return last, region
+
+
+def _same_until_gates(steps: list[tuple], last: int, reference: list[tuple]) -> None:
+    """Raise _Left unless ``steps`` compute what the forward's (``reference``) compute up to
+    the last gated site."""
+    if steps[:last] != reference[:last]:
+        raise _Left("it computes otherwise than the forward before the gated sites")
 
 
 def _check_gates_used(graph: fx.Graph, gates: dict[str, LocalKey], label: str,
@@ -553,14 +694,17 @@ def _names(code: Sequence[tuple[str, Callable]]) -> frozenset[str]:
     return frozenset().union(*(code_names(fn.__code__) for _, fn in code))
 
 
-def _attributes_read(owner: nn.Module, wrapped: frozenset[int]) -> tuple[tuple[str, object], ...]:
+def _attributes_read(owner: nn.Module, wrapped: frozenset[int], method: str = "forward"
+                     ) -> tuple[tuple[str, object], ...]:
     """The plain attributes (flags, numbers, strings, None) and the functions held in
     attributes (``self.act = torch.relu``, which fx records or traces into) of ``owner``
-    that its forward or a function it runs reads, with their values: tracing took them as
-    they are now."""
-    names = _names(module_code(owner, wrapped))
+    that its forward (or ``method``) or a function it runs reads, with their values: tracing
+    took them as they are now. Not the ``forward_*`` methods apply() sets on the block."""
+    names = _names(module_code(owner, wrapped, method))
+    state = owner_state(owner)
+    own = _MODULE_OWN.union(state.methods if state else ())
     return tuple(sorted(((k, v) for k, v in owner.__dict__.items()
-                         if k in names and k not in _MODULE_OWN and (
+                         if k in names and k not in own and (
                              type(v) in PLAIN or callable(v) and not isinstance(v, type))),
                         key=lambda kv: kv[0]))
 
@@ -654,17 +798,21 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
             type(owner), owner.training, context.fingerprint, repr(inputs),
             tuple(sorted(gates.items())))
         if group is None or group not in built:
-            result = _build_forward(owner, label, gates, inputs, options)
-            if group is not None and not result[3]:  # (a block's constants are its own)
-                built[group] = result
+            made = _build_forward(owner, label, gates, inputs, options)
+            if group is not None and not made.constants:  # (a block's constants are its own)
+                built[group] = made
         else:
-            result = built[group]
-        forward, traced, inlined, constants = result
-        forward = _guarded(forward, label, _attributes_read(owner, options.wrapped_ids()),
-                           _containers(owner, inlined))
+            made = built[group]
+        forward = _guarded(made.forward, label, _attributes_read(owner, options.wrapped_ids()),
+                           _containers(owner, made.inlined))
         out.append(Prepared(owner=owner, new_gates=new_gates,
-                            state=OwnerState(gates=gates, traced=dict(traced)), forward=forward,
-                            constants=constants))
+                            state=OwnerState(gates=gates, traced=dict(made.traced),
+                                             methods=tuple(sorted(made.methods))),
+                            forward=forward, constants=made.constants,
+                            methods={name: _guarded(fn, label, _attributes_read(
+                                owner, options.wrapped_ids(), name), _containers(owner, names))
+                                for name, (fn, names) in made.methods.items()},
+                            left=dict(made.left)))
     return out
 
 
@@ -674,8 +822,13 @@ def commit(prepared: Sequence[Prepared]) -> None:
         for name, gate in p.new_gates.items():
             p.owner._modules[name] = gate
         _drop_constants(p.owner)  # of a forward generated before, with fewer gates
+        old = owner_state(p.owner)
+        for name in old.methods if old else ():
+            p.owner.__dict__.pop(name, None)
         p.owner.__dict__.update(p.constants)
         p.owner.__dict__["forward"] = types.MethodType(p.forward, p.owner)
+        for name, fn in p.methods.items():
+            p.owner.__dict__[name] = types.MethodType(fn, p.owner)
         p.owner.__dict__[STATE] = p.state
 
 
@@ -700,5 +853,7 @@ def remove_gates(model: nn.Module) -> int:
             del m._modules[name]
             n += 1
         m.__dict__.pop("forward", None)
+        for name in state.methods:
+            m.__dict__.pop(name, None)
         _drop_constants(m)
     return n

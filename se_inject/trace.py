@@ -1128,14 +1128,19 @@ class _BlockTracer(UnpackingTracer):
 
 
 def trace_block(block: nn.Module, options: TraceOptions, training: bool,
-                inputs=None, constants: dict[str, torch.Tensor] | None = None) -> fx.Graph:
-    """fx graph of ``block.forward`` of the class (not an instance override), in one mode;
-    the containers it called, their layers traced, are listed in its CONTAINERS attribute.
-    The tensors the forward made are added to ``constants`` (a new dict where None), its
-    CONSTANTS attribute, under names no earlier trace into the same dict took."""
+                inputs=None, constants: dict[str, torch.Tensor] | None = None,
+                method: str = "forward", hide: Sequence[str] = ()) -> fx.Graph:
+    """fx graph of ``block.forward`` (or another ``method``) of the class (not an instance
+    override), in one mode; the containers it called, their layers traced, are listed in its
+    CONTAINERS attribute. The tensors the forward made are added to ``constants`` (a new dict
+    where None), its CONSTANTS attribute, under names no earlier trace into the same dict
+    took. The instance attributes named in ``hide`` (methods apply() set on it before) are
+    out of the way meanwhile: a forward that calls ``self.forward_features`` runs the class's."""
     _, kwargs = options.tracer_args()
     tracer = _BlockTracer(block, inputs, {} if constants is None else constants, **kwargs)
+    tracer.traced_func_name = method
     was = block.training
+    hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     left = _NothingLeft(block, keeps=True)
     try:
@@ -1144,6 +1149,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
             graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
+        block.__dict__.update(hidden)
     setattr(graph, CONTAINERS, tracer.containers)
     setattr(graph, CONSTANTS, tracer.constants)
     setattr(graph, STATE_CHANGES, _named(block, left.changed))
@@ -1165,11 +1171,12 @@ def _function(member):
 
 
 @functools.lru_cache(maxsize=None)
-def _methods(cls: type) -> tuple[Callable, ...]:
-    """The class's forward and the methods and properties its code reaches on self."""
+def _methods(cls: type, entry: str = "forward") -> tuple[Callable, ...]:
+    """The class's forward (or ``entry``) and the methods and properties its code reaches on
+    self."""
     seen: set[str] = set()
     out: list[Callable] = []
-    todo = ["forward"]
+    todo = [entry]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -1188,10 +1195,23 @@ def _methods(cls: type) -> tuple[Callable, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def forward_names(cls: type) -> frozenset[str]:
-    """Every name the class's forward, and the methods and properties it reaches on self,
-    look up (attributes, globals and methods alike)."""
-    return frozenset().union(*(code_names(fn.__code__) for fn in _methods(cls)))
+def forward_names(cls: type, entry: str = "forward") -> frozenset[str]:
+    """Every name the class's forward (or ``entry``), and the methods and properties it
+    reaches on self, look up (attributes, globals and methods alike)."""
+    return frozenset().union(*(code_names(fn.__code__) for fn in _methods(cls, entry)))
+
+
+def other_forwards(cls: type) -> tuple[str, ...]:
+    """The methods of ``cls`` named ``forward_*`` (timm's ``forward_features``, xception's
+    ``forward_with_tap``): by convention, other ways to run what the forward runs, which a
+    caller may call directly. nn.Module's and torch's own classes' are left out."""
+    names = set()
+    for base in cls.__mro__:
+        if base is nn.Module or _torch_own(base):
+            break
+        names.update(k for k, v in vars(base).items() if k.startswith("forward_")
+                     and type(_function(v)) is types.FunctionType)
+    return tuple(sorted(names))
 
 
 def _torch_own(fn) -> bool:
@@ -1228,25 +1248,26 @@ def _follow(start: list[tuple[str, Callable]], wrapped: frozenset[int]
 
 
 @functools.lru_cache(maxsize=None)
-def reached_code(cls: type, wrapped: frozenset[int] = frozenset()
-                 ) -> tuple[tuple[str, Callable], ...]:
+def reached_code(cls: type, wrapped: frozenset[int] = frozenset(),
+                 entry: str = "forward") -> tuple[tuple[str, Callable], ...]:
     """The functions whose Python a trace of the class's forward runs, read from their code,
     each with the name a message shows: the forward, the methods and properties it reaches on
     self, and the module-level functions any of these calls by a global name (and those call
     in turn). torch's own functions are not followed, nor those fx records as one call
     (registered with ``torch.fx.wrap`` where they are called, or with their id in
     ``wrapped``: the tracer's autowrap functions, TraceOptions.wrapped_ids)."""
-    return _follow([(f"{cls.__name__}.{fn.__name__}", fn) for fn in _methods(cls)], wrapped)
+    return _follow([(f"{cls.__name__}.{fn.__name__}", fn) for fn in _methods(cls, entry)],
+                   wrapped)
 
 
-def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset()
-                ) -> tuple[tuple[str, Callable], ...]:
+def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset(),
+                entry: str = "forward") -> tuple[tuple[str, Callable], ...]:
     """reached_code of the module's class, and the Python functions (or partials of them)
     its forward reads from the module's own attributes (``self.drop = my_drop``), and the
     methods of plain objects held so (``self.dropper = Dropper(p)``, see _held_methods),
     with what they reach: fx traces into them, and never wraps them."""
     cls = type(module)
-    names = forward_names(cls)
+    names = forward_names(cls, entry)
     held = []
     for k, v in module.__dict__.items():
         if k not in names:
@@ -1258,7 +1279,7 @@ def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset()
         else:
             held += [(f"{cls.__name__}.{k} ({type(v).__qualname__}.{m})", f)
                      for m, f in _held_methods(v, names)]
-    code = reached_code(cls, wrapped)
+    code = reached_code(cls, wrapped, entry)
     if not held:
         return code
     known = {id(fn) for _, fn in code}
