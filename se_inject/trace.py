@@ -1204,13 +1204,14 @@ def forward_names(cls: type, entry: str = "forward") -> frozenset[str]:
 def other_forwards(cls: type) -> tuple[str, ...]:
     """The methods of ``cls`` named ``forward_*`` (timm's ``forward_features``, xception's
     ``forward_with_tap``): by convention, other ways to run what the forward runs, which a
-    caller may call directly. nn.Module's and torch's own classes' are left out."""
+    caller may call directly. Plain functions only (not properties, static or class methods);
+    nn.Module's and torch's own classes' are left out."""
     names = set()
     for base in cls.__mro__:
         if base is nn.Module or _torch_own(base):
             break
-        names.update(k for k, v in vars(base).items() if k.startswith("forward_")
-                     and type(_function(v)) is types.FunctionType)
+        names.update(k for k, v in vars(base).items()
+                     if k.startswith("forward_") and type(v) is types.FunctionType)
     return tuple(sorted(names))
 
 
