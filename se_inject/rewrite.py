@@ -709,20 +709,42 @@ def _attributes_read(owner: nn.Module, wrapped: frozenset[int], method: str = "f
                         key=lambda kv: kv[0]))
 
 
-def _containers(owner: nn.Module, names: frozenset[str]) -> tuple[tuple[str, type, int], ...]:
-    """Each container whose layers the generated forward names: its class and length."""
+def _containers(owner: nn.Module, names: frozenset[str], label: str
+                ) -> tuple[tuple[str, type, int], ...]:
+    """Each container whose layers the generated forward names: its class and length. Raises
+    RewriteError where one holds hooks: the generated forward never calls it, so they would
+    not run (and a trace runs a forward hook's code once, into the forward)."""
     out = []
     for name in sorted(names):
         c = owner.get_submodule(name)
+        if _hooks(c):
+            raise RewriteError(_hooked(owner, label, name, c, after=False))
         out.append((name, type(c), len(c)))
     return tuple(out)
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                or m._backward_hooks)
+
+
+def _hooked(block: nn.Module, label: str, name: str, container: nn.Module, after: bool) -> str:
+    what = (f"a hook was registered on `{name}` ({type(container).__name__}) after "
+            "se_inject.apply" if after else
+            f"a hook is registered on `{name}` ({type(container).__name__})")
+    then = ("Register it on the block or on one of those layers instead, or take the gates "
+            "out first (se_inject.remove)." if after else
+            "Register it on the block or on one of those layers instead (nothing was changed).")
+    return (f"`{label}` ({type(block).__name__}): {what}. A gate sits among its layers, so the "
+            f"gated forward calls them one by one and never calls `{name}` itself: the hook "
+            f"would not run. {then}")
 
 
 def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...],
              containers: tuple[tuple[str, type, int], ...]) -> Callable:
     """``forward``, after a check that the attributes it was traced with still hold the values
     it was traced with, and that the containers whose layers it names are still of the class
-    and length they had (a few attribute reads per call)."""
+    and length they had, with no hooks (a few attribute reads per call)."""
     if not reads and not containers:
         return forward
 
@@ -738,6 +760,8 @@ def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...
                 now = _MISSING
             if type(now) is not cls or len(now) != n:
                 _changed(self, label, name, f"{_a(cls.__name__)} of {n} layers", now)
+            if _hooks(now):
+                raise BlockChangedError(_hooked(self, label, name, now, after=True))
         return forward(self, *args, **kwargs)
     guarded.__qualname__ = forward.__qualname__
     guarded.__dict__[RECIPE] = ("guard", forward, label, reads, containers)
@@ -804,13 +828,13 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
         else:
             made = built[group]
         forward = _guarded(made.forward, label, _attributes_read(owner, options.wrapped_ids()),
-                           _containers(owner, made.inlined))
+                           _containers(owner, made.inlined, label))
         out.append(Prepared(owner=owner, new_gates=new_gates,
                             state=OwnerState(gates=gates, traced=dict(made.traced),
                                              methods=tuple(sorted(made.methods))),
                             forward=forward, constants=made.constants,
                             methods={name: _guarded(fn, label, _attributes_read(
-                                owner, options.wrapped_ids(), name), _containers(owner, names))
+                                owner, options.wrapped_ids(), name), _containers(owner, names, label))
                                 for name, (fn, names) in made.methods.items()},
                             left=dict(made.left)))
     return out

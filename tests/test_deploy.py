@@ -224,6 +224,36 @@ def test_a_container_holding_a_gate_replaced_after_apply_is_refused():
         model(x)
 
 
+@torch.no_grad()
+def test_a_hook_on_a_container_holding_a_gate_is_refused():
+    """A hook on that nn.Sequential never ran after apply(): the generated forward calls its
+    layers, not it (found with torchvision's MobileNetV2). A hook there before apply() is
+    refused with the model untouched, one registered later at the next call; hooks on the block
+    and on the layers still run."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    block = model.features[3]
+    handle = block.conv.register_forward_hook(lambda m, i, o: None)
+    keys = list(model.state_dict())
+    with pytest.raises(se_inject.SEInjectError, match=r"`features.3` \(InvertedResidual\): a hook "
+                                                      r"is registered on `conv` \(Sequential\).*"
+                                                      r"nothing was changed"):
+        se_inject.apply(model, rules=["inverted-residual-dw"], input_size=(3, 64, 64))
+    assert list(model.state_dict()) == keys and "forward" not in vars(block)
+    handle.remove()
+    se_inject.apply(model, rules=["inverted-residual-dw"], input_size=(3, 64, 64))
+    ran = []
+    block.register_forward_hook(lambda m, i, o: ran.append("block"))
+    block.conv[2].register_forward_hook(lambda m, i, o: ran.append("conv.2"))
+    x = torch.randn(1, 3, 64, 64)
+    model(x)
+    assert ran == ["conv.2", "block"]
+    block.conv.register_forward_pre_hook(lambda m, i: ran.append("conv"))
+    with pytest.raises(BlockChangedError, match=r"a hook was registered on `conv` \(Sequential\) "
+                                                r"after se_inject.apply.*would not run"):
+        model(x)
+
+
 class _SqueezeThroughBlock(torch.nn.Module):
     """The branch ends in a container (1x1 conv, norm): its gate takes the squeeze through the
     container's two layers (gate.mean_through_linear), which the generated code names."""
