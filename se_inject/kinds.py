@@ -79,6 +79,12 @@ def _class_kind(m: nn.Module) -> str | None:
     return None
 
 
+def layer_kind(m: nn.Module) -> str | None:
+    """The kind of a module of a known class (its own, or a base class's): "conv", "norm",
+    "act", ...; None for others."""
+    return _class_kind(m)
+
+
 def _module_kind(m: nn.Module) -> str:
     """A known class's kind; a leaf module fx did not look into (torchvision's
     Conv2dNormActivation, a user's leaf) counts as a convolution if it holds one."""

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .graph import ROOT, GraphView
-from .kinds import drop_path_input
+from .kinds import drop_path_input, layer_kind
 from .rules import Rule
 from .trace import Frame
 
@@ -162,7 +162,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
             return found
         gated, at, operand = found
     elif rule.gate_at == "after_depthwise":
-        found = _after_depthwise(g, branch)
+        found = _after_depthwise(g, branch, view.modules)
         if isinstance(found, str):
             return found
         gated, at, operand = found
@@ -336,9 +336,11 @@ def _channel_slice_source(node: fx.Node, branch: set):
     return src if src in branch else None
 
 
-def _after_depthwise(g: nx.DiGraph, branch: set):
+def _after_depthwise(g: nx.DiGraph, branch: set, modules: dict):
     """(tensor, consumer, operand): the depthwise conv nearest the merge, followed through
-    the norm and activation layers after it, and the one op that consumes the result."""
+    the norm and activation layers after it, and the one op that consumes the result. Not
+    where that op is inside a norm or activation layer that the trace went into (timm's
+    LayerNorm2d permutes to channels-last first): its forward is no place for a gate."""
     dws = [n for n in branch if g.nodes[n]["kind"] == "dwconv"]
     if not dws:
         return "no depthwise convolution in the branch"
@@ -353,6 +355,11 @@ def _after_depthwise(g: nx.DiGraph, branch: set):
     if len(users) != 1 or users[0] not in branch:
         return "the depthwise output feeds more than one op"
     consumer = users[0]
+    frame = g.nodes[consumer]["frame"]
+    layer = modules.get(frame.qualname) if frame.qualname else None
+    if layer is not None and layer_kind(layer) in _PASS_THROUGH:
+        return (f"the depthwise output goes on inside a {layer_kind(layer)} layer "
+                f"({type(layer).__name__}), where no gate goes")
     position = next((i for i, a in enumerate(consumer.args) if a is n), None)
     if position is None:
         return "the depthwise output reaches its consumer inside a container"

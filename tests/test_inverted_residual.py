@@ -60,3 +60,22 @@ def test_efficientnet_blocks_keep_their_own_se():
     p = se_inject.plan(model, rules=["inverted-residual-dw"])
     assert len(p) == 0
     assert all("already holds a channel gate" in s.reason for s in p.skipped)
+
+
+def test_no_gate_goes_inside_a_norm_layer_the_depthwise_output_enters():
+    """timm's ConvNeXt with conv_mlp (convnext_atto) normalises with LayerNorm2d, whose forward
+    permutes to channels-last first. Before, the EfficientNet placement stopped at that permute
+    and planned each gate inside the norm's forward (apply() then refused the norm for its
+    autocast reads); now the rule passes those blocks by, saying why, and the residual rule
+    after it gates them as it does alone."""
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    with pytest.raises(se_inject.SEInjectError, match=r"12 × inverted-residual-dw: the depthwise "
+                                                      r"output goes on inside a norm layer "
+                                                      r"\(LayerNorm2d\), where no gate goes"):
+        se_inject.apply(model, rules=["inverted-residual-dw"])
+    both = se_inject.plan(model, rules=["inverted-residual-dw", "residual"])
+    alone = se_inject.plan(model, rules=["residual"])
+    assert both.by_rule() == {"residual": 12}
+    assert [(s.block, s.gate, s.channels) for s in both] == \
+        [(s.block, s.gate, s.channels) for s in alone]
+    assert not any(type(model.get_submodule(s.block)).__name__ == "LayerNorm2d" for s in both)
