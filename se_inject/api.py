@@ -19,6 +19,7 @@ from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
+from .kinds import layer_kind
 from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
 from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
@@ -27,7 +28,7 @@ from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, r
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import (Frame, TraceOptions, is_container, module_code, trace_model,
+from .trace import (SCOPE, Frame, TraceOptions, is_container, module_code, trace_model,
                     tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
@@ -263,6 +264,31 @@ def _tracing(model: nn.Module):
             gc.enable()
 
 
+# Layers whose forward the trace may go into (timm's LayerNorm2d, GroupNorm1) but which are no
+# place for a gate: a site there belongs to the forward that calls them.
+_LAYERS_NOT_BLOCKS = frozenset(("norm", "act"))
+
+
+def _lifted(c, layer: nn.Module, calls: dict, graph) -> tuple | str:
+    """A site inside the forward of a norm or activation layer, on a tensor passed to it (the
+    ``pre`` position on a branch that starts with timm's LayerNorm2d), moved to the layer's
+    call in its caller's forward: the gate then scales the layer's argument there, which is
+    the same tensor. Returns (block, key, candidate), or why it cannot move."""
+    name = type(layer).__name__
+    call = next((k for k in calls.get(c.frame.qualname, ()) if k.frame == c.frame), None)
+    if call is None or c.operand is None or c.gated.meta.get(SCOPE) == c.frame:
+        return f"the gate would sit inside a {layer_kind(layer)} layer ({name}), on a tensor it makes"
+    if c.gated not in call.args:
+        return (f"the gated tensor reaches a {layer_kind(layer)} layer ({name}) other than as an "
+                "argument of its own")
+    parent = call.parent.qualname
+    child = c.frame.qualname[len(parent) + 1:] if parent else c.frame.qualname
+    k = sum(1 for other in calls[c.frame.qualname] if other.parent == call.parent
+            and other.frame.call < c.frame.call)
+    moved = dataclasses.replace(c, frame=call.parent, operand=call.args.index(c.gated))
+    return parent, ("call_module", child, k), moved
+
+
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                stages=None, spec: GateSpec | None = None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
@@ -277,11 +303,20 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     skipped = [Skipped(view.describe(r.merge), r.rule.name, r.reason) for r in rejected]
     chosen = []
     seen = set()
+    calls = None
     for c in candidates:
         block = c.frame.qualname
         owner = modules[block]
+        local = keys.get(c.at)
+        if block and layer_kind(owner) in _LAYERS_NOT_BLOCKS:
+            calls = block_calls(graph) if calls is None else calls
+            lifted = _lifted(c, owner, calls, graph)
+            if isinstance(lifted, str):
+                skipped.append(Skipped(view.describe(c.merge), c.rule.name, lifted))
+                continue
+            block, local, c = lifted
+            owner = modules[block]
         state = owner_state(owner)
-        local = keys[c.at]
         if state is not None:  # the block runs a rewritten forward: name the node as its class does
             local = state.class_key(local, owner.training)
         key = None if local is None else (*local, c.operand)

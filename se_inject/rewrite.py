@@ -657,7 +657,8 @@ def _until_gates(graph: fx.Graph, gates: dict[str, LocalKey], other: bool
         raise _NotThere()
     if other and any(i is None for i in found):
         raise _Left("it reaches some of the block's gated sites, not all")
-    last = max(i for i in found if i is not None) + 1
+    # (a site the forward's own trace lacks is _insert's to report)
+    last = max((i for i in found if i is not None), default=-1) + 1
     region = frozenset(n.target.split(".")[0] for n in itertools.islice(graph.nodes, last)
                        if n.op in ("call_module", "get_attr"))
     return last, region

@@ -1078,9 +1078,11 @@ class _BlockTracer(UnpackingTracer):
     ``with torch.no_grad():`` or ``with torch.autocast(...):`` but not the ``with``.
     """
 
-    def __init__(self, root: nn.Module, inputs=None, constants=None, **kwargs):
+    def __init__(self, root: nn.Module, inputs=None, constants=None,
+                 leaves: tuple[type, ...] = (), **kwargs):
         super().__init__(**kwargs)
         self._root = root
+        self._leaves = leaves
         self._inputs = inputs
         self._constants_into = constants
         self.containers: list[ContainerCall] = []
@@ -1100,7 +1102,10 @@ class _BlockTracer(UnpackingTracer):
         return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self._root and not is_container(m)
+        """Every child, but a container, as the model's trace saw it: one that is a leaf there
+        (torchvision's Conv2dNormActivation, an nn.Sequential) is one here too, so that a
+        site on its call names a node this trace has."""
+        return m is not self._root and (not is_container(m) or isinstance(m, self._leaves))
 
     def trace_through(self, m, qualname, forward, args, kwargs):
         """Traces a container's layers, recording which nodes its call made (see
@@ -1136,8 +1141,9 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     where None), its CONSTANTS attribute, under names no earlier trace into the same dict
     took. The instance attributes named in ``hide`` (methods apply() set on it before) are
     out of the way meanwhile: a forward that calls ``self.forward_features`` runs the class's."""
-    _, kwargs = options.tracer_args()
-    tracer = _BlockTracer(block, inputs, {} if constants is None else constants, **kwargs)
+    leaves, kwargs = options.tracer_args()
+    tracer = _BlockTracer(block, inputs, {} if constants is None else constants, leaves,
+                          **kwargs)
     tracer.traced_func_name = method
     was = block.training
     hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}

@@ -7,6 +7,7 @@ import math
 import pytest
 import timm
 import torch
+import torchvision
 from timm.layers import EcaModule, EffectiveSEModule, SEModule, make_divisible
 
 import se_inject
@@ -14,7 +15,7 @@ from se_inject.cli import main
 from se_inject.gate import (ECAGate, EffectiveSEGate, GateSpec, SEGate, gate_parameters,
                             make_gate, reduced_channels)
 
-from conftest import gates
+from conftest import gates, paper_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -184,6 +185,78 @@ def test_positions_place_the_gate_as_the_paper_draws_them(position, block):
     assert {s.position for s in se_inject.plan(timm.create_model("resnet18"),
                                                position=position)} == \
         {"branch" if position == "standard" else position}
+
+
+class _ChannelsLastNorm(torch.nn.LayerNorm):
+    """timm's LayerNorm2d, written out: a norm layer whose forward the trace goes into."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _PreNormBlock(torch.nn.Module):
+    """A MetaFormer-style block: its branch starts with that norm (CAFormer, FocalNet)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = _ChannelsLastNorm(c)
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(torch.relu(self.norm(x)))
+
+
+def test_pre_position_gates_the_input_of_a_branch_that_starts_with_a_traced_norm():
+    """Before, the 'pre' gate was planned inside the norm's forward (its first op), and apply()
+    refused six timm models for the norm's own code (LayerNorm2d reading autocast's mode); now
+    it sits in the block, in front of the norm's call, where the paper draws it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _PreNormBlock(8),
+                                _PreNormBlock(8)).eval()
+    se_inject.apply(model, position="pre", input_size=(3, 16, 16))
+    assert [n for n, _ in gates(model)] == ["1.se_gate", "2.se_gate"]
+    blk = model[1]
+    x = torch.randn(2, 8, 16, 16)
+    with torch.no_grad():
+        want = x + blk.conv(torch.relu(blk.norm(paper_reference(x, blk.se_gate))))
+        torch.testing.assert_close(blk(x), want, rtol=1e-5, atol=1e-6)
+    caformer = timm.create_model("caformer_s18", pretrained=False)
+    se_inject.apply(caformer, position="pre")
+    assert not any(type(caformer.get_submodule(n.rsplit(".", 1)[0])).__name__.startswith(
+        "LayerNorm") for n, _ in gates(caformer))
+    assert len(gates(caformer)) == 12
+
+
+def test_pre_position_on_a_branch_that_starts_with_a_leaf_the_model_trace_kept_whole():
+    """torchvision's MobileNetV2 starts each branch with a Conv2dNormActivation, an
+    nn.Sequential that the model's trace keeps whole (a torchvision.ops leaf) but a block's own
+    trace went into: the 'pre' site named a call the block's trace did not have, and apply()
+    refused the model (RegNet's and EfficientNetV2's likewise)."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    se_inject.apply(model, position="pre", input_size=(3, 64, 64))
+    assert len(gates(model)) == 10
+    blk = model.features[3]
+    x = torch.randn(2, blk.conv[0][0].in_channels, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), x + blk.conv(paper_reference(x, blk.se_gate)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_site_a_blocks_own_trace_lacks_is_refused_not_a_crash(monkeypatch):
+    """The error apply() gives where the model's trace and a block's own disagree (as they
+    did above, before): a refusal naming the block, the model untouched; a ValueError
+    escaped from the check of the block's other forward methods before."""
+    from se_inject import trace
+    monkeypatch.setattr(trace._BlockTracer, "is_leaf_module",
+                        lambda self, m, q: m is not self._root and not trace.is_container(m))
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(se_inject.SEInjectError, match=r"`features.3`: the merge `conv.0` \(#0\) "
+                                                      r"seen in the model's trace is not in a "
+                                                      r"trace of the block alone"):
+        se_inject.apply(model, position="pre", input_size=(3, 64, 64))
+    assert list(model.state_dict()) == keys and not gates(model)
 
 
 def test_positions_leave_concatenation_blocks_at_their_rule():
