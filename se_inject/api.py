@@ -269,7 +269,7 @@ def _tracing(model: nn.Module):
 _LAYERS_NOT_BLOCKS = frozenset(("norm", "act"))
 
 
-def _lifted(c, layer: nn.Module, calls: dict, graph) -> tuple | str:
+def _lifted(c, layer: nn.Module, calls: dict) -> tuple | str:
     """A site inside the forward of a norm or activation layer, on a tensor passed to it (the
     ``pre`` position on a branch that starts with timm's LayerNorm2d), moved to the layer's
     call in its caller's forward: the gate then scales the layer's argument there, which is
@@ -277,7 +277,8 @@ def _lifted(c, layer: nn.Module, calls: dict, graph) -> tuple | str:
     name = type(layer).__name__
     call = next((k for k in calls.get(c.frame.qualname, ()) if k.frame == c.frame), None)
     if call is None or c.operand is None or c.gated.meta.get(SCOPE) == c.frame:
-        return f"the gate would sit inside a {layer_kind(layer)} layer ({name}), on a tensor it makes"
+        return (f"the gate would sit inside a {layer_kind(layer)} layer ({name}), on a tensor "
+                "it makes")
     if c.gated not in call.args:
         return (f"the gated tensor reaches a {layer_kind(layer)} layer ({name}) other than as an "
                 "argument of its own")
@@ -310,7 +311,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         local = keys.get(c.at)
         if block and layer_kind(owner) in _LAYERS_NOT_BLOCKS:
             calls = block_calls(graph) if calls is None else calls
-            lifted = _lifted(c, owner, calls, graph)
+            lifted = _lifted(c, owner, calls)
             if isinstance(lifted, str):
                 skipped.append(Skipped(view.describe(c.merge), c.rule.name, lifted))
                 continue

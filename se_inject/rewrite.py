@@ -736,9 +736,9 @@ def _hooked(block: nn.Module, label: str, name: str, container: nn.Module, after
     then = ("Register it on the block or on one of those layers instead, or take the gates "
             "out first (se_inject.remove)." if after else
             "Register it on the block or on one of those layers instead (nothing was changed).")
-    return (f"`{label}` ({type(block).__name__}): {what}. A gate sits among its layers, so the "
-            f"gated forward calls them one by one and never calls `{name}` itself: the hook "
-            f"would not run. {then}")
+    return (f"`{label}` ({type(block).__name__}): {what}. The gated forward calls its layers "
+            "one by one (a gate sits among them, or takes its squeeze through them) and never "
+            f"calls `{name}` itself: the hook would not run. {then}")
 
 
 def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...],
