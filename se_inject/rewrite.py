@@ -8,6 +8,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 from __future__ import annotations
 
 import copyreg
+import functools
 import hashlib
 import importlib
 import itertools
@@ -704,10 +705,28 @@ def _attributes_read(owner: nn.Module, wrapped: frozenset[int], method: str = "f
     names = _names(module_code(owner, wrapped, method))
     state = owner_state(owner)
     own = _MODULE_OWN.union(state.methods if state else ())
-    return tuple(sorted(((k, v) for k, v in owner.__dict__.items()
-                         if k in names and k not in own and (
-                             type(v) in PLAIN or callable(v) and not isinstance(v, type))),
-                        key=lambda kv: kv[0]))
+    reads = []
+    for k, v in owner.__dict__.items():
+        if k not in names or k in own:
+            continue
+        if type(v) in PLAIN or callable(v) and not isinstance(v, type):
+            reads.append((k, v))
+        if _held_object(v):  # ``self.cfg = Config(...)``, read as ``self.cfg.scale``
+            if not callable(v):
+                reads.append((k, v))
+            reads += [(f"{k}.{a}", x) for a, x in vars(v).items()
+                      if a in names and type(x) in PLAIN]
+    return tuple(sorted(reads, key=lambda kv: kv[0]))
+
+
+def _held_object(v) -> bool:
+    """A plain Python object a block holds (a config, a helper with settings): not a module,
+    tensor, class, value or function, nor one of the builtins' or torch's objects."""
+    cls = type(v)
+    return not isinstance(v, (nn.Module, torch.Tensor, type, *PLAIN, types.FunctionType,
+                              types.MethodType, types.BuiltinFunctionType, functools.partial)) \
+        and hasattr(v, "__dict__") and cls.__module__ != "builtins" \
+        and not cls.__module__.startswith("torch")
 
 
 def _containers(owner: nn.Module, names: frozenset[str], label: str
@@ -748,12 +767,16 @@ def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...
     and length they had, with no hooks (a few attribute reads per call)."""
     if not reads and not containers:
         return forward
+    paths = tuple((name, name.split("."), value) for name, value in reads)
 
     def guarded(self, *args, **kwargs):
-        for name, value in reads:
-            now = getattr(self, name, _MISSING)
+        for name, path, value in paths:
+            now = self
+            for part in path:  # (one step but for the settings of a held object)
+                now = getattr(now, part, _MISSING)
             if now is not value and (type(now) is not type(value) or now != value):
-                _changed(self, label, name, repr(value), now)
+                _changed(self, label, name,
+                         _a(type(value).__name__) if _held_object(value) else repr(value), now)
         for name, cls, n in containers:
             try:
                 now = self.get_submodule(name)

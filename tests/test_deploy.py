@@ -3,6 +3,8 @@ torch.export, ONNX (run with onnxruntime). Each is compared with the eager fp32 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
 
 import pytest
 import timm
@@ -340,4 +342,48 @@ def test_an_attribute_a_called_or_held_function_reads_changed_after_apply_is_ref
     model(x)
     setattr(model[2], attr, value)
     with pytest.raises(BlockChangedError, match=rf"`2` \(_HelperBlock\).*`{attr}`, {was}"):
+        model(x)
+
+
+@dataclasses.dataclass
+class _Settings:
+    scale: float = 0.5
+    relu: bool = True
+
+
+class _ConfiguredBlock(torch.nn.Module):
+    """A block that reads its settings from an object it holds, shared by its blocks."""
+
+    def __init__(self, c, settings):
+        super().__init__()
+        self.settings = settings
+        self.c1, self.c2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        y = x + self.c2(torch.relu(self.c1(x))) * self.settings.scale
+        return torch.relu(y) if self.settings.relu else y
+
+
+@torch.no_grad()
+def test_settings_read_from_a_held_object_changed_after_apply_are_refused():
+    """The trace took ``settings.scale`` and ``settings.relu`` as they were: before, a shared
+    setting changed after apply() was ignored by every gated block without a word. Settings
+    set back, or an equal object in its place, are fine."""
+    torch.manual_seed(0)
+    settings = _Settings()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
+                                _ConfiguredBlock(16, settings), _ConfiguredBlock(16, settings))
+    se_inject.apply(model.eval(), input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    settings.relu = False
+    with pytest.raises(BlockChangedError, match=r"`1` \(_ConfiguredBlock\).*reads "
+                                                r"`settings.relu`, which was True .* is False now"):
+        model(x)
+    settings.relu = True
+    model[2].settings = _Settings()
+    assert torch.equal(model(x), ref)
+    model[2].settings = types.SimpleNamespace(scale=0.5, relu=True)
+    with pytest.raises(BlockChangedError, match=r"`2` \(_ConfiguredBlock\).*reads `settings`, "
+                                                r"which was a _Settings .* is a SimpleNamespace"):
         model(x)
