@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import itertools
 import math
 import sys
 import warnings
@@ -207,10 +208,20 @@ def _gate_names(owner: nn.Module, count: int) -> list[str]:
 
 
 def _holds_gate(view, c) -> bool:
-    """The site's tensor already goes through one of our gates, before or after ``c.at``."""
+    """The site's tensor already goes through one of our gates, before or after ``c.at``; or
+    the block holds one of ours at another position (a second apply() with another
+    ``position``): in its branches or shortcut, or after its merge and the activation that
+    follows it, called in the same forward."""
     if c.operand is not None:
-        return "gate" in (view.attrs(c.gated)["kind"], view.attrs(c.at)["kind"])
-    return any(view.attrs(u)["kind"] == "gate" for u in c.at.users if u in view.graph)
+        if "gate" in (view.attrs(c.gated)["kind"], view.attrs(c.at)["kind"]):
+            return True
+    elif any(view.attrs(u)["kind"] == "gate" for u in c.at.users if u in view.graph):
+        return True
+    after = [u for u in c.merge.users if u in view.graph]
+    after += [v for u in after if view.attrs(u)["kind"] == "act" for v in u.users
+              if v in view.graph]
+    return any(view.attrs(n)["kind"] == "gate" and view.attrs(n)["frame"] == c.frame
+               for n in itertools.chain(c.region, after))
 
 
 def _check_stages(stages) -> frozenset[int] | str | None:

@@ -160,6 +160,26 @@ def test_second_apply_does_not_stack(case):
     assert len(se_inject.plan(m)) == 0
 
 
+@pytest.mark.parametrize("first,then", [("standard", "post"), ("standard", "pre"),
+                                         ("standard", "identity"), ("post", "standard"),
+                                         ("pre", "post")])
+def test_second_apply_at_another_position_does_not_stack(first, then):
+    """Before, a second apply() with another position gave every block a second gate (a
+    resnet18 gated four times held 21); a block holding one of ours anywhere is skipped."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    se_inject.apply(model, position=first, input_size=(3, 64, 64))
+    names = [n for n, _ in gates(model)]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    with pytest.warns(UserWarning, match="already holds a gate"):
+        se_inject.apply(model, position=then, input_size=(3, 64, 64))
+    assert [n for n, _ in gates(model)] == names and len(names) == 8
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+
+
 def test_remove_restores_keys_and_outputs(case):
     _, _, model, x, y0, before, _, _ = case
     m = copy.deepcopy(model)
