@@ -69,7 +69,9 @@ _METHOD_KINDS: dict[str, str] = {
 }
 
 
-def _class_kind(m: nn.Module) -> str | None:
+def layer_kind(m: nn.Module) -> str | None:
+    """The kind of a module of a known class (its own, or a base class's): "conv", "norm",
+    "act", ...; None for others."""
     for cls in type(m).__mro__:
         kind = _MODULE_KINDS.get(cls)
         if kind is not None:
@@ -79,19 +81,13 @@ def _class_kind(m: nn.Module) -> str | None:
     return None
 
 
-def layer_kind(m: nn.Module) -> str | None:
-    """The kind of a module of a known class (its own, or a base class's): "conv", "norm",
-    "act", ...; None for others."""
-    return _class_kind(m)
-
-
 def _module_kind(m: nn.Module) -> str:
     """A known class's kind; a leaf module fx did not look into (torchvision's
     Conv2dNormActivation, a user's leaf) counts as a convolution if it holds one."""
-    kind = _class_kind(m)
+    kind = layer_kind(m)
     if kind is not None:
         return kind
-    inner = {_class_kind(sub) for sub in m.modules()}
+    inner = {layer_kind(sub) for sub in m.modules()}
     for k in ("gate", "chgate", "conv", "dwconv"):
         if k in inner:
             return k

@@ -32,7 +32,7 @@ from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
                     TraceOptions, autograd_functions, code_names, forward_names, module_code,
-                    other_forwards, trace_block)
+                    other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -720,13 +720,11 @@ def _attributes_read(owner: nn.Module, wrapped: frozenset[int], method: str = "f
 
 
 def _held_object(v) -> bool:
-    """A plain Python object a block holds (a config, a helper with settings): not a module,
-    tensor, class, value or function, nor one of the builtins' or torch's objects."""
-    cls = type(v)
-    return not isinstance(v, (nn.Module, torch.Tensor, type, *PLAIN, types.FunctionType,
-                              types.MethodType, types.BuiltinFunctionType, functools.partial)) \
-        and hasattr(v, "__dict__") and cls.__module__ != "builtins" \
-        and not cls.__module__.startswith("torch")
+    """A plain object a block holds (a config, a helper with settings; see trace.plain_object),
+    not a function."""
+    return plain_object(v) and not isinstance(v, (types.FunctionType, types.MethodType,
+                                                  types.BuiltinFunctionType,
+                                                  functools.partial))
 
 
 def _containers(owner: nn.Module, names: frozenset[str], label: str

@@ -1294,15 +1294,23 @@ def module_code(module: nn.Module, wrapped: frozenset[int] = frozenset(),
                         if id(fn) not in known)
 
 
+def plain_object(obj) -> bool:
+    """A Python object of a class of its own (``Dropper(p)``, a config): not a module,
+    tensor, class or value, nor one of the builtins' or torch's objects."""
+    cls = type(obj)
+    return not (isinstance(obj, (nn.Module, torch.Tensor, type, *PLAIN))
+                or not hasattr(obj, "__dict__") or cls.__module__ == "builtins"
+                or _torch_own(cls))
+
+
 def _held_methods(obj, names: frozenset[str]) -> list[tuple[str, Callable]]:
     """The Python methods of a plain object a module holds (``self.dropper = Dropper(p)``)
     that a trace of its forward may run: its ``__call__`` and the methods the forward names
     (``self.dropper.drop(y)``), with the methods those name in turn. Not for modules,
     tensors, classes, values, or torch's and the builtins' objects."""
-    cls = type(obj)
-    if isinstance(obj, (nn.Module, torch.Tensor, type, *PLAIN)) or \
-            not hasattr(obj, "__dict__") or cls.__module__ == "builtins" or _torch_own(cls):
+    if not plain_object(obj):
         return []
+    cls = type(obj)
     members = {}
     for base in reversed(cls.__mro__[:-1]):  # object's own are C
         for k, v in vars(base).items():
