@@ -537,6 +537,19 @@ class _MetaInterpreter(fx.Interpreter):
                     "layer makes them from the first input it sees. Run the model once on an "
                     "input of the size it takes (model(torch.randn(1, C, H, W))), then apply() "
                     "(nothing was changed).") from exc
+            from .trace import _failing_hook
+            hook = _failing_hook(self.module, exc)
+            if hook is not None:
+                named, code = hook
+                raise TraceError(
+                    f"shapes could not be propagated through op `{n.format_node()}`{scope}: it "
+                    f"failed in {named} ({code.co_name}, {code.co_filename}:"
+                    f"{code.co_firstlineno}): {type(exc).__name__}: {exc}. apply() runs the "
+                    "model's layers, and their hooks, on meta tensors, which have shapes but no "
+                    "values. Remove the hook while gating (call remove() on the handle that "
+                    "registering it returned, gate the model, then register it again), or have "
+                    "it return at once when the tensor it is given is a meta tensor "
+                    "(output.is_meta); nothing was changed.") from exc
             raise TraceError(
                 f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
                 f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "

@@ -174,6 +174,37 @@ def test_a_hook_that_returns_on_traced_values_leaves_apply_working():
     assert len(gates(model)) == 3
 
 
+def test_a_hook_on_a_layer_that_cannot_run_on_meta_tensors_is_named():
+    """fx does not run a leaf layer's hooks; shape propagation runs them on meta tensors, and a
+    hook reading a value there is named as one reading a traced value is, not taken for the
+    layer; its own advice works."""
+    model = BlockNet().eval()
+    keys = list(model.state_dict())
+    conv = model.blocks[1].body[2][0]
+    assert isinstance(conv, nn.Conv2d)
+    handle = conv.register_forward_hook(_big)
+    with pytest.raises(TraceError) as info:
+        se_inject.apply(model)
+    message = str(info.value)
+    assert "a forward hook on `blocks.1.body.2.0` (_big, " in message and __file__ in message
+    assert "meta tensor" in message and "leaf_modules" not in message
+    _untouched(model, keys)
+    handle.remove()
+    seen = []
+
+    def hook(module, args, output):
+        if output.is_meta:
+            return
+        seen.append(output.shape)
+        _big(module, args, output)
+
+    conv.register_forward_hook(hook)
+    se_inject.apply(model)
+    assert len(gates(model)) == 3 and seen == []
+    model(torch.randn(2, 3, 16, 16))
+    assert seen == [torch.Size([2, 8, 16, 16])]
+
+
 def test_one_hook_on_several_modules_is_named_with_the_module_it_failed_on():
     model = BlockNet()
     calls = []
