@@ -607,6 +607,35 @@ class _NotThere(Exception):
     """A ``forward_*`` method that reaches none of the gated sites: nothing to rewrite."""
 
 
+# Ways code reaches a module's layers without naming them: a method naming any of these is
+# traced whatever names it holds.
+_BY_NAME = frozenset({"getattr", "__getattr__", "__getattribute__", "__dict__", "vars",
+                      "_modules", "_parameters", "_buffers", "children", "named_children",
+                      "modules", "named_modules", "get_submodule", "get_parameter",
+                      "get_buffer", "parameters", "named_parameters", "buffers",
+                      "named_buffers", "state_dict"})
+
+
+def _share(owner: nn.Module, names: frozenset[str], region: frozenset[str]) -> bool:
+    """Whether the layers and tensors ``owner`` holds under ``names`` and under ``region``
+    have any module, parameter or buffer in common (``self.first = self.body[0]``: a trace
+    names the layer by the first name it has)."""
+    def held(keys):
+        out = set()
+        for k in keys:
+            for store in (owner._modules, owner._parameters, owner._buffers):
+                v = store.get(k)
+                if isinstance(v, nn.Module):
+                    for m in v.modules():
+                        out.add(id(m))
+                        out.update(id(t) for t in itertools.chain(
+                            m._parameters.values(), m._buffers.values()) if t is not None)
+                elif isinstance(v, torch.Tensor):
+                    out.add(id(v))
+        return out
+    return not held(names).isdisjoint(held(region))
+
+
 def _build_method(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                   options: TraceOptions, method: str, reference: dict, constants: dict
                   ) -> tuple[Callable, frozenset[str]] | None:
@@ -617,6 +646,10 @@ def _build_method(owner: nn.Module, label: str, gates: dict[str, LocalKey],
     which also returns a tensor from inside the block; a model's ``forward_features``, where
     the model's own forward holds the gates); _Left says why another is left as it is."""
     code = module_code(owner, options.wrapped_ids(), method)
+    names = _names(code)
+    region = frozenset().union(*(r[2] for r in reference.values()))
+    if region and not names & (region | _BY_NAME) and not _share(owner, names, region):
+        return None  # it names no layer the forward reads up to its gates: nothing to trace
     unrecorded = _unrecorded(code)
     if unrecorded:
         raise _Left(unrecorded)

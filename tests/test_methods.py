@@ -172,3 +172,60 @@ def test_xception_forward_intermediates_runs_the_gates():
         final, taps = model.forward_intermediates(x)
         assert torch.equal(final, model.forward_features(x))
         assert len(taps) == 5 and torch.equal(taps[-1], model.blocks(model.stem(x)))
+
+
+class AliasBlock(TapBlock):
+    """Methods reaching the layers before the gate without naming them as the forward does:
+    through a second name of the same layer, and by getattr."""
+
+    def __init__(self, c: int = 16):
+        super().__init__(c)
+        # the same modules, registered under second names
+        self.first, self.second, self.norm = self.a, self.b, self.n
+
+    def forward_alias(self, x):
+        return F.relu(x + self.norm(self.second(self.first(x))))
+
+    def forward_lookup(self, x):
+        layers = [getattr(self, k) for k in "abn"]
+        return F.relu(x + layers[2](layers[1](layers[0](x))))
+
+
+def test_a_method_is_traced_unless_it_names_nothing_the_forward_reads_before_its_gates(
+        monkeypatch):
+    """A forward_* method that names no layer the forward reads up to its gated sites cannot
+    reach them, and is passed by without a trace (timm's forward_head, traced alone as the
+    whole head before); one that reaches those layers by another name is traced and gated."""
+    import se_inject.rewrite as rewrite
+    traced = []
+    trace_block = rewrite.trace_block
+
+    def counting(owner, *args, **kwargs):
+        traced.append((type(owner).__name__, kwargs.get("method", args[4] if len(args) > 4
+                                                         else "forward")))
+        return trace_block(owner, *args, **kwargs)
+
+    monkeypatch.setattr(rewrite, "trace_block", counting)
+    model = InlineFeatures().eval()
+    _apply(model)
+    assert ("InlineFeatures", "forward_features") in traced
+    assert ("InlineFeatures", "forward_head") not in traced
+
+    traced.clear()
+    block = AliasBlock().eval()
+    randomize_norms(block)
+    plain = copy.deepcopy(block)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        se_inject.apply(block, input_size=(16, 8, 8))
+    [left] = [str(w.message) for w in caught if "left as they are" in str(w.message)]
+    assert "forward_scaled" in left  # as in TapBlock
+    assert "forward_alias" not in left and "forward_lookup" not in left
+    for name in ("forward_alias", "forward_lookup"):
+        assert ("AliasBlock", name) in traced and name in vars(block)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        out = block(x)
+        assert not torch.allclose(out, plain(x), atol=1e-3)  # the gate acts
+        assert torch.equal(block.forward_alias(x), out)
+        assert torch.equal(block.forward_lookup(x), out)
