@@ -10,7 +10,9 @@ otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 from typing import Any, Callable, Sequence
 
@@ -550,12 +552,23 @@ class _MetaInterpreter(fx.Interpreter):
                     "registering it returned, gate the model, then register it again), or have "
                     "it return at once when the tensor it is given is a meta tensor "
                     "(output.is_meta); nothing was changed.") from exc
+            try:
+                value = self.run_for_real(n, args, kwargs)
+            except Exception:
+                value = _FAILED  # the same error, or one that says less than the op's own
+            if value is not NotImplemented and value is not _FAILED:
+                value = _to_meta(value)
+                n.meta[VALUE] = value
+                return value
+            meta = (" The model's weights are on the meta device, so the op could not run on "
+                    "tensors with values instead: gate the model once it has its weights, or "
+                    "have the code that reads a value pass meta tensors by (x.is_meta)."
+                    if value is NotImplemented else "")
             raise TraceError(
                 f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
                 f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "
-                "input_size). If the model takes another size, pass it as input_size=(C, H, W); "
-                "if this module or function cannot run on meta tensors, pass it as a leaf "
-                "(leaf_modules=[...]).") from exc
+                "input_size). If the model takes another size, pass it as input_size=(C, H, W)."
+                f"{meta}") from exc
         n.meta[VALUE] = value
         return value
 
@@ -564,31 +577,84 @@ class _MetaInterpreter(fx.Interpreter):
             return _to_meta(self._made[target])
         return _to_meta(super().get_attr(target, args, kwargs))
 
-    def call_module(self, target, args, kwargs):
+    def _module(self, target) -> nn.Module:
         mod = self.submodules.get(target)
-        if mod is None:  # a module registered under more than one name
-            mod = self.fetch_attr(target)
+        return self.fetch_attr(target) if mod is None else mod  # (one registered twice)
+
+    def call_module(self, target, args, kwargs):
+        mod = self._module(target)
         rule = _shape_rule(mod)
         if rule is not None and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
             out = rule(mod, args[0])
             if out is not None:
                 return out
-        saved = []
-        try:
-            for sub in mod.modules():
-                for store in (sub._parameters, sub._buffers):
-                    for k, v in store.items():
-                        if v is not None and v.device.type != "meta":
-                            saved.append((store, k, v))
-                            store[k] = _as_meta_like(v)
-            # a module compiled in place runs its Python: compiling it for meta tensors
-            # would cost a compilation (and one of Dynamo's versions) for a shape
-            call = mod._call_impl if self._compiled_in_place(mod) else mod
-            with torch.no_grad(), self._mode:
-                return call(*args, **kwargs)
-        finally:
-            for store, k, v in reversed(saved):
-                store[k] = v
+        return _run_swapped(mod, args, kwargs, _as_meta_like, self._mode,
+                            self._compiled_in_place(mod))
+
+    def run_for_real(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
+        """The node run on tensors with values, for an op that cannot run on meta tensors (a
+        layer whose forward reads a value, ``x.abs().max().item()``): random inputs of the
+        shapes it gets, on the model's device, the layer holding copies of its weights and
+        buffers (so that nothing it updates is the model's), its output's shape kept.
+        NotImplemented where the model's own tensors are on the meta device."""
+        first = next(itertools.chain(self.module.parameters(), self.module.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if device.type == "meta" or n.op not in ("call_module", "call_function", "call_method"):
+            return NotImplemented
+        if n.op == "call_module" and any(t.device.type == "meta" for t in itertools.chain(
+                self._module(n.target).parameters(), self._module(n.target).buffers())):
+            return NotImplemented
+        # the random numbers drawn here (inputs, a dropout) leave the caller's generators as
+        # they were
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            args, kwargs = fx.node.map_aggregate((args, kwargs),
+                                                 lambda v: _with_values(v, device))
+            if n.op != "call_module":
+                with torch.no_grad():
+                    return getattr(self, n.op)(n.target, args, kwargs)
+            mod = self._module(n.target)
+            return _run_swapped(mod, args, kwargs, _copy_of, contextlib.nullcontext(),
+                                self._compiled_in_place(mod))
+
+
+_FAILED = object()
+
+
+def _run_swapped(mod: nn.Module, args: tuple, kwargs: dict, swap: Callable, mode,
+                 compiled_in_place: bool) -> Any:
+    """``mod`` called with each of its parameters and buffers replaced by ``swap`` of it
+    (a meta tensor like it, or a copy), then put back."""
+    saved = []
+    try:
+        for sub in mod.modules():
+            for store in (sub._parameters, sub._buffers):
+                for k, v in store.items():
+                    if v is not None and v.device.type != "meta":
+                        saved.append((store, k, v))
+                        store[k] = swap(v)
+        # a module compiled in place runs its Python: compiling it for meta tensors
+        # would cost a compilation (and one of Dynamo's versions) for a shape
+        call = mod._call_impl if compiled_in_place else mod
+        with torch.no_grad(), mode:
+            return call(*args, **kwargs)
+    finally:
+        for store, k, v in reversed(saved):
+            store[k] = v
+
+
+def _copy_of(v: torch.Tensor) -> torch.Tensor:
+    copy = v.detach().clone()
+    return nn.Parameter(copy, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) \
+        else copy
+
+
+def _with_values(v: Any, device: torch.device) -> Any:
+    """A meta tensor as one with values (standard normal; zeros for integers and flags)."""
+    if not isinstance(v, torch.Tensor) or v.device.type != "meta":
+        return v
+    out = torch.empty(v.shape, dtype=v.dtype, device=device)
+    return out.normal_() if v.is_floating_point() else out.zero_()
 
 
 def _as_meta_like(v: torch.Tensor) -> torch.Tensor:

@@ -592,3 +592,73 @@ def test_recurrent_layers_give_their_real_shapes_strides_and_dtypes(layer, batch
     flat = torch.utils._pytree.tree_leaves
     assert [_layout(t) for t in flat(got)] == [_layout(t) for t in flat(real)]
     assert all(t.device.type == "meta" for t in flat(got))
+
+
+class _Clip(nn.Module):
+    """Reads a value of its input (fx cannot trace it: a leaf, as the error advises, which
+    cannot run on meta tensors either), holds a norm in training mode and counts its calls."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(c)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if x.abs().max().item() > 1e4:
+            x = x.clamp(-1e4, 1e4)
+        return self.norm(x)
+
+
+class _ClipNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from handwritten import BlockNet
+        self.net = BlockNet()
+        self.clip = _Clip(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        net = self.net
+        y = net.blocks(F.relu(net.stem(x)))
+        return self.fc(self.clip(y).flatten(2).mean(-1) * y.abs().amax().item())
+
+
+def test_an_op_that_reads_values_is_run_on_random_tensors_and_changes_nothing():
+    """A layer whose forward reads a value (``.item()``), and an ``.item()`` in the model's own
+    forward, cannot run on meta tensors; shape propagation runs them on random tensors of the
+    shapes they get, the layer holding copies of its weights and buffers. Before, apply()
+    refused the model."""
+    import copy
+
+    import se_inject
+    from conftest import gates, saturate
+    from se_inject.errors import TraceError
+    model = _ClipNet().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = copy.deepcopy(model)
+    # the values drawn for those runs leave the caller's random numbers as they were: after
+    # apply(), the generator is where it is after gating the same blocks without them (the
+    # gates' initialisation draws the same numbers)
+    from handwritten import BlockNet
+    other = BlockNet()
+    torch.manual_seed(5)
+    se_inject.apply(model, input_size=(3, 16, 16), leaf_modules=[_Clip])
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    se_inject.apply(other, input_size=(3, 16, 16))
+    assert torch.equal(torch.rand(3), after)
+    assert len(gates(model)) == 3
+    # the layer's running statistics and call count are the model's own, untouched
+    assert model.clip.calls == 0
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
+    x = torch.randn(2, 3, 16, 16)
+    saturate(model)  # gates passing everything: the plain model's outputs
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    assert model.clip.calls == 1
+    # a model whose weights are on the meta device has no values to run: the op is named
+    meta = _ClipNet().to("meta")
+    with pytest.raises(TraceError, match=r"clip.*Tensor.item\(\) cannot be called on "
+                       r"meta tensors.*weights are on the meta device"):
+        se_inject.apply(meta, input_size=(3, 16, 16), leaf_modules=[_Clip])
+    assert not gates(meta)
