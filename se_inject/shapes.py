@@ -601,8 +601,9 @@ class _MetaInterpreter(fx.Interpreter):
         device = first.device if first is not None else torch.device("cpu")
         if device.type == "meta" or n.op not in ("call_module", "call_function", "call_method"):
             return NotImplemented
-        if n.op == "call_module" and any(t.device.type == "meta" for t in itertools.chain(
-                self._module(n.target).parameters(), self._module(n.target).buffers())):
+        mod = self._module(n.target) if n.op == "call_module" else None
+        if mod is not None and any(t.device.type == "meta"
+                                   for t in itertools.chain(mod.parameters(), mod.buffers())):
             return NotImplemented
         # the random numbers drawn here (inputs, a dropout) leave the caller's generators as
         # they were
@@ -610,10 +611,9 @@ class _MetaInterpreter(fx.Interpreter):
             torch.manual_seed(0)
             args, kwargs = fx.node.map_aggregate((args, kwargs),
                                                  lambda v: _with_values(v, device))
-            if n.op != "call_module":
+            if mod is None:
                 with torch.no_grad():
                     return getattr(self, n.op)(n.target, args, kwargs)
-            mod = self._module(n.target)
             return _run_swapped(mod, args, kwargs, _copy_of, contextlib.nullcontext(),
                                 self._compiled_in_place(mod))
 
@@ -644,9 +644,7 @@ def _run_swapped(mod: nn.Module, args: tuple, kwargs: dict, swap: Callable, mode
 
 
 def _copy_of(v: torch.Tensor) -> torch.Tensor:
-    copy = v.detach().clone()
-    return nn.Parameter(copy, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) \
-        else copy
+    return _held_as(v, v.detach().clone())
 
 
 def _with_values(v: Any, device: torch.device) -> Any:
@@ -658,8 +656,12 @@ def _with_values(v: Any, device: torch.device) -> Any:
 
 
 def _as_meta_like(v: torch.Tensor) -> torch.Tensor:
-    meta = _empty_as(v)
-    return nn.Parameter(meta, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) else meta
+    return _held_as(v, _empty_as(v))
+
+
+def _held_as(v: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` in ``v``'s place in a module: a parameter where ``v`` is one."""
+    return nn.Parameter(new, requires_grad=v.requires_grad) if isinstance(v, nn.Parameter) else new
 
 
 def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[Sequence[int]],
