@@ -31,7 +31,7 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, autograd_functions, code_names, forward_names, module_code,
+                    TraceOptions, autograd_functions, code_names, module_code,
                     other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
@@ -561,10 +561,7 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
             graph = trace_block(owner, options, training, inputs, constants, method,
                                 hide=state.methods if (state := owner_state(owner)) else ())
         except Exception as exc:
-            if reference is not None:
-                region = reference[training][2]
-                if not forward_names(type(owner), method) & region:
-                    raise _NotThere() from None  # it names no layer before a gated site
+            if reference is not None:  # (one naming no layer before a gate was passed by)
                 raise _Left(f"torch.fx could not trace it alone ({type(exc).__name__}: {exc})")
             raise RewriteError(f"`{label}` ({type(owner).__name__}) could not be traced on its "
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
