@@ -382,9 +382,12 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                           merge=view.describe(c.merge), entry=view.describe(c.entry),
                           spatial=spatial, stage=stage, ratio=r,
                           parameters=gate_parameters(channels, r, spec), key=key))
-    prints, calls = fingerprints(graph), block_calls(graph)
-    blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
-              for block in per_block}
+    blocks = {}
+    if per_block:  # only the planned blocks' own frames are summed up
+        prints = fingerprints(graph, {Frame(block, 0) for block in per_block})
+        calls = block_calls(graph) if calls is None else calls
+        blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
+                  for block in per_block}
     gated = {site.gate: t.candidate for site, t in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
                 ratio=ratio), blocks, (graph, gated)

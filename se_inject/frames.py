@@ -63,8 +63,9 @@ def _shape(value: Any, leaf, path: tuple = ()) -> Any:
     return leaf(value, path)
 
 
-def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
-    """For each frame: how it was called, what it did, in order, and what it returned.
+def fingerprints(graph: fx.Graph, frames: set[Frame] | None = None) -> dict[Frame, tuple]:
+    """For each frame (each of ``frames`` that ran, if given): how it was called, what it did,
+    in order, and what it returned.
 
     A frame's events are its own call nodes (op, relative target, arguments) and the calls of
     its children (relative name, arguments). An argument made in the same frame is named by
@@ -99,19 +100,26 @@ def fingerprints(graph: fx.Graph) -> dict[Frame, tuple]:
             return ("c", repr(a))
         return _shape(value, leaf)
 
+    def wanted(frame: Frame) -> bool:  # a frame's fingerprint reads its own events only
+        return frames is None or frame in frames
+
     for event in getattr(graph, LOG, ()):
         if isinstance(event, Call):
             parent = event.parent
             prefix = parent.qualname + "." if parent.qualname else ""
-            if event.frame != parent:  # the model's own call has no parent frame
+            if event.frame != parent and wanted(parent):  # the model's call has no parent
                 events[parent].append(("call", event.frame.qualname[len(prefix):],
                                        token(parent, event.args), token(parent, event.kwargs)))
-            called_with[event.frame] = positions((event.args, event.kwargs), inputs[event.frame])
+            if wanted(event.frame):
+                called_with[event.frame] = positions((event.args, event.kwargs),
+                                                     inputs[event.frame])
             continue
         node = event
         if node.op not in _CALLS:
             continue
         frame = node.meta.get(SCOPE, Frame(""))
+        if not wanted(frame):
+            continue
         index[node] = len(events[frame])
         events[frame].append((node.op, _relative(frame, node), token(frame, node.args),
                               token(frame, node.kwargs)))

@@ -435,3 +435,25 @@ def test_the_module_walk_of_a_snapshot_finds_what_modules_finds():
     walked = _all_modules(model)
     assert len(walked) == len({id(m) for m in walked})
     assert {id(m) for m in walked} == {id(m) for m in model.modules()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "test_convnext", "mobilenetv2_050"])
+def test_fingerprints_of_some_frames_are_theirs_in_the_whole(name):
+    """apply() sums up only the planned blocks' frames: each must come out as it does when
+    every frame is summed up (a frame's fingerprint reads its own events only), and equal
+    blocks must still match and unequal ones differ."""
+    import random
+    from se_inject.frames import fingerprints
+    from se_inject.trace import Frame
+    model = timm.create_model(name, pretrained=False)
+    graph = trace_model(model, TraceOptions(), n_inputs=1)
+    whole = fingerprints(graph)
+    frames = sorted(whole, key=lambda f: (f.qualname, f.call))
+    assert len(frames) >= 9  # the model and its blocks
+    for seed in range(3):
+        some = set(random.Random(seed).sample(frames, len(frames) // 3))
+        assert fingerprints(graph, some) == {f: whole[f] for f in some}
+    if name == "resnet18":  # layer1's two blocks run one graph; layer2.0 has its downsample
+        some = {Frame("layer1.0"), Frame("layer1.1"), Frame("layer2.0")}
+        prints = fingerprints(graph, some)
+        assert prints[Frame("layer1.0")] == prints[Frame("layer1.1")] != prints[Frame("layer2.0")]
