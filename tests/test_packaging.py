@@ -32,7 +32,8 @@ def test_installed_wheel_finds_its_rules_outside_the_checkout(wheel, tmp_path):
     code = ("import se_inject.rules as r; d = r.builtin_rules_dir(); "
             "print(d); print(','.join(x.name for x in r.resolve_rules(None)))")
     env = {**os.environ, "PYTHONPATH": str(target)}
-    r = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env,
+    # run from tmp_path, so that the checkout is not on sys.path
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                        capture_output=True, text=True, check=True)
     where, names = r.stdout.split()
     assert Path(where) == target / "se_inject" / "rules"
