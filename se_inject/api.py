@@ -29,8 +29,8 @@ from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, r
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
 from .shapes import propagate_shapes
-from .trace import (SCOPE, Frame, TraceOptions, is_container, module_code, trace_model,
-                    tracing_session)
+from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
+                    trace_model, tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
 
@@ -301,12 +301,18 @@ def _lifted(c, layer: nn.Module, calls: dict) -> tuple | str:
     return parent, ("call_module", child, k), moved
 
 
+_READS_A_VALUE = ("its forward reads a traced value as a Python number (`if x.shape[1] != ...`, "
+                  "`int(x.shape[-1])`): a forward generated from a trace of it would hold the "
+                  "number it had at the input size for every size")
+
+
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                stages=None, spec: GateSpec | None = None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
     with each planned gate's candidate."""
     shapes = _input_shapes(model, input_size)
-    graph = trace_model(model, options, n_inputs=len(shapes))
+    graph = trace_model(model, options, n_inputs=len(shapes), input_shapes=shapes,
+                        dtype=_dtype(model))
     propagate_shapes(model, graph, shapes, _dtype(model))
     view = build_view(graph, model)
     candidates, rejected = find_candidates(view, resolved)
@@ -316,6 +322,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     chosen = []
     seen = set()
     calls = None
+    reads = {f.qualname for f in getattr(graph, VALUES_READ, ())}
     for c in candidates:
         block = c.frame.qualname
         owner = modules[block]
@@ -328,6 +335,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                 continue
             block, local, c = lifted
             owner = modules[block]
+        if block in reads:
+            skipped.append(Skipped(view.describe(c.merge), c.rule.name, _READS_A_VALUE))
+            continue
         state = owner_state(owner)
         if state is not None:  # the block runs a rewritten forward: name the node as its class does
             local = state.class_key(local, owner.training)
@@ -467,6 +477,16 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             f"channel concatenation of 4-D convolutional feature maps{sums}. se-inject gates CNN "
             "blocks; transformers and MLPs have none. If its blocks hide inside a module marked "
             "as a leaf, or need a rule of your own, see README.md, 'Rule files'.")
+    reads = sum(1 for s in p.skipped if s.reason == _READS_A_VALUE)
+    if reads and all(s.reason == _READS_A_VALUE or NOT_A_FEATURE_MAP in s.reason
+                     for s in p.skipped):
+        return NoSitesError(
+            f"{name} has {reads} block(s) the rules match, but the forward that holds each of "
+            f"them reads a traced value as a Python number (`if x.shape[1] != 3: raise ...`, "
+            "`int(x.shape[-1])`), which a forward generated from a trace cannot do for every "
+            "input size. Write such a check as torch._assert(x.shape[1] == 3, '...'), which "
+            "fx records as an op and the gated forward runs, or move the code that reads the "
+            "size into a layer of its own; nothing was changed.")
     reasons = Counter(f"{s.rule}: {s.reason}" for s in p.skipped)
     listed = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5))
     return NoSitesError(f"no block of {name} matched the rules ({len(p.skipped)} merges looked "
@@ -579,6 +599,14 @@ def apply(model: nn.Module, ratio: int | dict = 16,
                       f"{cls} that hold those sites, called directly, run without them.",
                       stacklevel=2)
     _warn_left(model, prepared)
+    reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
+    if reading:
+        warnings.warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
+                      f"({', '.join(f'`{m}`' for m in reading[:3])}"
+                      f"{', ...' if len(reading) > 3 else ''}): the forward that holds the sum "
+                      "reads a traced value as a Python number (`if x.shape[-1] % 2:`), which a "
+                      "forward generated from a trace would keep at the input size for every "
+                      "size. se_inject.plan(model).skipped lists them.", stacklevel=2)
     return model
 
 

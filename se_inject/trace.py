@@ -39,6 +39,9 @@ STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what it
 # other than the caller's, each with the first node made in it
 MODE_CHANGES = "_se_inject_mode_changes"
 CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
+# graph attribute: the Frames whose forward read a traced value as a Python one (see
+# _ShapedTracer); a forward generated from a trace of one of them could not do that
+VALUES_READ = "_se_inject_values_read"
 
 
 @dataclass(frozen=True)
@@ -605,6 +608,125 @@ class _ScopeTracer(UnpackingTracer):
         return node
 
 
+class _ShapedProxy(_Proxy):
+    """A proxy of a _ShapedTracer: where Python needs a value of it (``if``, ``int()``,
+    ``len()``, a loop), the value it has for the input's shape, when that value is a number,
+    flag or size rather than a tensor."""
+
+    def __getattr__(self, k: str):
+        return _ShapedAttribute(self, k)
+
+    def __int__(self):
+        return int(self.tracer.value(self))
+
+    def __index__(self):
+        return operator.index(self.tracer.value(self))
+
+    def __float__(self):
+        return float(self.tracer.value(self))
+
+    def __len__(self):
+        return len(self.tracer.value(self))
+
+
+class _ShapedAttribute(_Attribute):
+    __int__, __index__, __float__, __len__ = (_ShapedProxy.__int__, _ShapedProxy.__index__,
+                                              _ShapedProxy.__float__, _ShapedProxy.__len__)
+
+
+_CONCRETE = (bool, int, float, torch.Size)
+
+
+class _ShapedTracer(_ScopeTracer):
+    """A _ScopeTracer for a forward that reads its input's shape as Python values: HF
+    transformers' CNNs check the number of channels (``if pixel_values.shape[1] !=
+    self.num_channels: raise``) and pad as TensorFlow does (``int(x.shape[-2]) % stride``),
+    which torch.fx refuses ("symbolically traced variables cannot be used as inputs to control
+    flow"). Where the trace needs such a value, the graph traced so far runs on meta tensors
+    of the input shapes apply() propagates anyway, up to the node that holds it, and the trace
+    goes on with the number (as HF's own fx tracer does). Only a number, flag or size is
+    answered so; a tensor's values stay unknown, and asking for them fails as in fx.
+
+    The graph is the model's at those input shapes, which is what apply() analyses; the
+    forwards it generates for gated blocks come from their own traces, in fx's plain tracer,
+    so that nothing the model computes is fixed to one shape."""
+
+    def __init__(self, leaves: tuple[type, ...], n_inputs: int | None, root: nn.Module,
+                 input_shapes: Sequence[Sequence[int]], dtype: torch.dtype, **kwargs):
+        super().__init__(leaves, n_inputs, **kwargs)
+        self._model = root
+        self._shapes = input_shapes
+        self._dtype = dtype
+        self._interpreter = None
+        self._last: fx.Node | None = None  # the last node run so far
+        self._running = False
+        self.values_read: set[Frame] = set()
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self)
+
+    def to_bool(self, obj) -> bool:
+        return bool(self.value(obj, super().to_bool))
+
+    def iter(self, obj):
+        return iter(self.value(obj, super().iter))
+
+    def value(self, obj, refuse: Callable | None = None):
+        """The Python value of ``obj`` at the input shapes; where it is a tensor or
+        unknown, fx's refusal (``refuse(obj)``) or a TypeError."""
+        node = obj.node
+        self.values_read.add(self._frames[-1])
+        v = self._run_to(node)
+        if isinstance(v, _CONCRETE) or (type(v) in (tuple, list) and v and all(
+                type(e) in (bool, int, float) for e in v)):
+            return v
+        if refuse is not None:
+            return refuse(obj)
+        raise TypeError(f"the value of `{node.format_node()}` is not known while tracing: it "
+                        "is a tensor's, or one computed from a tensor's values")
+
+    def _run_to(self, node: fx.Node):
+        from .shapes import _MetaInterpreter  # (trace -> kinds -> shapes)
+        if self._interpreter is None:
+            inputs = [torch.empty((*s,), device="meta", dtype=self._dtype) for s in self._shapes]
+            self._interpreter = _MetaInterpreter(self._model, graph=self.graph,
+                                                 garbage_collect_values=False)
+            self._interpreter._made = self.constants
+            self._interpreter.args_iter = iter(inputs)
+            self._last = self.graph._root
+        interpreter, env = self._interpreter, self._interpreter.env
+        if node in env:
+            return env[node]
+        self._running = True
+        try:
+            n = self._last.next
+            while n is not self.graph._root:
+                try:
+                    env[n] = interpreter.run_node(n)
+                except Exception:
+                    env[n] = _UNKNOWN
+                self._last = n
+                if n is node:
+                    break
+                n = n.next
+        finally:
+            self._running = False
+        return env.get(node, _UNKNOWN)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._running:  # a layer running on meta tensors, not traced
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._running:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+_UNKNOWN = object()
+
+
 _MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
 PLAIN = (bool, int, float, str, type(None))  # values a forward reads as constants
 # What nn.Module.__init__ sets: torch's own bookkeeping (its dicts of parameters, buffers and
@@ -888,29 +1010,34 @@ def _holds_merge(graph: fx.Graph) -> bool:
     return False
 
 
-def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = None) -> fx.Graph:
+def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = None,
+                input_shapes: Sequence[Sequence[int]] | None = None,
+                dtype: torch.dtype = torch.float32) -> fx.Graph:
     """fx graph of the whole model called with ``n_inputs`` tensors (its other parameters at
-    their defaults), each node's ``meta[SCOPE]`` naming its module invocation."""
+    their defaults), each node's ``meta[SCOPE]`` naming its module invocation. Given the
+    inputs' shapes, a forward that fx cannot trace because it reads a shape as a Python
+    value is traced again at those shapes (see _ShapedTracer)."""
     leaves, kwargs = options.tracer_args()
+    shaped = (input_shapes, dtype) if input_shapes is not None else None
     opened = _openable(model, leaves, options, kwargs)
     if opened:
         try:
             return _trace_called_whole(model, tuple(c for c in leaves if c not in opened),
-                                       n_inputs, kwargs)
+                                       n_inputs, kwargs, shaped)
         except TraceError:
             pass  # traced alone but not in place: keep timm's registry as it is
-    return _trace_called_whole(model, leaves, n_inputs, kwargs)
+    return _trace_called_whole(model, leaves, n_inputs, kwargs, shaped)
 
 
 def _trace_called_whole(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
-                        kwargs: dict) -> fx.Graph:
+                        kwargs: dict, shaped: tuple | None = None) -> fx.Graph:
     """_trace_model, where a layer fx cannot trace that holds nothing to gate (no parameters,
     buffers or layers of its own, in any of its class's instances in the model: timm's
     DropBlock2d in training mode, whose mask size is the smaller of its block and the map) is
     called whole, as a leaf, and the model traced again. The layer runs as before."""
     while True:
         try:
-            return _trace_model(model, leaves, n_inputs, kwargs)
+            return _trace_model(model, leaves, n_inputs, kwargs, shaped)
         except TraceError as exc:
             cls = _holds_nothing_to_gate(model, getattr(exc, "failed_module", None))
             if cls is None or cls in leaves:
@@ -931,11 +1058,35 @@ def _holds_nothing_to_gate(model: nn.Module, failed: nn.Module | None) -> type |
 
 
 def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
-                 kwargs: dict) -> fx.Graph:
-    tracer = _ScopeTracer(leaves, n_inputs, **kwargs)
+                 kwargs: dict, shaped: tuple | None = None) -> fx.Graph:
+    try:
+        return _trace_model_with(_ScopeTracer(leaves, n_inputs, **kwargs), model)
+    except TraceError as exc:
+        if shaped is None or not _reads_a_value(exc):
+            raise
+        first = exc
+    tracer = _ShapedTracer(leaves, n_inputs, model, *shaped, **kwargs)
+    try:  # on meta tensors: every change a layer makes to itself is undone
+        return _trace_model_with(tracer, model, left=_anything)
+    except TraceError:
+        raise first from first.__cause__
+
+
+def _reads_a_value(exc: TraceError) -> bool:
+    """Whether fx failed where the forward needed a traced value as a Python one (``if``,
+    ``int()``, ``len()``, iteration): a number it may know at the input's shape."""
+    cause = exc.__cause__
+    if isinstance(cause, fx.proxy.TraceError):
+        return "control flow" in str(cause) or "iterated" in str(cause)
+    return isinstance(cause, (TypeError, RuntimeError)) and (
+        "Proxy" in str(cause) or "symbolic tracing" in str(cause))
+
+
+def _trace_model_with(tracer: _ScopeTracer, model: nn.Module,
+                      left: Callable[[Any], bool] = _is_proxy) -> fx.Graph:
     fn = _instance_forward(model)
     try:
-        with _NothingLeft(model):
+        with _NothingLeft(model, left=left):
             if fn is None:
                 graph = tracer.trace(model)
             else:  # the model's own forward was replaced on the instance; fx reads the class's
@@ -943,6 +1094,7 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
         setattr(graph, RETURNS, tracer.returns)
         setattr(graph, LOG, tracer.log)
         setattr(graph, CONSTANTS, tracer.constants)
+        setattr(graph, VALUES_READ, frozenset(getattr(tracer, "values_read", ())))
         return graph
     except (TraceError, BlockChangedError):  # the latter: a gated block changed since
         raise

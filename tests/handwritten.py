@@ -716,3 +716,104 @@ class LinearSumsNet(nn.Module):
         x = x + self.deep2(self.deep1(x))
         x = F.relu(x + self.r2(F.relu(self.r1(x))))
         return x.mean((2, 3))
+
+
+def tf_same_pad(x, k, s):
+    """TensorFlow's "SAME" padding, worked out from the map's size as Python numbers, as Hugging
+    Face's MobileNets pad."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    ph = max(k - s, 0) if h % s == 0 else max(k - h % s, 0)
+    pw = max(k - s, 0) if w % s == 0 else max(k - w % s, 0)
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class SameConv(nn.Module):
+    """conv-bn(-relu) padded as TensorFlow pads, from the size of its input."""
+
+    def __init__(self, cin, cout, k=3, stride=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, 0, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        x = tf_same_pad(x, self.conv.kernel_size[0], self.conv.stride[0])
+        return self.act(self.bn(self.conv(x)))
+
+
+class ChannelCheckingEmbeddings(nn.Module):
+    """Refuses an input with the wrong number of channels, as Hugging Face's embeddings do."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.num_channels = cin
+        self.embedder = SameConv(cin, cout, 3, 2)
+
+    def forward(self, pixel_values):
+        if pixel_values.shape[1] != self.num_channels:
+            raise ValueError("Make sure that the channel dimension of the pixel values match "
+                             "with the one set in the configuration.")
+        return self.embedder(pixel_values)
+
+
+class SameBottleneck(nn.Module):
+    """A residual block whose layers pad from their input's size; its own forward reads none."""
+
+    def __init__(self, c, mid, stride=1):
+        super().__init__()
+        self.reduce = SameConv(c, mid, 1)
+        self.conv = SameConv(mid, mid, 3, stride)
+        self.expand = SameConv(mid, c, 1, act=False)
+        self.short = SameConv(c, c, 1, stride, act=False) if stride != 1 else None
+
+    def forward(self, x):
+        s = x if self.short is None else self.short(x)
+        return F.relu(self.expand(self.conv(self.reduce(x))) + s)
+
+
+class OddPadBlock(nn.Module):
+    """A residual block whose own forward reads its input's size: it pads an odd map to even."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = branch(c)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return F.relu(x + self.body(x))
+
+
+class ShapeReadingNet(nn.Module):
+    """Hugging Face's CNNs as they are written: a channel check in the embeddings, TensorFlow's
+    padding in every layer, and here one block that reads its input's size. torch.fx traces
+    none of it ("symbolically traced variables cannot be used as inputs to control flow")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = ChannelCheckingEmbeddings(3, 16)
+        self.blocks = nn.Sequential(SameBottleneck(16, 8), SameBottleneck(16, 8, stride=2),
+                                    OddPadBlock(16), SameBottleneck(16, 8))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, pixel_values):
+        return self.head(self.blocks(self.embeddings(pixel_values)).mean((2, 3)))
+
+
+class InlineShapeReadingNet(nn.Module):
+    """Residual sums in the model's own forward, which also reads its input's size."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1, self.b2 = branch(c), branch(c)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("expected 3 channels")
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b1(x))
+        return F.relu(x + self.b2(x)).mean((2, 3))
+
+
+HANDWRITTEN["shape_reading"] = (ShapeReadingNet, 3, {"residual": 3})

@@ -207,11 +207,8 @@ def test_a_hook_on_a_layer_that_cannot_run_on_meta_tensors_is_named():
 
 def test_one_hook_on_several_modules_is_named_with_the_module_it_failed_on():
     model = BlockNet()
-    calls = []
-
     def hook(module, args, output):  # fine on the first two blocks, fails on the third
-        calls.append(module)
-        if len(calls) == 3 and output.abs().max() > 100:
+        if module is model.blocks[2] and output.abs().max() > 100:
             raise AssertionError("unreachable")
 
     handles = [b.register_forward_hook(hook) for b in model.blocks]

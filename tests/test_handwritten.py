@@ -189,14 +189,18 @@ def test_a_layer_with_nothing_to_gate_that_fx_cannot_trace_is_called_whole():
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
-def test_a_layer_fx_cannot_trace_with_a_parameter_in_any_instance_is_still_named():
-    # one instance with a parameter of its own: the class may hold something to gate
-    model = BlurNet(weights=(False, True))
-    keys = list(model.state_dict())
-    with pytest.raises(TraceError, match=r"`blocks\.0\.blur` \(ClampedBlur\).*leaf_modules="
-                                         r"\[ClampedBlur\]"):
-        se_inject.apply(model)
-    assert list(model.state_dict()) == keys and not gates(model)
+def test_a_layer_that_branches_on_its_input_size_with_a_parameter_is_traced_at_it():
+    """One instance of ClampedBlur has a parameter of its own, so the class is not called
+    whole; its branch reads the map's size, which the trace takes at the input size. The
+    blocks around it run the layer as a layer, so on a 2 x 2 map it takes its other branch."""
+    model = BlurNet(weights=(False, True)).eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, init="identity")
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.1.se_gate"]
+    for size in (16, 2):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
 def test_a_gate_before_a_container_the_forward_calls_feeds_it():
@@ -745,3 +749,91 @@ def test_identity_init_scales_the_layer_not_a_factor_that_is_no_parameter(made):
     assert torch.equal(model.blocks[0].factor, ref.blocks[0].factor)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 33, 36, 50])
+def test_a_model_that_reads_its_input_size_is_traced_at_it(size):
+    """Hugging Face's CNNs check the number of channels and pad as TensorFlow does, reading the
+    input's size as Python numbers, which torch.fx refuses. apply() traces such a model at the
+    input size; the blocks it gates keep running their layers' own code, so every size still
+    pads as the plain model does (odd sizes pad on one side only; 36 reaches OddPadBlock with
+    an odd map), and the channel check still refuses a wrong input."""
+    from handwritten import ShapeReadingNet
+    with pytest.raises(Exception, match="control flow"):
+        fx.symbolic_trace(ShapeReadingNet())
+    model = ShapeReadingNet().eval()
+    keys = list(model.state_dict())
+    with pytest.warns(UserWarning, match=r"1 block\(s\) of ShapeReadingNet kept without a gate "
+                                         r"\(`blocks.2.add`\)"):
+        se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.1.se_gate",
+                                            "blocks.3.se_gate"]
+    assert "forward" not in vars(model.blocks[2])  # the block that reads its size: as it was
+    assert [k for k in model.state_dict() if "se_gate" not in k] == keys
+    _saturated_equals_plain(model, ShapeReadingNet, torch.randn(2, 3, size, size))
+    with pytest.raises(ValueError, match="channel dimension"):
+        model(torch.randn(1, 4, size, size))
+
+
+def test_sums_in_a_forward_that_reads_the_input_size_are_refused_with_what_to_do():
+    from handwritten import InlineShapeReadingNet
+    model = InlineShapeReadingNet()
+    p = se_inject.plan(model)
+    assert not p.sites and len(p.skipped) == 2
+    assert all("reads a traced value as a Python number" in s.reason for s in p.skipped)
+    with pytest.raises(NoSitesError, match=r"torch._assert\(x.shape\[1\] == 3") as info:
+        se_inject.apply(model)
+    assert "nothing was changed" in str(info.value)
+    assert not gates(model) and "forward" not in vars(model)
+
+    class Asserting(InlineShapeReadingNet):  # the advice: the check as an op fx records
+        def forward(self, x):
+            torch._assert(x.shape[1] == 3, "expected 3 channels")
+            x = F.relu(self.stem(x))
+            x = F.relu(x + self.b1(x))
+            return F.relu(x + self.b2(x)).mean((2, 3))
+
+    model = Asserting().eval()
+    se_inject.apply(model)
+    assert len(gates(model)) == 2
+    _saturated_equals_plain(model, Asserting, torch.randn(2, 3, 20, 20))
+    with pytest.raises(AssertionError, match="expected 3 channels"):
+        model(torch.randn(1, 4, 20, 20))
+
+
+def test_reading_the_size_after_a_caching_leaf_leaves_no_meta_tensors():
+    """To learn a size the trace needs, the layers before it run on meta tensors, a leaf that
+    caches a tensor in eval mode among them: its cache is as it was afterwards."""
+    from handwritten import CachingBlock, CachingLeafNet, tf_same_pad
+
+    class ReadingAfterCache(CachingLeafNet):
+        def forward(self, x):
+            x = self.cached(self.res(F.relu(self.stem(x))))
+            return tf_same_pad(x, 3, 2).mean((2, 3))
+
+    with pytest.raises(Exception, match="Proxy"):
+        fx.symbolic_trace(ReadingAfterCache())  # (which leaves a proxy in that one's cache)
+    model = ReadingAfterCache().eval()
+    se_inject.apply(model, leaf_modules=[CachingBlock])
+    assert [n for n, _ in gates(model)] == ["res.se_gate"] and model.cached.cache == {}
+    _saturated_equals_plain(model, ReadingAfterCache, torch.randn(2, 3, 15, 15))
+    assert model.cached.cache["bias"].device.type == "cpu"
+
+
+def test_a_branch_on_a_tensors_values_is_still_refused_where_it_is():
+    """Only numbers a shape gives are answered: a branch on values stays fx's refusal, named
+    at the module that branches."""
+    from handwritten import BlockNet
+
+    class Clipping(BlockNet):
+        def forward(self, x):
+            x = self.blocks(F.relu(self.stem(x)))
+            if x.abs().max() > 100:
+                x = x / 2
+            return self.fc(x.mean((2, 3)))
+
+    model = Clipping()
+    keys = list(model.state_dict())
+    with pytest.raises(TraceError, match="the model's own forward.*control flow"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys and not gates(model)
