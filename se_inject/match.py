@@ -199,9 +199,9 @@ _MAYBE_LINEAR_OR_DROP = _MAYBE_LINEAR | {"module", "other"}  # and a drop path's
 def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
     """Whether the block is one linear layer written as parallel branches (RepVGG, MobileOne,
     GhostNetV3's training-time branches, ``x + dwconv(x)``): the region holds only
-    convolutions, batch norms without an activation of their own, identities, sums,
-    differences and scales by a weight, and no path from the entry to the sum passes through
-    more than one convolution. Stochastic depth counts as an identity, and the nodes that draw
+    convolutions (with their padding, written apart or not), batch norms without an
+    activation of their own, identities, sums, differences and scales by a weight, and no path
+    from the entry to the sum passes through more than one convolution. Stochastic depth counts as an identity, and the nodes that draw
     its mask from the branch's shape (in training mode) as nothing, so that a block is one in
     both modes or in neither."""
     kinds = view.kinds
@@ -215,7 +215,8 @@ def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
                 drops[n] = x
     if drops:
         region = _value_region(view, region, merge, drops)
-    if any(kinds[n] not in _MAYBE_LINEAR and n not in drops for n in region):
+    pads = {n for n in region if kinds[n] not in _MAYBE_LINEAR and _conv_padding(view, n)}
+    if any(kinds[n] not in _MAYBE_LINEAR and n not in drops and n not in pads for n in region):
         return False
     g = view.graph
     depth = {entry: 0}
@@ -223,6 +224,9 @@ def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
         kind = kinds[n]
         if n in drops:
             depth[n] = depth.get(drops[n], 0)
+            continue
+        if n in pads:
+            depth[n] = max(depth.get(p, 0) for p in view.preds[n])
             continue
         if not _linear(view, n, kind):
             return False
@@ -256,6 +260,30 @@ def _linear(view: GraphView, node: fx.Node, kind: str) -> bool:
         g = view.graph
         return sum(isinstance(a, fx.Node) and a in g for a in node.args) == 1
     return kind in _LINEAR_KINDS
+
+
+_PADS = (torch.nn.functional.pad, torch._C._nn.pad, torch.constant_pad_nd)
+_PAD_LAYERS = (torch.nn.modules.padding._ReflectionPadNd,
+               torch.nn.modules.padding._ReplicationPadNd, torch.nn.modules.padding._CircularPadNd)
+
+
+def _conv_padding(view: GraphView, node: fx.Node) -> bool:
+    """Padding a convolution could do itself (``nn.Conv2d``'s padding modes: zeros, reflect,
+    replicate, circular), written apart: ``F.pad`` or a padding layer, as TensorFlow's "same"
+    padding is. A constant other than zero is not."""
+    if node.op == "call_module":
+        m = view.modules.get(node.target)
+        return isinstance(m, _PAD_LAYERS) or (
+            isinstance(m, torch.nn.modules.padding._ConstantPadNd) and m.value == 0)
+    if node.op != "call_function" or node.target not in _PADS:
+        return False
+    args, kwargs = node.args, node.kwargs
+    if node.target is torch.constant_pad_nd:
+        return kwargs.get("value", args[2] if len(args) > 2 else 0) == 0
+    mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+    value = kwargs.get("value", args[3] if len(args) > 3 else None)
+    return mode in ("reflect", "replicate", "circular") or (
+        mode == "constant" and value in (None, 0))
 
 
 def _is_conv(view: GraphView, node: fx.Node) -> bool:

@@ -1,9 +1,12 @@
 """Random CNNs for property-based tests: chains, residual blocks of 1-3 convolutions, inception
 modules of 2-5 branches (pooling branches among them), nested in each other, with random widths
-and strides; and how many gates the built-in rules should place in each."""
+and strides; and how many gates the built-in rules should place in each. Some pad as
+TensorFlow does and check their input's channels, as Hugging Face's CNNs do, reading the
+input's size as Python numbers."""
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -17,8 +20,27 @@ from se_inject.identity import IdentityInitError
 from conftest import randomize_norms
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True) -> list:
-    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
+class SamePad(nn.Module):
+    """TensorFlow's "SAME" padding for a convolution of kernel k and stride s, worked out from
+    the map's size as Python numbers."""
+
+    def __init__(self, k: int, s: int):
+        super().__init__()
+        self.k, self.s = k, s
+
+    def forward(self, x):
+        pads = []
+        for n in (int(x.shape[-1]), int(x.shape[-2])):
+            total = max(self.k - (self.s if n % self.s == 0 else n % self.s), 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.pad(x, pads)
+
+
+def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True,
+             same: bool = False) -> list:
+    conv = [SamePad(k, stride), nn.Conv2d(cin, cout, k, stride, 0, bias=False)] if same else \
+        [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)]
+    layers = [*conv, nn.BatchNorm2d(cout)]
     return layers + [nn.ReLU()] if relu else layers
 
 
@@ -53,13 +75,16 @@ class Inception(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, stem: int, blocks: list[nn.Module], width: int):
+    def __init__(self, stem: int, blocks: list[nn.Module], width: int, checks: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, stem))
+        self.stem = nn.Sequential(*_conv_bn(3, stem))
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, 5)
+        self.checks = checks  # the input's channels, as Hugging Face's embeddings check them
 
     def forward(self, x):
+        if self.checks and x.shape[1] != 3:
+            raise ValueError("the input must have 3 channels")
         x = self.stem(x)
         for b in self.blocks:
             x = b(x)
@@ -78,7 +103,8 @@ class Built:
                          # inception block encloses it
 
 
-def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
+def _block(draw, cin: int, depth: int, strides_left: int, same: bool = False) -> Built:
+    conv_bn = functools.partial(_conv_bn, same=same)
     kinds = ["chain", "res", "inception"] if depth < 2 else ["chain", "res"]
     kind = draw(st.sampled_from(kinds))
     width = st.integers(2, 12).map(lambda v: 2 * v)
@@ -97,14 +123,14 @@ def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
             layers += conv_bn(c, cout, stride=stride if i == 0 else 1, relu=not last)
             c = cout
             if i == 0 and not last and depth < 2 and draw(st.booleans()):
-                inner = _block(draw, c, depth + 1, 0)
+                inner = _block(draw, c, depth + 1, 0, same)
                 layers.append(inner.module)
                 c = inner.width
                 if c != cout:
                     layers += conv_bn(c, cout, k=1)
                     c = cout
         if n == 1 and depth < 2 and draw(st.booleans()):   # a nested block after the conv
-            inner = _block(draw, cout, depth + 1, 0)
+            inner = _block(draw, cout, depth + 1, 0, same)
             layers += [inner.module, *conv_bn(inner.width, cout, k=1, relu=False)]
         short = None if stride == 1 and cin == cout else \
             nn.Sequential(*conv_bn(cin, cout, k=1, stride=stride, relu=False))
@@ -133,7 +159,7 @@ def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
             with_conv += 1
         else:
             cout = draw(width)
-            inner = _block(draw, cin, depth + 1, 0)
+            inner = _block(draw, cin, depth + 1, 0, same)
             layers = [inner.module, *conv_bn(inner.width, cout, k=1)]
             with_conv += 1
             inners.append(inner)
@@ -150,13 +176,14 @@ def _block(draw, cin: int, depth: int, strides_left: int) -> Built:
 def nets(draw) -> tuple[Net, int]:
     """A random Net and the number of gates the default rules should give it."""
     stem = draw(st.integers(2, 8).map(lambda v: 2 * v))
+    same, checks = draw(st.booleans()), draw(st.booleans())
     blocks, c, strides, gates = [], stem, 2, 0
     for _ in range(draw(st.integers(1, 4))):
-        b = _block(draw, c, 0, strides)
+        b = _block(draw, c, 0, strides, same)
         blocks.append(b.module)
         c, strides, gates = b.width, strides - b.downsample, gates + b.gates + b.yielding
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
-    net = Net(stem, blocks, c).eval()
+    net = Net(stem, blocks, c, checks).eval()
     randomize_norms(net, spread=0.2)
     return net, gates
 
@@ -183,6 +210,15 @@ def check(net: nn.Module, expected: int) -> str:
                 m.fc2.weight.zero_()
                 m.fc2.bias.fill_(30.0)  # sigmoid(30) is 1.0 in float32
         assert torch.allclose(paper(x), y0, rtol=0, atol=0), "saturated gates changed the net"
+        odd = torch.randn(2, 3, 15, 15)  # another size, odd: nothing is fixed to the one traced
+        assert torch.equal(paper(odd), net(odd)), "saturated gates changed the net at 15 x 15"
+        if net.checks:  # the model's own forward, as it was: it still checks its input
+            try:
+                paper(torch.randn(1, 4, 16, 16))
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("the gated net took an input of 4 channels")
     ident = copy.deepcopy(net)
     try:
         se_inject.apply(ident, input_size=(3, 16, 16), init="identity")

@@ -564,6 +564,35 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
 
 
 
+
+@pytest.mark.parametrize("pad,block", [
+    (lambda x: F.pad(x, (1, 1, 1, 1)), False),
+    (torch.nn.ZeroPad2d(1), False),
+    (lambda x: F.pad(x, (1, 1, 1, 1), mode="reflect"), False),
+    (torch.nn.ReplicationPad2d(1), False),
+    (lambda x: F.pad(x, (1, 1, 1, 1), value=1.0), True),  # not a convolution's own padding
+])
+def test_padding_written_apart_belongs_to_its_convolution(pad, block):
+    """``x + bn(conv(pad(x)))`` is one convolution written out, as ``x + bn(conv(x))`` with the
+    convolution padding itself is, for every padding nn.Conv2d can do (TensorFlow's "same"
+    padding, as Hugging Face's MobileNets pad); a constant other than zero is not one."""
+    from handwritten import conv_bn
+
+    class Padded(torch.nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.stem = conv_bn(3, c)
+            self.pad = pad if isinstance(pad, torch.nn.Module) else None
+            self.conv, self.bn = torch.nn.Conv2d(c, c, 3, bias=False), torch.nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            return (x + self.bn(self.conv(self.pad(x) if self.pad else pad(x)))).mean((2, 3))
+
+    p = se_inject.plan(Padded())
+    assert len(p) == int(block)
+    assert [("re-parameterisable" in s.reason) for s in p.skipped] == ([] if block else [True])
+
 class _InlineDropBlock(torch.nn.Module):
     """A residual block that drops its branch per sample itself, in its own forward, in
     training mode only (no drop-path module to recognise)."""

@@ -13,7 +13,11 @@ import se_inject
 from conftest import gates
 
 pytestmark = pytest.mark.slow
-transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers")
 
 
 def _residual_blocks(name, model, config):
@@ -24,7 +28,7 @@ def _residual_blocks(name, model, config):
 
 
 @pytest.mark.parametrize("name", ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV2"])
-def test_transformers_cnns_get_a_gate_in_every_residual_block(name):
+def test_transformers_cnns_get_a_gate_in_every_residual_block(name, transformers):
     config = getattr(transformers, f"{name}Config")()
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForImageClassification")(config).eval()
@@ -48,7 +52,7 @@ def test_transformers_cnns_get_a_gate_in_every_residual_block(name):
     assert list(model.state_dict()) == keys
 
 
-def test_transformers_regnet_blocks_keep_their_own_gates():
+def test_transformers_regnet_blocks_keep_their_own_gates(transformers):
     """RegNetConfig's default is a RegNetY: every block already holds an SE gate."""
     config = transformers.RegNetConfig()
     model = transformers.RegNetForImageClassification(config).eval()
