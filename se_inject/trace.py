@@ -446,13 +446,13 @@ class UnpackingTracer(fx.Tracer):
         so a gate placed on that operand scaled a tensor nothing read, and the sum was lost."""
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
         receiver = args[0] if args else None
-        if type(receiver) is _Proxy and _in_place(kind, target, kwargs):
+        if type(receiver) in _PROXIES and _in_place(kind, target, kwargs):
             receiver.node = proxy.node
         return proxy
 
     def create_arg(self, a: Any):
         t = type(a)
-        if t is _Proxy or t is _Attribute:
+        if t in _PROXIES or t in _ATTRIBUTES:
             return a.node
         if t in _AS_IS:
             return a
@@ -634,6 +634,8 @@ class _ShapedAttribute(_Attribute):
                                               _ShapedProxy.__float__, _ShapedProxy.__len__)
 
 
+_PROXIES = frozenset((_Proxy, _ShapedProxy))  # exact types: a subclass takes fx's own path
+_ATTRIBUTES = frozenset((_Attribute, _ShapedAttribute))
 _CONCRETE = (bool, int, float, torch.Size)
 
 

@@ -223,6 +223,8 @@ def check(net: nn.Module, expected: int) -> str:
     try:
         se_inject.apply(ident, input_size=(3, 16, 16), init="identity")
     except IdentityInitError:   # a branch without weights (a pooling branch) under a gate
+        assert any(isinstance(m, nn.MaxPool2d) for m in net.modules()), \
+            "identity initialisation refused for a net without a pooling branch"
         assert all(torch.equal(v, state0[k]) for k, v in ident.state_dict().items())
         return "identity refused"
     with torch.no_grad():

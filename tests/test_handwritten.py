@@ -866,3 +866,29 @@ def test_a_branch_on_a_tensors_values_is_still_refused_where_it_is():
     with pytest.raises(TraceError, match="the model's own forward.*control flow"):
         se_inject.apply(model)
     assert list(model.state_dict()) == keys and not gates(model)
+
+
+def test_a_model_traced_at_its_input_size_is_the_model_traced_plainly():
+    """The same blocks, sites and identity initialisation whether the trace has to take the
+    input's size (a channel check in the model's forward) or not: in-place sums read through
+    the first operand's name (``y.add_(x); relu(y)``) among them, which the trace at the input
+    size once read as the value before the sum, refusing identity initialisation."""
+    from handwritten import InPlaceNet
+
+    class Checked(InPlaceNet):
+        def forward(self, x):
+            if x.shape[1] != 3:
+                raise ValueError("expected 3 channels")
+            return super().forward(x)
+
+    def sites(model):
+        return [(s.block, s.tensor, s.rule, s.channels, s.merge) for s in se_inject.plan(model)]
+
+    assert sites(Checked()) == sites(InPlaceNet()) and len(sites(InPlaceNet())) == 3
+    model = Checked().eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, init="identity")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
