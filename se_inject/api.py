@@ -315,14 +315,21 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                         dtype=_dtype(model))
     propagate_shapes(model, graph, shapes, _dtype(model))
     view = build_view(graph, model)
-    candidates, rejected = find_candidates(view, resolved)
-    keys = local_keys(graph)
     modules = view.modules
+    reads = {f.qualname for f in getattr(graph, VALUES_READ, ())}
+
+    def unusable(c) -> str | None:  # (a sum inside a norm or activation layer goes up a level)
+        block = c.frame.qualname
+        if block in reads and not (block and layer_kind(modules[block]) in _LAYERS_NOT_BLOCKS):
+            return _READS_A_VALUE
+        return None
+
+    candidates, rejected = find_candidates(view, resolved, unusable if reads else None)
+    keys = local_keys(graph)
     skipped = [Skipped(view.describe(r.merge), r.rule.name, r.reason) for r in rejected]
     chosen = []
     seen = set()
     calls = None
-    reads = {f.qualname for f in getattr(graph, VALUES_READ, ())}
     for c in candidates:
         block = c.frame.qualname
         owner = modules[block]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Callable
 
 import networkx as nx
 import torch
@@ -394,9 +395,12 @@ def _after_depthwise(g: nx.DiGraph, branch: set, modules: dict):
     return n, consumer, position
 
 
-def find_candidates(view: GraphView, rules: tuple[Rule, ...]) -> tuple[list[Candidate],
-                                                                         list[Rejection]]:
-    """Every merge the first fitting rule matches, minus those that yield to an enclosing block."""
+def find_candidates(view: GraphView, rules: tuple[Rule, ...],
+                    unusable: Callable[[Candidate], str | None] | None = None,
+                    ) -> tuple[list[Candidate], list[Rejection]]:
+    """Every merge the first fitting rule matches, minus those that yield to an enclosing block.
+    A match ``unusable`` gives a reason for is rejected with it, and what it encloses yields
+    to it no more (a block that cannot be gated leaves its nested blocks their gates)."""
     g = view.graph
     idom = nx.immediate_dominators(g, ROOT)
     found: list[Candidate] = []
@@ -416,6 +420,15 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...]) -> tuple[list[Cand
             reasons.append(Rejection(node, rule, result))
         else:
             rejected += reasons
+    if unusable is not None:
+        usable = []
+        for c in found:
+            why = unusable(c)
+            if why is None:
+                usable.append(c)
+            else:
+                rejected.append(Rejection(c.merge, c.rule, why))
+        found = usable
     by_merge = {c.merge: c for c in found}
     suppressed: dict[fx.Node, Candidate] = {}
     merges = by_merge.keys()

@@ -2,6 +2,7 @@
 models that must be refused or left alone."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -892,3 +893,39 @@ def test_a_model_traced_at_its_input_size_is_the_model_traced_plainly():
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_a_block_that_cannot_be_gated_leaves_its_nested_inception_module_its_gate(reads):
+    """An Inception-ResNet block: the inception module in its branch yields its gate to the
+    residual block. Where the residual block's own forward reads its input's size, it cannot
+    be gated, and the inception module gets its gate instead."""
+    from handwritten import FunctionalInception, conv_bn
+
+    class IncRes(torch.nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.inc = FunctionalInception(c, 4)
+            self.proj = conv_bn(16, c, 1)
+
+        def forward(self, x):
+            if reads and x.shape[-1] % 2:
+                x = F.pad(x, (0, 1, 0, 1))
+            return F.relu(x + self.proj(self.inc(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block = conv_bn(3, 16), IncRes()
+
+        def forward(self, x):
+            return self.block(F.relu(self.stem(x))).mean((2, 3))
+
+    model = Net().eval()
+    p = se_inject.plan(model)
+    assert [(s.block, s.rule) for s in p] == ([("block.inc", "inception")] if reads else
+                                              [("block", "residual")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        se_inject.apply(model)
+    _saturated_equals_plain(model, Net, torch.randn(2, 3, 15, 15))
