@@ -1061,6 +1061,9 @@ def _holds_nothing_to_gate(model: nn.Module, failed: nn.Module | None) -> type |
 
 def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | None,
                  kwargs: dict, shaped: tuple | None = None) -> fx.Graph:
+    """The model's trace; where fx fails because the forward needs a traced value as a Python
+    one, and ``shaped`` gives the input shapes and dtype, traced again at them (_ShapedTracer).
+    If that fails too, the first failure is the one raised: it says where fx stopped."""
     try:
         return _trace_model_with(_ScopeTracer(leaves, n_inputs, **kwargs), model)
     except TraceError as exc:
