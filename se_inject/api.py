@@ -342,9 +342,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                 continue
             block, local, c = lifted
             owner = modules[block]
-        if block in reads:
-            skipped.append(Skipped(view.describe(c.merge), c.rule.name, _READS_A_VALUE))
-            continue
+            if block in reads:  # (the layer's own frame was let through by unusable())
+                skipped.append(Skipped(view.describe(c.merge), c.rule.name, _READS_A_VALUE))
+                continue
         state = owner_state(owner)
         if state is not None:  # the block runs a rewritten forward: name the node as its class does
             local = state.class_key(local, owner.training)
