@@ -653,10 +653,9 @@ class _ShapedTracer(_ScopeTracer):
     forwards it generates for gated blocks come from their own traces, in fx's plain tracer,
     so that nothing the model computes is fixed to one shape."""
 
-    def __init__(self, leaves: tuple[type, ...], n_inputs: int | None, root: nn.Module,
+    def __init__(self, leaves: tuple[type, ...], n_inputs: int | None,
                  input_shapes: Sequence[Sequence[int]], dtype: torch.dtype, **kwargs):
         super().__init__(leaves, n_inputs, **kwargs)
-        self._model = root
         self._shapes = input_shapes
         self._dtype = dtype
         self._interpreter = None
@@ -691,7 +690,7 @@ class _ShapedTracer(_ScopeTracer):
         from .shapes import _MetaInterpreter  # (trace -> kinds -> shapes)
         if self._interpreter is None:
             inputs = [torch.empty((*s,), device="meta", dtype=self._dtype) for s in self._shapes]
-            self._interpreter = _MetaInterpreter(self._model, graph=self.graph,
+            self._interpreter = _MetaInterpreter(self.root, graph=self.graph,
                                                  garbage_collect_values=False)
             self._interpreter._made = self.constants
             self._interpreter.args_iter = iter(inputs)
@@ -1070,7 +1069,7 @@ def _trace_model(model: nn.Module, leaves: tuple[type, ...], n_inputs: int | Non
         if shaped is None or not _reads_a_value(exc):
             raise
         first = exc
-    tracer = _ShapedTracer(leaves, n_inputs, model, *shaped, **kwargs)
+    tracer = _ShapedTracer(leaves, n_inputs, *shaped, **kwargs)
     try:  # on meta tensors: every change a layer makes to itself is undone
         return _trace_model_with(tracer, model, left=_anything)
     except TraceError:

@@ -18,6 +18,7 @@ from se_inject.errors import NoSitesError
 from se_inject.identity import IdentityInitError
 
 from conftest import randomize_norms
+from handwritten import tf_same_pad
 
 
 class SamePad(nn.Module):
@@ -29,11 +30,7 @@ class SamePad(nn.Module):
         self.k, self.s = k, s
 
     def forward(self, x):
-        pads = []
-        for n in (int(x.shape[-1]), int(x.shape[-2])):
-            total = max(self.k - (self.s if n % self.s == 0 else n % self.s), 0)
-            pads += [total // 2, total - total // 2]
-        return nn.functional.pad(x, pads)
+        return tf_same_pad(x, self.k, self.s)
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, relu: bool = True,
