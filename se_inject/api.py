@@ -14,7 +14,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, NoSitesError
+from .errors import InvalidArgumentError, NoSitesError, checks_arguments
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
@@ -410,6 +410,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                 ratio=ratio), blocks, (graph, gated)
 
 
+@checks_arguments
 def plan(model: nn.Module, ratio: int | dict = 16,
          rules: RuleSpec | Sequence[RuleSpec] | None = None, *, input_size=None, stages=None,
          position: str = "standard", gate: str = "se", squeeze: str = "avg",
@@ -501,6 +502,7 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
                         "(README.md, 'Rule files').")
 
 
+@checks_arguments
 def apply(model: nn.Module, ratio: int | dict = 16,
           rules: RuleSpec | Sequence[RuleSpec] | None = None, *, input_size=None, stages=None,
           init: str = "paper", position: str = "standard", gate: str = "se",
@@ -638,6 +640,7 @@ def _warn_left(model: nn.Module, prepared) -> None:
         "site (README.md, \"Other forward methods\").", stacklevel=3)
 
 
+@checks_arguments
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._files import atomic_write
 from ._models import create, in_chans_for
-from .errors import InvalidArgumentError, SEInjectError
+from .errors import InvalidArgumentError, SEInjectError, checks_arguments
 from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
 
 __all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
@@ -235,6 +235,7 @@ def _write_state(state: dict[str, torch.Tensor], path: Path, fmt: str, recipe: s
     return path
 
 
+@checks_arguments
 def save(model: nn.Module, path, *, format: str | None = None, force: bool = False,
          arch: str | None = None, model_kwargs: dict | None = None) -> Path:
     """Write a gated model's weights with its recipe (safetensors unless the name ends in .pth or
@@ -525,6 +526,7 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                                   f"that wrote it ({recipe.get('se_inject')})")
 
 
+@checks_arguments
 def load(path, *, leaf_modules=(), autowrap_functions=()) -> nn.Module:
     """A gated model rebuilt from an se-inject checkpoint (written by save() or convert)."""
     state, info = read_checkpoint(path)

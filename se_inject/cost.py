@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import time
@@ -28,7 +29,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, SEInjectError
+from .errors import (ArgumentNameError, InvalidArgumentError, SEInjectError, checks_arguments,
+                     misfit)
 from .gate import GateSpec, make_gate
 from .plan import Plan
 
@@ -266,6 +268,7 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 
 
+@checks_arguments
 def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16, *,
          input_size=None, rules=None, stages=None, measure: bool = False,
          measure_rounds: int = 20, leaf_modules: Iterable[type] = (),
@@ -288,7 +291,10 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     ratios = _ratios(ratio)
     unknown = set(variant) - _VARIANT
     if unknown:
-        raise TypeError(f"cost() got unexpected keyword argument(s) {sorted(unknown)}")
+        names = [n for n in inspect.signature(cost).parameters if n != "variant"]
+        raise ArgumentNameError(misfit(
+            "cost", f"got unexpected keyword argument(s) {sorted(unknown)}",
+            {k: None for k in sorted(unknown)}, names + sorted(_VARIANT)))
     spec = _gate_spec(variant.get("gate", "se"), variant.get("squeeze", "avg"),
                       variant.get("excite"), variant.get("min_channels", 1),
                       variant.get("divisor", 1))

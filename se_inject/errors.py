@@ -1,11 +1,16 @@
 """The errors se-inject raises on purpose: one base class, one subclass per cause."""
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import pickle
+from typing import Callable, TypeVar
 
 __all__ = [
     "SEInjectError",
     "InvalidArgumentError",
+    "ArgumentNameError",
     "RuleError",
     "TraceError",
     "NoSitesError",
@@ -26,6 +31,44 @@ class SEInjectError(Exception):
 
 class InvalidArgumentError(SEInjectError, ValueError):
     """An argument of a public call has the wrong type or value."""
+
+
+class ArgumentNameError(InvalidArgumentError, TypeError):
+    """A public call got an argument it does not take (a misspelt keyword, a positional
+    argument too many) or lacks one it needs. Also a TypeError, which Python itself raises
+    for such calls."""
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def checks_arguments(fn: _F) -> _F:
+    """``fn`` raising ArgumentNameError, which names close matches, instead of Python's
+    TypeError when a call's arguments do not fit its signature. Arguments are bound before
+    ``fn`` runs, so nothing has happened when it is raised."""
+    sig = inspect.signature(fn)
+    names = [p.name for p in sig.parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise ArgumentNameError(misfit(fn.__name__, str(exc), kwargs, names)) from None
+        return fn(*args, **kwargs)
+    return call  # type: ignore[return-value]
+
+
+def misfit(name: str, why: str, kwargs: dict, names: list[str]) -> str:
+    hints = []
+    for key in kwargs:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
+            if close:
+                hints.append(f"{key!r}: did you mean {' or '.join(map(repr, close))}?")
+    return (f"{name}(): {why}. " + (" ".join(hints) + " " if hints else "") +
+            f"{name}() takes: {', '.join(names)}")
 
 
 class RuleError(SEInjectError, ValueError):

@@ -16,7 +16,7 @@ import functools
 
 from torch import nn
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, checks_arguments
 from .gate import FROZEN, ChannelGate
 from .trace import compiled_in_place
 
@@ -25,6 +25,7 @@ __all__ = ["fuse", "unfuse", "fused_settings"]
 _FUSED = "_se_inject_fused"
 
 
+@checks_arguments
 def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
          dynamic: bool | None = None, backend: str = "inductor",
          options: dict | None = None) -> nn.Module:
@@ -125,6 +126,7 @@ def fused_settings(model: nn.Module) -> dict | None:
     return model.__dict__.get(_FUSED)
 
 
+@checks_arguments
 def unfuse(model: nn.Module) -> nn.Module:
     """Back to eager execution (what fuse() did, undone)."""
     if model.__dict__.pop(_FUSED, None) is not None:

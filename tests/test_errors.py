@@ -218,3 +218,34 @@ def test_one_hook_on_several_modules_is_named_with_the_module_it_failed_on():
     finally:
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize("call,kwargs,meant", [
+    ("apply", {"ration": 8}, "ratio"),
+    ("apply", {"stage": [2]}, "stages"),
+    ("plan", {"postion": "pre"}, "position"),
+    ("cost", {"squeze": "max"}, "squeeze"),  # one of cost()'s gate options, taken as **variant
+    ("cost", {"ratoi": 4}, "ratio"),
+    ("fuse", {"freez": True}, "freeze"),
+])
+def test_misspelt_keyword_names_the_option(call, kwargs, meant):
+    """A misspelt keyword is an SEInjectError (and a TypeError, as Python's own), suggests the
+    option meant, and the model is untouched: fuse() would otherwise compile it in place."""
+    model = BlockNet()
+    keys = list(model.state_dict())
+    with pytest.raises(se_inject.SEInjectError, match=f"did you mean '{meant}'") as info:
+        getattr(se_inject, call)(model, **kwargs)
+    assert isinstance(info.value, TypeError)
+    _untouched(model, keys)
+    assert model._compiled_call_impl is None
+
+
+def test_misplaced_arguments_name_the_call():
+    model = BlockNet()
+    keys = list(model.state_dict())
+    with pytest.raises(TypeError, match=r"apply\(\): too many positional arguments") as info:
+        se_inject.apply(model, 16, None, (3, 32, 32))  # input_size is keyword-only
+    assert isinstance(info.value, se_inject.SEInjectError)
+    with pytest.raises(se_inject.SEInjectError, match="missing a required argument: 'path'"):
+        se_inject.save(model)
+    _untouched(model, keys)
