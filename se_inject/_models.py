@@ -1,35 +1,153 @@
-"""Model names: timm names, built without downloading weights."""
+"""Model names: timm's (``resnet50``) and torchvision's (``torchvision/resnet50``), built
+without downloading weights."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 
 from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["check_name", "create", "in_chans_for", "in_chans_of", "input_width"]
+__all__ = ["TORCHVISION", "check_name", "create", "describe", "in_chans_for", "in_chans_of",
+           "input_width", "library_of", "skeleton", "torchvision_name"]
+
+TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
+
+
+def library_of(name: str) -> tuple[str, str]:
+    """("torchvision", "resnet50") for "torchvision/resnet50"; ("timm", name) otherwise."""
+    if name.startswith(TORCHVISION):
+        return "torchvision", name[len(TORCHVISION):]
+    return "timm", name
+
+
+def describe(name: str) -> str:
+    """"timm's resnet50" or "torchvision's resnet50", for messages."""
+    library, arch = library_of(name)
+    return f"{library}'s {arch}"
+
+
+def _torchvision_names() -> list[str]:
+    from torchvision import models
+    return list(models.list_models())
 
 
 def check_name(name: str) -> None:
-    """Raise InvalidArgumentError, with close matches, unless timm knows ``name``."""
+    """Raise InvalidArgumentError, with close matches, unless timm (or, behind the
+    ``torchvision/`` prefix, torchvision) knows ``name``."""
+    library, arch = library_of(name)
+    if library == "torchvision":
+        known = _torchvision_names()
+        if arch not in known:
+            close = difflib.get_close_matches(arch, known, n=4, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(TORCHVISION + c for c in close)}?" if close else \
+                " See torchvision.models.list_models() for the names."
+            raise InvalidArgumentError(f"unknown torchvision model {arch!r}.{hint}")
+        return
     import timm
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else \
             " See timm.list_models() for the names."
+        if name in _torchvision_names():
+            hint = f" For torchvision's, name it {TORCHVISION}{name}." + (hint if close else "")
         raise InvalidArgumentError(f"unknown model {name!r}.{hint}")
 
 
 def create(name: str, **kwargs) -> nn.Module:
-    """A timm model by name with random weights (nothing is downloaded)."""
-    import timm
+    """A timm or torchvision model by name with random weights (nothing is downloaded: for
+    torchvision's, neither the model's weights nor its backbone's)."""
     check_name(name)
+    library, arch = library_of(name)
     try:
+        if library == "torchvision":
+            from torchvision import models
+            builder = models.get_model_builder(arch)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                kwargs = {"weights_backbone": None, **kwargs}
+            if kwargs.get("weights") is not None or kwargs.get("weights_backbone") is not None:
+                raise InvalidArgumentError(f"{name}: se-inject builds models with random "
+                                           "weights; load trained ones from a checkpoint")
+            return builder(**{**kwargs, "weights": None})
+        import timm
         return timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:  # an option the architecture does not take
-        if not kwargs:
+    except (TypeError, ValueError) as exc:  # an option the architecture does not take
+        if not kwargs or isinstance(exc, InvalidArgumentError):
             raise
-        raise InvalidArgumentError(f"timm could not build {name!r} with {kwargs}: {exc}") from None
+        raise InvalidArgumentError(f"{library} could not build {arch!r} with {kwargs}: "
+                                   f"{exc}") from None
+
+
+def skeleton(name: str, **kwargs) -> nn.Module:
+    """The model ``name`` with its parameters and buffers on the meta device, to compare names,
+    shapes and layers (never to run): built on the meta device; where the constructor computes
+    with tensors it makes (torchvision's RegNets size their stages with ``torch.arange``), built
+    on the CPU with each parameter and buffer moved to the meta device as it is registered, so
+    that nothing is initialised or kept. Raises what the constructor raises."""
+    import torch
+    try:
+        with torch.device("meta"):
+            return create(name, **kwargs)
+    except InvalidArgumentError:
+        raise
+    except Exception:  # a constructor that computes with its tensors
+        pass
+    with _registered_on_meta():
+        return create(name, **kwargs)
+
+
+@contextlib.contextmanager
+def _registered_on_meta():
+    parameter, buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def register_parameter(self, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        parameter(self, name, param)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        if tensor is not None and not tensor.is_meta:
+            tensor = tensor.to("meta")
+        buffer(self, name, tensor, persistent)
+
+    nn.Module.register_parameter = register_parameter
+    nn.Module.register_buffer = register_buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+
+
+def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | None:
+    """(``torchvision/NAME``, kwargs) for a model built by one of torchvision's builders,
+    found by building each builder of the model's class on the meta device (as it is, or with
+    the model's number of classes: ``num_classes`` in kwargs) and comparing parameter and
+    buffer shapes; None where no builder or several give them. Keys containing ``skip`` (a
+    gate's) are left out of the comparison."""
+    cls = type(model)
+    if not cls.__module__.startswith("torchvision.models."):
+        return None
+    from torchvision import models
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if skip not in k}
+    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    width = last[-1].weight.shape[0] if last else None
+    found = []
+    for arch in _torchvision_names():
+        builder = models.get_model_builder(arch)
+        if builder.__module__ != cls.__module__:
+            continue
+        for kwargs in ({}, {"num_classes": width}) if width else ({},):
+            try:
+                ref = skeleton(TORCHVISION + arch, **kwargs)
+            except Exception:  # a builder that needs other options
+                continue
+            if type(ref) is cls and {k: tuple(v.shape) for k, v in ref.state_dict().items()} \
+                    == own:
+                found.append((TORCHVISION + arch, kwargs))
+                break
+    return found[0] if len(found) == 1 else None
 
 
 def in_chans_for(name: str, first: str, width: int) -> int | None:

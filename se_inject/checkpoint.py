@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,9 +25,9 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import create, in_chans_for
+from ._models import TORCHVISION, create, describe, in_chans_for, library_of, skeleton
 from .errors import InvalidArgumentError, SEInjectError, checks_arguments
-from .recipe import SCHEMA, base_architecture, recipe_of, rules_from
+from .recipe import SCHEMA, base_architecture, base_of, name_of, recipe_of, rules_from
 
 __all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
            "METADATA_KEY"]
@@ -110,12 +111,20 @@ def _state_of(obj: Any, path: Path, ema: bool) -> tuple[dict[str, torch.Tensor],
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         if isinstance(obj.get("arch"), str):
             info["architecture"] = obj["arch"]
+        elif isinstance(obj.get("args"), argparse.Namespace) and \
+                isinstance(getattr(obj["args"], "model", None), str):
+            # torchvision's reference scripts: {"model": ..., "model_ema": ..., "args": ...}
+            info["architecture"] = TORCHVISION + obj["args"].model
         if isinstance(obj.get(METADATA_KEY), str):
             info["recipe"] = obj[METADATA_KEY]
-        keys = ("state_dict_ema", "state_dict", "model") if ema else ("state_dict", "model")
-        inner = next((obj[k] for k in keys if isinstance(obj.get(k), dict)), None)
+        keys = ("state_dict_ema", "model_ema", "state_dict", "model") if ema else \
+            ("state_dict", "model")
+        key = next((k for k in keys if isinstance(obj.get(k), dict)), None)
+        inner = obj[key] if key is not None else None
+        if key == "model_ema":  # torchvision's AveragedModel: its count of averages, and module.
+            inner = {k: v for k, v in inner.items() if k != "n_averaged"}
         if inner is None:
-            wanted = "'state_dict_ema'" if ema else "'state_dict' or 'model'"
+            wanted = "'state_dict_ema' or 'model_ema'" if ema else "'state_dict' or 'model'"
             raise CheckpointError(f"{path}: a dict without tensors at its top level and no "
                                   f"{wanted} key (keys: {sorted(map(str, obj))[:8]})")
         obj = inner
@@ -204,8 +213,7 @@ def _recipe_json(model: nn.Module, arch: str | None, model_kwargs: dict | None) 
     steps = recipe_of(model)
     if not steps:
         return None
-    base = base_architecture(model) if arch is None else \
-        {"library": "timm", "architecture": arch, "kwargs": dict(model_kwargs or {})}
+    base = base_architecture(model) if arch is None else base_of(arch, model_kwargs)
     if arch is None and model_kwargs:
         base["kwargs"].update(model_kwargs)
     return json.dumps({"schema": SCHEMA, "se_inject": __version__, "base": base, "steps": steps},
@@ -245,9 +253,13 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
         raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
                               "save a plain model with torch.save or safetensors instead")
     rates = _check_rebuilds(model, json.loads(recipe))
+    base = json.loads(recipe)["base"]
+    library = base["library"]
     if rates:  # try the round rates a schedule may have come from
-        for guess in _rate_guesses(model, json.loads(recipe)["base"]["kwargs"]):
-            again = _recipe_json(model, arch, {**guess, **(model_kwargs or {})})
+        for guess in _rate_guesses(model, base["kwargs"], library):
+            again = json.dumps({**json.loads(recipe), "base": {
+                **base, "kwargs": {**base["kwargs"], **guess, **(model_kwargs or {})}}},
+                sort_keys=True, separators=(",", ":"))
             try:
                 if not _check_rebuilds(model, json.loads(again)):
                     recipe, rates = again, []
@@ -259,8 +271,8 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
         warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
                       f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
                       "same in eval mode but trains with other rates; pass "
-                      "model_kwargs={'drop_path_rate': ..., 'drop_rate': ..., "
-                      "'drop_block_rate': ...} to keep them.",
+                      f"model_kwargs={{{', '.join(repr(k) + ': ...' for k in _RATES[library])}}} "
+                      "to keep them.",
                       stacklevel=2)
     fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
     return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
@@ -268,7 +280,10 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
 
 # layers that compute nothing in eval mode: a rate of theirs that load() cannot know is warned of
 _TRAIN_ONLY = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "DropPath",
-               "DropBlock2d")
+               "DropBlock2d", "StochasticDepth")
+# each library's options for those rates: stochastic depth, dropout, drop block
+_RATES = {"timm": ("drop_path_rate", "drop_rate", "drop_block_rate"),
+          "torchvision": ("stochastic_depth_prob", "dropout")}
 
 
 def _train_only(m: nn.Module) -> bool:
@@ -288,11 +303,10 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     (their classes and settings, gates aside) differ from what timm builds from the recorded
     name and kwargs, as after create_model(..., global_pool="max") or a layer replaced by hand.
     Returns the dropout layers whose rates differ (nothing in eval mode), described."""
-    arch, kwargs = recipe["base"]["architecture"], recipe["base"]["kwargs"]
+    arch, kwargs = name_of(recipe["base"]), recipe["base"]["kwargs"]
     gated = {g for step in recipe["steps"] for g in step["gates"]}
     try:
-        with torch.device("meta"):
-            ref = create(arch, **kwargs)
+        ref = skeleton(arch, **kwargs)
     except SEInjectError:
         raise
     except Exception:  # a constructor that computes with its tensors: nothing to compare
@@ -313,7 +327,7 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
         now = f"is {_layout(r)}" if r is not None else "does not exist"
         raise CheckpointError(
             f"{type(model).__name__} would not load back as itself: its layer `{label}` is "
-            f"{_layout(m)}, where timm's {arch} built with {kwargs} {now}. It was made with "
+            f"{_layout(m)}, where {describe(arch)} built with {kwargs} {now}. It was made with "
             "options the model does not record (create_model(..., global_pool=...), "
             "output_stride=..., act_layer=...) or changed after it was made. Pass its options: "
             "se_inject.save(model, path, model_kwargs={...}); a model changed by hand cannot be "
@@ -322,34 +336,39 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
              and n not in gated and not any(n.startswith(g + ".") for g in gated)]
     if extra:
         raise CheckpointError(
-            f"{type(model).__name__} would not load back as itself: timm's {arch} built with "
+            f"{type(model).__name__} would not load back as itself: {describe(arch)} built with "
             f"{kwargs} has a layer `{extra[0]}` ({type(theirs[extra[0]]).__name__}) that the "
             "model lacks. Pass the options it was made with: se_inject.save(model, path, "
             "model_kwargs={...}) (nothing was written).")
     return rates
 
 
-def _rate_guesses(model: nn.Module, kwargs: dict) -> list[dict]:
-    """drop_rate, drop_path_rate and drop_block_rate values that may rebuild the model's
-    dropout layers: the largest rate each kind of layer has, rounded, and the stochastic-depth
-    rate of a schedule that stops one block short of it (timm's EfficientNets: rate · i / n).
+def _rate_guesses(model: nn.Module, kwargs: dict, library: str = "timm") -> list[dict]:
+    """drop_rate, drop_path_rate and drop_block_rate values (torchvision's models:
+    stochastic_depth_prob and dropout) that may rebuild the model's dropout layers: the
+    largest rate each kind of layer has, rounded, and the stochastic-depth rate of a schedule
+    that stops one block short of it (timm's and torchvision's EfficientNets: rate · i / n).
     A drop-block rate is guessed only where the model has drop blocks (timm's ResNets)."""
-    paths = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    path_name, drop_name, block_name = (*_RATES[library], None)[:3]
+    paths = [getattr(m, "drop_prob", getattr(m, "p", 0.0)) for m in model.modules()
+             if type(m).__name__ in ("DropPath", "StochasticDepth")]
     drops = [m.p for m in model.modules() if type(m).__name__.startswith("Dropout")]
-    blocks = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropBlock2d"]
-    path_options = [kwargs.get("drop_path_rate")]
+    blocks = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropBlock2d"] \
+        if block_name else []
+    path_options = [kwargs.get(path_name)]
     if paths:
         top = max(paths)
         short = round(top * len(paths) / max(len(paths) - 1, 1), 3)
         path_options += [round(top, 1), round(top, 2), short]
-    drop_options = [kwargs.get("drop_rate")] + ([round(max(drops), 3)] if drops else [])
-    block_options = [kwargs.get("drop_block_rate")] + ([round(max(blocks), 3)] if blocks else [])
+    drop_options = [kwargs.get(drop_name)] + ([round(max(drops), 3)] if drops else [])
+    block_options = [kwargs.get(block_name) if block_name else None] + \
+        ([round(max(blocks), 3)] if blocks else [])
     out = []
     for dp in dict.fromkeys(path_options):
         for dr in dict.fromkeys(drop_options):
             for db in dict.fromkeys(block_options):
-                guess = {k: v for k, v in (("drop_path_rate", dp), ("drop_rate", dr),
-                                           ("drop_block_rate", db)) if v}
+                guess = {k: v for k, v in ((path_name, dp), (drop_name, dr),
+                                           (block_name, db)) if v}
                 if guess and guess not in out:
                     out.append(guess)
     return out
@@ -384,7 +403,7 @@ def _from_state(arch: str, kwargs: dict, state: dict[str, torch.Tensor], where: 
         own = net.state_dict()
         _check_fits(net, own, state, where)
         cast = {k: v.to(own[k].dtype) if v.dtype != own[k].dtype else v for k, v in state.items()}
-        net.load_state_dict(cast, strict=True, assign=True)
+        net.load_state_dict(_versioned(cast, own), strict=True, assign=True)
         if not any(t.is_meta for t in (*net.parameters(), *net.buffers())):
             return net
     net = _create(arch, kwargs)
@@ -399,8 +418,7 @@ def _under_prefix(state: dict[str, torch.Tensor], arch: str, src: Path) -> dict[
     training wrapper's ``net.backbone.``): where no name in the file is one of the
     architecture's, the tensors under the one prefix whose names are, the prefix taken off."""
     try:
-        with torch.device("meta"):
-            names = set(create(arch).state_dict())
+        names = set(skeleton(arch).state_dict())
     except SEInjectError:
         raise
     except Exception:  # a constructor that computes with its tensors: names as they are
@@ -432,7 +450,11 @@ def _under_prefix(state: dict[str, torch.Tensor], arch: str, src: Path) -> dict[
 
 def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
     """num_classes from the classifier's weight in the checkpoint (0 where it has none) and
-    in_chans from its first layer's, where timm names them."""
+    in_chans from its first layer's, where timm names them; for torchvision's models,
+    num_classes from the model's last layer, and aux_logits=False where the checkpoint holds
+    none of the auxiliary classifiers the model has by default (Inception-v3, GoogLeNet)."""
+    if library_of(arch)[0] == "torchvision":
+        return _torchvision_shape_kwargs(arch, state)
     import timm
     cfg = timm.get_pretrained_cfg(arch)
     out = {}
@@ -451,9 +473,40 @@ def _shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
     return out
 
 
+def _torchvision_shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict:
+    try:
+        ref = skeleton(arch)
+    except SEInjectError:
+        raise
+    except Exception:  # a builder that cannot be made without options: as the file says
+        return {}
+    out: dict = {}
+    last = [(n, m) for n, m in ref.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if last:
+        name, layer = last[-1]
+        w = state.get(f"{name}.weight")
+        if w is not None and w.dim() >= 1 and w.shape[0] != layer.weight.shape[0]:
+            out["num_classes"] = int(w.shape[0])
+    aux = [n for n, _ in ref.named_children() if n.lower().startswith("aux")]
+    if aux and not any(k.split(".")[0] in aux for k in state):
+        out["aux_logits"] = False
+    return out
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     _check_fits(model, model.state_dict(), state, where)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_versioned(state, model.state_dict()), strict=True)
+
+
+def _versioned(state: dict[str, torch.Tensor], own: dict) -> dict[str, torch.Tensor]:
+    """``state`` with the module versions of the model's own state_dict: a file's dict has
+    none (safetensors keeps no such thing, and prefixes are taken off the names), and a layer
+    that reads its version to load (torchvision's MNASNet) refuses a dict without it."""
+    out = OrderedDict(state)
+    meta = getattr(own, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def _check_fits(model: nn.Module, own: dict, state: dict[str, torch.Tensor], where: str) -> None:
@@ -498,9 +551,10 @@ def _apply_seeded(model: nn.Module, *args, **kwargs) -> None:
 
 def _base(recipe: dict, where: str) -> tuple[str, dict]:
     base = recipe.get("base") or {}
-    if base.get("library") != "timm" or not isinstance(base.get("architecture"), str):
-        raise CheckpointError(f"{where}: the recipe names no timm architecture")
-    return base["architecture"], dict(base.get("kwargs") or {})
+    if base.get("library") not in ("timm", "torchvision") or \
+            not isinstance(base.get("architecture"), str):
+        raise CheckpointError(f"{where}: the recipe names no timm or torchvision architecture")
+    return name_of(base), dict(base.get("kwargs") or {})
 
 
 def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(),
@@ -577,7 +631,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     arch = model or info.get("architecture")
     if not arch:
         raise CheckpointError(f"{src} does not name its architecture: pass --model NAME "
-                              "(a timm model name)")
+                              "(a timm model name, or torchvision/NAME for torchvision's)")
     state = _under_prefix(state, arch, src)
     kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {}), **(model_kwargs or {})}
     say(f"building {arch} {kwargs}")
@@ -592,8 +646,10 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
                               "(nothing was written). A rule with 'existing_gate: allow' "
                               "(--rules FILE) gates them anyway: README.md, 'Rule files'.")
     say(f"writing {out}")
-    _write_state(_as_file(_plain_state(net), dtype, src), out, format,
-                 _recipe_json(net, None, model_kwargs), force, (src,))
+    # timm's models record what rebuilds them; torchvision's are named as they were built
+    recipe = _recipe_json(net, arch, kwargs) if library_of(arch)[0] == "torchvision" else \
+        _recipe_json(net, None, model_kwargs)
+    _write_state(_as_file(_plain_state(net), dtype, src), out, format, recipe, force, (src,))
     say("done")
     return out
 

@@ -29,8 +29,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import (ArgumentNameError, InvalidArgumentError, SEInjectError, checks_arguments,
-                     misfit)
+from .errors import (ArgumentNameError, InvalidArgumentError, SEInjectError, misfit,
+                     checks_arguments)
 from .gate import GateSpec, make_gate
 from .plan import Plan
 
@@ -189,8 +189,9 @@ def _resolve_model(model_or_name) -> tuple[nn.Module, str]:
         from ._models import create
         return create(model_or_name), model_or_name
     if not isinstance(model_or_name, nn.Module):
-        raise InvalidArgumentError(f"model_or_name must be an nn.Module or a timm model name, "
-                                   f"not {type(model_or_name).__name__}")
+        raise InvalidArgumentError(f"model_or_name must be an nn.Module or a timm model name "
+                                   f"(torchvision/NAME for torchvision's), not "
+                                   f"{type(model_or_name).__name__}")
     return model_or_name, type(model_or_name).__name__
 
 
@@ -276,7 +277,8 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     """What SE gates would add to a model, counted with fvcore. The model is not changed.
 
     Args:
-        model_or_name: an nn.Module, or a timm model name (built with random weights).
+        model_or_name: an nn.Module, or a timm model name (``torchvision/NAME`` for
+            torchvision's), built with random weights.
         ratio: the reduction ratio r, or several (one column per ratio, as the paper's Table 10).
         input_size: (C, H, W) for the count (default: as for apply()).
             ``{stage: r}`` counts one ratio per stage.

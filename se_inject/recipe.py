@@ -8,12 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from ._models import in_chans_of
+from ._models import TORCHVISION, in_chans_of, library_of, torchvision_name
 from .errors import InvalidArgumentError
 from .rules import Rule
 
 __all__ = ["RECIPE", "SCHEMA", "record_step", "forget_recipe", "recipe_of", "rules_from",
-           "base_architecture"]
+           "base_architecture", "base_of", "name_of"]
 
 RECIPE = "_se_inject_recipe"
 SCHEMA = "se-inject.recipe/1"
@@ -65,15 +65,34 @@ def rules_from(step: dict) -> list[Rule]:
     return out
 
 
+def base_of(name: str, kwargs: dict | None) -> dict[str, Any]:
+    """The recipe's base for a model name (``torchvision/`` names torchvision's) and its
+    kwargs."""
+    library, arch = library_of(name)
+    return {"library": library, "architecture": arch, "kwargs": dict(kwargs or {})}
+
+
+def name_of(base: dict) -> str:
+    """The model name (``torchvision/NAME`` for torchvision's) of a recipe's base."""
+    prefix = TORCHVISION if base.get("library") == "torchvision" else ""
+    return prefix + base["architecture"]
+
+
 def base_architecture(model: nn.Module) -> dict[str, Any]:
     """The timm architecture and the kwargs that rebuild ``model``: its shapes (classes, input
-    channels), a features_only wrapper's, and its dropout rates."""
+    channels), a features_only wrapper's, and its dropout rates. For a torchvision model, the
+    builder that gives its shapes, and its number of classes where that is not the default."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
+        from .rewrite import GATE_PREFIX
+        found = torchvision_name(model, skip=GATE_PREFIX)
+        if found is not None:
+            return base_of(*found)
         raise InvalidArgumentError(
-            f"{type(model).__name__} carries no timm architecture name (pretrained_cfg), so a "
-            "checkpoint could not rebuild it: pass arch='name' and model_kwargs={...} to save()")
+            f"{type(model).__name__} carries no timm architecture name (pretrained_cfg) and is "
+            "not one torchvision builds, so a checkpoint could not rebuild it: pass "
+            "arch='name' (timm's, or 'torchvision/name') and model_kwargs={...} to save()")
     kwargs: dict[str, Any] = {}
     if getattr(model, "num_classes", None) is not None:
         kwargs["num_classes"] = int(model.num_classes)

@@ -32,20 +32,24 @@ def integers(option: str, minimum: int, example: str, *, many: bool,
 
 
 def model_kwargs(text: str) -> dict:
-    """--model-kwargs: a JSON object of timm.create_model keyword arguments."""
+    """--model-kwargs: a JSON object of the model's keyword arguments (timm.create_model's,
+    or a torchvision builder's)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         value = exc
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
-            "--model-kwargs takes a JSON object of timm.create_model options, e.g. "
+            "--model-kwargs takes a JSON object of the model's options, e.g. "
             f"'{{\"global_pool\": \"max\"}}', not {text!r}")
     return value
 
 
-def add_model_kwargs(p: argparse.ArgumentParser, help: str = "timm.create_model options, e.g. "
-                     "'{\"in_chans\": 1, \"output_stride\": 16}'") -> None:
+_MODEL_KWARGS = ("the model's options (timm.create_model's, or a torchvision builder's), e.g. "
+                 "'{\"in_chans\": 1, \"output_stride\": 16}'")
+
+
+def add_model_kwargs(p: argparse.ArgumentParser, help: str = _MODEL_KWARGS) -> None:
     p.add_argument("--model-kwargs", type=model_kwargs, default=None, metavar="JSON", help=help)
 
 

@@ -16,11 +16,12 @@ def add_parser(sub) -> None:
     p.add_argument("src", type=Path, help="state_dict (.pth/.pt/.bin), .safetensors, training "
                    "checkpoint, or a folder with config.json and model weights")
     p.add_argument("-o", "--output", type=Path, required=True, help="the SE checkpoint to write")
-    p.add_argument("--model", default=None, help="timm architecture (default: the checkpoint's "
-                   "own 'arch' or config.json)")
-    add_model_kwargs(p, "timm.create_model options the checkpoint's model was made with that "
-                     "its tensors do not show, e.g. '{\"global_pool\": \"max\"}' (num_classes "
-                     "and in_chans are read from the file)")
+    p.add_argument("--model", default=None, help="timm architecture, or torchvision/NAME for "
+                   "torchvision's (default: the checkpoint's own 'arch', config.json, or the "
+                   "command line torchvision's reference scripts keep)")
+    add_model_kwargs(p, "options the checkpoint's model was made with that its tensors do not "
+                     "show, e.g. '{\"global_pool\": \"max\"}' (num_classes and in_chans are "
+                     "read from the file)")
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="list the blocks that would get a gate (changes nothing)",
                        description=__doc__)
     p.set_defaults(run=run)
-    p.add_argument("model", help="a timm model name, e.g. resnet50")
+    p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
+                   "torchvision's, e.g. torchvision/mobilenet_v2")
     add_model_kwargs(p)
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")

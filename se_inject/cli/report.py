@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="parameters and compute SE gates would add (fvcore)",
                        description=__doc__)
     p.set_defaults(run=run)
-    p.add_argument("model", help="a timm model name, e.g. resnet50")
+    p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
+                   "torchvision's, e.g. torchvision/mobilenet_v2")
     add_model_kwargs(p)
     p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "

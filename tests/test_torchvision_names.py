@@ -1,0 +1,163 @@
+"""torchvision's models by name (``torchvision/NAME``): convert, save and load, plan and report,
+as for timm's."""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors import safe_open
+from torchvision import models
+
+import se_inject
+from se_inject.checkpoint import CheckpointError, convert, strip
+from se_inject.cli import main
+from se_inject._models import create as main_create
+from se_inject.errors import InvalidArgumentError
+
+from conftest import gates
+
+
+@torch.no_grad()
+def _trained_like(model):
+    """Norm statistics and affine terms as training leaves them, so that a gate that changed
+    what a block computes would show in its output."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def _recipe(path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["se_inject.recipe"])
+
+
+def _residual_blocks(model) -> int:
+    """MobileNetV2's inverted residuals with a sum, as torchvision marks them."""
+    return sum(bool(getattr(m, "use_res_connect", False)) for m in model.modules())
+
+
+def test_a_torchvision_checkpoint_converts_loads_and_strips_back(tmp_path):
+    torch.manual_seed(0)
+    plain = _trained_like(models.mobilenet_v2(num_classes=10))
+    src = tmp_path / "mobilenet_v2.pth"
+    torch.save(plain.state_dict(), src)
+    out = tmp_path / "se.safetensors"
+    assert main(["convert", str(src), "--model", "torchvision/mobilenet_v2", "-o", str(out)]) == 0
+    assert _recipe(out)["base"] == {"library": "torchvision", "architecture": "mobilenet_v2",
+                                    "kwargs": {"num_classes": 10}}
+    model = se_inject.load(out).eval()
+    assert type(model) is models.MobileNetV2
+    assert len(gates(model)) == _residual_blocks(plain) == 10
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        y0, y1 = plain(x), model(x)
+    assert (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+    back = tmp_path / "plain.safetensors"
+    strip(out, back)
+    from safetensors.torch import load_file
+    again = load_file(str(back))
+    assert sorted(again) == sorted(plain.state_dict())  # safetensors sorts its keys
+    for k, v in plain.state_dict().items():
+        assert torch.allclose(again[k].to(v.dtype), v, rtol=1e-6, atol=1e-7), k
+
+
+def test_torchvision_reference_checkpoint_names_its_model_and_its_ema(tmp_path):
+    """torchvision's reference train.py saves {"model", "model_ema", "args"}: the architecture
+    is read from args.model, and --ema takes the AveragedModel's weights (under `module.`,
+    beside its count of averages)."""
+    torch.manual_seed(0)
+    plain = _trained_like(models.resnet18(num_classes=7))
+    ema = _trained_like(models.resnet18(num_classes=7))
+    averaged = {"n_averaged": torch.tensor(12),
+                **{f"module.{k}": v for k, v in ema.state_dict().items()}}
+    src = tmp_path / "checkpoint.pth"
+    torch.save({"model": plain.state_dict(), "model_ema": averaged, "optimizer": {"state": {}},
+                "epoch": 3, "args": argparse.Namespace(model="resnet18", lr=0.5)}, src)
+    x = torch.randn(2, 3, 64, 64)
+    for use_ema, reference in ((False, plain), (True, ema)):
+        out = tmp_path / f"se_{use_ema}.safetensors"
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            convert(src, out, ema=use_ema)
+        assert not [w for w in said if "not part of the model" in str(w.message)]
+        assert _recipe(out)["base"]["library"] == "torchvision"
+        model = se_inject.load(out).eval()
+        assert type(model) is models.ResNet and len(gates(model)) == 8  # 2 blocks × 4 stages
+        with torch.no_grad():
+            y0, y1 = reference(x), model(x)
+        assert (y1 - y0).abs().max() <= 1e-5 * y0.abs().max()
+
+
+@pytest.mark.parametrize("build,name", [
+    (lambda: models.regnet_x_400mf(num_classes=3), "regnet_x_400mf"),  # sized with arange
+    (lambda: models.mnasnet0_5(dropout=0.5), "mnasnet0_5"),
+    (lambda: models.resnet34(), "resnet34"),
+])
+def test_save_finds_the_torchvision_builder(tmp_path, build, name):
+    """save() needs no arch for a torchvision model: the builder whose shapes it has is
+    recorded, with its number of classes and a dropout rate that is not the default."""
+    torch.manual_seed(0)
+    model = _trained_like(build())
+    se_inject.apply(model, init="identity")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning of rates a loaded model would lack
+        path = se_inject.save(model, tmp_path / "se.safetensors")
+    base = _recipe(path)["base"]
+    assert (base["library"], base["architecture"]) == ("torchvision", name)
+    loaded = se_inject.load(path).eval()
+    assert type(loaded) is type(model)
+    assert [type(m).__name__ + repr(getattr(m, "p", "")) for m in loaded.modules()] == \
+        [type(m).__name__ + repr(getattr(m, "p", "")) for m in model.modules()]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_torchvision_model_changed_by_hand_needs_its_arch(tmp_path):
+    model = models.resnet18()
+    model.fc = torch.nn.Sequential(torch.nn.Linear(512, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, 5))
+    se_inject.apply(model)
+    out = tmp_path / "se.safetensors"
+    with pytest.raises(se_inject.SEInjectError, match="torchvision/name"):
+        se_inject.save(model, out)
+    with pytest.raises(CheckpointError, match="would not load back as itself: its layer `fc`"):
+        se_inject.save(model, out, arch="torchvision/resnet18")
+    assert not out.exists()
+
+
+def test_torchvision_names_are_checked_with_close_matches(capsys):
+    with pytest.raises(InvalidArgumentError, match="Did you mean: torchvision/resnet50"):
+        se_inject.cost("torchvision/resnt50")
+    with pytest.raises(InvalidArgumentError, match="name it torchvision/googlenet"):
+        se_inject.cost("googlenet")  # timm has none of that name
+    assert main(["plan", "torchvision/mobilenet_v3_smal"]) == 2
+    assert "torchvision/mobilenet_v3_small" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchvision_names_download_nothing(monkeypatch, capsys):
+    """A builder that would fetch its backbone's weights by default (segmentation, detection)
+    is built with none, and neither are the model's own fetched."""
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    report = se_inject.cost("torchvision/lraspp_mobilenet_v3_large", input_size=(3, 64, 64))
+    backbone = models.mobilenet_v3_large()
+    # LR-ASPP's backbone is MobileNetV3-Large's features: its residual blocks, all with SE but
+    # the first stages' (which have none), are what can be gated
+    plain = sum(1 for m in backbone.features.modules()
+                if getattr(m, "use_res_connect", False) and not any(
+                    type(c).__name__ == "SqueezeExcitation" for c in m.modules()))
+    assert len(report[16].gates) == plain > 0
+    with pytest.raises(InvalidArgumentError, match="random weights"):
+        main_create("torchvision/resnet18", weights="DEFAULT")
