@@ -121,8 +121,8 @@ def _state_of(obj: Any, path: Path, ema: bool) -> tuple[dict[str, torch.Tensor],
             ("state_dict", "model")
         key = next((k for k in keys if isinstance(obj.get(k), dict)), None)
         inner = obj[key] if key is not None else None
-        if key == "model_ema":  # torchvision's AveragedModel: its count of averages, and module.
-            inner = {k: v for k, v in inner.items() if k != "n_averaged"}
+        if key == "model_ema":  # torchvision's AveragedModel: the weights (under `module.`, taken
+            inner = {k: v for k, v in inner.items() if k != "n_averaged"}  # off) and a count
         if inner is None:
             wanted = "'state_dict_ema' or 'model_ema'" if ema else "'state_dict' or 'model'"
             raise CheckpointError(f"{path}: a dict without tensors at its top level and no "
@@ -300,9 +300,9 @@ def _layout(m: nn.Module) -> str:
 
 def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     """Refuse to write a checkpoint that load() would rebuild as another model: one whose layers
-    (their classes and settings, gates aside) differ from what timm builds from the recorded
-    name and kwargs, as after create_model(..., global_pool="max") or a layer replaced by hand.
-    Returns the dropout layers whose rates differ (nothing in eval mode), described."""
+    (their classes and settings, gates aside) differ from what timm or torchvision builds from
+    the recorded name and kwargs, as after create_model(..., global_pool="max") or a layer
+    replaced by hand. Returns the dropout layers whose rates differ (nothing in eval mode), described."""
     arch, kwargs = name_of(recipe["base"]), recipe["base"]["kwargs"]
     gated = {g for step in recipe["steps"] for g in step["gates"]}
     try:
@@ -349,7 +349,9 @@ def _rate_guesses(model: nn.Module, kwargs: dict, library: str = "timm") -> list
     largest rate each kind of layer has, rounded, and the stochastic-depth rate of a schedule
     that stops one block short of it (timm's and torchvision's EfficientNets: rate · i / n).
     A drop-block rate is guessed only where the model has drop blocks (timm's ResNets)."""
-    path_name, drop_name, block_name = (*_RATES[library], None)[:3]
+    names = _RATES[library]
+    path_name, drop_name = names[:2]
+    block_name = names[2] if len(names) > 2 else None
     paths = [getattr(m, "drop_prob", getattr(m, "p", 0.0)) for m in model.modules()
              if type(m).__name__ in ("DropPath", "StochasticDepth")]
     drops = [m.p for m in model.modules() if type(m).__name__.startswith("Dropout")]

@@ -48,6 +48,24 @@ def test_bad_arguments_exit_2(argv):
     assert exc.value.code == 2
 
 
+@pytest.mark.parametrize("size", [["3"], ["3", "0", "64"], ["1", "2", "3", "4", "5"]])
+def test_bad_input_size_exits_2_naming_the_forms(size, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "resnet18", "--input-size", *size])
+    assert exc.value.code == 2
+    assert "C H W (an image), C L (a 1-D signal) or C T H W" in capsys.readouterr().err
+
+
+def test_input_size_of_a_video_network_reaches_it(capsys):
+    """C T H W: torchvision's R3D-18 runs on a clip and is refused for its 5-D maps, where a
+    size without T would fail in its first 3-D convolution."""
+    assert main(["plan", "torchvision/r3d_18", "--input-size", "3", "4", "32", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "8 of its sums or concatenations are of 5-D tensors" in err
+    assert main(["plan", "torchvision/r3d_18", "--input-size", "3", "32", "32"]) == 2
+    assert "shapes could not be propagated" in capsys.readouterr().err
+
+
 def test_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "se_inject", "plan", "no-such-model"],
                        capture_output=True, text=True)

@@ -5,8 +5,8 @@ import argparse
 import json
 from typing import Callable
 
-__all__ = ["integers", "model_kwargs", "add_model_kwargs", "RATIO", "RATIOS", "STAGES",
-           "add_variant_args", "variant_of"]
+__all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "RATIO", "RATIOS",
+           "STAGES", "add_variant_args", "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -51,6 +51,24 @@ _MODEL_KWARGS = ("the model's options (timm.create_model's, or a torchvision bui
 
 def add_model_kwargs(p: argparse.ArgumentParser, help: str = _MODEL_KWARGS) -> None:
     p.add_argument("--model-kwargs", type=model_kwargs, default=None, metavar="JSON", help=help)
+
+
+class _InputSize(argparse.Action):
+    """--input-size: C H W for images, C L for 1-D signals, C T H W for video and volumes."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not 2 <= len(values) <= 4 or any(v < 1 for v in values):
+            parser.error(f"{option_string} takes C H W (an image), C L (a 1-D signal) or "
+                         f"C T H W (video, a volume): 2 to 4 positive integers, not "
+                         f"{' '.join(map(str, values))}")
+        setattr(namespace, self.dest, tuple(values))
+
+
+def add_input_size(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--input-size", nargs="+", type=int, default=None, metavar="N",
+                   action=_InputSize,
+                   help=f"input size {what}, without the batch: C H W (3 224 224), or C L for "
+                        "a 1-D network, C T H W for a 3-D one (default: the model's config)")
 
 
 def _ratio(many: bool) -> Callable[[str], object]:

@@ -5,7 +5,7 @@ import argparse
 
 from .. import api
 from .._models import create
-from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
+from ._args import RATIO, STAGES, add_input_size, add_model_kwargs, add_variant_args, variant_of
 
 
 def add_parser(sub) -> None:
@@ -19,8 +19,7 @@ def add_parser(sub) -> None:
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
                    help="built-in rule names or rule files (default: residual inception)")
-    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
-                   help="input size for shape propagation (default: the model's config)")
+    add_input_size(p, "for shape propagation")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
                    help="gate only these resolution stages, or all-but-last (paper Table 13)")
     add_variant_args(p)
@@ -29,7 +28,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     model = create(args.model, **(args.model_kwargs or {}))
     p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
-                 input_size=tuple(args.input_size) if args.input_size else None,
+                 input_size=args.input_size,
                  **variant_of(args))
     base = sum(t.numel() for t in model.parameters())
     print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import RATIOS, STAGES, add_model_kwargs, add_variant_args, variant_of
+from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_variant_args,
+                    variant_of)
 
 
 def add_parser(sub) -> None:
@@ -20,8 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "
                         "2:16,3:16,4:8,5:8")
-    p.add_argument("--input-size", nargs=3, type=int, default=None, metavar=("C", "H", "W"),
-                   help="input size for the count (default: the model's config)")
+    add_input_size(p, "for the count")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
                    help="gate only these resolution stages (k: tensors at 1/2**k of the input's "
                         "height; ResNet-50 has 2-5), or all-but-last")
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         from .._models import create
         model = create(args.model, **args.model_kwargs)
     rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
-               input_size=tuple(args.input_size) if args.input_size else None,
+               input_size=args.input_size,
                measure=args.measure, **variant_of(args))
     if args.model_kwargs:
         rep = dataclasses.replace(rep, model=args.model)
