@@ -8,7 +8,7 @@ import itertools
 import math
 import sys
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, abc, defaultdict
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
@@ -161,8 +161,11 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
         c = in_chans_of(model)  # a model built with in_chans=1 keeps the cfg's 3
         if c:
             input_size = (c, *input_size[1:])
+    if not isinstance(input_size, (tuple, list)):
+        raise InvalidArgumentError(f"input_size must be (C, H, W) of positive integers, or a "
+                                   f"list of them for several inputs; got {input_size!r}")
     sizes = [input_size] if input_size and all(isinstance(v, int) for v in input_size) \
-        else list(input_size or ())
+        else list(input_size)
     shapes = []
     for s in sizes:
         if not isinstance(s, (tuple, list)) or not s or \
@@ -175,13 +178,24 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _listed(value, name: str, example: str) -> tuple:
+    """The items of a list-like argument; None gives none."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes, type, torch.Tensor, nn.Module)) or \
+            not isinstance(value, abc.Iterable):
+        raise InvalidArgumentError(f"{name} must be a list, e.g. {name}={example}; got "
+                                   f"{value!r}")
+    return tuple(value)
+
+
 def _trace_options(leaf_modules, autowrap_functions) -> TraceOptions:
-    leaves = tuple(leaf_modules or ())
+    leaves = _listed(leaf_modules, "leaf_modules", "[MyBlock]")
     for c in leaves:
         if not (isinstance(c, type) and issubclass(c, nn.Module)):
             raise InvalidArgumentError(f"leaf_modules holds {c!r}: give nn.Module classes, "
                                        "e.g. leaf_modules=[MyBlock]")
-    fns = tuple(autowrap_functions or ())
+    fns = _listed(autowrap_functions, "autowrap_functions", "[my_function]")
     for f in fns:
         if not callable(f):
             raise InvalidArgumentError(f"autowrap_functions holds {f!r}, which is not callable")
@@ -644,6 +658,8 @@ def _warn_left(model: nn.Module, prepared) -> None:
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"remove() takes an nn.Module, not {type(model).__name__}")
     compensated = [p for g in model.modules() if isinstance(g, ChannelGate)
                    for p in getattr(g, "compensated", ())]
     remove_gates(model)

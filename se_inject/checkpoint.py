@@ -136,10 +136,21 @@ def _state_of(obj: Any, path: Path, ema: bool) -> tuple[dict[str, torch.Tensor],
     return _strip_prefixes(dict(obj)), info
 
 
+def _path(value, name: str) -> Path:
+    """``value`` as a Path, or a CheckpointError naming the argument."""
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            return Path(value)
+        except TypeError:  # a PathLike that gives bytes
+            pass
+    raise CheckpointError(f"{name} must be a file name (str or pathlib.Path), not "
+                          f"{type(value).__name__} {value!r:.60}")
+
+
 def read_checkpoint(path, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, info) from a state_dict file, a safetensors file, a training checkpoint, or a
     Hugging Face-style folder; info may hold "architecture", "kwargs" and "recipe"."""
-    path = Path(path)
+    path = _path(path, "path")
     if path.is_dir():
         return _read_folder(path)
     if not path.is_file():
@@ -248,6 +259,15 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
          arch: str | None = None, model_kwargs: dict | None = None) -> Path:
     """Write a gated model's weights with its recipe (safetensors unless the name ends in .pth or
     .pt, or ``format="pth"``). ``se_inject.load(path)`` rebuilds it from the file alone."""
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"save() takes an nn.Module, not {type(model).__name__}")
+    path = _path(path, "path")
+    if arch is not None and not isinstance(arch, str):
+        raise CheckpointError(f"arch must be a model name (timm's, or 'torchvision/NAME'), not "
+                              f"{arch!r}")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise CheckpointError(f"model_kwargs must be a dict of the model's options, not "
+                              f"{model_kwargs!r}")
     recipe = _recipe_json(model, arch, model_kwargs)
     if recipe is None:
         raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
@@ -274,8 +294,8 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
                       f"model_kwargs={{{', '.join(repr(k) + ': ...' for k in _RATES[library])}}} "
                       "to keep them.",
                       stacklevel=2)
-    fmt = format or ("pth" if Path(path).suffix in (".pth", ".pt") else "safetensors")
-    return _write_state(_plain_state(model), Path(path), fmt, recipe, force)
+    fmt = format or ("pth" if path.suffix in (".pth", ".pt") else "safetensors")
+    return _write_state(_plain_state(model), path, fmt, recipe, force)
 
 
 # layers that compute nothing in eval mode: a rate of theirs that load() cannot know is warned of
@@ -620,7 +640,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     options the checkpoint's tensors do not show (global_pool, output_stride, act_layer...).
     ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
     min_channels, divisor)."""
-    src, out = Path(src), Path(out)
+    src, out = _path(src, "src"), _path(out, "out")
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     _check_output(out, force, (src,))
@@ -660,7 +680,7 @@ def strip(src, out, *, format: str = "safetensors", force: bool = False) -> Path
     """An SE checkpoint -> the plain model's weights (the gates taken out, layers scaled for
     identity-initialised gates scaled back)."""
     from .api import remove
-    src, out = Path(src), Path(out)
+    src, out = _path(src, "src"), _path(out, "out")
     _check_output(out, force, (src,))
     state, _ = read_checkpoint(src)
     dtype = _file_dtype(state)

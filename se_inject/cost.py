@@ -22,6 +22,7 @@ import json
 import math
 import time
 import warnings
+from collections import abc
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -202,7 +203,8 @@ def _ratios(ratio) -> tuple[int, ...]:
     if isinstance(ratio, dict):
         from .api import _check_ratio
         return (_check_ratio(ratio),)
-    values = [ratio] if isinstance(ratio, int) else list(ratio) if ratio is not None else []
+    values = [ratio] if isinstance(ratio, int) else list(ratio) \
+        if isinstance(ratio, abc.Iterable) and not isinstance(ratio, (str, bytes)) else []
     if not values or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                              for r in values):
         raise InvalidArgumentError(f"ratio must be a positive integer or a list of them "

@@ -354,7 +354,18 @@ _CLASSES = {"se": SEGate, "eca": ECAGate, "ese": EffectiveSEGate}
 def make_gate(channels: int, ratio: int, spec: GateSpec | None = None, *, device=None,
               dtype=None) -> ChannelGate:
     spec = spec or GateSpec()
-    return _CLASSES[spec.kind](channels, ratio, spec=spec, device=device, dtype=dtype)
+    try:
+        return _CLASSES[spec.kind](channels, ratio, spec=spec, device=device, dtype=dtype)
+    except RuntimeError as exc:
+        reduced = spec.reduced(channels, ratio)
+        if reduced is None or reduced <= channels or "alloc" not in str(exc).lower():
+            raise
+        count = gate_parameters(channels, ratio, spec)
+        raise InvalidArgumentError(
+            f"a gate of {channels} channels would have a bottleneck of {reduced:,} (min_channels="
+            f"{spec.min_channels}, divisor={spec.divisor}): {count:,} parameters, which cannot "
+            f"be allocated. The bottleneck is C // ratio (C / ratio rounded to a multiple of "
+            f"divisor), at least min_channels and divisor: give smaller values") from None
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:

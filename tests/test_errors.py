@@ -249,3 +249,56 @@ def test_misplaced_arguments_name_the_call():
     with pytest.raises(se_inject.SEInjectError, match="missing a required argument: 'path'"):
         se_inject.save(model)
     _untouched(model, keys)
+
+
+_ODD_VALUES = [None, 1.5, -1, "", b"x", object(), nn.Conv2d, torch.zeros(2), True, {"a": 1},
+               lambda x: x, 10 ** 12]
+_OPTIONS = {"apply": ["ratio", "rules", "input_size", "stages", "init", "position", "gate",
+                      "squeeze", "excite", "min_channels", "divisor", "fused", "leaf_modules",
+                      "autowrap_functions"],
+            "plan": ["ratio", "input_size", "leaf_modules", "autowrap_functions"],
+            "cost": ["ratio", "input_size", "stages", "min_channels"],
+            "fuse": ["freeze", "mode", "dynamic", "backend", "options"]}
+
+
+@pytest.mark.parametrize("call,option", [(c, o) for c, opts in _OPTIONS.items() for o in opts])
+def test_an_argument_of_any_type_is_refused_or_taken(call, option):
+    """Whatever an option is given, the call refuses it with an SEInjectError, naming it, and
+    leaves the model as it was, or takes it: never another exception (a TypeError from deep
+    inside, torch.compile's refusal, a failed allocation of a gate 10**12 channels wide)."""
+    for value in _ODD_VALUES:
+        model = BlockNet()
+        keys = list(model.state_dict())
+        if call == "fuse":
+            se_inject.apply(model)
+            keys = list(model.state_dict())
+        try:
+            getattr(se_inject, call)(model, **{option: value})
+        except SEInjectError as exc:
+            said = str(exc).lower()
+            assert option.rstrip("s") in said or "torch.compile" in said or \
+                "bottleneck" in said, (value, str(exc))
+            assert list(model.state_dict()) == keys, value
+            if call == "fuse":
+                assert model._compiled_call_impl is None
+                assert not any(k.startswith("_se_inject_frozen") for g in gates(model)
+                               for k in g[1].__dict__)
+            elif call == "apply":
+                _untouched(model, keys)
+        finally:
+            torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("call", ["remove", "unfuse", "fuse", "save", "load", "plan", "cost"])
+def test_what_is_not_a_model_or_a_path_is_refused(call, tmp_path):
+    for value in _ODD_VALUES + [{"weight": torch.zeros(1)}]:
+        if call in ("load", "cost") and value is None:
+            continue
+        args = (value, tmp_path / "x.safetensors") if call == "save" else (value,)
+        with pytest.raises(SEInjectError):
+            getattr(se_inject, call)(*args)
+    gated = se_inject.apply(BlockNet())
+    for value in (b"x.safetensors", 3, None, torch.zeros(1)):
+        with pytest.raises(SEInjectError, match="path must be a file name"):
+            se_inject.save(gated, value)
+    assert not list(tmp_path.iterdir())
