@@ -554,10 +554,11 @@ class _MetaInterpreter(fx.Interpreter):
                     "(output.is_meta); nothing was changed.") from exc
             try:
                 value = self.run_for_real(n, args, kwargs)
+                if value is not NotImplemented:
+                    value = _to_meta(value)  # (a quantized tensor has no meta twin)
             except Exception:
                 value = _FAILED  # the same error, or one that says less than the op's own
             if value is not NotImplemented and value is not _FAILED:
-                value = _to_meta(value)
                 n.meta[VALUE] = value
                 return value
             meta = (" The model's weights are on the meta device, so the op could not run on "
