@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import itertools
 import math
@@ -45,42 +46,36 @@ def _check_model(model) -> None:
     wrapper = _wrapper_kind(model)
     if wrapper is not None:
         raise InvalidArgumentError(wrapper)
-    quantized = _quantized_layer(model)
-    if quantized is not None:
-        name, layer = quantized
-        raise InvalidArgumentError(
-            f"model is quantized: its layer `{name or '(model)'}` is {type(layer).__module__}."
-            f"{type(layer).__name__}, which computes on int8 tensors that shapes cannot be "
-            f"worked out on, and a gate cannot be put between such layers. Gate the float "
-            f"model, then quantize the gated model with FX graph mode quantization "
-            f"(torch.ao.quantization.quantize_fx.prepare_fx, calibrate, convert_fx), which "
-            f"quantizes the gates with it")
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
-    if isinstance(compiled, type):
-        for name, m in model.named_modules():
-            if isinstance(m, compiled) and name:
-                inner = type(getattr(m, "_orig_mod", m)).__name__
-                raise InvalidArgumentError(
-                    f"{name} is torch.compile's wrapper (OptimizedModule) of a {inner}, which fx "
-                    f"cannot trace into: compile it in place instead (put back its _orig_mod, "
-                    f"then call .compile() on it: the module stays itself and se-inject traces "
-                    f"through it), or gate the model before compiling its parts")
-
-
-def _quantized_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The first layer of ``model`` that is one of torch.ao's statically quantized modules
-    (what torch.ao.quantization.convert or convert_fx puts in), if any. Not looked for:
-    dynamically quantized layers (a quantized Linear head, taking and giving float tensors)
-    and FloatFunctional, the float ops of a model still to be quantized (torchvision's
-    quantizable models), which convert turns into QFunctional."""
-    if "torch.ao.nn.quantized" not in sys.modules:
-        return None
+    compiled = compiled if isinstance(compiled, type) else ()
     for name, m in model.named_modules():
-        where = type(m).__module__
-        if where.startswith(("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")) \
-                and ".dynamic" not in where and type(m).__name__ != "FloatFunctional":
-            return name, m
-    return None
+        if name and isinstance(m, compiled):
+            inner = type(getattr(m, "_orig_mod", m)).__name__
+            raise InvalidArgumentError(
+                f"{name} is torch.compile's wrapper (OptimizedModule) of a {inner}, which fx "
+                f"cannot trace into: compile it in place instead (put back its _orig_mod, "
+                f"then call .compile() on it: the module stays itself and se-inject traces "
+                f"through it), or gate the model before compiling its parts")
+        if _quantized(type(m)):
+            raise InvalidArgumentError(
+                f"model is quantized: its layer `{name or '(model)'}` is {type(m).__module__}."
+                f"{type(m).__name__}, which computes on int8 tensors that shapes cannot be "
+                f"worked out on, and a gate cannot be put between such layers. Gate the float "
+                f"model, then quantize the gated model with FX graph mode quantization "
+                f"(torch.ao.quantization.quantize_fx.prepare_fx, calibrate, convert_fx), which "
+                f"quantizes the gates with it")
+
+
+@functools.lru_cache(maxsize=None)
+def _quantized(cls: type) -> bool:
+    """Whether ``cls`` is one of torch.ao's statically quantized modules (what
+    torch.ao.quantization.convert or convert_fx puts in). Not counted: dynamically quantized
+    layers (a quantized Linear head, taking and giving float tensors) and FloatFunctional, the
+    float ops of a model still to be quantized (torchvision's quantizable models), which
+    convert turns into QFunctional."""
+    where = cls.__module__
+    return where.startswith(("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")) \
+        and ".dynamic" not in where and cls.__name__ != "FloatFunctional"
 
 
 def _wrapper_kind(model: nn.Module) -> str | None:
