@@ -61,6 +61,8 @@ def checks_arguments(fn: _F) -> _F:
 
 
 def misfit(name: str, why: str, kwargs: dict, names: list[str]) -> str:
+    """The message for a call of ``name`` whose arguments do not fit (``why``, Python's
+    words): the options closest to each keyword it does not take, and the ones it does."""
     hints = []
     for key in kwargs:
         if key not in names:
