@@ -10,8 +10,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["TORCHVISION", "check_name", "create", "describe", "in_chans_for", "in_chans_of",
-           "input_width", "library_of", "skeleton", "torchvision_name"]
+__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for",
+           "in_chans_of", "input_width", "library_of", "skeleton", "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
 
@@ -120,6 +120,21 @@ def _registered_on_meta():
         nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
 
 
+def aux_kwargs(ref: nn.Module, present: set[str]) -> dict:
+    """The options that give a torchvision model ``ref`` (built as its builder does by default)
+    the auxiliary heads whose top-level names are ``present``: ``aux_loss=True`` for a
+    segmentation model's ``aux_classifier``, ``aux_logits=False`` for an Inception-v3 or
+    GoogLeNet without its auxiliary classifiers."""
+    own = {n for n, c in ref.named_children() if any(True for _ in c.parameters())}
+    out = {}
+    if "aux_classifier" in present and "aux_classifier" not in own:
+        out["aux_loss"] = True
+    aux = [n for n in own if n.lower().startswith("aux")]
+    if aux and not any(n in present for n in aux):
+        out["aux_logits"] = False
+    return out
+
+
 def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | None:
     """(``torchvision/NAME``, kwargs) for a model built by one of torchvision's builders,
     found by building each builder of the model's class on the meta device (as it is, or with
@@ -131,6 +146,7 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
         return None
     from torchvision import models
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if skip not in k}
+    present = {n for n, c in model.named_children() if any(True for _ in c.parameters())}
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     width = last[-1].weight.shape[0] if last else None
     found = []
@@ -138,7 +154,11 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
         builder = models.get_model_builder(arch)
         if builder.__module__ != cls.__module__:
             continue
-        for kwargs in ({}, {"num_classes": width}) if width else ({},):
+        try:
+            aux = aux_kwargs(skeleton(TORCHVISION + arch), present)
+        except Exception:  # a builder that needs options
+            continue
+        for kwargs in ({**aux}, {**aux, "num_classes": width}) if width else ({**aux},):
             try:
                 ref = skeleton(TORCHVISION + arch, **kwargs)
             except Exception:  # a builder that needs other options

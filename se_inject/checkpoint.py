@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import TORCHVISION, create, describe, in_chans_for, library_of, skeleton
+from ._models import (TORCHVISION, aux_kwargs, create, describe, in_chans_for, library_of,
+                      skeleton)
 from .errors import InvalidArgumentError, SEInjectError, checks_arguments
 from .recipe import SCHEMA, base_architecture, base_of, name_of, recipe_of, rules_from
 
@@ -509,10 +510,7 @@ def _torchvision_shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict
         w = state.get(f"{name}.weight")
         if w is not None and w.dim() >= 1 and w.shape[0] != layer.weight.shape[0]:
             out["num_classes"] = int(w.shape[0])
-    aux = [n for n, _ in ref.named_children() if n.lower().startswith("aux")]
-    if aux and not any(k.split(".")[0] in aux for k in state):
-        out["aux_logits"] = False
-    return out
+    return {**out, **aux_kwargs(ref, {k.split(".")[0] for k in state})}
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

@@ -161,3 +161,31 @@ def test_torchvision_names_download_nothing(monkeypatch, capsys):
     assert len(report[16].gates) == plain > 0
     with pytest.raises(InvalidArgumentError, match="random weights"):
         main_create("torchvision/resnet18", weights="DEFAULT")
+
+
+def test_auxiliary_heads_are_read_from_the_checkpoint_and_the_model(tmp_path):
+    """A segmentation checkpoint with its aux_classifier converts with aux_loss=True; an
+    Inception-v3 without its auxiliary classifier, saved gated, is recorded with
+    aux_logits=False: each loads back as the model it was."""
+    from torchvision.models import inception_v3
+    from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+    torch.manual_seed(0)
+    seg = _trained_like(deeplabv3_mobilenet_v3_large(num_classes=5, aux_loss=True,
+                                                     weights_backbone=None))
+    src, out = tmp_path / "seg.pth", tmp_path / "seg.safetensors"
+    torch.save(seg.state_dict(), src)
+    convert(src, out, model="torchvision/deeplabv3_mobilenet_v3_large")
+    assert _recipe(out)["base"]["kwargs"] == {"num_classes": 5, "aux_loss": True}
+    loaded = se_inject.load(out).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        y0, y1 = seg(x), loaded(x)
+    assert set(y1) == {"out", "aux"}
+    for k in y0:
+        assert (y1[k] - y0[k]).abs().max() <= 1e-5 * y0[k].abs().max(), k
+    net = inception_v3(aux_logits=False, init_weights=False, num_classes=7)
+    se_inject.apply(net)
+    path = se_inject.save(net, tmp_path / "inception.safetensors")
+    assert _recipe(path)["base"]["kwargs"] == {"aux_logits": False, "num_classes": 7}
+    again = se_inject.load(path)
+    assert again.AuxLogits is None and len(gates(again)) == len(gates(net))
