@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 
 from torch import nn
@@ -125,7 +126,28 @@ def aux_kwargs(ref: nn.Module, present: set[str]) -> dict:
     the auxiliary heads whose top-level names are ``present``: ``aux_loss=True`` for a
     segmentation model's ``aux_classifier``, ``aux_logits=False`` for an Inception-v3 or
     GoogLeNet without its auxiliary classifiers."""
-    own = {n for n, c in ref.named_children() if any(True for _ in c.parameters())}
+    return _aux_from_heads(_heads(ref), present)
+
+
+def _heads(model: nn.Module) -> frozenset[str]:
+    """The names of ``model``'s children that hold parameters."""
+    return frozenset(n for n, c in model.named_children() if any(True for _ in c.parameters()))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_of(name: str, kwargs: tuple) -> tuple[type, dict, frozenset] | None:
+    """The class, parameter and buffer shapes and heads (_heads) of the model ``name`` built
+    with ``kwargs`` (on the meta device), or None where it cannot be built so. Kept: save()
+    looks for a torchvision model's builder at every call, and a training loop saves often."""
+    try:
+        ref = skeleton(name, **dict(kwargs))
+    except Exception:  # a builder that needs other options
+        return None
+    return type(ref), {k: tuple(v.shape) for k, v in ref.state_dict().items()}, _heads(ref)
+
+
+def _aux_from_heads(own: frozenset[str], present: set[str]) -> dict:
+    """aux_kwargs, from the heads (_heads) of the default model."""
     out = {}
     if "aux_classifier" in present and "aux_classifier" not in own:
         out["aux_loss"] = True
@@ -146,7 +168,7 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
         return None
     from torchvision import models
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if skip not in k}
-    present = {n for n, c in model.named_children() if any(True for _ in c.parameters())}
+    present = _heads(model)
     last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     width = last[-1].weight.shape[0] if last else None
     found = []
@@ -154,17 +176,13 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
         builder = models.get_model_builder(arch)
         if builder.__module__ != cls.__module__:
             continue
-        try:
-            aux = aux_kwargs(skeleton(TORCHVISION + arch), present)
-        except Exception:  # a builder that needs options
+        default = _layout_of(TORCHVISION + arch, ())
+        if default is None:  # a builder that needs options
             continue
+        aux = _aux_from_heads(default[2], present)
         for kwargs in ({**aux}, {**aux, "num_classes": width}) if width else ({**aux},):
-            try:
-                ref = skeleton(TORCHVISION + arch, **kwargs)
-            except Exception:  # a builder that needs other options
-                continue
-            if type(ref) is cls and {k: tuple(v.shape) for k, v in ref.state_dict().items()} \
-                    == own:
+            built = _layout_of(TORCHVISION + arch, tuple(sorted(kwargs.items())))
+            if built is not None and built[0] is cls and built[1] == own:
                 found.append((TORCHVISION + arch, kwargs))
                 break
     return found[0] if len(found) == 1 else None
