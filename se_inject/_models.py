@@ -86,7 +86,9 @@ def skeleton(name: str, **kwargs) -> nn.Module:
     shapes and layers (never to run): built on the meta device; where the constructor computes
     with tensors it makes (torchvision's RegNets size their stages with ``torch.arange``), built
     on the CPU with each parameter and buffer moved to the meta device as it is registered, so
-    that nothing is initialised or kept. Raises what the constructor raises."""
+    that nothing is initialised or kept (nn.Module's registration is patched while it builds: a
+    module another thread builds meanwhile would get meta weights). Raises what the constructor
+    raises."""
     import torch
     try:
         with torch.device("meta"):
