@@ -70,12 +70,13 @@ def _check_model(model) -> None:
 def _quantized(cls: type) -> bool:
     """Whether ``cls`` is one of torch.ao's statically quantized modules (what
     torch.ao.quantization.convert or convert_fx puts in). Not counted: dynamically quantized
-    layers (a quantized Linear head, taking and giving float tensors) and FloatFunctional, the
-    float ops of a model still to be quantized (torchvision's quantizable models), which
-    convert turns into QFunctional."""
+    layers (a quantized Linear head, taking and giving float tensors) and FloatFunctional and
+    FXFloatFunctional, the float ops of a model still to be quantized (torchvision's
+    quantizable models), which convert turns into QFunctional."""
     where = cls.__module__
     return where.startswith(("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized.")) \
-        and ".dynamic" not in where and cls.__name__ != "FloatFunctional"
+        and ".dynamic" not in where and cls.__name__ not in ("FloatFunctional",
+                                                            "FXFloatFunctional")
 
 
 def _wrapper_kind(model: nn.Module) -> str | None:
