@@ -914,10 +914,8 @@ def _drop_constants(owner: nn.Module) -> None:
 
 
 def remove_gates(model: nn.Module) -> int:
-    """Take every gate out; each block gets its class's forward back. Returns the gate count."""
-    if not isinstance(model, nn.Module):
-        from .errors import InvalidArgumentError
-        raise InvalidArgumentError(f"remove() takes an nn.Module, not {type(model).__name__}")
+    """Take every gate out; each block gets its class's forward back. Returns the gate count.
+    (remove() has checked that ``model`` is a module.)"""
     owners = [m for m in model.modules() if owner_state(m) is not None]
     if not owners:
         raise NotGatedError(f"{type(model).__name__} holds no se-inject gates: nothing to remove "

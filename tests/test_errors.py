@@ -273,7 +273,7 @@ def test_an_argument_of_any_type_is_refused_or_taken(call, option):
             se_inject.apply(model)
             keys = list(model.state_dict())
         try:
-            getattr(se_inject, call)(model, **{option: value})
+            result = getattr(se_inject, call)(model, **{option: value})
         except SEInjectError as exc:
             said = str(exc).lower()
             assert option.rstrip("s") in said or "torch.compile" in said or \
@@ -285,6 +285,15 @@ def test_an_argument_of_any_type_is_refused_or_taken(call, option):
                                for k in g[1].__dict__)
             elif call == "apply":
                 _untouched(model, keys)
+        else:  # taken: the call did its work
+            if call == "apply":
+                assert result is model and gates(model), value
+            elif call == "plan":
+                assert len(result.sites) > 0, value
+            elif call == "cost":
+                assert all(r.gates for r in result.ratios), value
+            else:
+                assert result is model and model._compiled_call_impl is not None, value
         finally:
             torch._dynamo.reset()
 
