@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import (TORCHVISION, aux_kwargs, create, describe, in_chans_for, library_of,
-                      skeleton)
+from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, in_chans_for,
+                      library_of, skeleton)
 from .errors import InvalidArgumentError, SEInjectError, checks_arguments
 from .recipe import SCHEMA, base_architecture, base_of, name_of, recipe_of, rules_from
 
@@ -513,6 +513,22 @@ def _torchvision_shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict
     return {**out, **aux_kwargs(ref, {k.split(".")[0] for k in state})}
 
 
+def _torchvision_twin(arch: str, state: dict[str, torch.Tensor]) -> str | None:
+    """``torchvision/ARCH`` where ``arch`` is a timm name that torchvision also has and the
+    checkpoint's tensor names are that torchvision model's (a torchvision checkpoint converted
+    with a timm name: timm's efficientnet_b0 is another model than torchvision's)."""
+    if library_of(arch)[0] != "timm":
+        return None
+    try:
+        check_name(TORCHVISION + arch)
+        names = set(skeleton(TORCHVISION + arch).state_dict())
+    except Exception:  # no such torchvision model, or one that cannot be built so
+        return None
+    # every tensor is one of the model's, and most of the model's are there (a head may not be)
+    fits = set(state) <= names and 2 * len(state) >= len(names)
+    return TORCHVISION + arch if fits else None
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     _check_fits(model, model.state_dict(), state, where)
     model.load_state_dict(_versioned(state, model.state_dict()), strict=True)
@@ -655,7 +671,14 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     state = _under_prefix(state, arch, src)
     kwargs = {**_shape_kwargs(arch, state), **info.get("kwargs", {}), **(model_kwargs or {})}
     say(f"building {arch} {kwargs}")
-    net = _from_state(arch, kwargs, state, str(src))
+    try:
+        net = _from_state(arch, kwargs, state, str(src))
+    except CheckpointError as exc:
+        other = _torchvision_twin(arch, state)
+        if other is None:
+            raise
+        raise CheckpointError(f"{exc} Its tensors are named as those of torchvision's "
+                              f"{arch}: pass --model {other}") from None
     dtype = _file_dtype(state)
     del state
     say("placing gates")

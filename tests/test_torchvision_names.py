@@ -190,3 +190,19 @@ def test_auxiliary_heads_are_read_from_the_checkpoint_and_the_model(tmp_path):
     assert _recipe(path)["base"]["kwargs"] == {"aux_logits": False, "num_classes": 7}
     again = se_inject.load(path)
     assert again.AuxLogits is None and len(gates(again)) == len(gates(net))
+
+
+def test_a_torchvision_checkpoint_given_timm_s_name_is_pointed_to_torchvision_s(tmp_path):
+    """timm and torchvision both have an efficientnet_b0, with other tensor names: converting
+    torchvision's under timm's name fails to fit, and says which name fits."""
+    src = tmp_path / "efficientnet_b0.pth"
+    torch.save(models.efficientnet_b0(num_classes=4).state_dict(), src)
+    with pytest.raises(CheckpointError, match="pass --model torchvision/efficientnet_b0$"):
+        convert(src, tmp_path / "se.safetensors", model="efficientnet_b0")
+    timm_src = tmp_path / "timm.pth"
+    import timm
+    torch.save(timm.create_model("efficientnet_b0", num_classes=4).state_dict(), timm_src)
+    with pytest.raises(CheckpointError, match="Check --model") as info:
+        convert(timm_src, tmp_path / "se.safetensors", model="torchvision/efficientnet_b0")
+    assert "Its tensors are named" not in str(info.value)
+    assert not (tmp_path / "se.safetensors").exists()
