@@ -935,32 +935,36 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
     if tracer.last_node is not None and tracer.last_node.op != "placeholder":
         after = f", just after op `{tracer.last_node.format_node()}`"
     cls = type(mod).__name__ if mod is not None and frame and frame.qualname else None
-    hint = ("Mark the module as a leaf so that fx calls it without looking inside: "
-            f"se_inject.apply(model, leaf_modules=[{cls}]) or "
-            f"timm.layers.register_notrace_module({cls}); blocks inside a leaf get no gate. "
-            if cls else _own_forward_hint(model))
+    parts = [] if cls else _parts_with_convolutions(model)
+    if cls:
+        hint = ("Mark the module as a leaf so that fx calls it without looking inside: "
+                f"se_inject.apply(model, leaf_modules=[{cls}]) or "
+                f"timm.layers.register_notrace_module({cls}); blocks inside a leaf get no gate. ")
+    elif parts:
+        named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for n, c, k in parts[:3])
+        hint = ("Where the model's own forward cannot be traced (it takes a list of images, or "
+                "branches on values), gate the modules that hold its CNN blocks instead, in "
+                f"place: se_inject.apply(model.{parts[0][0]}); its parts with convolutions: "
+                f"{named}. Or make the forward traceable. ")
+    else:
+        hint = "Make the model's own forward traceable (no branching on tensor values). "
     hint += ("A plain function that fx cannot trace can be kept whole with "
              "se_inject.apply(model, autowrap_functions=[fn]).")
-    return TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in {where}{after}: "
-                      f"{type(exc).__name__}: {exc}. {hint}")
+    error = TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in "
+                       f"{where}{after}: {type(exc).__name__}: {exc}. {hint}")
+    error.parts = [n for n, _, _ in parts]  # what to gate instead (the command line's --part)
+    return error
 
 
-def _own_forward_hint(model: nn.Module) -> str:
-    """What to do where the model's own forward cannot be traced (a detector's, which takes a
-    list of images and branches on them): gate the parts that hold its convolutions."""
-    parts = []
-    for name, child in model.named_children():
-        if not isinstance(child, nn.modules.conv._ConvNd) and \
-                any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules()):
-            parts.append((sum(p.numel() for p in child.parameters()), name, type(child).__name__))
-    if not parts:
-        return "Make the model's own forward traceable (no branching on tensor values). "
-    parts.sort(key=lambda p: -p[0])
-    named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for k, n, c in parts[:3])
-    return ("Where the model's own forward cannot be traced (it takes a list of images, or "
-            "branches on values), gate the modules that hold its CNN blocks instead, in place: "
-            f"se_inject.apply(model.{parts[0][1]}); its parts with convolutions: {named}. Or "
-            "make the forward traceable. ")
+def _parts_with_convolutions(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(name, class name, parameters) of the model's children that hold convolutions, largest
+    first: what to gate where the model's own forward cannot be traced (a detector's, which
+    takes a list of images and branches on them)."""
+    parts = [(name, type(child).__name__, sum(p.numel() for p in child.parameters()))
+             for name, child in model.named_children()
+             if not isinstance(child, nn.modules.conv._ConvNd) and
+             any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())]
+    return sorted(parts, key=lambda p: -p[2])
 
 
 _OPENS: dict[type, bool] = {}  # timm no-trace class -> whether fx traces it cleanly here

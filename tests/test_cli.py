@@ -97,3 +97,28 @@ def test_plan_of_a_model_whose_blocks_hold_gates_says_apply_changes_nothing(caps
                                          r"nothing"):
         se_inject.apply(model)
     assert list(model.state_dict()) == keys
+
+
+def _plain_residual_blocks(module) -> int:
+    """MobileNetV3's inverted residuals with a sum and no SE of their own (what se-inject
+    gates), as torchvision marks them."""
+    return sum(1 for m in module.modules() if getattr(m, "use_res_connect", False) and not any(
+        type(c).__name__ == "SqueezeExcitation" for c in m.modules()))
+
+
+def test_part_gates_a_detector_s_backbone(capsys):
+    """A detector's own forward takes a list of images and cannot be traced: the refusal names
+    --part, and --part backbone plans its backbone's blocks."""
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
+    name = "torchvision/fasterrcnn_mobilenet_v3_large_fpn"
+    assert main(["plan", name]) == 2
+    assert "On the command line: --part backbone." in capsys.readouterr().err
+    assert main(["plan", name, "--part", "backbone"]) == 0
+    out = capsys.readouterr().out
+    expected = _plain_residual_blocks(
+        fasterrcnn_mobilenet_v3_large_fpn(weights_backbone=None).backbone)
+    assert expected > 0 and f"\n{expected} gates (" in out
+    assert out.startswith(f"se-inject plan for {name} --part backbone (BackboneWithFPN")
+    assert main(["plan", name, "--part", "backbon"]) == 2
+    assert "no submodule 'backbon' (--part); its children: transform, backbone, rpn, roi_heads" \
+        in capsys.readouterr().err

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from typing import Callable
 
-__all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "RATIO", "RATIOS",
-           "STAGES", "add_variant_args", "variant_of"]
+__all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "add_part",
+           "part_of", "part_advice", "RATIO", "RATIOS", "STAGES", "add_variant_args", "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -69,6 +70,39 @@ def add_input_size(p: argparse.ArgumentParser, what: str) -> None:
                    action=_InputSize,
                    help=f"input size {what}, without the batch: C H W (3 224 224), or C L for "
                         "a 1-D network, C T H W for a 3-D one (default: the model's config)")
+
+
+def add_part(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part", default=None, metavar="NAME",
+                   help="only this submodule of the model, by its dotted name (a detector's "
+                        "backbone, whose own forward takes a list of images)")
+
+
+def part_of(model, name: str | None, label: str):
+    """The submodule ``name`` of ``model`` (the model itself for None), or an
+    InvalidArgumentError that lists the model's children."""
+    from ..errors import InvalidArgumentError
+    if name is None:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise InvalidArgumentError(f"{label} has no submodule {name!r} (--part); its children: "
+                                   f"{children}") from None
+
+
+@contextlib.contextmanager
+def part_advice(part: str | None):
+    """A trace failure of a whole model whose parts could be gated, with --part named."""
+    from ..errors import TraceError
+    try:
+        yield
+    except TraceError as exc:
+        parts = getattr(exc, "parts", None)
+        if part is not None or not parts:
+            raise
+        raise TraceError(f"{exc} On the command line: --part {parts[0]}.") from None
 
 
 def _ratio(many: bool) -> Callable[[str], object]:

@@ -5,7 +5,8 @@ import argparse
 
 from .. import api
 from .._models import create
-from ._args import RATIO, STAGES, add_input_size, add_model_kwargs, add_variant_args, variant_of
+from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
+                    part_advice, part_of, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -15,6 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
                    "torchvision's, e.g. torchvision/mobilenet_v2")
     add_model_kwargs(p)
+    add_part(p)
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
@@ -26,12 +28,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = create(args.model, **(args.model_kwargs or {}))
-    p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
-                 input_size=args.input_size,
-                 **variant_of(args))
+    label = args.model + (f" --part {args.part}" if args.part else "")
+    model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
+    with part_advice(args.part):
+        p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
+                     input_size=args.input_size, **variant_of(args))
     base = sum(t.numel() for t in model.parameters())
-    print(f"se-inject plan for {args.model} ({type(model).__name__}, {base:,} parameters)")
+    print(f"se-inject plan for {label} ({type(model).__name__}, {base:,} parameters)")
     print(p.table())
     if not len(p):
         held = api.held_blocks(p)

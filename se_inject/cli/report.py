@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_variant_args,
-                    variant_of)
+from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
+                    part_advice, part_of, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
                    "torchvision's, e.g. torchvision/mobilenet_v2")
     add_model_kwargs(p)
+    add_part(p)
     p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "
                         "2:16,3:16,4:8,5:8")
@@ -42,14 +43,15 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
     model = args.model
-    if args.model_kwargs:
+    if args.model_kwargs or args.part:
         from .._models import create
-        model = create(args.model, **args.model_kwargs)
-    rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
-               input_size=args.input_size,
-               measure=args.measure, **variant_of(args))
-    if args.model_kwargs:
-        rep = dataclasses.replace(rep, model=args.model)
+        model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
+    with part_advice(args.part):
+        rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
+                   input_size=args.input_size, measure=args.measure, **variant_of(args))
+    if args.model_kwargs or args.part:
+        rep = dataclasses.replace(rep, model=args.model + (f" --part {args.part}"
+                                                           if args.part else ""))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.plot is not None:
