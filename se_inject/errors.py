@@ -90,7 +90,13 @@ class RuleError(SEInjectError, ValueError):
 
 
 class TraceError(SEInjectError):
-    """torch.fx could not trace the model, or shapes could not be propagated through it."""
+    """torch.fx could not trace the model, or shapes could not be propagated through it.
+
+    ``parts``: where the model's own forward failed, the names of its children that hold
+    convolutions, largest first (a detector's backbone), to gate instead; else empty.
+    """
+
+    parts: tuple[str, ...] = ()
 
 
 class NoSitesError(SEInjectError):

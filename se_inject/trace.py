@@ -952,7 +952,7 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
              "se_inject.apply(model, autowrap_functions=[fn]).")
     error = TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in "
                        f"{where}{after}: {type(exc).__name__}: {exc}. {hint}")
-    error.parts = [n for n, _, _ in parts]  # what to gate instead (the command line's --part)
+    error.parts = tuple(n for n, _, _ in parts)
     return error
 
 

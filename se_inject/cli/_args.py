@@ -99,10 +99,9 @@ def part_advice(part: str | None):
     try:
         yield
     except TraceError as exc:
-        parts = getattr(exc, "parts", None)
-        if part is not None or not parts:
+        if part is not None or not exc.parts:
             raise
-        raise TraceError(f"{exc} On the command line: --part {parts[0]}.") from None
+        raise TraceError(f"{exc} On the command line: --part {exc.parts[0]}.") from None
 
 
 def _ratio(many: bool) -> Callable[[str], object]:
