@@ -2,6 +2,7 @@
 import collections
 import math
 import operator
+import types
 
 import pytest
 import timm
@@ -50,6 +51,65 @@ def test_get_attr_nodes_match_plain_fx(trace):
     assert ours == theirs
     assert ours.count("gamma") == 1  # one node, used twice
     assert "scale" in ours and "step" in ours
+
+
+class _Counted(nn.Module):
+    """A layer holding a tensor as a plain attribute (neither parameter nor buffer), which
+    counts the walks over its children."""
+    walks = 0
+
+    def __init__(self, t):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.t = t
+
+    def named_children(self):
+        type(self).walks += 1
+        return super().named_children()
+
+    def forward(self, x):
+        return self.conv(x) * self.t
+
+
+class _Attributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        shared = torch.full((3, 1, 1), 3.0)
+        self.a, self.b = _Counted(shared), _Counted(shared)  # one tensor under two names
+        self.mask = torch.full((1, 3, 1, 1), 2.0)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) * self.mask + self.a.t
+
+
+class _ChildrenWhole(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return "." not in qualname or super().is_leaf_module(m, qualname)
+
+
+@pytest.mark.parametrize("ours, fx_tracer", [
+    (lambda m: trace_model(m, TraceOptions(), n_inputs=1), fx.Tracer),
+    (lambda m: trace_block(m, TraceOptions(), training=m.training), _ChildrenWhole),
+], ids=["model", "block"])
+def test_plain_tensor_attributes_are_named_as_fx_names_them(ours, fx_tracer):
+    # the table of tensor attributes is filled when first read, by fx's walk in fx's order:
+    # the tensor held as a.t and b.t is b.t in both graphs (a block's trace calls its
+    # children whole)
+    names = _get_attrs(ours(_Attributes()))
+    assert names == _get_attrs(fx_tracer().trace(_Attributes()))
+    assert "b.t" in names and "a.t" not in names and "mask" in names
+
+
+def test_a_forward_reading_no_plain_tensor_attribute_is_traced_without_walking_them():
+    # fx walks every module's attributes before each trace; a forward that reads only
+    # parameters and buffers never needs the table, and the walk is not made
+    model = nn.Sequential(_Counted(torch.ones(3, 1, 1)))
+    model[0].forward = types.MethodType(lambda self, x: self.conv(x), model[0])
+    _Counted.walks = 0
+    trace_model(model, TraceOptions(), n_inputs=1)
+    assert _Counted.walks == 0
+    fx.symbolic_trace(model)
+    assert _Counted.walks == 1  # (fx's own tracer walks it)
 
 
 def test_planning_leaves_every_buffer_as_it_was():
