@@ -248,16 +248,19 @@ def _holds_gate(view, c) -> bool:
     the block holds one of ours at another position (a second apply() with another
     ``position``): in its branches or shortcut, or after its merge and the activation that
     follows it, called in the same forward."""
+    gates = view.of_kinds("gate")
+    if not gates:  # (a model not gated before)
+        return False
     if c.operand is not None:
-        if "gate" in (view.attrs(c.gated)["kind"], view.attrs(c.at)["kind"]):
+        if c.gated in gates or c.at in gates:
             return True
-    elif any(view.attrs(u)["kind"] == "gate" for u in c.at.users if u in view.graph):
+    elif not gates.isdisjoint(c.at.users):
         return True
     after = [u for u in c.merge.users if u in view.graph]
     after += [v for u in after if view.attrs(u)["kind"] == "act" for v in u.users
               if v in view.graph]
-    return any(view.attrs(n)["kind"] == "gate" and view.attrs(n)["frame"] == c.frame
-               for n in itertools.chain(c.region, after))
+    return any(view.attrs(n)["frame"] == c.frame
+               for n in gates.intersection(itertools.chain(c.region, after)))
 
 
 def _check_stages(stages) -> frozenset[int] | str | None:
