@@ -419,7 +419,7 @@ _AS_IS = frozenset({int, float, bool, complex, str, type(None), type(...), torch
 # fx's Tracer.trace collects every tensor-valued attribute of every module under the root, by
 # walking each module's __dict__, before it traces a node: about 5 µs a module, for a table
 # that only a forward reading a plain tensor attribute (not a parameter or buffer) ever looks
-# in. UnpackingTracer fills that table when it is first read instead (see _TensorAttrs).
+# in. UnpackingTracer fills that table when it is first read instead (see its ``root``).
 _FX_TRACE_CODE = getattr(fx.Tracer.trace, "__code__", None)
 try:
     from torch.fx._symbolic_trace import _constant_attribute_types as _ATTRIBUTE_TYPES
@@ -428,43 +428,9 @@ except ImportError:  # pragma: no cover - an fx before the name: the types it lo
 _NO_MODULES = nn.Module()  # what fx's own walk is handed instead: nothing to collect
 
 
-class _TensorAttrs:
-    """The root and the tensor-attribute table of an UnpackingTracer, the table filled when it
-    is first read, by the same walk as fx's and in its order (a tensor held under two names
-    gets the name fx's table gives it, the last). fx's own walk, within Tracer.trace, is
-    handed a module with nothing in it: only the first read of the root from that frame
-    after the table was reset there, with fx's walk defined, is answered so. On a torch whose
-    trace reads the root otherwise, the walk runs twice and the graph is the same."""
-
-    def __set_name__(self, owner, name):
-        self.key = f"_se_inject_{name}"
-
-    def __get__(self, tracer, owner=None):
-        if tracer is None:
-            return self
-        d = tracer.__dict__
-        if self.key not in d:
-            raise AttributeError(self.key[len("_se_inject_"):])
-        if self.key == "_se_inject_root":
-            if d.pop("_se_inject_skip_walk", False) and _called_by_fx_walk():
-                return _NO_MODULES
-        elif d.pop("_se_inject_unfilled", False):  # (every write to it reads it first)
-            _collect(d["_se_inject_root"], [], d[self.key])
-        return d[self.key]
-
-    def __set__(self, tracer, value):
-        d = tracer.__dict__
-        d[self.key] = value
-        if self.key == "_se_inject_tensor_attrs":
-            fresh = type(value) is dict and not value and "_se_inject_root" in d
-            d["_se_inject_unfilled"] = fresh
-            d["_se_inject_skip_walk"] = fresh and sys._getframe(1).f_code is _FX_TRACE_CODE
-
-
-def _called_by_fx_walk() -> bool:
-    """Whether the root is being read by fx's Tracer.trace, to hand to its attribute walk
-    (defined in that frame just before the read)."""
-    frame = sys._getframe(2)
+def _called_by_fx_walk(frame: types.FrameType) -> bool:
+    """Whether ``frame``, reading a tracer's root, is fx's Tracer.trace about to hand it to
+    its attribute walk (defined in that frame just before the read)."""
     return frame.f_code is _FX_TRACE_CODE and "collect_tensor_attrs" in frame.f_locals
 
 
@@ -494,8 +460,38 @@ class UnpackingTracer(fx.Tracer):
 
     # where a trace puts its constants, shared by the traces of one block (unique names)
     _constants_into: dict[str, torch.Tensor] | None = None
-    root = _TensorAttrs()
-    tensor_attrs = _TensorAttrs()
+
+    # fx's trace sets ``root``, then ``tensor_attrs = {}``, then walks the root's modules to
+    # fill the table. Here the table is filled when it is first read, by the same walk in
+    # fx's order (a tensor held under two names gets the last, as in fx's table); fx's own
+    # walk is handed a module with nothing in it: only the first read of the root in fx's
+    # trace after it reset the table there, with its walk defined. A torch whose trace reads
+    # the root otherwise gets the walk twice, and the same graph.
+    @property
+    def root(self) -> nn.Module:
+        d = self.__dict__
+        if d.pop("_se_inject_skip_walk", False) and _called_by_fx_walk(sys._getframe(1)):
+            return _NO_MODULES
+        return d["_se_inject_root"]
+
+    @root.setter
+    def root(self, value: nn.Module) -> None:
+        self.__dict__["_se_inject_root"] = value
+
+    @property
+    def tensor_attrs(self) -> dict:
+        d = self.__dict__
+        if d.pop("_se_inject_unfilled", False):  # (every write to the table reads it first)
+            _collect(d["_se_inject_root"], [], d["_se_inject_tensor_attrs"])
+        return d["_se_inject_tensor_attrs"]
+
+    @tensor_attrs.setter
+    def tensor_attrs(self, value: dict) -> None:
+        d = self.__dict__
+        d["_se_inject_tensor_attrs"] = value
+        fresh = type(value) is dict and not value and "_se_inject_root" in d
+        d["_se_inject_unfilled"] = fresh
+        d["_se_inject_skip_walk"] = fresh and sys._getframe(1).f_code is _FX_TRACE_CODE
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)

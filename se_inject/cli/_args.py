@@ -7,7 +7,8 @@ import json
 from typing import Callable
 
 __all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "add_part",
-           "part_of", "part_advice", "RATIO", "RATIOS", "STAGES", "add_variant_args", "variant_of"]
+           "model_label", "part_of", "part_advice", "RATIO", "RATIOS", "STAGES",
+           "add_variant_args", "variant_of"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -76,6 +77,11 @@ def add_part(p: argparse.ArgumentParser) -> None:
     p.add_argument("--part", default=None, metavar="NAME",
                    help="only this submodule of the model, by its dotted name (a detector's "
                         "backbone, whose own forward takes a list of images)")
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model as the command line named it, with its --part."""
+    return args.model + (f" --part {args.part}" if args.part else "")
 
 
 def part_of(model, name: str | None, label: str):

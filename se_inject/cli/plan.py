@@ -5,8 +5,8 @@ import argparse
 
 from .. import api
 from .._models import create
-from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
-                    part_advice, part_of, variant_of)
+from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part,
+                    add_variant_args, model_label, part_advice, part_of, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    label = args.model + (f" --part {args.part}" if args.part else "")
+    label = model_label(args)
     model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
     with part_advice(args.part):
         p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,

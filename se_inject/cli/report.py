@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
-                    part_advice, part_of, variant_of)
+from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part,
+                    add_variant_args, model_label, part_advice, part_of, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
                    input_size=args.input_size, measure=args.measure, **variant_of(args))
     if args.model_kwargs or args.part:
-        rep = dataclasses.replace(rep, model=args.model + (f" --part {args.part}"
-                                                           if args.part else ""))
+        rep = dataclasses.replace(rep, model=model_label(args))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     if args.plot is not None:
