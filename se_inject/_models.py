@@ -12,7 +12,8 @@ from torch import nn
 from .errors import InvalidArgumentError
 
 __all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for",
-           "in_chans_of", "input_width", "library_of", "skeleton", "torchvision_name"]
+           "in_chans_of", "input_width", "last_layer", "library_of", "skeleton",
+           "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
 
@@ -159,6 +160,13 @@ def _aux_from_heads(own: frozenset[str], present: set[str]) -> dict:
     return out
 
 
+def last_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The name and module of ``model``'s last linear or 2-D convolution: a torchvision
+    model's classifier (its width is the number of classes)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return layers[-1] if layers else None
+
+
 def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | None:
     """(``torchvision/NAME``, kwargs) for a model built by one of torchvision's builders,
     found by building each builder of the model's class on the meta device (as it is, or with
@@ -171,8 +179,8 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
     from torchvision import models
     own = {k: tuple(v.shape) for k, v in model.state_dict().items() if skip not in k}
     present = _heads(model)
-    last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    width = last[-1].weight.shape[0] if last else None
+    last = last_layer(model)
+    width = last[1].weight.shape[0] if last else None
     found = []
     for arch in _torchvision_names():
         builder = models.get_model_builder(arch)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, NoSitesError, checks_arguments
+from .errors import InvalidArgumentError, NoSitesError, check_module, checks_arguments
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
@@ -683,8 +683,7 @@ def _warn_left(model: nn.Module, prepared) -> None:
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"remove() takes an nn.Module, not {type(model).__name__}")
+    check_module(model, "remove")
     compensated = [p for g in model.modules() if isinstance(g, ChannelGate)
                    for p in getattr(g, "compensated", ())]
     remove_gates(model)

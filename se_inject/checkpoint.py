@@ -26,8 +26,8 @@ from torch import nn
 
 from ._files import atomic_write
 from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, in_chans_for,
-                      library_of, skeleton)
-from .errors import InvalidArgumentError, SEInjectError, checks_arguments
+                      last_layer, library_of, skeleton)
+from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
 from .recipe import SCHEMA, base_architecture, base_of, name_of, recipe_of, rules_from
 
 __all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
@@ -228,8 +228,12 @@ def _recipe_json(model: nn.Module, arch: str | None, model_kwargs: dict | None) 
     base = base_architecture(model) if arch is None else base_of(arch, model_kwargs)
     if arch is None and model_kwargs:
         base["kwargs"].update(model_kwargs)
-    return json.dumps({"schema": SCHEMA, "se_inject": __version__, "base": base, "steps": steps},
-                      sort_keys=True, separators=(",", ":"))
+    return _dumps({"schema": SCHEMA, "se_inject": __version__, "base": base, "steps": steps})
+
+
+def _dumps(recipe: dict) -> str:
+    """A recipe as the file holds it: the same bytes for the same recipe."""
+    return json.dumps(recipe, sort_keys=True, separators=(",", ":"))
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -260,8 +264,7 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
          arch: str | None = None, model_kwargs: dict | None = None) -> Path:
     """Write a gated model's weights with its recipe (safetensors unless the name ends in .pth or
     .pt, or ``format="pth"``). ``se_inject.load(path)`` rebuilds it from the file alone."""
-    if not isinstance(model, nn.Module):
-        raise CheckpointError(f"save() takes an nn.Module, not {type(model).__name__}")
+    check_module(model, "save", CheckpointError)
     path = _path(path, "path")
     if arch is not None and not isinstance(arch, str):
         raise CheckpointError(f"arch must be a model name (timm's, or 'torchvision/NAME'), not "
@@ -269,26 +272,26 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise CheckpointError(f"model_kwargs must be a dict of the model's options, not "
                               f"{model_kwargs!r}")
-    recipe = _recipe_json(model, arch, model_kwargs)
-    if recipe is None:
+    text = _recipe_json(model, arch, model_kwargs)
+    if text is None:
         raise CheckpointError(f"{type(model).__name__} holds no gates added by se_inject.apply; "
                               "save a plain model with torch.save or safetensors instead")
-    rates = _check_rebuilds(model, json.loads(recipe))
-    base = json.loads(recipe)["base"]
+    recipe = json.loads(text)  # (as load() will read it: tuples become lists)
+    rates = _check_rebuilds(model, recipe)
+    base = recipe["base"]
     library = base["library"]
     if rates:  # try the round rates a schedule may have come from
         for guess in _rate_guesses(model, base["kwargs"], library):
-            again = json.dumps({**json.loads(recipe), "base": {
-                **base, "kwargs": {**base["kwargs"], **guess, **(model_kwargs or {})}}},
-                sort_keys=True, separators=(",", ":"))
+            again = {**recipe, "base": {
+                **base, "kwargs": {**base["kwargs"], **guess, **(model_kwargs or {})}}}
             try:
-                if not _check_rebuilds(model, json.loads(again)):
+                if not _check_rebuilds(model, again):
                     recipe, rates = again, []
                     break
             except SEInjectError:  # an option the architecture does not take, or another model
                 continue
     if rates:
-        kwargs = json.loads(recipe)["base"]["kwargs"]
+        kwargs = recipe["base"]["kwargs"]
         warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
                       f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
                       "same in eval mode but trains with other rates; pass "
@@ -296,7 +299,7 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
                       "to keep them.",
                       stacklevel=2)
     fmt = format or ("pth" if path.suffix in (".pth", ".pt") else "safetensors")
-    return _write_state(_plain_state(model), path, fmt, recipe, force)
+    return _write_state(_plain_state(model), path, fmt, _dumps(recipe), force)
 
 
 # layers that compute nothing in eval mode: a rate of theirs that load() cannot know is warned of
@@ -323,7 +326,8 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     """Refuse to write a checkpoint that load() would rebuild as another model: one whose layers
     (their classes and settings, gates aside) differ from what timm or torchvision builds from
     the recorded name and kwargs, as after create_model(..., global_pool="max") or a layer
-    replaced by hand. Returns the dropout layers whose rates differ (nothing in eval mode), described."""
+    replaced by hand. Returns the dropout layers whose rates differ (nothing in eval mode),
+    described."""
     arch, kwargs = name_of(recipe["base"]), recipe["base"]["kwargs"]
     gated = {g for step in recipe["steps"] for g in step["gates"]}
     try:
@@ -504,9 +508,9 @@ def _torchvision_shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict
     except Exception:  # a builder that cannot be made without options: as the file says
         return {}
     out: dict = {}
-    last = [(n, m) for n, m in ref.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    last = last_layer(ref)
     if last:
-        name, layer = last[-1]
+        name, layer = last
         w = state.get(f"{name}.weight")
         if w is not None and w.dim() >= 1 and w.shape[0] != layer.weight.shape[0]:
             out["num_classes"] = int(w.shape[0])

@@ -60,6 +60,15 @@ def checks_arguments(fn: _F) -> _F:
     return call  # type: ignore[return-value]
 
 
+def check_module(value, call: str, error: type | None = None) -> None:
+    """Raise ``error`` (InvalidArgumentError by default) unless ``value``, the model given to
+    ``call``, is an nn.Module."""
+    from torch import nn
+    if not isinstance(value, nn.Module):
+        raise (error or InvalidArgumentError)(f"{call}() takes an nn.Module, not "
+                                              f"{type(value).__name__}")
+
+
 def misfit(name: str, why: str, kwargs: dict, names: list[str]) -> str:
     """The message for a call of ``name`` whose arguments do not fit (``why``, Python's
     words): the options closest to each keyword it does not take, and the ones it does."""

@@ -16,7 +16,7 @@ import functools
 
 from torch import nn
 
-from .errors import InvalidArgumentError, checks_arguments
+from .errors import InvalidArgumentError, check_module, checks_arguments
 from .gate import FROZEN, ChannelGate
 from .trace import compiled_in_place
 
@@ -53,8 +53,7 @@ def fuse(model: nn.Module, *, freeze: bool = False, mode: str | None = None,
     Outputs equal the eager model's up to floating-point reassociation in the fused kernels
     (README.md, "Fused fast path", gives the measured differences).
     """
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"fuse() takes an nn.Module, not {type(model).__name__}")
+    check_module(model, "fuse")
     if not isinstance(freeze, bool):
         raise InvalidArgumentError(f"freeze must be True or False, not {freeze!r}")
     if mode is not None and (options is not None or freeze):
@@ -155,8 +154,7 @@ def fused_settings(model: nn.Module) -> dict | None:
 @checks_arguments
 def unfuse(model: nn.Module) -> nn.Module:
     """Back to eager execution (what fuse() did, undone)."""
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentError(f"unfuse() takes an nn.Module, not {type(model).__name__}")
+    check_module(model, "unfuse")
     if model.__dict__.pop(_FUSED, None) is not None:
         model._compiled_call_impl = None
         for gate in _gates(model):
