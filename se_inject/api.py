@@ -626,7 +626,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         for comp in compensations:  # nothing above failed: scale the producers, note it
             scale(model, comp.parameters, FACTOR)
             gate = model.get_submodule(comp.gate)
-            gate.compensated = comp.parameters
+            gate.compensated = comp.parameters  # (names in ``model``, where the gate is
+            gate.compensated_at = comp.gate       # ``compensated_at``)
         if watch:
             watch_plain_loads(model)
     record_step(model, ratio=ratio, rules=resolved, stages=stages,
@@ -680,12 +681,36 @@ def _warn_left(model: nn.Module, prepared) -> None:
 
 
 @checks_arguments
+def _compensated(model: nn.Module) -> list[str]:
+    """The names in ``model`` of the tensors that its identity-initialised gates had doubled.
+    A gate keeps them as they are named in the module apply() was given, with its own name
+    there (``compensated_at``): that module may be ``model``, hold it, or be one of its
+    parts."""
+    out = []
+    for here, g in model.named_modules():
+        names = getattr(g, "compensated", None) if isinstance(g, ChannelGate) else None
+        if not names:
+            continue
+        there = getattr(g, "compensated_at", here)
+        if here == there or here.endswith("." + there):  # apply() was given `model` or a part
+            out += [here[:len(here) - len(there)] + n for n in names]
+            continue
+        above = there[:len(there) - len(here)] if there.endswith("." + here) else None
+        outside = next((n for n in names if above is None or not n.startswith(above)), None)
+        if outside is not None:
+            raise InvalidArgumentError(
+                f"remove() on {type(model).__name__}: its gate `{here}` starts as the identity "
+                f"through a doubled `{outside}` of the module apply() gated, which lies outside "
+                "it; remove the gates from that module instead (nothing was changed)")
+        out += [n[len(above):] for n in names]
+    return out
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""
     check_module(model, "remove")
-    compensated = [p for g in model.modules() if isinstance(g, ChannelGate)
-                   for p in getattr(g, "compensated", ())]
+    compensated = _compensated(model)
     remove_gates(model)
     with _tensor_mode(model):
         scale(model, compensated, 1 / FACTOR)

@@ -69,5 +69,7 @@ def watch_plain_loads(model: nn.Module) -> None:
 
 
 def unwatch_plain_loads(model: nn.Module) -> None:
-    for k in [k for k, h in model._load_state_dict_pre_hooks.items() if _ours(h)]:
-        del model._load_state_dict_pre_hooks[k]
+    """Take the hook off ``model`` and off each submodule that apply() was given."""
+    for m in model.modules():
+        for k in [k for k, h in m._load_state_dict_pre_hooks.items() if _ours(h)]:
+            del m._load_state_dict_pre_hooks[k]

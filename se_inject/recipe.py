@@ -37,7 +37,10 @@ def record_step(model: nn.Module, *, ratio, rules, stages, input_size, init: str
 
 
 def forget_recipe(model: nn.Module) -> None:
-    model.__dict__.pop(RECIPE, None)
+    """Forget what apply() did to ``model`` and to each of its submodules (remove() took every
+    gate under it out)."""
+    for m in model.modules():
+        m.__dict__.pop(RECIPE, None)
 
 
 def recipe_of(model: nn.Module) -> list[dict] | None:
