@@ -12,7 +12,8 @@ from torch import nn
 from .errors import InvalidArgumentError
 
 __all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for",
-           "in_chans_of", "input_width", "last_layer", "library_of", "skeleton",
+           "in_chans_of", "input_width", "last_layer", "layout", "library_of", "part_of",
+           "skeleton",
            "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
@@ -80,6 +81,19 @@ def create(name: str, **kwargs) -> nn.Module:
             raise
         raise InvalidArgumentError(f"{library} could not build {arch!r} with {kwargs}: "
                                    f"{exc}") from None
+
+
+def part_of(model: nn.Module, name: str | None, label: str) -> nn.Module:
+    """The submodule ``name`` of ``model`` (the model itself for None), or an
+    InvalidArgumentError that lists the model's children."""
+    if name is None:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise InvalidArgumentError(f"{label} has no submodule {name!r} (--part); its children: "
+                                   f"{children}") from None
 
 
 def skeleton(name: str, **kwargs) -> nn.Module:
@@ -160,6 +174,20 @@ def _aux_from_heads(own: frozenset[str], present: set[str]) -> dict:
     return out
 
 
+def layout(m: nn.Module) -> str:
+    """What a layer's class and settings say of it (a layer's repr without its children's)."""
+    if not m._modules:
+        return repr(m)
+    extra = m.extra_repr()
+    return f"{type(m).__name__}({extra})" if extra else type(m).__name__
+
+
+@functools.lru_cache(maxsize=64)
+def _layouts_of(name: str, kwargs: tuple) -> dict[str, str]:
+    """Each module's layout (see ``layout``) in the model ``name`` built with ``kwargs``."""
+    return {n: layout(m) for n, m in skeleton(name, **dict(kwargs)).named_modules()}
+
+
 def last_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The name and module of ``model``'s last linear or 2-D convolution: a torchvision
     model's classifier (its width is the number of classes)."""
@@ -195,6 +223,11 @@ def torchvision_name(model: nn.Module, skip: str = "\0") -> tuple[str, dict] | N
             if built is not None and built[0] is cls and built[1] == own:
                 found.append((TORCHVISION + arch, kwargs))
                 break
+    if len(found) > 1:  # builders of one layout of weights with other settings (a detector's
+        # input sizes: fasterrcnn_mobilenet_v3_large_fpn and its _320_ twin): by the layers'
+        mine = {n: layout(m) for n, m in model.named_modules() if skip not in n}
+        found = [(arch, kwargs) for arch, kwargs in found
+                 if _layouts_of(arch, tuple(sorted(kwargs.items()))) == mine]
     return found[0] if len(found) == 1 else None
 
 

@@ -26,9 +26,11 @@ from torch import nn
 
 from ._files import atomic_write
 from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, in_chans_for,
-                      last_layer, library_of, skeleton)
+                      last_layer, layout, library_of, part_of, skeleton)
 from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
-from .recipe import SCHEMA, base_architecture, base_of, name_of, recipe_of, rules_from
+from .gate import ChannelGate
+from .recipe import (SCHEMA, base_architecture, base_of, name_of, recipe_of, recipes_in,
+                     recorded_gates, rules_from)
 
 __all__ = ["CheckpointError", "read_checkpoint", "save", "load", "convert", "strip",
            "METADATA_KEY"]
@@ -222,13 +224,47 @@ def _sort_header(path: str) -> None:
 
 def _recipe_json(model: nn.Module, arch: str | None, model_kwargs: dict | None) -> str | None:
     from . import __version__
-    steps = recipe_of(model)
+    steps = _steps_of(model)
     if not steps:
         return None
     base = base_architecture(model) if arch is None else base_of(arch, model_kwargs)
     if arch is None and model_kwargs:
         base["kwargs"].update(model_kwargs)
     return _dumps({"schema": SCHEMA, "se_inject": __version__, "base": base, "steps": steps})
+
+
+def _steps_of(model: nn.Module) -> list[dict]:
+    """The apply() steps recorded on ``model`` and on its parts (``apply(model.backbone)``),
+    each part's with its name (``"part"``). Refuses a model whose gates a checkpoint could
+    not rebuild: gated by apply() on a module and on a part of it (which went first is not
+    recorded), or holding gates other than the recorded ones."""
+    held = recipes_in(model)
+    names = [n for n, _ in held]
+    cls = type(model).__name__
+    for outer in names:
+        inner = next((n for n in names if n != outer and (not outer or n.startswith(outer + "."))),
+                     None)
+        if inner is not None:
+            where = f"its part `{outer}`" if outer else "the model"
+            raise CheckpointError(
+                f"{cls} was gated by apply() on {where} and on `{inner}` inside it; a checkpoint "
+                "rebuilds gates that apply() placed on one module or on parts that do not hold "
+                "one another. Take them out (se_inject.remove(model)) and gate it once "
+                "(nothing was written).")
+    steps = [{**s, "part": n} if n else s for n, recorded in held for s in recorded]
+    recorded = set(recorded_gates(steps))
+    there = {n for n, m in model.named_modules() if isinstance(m, ChannelGate)}
+    if steps and recorded != there:
+        odd = sorted(recorded - there)
+        what = (f"`{odd[0]}` was placed by apply() and is not there (taken out by remove() on "
+                "a part of the module apply() gated?)") if odd else (
+            f"`{sorted(there - recorded)[0]}` is a gate that apply() did not record (added "
+            "by hand, or moved from another model?)")
+        raise CheckpointError(f"{cls} holds other gates than the ones its recipe records: "
+                              f"{what}. A checkpoint of it would not load back; take the gates "
+                              "out (se_inject.remove(model)) and gate it again (nothing was "
+                              "written).")
+    return steps
 
 
 def _dumps(recipe: dict) -> str:
@@ -314,14 +350,6 @@ def _train_only(m: nn.Module) -> bool:
     return type(m).__name__ in _TRAIN_ONLY
 
 
-def _layout(m: nn.Module) -> str:
-    """What a layer's class and settings say of it (a layer's repr without its children's)."""
-    if not m._modules:
-        return repr(m)
-    extra = m.extra_repr()
-    return f"{type(m).__name__}({extra})" if extra else type(m).__name__
-
-
 def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     """Refuse to write a checkpoint that load() would rebuild as another model: one whose layers
     (their classes and settings, gates aside) differ from what timm or torchvision builds from
@@ -329,7 +357,7 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     replaced by hand. Returns the dropout layers whose rates differ (nothing in eval mode),
     described."""
     arch, kwargs = name_of(recipe["base"]), recipe["base"]["kwargs"]
-    gated = {g for step in recipe["steps"] for g in step["gates"]}
+    gated = set(recorded_gates(recipe["steps"]))
     try:
         ref = skeleton(arch, **kwargs)
     except SEInjectError:
@@ -342,17 +370,17 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
         if name in gated or any(name.startswith(g + ".") for g in gated):
             continue
         r = theirs.pop(name, None)
-        if r is not None and type(r) is type(m) and _layout(r) == _layout(m):
+        if r is not None and type(r) is type(m) and layout(r) == layout(m):
             continue
         if _train_only(m) and (r is None or type(r) is type(m) or isinstance(r, nn.Identity)):
-            rates.append(f"`{name}` {_layout(m)} (rebuilt: "
-                         f"{'none' if r is None else _layout(r)})")
+            rates.append(f"`{name}` {layout(m)} (rebuilt: "
+                         f"{'none' if r is None else layout(r)})")
             continue
         label = name or "(model)"
-        now = f"is {_layout(r)}" if r is not None else "does not exist"
+        now = f"is {layout(r)}" if r is not None else "does not exist"
         raise CheckpointError(
             f"{type(model).__name__} would not load back as itself: its layer `{label}` is "
-            f"{_layout(m)}, where {describe(arch)} built with {kwargs} {now}. It was made with "
+            f"{layout(m)}, where {describe(arch)} built with {kwargs} {now}. It was made with "
             "options the model does not record (create_model(..., global_pool=...), "
             "output_stride=..., act_layer=...) or changed after it was made. Pass its options: "
             "se_inject.save(model, path, model_kwargs={...}); a model changed by hand cannot be "
@@ -599,21 +627,30 @@ def _base(recipe: dict, where: str) -> tuple[str, dict]:
 
 def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(),
                       autowrap_functions=()) -> None:
-    """Repeat the recipe's apply() steps on ``model``; the gates must land where they did."""
+    """Repeat the recipe's apply() steps on ``model`` (each on its part); the gates must land
+    where they did."""
     for step in recipe.get("steps") or []:
+        part = step.get("part") or ""
+        try:
+            target = model.get_submodule(part) if isinstance(part, str) else None
+        except AttributeError:
+            target = None
+        if target is None:
+            raise CheckpointError(f"{where}: its recipe gates the part {part!r}, which "
+                                  f"{type(model).__name__} does not have as it is rebuilt")
         needs = step.get("leaf_modules") or step.get("autowrap_functions")
         if needs and not (leaf_modules or autowrap_functions):
             raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
                                   f"{needs}; code is never imported from a checkpoint, so pass "
                                   "them to se_inject.load(..., leaf_modules=[...])")
         spec = step.get("gate") or {}
-        _apply_seeded(model, step["ratio"], rules_from(step), stages=step.get("stages"),
+        _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
                       input_size=tuple(step["input_size"]) if step.get("input_size") else None,
                       init=step.get("init", "paper"), leaf_modules=leaf_modules,
                       autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
                       **{k: spec[k] for k in ("squeeze", "excite", "min_channels", "divisor")
                          if k in spec})
-        got = recipe_of(model)[-1]["gates"]
+        got = (recipe_of(target) or [{}])[-1].get("gates", [])
         if got != step["gates"]:
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "
                                   f"file has {step['gates'][:3]}...; use the se-inject version "
@@ -652,13 +689,17 @@ def _size(path: Path) -> int:
 def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, stages=None,
             input_size=None, init: str = "identity", format: str = "safetensors",
             force: bool = False, ema: bool = False, model_kwargs: dict | None = None,
-            **variant) -> Path:
+            part: str | None = None, **variant) -> Path:
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
     computes what the original did (init="identity"). ``model_kwargs``: timm.create_model
     options the checkpoint's tensors do not show (global_pool, output_stride, act_layer...).
+    ``part``: gate only this submodule, by its dotted name (a detector's ``backbone.body``).
     ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
     min_channels, divisor)."""
     src, out = _path(src, "src"), _path(out, "out")
+    if part is not None and (not isinstance(part, str) or not part):
+        raise CheckpointError(f"part must be a submodule's dotted name ('backbone.body'), not "
+                              f"{part!r}")
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     _check_output(out, force, (src,))
@@ -686,9 +727,11 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     dtype = _file_dtype(state)
     del state
     say("placing gates")
-    _apply_seeded(net, ratio, rules, stages=stages, input_size=input_size, init=init, **variant)
-    if recipe_of(net) is None:
-        raise CheckpointError(f"{src}: every block of {arch} that the rules match already holds "
+    _apply_seeded(part_of(net, part, describe(arch)), ratio, rules, stages=stages,
+                  input_size=input_size, init=init, **variant)
+    if not recipes_in(net):
+        raise CheckpointError(f"{src}: every block of {arch}{f' `{part}`' if part else ''} "
+                              "that the rules match already holds "
                               "a channel gate of its own, so there is nothing to convert "
                               "(nothing was written). A rule with 'existing_gate: allow' "
                               "(--rules FILE) gates them anyway: README.md, 'Rule files'.")

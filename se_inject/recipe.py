@@ -12,8 +12,8 @@ from ._models import TORCHVISION, in_chans_of, library_of, torchvision_name
 from .errors import InvalidArgumentError
 from .rules import Rule
 
-__all__ = ["RECIPE", "SCHEMA", "record_step", "forget_recipe", "recipe_of", "rules_from",
-           "base_architecture", "base_of", "name_of"]
+__all__ = ["RECIPE", "SCHEMA", "record_step", "forget_recipe", "recipe_of", "recipes_in",
+           "recorded_gates", "rules_from", "base_architecture", "base_of", "name_of"]
 
 RECIPE = "_se_inject_recipe"
 SCHEMA = "se-inject.recipe/1"
@@ -45,6 +45,18 @@ def forget_recipe(model: nn.Module) -> None:
 
 def recipe_of(model: nn.Module) -> list[dict] | None:
     return model.__dict__.get(RECIPE)
+
+
+def recipes_in(model: nn.Module) -> list[tuple[str, list[dict]]]:
+    """(name, steps) of ``model`` ("") and of each submodule that apply() was given
+    (``apply(model.backbone)``), in the order of ``named_modules()``."""
+    return [(n, m.__dict__[RECIPE]) for n, m in model.named_modules() if m.__dict__.get(RECIPE)]
+
+
+def recorded_gates(steps: list[dict]) -> list[str]:
+    """The names, from the saved model's root, of the gates that recipe ``steps`` place (a
+    step's names are its part's)."""
+    return [f"{s['part']}.{g}" if s.get("part") else g for s in steps for g in s["gates"]]
 
 
 def _rule_dict(rule: Rule) -> dict:

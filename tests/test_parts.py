@@ -1,20 +1,178 @@
-"""Gates in a part of a model: remove() on a part of the module apply() gated."""
+"""A model gated in a part (``apply(model.backbone)``): saved, loaded, converted and stripped
+as the whole model, with the gates in that part only."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import timm
 import torch
+import torchvision
 
 import se_inject
+from se_inject.checkpoint import CheckpointError, convert, read_checkpoint, strip
+from se_inject.cli import main
+from torchvision.models.mobilenetv3 import InvertedResidual
+from torchvision.ops.misc import SqueezeExcitation
 
 from conftest import gates, randomize_norms
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+LAYER2 = (64, 56, 56)  # what resnet18's layer2 takes at 224 x 224
+
+
 def _resnet18():
     model = timm.create_model("resnet18", pretrained=False).eval()
     randomize_norms(model)  # timm starts each block's last norm at zero
     return model
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def _recipe(path) -> dict:
+    return json.loads(read_checkpoint(path)[1]["recipe"])
+
+
+@torch.no_grad()
+def test_a_model_gated_in_a_part_saves_and_loads_back_as_itself(tmp_path):
+    model = _resnet18()
+    plain_keys = set(model.state_dict())
+    se_inject.apply(model.layer2, input_size=LAYER2)  # gates start as new layers: outputs move
+    names = [n for n, _ in gates(model)]
+    assert names and all(n.startswith("layer2.") for n in names)
+    path = se_inject.save(model, tmp_path / "r18.safetensors")
+    (step,) = _recipe(path)["steps"]
+    assert step["part"] == "layer2" and step["input_size"] == list(LAYER2)
+    loaded = se_inject.load(path).eval()
+    assert type(loaded) is type(model)
+    assert [n for n, _ in gates(loaded)] == names
+    assert plain_keys < set(loaded.state_dict())
+    _same_state(loaded, model)
+    x = torch.randn(2, 3, 224, 224)
+    assert torch.equal(loaded(x), model(x))
+
+
+@torch.no_grad()
+def test_two_parts_save_load_and_come_out_again_with_remove(tmp_path):
+    model = _resnet18()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 224, 224)
+    y = model(x)
+    se_inject.apply(model.layer2, input_size=LAYER2, init="identity")
+    se_inject.apply(model.layer3, input_size=(128, 28, 28), init="identity")
+    assert (model(x) - y).abs().max() <= 1e-5 * y.abs().max()
+    path = se_inject.save(model, tmp_path / "r18.pth")
+    assert [s["part"] for s in _recipe(path)["steps"]] == ["layer2", "layer3"]
+    loaded = se_inject.load(path).eval()
+    _same_state(loaded, model)
+    assert {n.split(".")[0] for n, _ in gates(loaded)} == {"layer2", "layer3"}
+
+    se_inject.remove(model)
+    assert set(model.state_dict()) == set(plain)
+    # the parts' load hooks went with their gates: a plain state_dict loads as it is (a hook
+    # left on a part would double the layers it had scaled for its identity gates)
+    model.load_state_dict(plain)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, plain[k]), k
+    with pytest.raises(CheckpointError, match="holds no gates"):
+        se_inject.save(model, tmp_path / "again.pth")
+    assert not (tmp_path / "again.pth").exists()
+
+
+def test_gates_placed_on_a_module_and_on_a_part_inside_it_are_refused(tmp_path):
+    model = _resnet18()
+    se_inject.apply(model.layer2, input_size=LAYER2)
+    se_inject.apply(model)  # layer2's blocks hold gates already: the others get theirs
+    assert {n.split(".")[0] for n, _ in gates(model)} == {"layer1", "layer2", "layer3", "layer4"}
+    with pytest.raises(CheckpointError, match=r"on the model and on `layer2` inside it"):
+        se_inject.save(model, tmp_path / "r18.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gates_taken_out_of_a_part_of_the_gated_module_are_refused(tmp_path):
+    model = _resnet18()
+    se_inject.apply(model)
+    se_inject.remove(model.layer1)  # the model's recipe still places gates there
+    assert not any(n.startswith("layer1.") for n, _ in gates(model))
+    with pytest.raises(CheckpointError, match=r"`layer1\.0\.se_gate` was placed by apply\(\) "
+                                              "and is not there"):
+        se_inject.save(model, tmp_path / "r18.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+@torch.no_grad()
+def test_convert_gates_only_the_named_part(tmp_path):
+    model = _resnet18()
+    src = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), src)
+    out = convert(src, tmp_path / "se.safetensors", model="resnet18", part="layer3",
+                  input_size=(128, 28, 28))
+    loaded = se_inject.load(out).eval()
+    names = [n for n, _ in gates(loaded)]
+    assert names == [f"layer3.{i}.se_gate" for i in range(2)]
+    x = torch.randn(2, 3, 224, 224)
+    y = model(x)
+    assert (loaded(x) - y).abs().max() <= 1e-5 * y.abs().max()  # identity gates: the plain
+    back = strip(out, tmp_path / "back.safetensors")                # model's outputs
+    state = read_checkpoint(back)[0]
+    assert state.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+
+def test_convert_names_a_part_the_model_lacks_and_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "plain.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), src)
+    with pytest.raises(se_inject.SEInjectError, match=r"no submodule 'layer9'.*layer1, layer2"):
+        convert(src, tmp_path / "se.safetensors", model="resnet18", part="layer9")
+    code = main(["convert", str(src), "-o", str(tmp_path / "se.safetensors"), "--model",
+                 "resnet18", "--part", "layer9"])
+    assert code != 0 and "no submodule 'layer9'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.pth"]
+
+
+@torch.no_grad()
+def test_a_detector_s_backbone_converts_on_the_command_line_and_loads(tmp_path, capsys):
+    build = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn
+    detector = build(weights=None, weights_backbone=None).eval()
+    randomize_norms(detector.backbone)
+    src = tmp_path / "detector.pth"
+    torch.save(detector.state_dict(), src)
+    out = tmp_path / "se.safetensors"
+    args = ["convert", str(src), "-o", str(out), "--model",
+            "torchvision/fasterrcnn_mobilenet_v3_large_320_fpn"]
+    assert main(args) != 0  # its own forward takes a list of images
+    assert "--part backbone" in capsys.readouterr().err and not out.exists()
+    assert main(args + ["--part", "backbone.body"]) == 0
+    loaded = se_inject.load(out).eval()
+    assert type(loaded) is type(detector)
+    # a gate in each residual block of the backbone that holds no SE of its own
+    residual = {f"backbone.body.{n}.se_gate" for n, m in detector.backbone.body.named_children()
+                if isinstance(m, InvertedResidual) and m.use_res_connect
+                and not any(isinstance(s, SqueezeExcitation) for s in m.modules())}
+    assert len(residual) == 5 and {n for n, _ in gates(loaded)} == residual
+    x = torch.rand(1, 3, 320, 320)
+    a, b = detector.backbone(x), loaded.backbone(x)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max(), k
+
+
+def test_save_tells_a_detector_from_its_twin_of_the_same_weights(tmp_path):
+    # fasterrcnn_mobilenet_v3_large_fpn and its _320_ twin hold tensors of the same names and
+    # shapes; only their settings (input sizes) tell them apart
+    for arch in ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn"):
+        detector = torchvision.models.get_model(arch, weights=None, weights_backbone=None)
+        se_inject.apply(detector.backbone.body)
+        path = se_inject.save(detector, tmp_path / f"{arch}.safetensors")
+        assert _recipe(path)["base"]["architecture"] == arch
+        loaded = se_inject.load(path)
+        assert loaded.transform.min_size == detector.transform.min_size
 
 
 @torch.no_grad()

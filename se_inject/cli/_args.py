@@ -7,7 +7,7 @@ import json
 from typing import Callable
 
 __all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "add_part",
-           "model_label", "part_of", "part_advice", "RATIO", "RATIOS", "STAGES",
+           "model_label", "part_advice", "RATIO", "RATIOS", "STAGES",
            "add_variant_args", "variant_of"]
 
 
@@ -82,20 +82,6 @@ def add_part(p: argparse.ArgumentParser) -> None:
 def model_label(args: argparse.Namespace) -> str:
     """The model as the command line named it, with its --part."""
     return args.model + (f" --part {args.part}" if args.part else "")
-
-
-def part_of(model, name: str | None, label: str):
-    """The submodule ``name`` of ``model`` (the model itself for None), or an
-    InvalidArgumentError that lists the model's children."""
-    from ..errors import InvalidArgumentError
-    if name is None:
-        return model
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        children = ", ".join(n for n, _ in model.named_children()) or "none"
-        raise InvalidArgumentError(f"{label} has no submodule {name!r} (--part); its children: "
-                                   f"{children}") from None
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import convert, strip
-from ._args import RATIO, STAGES, add_model_kwargs, add_variant_args, variant_of
+from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
+                    part_advice, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -22,10 +23,13 @@ def add_parser(sub) -> None:
     add_model_kwargs(p, "options the checkpoint's model was made with that its tensors do not "
                      "show, e.g. '{\"global_pool\": \"max\"}' (num_classes and in_chans are "
                      "read from the file)")
+    add_part(p)
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]")
+    add_input_size(p, "for shape propagation (a --part that does not take the model's input "
+                   "needs its own)")
     p.add_argument("--init", choices=("identity", "paper"), default="identity",
                    help="identity (default): the converted model computes what the original did; "
                         "paper: gates start as new layers")
@@ -54,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
         out = strip(args.src, args.output, format=args.format, force=args.force)
         print(f"wrote {out} (plain model, no gates)")
         return 0
-    out = convert(args.src, args.output, model=args.model, ratio=args.ratio, rules=args.rules,
-                  stages=args.stages, init=args.init, format=args.format, force=args.force,
-                  ema=args.ema, model_kwargs=args.model_kwargs, **variant_of(args))
+    with part_advice(args.part):
+        out = convert(args.src, args.output, model=args.model, ratio=args.ratio,
+                      rules=args.rules, stages=args.stages, input_size=args.input_size,
+                      init=args.init, format=args.format, force=args.force, ema=args.ema,
+                      model_kwargs=args.model_kwargs, part=args.part, **variant_of(args))
     print(f"wrote {out}; load it with se_inject.load({str(out)!r})")
     return 0

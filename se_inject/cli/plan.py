@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from .. import api
-from .._models import create
+from .._models import create, part_of
 from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part,
-                    add_variant_args, model_label, part_advice, part_of, variant_of)
+                    add_variant_args, model_label, part_advice, variant_of)
 
 
 def add_parser(sub) -> None:

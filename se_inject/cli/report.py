@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cost import cost
 from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part,
-                    add_variant_args, model_label, part_advice, part_of, variant_of)
+                    add_variant_args, model_label, part_advice, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
     model = args.model
     if args.model_kwargs or args.part:
-        from .._models import create
+        from .._models import create, part_of
         model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
     with part_advice(args.part):
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
