@@ -2,7 +2,9 @@
 as the whole model, with the gates in that part only."""
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -18,6 +20,11 @@ from torchvision.ops.misc import SqueezeExcitation
 from conftest import gates, randomize_norms
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+_spec = importlib.util.spec_from_file_location(
+    "parts_bench", Path(__file__).resolve().parent.parent / "bench" / "parts.py")
+parts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(parts)
 
 LAYER2 = (64, 56, 56)  # what resnet18's layer2 takes at 224 x 224
 
@@ -191,3 +198,10 @@ def test_remove_on_a_part_scales_back_what_its_identity_gates_doubled():
             assert torch.equal(v, 2 * plain[k]), k  # the other gates' layers still doubled
     assert not any(n.startswith("layer1.") for n, _ in gates(model))
     assert any(n.startswith("layer2.") for n, _ in gates(model))
+
+
+@pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_050", "convnext_atto",
+                                  "torchvision/mobilenet_v2"])
+def test_the_largest_part_that_gates_alone_saves_and_loads_as_the_model(name, tmp_path):
+    row = parts.one(name, tmp_path, max_params=60)  # bench/parts.py, over every gated model
+    assert row["status"] == "same" and row["gates"] > 0, row
