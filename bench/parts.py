@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             out.append(row)
             print(f"[{i + 1}/{len(names)}] {name}: {row['status']} {row['part']}",
                   file=sys.stderr, flush=True)
-    counts = {s: sum(r["status"] == s for r in out) for s in dict.fromkeys(r["status"] for r in out)}
+    counts = Counter(r["status"] for r in out)
     lines = ["# se-inject: gated parts saved and loaded", "",
              f"- {len(out)} models the coverage sweep gates, in "
              f"{time.perf_counter() - start:.0f} s: "
