@@ -200,6 +200,43 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
     return shapes
 
 
+class _Reached(Exception):
+    """Raised by part_input_size's hook: the forward got to the part."""
+
+
+def part_input_size(name: str, part: str, **kwargs) -> tuple[int, ...] | None:
+    """The size, without the batch, of the tensor that the model ``name`` (built with
+    ``kwargs``) hands its submodule ``part`` when it runs on its own input (its config's size,
+    as apply() takes it), or None where that cannot be found: the model cannot be built on the
+    meta device, has no such part, its forward fails before the part or hands it other than one
+    tensor. The model is built on the meta device and run up to the part, no further."""
+    from ._models import skeleton
+    try:
+        model = skeleton(name, **kwargs)
+        layer = model.get_submodule(part)
+    except Exception:  # no such model or part: the caller says so, as without a part
+        return None
+    found = []
+
+    def reached(_module, args, kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            found.append(tuple(args[0].shape[1:]))
+        raise _Reached
+
+    shape = (1, *_input_shapes(model, None)[0][1:])
+    handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(shape, device="meta"))
+    except _Reached:
+        pass
+    except Exception:  # a forward that cannot run on the meta device, or not at this size
+        return None
+    finally:
+        handle.remove()
+    return found[0] if found else None
+
+
 def _listed(value, name: str, example: str) -> tuple:
     """The items of a list-like argument; None gives none."""
     if value is None:

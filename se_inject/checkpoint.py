@@ -693,7 +693,8 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
     computes what the original did (init="identity"). ``model_kwargs``: timm.create_model
     options the checkpoint's tensors do not show (global_pool, output_stride, act_layer...).
-    ``part``: gate only this submodule, by its dotted name (a detector's ``backbone.body``).
+    ``part``: gate only this submodule, by its dotted name (a detector's ``backbone.body``);
+    without ``input_size``, at the size the model hands it.
     ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
     min_channels, divisor)."""
     src, out = _path(src, "src"), _path(out, "out")
@@ -727,8 +728,12 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     dtype = _file_dtype(state)
     del state
     say("placing gates")
-    _apply_seeded(part_of(net, part, describe(arch)), ratio, rules, stages=stages,
-                  input_size=input_size, init=init, **variant)
+    target = part_of(net, part, describe(arch))
+    if part is not None and input_size is None:  # the size the model hands its part
+        from .api import part_input_size
+        input_size = part_input_size(arch, part, **kwargs)
+    _apply_seeded(target, ratio, rules, stages=stages, input_size=input_size, init=init,
+                  **variant)
     if not recipes_in(net):
         raise CheckpointError(f"{src}: every block of {arch}{f' `{part}`' if part else ''} "
                               "that the rules match already holds "

@@ -118,8 +118,9 @@ def test_convert_gates_only_the_named_part(tmp_path):
     model = _resnet18()
     src = tmp_path / "plain.pth"
     torch.save(model.state_dict(), src)
-    out = convert(src, tmp_path / "se.safetensors", model="resnet18", part="layer3",
-                  input_size=(128, 28, 28))
+    out = convert(src, tmp_path / "se.safetensors", model="resnet18", part="layer3")
+    # at the size the model hands its layer3: layer2's 128 channels at 224 / 8
+    assert _recipe(out)["steps"][0]["input_size"] == [128, 28, 28]
     loaded = se_inject.load(out).eval()
     names = [n for n, _ in gates(loaded)]
     assert names == [f"layer3.{i}.se_gate" for i in range(2)]
@@ -157,6 +158,9 @@ def test_a_detector_s_backbone_converts_on_the_command_line_and_loads(tmp_path, 
     assert main(args) != 0  # its own forward takes a list of images
     assert "--part backbone" in capsys.readouterr().err and not out.exists()
     assert main(args + ["--part", "backbone.body"]) == 0
+    # as the detector hands its backbone an image: resized to its transform's 320 pixels
+    assert detector.transform.min_size == (320,)
+    assert _recipe(out)["steps"][0]["input_size"] == [3, 320, 320]
     loaded = se_inject.load(out).eval()
     assert type(loaded) is type(detector)
     # a gate in each residual block of the backbone that holds no SE of its own
@@ -205,3 +209,18 @@ def test_remove_on_a_part_scales_back_what_its_identity_gates_doubled():
 def test_the_largest_part_that_gates_alone_saves_and_loads_as_the_model(name, tmp_path):
     row = parts.one(name, tmp_path, max_params=60)  # bench/parts.py, over every gated model
     assert row["status"] == "same" and row["gates"] > 0, row
+
+
+def test_plan_and_report_take_a_part_at_the_size_the_model_hands_it(capsys):
+    assert main(["plan", "resnet18", "--part", "layer2"]) == 0
+    out = capsys.readouterr().out
+    assert "input (64, 56, 56) as the model hands it" in out
+    assert "0.se_gate" in out and "1.se_gate" in out
+    assert main(["report", "resnet18", "--part", "layer4", "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["input_size"] == [256, 14, 14]
+    # its two gates, 512 -> 32 -> 512 with biases, as the paper's formula counts them
+    assert rep["ratios"][0]["added_parameters"] == 2 * (2 * 512 * 32 + 32 + 512)
+    # a size given is the part's: the model's input is not looked for
+    assert main(["plan", "resnet18", "--part", "layer2", "--input-size", "64", "32", "32"]) == 0
+    assert "as the model hands it" not in capsys.readouterr().out

@@ -7,7 +7,7 @@ import json
 from typing import Callable
 
 __all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "add_part",
-           "model_label", "part_advice", "RATIO", "RATIOS", "STAGES",
+           "model_label", "input_size_of", "part_advice", "RATIO", "RATIOS", "STAGES",
            "add_variant_args", "variant_of"]
 
 
@@ -82,6 +82,14 @@ def add_part(p: argparse.ArgumentParser) -> None:
 def model_label(args: argparse.Namespace) -> str:
     """The model as the command line named it, with its --part."""
     return args.model + (f" --part {args.part}" if args.part else "")
+
+
+def input_size_of(args: argparse.Namespace):
+    """--input-size; for a --part without it, the size the model hands that part."""
+    if args.input_size is not None or args.part is None:
+        return args.input_size
+    from ..api import part_input_size
+    return part_input_size(args.model, args.part, **(args.model_kwargs or {}))
 
 
 @contextlib.contextmanager

@@ -28,8 +28,8 @@ def add_parser(sub) -> None:
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]")
-    add_input_size(p, "for shape propagation (a --part that does not take the model's input "
-                   "needs its own)")
+    add_input_size(p, "for shape propagation (with --part, the part's; default: the size the "
+                   "model hands it)")
     p.add_argument("--init", choices=("identity", "paper"), default="identity",
                    help="identity (default): the converted model computes what the original did; "
                         "paper: gates start as new layers")

@@ -6,7 +6,7 @@ import argparse
 from .. import api
 from .._models import create, part_of
 from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part,
-                    add_variant_args, model_label, part_advice, variant_of)
+                    add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -30,11 +30,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     label = model_label(args)
     model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
+    size = input_size_of(args)
     with part_advice(args.part):
         p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
-                     input_size=args.input_size, **variant_of(args))
+                     input_size=size, **variant_of(args))
     base = sum(t.numel() for t in model.parameters())
-    print(f"se-inject plan for {label} ({type(model).__name__}, {base:,} parameters)")
+    handed = f", input {tuple(size)} as the model hands it" if size != args.input_size else ""
+    print(f"se-inject plan for {label} ({type(model).__name__}, {base:,} parameters{handed})")
     print(p.table())
     if not len(p):
         held = api.held_blocks(p)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cost import cost
 from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part,
-                    add_variant_args, model_label, part_advice, variant_of)
+                    add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
     with part_advice(args.part):
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
-                   input_size=args.input_size, measure=args.measure, **variant_of(args))
+                   input_size=input_size_of(args), measure=args.measure, **variant_of(args))
     if args.model_kwargs or args.part:
         rep = dataclasses.replace(rep, model=model_label(args))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
