@@ -14,6 +14,7 @@ import torchvision
 import se_inject
 from se_inject.checkpoint import CheckpointError, convert, read_checkpoint, strip
 from se_inject.cli import main
+from se_inject.errors import NoSitesError
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
@@ -224,3 +225,35 @@ def test_plan_and_report_take_a_part_at_the_size_the_model_hands_it(capsys):
     # a size given is the part's: the model's input is not looked for
     assert main(["plan", "resnet18", "--part", "layer2", "--input-size", "64", "32", "32"]) == 0
     assert "as the model hands it" not in capsys.readouterr().out
+
+
+_DENSE = (torchvision.models.list_models(module=torchvision.models.detection)
+          + torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _DENSE)
+@torch.no_grad()
+def test_every_torchvision_detector_and_segmenter_converts_its_backbone(name, tmp_path):
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    if sum(p.numel() for p in model.parameters()) > 60e6:
+        pytest.skip("over 60 M parameters")
+    randomize_norms(model.backbone)
+    part = "backbone.body" if hasattr(model.backbone, "body") else "backbone"
+    src = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), src)
+    out = tmp_path / "se.safetensors"
+    if name == "ssd300_vgg16":  # VGG: no residual or inception-style block
+        with pytest.raises(NoSitesError):
+            convert(src, out, model=f"torchvision/{name}", part=part)
+        assert not out.exists()
+        return
+    convert(src, out, model=f"torchvision/{name}", part=part)
+    loaded = se_inject.load(out).eval()
+    assert type(loaded) is type(model)
+    assert gates(loaded) and all(n.startswith(part + ".") for n, _ in gates(loaded))
+    x = torch.rand(1, 3, 224, 224)
+    a, b = model.get_submodule(part)(x), loaded.get_submodule(part)(x)
+    a, b = (list(a.values()), list(b.values())) if isinstance(a, dict) else (a, b)
+    for u, v in zip(*((a, b) if isinstance(a, list) else ([a], [b]))):
+        assert torch.equal(u, v)  # identity gates: the plain backbone's outputs, bit for bit
