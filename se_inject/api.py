@@ -753,5 +753,6 @@ def remove(model: nn.Module) -> nn.Module:
         scale(model, compensated, 1 / FACTOR)
     unwatch_plain_loads(model)
     forget_recipe(model)
-    unfuse(model)  # compiled code of the gated model must not outlive its gates
+    for m in model.modules():  # compiled code of the gated model (or of a part of it, fused
+        unfuse(m)              # on its own) must not outlive its gates
     return model

@@ -257,3 +257,13 @@ def test_every_torchvision_detector_and_segmenter_converts_its_backbone(name, tm
     a, b = (list(a.values()), list(b.values())) if isinstance(a, dict) else (a, b)
     for u, v in zip(*((a, b) if isinstance(a, list) else ([a], [b]))):
         assert torch.equal(u, v)  # identity gates: the plain backbone's outputs, bit for bit
+
+
+def test_remove_unfuses_a_part_fused_on_its_own():
+    model = _resnet18()
+    se_inject.apply(model.layer2, input_size=LAYER2)
+    se_inject.fuse(model.layer2)
+    assert model.layer2._compiled_call_impl is not None
+    se_inject.remove(model)
+    assert model.layer2._compiled_call_impl is None  # eager again, as before apply()
+    assert not any("_se_inject_fused" in m.__dict__ for m in model.modules())
