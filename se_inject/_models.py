@@ -11,10 +11,9 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for",
-           "in_chans_of", "input_width", "last_layer", "layout", "library_of", "part_of",
-           "skeleton",
-           "torchvision_name"]
+__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "handed_size",
+           "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
+           "part_of", "skeleton", "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
 
@@ -83,17 +82,29 @@ def create(name: str, **kwargs) -> nn.Module:
                                    f"{exc}") from None
 
 
-def part_of(model: nn.Module, name: str | None, label: str) -> nn.Module:
+def part_of(model: nn.Module, name: str | None, label: str, option: str = "") -> nn.Module:
     """The submodule ``name`` of ``model`` (the model itself for None), or an
-    InvalidArgumentError that lists the model's children."""
+    InvalidArgumentError that lists the model's children (and names the ``option`` that gave
+    ``name``)."""
     if name is None:
         return model
     try:
         return model.get_submodule(name)
     except AttributeError:
         children = ", ".join(n for n, _ in model.named_children()) or "none"
-        raise InvalidArgumentError(f"{label} has no submodule {name!r} (--part); its children: "
-                                   f"{children}") from None
+        raise InvalidArgumentError(f"{label} has no submodule {name!r}{option}; its "
+                                   f"children: {children}") from None
+
+
+def handed_size(name: str, part: str, kwargs: dict) -> tuple[int, ...] | None:
+    """What the model ``name`` (built with ``kwargs``) hands its submodule ``part``
+    (api.part_input_size, on the model built on the meta device), or None where that cannot be
+    found: the caller goes on with its default size, and its own message."""
+    from .api import part_input_size
+    try:
+        return part_input_size(skeleton(name, **kwargs), part)
+    except Exception:  # a model that cannot be built so, a part not reached
+        return None
 
 
 def skeleton(name: str, **kwargs) -> nn.Module:

@@ -15,7 +15,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidArgumentError, NoSitesError, check_module, checks_arguments
+from .errors import (InvalidArgumentError, NoSitesError, TraceError, check_module,
+                     checks_arguments)
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
@@ -204,37 +205,68 @@ class _Reached(Exception):
     """Raised by part_input_size's hook: the forward got to the part."""
 
 
-def part_input_size(name: str, part: str, **kwargs) -> tuple[int, ...] | None:
-    """The size, without the batch, of the tensor that the model ``name`` (built with
-    ``kwargs``) hands its submodule ``part`` when it runs on its own input (its config's size,
-    as apply() takes it), or None where that cannot be found: the model cannot be built on the
-    meta device, has no such part, its forward fails before the part or hands it other than one
-    tensor. The model is built on the meta device and run up to the part, no further."""
-    from ._models import skeleton
-    try:
-        model = skeleton(name, **kwargs)
-        layer = model.get_submodule(part)
-    except Exception:  # no such model or part: the caller says so, as without a part
-        return None
-    found = []
+@checks_arguments
+def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[int, ...]:
+    """The size, without the batch, of the tensor that ``model`` hands its submodule ``part``
+    (a dotted name: ``"layer2"``, ``"backbone.body"``) when it runs on its input: the
+    ``input_size`` to gate that part with, ``apply(model.layer2, input_size=...)``.
+
+    ``input_size``: the model's input, as apply() takes it (default: its timm config's, else
+    (3, 224, 224)). The model runs on meta stand-ins of its weights, up to the part and no
+    further, in eval mode, and is left as it was (weights, buffers, mode, attributes its
+    forward sets).
+
+    Raises:
+        InvalidArgumentError: ``model`` has no submodule ``part``.
+        TraceError: the forward failed before it reached the part, or handed it other than
+            one tensor, or never called it (a container whose children the forward calls one
+            by one): pass the part's input_size to apply() yourself.
+    """
+    from ._models import part_of
+    from .trace import _anything, _NothingLeft
+    check_module(model, "part_input_size")
+    if not isinstance(part, str) or not part:
+        raise InvalidArgumentError(f"part must be a submodule's dotted name ('layer2'), not "
+                                   f"{part!r}")
+    layer = part_of(model, part, type(model).__name__)
+    found: list = []
 
     def reached(_module, args, kwargs):
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
-            found.append(tuple(args[0].shape[1:]))
+        found.append(args[0].shape[1:] if len(args) == 1 and not kwargs
+                     and isinstance(args[0], torch.Tensor) else None)
         raise _Reached
 
-    shape = (1, *_input_shapes(model, None)[0][1:])
+    x = torch.zeros(_input_shapes(model, input_size)[0], device="meta")
+    stand_ins = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
+        model.named_parameters(remove_duplicate=False),
+        model.named_buffers(remove_duplicate=False))}
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
+    what = f"{type(model).__name__}'s input {tuple(x.shape[1:])}"
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(shape, device="meta"))
+        with _NothingLeft(model, left=_anything), torch.no_grad():
+            model.eval()  # (a detector in training mode wants its targets)
+            torch.func.functional_call(model, stand_ins, (x,), strict=False)
     except _Reached:
         pass
-    except Exception:  # a forward that cannot run on the meta device, or not at this size
-        return None
+    except Exception as exc:  # a forward that cannot run on meta tensors, or not at this size
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise TraceError(f"{what} did not reach `{part}`: {type(exc).__name__}: {first}. Pass "
+                         "the part's input_size to apply() yourself, or the model's input_size "
+                         "here.") from None
     finally:
         handle.remove()
-    return found[0] if found else None
+        for m, training in modes:
+            m.training = training
+    if not found:
+        raise TraceError(f"{what} ran without calling `{part}` itself (a container whose "
+                         "children the forward calls one by one?): gate one of its children, "
+                         "or pass the part's input_size to apply() yourself.")
+    if found[0] is None:
+        raise TraceError(f"{type(model).__name__} hands `{part}` other than one tensor: pass "
+                         "its input_size to apply() yourself (a list of sizes for several "
+                         "inputs).")
+    return tuple(found[0])
 
 
 def _listed(value, name: str, example: str) -> tuple:

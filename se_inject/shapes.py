@@ -568,7 +568,9 @@ class _MetaInterpreter(fx.Interpreter):
             raise TraceError(
                 f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
                 f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "
-                "input_size). If the model takes another size, pass it as input_size=(C, H, W)."
+                "input_size). If the model takes another size, pass it as input_size=(C, H, "
+                "W); for a part of a model (model.layer2), the size the model hands it: "
+                "se_inject.part_input_size(model, 'layer2')."
                 f"{meta}") from exc
         n.meta[VALUE] = value
         return value

@@ -14,7 +14,7 @@ import torchvision
 import se_inject
 from se_inject.checkpoint import CheckpointError, convert, read_checkpoint, strip
 from se_inject.cli import main
-from se_inject.errors import NoSitesError
+from se_inject.errors import NoSitesError, TraceError
 from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.ops.misc import SqueezeExcitation
 
@@ -267,3 +267,44 @@ def test_remove_unfuses_a_part_fused_on_its_own():
     se_inject.remove(model)
     assert model.layer2._compiled_call_impl is None  # eager again, as before apply()
     assert not any("_se_inject_fused" in m.__dict__ for m in model.modules())
+
+
+@torch.no_grad()
+def test_part_input_size_is_what_the_model_hands_its_part_and_changes_nothing():
+    model = _resnet18().train()  # its norms would count batches
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # ResNet's stages take the stem's 64 channels at 1/4 of the input, then halve it
+    assert se_inject.part_input_size(model, "layer2") == (64, 56, 56)
+    assert se_inject.part_input_size(model, "layer4", input_size=(3, 160, 160)) == (256, 10, 10)
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    size = se_inject.part_input_size(model, "layer3")
+    se_inject.apply(model.layer3, input_size=size)
+    assert [n for n, _ in gates(model)] == ["layer3.0.se_gate", "layer3.1.se_gate"]
+
+    detector = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None)
+    # its transform resizes the image to its min_size before the backbone
+    assert se_inject.part_input_size(detector, "backbone.body") == \
+        (3, *2 * detector.transform.min_size)
+    assert detector.training
+
+    # a model that caches a tensor on its modules in eval mode keeps no meta tensor there
+    former = timm.create_model("efficientformerv2_s0", pretrained=False).eval()
+    info = former.feature_info[2]  # what stage 2 gives stage 3, as timm describes it
+    assert se_inject.part_input_size(former, "stages.3") == \
+        (info["num_chs"], 224 // info["reduction"], 224 // info["reduction"])
+    assert all(not m.attention_bias_cache for m in former.modules()
+               if hasattr(m, "attention_bias_cache"))
+
+
+def test_part_input_size_says_why_it_cannot_tell():
+    fastvit = timm.create_model("fastvit_t8", pretrained=False)
+    with pytest.raises(se_inject.SEInjectError, match="no submodule 'nope'; its children: stem"):
+        se_inject.part_input_size(fastvit, "nope")
+    # its forward runs its stages one by one, never the container
+    with pytest.raises(TraceError, match="without calling `stages` itself"):
+        se_inject.part_input_size(fastvit, "stages")
+    with pytest.raises(TraceError, match="did not reach `layer2`"):
+        se_inject.part_input_size(_resnet18(), "layer2", input_size=(5, 224, 224))

@@ -88,8 +88,8 @@ def input_size_of(args: argparse.Namespace):
     """--input-size; for a --part without it, the size the model hands that part."""
     if args.input_size is not None or args.part is None:
         return args.input_size
-    from ..api import part_input_size
-    return part_input_size(args.model, args.part, **(args.model_kwargs or {}))
+    from .._models import handed_size
+    return handed_size(args.model, args.part, args.model_kwargs or {})
 
 
 @contextlib.contextmanager

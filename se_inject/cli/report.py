@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model
     if args.model_kwargs or args.part:
         from .._models import create, part_of
-        model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model)
+        model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model,
+                        " (--part)")
     with part_advice(args.part):
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
                    input_size=input_size_of(args), measure=args.measure, **variant_of(args))
