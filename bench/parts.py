@@ -1,10 +1,10 @@
 """Gated parts: for each model the coverage sweep gates, gate one part of it and check that the
 whole model saves and loads back as itself.
 
-Per model: run it once on its input (batch 1) to learn what each child is handed; gate the
-largest child that apply() gates on its own, at that size (``apply(model.layer3,
-input_size=...)``); save the whole model (``se_inject.save``), load it (``se_inject.load``) and
-compare outputs with the model's. Status: same (outputs bit for bit the model's), no part (no
+Per model: gate the largest child that apply() gates on its own, at the size the model hands it
+(``apply(model.layer3, input_size=se_inject.part_input_size(model, "layer3"))``); save the
+whole model (``se_inject.save``), load it (``se_inject.load``) and compare outputs with the
+model's. Status: same (outputs bit for bit the model's), no part (no
 child that the model calls with one tensor gates on its own: a model that loops over its stages
 calls none of them as a child), DIFFERENT or CRASH (a bug).
 
@@ -31,25 +31,6 @@ from se_inject._models import TORCHVISION, create
 from se_inject.api import _input_shapes
 
 
-def _inputs_of_children(model: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple]:
-    """The size (without the batch) of the one tensor each child is called with first."""
-    seen: dict[str, tuple | None] = {}
-
-    def hook(name):
-        def record(_module, args):
-            one = len(args) == 1 and isinstance(args[0], torch.Tensor)
-            seen.setdefault(name, tuple(args[0].shape[1:]) if one else None)
-        return record
-    handles = [c.register_forward_pre_hook(hook(n)) for n, c in model.named_children()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: s for n, s in seen.items() if s}
-
-
 def _first(y):
     return y if isinstance(y, torch.Tensor) else _first(y[0])
 
@@ -59,15 +40,12 @@ def one(name: str, folder: Path, max_params: float) -> dict:
     if sum(p.numel() for p in model.parameters()) > max_params * 1e6:
         return {"model": name, "status": "skipped", "part": ""}
     x = torch.randn(1, *_input_shapes(model, None)[0][1:])
-    sizes = _inputs_of_children(model, x)
     children = sorted(model.named_children(),
                       key=lambda nc: -sum(p.numel() for p in nc[1].parameters()))
     for part, child in children:
-        if part not in sizes:
-            continue
         try:
-            se_inject.apply(child, input_size=sizes[part])
-        except se_inject.SEInjectError:
+            se_inject.apply(child, input_size=se_inject.part_input_size(model, part))
+        except se_inject.SEInjectError:  # not called with one tensor, or no block in it
             continue
         path = se_inject.save(model, folder / f"{name.replace('/', '_')}.safetensors")
         loaded = se_inject.load(path).eval()
