@@ -246,4 +246,30 @@ def check(net: nn.Module, expected: int) -> str:
         assert torch.equal(ident(x), y0)
     assert list(ident.state_dict()) == list(state0)
     assert all(torch.equal(v, state0[k]) for k, v in ident.state_dict().items())
+    _check_last_block_alone(net, x, y0, state0)
     return "gated"
+
+
+def _check_last_block_alone(net: nn.Module, x: torch.Tensor, y0: torch.Tensor,
+                            state0: dict) -> None:
+    """The last block as a part: part_input_size gives what the net's layers hand it, and
+    gated alone with identity gates, then taken out through the whole net, it leaves the
+    net's outputs and weights as they were."""
+    with torch.no_grad():
+        h = net.stem(x)
+        for b in net.blocks[:-1]:
+            h = b(h)
+    part = f"blocks.{len(net.blocks) - 1}"
+    size = se_inject.part_input_size(net, part, input_size=tuple(x.shape[1:]))
+    assert size == tuple(h.shape[1:]), f"part_input_size gave {size} for {tuple(h.shape[1:])}"
+    whole = copy.deepcopy(net)
+    try:
+        se_inject.apply(whole.blocks[-1], input_size=size, init="identity")
+    except (NoSitesError, IdentityInitError):  # a chain, or a pooling branch under its gate
+        return
+    with torch.no_grad():
+        assert torch.equal(whole(x), y0), "identity gates in the last block changed the net"
+    se_inject.remove(whole)  # from the whole net: the part's gates, scaled layers and hooks
+    assert list(whole.state_dict()) == list(state0)
+    assert all(torch.equal(v, state0[k]) for k, v in whole.state_dict().items()), \
+        "remove() on the net left the last block's layers scaled"
