@@ -182,8 +182,38 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if (path / name).is_file():
             state, more = read_checkpoint(path / name)
             return state, {**info, **more}
-    raise CheckpointError(f"{path}: a folder needs model.safetensors or pytorch_model.bin "
-                          "(and config.json naming the architecture)")
+        if (path / f"{name}.index.json").is_file():
+            return _read_shards(path / f"{name}.index.json"), info
+    raise CheckpointError(f"{path}: a folder needs model.safetensors or pytorch_model.bin, "
+                          "or their shards with model.safetensors.index.json or "
+                          "pytorch_model.bin.index.json (and config.json naming the "
+                          "architecture)")
+
+
+def _read_shards(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint saved in shards (Hugging Face's ``max_shard_size``): each
+    shard the index's ``weight_map`` names, read as a file of its own, and every tensor the
+    index names found in the shard it names."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index: {exc}") from None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: its weight_map must name each tensor's shard file")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = index.parent / shard
+        if Path(shard).name != shard or not file.is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} is not a file in {index.parent}")
+        held, _ = read_checkpoint(file)
+        wanted = [k for k, v in weight_map.items() if v == shard]
+        missing = [k for k in wanted if k not in held]
+        if missing:
+            raise CheckpointError(f"{file}: the index puts {len(missing)} tensor(s) in it that "
+                                  f"it does not hold, e.g. {missing[0]}")
+        state.update((k, held[k]) for k in wanted)
+    return _strip_prefixes(state)
 
 
 # ---------------------------------------------------------------------------- writing

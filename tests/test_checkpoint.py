@@ -360,7 +360,25 @@ def test_save_from_python_and_recipe(tmp_path):
         se_inject.save(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
 
 
+def _shards(sd: dict, folder, suffix: str) -> None:
+    """``sd`` in three shards with Hugging Face's index of them (``max_shard_size``)."""
+    from safetensors.torch import save_file
+    keys, weight_map = list(sd), {}
+    for i in range(3):
+        name = f"model-{i + 1:05d}-of-00003.{suffix}"
+        part = {k: sd[k].contiguous() for k in keys[i::3]}
+        if suffix == "safetensors":
+            save_file(part, folder / name)
+        else:
+            torch.save(part, folder / name)
+        weight_map.update({k: name for k in part})
+    index = "model.safetensors.index.json" if suffix == "safetensors" else \
+        "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 @pytest.mark.parametrize("kind", ["train", "ema", "prefixed", "folder", "folder-bin",
+                                  "folder-shards", "folder-shards-bin",
                                   "torchvision-reference", "lightning"])
 def test_input_kinds(r18, tmp_path, kind):
     m, _ = r18
@@ -389,9 +407,12 @@ def test_input_kinds(r18, tmp_path, kind):
         if kind == "folder":
             from safetensors.torch import save_file
             save_file(dict(sd), src / "model.safetensors")
-        else:
+        elif kind == "folder-bin":
             torch.save(sd, src / "pytorch_model.bin")
-    named = kind in ("train", "ema", "folder", "folder-bin")
+        else:
+            _shards(sd, src, "safetensors" if kind == "folder-shards" else "bin")
+    named = kind in ("train", "ema", "folder", "folder-bin", "folder-shards",
+                     "folder-shards-bin")
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         out = convert(src, tmp_path / "se.safetensors", model=None if named else "resnet18",
@@ -403,6 +424,25 @@ def test_input_kinds(r18, tmp_path, kind):
     g = se_inject.load(out)
     want = sd["fc.weight"] + (1 if kind == "ema" else 0)
     assert torch.equal(g.state_dict()["fc.weight"], want)
+
+
+def test_a_shard_index_that_does_not_fit_its_shards_is_refused(tmp_path):
+    sd = timm.create_model("resnet18", pretrained=False).state_dict()
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architecture": "resnet18"}))
+    _shards(sd, src, "safetensors")
+    index = src / "model.safetensors.index.json"
+    weights = json.loads(index.read_text())
+    weights["weight_map"]["fc.bias"] = "model-00001-of-00003.safetensors"  # it is in another
+    index.write_text(json.dumps(weights))
+    with pytest.raises(CheckpointError, match="does not hold, e.g. fc.bias"):
+        convert(src, tmp_path / "se.safetensors")
+    weights["weight_map"]["fc.bias"] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(weights))
+    with pytest.raises(CheckpointError, match="'../elsewhere.safetensors' is not a file in"):
+        convert(src, tmp_path / "se.safetensors")
+    assert not (tmp_path / "se.safetensors").exists()
 
 
 @pytest.mark.parametrize("name,in_chans,first", [("resnet18", 1, "conv1"),
