@@ -684,3 +684,16 @@ def test_a_recipe_from_before_reparam_sums_loads_its_gates_where_they_were(tmp_p
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+
+
+def test_a_half_precision_checkpoint_loads_in_float32_with_its_values(tmp_path):
+    model = timm.create_model("resnet18", pretrained=False).half()
+    se_inject.apply(model)
+    path = se_inject.save(model, tmp_path / "half.safetensors")
+    loaded = se_inject.load(path)
+    state = model.state_dict()
+    for k, v in loaded.state_dict().items():
+        if v.is_floating_point():
+            assert v.dtype == torch.float32, k  # as timm builds it
+            assert torch.equal(v, state[k].float()), k  # every float16 value, exactly
+    assert torch.equal(loaded.half().state_dict()["fc.weight"], state["fc.weight"])
