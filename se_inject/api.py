@@ -749,7 +749,6 @@ def _warn_left(model: nn.Module, prepared) -> None:
         "site (README.md, \"Other forward methods\").", stacklevel=3)
 
 
-@checks_arguments
 def _compensated(model: nn.Module) -> list[str]:
     """The names in ``model`` of the tensors that its identity-initialised gates had doubled.
     A gate keeps them as they are named in the module apply() was given, with its own name
@@ -775,6 +774,7 @@ def _compensated(model: nn.Module) -> list[str]:
     return out
 
 
+@checks_arguments
 def remove(model: nn.Module) -> nn.Module:
     """Take every gate out of ``model`` in place: its keys and outputs are the original's again
     (layers scaled for identity-initialised gates are scaled back)."""

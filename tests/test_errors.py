@@ -240,6 +240,21 @@ def test_misspelt_keyword_names_the_option(call, kwargs, meant):
     assert model._compiled_call_impl is None
 
 
+@pytest.mark.parametrize("call,args", [
+    ("apply", ()), ("plan", ()), ("remove", ()), ("cost", ()), ("fuse", ()), ("unfuse", ()),
+    ("save", ("unwritten.safetensors",)), ("part_input_size", ("blocks",)),
+])
+def test_every_call_on_a_model_refuses_an_unknown_keyword_before_it_runs(call, args):
+    model = BlockNet()
+    keys = list(model.state_dict())
+    with pytest.raises(se_inject.SEInjectError, match=r"nonsense") as info:
+        getattr(se_inject, call)(model, *args, nonsense=1)
+    assert isinstance(info.value, TypeError)  # as Python's own, which it replaces
+    _untouched(model, keys)
+    with pytest.raises(se_inject.SEInjectError, match=r"nonsense"):
+        se_inject.load("unread.safetensors", nonsense=1)
+
+
 def test_misplaced_arguments_name_the_call():
     model = BlockNet()
     keys = list(model.state_dict())
