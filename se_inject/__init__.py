@@ -9,6 +9,6 @@ from .plan import Plan, Site
 
 __version__ = "0.1.0"
 
-__all__ = sorted(["apply", "plan", "remove", "part_input_size", "fuse", "unfuse", "save", "load", "cost",
-                  "CostReport", "Plan", "Site", "ChannelGate", "SEGate", "ECAGate",
+__all__ = sorted(["apply", "plan", "remove", "part_input_size", "fuse", "unfuse", "save",
+                  "load", "cost", "CostReport", "Plan", "Site", "ChannelGate", "SEGate", "ECAGate",
                   "EffectiveSEGate", "GateSpec", "SEInjectError", "__version__"])

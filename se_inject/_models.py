@@ -11,8 +11,7 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "handed_size",
-           "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
+__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
            "part_of", "skeleton", "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
@@ -94,17 +93,6 @@ def part_of(model: nn.Module, name: str | None, label: str, option: str = "") ->
         children = ", ".join(n for n, _ in model.named_children()) or "none"
         raise InvalidArgumentError(f"{label} has no submodule {name!r}{option}; its "
                                    f"children: {children}") from None
-
-
-def handed_size(name: str, part: str, kwargs: dict) -> tuple[int, ...] | None:
-    """What the model ``name`` (built with ``kwargs``) hands its submodule ``part``
-    (api.part_input_size, on the model built on the meta device), or None where that cannot be
-    found: the caller goes on with its default size, and its own message."""
-    from .api import part_input_size
-    try:
-        return part_input_size(skeleton(name, **kwargs), part)
-    except Exception:  # a model that cannot be built so, a part not reached
-        return None
 
 
 def skeleton(name: str, **kwargs) -> nn.Module:

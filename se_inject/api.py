@@ -15,8 +15,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .errors import (InvalidArgumentError, NoSitesError, TraceError, check_module,
-                     checks_arguments)
+from .errors import (InvalidArgumentError, NoSitesError, SEInjectError, TraceError,
+                     check_module, checks_arguments)
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
@@ -267,6 +267,15 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
                          "its input_size to apply() yourself (a list of sizes for several "
                          "inputs).")
     return tuple(found[0])
+
+
+def handed_size(model: nn.Module, part: str) -> tuple[int, ...] | None:
+    """part_input_size, or None where it cannot tell: the caller goes on with its default size
+    (and apply()'s own message, should that not fit)."""
+    try:
+        return part_input_size(model, part)
+    except SEInjectError:
+        return None
 
 
 def _listed(value, name: str, example: str) -> tuple:

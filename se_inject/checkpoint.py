@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, handed_size,
-                      in_chans_for, last_layer, layout, library_of, part_of, skeleton)
+from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, in_chans_for,
+                      last_layer, layout, library_of, part_of, skeleton)
 from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
 from .gate import ChannelGate
 from .recipe import (SCHEMA, base_architecture, base_of, name_of, recipe_of, recipes_in,
@@ -760,7 +760,8 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     say("placing gates")
     target = part_of(net, part, describe(arch), " (part)")
     if part is not None and input_size is None:  # the size the model hands its part
-        input_size = handed_size(arch, part, kwargs)
+        from .api import handed_size
+        input_size = handed_size(net, part)
     _apply_seeded(target, ratio, rules, stages=stages, input_size=input_size, init=init,
                   **variant)
     if not recipes_in(net):

@@ -84,12 +84,13 @@ def model_label(args: argparse.Namespace) -> str:
     return args.model + (f" --part {args.part}" if args.part else "")
 
 
-def input_size_of(args: argparse.Namespace):
-    """--input-size; for a --part without it, the size the model hands that part."""
+def input_size_of(args: argparse.Namespace, whole):
+    """--input-size; for a --part without it, the size the model (``whole``) hands that
+    part."""
     if args.input_size is not None or args.part is None:
         return args.input_size
-    from .._models import handed_size
-    return handed_size(args.model, args.part, args.model_kwargs or {})
+    from ..api import handed_size
+    return handed_size(whole, args.part)
 
 
 @contextlib.contextmanager

@@ -29,9 +29,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     label = model_label(args)
-    model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model,
-                    " (--part)")
-    size = input_size_of(args)
+    whole = create(args.model, **(args.model_kwargs or {}))
+    model = part_of(whole, args.part, args.model, " (--part)")
+    size = input_size_of(args, whole)
     with part_advice(args.part):
         p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
                      input_size=size, **variant_of(args))

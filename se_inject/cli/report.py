@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
         check_plot_path(args.plot)
     if args.measure:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
-    model = args.model
+    model = whole = args.model
     if args.model_kwargs or args.part:
         from .._models import create, part_of
-        model = part_of(create(args.model, **(args.model_kwargs or {})), args.part, args.model,
-                        " (--part)")
+        whole = create(args.model, **(args.model_kwargs or {}))
+        model = part_of(whole, args.part, args.model, " (--part)")
     with part_advice(args.part):
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
-                   input_size=input_size_of(args), measure=args.measure, **variant_of(args))
+                   input_size=input_size_of(args, whole), measure=args.measure,
+                   **variant_of(args))
     if args.model_kwargs or args.part:
         rep = dataclasses.replace(rep, model=model_label(args))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
