@@ -238,8 +238,7 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
 
     x = torch.zeros(_input_shapes(model, input_size)[0], device="meta")
     stand_ins = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
-        model.named_parameters(remove_duplicate=False),
-        model.named_buffers(remove_duplicate=False))}
+        model.named_parameters(), model.named_buffers())}  # (a tensor held twice: once)
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
     what = f"{type(model).__name__}'s input {tuple(x.shape[1:])}"
     modes = [(m, m.training) for m in model.modules()]

@@ -308,3 +308,24 @@ def test_part_input_size_says_why_it_cannot_tell():
         se_inject.part_input_size(fastvit, "stages")
     with pytest.raises(TraceError, match="did not reach `layer2`"):
         se_inject.part_input_size(_resnet18(), "layer2", input_size=(5, 224, 224))
+
+
+class _Tied(torch.nn.Module):
+    """Two layers sharing one weight, before a part."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 3)
+        self.b.weight = self.a.weight
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3))
+
+    def forward(self, x):
+        return self.body(self.a(x) + self.b(x))
+
+
+def test_part_input_size_runs_a_model_that_holds_a_weight_twice():
+    model = _Tied()
+    weight = model.a.weight
+    # a 3 x 3 convolution without padding takes 2 pixels off each side
+    assert se_inject.part_input_size(model, "body", input_size=(3, 32, 32)) == (8, 30, 30)
+    assert model.a.weight is weight and model.b.weight is weight and not weight.is_meta
