@@ -236,7 +236,7 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
                      and isinstance(args[0], torch.Tensor) else None)
         raise _Reached
 
-    x = torch.zeros(_input_shapes(model, input_size)[0], device="meta")
+    x = torch.zeros(_input_shapes(model, input_size)[0], device="meta", dtype=_dtype(model))
     stand_ins = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
         model.named_parameters(), model.named_buffers())}  # (a tensor held twice: once)
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
