@@ -201,6 +201,38 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
     return shapes
 
 
+@contextlib.contextmanager
+def _on_meta(model: nn.Module):
+    """``model`` with a meta tensor in place of each of its parameters and buffers (one for a
+    tensor held under two names), its own put back on exit. Each module's own tables are
+    swapped, once per module: torch.func.functional_call, which swaps by name, leaves a layer
+    that is reachable under two names (CoaT's shared positional convolutions) on the meta
+    device."""
+    from .trace import _all_modules
+    saved, made = [], {}
+
+    def stand_in(t):
+        if id(t) not in made:
+            meta = torch.empty_like(t, device="meta")
+            made[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) \
+                else meta
+        return made[id(t)]
+
+    for m in _all_modules(model):
+        for table in (m._parameters, m._buffers):
+            if table:
+                saved.append((table, dict(table)))
+                for k, t in table.items():
+                    if t is not None:
+                        table[k] = stand_in(t)
+    try:
+        yield
+    finally:
+        for table, before in saved:
+            table.clear()
+            table.update(before)
+
+
 class _Reached(Exception):
     """Raised by part_input_size's hook: the forward got to the part."""
 
@@ -237,15 +269,13 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
         raise _Reached
 
     x = torch.zeros(_input_shapes(model, input_size)[0], device="meta", dtype=_dtype(model))
-    stand_ins = {k: torch.empty_like(v, device="meta") for k, v in itertools.chain(
-        model.named_parameters(), model.named_buffers())}  # (a tensor held twice: once)
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
     what = f"{type(model).__name__}'s input {tuple(x.shape[1:])}"
     modes = [(m, m.training) for m in model.modules()]
     try:
-        with _NothingLeft(model, left=_anything), torch.no_grad():
+        with _NothingLeft(model, left=_anything), _on_meta(model), torch.no_grad():
             model.eval()  # (a detector in training mode wants its targets)
-            torch.func.functional_call(model, stand_ins, (x,), strict=False)
+            model(x)
     except _Reached:
         pass
     except Exception as exc:  # a forward that cannot run on meta tensors, or not at this size

@@ -311,21 +311,26 @@ def test_part_input_size_says_why_it_cannot_tell():
 
 
 class _Tied(torch.nn.Module):
-    """Two layers sharing one weight, before a part."""
+    """Two layers sharing one weight, and a layer held under two names (as CoaT holds its
+    positional convolutions), before a part."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(3, 8, 3)
         self.b.weight = self.a.weight
+        self.c = torch.nn.Conv2d(8, 8, 1)
+        self.stage = torch.nn.Sequential(self.c)  # `c` and `stage.0`
         self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3))
 
     def forward(self, x):
-        return self.body(self.a(x) + self.b(x))
+        return self.body(self.stage(self.a(x) + self.b(x)))
 
 
-def test_part_input_size_runs_a_model_that_holds_a_weight_twice():
+def test_part_input_size_runs_a_model_that_holds_a_weight_or_a_layer_twice():
     model = _Tied()
-    weight = model.a.weight
+    held = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     # a 3 x 3 convolution without padding takes 2 pixels off each side
     assert se_inject.part_input_size(model, "body", input_size=(3, 32, 32)) == (8, 30, 30)
-    assert model.a.weight is weight and model.b.weight is weight and not weight.is_meta
+    assert model.b.weight is model.a.weight and model.stage[0] is model.c
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert v is held[k] and not v.is_meta, k  # the model's own tensors, back in place
