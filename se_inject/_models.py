@@ -11,7 +11,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "create", "describe", "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
+__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "check_part", "create", "describe",
+           "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
            "part_of", "skeleton", "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
@@ -81,12 +82,20 @@ def create(name: str, **kwargs) -> nn.Module:
                                    f"{exc}") from None
 
 
+def check_part(name) -> None:
+    """Refuse a part name that is not a submodule's dotted name."""
+    if not isinstance(name, str) or not name:
+        raise InvalidArgumentError(f"part must be a submodule's dotted name ('layer2', "
+                                   f"'backbone.body'), not {name!r}")
+
+
 def part_of(model: nn.Module, name: str | None, label: str, option: str = "") -> nn.Module:
     """The submodule ``name`` of ``model`` (the model itself for None), or an
     InvalidArgumentError that lists the model's children (and names the ``option`` that gave
     ``name``)."""
     if name is None:
         return model
+    check_part(name)
     try:
         return model.get_submodule(name)
     except AttributeError:

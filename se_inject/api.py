@@ -257,9 +257,6 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
     from ._models import part_of
     from .trace import _anything, _NothingLeft
     check_module(model, "part_input_size")
-    if not isinstance(part, str) or not part:
-        raise InvalidArgumentError(f"part must be a submodule's dotted name ('layer2'), not "
-                                   f"{part!r}")
     layer = part_of(model, part, type(model).__name__)
     found: list = []
 
@@ -271,9 +268,9 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
     x = torch.zeros(_input_shapes(model, input_size)[0], device="meta", dtype=_dtype(model))
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
     what = f"{type(model).__name__}'s input {tuple(x.shape[1:])}"
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        with _NothingLeft(model, left=_anything), _on_meta(model), torch.no_grad():
+    try:  # (the snapshot, taken with the stand-ins in place, copies none of the real buffers;
+        # it puts back what the forward sets, and the modes eval() sets)
+        with _on_meta(model), _NothingLeft(model, left=_anything), torch.no_grad():
             model.eval()  # (a detector in training mode wants its targets)
             model(x)
     except _Reached:
@@ -285,8 +282,6 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
                          "here.") from None
     finally:
         handle.remove()
-        for m, training in modes:
-            m.training = training
     if not found:
         raise TraceError(f"{what} ran without calling `{part}` itself (a container whose "
                          "children the forward calls one by one?): gate one of its children, "

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import (TORCHVISION, aux_kwargs, check_name, create, describe, in_chans_for,
-                      last_layer, layout, library_of, part_of, skeleton)
+from ._models import (TORCHVISION, aux_kwargs, check_name, check_part, create, describe,
+                      in_chans_for, last_layer, layout, library_of, part_of, skeleton)
 from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
 from .gate import ChannelGate
 from .recipe import (SCHEMA, base_architecture, base_of, name_of, recipe_of, recipes_in,
@@ -660,14 +660,11 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
     """Repeat the recipe's apply() steps on ``model`` (each on its part); the gates must land
     where they did."""
     for step in recipe.get("steps") or []:
-        part = step.get("part") or ""
         try:
-            target = model.get_submodule(part) if isinstance(part, str) else None
-        except AttributeError:
-            target = None
-        if target is None:
-            raise CheckpointError(f"{where}: its recipe gates the part {part!r}, which "
-                                  f"{type(model).__name__} does not have as it is rebuilt")
+            target = part_of(model, step.get("part") or None,
+                             f"{where}: the rebuilt {type(model).__name__}", " (its recipe's part)")
+        except InvalidArgumentError as exc:
+            raise CheckpointError(str(exc)) from None
         needs = step.get("leaf_modules") or step.get("autowrap_functions")
         if needs and not (leaf_modules or autowrap_functions):
             raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
@@ -728,9 +725,8 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
     min_channels, divisor)."""
     src, out = _path(src, "src"), _path(out, "out")
-    if part is not None and (not isinstance(part, str) or not part):
-        raise CheckpointError(f"part must be a submodule's dotted name ('backbone.body'), not "
-                              f"{part!r}")
+    if part is not None:
+        check_part(part)  # before any file is read
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or folder")
     _check_output(out, force, (src,))

@@ -74,7 +74,7 @@ def test_two_parts_save_load_and_come_out_again_with_remove(tmp_path):
     y = model(x)
     se_inject.apply(model.layer2, input_size=LAYER2, init="identity")
     se_inject.apply(model.layer3, input_size=(128, 28, 28), init="identity")
-    assert (model(x) - y).abs().max() <= 1e-5 * y.abs().max()
+    assert torch.equal(model(x), y)  # identity gates: the plain model's outputs, exactly
     path = se_inject.save(model, tmp_path / "r18.pth")
     assert [s["part"] for s in _recipe(path)["steps"]] == ["layer2", "layer3"]
     loaded = se_inject.load(path).eval()
@@ -91,6 +91,19 @@ def test_two_parts_save_load_and_come_out_again_with_remove(tmp_path):
     with pytest.raises(CheckpointError, match="holds no gates"):
         se_inject.save(model, tmp_path / "again.pth")
     assert not (tmp_path / "again.pth").exists()
+
+
+def test_a_recipe_naming_a_part_the_rebuilt_model_lacks_is_refused(tmp_path):
+    model = _resnet18()
+    se_inject.apply(model.layer2, input_size=LAYER2)
+    path = se_inject.save(model, tmp_path / "r18.pth")
+    held = torch.load(path, weights_only=True)
+    recipe = json.loads(held["se_inject.recipe"])
+    recipe["steps"][0]["part"] = "layer9"
+    torch.save({**held, "se_inject.recipe": json.dumps(recipe)}, path)
+    with pytest.raises(CheckpointError, match=r"rebuilt ResNet has no submodule 'layer9' "
+                                              r"\(its recipe's part\); its children: conv1"):
+        se_inject.load(path)
 
 
 def test_gates_placed_on_a_module_and_on_a_part_inside_it_are_refused(tmp_path):
@@ -127,8 +140,8 @@ def test_convert_gates_only_the_named_part(tmp_path):
     assert names == [f"layer3.{i}.se_gate" for i in range(2)]
     x = torch.randn(2, 3, 224, 224)
     y = model(x)
-    assert (loaded(x) - y).abs().max() <= 1e-5 * y.abs().max()  # identity gates: the plain
-    back = strip(out, tmp_path / "back.safetensors")                # model's outputs
+    assert torch.equal(loaded(x), y)  # identity gates: the plain model's outputs, exactly
+    back = strip(out, tmp_path / "back.safetensors")
     state = read_checkpoint(back)[0]
     assert state.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
@@ -172,7 +185,7 @@ def test_a_detector_s_backbone_converts_on_the_command_line_and_loads(tmp_path, 
     x = torch.rand(1, 3, 320, 320)
     a, b = detector.backbone(x), loaded.backbone(x)
     for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-5 * a[k].abs().max(), k
+        assert torch.equal(a[k], b[k]), k  # identity gates: the plain backbone's, exactly
 
 
 def test_save_tells_a_detector_from_its_twin_of_the_same_weights(tmp_path):
@@ -328,7 +341,7 @@ class _Tied(torch.nn.Module):
 
 def test_part_input_size_runs_a_model_that_holds_a_weight_or_a_layer_twice():
     model = _Tied()
-    held = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    held = dict(model.state_dict(keep_vars=True))
     # a 3 x 3 convolution without padding takes 2 pixels off each side
     assert se_inject.part_input_size(model, "body", input_size=(3, 32, 32)) == (8, 30, 30)
     assert model.b.weight is model.a.weight and model.stage[0] is model.c
