@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import threading
 
 from torch import nn
 
@@ -109,9 +110,8 @@ def skeleton(name: str, **kwargs) -> nn.Module:
     shapes and layers (never to run): built on the meta device; where the constructor computes
     with tensors it makes (torchvision's RegNets size their stages with ``torch.arange``), built
     on the CPU with each parameter and buffer moved to the meta device as it is registered, so
-    that nothing is initialised or kept (nn.Module's registration is patched while it builds: a
-    module another thread builds meanwhile would get meta weights). Raises what the constructor
-    raises."""
+    that nothing is initialised or kept (_registered_on_meta: only this thread's registrations
+    move). Raises what the constructor raises."""
     import torch
     try:
         with torch.device("meta"):
@@ -124,26 +124,45 @@ def skeleton(name: str, **kwargs) -> nn.Module:
         return create(name, **kwargs)
 
 
+_ON_META: dict[int, int] = {}  # thread id -> depth of _registered_on_meta in that thread
+_ON_META_LOCK = threading.Lock()
+_REGISTER: list = []  # nn.Module's registration methods as the first thread in found them
+
+
+def _register_parameter(self, name, param):
+    if param is not None and not param.is_meta and threading.get_ident() in _ON_META:
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _REGISTER[0](self, name, param)
+
+
+def _register_buffer(self, name, tensor, persistent=True):
+    if tensor is not None and not tensor.is_meta and threading.get_ident() in _ON_META:
+        tensor = tensor.to("meta")
+    _REGISTER[1](self, name, tensor, persistent)
+
+
 @contextlib.contextmanager
 def _registered_on_meta():
-    parameter, buffer = nn.Module.register_parameter, nn.Module.register_buffer
-
-    def register_parameter(self, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        parameter(self, name, param)
-
-    def register_buffer(self, name, tensor, persistent=True):
-        if tensor is not None and not tensor.is_meta:
-            tensor = tensor.to("meta")
-        buffer(self, name, tensor, persistent)
-
-    nn.Module.register_parameter = register_parameter
-    nn.Module.register_buffer = register_buffer
+    """While it lasts, every parameter and buffer a module registers in this thread goes to
+    the meta device. nn.Module's registration is patched process-wide, from the first thread
+    that enters to the last that leaves, but the patch moves only the registrations of the
+    threads inside: a model another thread builds meanwhile keeps its weights."""
+    me = threading.get_ident()
+    with _ON_META_LOCK:
+        if not _ON_META:
+            _REGISTER[:] = nn.Module.register_parameter, nn.Module.register_buffer
+            nn.Module.register_parameter = _register_parameter
+            nn.Module.register_buffer = _register_buffer
+        _ON_META[me] = _ON_META.get(me, 0) + 1
     try:
         yield
     finally:
-        nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+        with _ON_META_LOCK:
+            _ON_META[me] -= 1
+            if not _ON_META[me]:
+                del _ON_META[me]
+            if not _ON_META:
+                nn.Module.register_parameter, nn.Module.register_buffer = _REGISTER
 
 
 def aux_kwargs(ref: nn.Module, present: set[str]) -> dict:

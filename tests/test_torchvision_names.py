@@ -206,3 +206,41 @@ def test_a_torchvision_checkpoint_given_timm_s_name_is_pointed_to_torchvision_s(
         convert(timm_src, tmp_path / "se.safetensors", model="torchvision/efficientnet_b0")
     assert "Its tensors are named" not in str(info.value)
     assert not (tmp_path / "se.safetensors").exists()
+
+
+def test_a_skeleton_built_on_the_cpu_leaves_other_threads_models_their_weights():
+    """A skeleton whose constructor computes with tensors (torchvision's RegNets) is built on
+    the CPU with each registration moved to the meta device; a model another thread builds
+    meanwhile keeps real weights, and the patch is gone once the skeleton is built."""
+    import threading
+
+    from se_inject import _models
+
+    inside, built = threading.Event(), threading.Event()
+    create, seen = _models.create, {}
+    registration = (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer)
+
+    def held_create(name, **kwargs):  # the skeleton's thread waits inside the patch
+        if torch.nn.Module.register_parameter is not registration[0]:
+            inside.set()
+            built.wait(30)
+        return create(name, **kwargs)
+
+    def build_skeleton():
+        seen["skeleton"] = _models.skeleton("torchvision/regnet_y_400mf")
+
+    _models.create = held_create
+    try:
+        worker = threading.Thread(target=build_skeleton, name="skeleton")
+        worker.start()
+        assert inside.wait(60), "the skeleton never got to its CPU build"
+        other = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+        built.set()
+        worker.join(60)
+    finally:
+        _models.create = create
+        built.set()
+    assert {t.device.type for t in (*other.parameters(), *other.buffers())} == {"cpu"}
+    assert {t.device.type for t in (*seen["skeleton"].parameters(),
+                                    *seen["skeleton"].buffers())} == {"meta"}
+    assert (torch.nn.Module.register_parameter, torch.nn.Module.register_buffer) == registration
