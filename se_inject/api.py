@@ -7,6 +7,7 @@ import functools
 import gc
 import itertools
 import math
+import operator
 import sys
 import warnings
 from collections import Counter, abc, defaultdict
@@ -30,7 +31,7 @@ from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
-from .shapes import propagate_shapes
+from .shapes import input_leaves, make_inputs, propagate_shapes
 from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
                     trace_model, tracing_session)
 
@@ -174,7 +175,10 @@ def _placed(resolved, position: str) -> tuple:
 _INPUT_SIZES = {"torchvision.models.inception.Inception3": (3, 299, 299)}
 
 
-def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
+def _input_shapes(model: nn.Module, input_size) -> list:
+    """One spec per input of the forward, each shape with a batch of 2 in front (batch-norm in
+    training mode refuses a batch of 1): a torch.Size for a tensor, or a list, tuple or dict of
+    specs for an input that holds several tensors (shapes.input_leaves, shapes.make_inputs)."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         cls = type(model)
@@ -184,21 +188,38 @@ def _input_shapes(model: nn.Module, input_size) -> list[tuple[int, ...]]:
         c = in_chans_of(model)  # a model built with in_chans=1 keeps the cfg's 3
         if c:
             input_size = (c, *input_size[1:])
-    if not isinstance(input_size, (tuple, list)):
-        raise InvalidArgumentError(f"input_size must be (C, H, W) of positive integers, or a "
-                                   f"list of them for several inputs; got {input_size!r}")
-    sizes = [input_size] if input_size and all(isinstance(v, int) for v in input_size) \
-        else list(input_size)
-    shapes = []
-    for s in sizes:
-        if not isinstance(s, (tuple, list)) or not s or \
-                not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in s):
-            raise InvalidArgumentError(f"input_size must be (C, H, W) of positive integers, or a "
-                                       f"list of them for several inputs; got {input_size!r}")
-        shapes.append((2, *s))  # batch 2: batch-norm in training mode refuses a batch of 1
-    if not shapes:
-        raise InvalidArgumentError(f"input_size is empty: give (C, H, W), got {input_size!r}")
-    return shapes
+    if isinstance(input_size, dict) or _is_size(input_size):
+        sizes = [input_size]  # one input: a tensor, or a dict of them
+    elif isinstance(input_size, (tuple, list)) and input_size:
+        sizes = list(input_size)  # one entry per input
+    else:
+        raise _bad_input_size(input_size)
+    return [_spec(s, input_size) for s in sizes]
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(e, int) for e in v)
+
+
+def _spec(value, given):
+    if _is_size(value):
+        if not all(not isinstance(e, bool) and e > 0 for e in value):
+            raise _bad_input_size(given)
+        return torch.Size((2, *value))
+    if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+        return {k: _spec(v, given) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and value:
+        return type(value)(_spec(v, given) for v in value)
+    raise _bad_input_size(given)
+
+
+def _bad_input_size(given) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"input_size must be (C, H, W) of positive integers, or a list of them for several "
+        f"inputs; an input that is a list or dict of tensors takes a list or dict of sizes "
+        f"(input_size=[[(3, 224, 224), (1, 224, 224)]] for forward(self, images) given a list "
+        f"of two; input_size={{'rgb': (3, 224, 224), 'depth': (1, 224, 224)}} for a dict); got "
+        f"{given!r}")
 
 
 @contextlib.contextmanager
@@ -265,14 +286,18 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
                      and isinstance(args[0], torch.Tensor) else None)
         raise _Reached
 
-    x = torch.zeros(_input_shapes(model, input_size)[0], device="meta", dtype=_dtype(model))
+    dtype, specs = _dtype(model), _input_shapes(model, input_size)
+    inputs = [make_inputs(spec, lambda z: torch.zeros(z, device="meta", dtype=dtype))
+              for spec in specs]
     handle = layer.register_forward_pre_hook(reached, with_kwargs=True)
-    what = f"{type(model).__name__}'s input {tuple(x.shape[1:])}"
+    sizes = [tuple(z[1:]) for spec in specs for z in input_leaves(spec)]
+    what = f"{type(model).__name__}'s input{'s' if len(sizes) > 1 else ''} " \
+        f"{', '.join(map(str, sizes))}"
     try:  # (the snapshot, taken with the stand-ins in place, copies none of the real buffers;
         # it puts back what the forward sets, and the modes eval() sets)
         with _on_meta(model), _NothingLeft(model, left=_anything), torch.no_grad():
             model.eval()  # (a detector in training mode wants its targets)
-            model(x)
+            model(*inputs)
     except _Reached:
         pass
     except Exception as exc:  # a forward that cannot run on meta tensors, or not at this size
@@ -447,6 +472,35 @@ _READS_A_VALUE = ("its forward reads a traced value as a Python number (`if x.sh
                   "number it had at the input size for every size")
 
 
+def _check_structure(model: nn.Module, graph, shapes: list) -> None:
+    """Refuse an input given as one tensor that the forward only indexes (``xs[0]``,
+    ``batch["rgb"]``): it takes a list, tuple or dict of tensors, whose sizes input_size must
+    give one by one."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node, spec in zip(placeholders, shapes):
+        if not isinstance(spec, torch.Size) or not node.users:
+            continue
+        keys = [u.args[1] for u in node.users
+                if u.op == "call_function" and u.target is operator.getitem and u.args[0] is node
+                and isinstance(u.args[1], (int, str)) and not isinstance(u.args[1], bool)]
+        size = tuple(spec[1:])
+        if any(isinstance(k, str) for k in keys):
+            named = list(dict.fromkeys(k for k in keys if isinstance(k, str)))
+            example = "{" + ", ".join(f"{k!r}: (C, H, W)" for k in named) + "}"
+            what = "a dict"
+        elif len(keys) == len(node.users):
+            example = "[[" + ", ".join("(C, H, W)" for _ in range(max(keys) + 1)) + "]]" \
+                if min(keys) >= 0 else "[[(C, H, W), ...]]"
+            what = "a list or tuple"
+        else:
+            continue
+        used = ", ".join(f"{node.target}[{k!r}]" for k in dict.fromkeys(keys))
+        raise InvalidArgumentError(
+            f"{type(model).__name__}.forward takes `{node.target}` as {what} of tensors ({used}), "
+            f"but input_size gives it one tensor of size {size}: give the size of each, "
+            f"input_size={example} (nothing was changed).")
+
+
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                stages=None, spec: GateSpec | None = None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
@@ -454,7 +508,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     shapes = _input_shapes(model, input_size)
     graph = trace_model(model, options, n_inputs=len(shapes), input_shapes=shapes,
                         dtype=_dtype(model))
+    _check_structure(model, graph, shapes)
     propagate_shapes(model, graph, shapes, _dtype(model))
+    height = input_leaves(shapes[0])[0][-2]  # stages count from the first input tensor's height
     view = build_view(graph, model)
     modules = view.modules
     reads = {f.qualname for f in getattr(graph, VALUES_READ, ())}
@@ -505,7 +561,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         if (block, key) in seen:  # a module called more than once: one gate serves every call
             continue
         seen.add((block, key))
-        chosen.append(_Chosen(block, key, c, *_stage(view, c.gated, shapes[0][-2])))
+        chosen.append(_Chosen(block, key, c, *_stage(view, c.gated, height)))
     spec = spec or GateSpec()
     if isinstance(ratio, dict) and stages is None:
         stages = frozenset(ratio)  # a ratio per stage names the stages to gate
@@ -660,7 +716,9 @@ def apply(model: nn.Module, ratio: int | dict = 16,
             (default: ``("residual", "inception")``).
         input_size: (C, H, W) used for shape propagation (default: the timm config's, else
             (3, 224, 224), or (3, 299, 299) for torchvision's Inception-v3); a list of them for
-            a model with several inputs.
+            a model with several inputs; for an input that is a dict or list of tensors, a dict
+            or list of their sizes (``{"rgb": (3, 224, 224), "depth": (1, 224, 224)}``;
+            ``[[(3, 224, 224), (1, 224, 224)]]``).
         stages: gate only these resolution stages (paper Table 13): stage k holds tensors at
             1/2**k of the input's height, so ResNet-50's are 2, 3, 4, 5 (conv2_x..conv5_x);
             or "all-but-last". Default: every stage.

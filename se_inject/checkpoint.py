@@ -672,7 +672,7 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                                   "them to se_inject.load(..., leaf_modules=[...])")
         spec = step.get("gate") or {}
         _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
-                      input_size=tuple(step["input_size"]) if step.get("input_size") else None,
+                      input_size=step.get("input_size") or None,
                       init=step.get("init", "paper"), leaf_modules=leaf_modules,
                       autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
                       **{k: spec[k] for k in ("squeeze", "excite", "min_channels", "divisor")

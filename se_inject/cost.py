@@ -34,6 +34,7 @@ from .errors import (ArgumentNameError, InvalidArgumentError, SEInjectError, mis
                      checks_arguments)
 from .gate import GateSpec, make_gate
 from .plan import Plan
+from .shapes import input_leaves, make_inputs
 
 __all__ = ["cost", "CostReport", "RatioCost", "StageCost", "GateCost", "SCHEMA", "UNIT",
            "count_ops"]
@@ -241,13 +242,28 @@ class _GateCounter:
         return self.cache[key]
 
 
+def _moved(value, device: torch.device):
+    """Tensors in ``value`` (lists, tuples and dicts followed) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return type(value)(_moved(v, device) for v in value)
+
+
+def _first_tensor(value) -> torch.Tensor:
+    while not isinstance(value, torch.Tensor):
+        value = next(iter(value.values() if isinstance(value, dict) else value))
+    return value
+
+
 def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     """Forward passes of both models on the current device, alternated round by round."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the caller's model runs where it is; on another device, a copy runs there
     base = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     other = gated.to(device).eval()
-    xs = tuple(x.to(device) for x in inputs)
+    xs = _moved(inputs, device)
 
     def once(m) -> float:
         if device.type == "cuda":
@@ -266,7 +282,7 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     bases, gateds = sorted(b for b, _ in pairs), sorted(g for _, g in pairs)
     mid = len(pairs) // 2
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch": int(xs[0].shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
+            "batch": int(_first_tensor(xs).shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
             "gated_ms": gateds[mid] * 1e3, "ratio": ratios[mid],
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 
@@ -309,7 +325,7 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     if not len(p):
         raise _no_sites_error(model, p, _trace_options(leaf_modules, autowrap_functions))
     dtype = _dtype(model)
-    inputs = tuple(torch.zeros(1, *s[1:], dtype=dtype) for s in shapes)
+    inputs = tuple(make_inputs(s, lambda z: torch.zeros(1, *z[1:], dtype=dtype)) for s in shapes)
     base = count_ops(model, inputs)
     base_params = sum(t.numel() for t in model.parameters())
     gate_counter = _GateCounter(dtype)
@@ -335,7 +351,8 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
                       **variant)
             measured.append(replace(rc, measured=_measure(model, gated, inputs, measure_rounds)))
         results = measured
-    return CostReport(model=name, input_size=tuple(shapes[0][1:]), stages=_stage_label(stages),
+    return CostReport(model=name, input_size=tuple(input_leaves(shapes[0])[0][1:]),
+                      stages=_stage_label(stages),
                       base_parameters=base_params, base_ops=base.total,
                       base_ops_by_operator=base.by_operator, uncounted=base.uncounted,
                       ratios=tuple(results))

@@ -27,13 +27,22 @@ def record_step(model: nn.Module, *, ratio, rules, stages, input_size, init: str
         "gate": gate.to_dict(),
         "rules": [_rule_dict(r) for r in rules],
         "stages": sorted(stages) if isinstance(stages, frozenset) else stages,
-        "input_size": list(input_size) if input_size is not None else None,
+        "input_size": _listed(input_size),
         "init": init,
         "gates": list(gates),
         "leaf_modules": [f"{c.__module__}.{c.__qualname__}" for c in options.leaf_modules],
         "autowrap_functions": [f"{f.__module__}.{getattr(f, '__qualname__', f)}"
                                for f in options.autowrap_functions],
     })
+
+
+def _listed(value):
+    """``value`` as JSON holds it: tuples as lists (a size, or a structure of them)."""
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_listed(v) for v in value]
+    return value
 
 
 def forget_recipe(model: nn.Module) -> None:

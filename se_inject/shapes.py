@@ -24,9 +24,33 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 
-__all__ = ["propagate_shapes", "VALUE"]
+__all__ = ["propagate_shapes", "VALUE", "input_leaves", "make_inputs"]
 
 VALUE = "se_inject.value"  # node.meta key: the meta tensor (or structure of them) a node produced
+
+
+def _is_shape(spec) -> bool:
+    return isinstance(spec, torch.Size) or (type(spec) in (tuple, list) and bool(spec) and all(
+        isinstance(e, int) for e in spec))
+
+
+def input_leaves(spec) -> list[torch.Size]:
+    """The shapes in one input's spec (api._input_shapes): the shape of a tensor input, or
+    those in a list, tuple or dict of them (nested), in order."""
+    if _is_shape(spec):
+        return [torch.Size(spec)]
+    values = spec.values() if isinstance(spec, dict) else spec
+    return [leaf for v in values for leaf in input_leaves(v)]
+
+
+def make_inputs(spec, make: Callable[[torch.Size], Any]) -> Any:
+    """One input built from its spec: ``make(shape)`` for each shape, in the spec's lists,
+    tuples and dicts."""
+    if _is_shape(spec):
+        return make(torch.Size(spec))
+    if isinstance(spec, dict):
+        return {k: make_inputs(v, make) for k, v in spec.items()}
+    return type(spec)(make_inputs(v, make) for v in spec)
 
 def _new(x: torch.Tensor, shape) -> torch.Tensor:
     """A dense meta tensor of ``x``'s dtype (``x.new_empty`` on meta goes through a Python
@@ -675,7 +699,8 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
     attention caches its biases in eval mode, would keep a meta tensor that its next real run
     takes up; every change a module's attributes undergo here is undone (an LSTM's record of
     its weights as well)."""
-    inputs = [torch.empty(tuple(s), device="meta", dtype=dtype) for s in input_shapes]
+    inputs = [make_inputs(s, lambda z: torch.empty(z, device="meta", dtype=dtype))
+              for s in input_shapes]
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     required = [n for n in placeholders if not n.args]  # no default value
     if len(inputs) < len(required):
@@ -686,7 +711,7 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, input_shapes: Sequence[S
     inputs += [n.args[0] for n in placeholders[len(inputs):]]
     from .trace import _anything, _NothingLeft  # (trace -> kinds -> shapes)
     with _NothingLeft(model, left=_anything):
-        shapes = [str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor)]
+        shapes = [str(tuple(z)) for spec in input_shapes for z in input_leaves(spec)]
         ran_on = (f"an input of shape {shapes[0]}" if len(shapes) == 1 else
                   f"inputs of shapes {', '.join(shapes)}")
         _MetaInterpreter(model, graph=graph, inputs=ran_on).run(*inputs)

@@ -684,7 +684,7 @@ class _ShapedProxy(_Proxy):
         return float(self.tracer.value(self))
 
     def __len__(self):
-        return len(self.tracer.value(self))
+        return len(self.tracer.value(self, held=True))
 
 
 class _ShapedAttribute(_Attribute):
@@ -695,6 +695,12 @@ class _ShapedAttribute(_Attribute):
 _PROXIES = frozenset((_Proxy, _ShapedProxy))  # exact types: a subclass takes fx's own path
 _ATTRIBUTES = frozenset((_Attribute, _ShapedAttribute))
 _CONCRETE = (bool, int, float, torch.Size)
+
+
+def _concrete(v) -> bool:
+    """A number, flag or size, or a list or tuple of numbers."""
+    return isinstance(v, _CONCRETE) or (type(v) in (tuple, list) and bool(v) and all(
+        type(e) in (bool, int, float) for e in v))
 
 
 class _ShapedTracer(_ScopeTracer):
@@ -728,16 +734,19 @@ class _ShapedTracer(_ScopeTracer):
         return bool(self.value(obj, super().to_bool))
 
     def iter(self, obj):
-        return iter(self.value(obj, super().iter))
+        v = self.value(obj, super().iter, held=True)
+        if type(v) in (tuple, list) and not _concrete(v):  # tensors (an input given so)
+            return iter([obj[i] for i in range(len(v))])
+        return iter(v)  # numbers, or a dict's keys
 
-    def value(self, obj, refuse: Callable | None = None):
+    def value(self, obj, refuse: Callable | None = None, held: bool = False):
         """The Python value of ``obj`` at the input shapes; where it is a tensor or
-        unknown, fx's refusal (``refuse(obj)``) or a TypeError."""
+        unknown, fx's refusal (``refuse(obj)``) or a TypeError. ``held``: a list, tuple or
+        dict of anything (whose length or keys are known) is answered too."""
         node = obj.node
         self.values_read.add(self._frames[-1])
         v = self._run_to(node)
-        if isinstance(v, _CONCRETE) or (type(v) in (tuple, list) and v and all(
-                type(e) in (bool, int, float) for e in v)):
+        if _concrete(v) or (held and type(v) in (tuple, list, dict)):
             return v
         if refuse is not None:
             return refuse(obj)
@@ -745,9 +754,10 @@ class _ShapedTracer(_ScopeTracer):
                         "is a tensor's, or one computed from a tensor's values")
 
     def _run_to(self, node: fx.Node):
-        from .shapes import _MetaInterpreter  # (trace -> kinds -> shapes)
+        from .shapes import _MetaInterpreter, make_inputs  # (trace -> kinds -> shapes)
         if self._interpreter is None:
-            inputs = [torch.empty((*s,), device="meta", dtype=self._dtype) for s in self._shapes]
+            inputs = [make_inputs(s, lambda z: torch.empty(z, device="meta", dtype=self._dtype))
+                      for s in self._shapes]
             self._interpreter = _MetaInterpreter(self.root, graph=self.graph,
                                                  garbage_collect_values=False)
             self._interpreter._made = self.constants

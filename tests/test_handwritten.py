@@ -928,3 +928,110 @@ def test_a_block_that_cannot_be_gated_leaves_its_nested_inception_module_its_gat
         warnings.simplefilter("ignore")
         se_inject.apply(model)
     _saturated_equals_plain(model, Net, torch.randn(2, 3, 15, 15))
+
+
+class _TwoArgumentNet(torch.nn.Module):
+    """An image and a depth map, each through a stem, fused, then residual blocks."""
+
+    def __init__(self):
+        super().__init__()
+        from handwritten import Bottleneck, conv_bn
+        self.rgb, self.depth = conv_bn(3, 16), conv_bn(1, 16)
+        self.blocks = torch.nn.Sequential(Bottleneck(16, 8, 32), Bottleneck(32, 8, 32),
+                                          Bottleneck(32, 16, 64, stride=2))
+
+    def forward(self, rgb, depth):
+        return self.blocks(F.relu(self.rgb(rgb)) * torch.sigmoid(self.depth(depth)))
+
+
+class _TakesADict(_TwoArgumentNet):
+    def forward(self, batch):
+        return super().forward(batch["rgb"], batch["depth"])
+
+
+class _TakesAList(_TwoArgumentNet):
+    def forward(self, images):
+        return super().forward(images[0], images[1])
+
+
+class _LoopsOverAList(_TwoArgumentNet):
+    """Iterates over its input and takes its length: fx alone refuses both."""
+
+    def forward(self, images):
+        torch._assert(len(images) == 2, "an image and a depth map")
+        rgb, depth = [stem(x) for stem, x in zip((self.rgb, self.depth), images)]
+        return self.blocks(F.relu(rgb) * torch.sigmoid(depth))
+
+
+_SIZES = {"rgb": (3, 32, 48), "depth": (1, 32, 48)}
+_AS_LIST = [[_SIZES["rgb"], _SIZES["depth"]]]
+_STRUCTURED = [(_TakesADict, _SIZES), (_TakesAList, _AS_LIST), (_LoopsOverAList, _AS_LIST)]
+
+
+def _inputs(cls):
+    rgb, depth = torch.randn(2, 3, 32, 48), torch.randn(2, 1, 32, 48)
+    return {"rgb": rgb, "depth": depth} if cls is _TakesADict else [rgb, depth]
+
+
+@pytest.mark.parametrize("cls,size", _STRUCTURED)
+def test_an_input_that_holds_several_tensors_takes_their_sizes(cls, size):
+    """A forward that takes a dict or a list of tensors is planned, gated and costed as the same
+    network taking them as separate arguments."""
+    torch.manual_seed(0)
+    ref = se_inject.plan(_TwoArgumentNet(), input_size=list(_SIZES.values()))
+    model = cls().eval()
+    randomize_norms(model)
+    p = se_inject.plan(model, input_size=size)
+    assert [(s.gate, s.channels, s.spatial, s.stage) for s in p] == \
+        [(s.gate, s.channels, s.spatial, s.stage) for s in ref] and len(p) == 3
+    x = _inputs(cls)
+    with torch.no_grad():
+        y0 = model(x)
+        twin = copy.deepcopy(model)
+        se_inject.apply(twin, input_size=size, init="identity")
+        assert len(gates(twin)) == 3 and torch.equal(twin(x), y0)
+        se_inject.apply(model, input_size=size)
+        assert not torch.allclose(model(x), y0)
+        saturate(model)
+        assert torch.allclose(model(x), y0, atol=1e-6)
+    assert se_inject.part_input_size(cls(), "blocks", input_size=size) == (16, 32, 48)
+    c = se_inject.cost(cls().eval(), input_size=size)
+    c_ref = se_inject.cost(_TwoArgumentNet().eval(), input_size=list(_SIZES.values()))
+    assert c.input_size == (3, 32, 48) and c.base_ops == c_ref.base_ops > 0
+    assert c.ratios[0].added_parameters == c_ref.ratios[0].added_parameters == \
+        p.added_parameters()
+
+
+@pytest.mark.parametrize("cls,size", _STRUCTURED)
+def test_the_recorded_structured_input_size_gates_a_fresh_model_alike(cls, size):
+    import json
+
+    from se_inject.recipe import recipe_of
+    model = se_inject.apply(cls().eval(), input_size=size)
+    recorded = json.loads(json.dumps(recipe_of(model)[-1]["input_size"]))
+    again = se_inject.apply(cls().eval(), input_size=recorded)
+    assert [n for n, _ in gates(again)] == [n for n, _ in gates(model)] and len(gates(model)) == 3
+
+
+@pytest.mark.parametrize("cls,words", [
+    (_TakesADict, r"takes `batch` as a dict of tensors \(batch\['rgb'\], batch\['depth'\]\).*"
+                  r"input_size=\{'rgb': \(C, H, W\), 'depth': \(C, H, W\)\}"),
+    (_TakesAList, r"takes `images` as a list or tuple of tensors \(images\[0\], images\[1\]\).*"
+                  r"input_size=\[\[\(C, H, W\), \(C, H, W\)\]\]"),
+])
+def test_one_size_for_an_input_that_holds_several_tensors_says_how_to_give_them(cls, words):
+    from se_inject.errors import InvalidArgumentError
+    model = cls().eval()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (se_inject.apply, se_inject.plan):
+        with pytest.raises(InvalidArgumentError, match=words):
+            call(model, input_size=(3, 32, 48))
+    assert not gates(model) and all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("size", [{"rgb": (3, 0, 32), "depth": (1, 32, 32)}, {1: (3, 32, 32)},
+                                  {}, [[]], [[(3, 32, 32), "depth"]]])
+def test_a_malformed_structured_input_size_is_refused(size):
+    from se_inject.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="input_size must be"):
+        se_inject.plan(_TakesADict(), input_size=size)
