@@ -517,3 +517,43 @@ def test_fingerprints_of_some_frames_are_theirs_in_the_whole(name):
         some = {Frame("layer1.0"), Frame("layer1.1"), Frame("layer2.0")}
         prints = fingerprints(graph, some)
         assert prints[Frame("layer1.0")] == prints[Frame("layer1.1")] != prints[Frame("layer2.0")]
+
+
+def test_apply_in_several_threads_at_once_gates_each_model_as_alone():
+    """Tracing sessions overlap across threads (each module call goes to the tracer of its own
+    thread): every model gets the gates a lone apply() gives it, computes what it computed with
+    its gates passing everything, and no patch of nn.Module is left behind."""
+    import copy
+    import threading
+
+    import se_inject
+    from conftest import gates, saturate
+    names = ["resnet18", "mobilenetv2_050", "convnext_atto", "dla34"]
+    alone = {}
+    for name in names:
+        alone[name] = [n for n, _ in gates(se_inject.apply(timm.create_model(name).eval()))]
+    start, results, errors = threading.Barrier(len(names)), {}, []
+
+    def gate(name):
+        try:
+            model = timm.create_model(name).eval()
+            plain = copy.deepcopy(model)
+            start.wait(30)
+            se_inject.apply(model)
+            saturate(model)
+            x = torch.randn(1, 3, 64, 64)
+            with torch.no_grad():
+                results[name] = ([n for n, _ in gates(model)], torch.equal(model(x), plain(x)))
+        except Exception as exc:  # reported below, with the model's name
+            errors.append((name, repr(exc)))
+
+    call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
+    threads = [threading.Thread(target=gate, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert results == {name: (alone[name], True) for name in names}
+    assert all(len(alone[name]) > 0 for name in names)
+    assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
