@@ -31,7 +31,7 @@ from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
-from .shapes import input_leaves, make_inputs, propagate_shapes
+from .shapes import forward_arguments, input_leaves, make_inputs, propagate_shapes
 from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
                     trace_model, tracing_session)
 
@@ -297,7 +297,8 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
         # it puts back what the forward sets, and the modes eval() sets)
         with _on_meta(model), _NothingLeft(model, left=_anything), torch.no_grad():
             model.eval()  # (a detector in training mode wants its targets)
-            model(*inputs)
+            args, kwargs = forward_arguments(model, inputs)
+            model(*args, **kwargs)
     except _Reached:
         pass
     except Exception as exc:  # a forward that cannot run on meta tensors, or not at this size
@@ -478,8 +479,9 @@ def _check_structure(model: nn.Module, graph, shapes: list) -> None:
     give one by one."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for node, spec in zip(placeholders, shapes):
-        if not isinstance(spec, torch.Size) or not node.users:
-            continue
+        if not isinstance(spec, torch.Size) or not node.users or \
+                (node.target.startswith("*") and not node.target.startswith("**")):
+            continue  # (*images holds the inputs that remain, one size each)
         keys = [u.args[1] for u in node.users
                 if u.op == "call_function" and u.target is operator.getitem and u.args[0] is node
                 and isinstance(u.args[1], (int, str)) and not isinstance(u.args[1], bool)]
@@ -494,7 +496,7 @@ def _check_structure(model: nn.Module, graph, shapes: list) -> None:
             what = "a list or tuple"
         else:
             continue
-        used = ", ".join(f"{node.target}[{k!r}]" for k in dict.fromkeys(keys))
+        used = ", ".join(f"{node.target.lstrip('*')}[{k!r}]" for k in dict.fromkeys(keys))
         raise InvalidArgumentError(
             f"{type(model).__name__}.forward takes `{node.target}` as {what} of tensors ({used}), "
             f"but input_size gives it one tensor of size {size}: give the size of each, "

@@ -34,7 +34,7 @@ from .errors import (ArgumentNameError, InvalidArgumentError, SEInjectError, mis
                      checks_arguments)
 from .gate import GateSpec, make_gate
 from .plan import Plan
-from .shapes import input_leaves, make_inputs
+from .shapes import forward_arguments, input_leaves, make_inputs
 
 __all__ = ["cost", "CostReport", "RatioCost", "StageCost", "GateCost", "SCHEMA", "UNIT",
            "count_ops"]
@@ -86,14 +86,31 @@ def _in_eval(model: nn.Module):
             m.training = flag
 
 
-def count_ops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Counted:
-    """fvcore's count of ``model`` on ``inputs`` with the handles above, in eval mode and without
-    gradients; the model's training flags are put back afterwards."""
+class _ByPosition(nn.Module):
+    """``model`` called with its keyword arguments given by position, last (fvcore traces with
+    positional inputs only)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        n = len(args) - len(self.names)
+        return self.model(*args[:n], **dict(zip(self.names, args[n:])))
+
+
+def count_ops(model: nn.Module, inputs: tuple) -> Counted:
+    """fvcore's count of ``model`` on ``inputs`` (one per input, as forward_arguments takes
+    them) with the handles above, in eval mode and without gradients; the model's training
+    flags are put back afterwards."""
     from fvcore.nn import FlopCountAnalysis
+    args, kwargs = forward_arguments(model, inputs)
+    counted = _ByPosition(model, list(kwargs)) if kwargs else model
     try:
         with _in_eval(model), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fca = FlopCountAnalysis(model, inputs).set_op_handle(**EXTRA_HANDLES)
+            fca = FlopCountAnalysis(counted, (*args, *kwargs.values()))
+            fca = fca.set_op_handle(**EXTRA_HANDLES)
             fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             fca.tracer_warnings("none")
             total = fca.total()
@@ -263,13 +280,13 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     # the caller's model runs where it is; on another device, a copy runs there
     base = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     other = gated.to(device).eval()
-    xs = _moved(inputs, device)
+    xs, kws = forward_arguments(model, _moved(inputs, device))
 
     def once(m) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        m(*xs)
+        m(*xs, **kws)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -282,7 +299,7 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     bases, gateds = sorted(b for b, _ in pairs), sorted(g for _, g in pairs)
     mid = len(pairs) // 2
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch": int(_first_tensor(xs).shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
+            "batch": int(_first_tensor(inputs).shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
             "gated_ms": gateds[mid] * 1e3, "ratio": ratios[mid],
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import math
 from typing import Any, Callable, Sequence
@@ -24,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 
-__all__ = ["propagate_shapes", "VALUE", "input_leaves", "make_inputs"]
+__all__ = ["propagate_shapes", "VALUE", "input_leaves", "make_inputs", "forward_arguments"]
 
 VALUE = "se_inject.value"  # node.meta key: the meta tensor (or structure of them) a node produced
 
@@ -41,6 +42,30 @@ def input_leaves(spec) -> list[torch.Size]:
         return [torch.Size(spec)]
     values = spec.values() if isinstance(spec, dict) else spec
     return [leaf for v in values for leaf in input_leaves(v)]
+
+
+def forward_arguments(model: nn.Module, inputs: Sequence) -> tuple[tuple, dict]:
+    """``inputs`` (one per input, in the order of the forward's parameters, as fx makes its
+    placeholders) as the arguments to call ``model`` with: keyword-only parameters by name,
+    a ``**kwargs`` parameter's input (a dict) spread."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: every input by position
+        return tuple(inputs), {}
+    args, kwargs, rest = [], {}, list(inputs)
+    for p in params:
+        if not rest:
+            break
+        if p.kind is p.VAR_POSITIONAL:
+            args += rest
+            rest = []
+        elif p.kind is p.VAR_KEYWORD:
+            kwargs.update(rest.pop(0))
+        elif p.kind is p.KEYWORD_ONLY:
+            kwargs[p.name] = rest.pop(0)
+        else:
+            args.append(rest.pop(0))
+    return tuple(args) + tuple(rest), kwargs
 
 
 def make_inputs(spec, make: Callable[[torch.Size], Any]) -> Any:
@@ -534,6 +559,11 @@ class _MetaInterpreter(fx.Interpreter):
         from .trace import CONSTANTS, compiled_in_place  # (trace -> kinds -> shapes)
         self._compiled_in_place = compiled_in_place
         self._made = getattr(self.graph, CONSTANTS, None) or {}
+
+    def placeholder(self, target, args, kwargs):
+        if isinstance(target, str) and target.startswith("**"):  # forward(self, **batch): the
+            return next(self.args_iter, {})  # input given for it is the dict (fx: a list)
+        return super().placeholder(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
         with self._mode:

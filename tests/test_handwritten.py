@@ -963,14 +963,31 @@ class _LoopsOverAList(_TwoArgumentNet):
         return self.blocks(F.relu(rgb) * torch.sigmoid(depth))
 
 
+class _TakesKeywords(_TwoArgumentNet):
+    def forward(self, **batch):
+        return super().forward(batch["rgb"], batch["depth"])
+
+
+class _TakesNested(_TwoArgumentNet):
+    def forward(self, batch):
+        return super().forward(*batch["images"])
+
+
 _SIZES = {"rgb": (3, 32, 48), "depth": (1, 32, 48)}
 _AS_LIST = [[_SIZES["rgb"], _SIZES["depth"]]]
-_STRUCTURED = [(_TakesADict, _SIZES), (_TakesAList, _AS_LIST), (_LoopsOverAList, _AS_LIST)]
+_STRUCTURED = [(_TakesADict, _SIZES), (_TakesAList, _AS_LIST), (_LoopsOverAList, _AS_LIST),
+               (_TakesKeywords, _SIZES), (_TakesNested, {"images": _AS_LIST[0]})]
 
 
 def _inputs(cls):
     rgb, depth = torch.randn(2, 3, 32, 48), torch.randn(2, 1, 32, 48)
-    return {"rgb": rgb, "depth": depth} if cls is _TakesADict else [rgb, depth]
+    if cls is _TakesNested:
+        return {"images": [rgb, depth]}
+    return {"rgb": rgb, "depth": depth} if cls in (_TakesADict, _TakesKeywords) else [rgb, depth]
+
+
+def _call(model, x):
+    return model(**x) if isinstance(model, _TakesKeywords) else model(x)
 
 
 @pytest.mark.parametrize("cls,size", _STRUCTURED)
@@ -986,14 +1003,14 @@ def test_an_input_that_holds_several_tensors_takes_their_sizes(cls, size):
         [(s.gate, s.channels, s.spatial, s.stage) for s in ref] and len(p) == 3
     x = _inputs(cls)
     with torch.no_grad():
-        y0 = model(x)
+        y0 = _call(model, x)
         twin = copy.deepcopy(model)
         se_inject.apply(twin, input_size=size, init="identity")
-        assert len(gates(twin)) == 3 and torch.equal(twin(x), y0)
+        assert len(gates(twin)) == 3 and torch.equal(_call(twin, x), y0)
         se_inject.apply(model, input_size=size)
-        assert not torch.allclose(model(x), y0)
+        assert not torch.allclose(_call(model, x), y0)
         saturate(model)
-        assert torch.allclose(model(x), y0, atol=1e-6)
+        assert torch.allclose(_call(model, x), y0, atol=1e-6)
     assert se_inject.part_input_size(cls(), "blocks", input_size=size) == (16, 32, 48)
     c = se_inject.cost(cls().eval(), input_size=size)
     c_ref = se_inject.cost(_TwoArgumentNet().eval(), input_size=list(_SIZES.values()))
@@ -1016,6 +1033,8 @@ def test_the_recorded_structured_input_size_gates_a_fresh_model_alike(cls, size)
 @pytest.mark.parametrize("cls,words", [
     (_TakesADict, r"takes `batch` as a dict of tensors \(batch\['rgb'\], batch\['depth'\]\).*"
                   r"input_size=\{'rgb': \(C, H, W\), 'depth': \(C, H, W\)\}"),
+    (_TakesKeywords, r"takes `\*\*batch` as a dict of tensors \(batch\['rgb'\], "
+                     r"batch\['depth'\]\)"),
     (_TakesAList, r"takes `images` as a list or tuple of tensors \(images\[0\], images\[1\]\).*"
                   r"input_size=\[\[\(C, H, W\), \(C, H, W\)\]\]"),
 ])
@@ -1035,3 +1054,16 @@ def test_a_malformed_structured_input_size_is_refused(size):
     from se_inject.errors import InvalidArgumentError
     with pytest.raises(InvalidArgumentError, match="input_size must be"):
         se_inject.plan(_TakesADict(), input_size=size)
+
+
+def test_starred_inputs_take_one_size_each():
+    """``forward(self, *images)`` takes the inputs that remain, one size each, as the same
+    network taking them by name."""
+    class TakesStarred(_TwoArgumentNet):
+        def forward(self, *images):
+            return super().forward(images[0], images[1])
+
+    sizes = list(_SIZES.values())
+    ref = se_inject.plan(_TwoArgumentNet(), input_size=sizes)
+    p = se_inject.plan(TakesStarred(), input_size=sizes)
+    assert [(s.gate, s.spatial) for s in p] == [(s.gate, s.spatial) for s in ref] and len(p) == 3
