@@ -442,6 +442,30 @@ def _collect(m: nn.Module, prefix: list[str], table: dict) -> None:
         _collect(v, prefix + [k], table)
 
 
+_MERGE_PARAMETERS = {torch.add: ("input", "other"), "add": ("self", "other"),
+                     "add_": ("self", "other"), torch.cat: ("tensors", "dim"),
+                     torch.concat: ("tensors", "dim"), torch.concatenate: ("tensors", "axis")}
+
+
+def _by_position(kind: str, target, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The operands of a sum or concatenation given by name (``torch.add(x, other=y)``,
+    ``x.add(other=y)``, ``torch.cat(tensors=[a, b], dim=1)``, ``torch.concatenate([a, b],
+    axis=1)``) moved to their positions, as the same call made by position records them:
+    the rules, the identity initialisation and the rewrite read a merge's operands there."""
+    names = _MERGE_PARAMETERS.get(target) if (kind == "call_method") == isinstance(target, str) \
+        else None
+    if names is None:
+        return args, kwargs
+    args, kwargs = list(args), dict(kwargs)
+    for name in names[len(args):]:
+        key = name if name in kwargs else "axis" if name == "dim" and "axis" in kwargs else \
+            "dim" if name == "axis" and "dim" in kwargs else None
+        if key is None:
+            break
+        args.append(kwargs.pop(key))
+    return tuple(args), kwargs
+
+
 class UnpackingTracer(fx.Tracer):
     """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack); within a
     ``tracing_session`` it takes the session's module patch instead of making its own.
@@ -537,7 +561,11 @@ class UnpackingTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         """fx's create_node, with the arguments attached once the node exists: fx's graph
         walks every argument of a call through pytree to warn of raw symbolic integers,
-        which a trace with proxies never passes (a twentieth of a small model's apply)."""
+        which a trace with proxies never passes (a twentieth of a small model's apply).
+        A sum's or concatenation's operands given by name are recorded by position
+        (_by_position)."""
+        if kwargs and kind in ("call_function", "call_method"):
+            args, kwargs = _by_position(kind, target, args, kwargs)
         if not (args or kwargs) or self.check_mutable_operations:
             return super().create_node(kind, target, args, kwargs, name, type_expr)
         node = super().create_node(kind, target, (), {}, name, type_expr)

@@ -1067,3 +1067,96 @@ def test_starred_inputs_take_one_size_each():
     ref = se_inject.plan(_TwoArgumentNet(), input_size=sizes)
     p = se_inject.plan(TakesStarred(), input_size=sizes)
     assert [(s.gate, s.spatial) for s in p] == [(s.gate, s.spatial) for s in ref] and len(p) == 3
+
+
+class _CatByName(torch.nn.Module):
+    """Inception-style modules whose concatenation names its arguments."""
+
+    def __init__(self, how):
+        super().__init__()
+        from handwritten import conv_bn
+        self.how = how
+        self.stem = conv_bn(3, 16)
+        self.a, self.b = conv_bn(16, 8, 1), torch.nn.Sequential(conv_bn(16, 8), conv_bn(8, 8))
+        self.c, self.d = conv_bn(16, 8, 1), torch.nn.Sequential(conv_bn(16, 8), conv_bn(8, 8))
+
+    def merge(self, parts):
+        if self.how == "tensors":
+            return torch.cat(tensors=parts, dim=1)
+        if self.how == "axis":
+            return torch.concatenate(parts, axis=1)
+        return torch.cat(parts, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.merge([self.a(x), self.b(x)]))
+        return F.relu(self.merge([self.c(x), self.d(x)]))
+
+
+@pytest.mark.parametrize("how", ["tensors", "axis"])
+def test_a_concatenation_naming_its_arguments_is_gated_as_one_by_position(how):
+    """torch.cat(tensors=[...], dim=1) and torch.concatenate([...], axis=1) are the same
+    inception modules as torch.cat([...], 1): same sites, and identity gates that keep the
+    output exactly (the layers feeding the concatenation found through its named tensors)."""
+    torch.manual_seed(0)
+    ref = se_inject.plan(_CatByName("position"), input_size=(3, 16, 16))
+    model = _CatByName(how).eval()
+    randomize_norms(model)
+    p = se_inject.plan(model, input_size=(3, 16, 16))
+    assert [(s.gate, s.rule, s.channels) for s in p] == \
+        [(s.gate, s.rule, s.channels) for s in ref] and len(p) == 2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+        se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+        assert len(gates(model)) == 2 and torch.equal(model(x), y0)
+
+
+class _SumByName(torch.nn.Module):
+    """Residual blocks whose sum names its operands."""
+
+    def __init__(self, how):
+        super().__init__()
+        from handwritten import conv_bn
+        self.how = how
+        self.stem = conv_bn(3, 16)
+        self.f1 = torch.nn.Sequential(conv_bn(16, 16), torch.nn.ReLU(), conv_bn(16, 16))
+        self.f2 = torch.nn.Sequential(conv_bn(16, 16), torch.nn.ReLU(), conv_bn(16, 16))
+
+    def add(self, x, y):
+        if self.how == "input_other":
+            return torch.add(input=x, other=y)
+        if self.how == "other":
+            return torch.add(x, other=y)
+        if self.how == "method":
+            return x.add(other=y)
+        return x + y
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.add(x, self.f1(x)))
+        return F.relu(self.add(x, self.f2(x)))
+
+
+@pytest.mark.parametrize("how", ["input_other", "other", "method"])
+@pytest.mark.parametrize("position", ["standard", "pre", "post", "identity"])
+def test_a_sum_naming_its_operands_is_the_sum_made_by_position(how, position):
+    """torch.add(input=x, other=y), torch.add(x, other=y) and x.add(other=y) are found,
+    gated and placed as x + y is, in every position; identity gates keep the output."""
+    ref = se_inject.plan(_SumByName("plus"), input_size=(3, 16, 16), position=position)
+    model = _SumByName(how).eval()
+    randomize_norms(model)
+    p = se_inject.plan(model, input_size=(3, 16, 16), position=position)
+    assert [(s.gate, s.tensor, s.channels) for s in p] == \
+        [(s.gate, s.tensor, s.channels) for s in ref] and len(p) == 2
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+        twin = copy.deepcopy(model)
+        se_inject.apply(model, input_size=(3, 16, 16), position=position)
+        assert len(gates(model)) == 2 and not torch.allclose(model(x), y0)
+        saturate(model)
+        assert torch.allclose(model(x), y0, atol=1e-6)
+        if position == "standard":
+            se_inject.apply(twin, input_size=(3, 16, 16), init="identity")
+            assert torch.equal(twin(x), y0)

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from se_inject.trace import (_FX_HOOKS, _UNPACKS, CONSTANT_PREFIX, CONSTANTS, TraceOptions,
-                             trace_block, trace_model)
+                             _by_position, trace_block, trace_model)
 
 # tests of what a tracing session patches; where this torch's fx lacks what sessions need,
 # they do nothing and every trace patches as fx does (se_inject.trace._FX_HOOKS)
@@ -181,10 +181,15 @@ class _Unpacks(nn.Module):
 
 def _ops(graph: fx.Graph) -> list[tuple]:
     # fx stores a tensor made while tracing on the module as _tensor_constantN; se-inject
-    # keeps it with the graph as _se_inject_constantN (test_constants_stay_off_the_model)
+    # keeps it with the graph as _se_inject_constantN (test_constants_stay_off_the_model);
+    # and records a concatenation's dim=1 by position (trace._by_position)
     def named(text):
         return text.replace("_tensor_constant", CONSTANT_PREFIX)
-    return [(n.op, named(str(n.target)), named(str(n.args))) for n in graph.nodes]
+
+    def positional(n):
+        return _by_position(n.op, n.target, n.args, n.kwargs) if n.op == "call_function" \
+            else (n.args, n.kwargs)
+    return [(n.op, named(str(n.target)), named(str(positional(n)))) for n in graph.nodes]
 
 
 def test_unpacking_gives_the_graph_plain_fx_gives():
