@@ -227,6 +227,12 @@ _ACTIVE = threading.local()  # .stack: [(tracer, parameter proxy cache)], innerm
 _SESSION: dict = {"depth": 0, "active": False, "classes": {}, "module": False, "hook": None,
                   "wrap": None}
 _SESSION_LOCK = threading.Lock()
+# fx keeps the patcher of the trace in progress in one global (CURRENT_PATCHER), which a
+# trace in another thread replaces, and outside a session patches nn.Module for the whole
+# process: traces in two threads at once failed ("CURRENT_PATCHER is None"). Every se-inject
+# trace holds this lock (re-entrant: a trace may start another); what apply() does between
+# its traces runs in parallel.
+_TRACE_LOCK = threading.RLock()
 _FX_FLAG = "__fx_already_patched"  # fx's patcher leaves a method alone that carries this
 
 
@@ -593,16 +599,18 @@ class UnpackingTracer(fx.Tracer):
         return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
+        """fx's trace, one thread at a time (_TRACE_LOCK)."""
         self._tensor_names: dict[int, tuple[str, bool, torch.Tensor]] | None = None
         self.constants = {} if self._constants_into is None else self._constants_into
-        if not _SESSION["active"]:
-            return super().trace(root, concrete_args)
-        stack = _ACTIVE.__dict__.setdefault("stack", [])
-        stack.append((self, {}))
-        try:
-            return super().trace(root, concrete_args)
-        finally:
-            stack.pop()
+        with _TRACE_LOCK:
+            if not _SESSION["active"]:
+                return super().trace(root, concrete_args)
+            stack = _ACTIVE.__dict__.setdefault("stack", [])
+            stack.append((self, {}))
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                stack.pop()
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """fx finds the name of a parameter or buffer by walking all of the model's
