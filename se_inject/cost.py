@@ -299,7 +299,8 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     bases, gateds = sorted(b for b, _ in pairs), sorted(g for _, g in pairs)
     mid = len(pairs) // 2
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch": int(_first_tensor(inputs).shape[0]), "rounds": rounds, "base_ms": bases[mid] * 1e3,
+            "batch": int(_first_tensor(inputs).shape[0]), "rounds": rounds,
+            "base_ms": bases[mid] * 1e3,
             "gated_ms": gateds[mid] * 1e3, "ratio": ratios[mid],
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 

@@ -187,8 +187,9 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
         if node.op in ("call_function", "call_method"):
             target = node.target
             if target in _EACH_OPERAND or target in ("add", "add_"):
-                operands = _merge_operands(node)
-                if not operands:  # (arguments given in a way not read here)
+                is_cat = target in (torch.cat, torch.concat, torch.concatenate)
+                operands = list(flat(node.args[:1])) if is_cat else list(node.args)
+                if not operands:  # (the trace records them by position: trace._by_position)
                     raise refuse(f"`{node.format_node()}` takes its operands in a form "
                                  "se-inject does not follow")
                 if any(not isinstance(a, fx.Node) for a in operands) or \
@@ -220,15 +221,6 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     if len(set(found)) != len(found):
         raise refuse("one layer reaches the gated tensor by two paths")
     return Compensation(gate, tuple(found))
-
-
-def _merge_operands(node: fx.Node) -> list:
-    """The operands of a sum or concatenation, given by position or by name (``torch.cat(
-    tensors=[a, b], dim=1)``, ``torch.add(a, other=b)``)."""
-    if node.target in (torch.cat, torch.concat, torch.concatenate):
-        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
-        return [] if tensors is None else list(flat((tensors,)))
-    return [*node.args, *(node.kwargs[k] for k in ("input", "other") if k in node.kwargs)]
 
 
 def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: set[str],

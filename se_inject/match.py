@@ -61,8 +61,7 @@ def _operands(node: fx.Node, kind: str) -> tuple[list, int | None]:
     if kind == "add":
         return [(i, a) for i, a in enumerate(node.args[:2])], None
     tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
-    dim = node.args[1] if len(node.args) > 1 else \
-        node.kwargs.get("dim", node.kwargs.get("axis", 0))  # (torch.concatenate's name)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     return [(i, a) for i, a in enumerate(tensors)], dim
 
 

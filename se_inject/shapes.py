@@ -77,6 +77,7 @@ def make_inputs(spec, make: Callable[[torch.Size], Any]) -> Any:
         return {k: make_inputs(v, make) for k, v in spec.items()}
     return type(spec)(make_inputs(v, make) for v in spec)
 
+
 def _new(x: torch.Tensor, shape) -> torch.Tensor:
     """A dense meta tensor of ``x``'s dtype (``x.new_empty`` on meta goes through a Python
     decomposition, three times slower)."""

@@ -230,8 +230,7 @@ _SESSION_LOCK = threading.Lock()
 # fx keeps the patcher of the trace in progress in one global (CURRENT_PATCHER), which a
 # trace in another thread replaces, and outside a session patches nn.Module for the whole
 # process: traces in two threads at once failed ("CURRENT_PATCHER is None"). Every se-inject
-# trace holds this lock (re-entrant: a trace may start another); what apply() does between
-# its traces runs in parallel.
+# trace holds this lock (re-entrant); what apply() does between its traces runs in parallel.
 _TRACE_LOCK = threading.RLock()
 _FX_FLAG = "__fx_already_patched"  # fx's patcher leaves a method alone that carries this
 
