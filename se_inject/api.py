@@ -31,7 +31,8 @@ from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
                       remove_gates)
 from .rules import RuleSpec, resolve_rules
-from .shapes import forward_arguments, input_leaves, make_inputs, propagate_shapes
+from .shapes import (forward_arguments, input_leaves, is_shape, make_inputs,
+                     propagate_shapes)
 from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
                     trace_model, tracing_session)
 
@@ -188,7 +189,7 @@ def _input_shapes(model: nn.Module, input_size) -> list:
         c = in_chans_of(model)  # a model built with in_chans=1 keeps the cfg's 3
         if c:
             input_size = (c, *input_size[1:])
-    if isinstance(input_size, dict) or _is_size(input_size):
+    if isinstance(input_size, dict) or is_shape(input_size):
         sizes = [input_size]  # one input: a tensor, or a dict of them
     elif isinstance(input_size, (tuple, list)) and input_size:
         sizes = list(input_size)  # one entry per input
@@ -197,12 +198,8 @@ def _input_shapes(model: nn.Module, input_size) -> list:
     return [_spec(s, input_size) for s in sizes]
 
 
-def _is_size(v) -> bool:
-    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(e, int) for e in v)
-
-
 def _spec(value, given):
-    if _is_size(value):
+    if is_shape(value):
         if not all(not isinstance(e, bool) and e > 0 for e in value):
             raise _bad_input_size(given)
         return torch.Size((2, *value))

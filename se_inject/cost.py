@@ -259,28 +259,14 @@ class _GateCounter:
         return self.cache[key]
 
 
-def _moved(value, device: torch.device):
-    """Tensors in ``value`` (lists, tuples and dicts followed) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
-    return type(value)(_moved(v, device) for v in value)
-
-
-def _first_tensor(value) -> torch.Tensor:
-    while not isinstance(value, torch.Tensor):
-        value = next(iter(value.values() if isinstance(value, dict) else value))
-    return value
-
-
-def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
-    """Forward passes of both models on the current device, alternated round by round."""
+def _measure(model: nn.Module, gated: nn.Module, inputs_on: Callable, rounds: int) -> dict:
+    """Forward passes of both models on the current device, alternated round by round, on the
+    inputs ``inputs_on(device)`` makes (one image each)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the caller's model runs where it is; on another device, a copy runs there
     base = model if device.type == "cpu" else copy.deepcopy(model).to(device)
     other = gated.to(device).eval()
-    xs, kws = forward_arguments(model, _moved(inputs, device))
+    xs, kws = forward_arguments(model, inputs_on(device))
 
     def once(m) -> float:
         if device.type == "cuda":
@@ -299,8 +285,7 @@ def _measure(model: nn.Module, gated: nn.Module, inputs, rounds: int) -> dict:
     bases, gateds = sorted(b for b, _ in pairs), sorted(g for _, g in pairs)
     mid = len(pairs) // 2
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "batch": int(_first_tensor(inputs).shape[0]), "rounds": rounds,
-            "base_ms": bases[mid] * 1e3,
+            "batch": 1, "rounds": rounds, "base_ms": bases[mid] * 1e3,
             "gated_ms": gateds[mid] * 1e3, "ratio": ratios[mid],
             "ratio_iqr": (ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4])}
 
@@ -343,8 +328,11 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     if not len(p):
         raise _no_sites_error(model, p, _trace_options(leaf_modules, autowrap_functions))
     dtype = _dtype(model)
-    inputs = tuple(make_inputs(s, lambda z: torch.zeros(1, *z[1:], dtype=dtype)) for s in shapes)
-    base = count_ops(model, inputs)
+
+    def inputs_on(device):  # one image: the counts are per image
+        return tuple(make_inputs(s, lambda z: torch.zeros(1, *z[1:], dtype=dtype, device=device))
+                     for s in shapes)
+    base = count_ops(model, inputs_on("cpu"))
     base_params = sum(t.numel() for t in model.parameters())
     gate_counter = _GateCounter(dtype)
     results = []
@@ -367,7 +355,7 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
                 apply(gated, rc.ratio, rules, input_size=input_size, stages=stages,
                       leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
                       **variant)
-            measured.append(replace(rc, measured=_measure(model, gated, inputs, measure_rounds)))
+            measured.append(replace(rc, measured=_measure(model, gated, inputs_on, measure_rounds)))
         results = measured
     return CostReport(model=name, input_size=tuple(input_leaves(shapes[0])[0][1:]),
                       stages=_stage_label(stages),

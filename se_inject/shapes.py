@@ -25,20 +25,22 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 
-__all__ = ["propagate_shapes", "VALUE", "input_leaves", "make_inputs", "forward_arguments"]
+__all__ = ["propagate_shapes", "VALUE", "input_leaves", "make_inputs", "forward_arguments",
+           "is_shape"]
 
 VALUE = "se_inject.value"  # node.meta key: the meta tensor (or structure of them) a node produced
 
 
-def _is_shape(spec) -> bool:
-    return isinstance(spec, torch.Size) or (type(spec) in (tuple, list) and bool(spec) and all(
-        isinstance(e, int) for e in spec))
+def is_shape(spec) -> bool:
+    """A shape (a tuple or list of integers, torch.Size among them), not a list, tuple or dict
+    of specs."""
+    return isinstance(spec, (tuple, list)) and bool(spec) and all(isinstance(e, int) for e in spec)
 
 
 def input_leaves(spec) -> list[torch.Size]:
     """The shapes in one input's spec (api._input_shapes): the shape of a tensor input, or
     those in a list, tuple or dict of them (nested), in order."""
-    if _is_shape(spec):
+    if is_shape(spec):
         return [torch.Size(spec)]
     values = spec.values() if isinstance(spec, dict) else spec
     return [leaf for v in values for leaf in input_leaves(v)]
@@ -71,7 +73,7 @@ def forward_arguments(model: nn.Module, inputs: Sequence) -> tuple[tuple, dict]:
 def make_inputs(spec, make: Callable[[torch.Size], Any]) -> Any:
     """One input built from its spec: ``make(shape)`` for each shape, in the spec's lists,
     tuples and dicts."""
-    if _is_shape(spec):
+    if is_shape(spec):
         return make(torch.Size(spec))
     if isinstance(spec, dict):
         return {k: make_inputs(v, make) for k, v in spec.items()}

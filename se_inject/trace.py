@@ -448,8 +448,9 @@ def _collect(m: nn.Module, prefix: list[str], table: dict) -> None:
 
 
 _MERGE_PARAMETERS = {torch.add: ("input", "other"), "add": ("self", "other"),
-                     "add_": ("self", "other"), torch.cat: ("tensors", "dim"),
-                     torch.concat: ("tensors", "dim"), torch.concatenate: ("tensors", "axis")}
+                     "add_": ("self", "other"), torch.cat: ("tensors", "dim axis"),
+                     torch.concat: ("tensors", "dim axis"),
+                     torch.concatenate: ("tensors", "axis dim")}  # (names a position takes)
 
 
 def _by_position(kind: str, target, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -462,9 +463,8 @@ def _by_position(kind: str, target, args: tuple, kwargs: dict) -> tuple[tuple, d
     if names is None:
         return args, kwargs
     args, kwargs = list(args), dict(kwargs)
-    for name in names[len(args):]:
-        key = name if name in kwargs else "axis" if name == "dim" and "axis" in kwargs else \
-            "dim" if name == "axis" and "dim" in kwargs else None
+    for accepted in names[len(args):]:
+        key = next((k for k in accepted.split() if k in kwargs), None)
         if key is None:
             break
         args.append(kwargs.pop(key))
