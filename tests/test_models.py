@@ -396,6 +396,58 @@ def test_features_only_backbones_get_the_classifiers_gates(name, wrapper):
     assert all(p.grad is not None for _, g in gates(backbone) for p in g.parameters())
 
 
+def _recomputes(model, module, x) -> int:
+    """How many times ``module`` is called in one forward and backward of ``model`` on ``x``
+    (counted as it starts: a non-reentrant checkpoint stops recomputing inside the module that
+    makes the last tensor backward needs)."""
+    calls = []
+    hook = module.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        model(x).square().mean().backward()
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_atto", "mobilenetv2_050"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_on_before_or_after_apply(name, when):
+    """timm's set_grad_checkpointing() (checkpoint_seq over stages, or per block) on before
+    apply() gives the plan it gives off, and either way the gated model checkpoints: a layer
+    inside a checkpointed region runs again in backward, and the outputs and gradients are
+    those of the gated model without checkpointing."""
+    def gated(checkpointing_before):
+        torch.manual_seed(0)
+        m = timm.create_model(name, pretrained=False, drop_path_rate=0.0).train()
+        m.set_grad_checkpointing(checkpointing_before)
+        se_inject.apply(m, rules=["residual", "inception", "inverted-residual"])
+        return m
+
+    reference = gated(False)
+    model = gated(when == "before")
+    if when == "after":
+        model.set_grad_checkpointing(True)
+    model.load_state_dict(reference.state_dict())
+    assert [n for n, _ in gates(model)] == [n for n, _ in gates(reference)] and gates(model)
+    plan_on = timm.create_model(name, pretrained=False)
+    plan_on.set_grad_checkpointing(True)
+    assert se_inject.plan(plan_on).sites == se_inject.plan(timm.create_model(name)).sites
+
+    x = torch.randn(2, 3, 64, 64)
+    outs = []
+    for m in (model, reference):
+        torch.manual_seed(1)
+        outs.append(m(x))
+        outs[-1].square().mean().backward()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for n, p in reference.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+    middle = len(gates(model)) // 2  # a gate inside a middle stage
+    assert _recomputes(reference, gates(reference)[middle][1], x) == 1
+    assert _recomputes(model, gates(model)[middle][1], x) == 2
+
+
 def test_a_model_made_on_the_meta_device_is_gated_there_and_loads_after_to_empty():
     """Large models are made without memory (`with torch.device("meta")`), gated, then given
     storage and weights: the gates are made on the model's device, and the loaded model computes
