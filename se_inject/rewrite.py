@@ -330,6 +330,7 @@ def _dispatch(train_fn: Callable, eval_fn: Callable) -> Callable:
         return (train_fn if self.training else eval_fn)(self, *args, **kwargs)
     forward.__qualname__ = train_fn.__qualname__
     forward.__dict__[RECIPE] = ("dispatch", train_fn, eval_fn)
+    forward.__wrapped__ = train_fn  # its signature (see _guarded)
     return forward
 
 
@@ -817,6 +818,9 @@ def _guarded(forward: Callable, label: str, reads: tuple[tuple[str, object], ...
         return forward(self, *args, **kwargs)
     guarded.__qualname__ = forward.__qualname__
     guarded.__dict__[RECIPE] = ("guard", forward, label, reads, containers)
+    # inspect.signature and fx's trace of a model whose own forward this is (plan() or apply()
+    # again) read the parameters of the wrapped forward, not (*args, **kwargs)
+    guarded.__wrapped__ = forward
     return guarded
 
 

@@ -1,6 +1,7 @@
 """Hand-written CNNs: blocks inline in a top-level forward, inception from F.conv2d, and the
 models that must be refused or left alone."""
 import copy
+import inspect
 import io
 import warnings
 
@@ -1160,3 +1161,54 @@ def test_a_sum_naming_its_operands_is_the_sum_made_by_position(how, position):
         if position == "standard":
             se_inject.apply(twin, input_size=(3, 16, 16), init="identity")
             assert torch.equal(twin(x), y0)
+
+
+class _FlagInlineNet(torch.nn.Module):
+    """A residual block inline in the model's own forward, which reads a setting and runs
+    otherwise in training (dropout): its gated forward checks the setting and picks the
+    trace of the mode it runs in, wrappers that take (*args, **kwargs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1),
+                                          torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(16, 16, 3, padding=1),
+                                          torch.nn.BatchNorm2d(16))
+        self.double = False
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x, scale: float = 1.0):
+        x = F.relu(self.stem(x))
+        y = self.branch(x)
+        if self.double:
+            y = y * 2
+        x = F.relu(x + y)
+        return self.head(F.dropout(x.mean((2, 3)), 0.2, self.training)) * scale
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_model_whose_own_forward_is_gated_can_be_planned_and_gated_again(mode):
+    """plan() and apply() trace a model whose own forward se-inject generated as they trace
+    any other: through the forward's own parameters, where its wrappers (a check of the
+    settings it read, a choice between its training and eval traces) take (*args, **kwargs).
+    They once failed there with fx's 'Proxy object cannot be iterated'."""
+    model = getattr(_FlagInlineNet(), mode)()
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["se_gate"]
+    wrapper = type(model).__dict__["forward"]
+    assert model.forward.__func__ is not wrapper  # the generated forward, on the instance
+    assert list(inspect.signature(model.forward).parameters) == ["x", "scale"]
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    before = model(x)
+    again = se_inject.plan(model)
+    assert len(again) == 0 and {s.reason for s in again.skipped} == {"already gated"}
+    with pytest.warns(UserWarning, match="changed nothing|already"):
+        se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["se_gate"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    model.double = True
+    with pytest.raises(se_inject.SEInjectError, match="double"):
+        model(x)
