@@ -30,8 +30,8 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN, STATE_CHANGES, Call,
-                    TraceOptions, autograd_functions, code_names, module_code,
+from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN,
+                    STATE_CHANGES, Call, TraceOptions, autograd_functions, code_names, module_code,
                     other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
@@ -236,6 +236,8 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
             continue
         with graph.inserting_after(call.out):
             whole = graph.call_module(call.qualname, (read.pop(),))
+        if call.checkpoint is not None:
+            whole.meta[CHECKPOINTED] = call.checkpoint
         call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
         for node in call.nodes:  # users before what they use
             graph.erase_node(node)
@@ -247,6 +249,22 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
             parts = n.target.split(".")
             named.update(".".join(parts[:k]) for k in range(1, len(parts)))
     return {c.qualname for c in containers if c.qualname in named}
+
+
+def _checkpoint_calls(graph: fx.Graph) -> None:
+    """Each layer the traced forward called through torch.utils.checkpoint (CHECKPOINTED) is
+    called so again, with the same settings: ``torch.utils.checkpoint.checkpoint(self.layer,
+    x, use_reentrant=False)``."""
+    from torch.utils.checkpoint import checkpoint
+
+    for node in list(graph.nodes):
+        settings = node.meta.get(CHECKPOINTED) if node.op == "call_module" else None
+        if settings is None:
+            continue
+        with graph.inserting_before(node):
+            layer = graph.get_attr(node.target)
+        node.op, node.target = "call_function", checkpoint
+        node.args, node.kwargs = (layer, *node.args), {**node.kwargs, **settings}
 
 
 def _linear_chain(node: fx.Node, owner: nn.Module) -> tuple[fx.Node, str, str | None] | None:
@@ -591,7 +609,17 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                 raise _Left(what)
             raise _not_regenerable(label, owner, what, "that part")
         traced[training] = _insert(graph, gates, label + where, owner)
-        inlined |= _call_containers_whole(graph)
+        named = _call_containers_whole(graph)
+        inlined |= named
+        checkpointed = [c.qualname for c in getattr(graph, CONTAINERS, ())
+                        if c.checkpoint is not None and c.qualname in named]
+        if checkpointed:
+            what = (f"checkpoints `{checkpointed[0]}` (torch.utils.checkpoint), whose layers the "
+                    "gated forward would have to call one by one, without the checkpointing")
+            if reference is not None:
+                raise _Left(what)
+            raise _not_regenerable(label, owner, what, "that part")
+        _checkpoint_calls(graph)
         _check_gates_used(graph, gates, label, owner)
         compiled[training] = _compile(graph, type(owner), method)
     return compiled, traced, inlined, steps

@@ -38,6 +38,9 @@ STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what it
 # a block's graph attribute: the modes (grad, inference, autocast) part of its forward ran in,
 # other than the caller's, each with the first node made in it
 MODE_CHANGES = "_se_inject_mode_changes"
+# node.meta key in a block's graph: the settings of the torch.utils.checkpoint.checkpoint call
+# that ran this layer (a call_module node), for the generated forward to make the same call
+CHECKPOINTED = "se_inject.checkpoint"
 CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
 # graph attribute: the Frames whose forward read a traced value as a Python one (see
 # _ShapedTracer); a forward generated from a trace of one of them could not do that
@@ -1255,6 +1258,7 @@ class ContainerCall:
     arg: fx.Node
     out: fx.Node
     nodes: tuple[fx.Node, ...]
+    checkpoint: dict | None = None  # the settings of the checkpoint() call that ran it
 
 
 def _autocast_devices() -> tuple[str, ...]:
@@ -1271,11 +1275,17 @@ def _autocast_devices() -> tuple[str, ...]:
 _AUTOCAST_DEVICES = _autocast_devices()
 
 
+def _saved_tensor_hooks():
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if hooks is None else hooks[0]
+
+
 def _modes() -> tuple:
     """The modes ops run in that a ``with`` block in a forward can change and fx does not
-    record: grad mode (``torch.no_grad()``, ``torch.enable_grad()``), inference mode, and
-    autocast per device."""
-    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+    record: grad mode (``torch.no_grad()``, ``torch.enable_grad()``), inference mode, the
+    saved-tensor hooks autograd packs what it keeps with (``torch.utils.checkpoint`` without
+    re-entry, ``torch.autograd.graph.save_on_cpu()``), and autocast per device."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _saved_tensor_hooks(),
             *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
               for d in _AUTOCAST_DEVICES))
 
@@ -1286,7 +1296,11 @@ def _mode_change(entry: tuple, now: tuple) -> str:
                                "off, as torch.no_grad() sets")
     if now[1] != entry[1]:
         return "in inference mode" if now[1] else "outside inference mode"
-    for d, was, is_ in zip(_AUTOCAST_DEVICES, entry[2:], now[2:]):
+    if now[2] is not entry[2]:
+        return ("inside torch.utils.checkpoint (without re-entry) or another context of "
+                "saved-tensor hooks (torch.autograd.graph.save_on_cpu); the trace keeps its ops, "
+                "not the checkpointing or the hooks")
+    for d, was, is_ in zip(_AUTOCAST_DEVICES, entry[3:], now[3:]):
         if was != is_:
             return (f"{d} autocast to {str(is_[1]).replace('torch.', '')}" if is_[0]
                     else f"{d} autocast off")
@@ -1330,6 +1344,61 @@ def _known_modes():
             torch.set_autocast_dtype(d, dtype)
 
 
+
+def _checkpoint_functions():
+    """The code of torch.utils.checkpoint.checkpoint and of the function it calls a layer from
+    (in some versions a helper it hands its arguments to), the code of its re-entrant autograd
+    Function's forward, and checkpoint()'s signature; empty where this torch has none."""
+    try:
+        from torch.utils import checkpoint as ck
+        fn = inspect.unwrap(ck.checkpoint)
+        codes = {fn.__code__}
+        if hasattr(ck, "_checkpoint_impl"):
+            codes.add(inspect.unwrap(ck._checkpoint_impl).__code__)
+        return (frozenset(codes), ck.CheckpointFunction.forward.__code__, inspect.signature(fn),
+                ck.noop_context_fn)
+    except Exception:  # another torch: no checkpoint to recognise
+        return frozenset(), None, None, None
+
+
+_CHECKPOINT, _CHECKPOINT_FUNCTION, _CHECKPOINT_SIGNATURE, _NO_CONTEXT = _checkpoint_functions()
+# checkpoint()'s settings a generated call passes on where they are not the default
+_CHECKPOINT_SETTINGS = ("preserve_rng_state", "determinism_check", "debug", "early_stop",
+                        "respect_saved_tensors_hooks")
+# frames between a module's call and the code that made it, while a trace runs
+_CALL_MACHINERY = frozenset((__file__, fx._symbolic_trace.__file__,
+                             sys.modules[nn.Module.__module__].__file__))
+
+
+def _checkpoint_calling(m: nn.Module) -> dict | None:
+    """The settings of the torch.utils.checkpoint.checkpoint call that calls ``m`` itself (as
+    ``checkpoint(self.layer, x, use_reentrant=False)``, or timm's ``checkpoint(block, x)``):
+    ``use_reentrant`` and every other setting that is not the default; None where ``m`` is
+    not called so, or with a ``context_fn``, which a generated call could not name."""
+    if not _CHECKPOINT:
+        return None
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename in _CALL_MACHINERY:
+        frame = frame.f_back
+    if frame is None or (frame.f_code not in _CHECKPOINT
+                         and frame.f_code is not _CHECKPOINT_FUNCTION):
+        return None
+    depth = 0
+    while frame is not None and frame.f_code not in _CHECKPOINT and depth < 8:
+        frame, depth = frame.f_back, depth + 1  # re-entrant: checkpoint() called apply()
+    if frame is None or frame.f_code not in _CHECKPOINT:
+        return None
+    local = frame.f_locals
+    if local.get("function") is not m or local.get("context_fn", _NO_CONTEXT) is not _NO_CONTEXT:
+        return None
+    settings = {"use_reentrant": bool(local.get("use_reentrant", True))}
+    for name in _CHECKPOINT_SETTINGS:
+        param = _CHECKPOINT_SIGNATURE.parameters.get(name)
+        if param is not None and name in local and local[name] != param.default:
+            settings[name] = local[name]
+    return settings
+
+
 class _BlockTracer(UnpackingTracer):
     """Traces one module's own forward: every child module stays a single call.
 
@@ -1351,11 +1420,19 @@ class _BlockTracer(UnpackingTracer):
         self.containers: list[ContainerCall] = []
         self.mode_changes: dict[str, str] = {}
         self.entry = _modes()  # the modes the trace begins in (set by trace_block)
+        # the layers torch.utils.checkpoint is calling: [layer, its settings, recorded]
+        self._checkpoints: list[list] = []
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         now = _modes()
         if now != self.entry:
+            if self._checkpoints:  # a checkpointed layer's call, or its container's layers
+                layer, settings, _ = self._checkpoints[-1]
+                if node.op == "call_module" and node.target == self.path_of_module(layer):
+                    node.meta[CHECKPOINTED] = settings
+                    self._checkpoints[-1][2] = True
+                return node
             fn = _autograd_function_running()
             what = (f"inside `{fn}`, the forward of a torch.autograd.Function, which autograd "
                     "runs with gradients off; the trace keeps its ops, not its backward"
@@ -1363,6 +1440,25 @@ class _BlockTracer(UnpackingTracer):
             self.mode_changes.setdefault(what, node.target if node.op == "call_module"
                                          else node.name)
         return node
+
+    def call_module(self, m, forward, args, kwargs):
+        """A layer that torch.utils.checkpoint calls stays one call (its node records the
+        settings, CHECKPOINTED), or a container of such layers a ContainerCall that records
+        them, for the generated forward to checkpoint it as this one does; where it is neither
+        (traced through), its part of the forward is one the trace cannot reproduce."""
+        settings = _checkpoint_calling(m) if _modes() != self.entry else None
+        if settings is None:
+            return super().call_module(m, forward, args, kwargs)
+        self._checkpoints.append([m, settings, False])
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            _, _, recorded = self._checkpoints.pop()
+            if not recorded:
+                self.mode_changes.setdefault(
+                    "inside torch.utils.checkpoint, which calls a layer whose forward the trace "
+                    "goes into: it keeps that layer's ops, not the checkpointing",
+                    self.path_of_module(m))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """Every child, but a container, as the model's trace saw it: one that is a leaf there
@@ -1383,7 +1479,12 @@ class _BlockTracer(UnpackingTracer):
                 break
             made.append(node)
         if isinstance(out, fx.Proxy) and made and out.node is made[0]:
-            self.containers.append(ContainerCall(qualname, args[0].node, out.node, tuple(made)))
+            checkpoint = None
+            if self._checkpoints and self._checkpoints[-1][0] is m:
+                checkpoint = self._checkpoints[-1][1]
+                self._checkpoints[-1][2] = True
+            self.containers.append(ContainerCall(qualname, args[0].node, out.node, tuple(made),
+                                                 checkpoint))
         return out
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):

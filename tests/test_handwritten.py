@@ -1,8 +1,10 @@
 """Hand-written CNNs: blocks inline in a top-level forward, inception from F.conv2d, and the
 models that must be refused or left alone."""
+import contextlib
 import copy
 import inspect
 import io
+import types
 import warnings
 
 import pytest
@@ -1212,3 +1214,123 @@ def test_a_model_whose_own_forward_is_gated_can_be_planned_and_gated_again(mode)
     model.double = True
     with pytest.raises(se_inject.SEInjectError, match="double"):
         model(x)
+
+
+class _Branch(torch.nn.Module):
+    """A residual branch as a layer of its own class (one call in a block's trace)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(c, c, 3, padding=1),
+                                        torch.nn.BatchNorm2d(c), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(c, c, 3, padding=1),
+                                        torch.nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _CheckpointedBlock(torch.nn.Module):
+    """``x + checkpoint(self.branch, x)``, the branch a container or a layer of its own; or its
+    part checkpointed through something the trace goes into (checkpoint_sequential)."""
+
+    def __init__(self, c, how, **settings):
+        super().__init__()
+        self.how, self.settings = how, settings
+        branch = _Branch(c)
+        self.branch = branch.body if how in ("container", "sequential") else branch
+
+    def forward(self, x):
+        if self.how == "sequential":
+            y = torch.utils.checkpoint.checkpoint_sequential(self.branch, 2, x, **self.settings)
+        elif self.how == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                y = self.branch(x)
+        else:
+            y = torch.utils.checkpoint.checkpoint(self.branch, x, **self.settings)
+        return F.relu(x + y)
+
+
+def _checkpointed_net(how, **settings):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                               _CheckpointedBlock(8, how, **settings),
+                               _CheckpointedBlock(8, how, **settings))
+
+
+def _code(forward) -> str:
+    from se_inject.rewrite import RECIPE
+    fn = forward.__func__
+    while fn.__dict__[RECIPE][0] != "code":
+        fn = fn.__dict__[RECIPE][1]
+    return fn.__dict__[RECIPE][1]
+
+
+@pytest.mark.parametrize("how", ["container", "layer"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_layer_called_through_torch_checkpoint_stays_checkpointed(how, reentrant):
+    """A block that runs its branch through torch.utils.checkpoint.checkpoint keeps doing so
+    once gated, with the same settings: the branch runs again in backward, and outputs and
+    gradients are those of the same gated model without checkpointing. The generated forward
+    once called the branch plainly, silently dropping the checkpoint and the memory it saves."""
+    settings = {"use_reentrant": reentrant, "preserve_rng_state": False}
+    model = _checkpointed_net(how, **settings).train()
+    plain = copy.deepcopy(model)
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["1.se_gate", "2.se_gate"]
+    code = _code(model[1].forward)
+    assert "torch.utils.checkpoint.checkpoint(" in code and "preserve_rng_state = False" in code
+    assert f"use_reentrant = {reentrant}" in code
+    reference = copy.deepcopy(model)
+    for block in reference[1:]:
+        block.forward = types.MethodType(
+            lambda self, x: F.relu(x + self.se_gate(self.branch(x))), block)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    runs = []
+    model[1].branch.register_forward_pre_hook(lambda *_: runs.append(1))
+    out, want = model(x), reference(x)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out.square().mean().backward()
+    want.square().mean().backward()
+    assert len(runs) == 2  # once in forward, again in backward
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    saturate(model)
+    with torch.no_grad():  # (training mode: norms of the batch, which both models see alike)
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how,settings,rules,match", [
+    ("sequential", {"use_reentrant": False}, None, "inside torch.utils.checkpoint"),
+    ("sequential", {"use_reentrant": True}, None, "CheckpointFunction"),
+    ("container", {"use_reentrant": False, "context_fn": torch.utils.checkpoint.noop_context_fn},
+     None, None),
+    ("container", {"use_reentrant": False}, ["inverted-residual-dw"], None),
+    ("layer", {"use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(),
+                                                              contextlib.nullcontext())},
+     None, "inside torch.utils.checkpoint"),
+    ("save_on_cpu", {}, None, "save_on_cpu"),
+])
+def test_checkpointing_a_gated_forward_cannot_keep_is_refused(how, settings, rules, match):
+    """A checkpointed part of a forward that the trace goes into (checkpoint_sequential's
+    segments), a container whose layers a gate goes between, or a checkpoint with a context of
+    its own would run without its checkpointing in a generated forward, and a part under
+    save_on_cpu() without its hooks: refused, the model unchanged. The default context_fn,
+    given, is checkpointed as without it."""
+    model = _checkpointed_net(how, **settings)
+    if rules:  # a gate inside the checkpointed container: an inverted residual's branch
+        nn = torch.nn
+        for block in model[1:]:
+            block.branch = nn.Sequential(nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                         nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                                         nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1),
+                                         nn.BatchNorm2d(8))
+    keys = list(model.state_dict())
+    if match is None and not rules:  # the default context_fn, given: checkpointed as before
+        se_inject.apply(model)
+        assert "torch.utils.checkpoint.checkpoint(" in _code(model[1].forward)
+        return
+    with pytest.raises(RewriteError, match=match or r"checkpoints `branch` \(torch.utils"):
+        se_inject.apply(model, rules=rules)
+    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
