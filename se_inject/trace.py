@@ -35,8 +35,8 @@ LOG = "_se_inject_log"  # graph attribute: Nodes and Calls, in the order tracing
 CONTAINERS = "_se_inject_containers"  # a block's graph attribute: its ContainerCalls
 CONSTANTS = "_se_inject_constants"  # graph attribute: name -> tensor made while tracing
 STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what its forward changed
-# a block's graph attribute: the modes (grad, inference, autocast) part of its forward ran in,
-# other than the caller's, each with the first node made in it
+# a block's graph attribute: the modes (grad, inference, saved-tensor hooks, autocast) part of
+# its forward ran in, other than the caller's, each with the first node made in it
 MODE_CHANGES = "_se_inject_mode_changes"
 # node.meta key in a block's graph: the settings of the torch.utils.checkpoint.checkpoint call
 # that ran this layer (a call_module node), for the generated forward to make the same call
@@ -1342,7 +1342,6 @@ def _known_modes():
         for d, enabled, dtype in saved:
             torch.set_autocast_enabled(d, enabled)
             torch.set_autocast_dtype(d, dtype)
-
 
 
 def _checkpoint_functions():

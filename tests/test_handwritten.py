@@ -1301,11 +1301,17 @@ def test_a_layer_called_through_torch_checkpoint_stays_checkpointed(how, reentra
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
 
 
+def test_the_default_context_fn_given_is_checkpointed_as_without_it():
+    model = _checkpointed_net("container", use_reentrant=False,
+                              context_fn=torch.utils.checkpoint.noop_context_fn)
+    se_inject.apply(model)
+    code = _code(model[1].forward)
+    assert "torch.utils.checkpoint.checkpoint(" in code and "context_fn" not in code
+
+
 @pytest.mark.parametrize("how,settings,rules,match", [
     ("sequential", {"use_reentrant": False}, None, "inside torch.utils.checkpoint"),
     ("sequential", {"use_reentrant": True}, None, "CheckpointFunction"),
-    ("container", {"use_reentrant": False, "context_fn": torch.utils.checkpoint.noop_context_fn},
-     None, None),
     ("container", {"use_reentrant": False}, ["inverted-residual-dw"], None),
     ("layer", {"use_reentrant": False, "context_fn": lambda: (contextlib.nullcontext(),
                                                               contextlib.nullcontext())},
@@ -1316,8 +1322,7 @@ def test_checkpointing_a_gated_forward_cannot_keep_is_refused(how, settings, rul
     """A checkpointed part of a forward that the trace goes into (checkpoint_sequential's
     segments), a container whose layers a gate goes between, or a checkpoint with a context of
     its own would run without its checkpointing in a generated forward, and a part under
-    save_on_cpu() without its hooks: refused, the model unchanged. The default context_fn,
-    given, is checkpointed as without it."""
+    save_on_cpu() without its hooks: refused, the model unchanged."""
     model = _checkpointed_net(how, **settings)
     if rules:  # a gate inside the checkpointed container: an inverted residual's branch
         nn = torch.nn
@@ -1327,10 +1332,6 @@ def test_checkpointing_a_gated_forward_cannot_keep_is_refused(how, settings, rul
                                          nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1),
                                          nn.BatchNorm2d(8))
     keys = list(model.state_dict())
-    if match is None and not rules:  # the default context_fn, given: checkpointed as before
-        se_inject.apply(model)
-        assert "torch.utils.checkpoint.checkpoint(" in _code(model[1].forward)
-        return
     with pytest.raises(RewriteError, match=match or r"checkpoints `branch` \(torch.utils"):
         se_inject.apply(model, rules=rules)
     assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
