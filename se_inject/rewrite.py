@@ -30,9 +30,9 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, MODE_CHANGES, PLAIN,
-                    STATE_CHANGES, Call, TraceOptions, autograd_functions, code_names, module_code,
-                    other_forwards, plain_object, trace_block)
+from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, MODE_CHANGES,
+                    PLAIN, STATE_CHANGES, Call, TraceOptions, autograd_functions, code_names,
+                    module_code, other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -46,7 +46,8 @@ MODE_READS = frozenset(("is_grad_enabled", "is_inference_mode_enabled", "is_auto
 # at every later call
 FX_READS = frozenset(("is_fx_tracing", "is_fx_symbolic_tracing", "_get_is_fx_tracing"))
 # what a forward names to draw random numbers a trace does not record (``random.random()``,
-# ``np.random.rand()``); torch's own draws are recorded
+# ``np.random.rand()``); torch's draws are recorded, or seen drawing while the block is traced
+# (trace.DREW_RANDOM)
 RANDOM_DRAWS = frozenset(("random",))
 GATE_PREFIX = "se_gate"
 
@@ -598,6 +599,14 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
             if reference is not None:
                 raise _Left(what)
             raise _not_regenerable(label, owner, what, "the update")
+        if getattr(graph, DREW_RANDOM):
+            what = ("draws random numbers from a tensor it makes itself (`torch.rand(1)`, where "
+                    "`torch.rand(1, device=x.device)` or `torch.rand_like(x)` would be traced): a "
+                    "trace draws them once, and a forward generated from it would use those "
+                    "numbers at every call")
+            if reference is not None:
+                raise _Left(what)
+            raise _not_regenerable(label, owner, what, "that part")
         own_modes = getattr(graph, MODE_CHANGES)
         if own_modes:
             at = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())

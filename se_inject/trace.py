@@ -42,6 +42,9 @@ MODE_CHANGES = "_se_inject_mode_changes"
 # that ran this layer (a call_module node), for the generated forward to make the same call
 CHECKPOINTED = "se_inject.checkpoint"
 CONSTANT_PREFIX = "_se_inject_constant"  # their get_attr targets; a gated block holds them
+# a block's graph attribute: whether its trace drew random numbers (a tensor the forward made
+# itself, ``torch.rand(1)``: drawn once, a constant of the graph)
+DREW_RANDOM = "_se_inject_drew_random"
 # graph attribute: the Frames whose forward read a traced value as a Python one (see
 # _ShapedTracer); a forward generated from a trace of one of them could not do that
 VALUES_READ = "_se_inject_values_read"
@@ -1512,6 +1515,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     left = _NothingLeft(block, keeps=True)
+    generators = _random_states()
     try:
         with left, _known_modes():
             tracer.entry = _modes()
@@ -1519,11 +1523,33 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     finally:
         object.__setattr__(block, "training", was)
         block.__dict__.update(hidden)
+        drew = _restore_random(generators)
+    setattr(graph, DREW_RANDOM, drew)
     setattr(graph, CONTAINERS, tracer.containers)
     setattr(graph, CONSTANTS, tracer.constants)
     setattr(graph, STATE_CHANGES, _named(block, left.changed))
     setattr(graph, MODE_CHANGES, tracer.mode_changes)
     return graph
+
+
+def _random_states() -> tuple:
+    """torch's CPU generator's state, and each CUDA device's where CUDA has started."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return torch.random.get_rng_state(), cuda
+
+
+def _restore_random(states: tuple) -> bool:
+    """Whether the generators moved since ``states`` (_random_states) were taken; if they did,
+    they are put back, so that a trace leaves the caller's random numbers as they were."""
+    cpu, cuda = states
+    moved = not torch.equal(cpu, torch.random.get_rng_state())
+    if cuda:
+        moved |= any(not torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all()))
+    if moved:
+        torch.random.set_rng_state(cpu)
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    return moved
 
 
 def _named(root: nn.Module, changed: list[tuple[nn.Module, str]]) -> list[str]:

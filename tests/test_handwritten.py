@@ -1335,3 +1335,51 @@ def test_checkpointing_a_gated_forward_cannot_keep_is_refused(how, settings, rul
     with pytest.raises(RewriteError, match=match or r"checkpoints `branch` \(torch.utils"):
         se_inject.apply(model, rules=rules)
     assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
+
+
+class _RandomBlock(torch.nn.Module):
+    """A residual block that draws random numbers: from a tensor it makes itself (drawn once
+    by a trace) or from one made on its input's device (traced, drawn at every call)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
+                                          torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x):
+        if self.how == "layer drop" and self.training and torch.rand(1) < 0.5:
+            return x
+        noise = torch.randn(8, 1, 1, device=x.device) if self.how == "traced" else \
+            torch.randn(8, 1, 1) if self.how == "noise" else 0.0
+        return x + self.branch(x) + noise
+
+
+@pytest.mark.parametrize("how", ["layer drop", "noise"])
+def test_a_block_drawing_random_numbers_a_trace_would_fix_is_refused(how):
+    """``if self.training and torch.rand(1) < p: return x`` (layer drop) or noise made without
+    the input: a trace draws them once, and the generated forward would drop the block at every
+    call or never, or add the same noise at every call. Refused (the caller's random numbers
+    as they were, the model unchanged); noise made on the input's device is traced and drawn
+    anew at every call. Both were once gated with the trace's draw fixed."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _RandomBlock(how))
+    keys = list(net.state_dict())
+    with pytest.raises(RewriteError, match=r"`1` \(_RandomBlock\) draws random numbers"):
+        se_inject.apply(net.eval())  # (planned in eval mode: the block is seen whatever drawn)
+    assert list(net.state_dict()) == keys and "forward" not in net[1].__dict__
+    traced = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _RandomBlock("traced"))
+    se_inject.apply(traced.eval())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        first, second = traced(x), traced(x)
+        assert not torch.equal(first, second)  # drawn at every call
+        torch.manual_seed(3)
+        got = traced(x)
+        torch.manual_seed(3)
+        block = traced[1]
+        h = traced[0](x)
+        noise = torch.randn(8, 1, 1)
+        torch.testing.assert_close(got, h + block.se_gate(block.branch(h)) + noise,
+                                   rtol=1e-6, atol=1e-6)
