@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BlockChangedError, TraceError
 from .gate import ChannelGate
@@ -1515,16 +1516,15 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}
     object.__setattr__(block, "training", training)  # the block's own flag only, restored below
     left = _NothingLeft(block, keeps=True)
-    generators = _random_states()
+    draws = _RandomDraws()
     try:
-        with left, _known_modes():
+        with left, _known_modes(), draws:
             tracer.entry = _modes()
             graph = tracer.trace(block)
     finally:
         object.__setattr__(block, "training", was)
         block.__dict__.update(hidden)
-        drew = _restore_random(generators)
-    setattr(graph, DREW_RANDOM, drew)
+    setattr(graph, DREW_RANDOM, draws.drew)
     setattr(graph, CONTAINERS, tracer.containers)
     setattr(graph, CONSTANTS, tracer.constants)
     setattr(graph, STATE_CHANGES, _named(block, left.changed))
@@ -1532,24 +1532,19 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     return graph
 
 
-def _random_states() -> tuple:
-    """torch's CPU generator's state, and each CUDA device's where CUDA has started."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return torch.random.get_rng_state(), cuda
+class _RandomDraws(TorchDispatchMode):
+    """Notes whether an op that draws random numbers runs on real tensors in this thread (the
+    mode is the thread's own): in a trace, only on a tensor the forward made itself, as proxies
+    never reach the dispatcher."""
 
+    def __init__(self):
+        super().__init__()
+        self.drew = False
 
-def _restore_random(states: tuple) -> bool:
-    """Whether the generators moved since ``states`` (_random_states) were taken; if they did,
-    they are put back, so that a trace leaves the caller's random numbers as they were."""
-    cpu, cuda = states
-    moved = not torch.equal(cpu, torch.random.get_rng_state())
-    if cuda:
-        moved |= any(not torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all()))
-    if moved:
-        torch.random.set_rng_state(cpu)
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    return moved
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.drew = True
+        return func(*args, **(kwargs or {}))
 
 
 def _named(root: nn.Module, changed: list[tuple[nn.Module, str]]) -> list[str]:

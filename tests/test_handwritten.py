@@ -1360,9 +1360,9 @@ class _RandomBlock(torch.nn.Module):
 def test_a_block_drawing_random_numbers_a_trace_would_fix_is_refused(how):
     """``if self.training and torch.rand(1) < p: return x`` (layer drop) or noise made without
     the input: a trace draws them once, and the generated forward would drop the block at every
-    call or never, or add the same noise at every call. Refused (the caller's random numbers
-    as they were, the model unchanged); noise made on the input's device is traced and drawn
-    anew at every call. Both were once gated with the trace's draw fixed."""
+    call or never, or add the same noise at every call. Refused, the model unchanged; noise
+    made on the input's device is traced and drawn anew at every call. Both were once gated
+    with the trace's draw fixed."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _RandomBlock(how))
     keys = list(net.state_dict())
@@ -1383,3 +1383,31 @@ def test_a_block_drawing_random_numbers_a_trace_would_fix_is_refused(how):
         noise = torch.randn(8, 1, 1)
         torch.testing.assert_close(got, h + block.se_gate(block.branch(h)) + noise,
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_random_numbers_another_thread_draws_meanwhile_do_not_count():
+    """Only the tracing thread's draws refuse a block: apply() in one thread while another
+    draws random numbers all along (a training loop's dropout) gates every time."""
+    import sys
+    import threading
+
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            torch.rand(64).bernoulli_(0.5)
+
+    other = threading.Thread(target=draw)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns often, inside every trace
+    other.start()
+    try:
+        for _ in range(10):
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                      _RandomBlock("traced"), _RandomBlock("none"))
+            se_inject.apply(net)
+            assert len(gates(net)) == 2
+    finally:
+        stop.set()
+        other.join()
+        sys.setswitchinterval(interval)
