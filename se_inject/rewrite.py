@@ -574,6 +574,13 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
     can."""
     compiled, traced, inlined, steps = {}, {}, set(), {}
     where = "" if method == "forward" else f".{method}"
+
+    def refuse(what: str, part: str = "that part"):
+        """A method is left as it is (_Left); the forward is refused."""
+        if reference is not None:
+            raise _Left(what)
+        raise _not_regenerable(label, owner, what, part)
+
     for training in modes:
         if reference is not None and training not in reference:
             raise _Left("it reads the block's training flag, and the forward does not")
@@ -596,17 +603,13 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     f"({', '.join(f'`{c}`' for c in changes[:4])}"
                     f"{', ...' if len(changes) > 4 else ''}): a forward generated from a trace "
                     "of it would compute its output but would not make those changes")
-            if reference is not None:
-                raise _Left(what)
-            raise _not_regenerable(label, owner, what, "the update")
+            refuse(what, "the update")
         if getattr(graph, DREW_RANDOM):
             what = ("draws random numbers from a tensor it makes itself (`torch.rand(1)`, where "
                     "`torch.rand(1, device=x.device)` or `torch.rand_like(x)` would be traced): a "
                     "trace draws them once, and a forward generated from it would use those "
                     "numbers at every call")
-            if reference is not None:
-                raise _Left(what)
-            raise _not_regenerable(label, owner, what, "that part")
+            refuse(what)
         own_modes = getattr(graph, MODE_CHANGES)
         if own_modes:
             at = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
@@ -614,9 +617,7 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     "records those ops but not what set the mode (a `with` block, or an autograd "
                     "Function, whose backward it leaves out too), so a forward generated from a "
                     "trace of it would run them in the caller's mode")
-            if reference is not None:
-                raise _Left(what)
-            raise _not_regenerable(label, owner, what, "that part")
+            refuse(what)
         traced[training] = _insert(graph, gates, label + where, owner)
         named = _call_containers_whole(graph)
         inlined |= named
@@ -625,9 +626,7 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
         if checkpointed:
             what = (f"checkpoints `{checkpointed[0]}` (torch.utils.checkpoint), whose layers the "
                     "gated forward would have to call one by one, without the checkpointing")
-            if reference is not None:
-                raise _Left(what)
-            raise _not_regenerable(label, owner, what, "that part")
+            refuse(what)
         _checkpoint_calls(graph)
         _check_gates_used(graph, gates, label, owner)
         compiled[training] = _compile(graph, type(owner), method)
