@@ -1402,6 +1402,17 @@ def _checkpoint_calling(m: nn.Module) -> dict | None:
     return settings
 
 
+@dataclass
+class _Checkpointed:
+    """A layer torch.utils.checkpoint is calling in a block's trace: its path, the call's
+    settings, and whether the trace recorded them (on its node, or its ContainerCall)."""
+
+    layer: nn.Module
+    path: str
+    settings: dict
+    recorded: bool = False
+
+
 class _BlockTracer(UnpackingTracer):
     """Traces one module's own forward: every child module stays a single call.
 
@@ -1423,18 +1434,18 @@ class _BlockTracer(UnpackingTracer):
         self.containers: list[ContainerCall] = []
         self.mode_changes: dict[str, str] = {}
         self.entry = _modes()  # the modes the trace begins in (set by trace_block)
-        # the layers torch.utils.checkpoint is calling: [layer, its settings, recorded]
-        self._checkpoints: list[list] = []
+        # the layers torch.utils.checkpoint is calling, innermost last
+        self._checkpoints: list[_Checkpointed] = []
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
         now = _modes()
         if now != self.entry:
             if self._checkpoints:  # a checkpointed layer's call, or its container's layers
-                layer, settings, _ = self._checkpoints[-1]
-                if node.op == "call_module" and node.target == self.path_of_module(layer):
-                    node.meta[CHECKPOINTED] = settings
-                    self._checkpoints[-1][2] = True
+                call = self._checkpoints[-1]
+                if node.op == "call_module" and node.target == call.path:
+                    node.meta[CHECKPOINTED] = call.settings
+                    call.recorded = True
                 return node
             fn = _autograd_function_running()
             what = (f"inside `{fn}`, the forward of a torch.autograd.Function, which autograd "
@@ -1452,16 +1463,16 @@ class _BlockTracer(UnpackingTracer):
         settings = _checkpoint_calling(m) if _modes() != self.entry else None
         if settings is None:
             return super().call_module(m, forward, args, kwargs)
-        self._checkpoints.append([m, settings, False])
+        call = _Checkpointed(m, self.path_of_module(m), settings)
+        self._checkpoints.append(call)
         try:
             return super().call_module(m, forward, args, kwargs)
         finally:
-            _, _, recorded = self._checkpoints.pop()
-            if not recorded:
+            self._checkpoints.pop()
+            if not call.recorded:
                 self.mode_changes.setdefault(
                     "inside torch.utils.checkpoint, which calls a layer whose forward the trace "
-                    "goes into: it keeps that layer's ops, not the checkpointing",
-                    self.path_of_module(m))
+                    "goes into: it keeps that layer's ops, not the checkpointing", call.path)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """Every child, but a container, as the model's trace saw it: one that is a leaf there
@@ -1483,9 +1494,9 @@ class _BlockTracer(UnpackingTracer):
             made.append(node)
         if isinstance(out, fx.Proxy) and made and out.node is made[0]:
             checkpoint = None
-            if self._checkpoints and self._checkpoints[-1][0] is m:
-                checkpoint = self._checkpoints[-1][1]
-                self._checkpoints[-1][2] = True
+            if self._checkpoints and self._checkpoints[-1].layer is m:
+                checkpoint = self._checkpoints[-1].settings
+                self._checkpoints[-1].recorded = True
             self.containers.append(ContainerCall(qualname, args[0].node, out.node, tuple(made),
                                                  checkpoint))
         return out
