@@ -109,9 +109,6 @@ def wrap_body(cls: type, inputs: Inputs, body: Callable) -> Callable:
     (``body(self, *tensors)``, the traced graph's code) with the tensors in placeholder order."""
     sig = _signature(cls)
     params = list(sig.parameters.values())
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
-        raise RewriteError(f"{cls.__name__}.forward{sig} takes *args or **kwargs and is called "
-                           "with more than plain tensors: se-inject cannot rewrite it.")
     bound = sig.bind(None, *inputs.args, **inputs.kwargs).arguments
     env: dict[str, Any] = {"_body": body, "_mismatch": _mismatch, "_cls": cls.__name__}
     head, checks, leaves = [params[0].name], [], {}
@@ -121,26 +118,38 @@ def wrap_body(cls: type, inputs: Inputs, body: Callable) -> Callable:
         env[key] = value
         return key
 
+    def check(test: str, what: str) -> None:
+        checks.append(f"if {test}: _mismatch(_cls, {what!r})")
+
     def walk(expr: str, value: Any) -> None:
         if isinstance(value, Leaf):
             leaves[value.name] = expr
         elif isinstance(value, (list, tuple)):
-            checks.append(f"if len({expr}) != {len(value)}: _mismatch(_cls, "
-                          f"{expr!r} + ' of length {len(value)}')")
+            check(f"len({expr}) != {len(value)}", f"{expr} of length {len(value)}")
             for i, v in enumerate(value):
                 walk(f"{expr}[{i}]", v)
-        elif isinstance(value, dict):
+        elif isinstance(value, dict):  # the same keys in the same order: the trace followed them
+            check(f"list({expr}) != {const(list(value))}", f"{expr} with the keys {list(value)!r}")
             for k, v in value.items():
-                walk(f"{expr}[{k!r}]", v)
+                walk(f"{expr}[{repr(k) if type(k) in (str, int) else const(k)}]", v)
         elif value is None or isinstance(value, bool):
-            checks.append(f"if {expr} is not {value!r}: _mismatch(_cls, {expr!r} + ' = {value!r}')")
+            check(f"{expr} is not {value!r}", f"{expr} = {value!r}")
         elif isinstance(value, (int, float, str)):
-            checks.append(f"if {expr} != {const(value)}: _mismatch(_cls, {expr!r} + ' = {value!r}')")
+            check(f"{expr} != {const(value)}", f"{expr} = {value!r}")
         else:
-            checks.append(f"if {expr} is not {const(value)}: _mismatch(_cls, {expr!r} + ' as traced')")
+            check(f"{expr} is not {const(value)}", f"{expr} as traced")
 
     star = False
     for p in params[1:]:
+        if p.kind == p.VAR_POSITIONAL:  # checked as the tuple of what was passed there
+            head.append(f"*{p.name}")
+            star = True
+            walk(p.name, tuple(bound.get(p.name, ())))
+            continue
+        if p.kind == p.VAR_KEYWORD:
+            head.append(f"**{p.name}")
+            walk(p.name, dict(bound.get(p.name, {})))
+            continue
         if p.kind == p.KEYWORD_ONLY and not star:
             head.append("*")
             star = True

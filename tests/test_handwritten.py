@@ -326,6 +326,83 @@ def test_block_taking_a_list_of_tensors():
         torch.testing.assert_close(hi, x + paper_reference(blk.convs[0](x), blk.se_gate))
 
 
+class _Branched(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from handwritten import branch
+        self.branch = branch(16)
+
+
+class _DictBlock(_Branched):
+    def forward(self, feats: dict):
+        x, y = feats["x"], self.branch(feats["x"])
+        for key, extra in feats.items():  # the trace follows the keys it was given
+            if key != "x":
+                y = y + extra
+        return F.relu(x + y)
+
+
+class _StarBlock(_Branched):
+    def forward(self, *args):
+        return F.relu(args[0] + self.branch(args[0]))
+
+
+class _KeywordBlock(_Branched):
+    def forward(self, x, **kw):
+        return F.relu(x + kw["scale"] * self.branch(x))
+
+
+class _StringBlock(_Branched):
+    def forward(self, x, pool: str = "it's max"):
+        y = self.branch(x)
+        if pool == "it's max":
+            y = F.max_pool2d(y, 3, 1, 1)
+        return F.relu(x + y)
+
+
+_ARGUMENT_CALLS = {  # the block; how its parent calls it; a call the trace did not follow;
+    # what the traced call computes
+    "dict": (_DictBlock, lambda b, h: b({"x": h}), lambda b, h: b({"x": h, "extra": h}),
+             lambda b, h, gate: F.relu(h + gate(b.branch(h)))),
+    "star": (_StarBlock, lambda b, h: b(h), lambda b, h: b(h, h),
+             lambda b, h, gate: F.relu(h + gate(b.branch(h)))),
+    "keywords": (_KeywordBlock, lambda b, h: b(h, scale=0.5),
+                 lambda b, h: b(h, scale=0.5, shift=1.0),
+                 lambda b, h, gate: F.relu(h + 0.5 * gate(b.branch(h)))),
+    "string": (_StringBlock, lambda b, h: b(h, pool="it's max"), lambda b, h: b(h, pool="avg"),
+               lambda b, h, gate: F.relu(h + gate(F.max_pool2d(b.branch(h), 3, 1, 1)))),
+}
+
+
+class _Calling(torch.nn.Module):
+    def __init__(self, block, call):
+        super().__init__()
+        from handwritten import conv_bn
+        self.stem, self.block, self.call = conv_bn(3, 16), block, call
+
+    def forward(self, x):
+        return self.call(self.block, torch.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("how", list(_ARGUMENT_CALLS))
+def test_a_block_taking_a_dict_starred_arguments_or_a_quoted_string_is_gated_as_called(how):
+    """The generated forward takes the block's arguments as its forward does (``*args`` and
+    ``**kwargs`` were refused, and a string constant holding a quote made apply() fail with a
+    SyntaxError), and refuses a call the trace did not follow (a dict with another key was
+    computed without it)."""
+    cls, call, other, formula = _ARGUMENT_CALLS[how]
+    model = _Calling(cls(), call).eval()
+    randomize_norms(model)
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert [n for n, _ in gates(model)] == ["block.se_gate"]
+    b, h = model.block, torch.relu(model.stem(torch.randn(2, 3, 16, 16)))
+    with torch.no_grad():
+        torch.testing.assert_close(call(b, h), formula(b, h, lambda u: paper_reference(u, b.se_gate)),
+                                   rtol=1e-5, atol=1e-6)
+        with pytest.raises(RewriteError, match="traced for calls with"):
+            other(b, h)
+
+
 def test_blocks_of_one_class_with_different_children_get_their_own_forward():
     from handwritten import OptionalAttnNet
     model = OptionalAttnNet().eval()
