@@ -31,6 +31,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .errors import SEInjectError
 from .kinds import flat, reads_metadata_only
 from .shapes import VALUE
+from .trace import op_text
 
 __all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
@@ -168,7 +169,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
         # must have one reader, or scaling what makes it would change the others
         readers = _value_readers(node)
         if not (first and not branch) and len(readers) != 1:
-            raise refuse(f"`{node.name}` is used by {len(readers)} ops; scaling what makes "
+            raise refuse(f"{op_text(node)} is used by {len(readers)} ops; scaling what makes "
                          "it would change the others")
         if node.op == "call_module":
             m = modules[node.target]
@@ -190,11 +191,11 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 is_cat = target in (torch.cat, torch.concat, torch.concatenate)
                 operands = list(flat(node.args[:1])) if is_cat else list(node.args)
                 if not operands:  # (the trace records them by position: trace._by_position)
-                    raise refuse(f"`{node.format_node()}` takes its operands in a form "
+                    raise refuse(f"{op_text(node)} takes its operands in a form "
                                  "se-inject does not follow")
                 if any(not isinstance(a, fx.Node) for a in operands) or \
                         node.kwargs.get("alpha", 1) != 1:
-                    raise refuse(f"`{node.format_node()}` adds a constant")
+                    raise refuse(f"{op_text(node)} adds a constant")
                 for a in operands:
                     walk(a, False)
                 return
@@ -210,7 +211,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                     return walk((computed or factors)[0], False)
             if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
                 return walk(_only_tensor_input(node, refuse), False)
-        raise refuse(f"`{node.format_node()}` does not scale with its input")
+        raise refuse(f"{op_text(node)} does not scale with its input")
 
     walk(gated, True)
     if not found:  # (the walk ended without a layer: nothing would make up for the 0.5)
@@ -265,7 +266,7 @@ def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
     tensors = [a for a in node.all_input_nodes if a.op != "get_attr"
                and isinstance(a.meta.get(VALUE, node), (torch.Tensor, fx.Node))]
     if len(tensors) != 1:
-        raise refuse(f"`{node.format_node()}` has {len(tensors)} tensor inputs")
+        raise refuse(f"{op_text(node)} has {len(tensors)} tensor inputs")
     return tensors[0]
 
 

@@ -32,7 +32,7 @@ from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, MODE_CHANGES,
                     PLAIN, STATE_CHANGES, Call, TraceOptions, autograd_functions, code_names,
-                    module_code, other_forwards, plain_object, trace_block)
+                    module_code, op_text, other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -193,7 +193,7 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
             continue
         args = list(merge.args)
         if operand >= len(args) or not isinstance(args[operand], fx.Node):
-            raise RewriteError(f"`{block}`: operand {operand} of `{merge.format_node()}` is not a "
+            raise RewriteError(f"`{block}`: operand {operand} of {op_text(merge)} is not a "
                                "tensor in a trace of the block alone.")
         drop = args[operand]
         x = drop_path_input(drop, lambda n: owner.get_submodule(n.target)) \

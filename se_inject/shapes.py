@@ -586,8 +586,6 @@ class _MetaInterpreter(fx.Interpreter):
         except TraceError:
             raise
         except Exception as exc:
-            where = n.meta.get("se_inject.frame")
-            scope = f" in `{where.label}`" if where is not None else ""
             lazy = self.submodules.get(n.target) if n.op == "call_module" else None
             if isinstance(lazy, nn.modules.lazy.LazyModuleMixin) and \
                     lazy.has_uninitialized_params():
@@ -596,12 +594,12 @@ class _MetaInterpreter(fx.Interpreter):
                     "layer makes them from the first input it sees. Run the model once on an "
                     "input of the size it takes (model(torch.randn(1, C, H, W))), then apply() "
                     "(nothing was changed).") from exc
-            from .trace import _failing_hook
+            from .trace import _failing_hook, op_text
             hook = _failing_hook(self.module, exc)
             if hook is not None:
                 named, code = hook
                 raise TraceError(
-                    f"shapes could not be propagated through op `{n.format_node()}`{scope}: it "
+                    f"shapes could not be propagated through {op_text(n)}: it "
                     f"failed in {named} ({code.co_name}, {code.co_filename}:"
                     f"{code.co_firstlineno}): {type(exc).__name__}: {exc}. apply() runs the "
                     "model's layers, and their hooks, on meta tensors, which have shapes but no "
@@ -623,7 +621,7 @@ class _MetaInterpreter(fx.Interpreter):
                     "have the code that reads a value pass meta tensors by (x.is_meta)."
                     if value is NotImplemented else "")
             raise TraceError(
-                f"shapes could not be propagated through op `{n.format_node()}`{scope}: "
+                f"shapes could not be propagated through {op_text(n)}: "
                 f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "
                 "input_size). If the model takes another size, pass it as input_size=(C, H, "
                 "W); for a part of a model (model.layer2), the size the model hands it: "

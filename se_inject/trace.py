@@ -74,6 +74,49 @@ class Call:
 
 
 
+_OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.sub: "-", operator.mul: "*",
+              operator.truediv: "/", operator.floordiv: "//", operator.matmul: "@",
+              operator.pow: "**", operator.mod: "%"}
+
+
+def _arg_text(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        inner = ", ".join(map(_arg_text, a[:6])) + (", ..." if len(a) > 6 else "")
+        return f"[{inner}]" if isinstance(a, list) else f"({inner}{',' * (len(a) == 1)})"
+    text = repr(a)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def op_text(node: fx.Node) -> str:
+    """A node written as the code it records (``torch.where(gt, y, mul)``, ``x.view(2, -1)``,
+    ``add + mul``, ``self.layer1.0.conv1(x)``), values named as in the graph, and where the
+    trace met it (in `layer1.0`), for messages: fx's ``format_node`` prints its graph notation."""
+    args = [_arg_text(a) for a in node.args]
+    args += [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
+    target = node.target
+    if node.op == "call_function" and target in _OPERATORS and len(args) == 2:
+        text = f" {_OPERATORS[target]} ".join(args)
+    elif node.op == "call_function" and target is operator.getitem and len(args) == 2:
+        text = f"{args[0]}[{args[1]}]"
+    elif node.op == "call_function":
+        name = fx.node._get_qualified_name(target) if callable(target) else str(target)
+        text = f"{name.replace('_operator.', 'operator.')}({', '.join(args)})"
+    elif node.op == "call_method" and args:
+        text = f"{args[0]}.{target}({', '.join(args[1:])})"
+    elif node.op == "call_module":
+        text = f"self.{target}({', '.join(args)})"
+    elif node.op == "get_attr":
+        text = f"self.{target}"
+    else:
+        text = f"{node.op} {target}"
+    frame = node.meta.get(SCOPE)
+    where = "" if frame is None else \
+        f" in `{frame.qualname}`" if frame.qualname else " in the model's own forward"
+    return f"`{text}`{where}"
+
+
 def is_container(m: nn.Module) -> bool:
     """An nn.Sequential (or a subclass keeping its forward): it only calls its children in
     turn. It owns no site of its own: what happens in it belongs to the module that calls it,
@@ -792,7 +835,7 @@ class _ShapedTracer(_ScopeTracer):
             return v
         if refuse is not None:
             return refuse(obj)
-        raise TypeError(f"the value of `{node.format_node()}` is not known while tracing: it "
+        raise TypeError(f"the value of {op_text(node)} is not known while tracing: it "
                         "is a tensor's, or one computed from a tensor's values")
 
     def _run_to(self, node: fx.Node):
@@ -1043,7 +1086,7 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
         f"module `{frame.qualname}` ({type(mod).__name__})"
     after = ""
     if tracer.last_node is not None and tracer.last_node.op != "placeholder":
-        after = f", just after op `{tracer.last_node.format_node()}`"
+        after = f", just after {op_text(tracer.last_node)}"
     cls = type(mod).__name__ if mod is not None and frame and frame.qualname else None
     parts = [] if cls else _parts_with_convolutions(model)
     if cls:

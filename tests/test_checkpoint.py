@@ -111,6 +111,28 @@ def test_identity_refused_where_no_layer_can_make_up_for_it():
         se_inject.apply(model, init="zeros")
 
 
+class _LeakyWhereBlock(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return x + torch.where(y > 0, y, 0.1 * y)
+
+
+def test_identity_refusal_names_the_op_as_written_and_where():
+    """The op that stops identity initialisation is named as the code that made it and the
+    block it is in, not in fx's graph notation (``%where : [num_users=1] = call_function...``)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _LeakyWhereBlock(8))
+    with pytest.raises(IdentityInitError) as info:
+        se_inject.apply(model, init="identity", input_size=(3, 8, 8))
+    said = str(info.value)
+    assert "`torch.where(gt, _1_conv2, mul)` in `1` does not scale with its input" in said, said
+    assert "%" not in said and "call_function" not in said
+    assert not gates(model)
+
+
 class _NormFreeBlock(torch.nn.Module):
     def __init__(self, c):
         super().__init__()
