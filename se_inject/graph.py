@@ -166,6 +166,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         ndim = len(shape) if shape is not None else -1
         if ndim == -1 and isinstance(value, (list, tuple)) and inputs:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
+        elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
+            layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
         elif ndim != 4:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:

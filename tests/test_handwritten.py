@@ -1099,6 +1099,38 @@ def test_an_input_that_holds_several_tensors_takes_their_sizes(cls, size):
         p.added_parameters()
 
 
+class _KeyedBlock(_Branched):
+    def forward(self, feats: dict):
+        return F.relu(feats["x"] + self.branch(feats["x"]))
+
+
+class _IndexedBlock(_Branched):
+    def forward(self, pair: list):
+        return F.relu(pair[0] + self.branch(pair[0])), pair[1]
+
+
+@pytest.mark.parametrize("cls,size,given", [
+    (_KeyedBlock, {"x": (16, 8, 8)}, lambda x: {"x": x}),
+    (_IndexedBlock, [[(16, 8, 8), (4, 2, 2)]], lambda x: [x, x[:, :4, :2, :2]]),
+    (_StarBlock, (16, 8, 8), lambda x: x),
+])
+def test_a_block_gated_alone_takes_its_shortcut_from_an_input_that_holds_tensors(cls, size, given):
+    """A block whose input is a dict, a list or *args, gated as the model: the sum's shortcut
+    is an item of that input, a feature map like a plain input (it was taken for something
+    else, and the block had no site)."""
+    block = cls().eval()
+    randomize_norms(block)
+    twin = copy.deepcopy(block)
+    call = (lambda b, x: b(given(x))) if cls is not _StarBlock else (lambda b, x: b(x))
+    se_inject.apply(block, input_size=size, init="identity")
+    assert [n for n, _ in gates(block)] == ["se_gate"]
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        out, ref = call(block, x), call(twin, x)
+        for a, b in zip(*[o if isinstance(o, tuple) else (o,) for o in (out, ref)]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cls,size", _STRUCTURED)
 def test_the_recorded_structured_input_size_gates_a_fresh_model_alike(cls, size):
     import json
