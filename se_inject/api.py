@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import inspect
 import itertools
 import math
 import operator
@@ -279,8 +280,7 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
     found: list = []
 
     def reached(_module, args, kwargs):
-        found.append(args[0].shape[1:] if len(args) == 1 and not kwargs
-                     and isinstance(args[0], torch.Tensor) else None)
+        found.append(_handed_tensor(layer, args, kwargs))
         raise _Reached
 
     dtype, specs = _dtype(model), _input_shapes(model, input_size)
@@ -309,11 +309,57 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
         raise TraceError(f"{what} ran without calling `{part}` itself (a container whose "
                          "children the forward calls one by one?): gate one of its children, "
                          "or pass the part's input_size to apply() yourself.")
-    if found[0] is None:
-        raise TraceError(f"{type(model).__name__} hands `{part}` other than one tensor: pass "
-                         "its input_size to apply() yourself (a list of sizes for several "
+    if isinstance(found[0], str) and found[0].startswith("one tensor and"):
+        raise TraceError(f"{type(model).__name__} hands `{part}` {found[0]}, and a part gated "
+                         "alone is traced with its other arguments at their defaults: its "
+                         "gated forward would refuse this call. Gate the module that calls it "
+                         "instead, which traces the call as it is made.")
+    if isinstance(found[0], str):
+        raise TraceError(f"{type(model).__name__} hands `{part}` {found[0]}: pass its "
+                         "input_size to apply() yourself (a list of sizes for several "
                          "inputs).")
     return tuple(found[0])
+
+
+def _handed_tensor(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Size | str:
+    """The size of the one tensor a call hands ``layer``, first, where every other argument
+    is a constant at its default in the forward (``encoder(x, return_dict=True)``): apply()
+    traces a part alone at its defaults. Else what the call hands it, in words."""
+    if not (args and isinstance(args[0], torch.Tensor)):
+        return "other than one tensor"
+    if len(args) == 1 and not kwargs:
+        return args[0].shape[1:]
+    try:
+        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+    except TypeError:
+        return "arguments its forward does not take"
+    params = inspect.signature(layer.forward).parameters
+    for name, value in list(bound.arguments.items())[1:]:
+        default = params[name].default
+        if params[name].kind in (inspect.Parameter.VAR_POSITIONAL,
+                                 inspect.Parameter.VAR_KEYWORD) and not value:
+            continue
+        if isinstance(value, torch.Tensor) or any(isinstance(v, torch.Tensor) for v in
+                                                  (value if isinstance(value, (list, tuple))
+                                                   else ())):
+            return "other than one tensor"
+        if default is inspect.Parameter.empty or not _same_constant(value, default):
+            return f"one tensor and `{name}={value!r}`" + (
+                "" if default is inspect.Parameter.empty else f" (its default: {default!r})")
+    return args[0].shape[1:]
+
+
+def _same_constant(value, default) -> bool:
+    """Whether a generated forward that checks ``default`` (by identity for None and flags,
+    by equality for numbers and strings) lets ``value`` through."""
+    if value is default:
+        return True
+    if isinstance(value, (bool, type(None))) or isinstance(default, (bool, type(None))):
+        return False
+    try:
+        return bool(value == default)
+    except Exception:  # (a value that does not compare to a bool)
+        return False
 
 
 def handed_size(model: nn.Module, part: str) -> tuple[int, ...] | None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import se_inject
-from se_inject.errors import NoSitesError
+from se_inject.errors import NoSitesError, TraceError
 from se_inject.identity import IdentityInitError
 
 from conftest import randomize_norms
@@ -50,9 +50,11 @@ class Res(nn.Module):
         super().__init__()
         self.branch, self.shortcut, self.style = branch, shortcut, style
 
-    def forward(self, x):
+    def forward(self, x, scale: float = 1.0):
         s = x if self.shortcut is None else self.shortcut(x)
         y = self.branch(x)
+        if scale != 1.0:
+            y = y * scale
         if self.style == "in_place":
             y.add_(s)
         elif self.style == "augmented":
@@ -60,6 +62,33 @@ class Res(nn.Module):
         else:
             y = y + s
         return torch.relu(y)
+
+
+class ResDict(Res):
+    """A Res its parent hands a dict, ``{"x": x}``."""
+
+    def forward(self, feats: dict):
+        return super().forward(feats["x"])
+
+
+class ResStar(Res):
+    def forward(self, *args):
+        return super().forward(*args)
+
+
+class ResKeywords(Res):
+    def forward(self, x, **kw):
+        return super().forward(x, **kw)
+
+
+# How Net calls a block it holds: the class the block is of for each way, and the call
+CALLS = {"plain": (Res, lambda b, x: b(x)), "keyword": (Res, lambda b, x: b(x, scale=1.0)),
+         "dict": (ResDict, lambda b, x: b({"x": x})), "star": (ResStar, lambda b, x: b(x)),
+         "keywords": (ResKeywords, lambda b, x: b(x, scale=1.0))}
+
+
+def call_block(b: nn.Module, x):
+    return CALLS[getattr(b, "call", "plain")][1](b, x)
 
 
 class Inception(nn.Module):
@@ -84,7 +113,7 @@ class Net(nn.Module):
             raise ValueError("the input must have 3 channels")
         x = self.stem(x)
         for b in self.blocks:
-            x = b(x)
+            x = call_block(b, x)
         return self.head(x.mean((2, 3)))
 
 
@@ -136,7 +165,10 @@ def _block(draw, cin: int, depth: int, strides_left: int, same: bool = False) ->
         linear = n == 1 and inner is None
         g = (0 if linear else 1) + (inner.gates if inner else 0)
         style = draw(st.sampled_from(["plus", "augmented", "in_place"]))
-        return Built(Res(nn.Sequential(*layers), short, style), cout, stride == 2, g,
+        call = draw(st.sampled_from(list(CALLS))) if depth == 0 else "plain"  # Net calls it
+        block = CALLS[call][0](nn.Sequential(*layers), short, style)
+        block.call = call
+        return Built(block, cout, stride == 2, g,
                      inner.pool_branches if inner else 0, ["res"] + (inner.kinds if inner else []))
     n = draw(st.integers(2, 5))
     branches, widths, with_conv, pools, inners, kinds = [], [], 0, 0, [], ["inception"]
@@ -258,10 +290,21 @@ def _check_last_block_alone(net: nn.Module, x: torch.Tensor, y0: torch.Tensor,
     with torch.no_grad():
         h = net.stem(x)
         for b in net.blocks[:-1]:
-            h = b(h)
-    part = f"blocks.{len(net.blocks) - 1}"
-    size = se_inject.part_input_size(net, part, input_size=tuple(x.shape[1:]))
-    assert size == tuple(h.shape[1:]), f"part_input_size gave {size} for {tuple(h.shape[1:])}"
+            h = call_block(b, h)
+    part, call = f"blocks.{len(net.blocks) - 1}", getattr(net.blocks[-1], "call", "plain")
+    if call == "keywords":  # a part gated alone is traced at its defaults: kw would be {}
+        try:
+            se_inject.part_input_size(net, part, input_size=tuple(x.shape[1:]))
+        except TraceError:
+            return
+        raise AssertionError("part_input_size took a part handed a constant in **kw")
+    if call == "star":  # super().forward(*args) iterates its input: fx cannot trace it alone
+        return
+    if call == "dict":  # (part_input_size asks for it)
+        size = {"x": tuple(h.shape[1:])}
+    else:
+        size = se_inject.part_input_size(net, part, input_size=tuple(x.shape[1:]))
+        assert size == tuple(h.shape[1:]), f"part_input_size gave {size} for {tuple(h.shape[1:])}"
     whole = copy.deepcopy(net)
     try:
         se_inject.apply(whole.blocks[-1], input_size=size, init="identity")

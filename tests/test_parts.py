@@ -323,6 +323,56 @@ def test_part_input_size_says_why_it_cannot_tell():
         se_inject.part_input_size(_resnet18(), "layer2", input_size=(5, 224, 224))
 
 
+class _Scaled(torch.nn.Module):
+    """A residual block its parent calls with a constant beside the tensor."""
+
+    def __init__(self):
+        super().__init__()
+        from handwritten import branch
+        self.branch = branch(16)
+
+    def forward(self, x, scale: float = 1.0, **extra):
+        return torch.relu(x + scale * self.branch(x))
+
+
+class _CallsWith(torch.nn.Module):
+    def __init__(self, **given):
+        super().__init__()
+        self.stem, self.block, self.given = torch.nn.Conv2d(3, 16, 3, padding=1), _Scaled(), given
+
+    def forward(self, x):
+        return self.block(self.stem(x), **self.given)
+
+
+@pytest.mark.parametrize("given,told", [
+    ({"scale": 1.0}, None), ({"scale": 1}, None),
+    ({"scale": 0.5}, r"one tensor and `scale=0.5` \(its default: 1.0\), and a part gated alone"),
+    ({"mode": "fast"}, r"one tensor and `extra=\{'mode': 'fast'\}`, and a part gated alone"),
+])
+def test_part_input_size_takes_constants_at_their_defaults_and_names_others(given, told):
+    """A part handed its tensor and constants its forward takes by default has that tensor's
+    size; another constant would make the part, gated alone (traced at its defaults), refuse
+    the model's call, and is named."""
+    model = _CallsWith(**given).eval()
+    if told is not None:
+        with pytest.raises(TraceError, match=told):
+            se_inject.part_input_size(model, "block", input_size=(3, 8, 8))
+        se_inject.apply(model.block, input_size=(16, 8, 8))  # what the message warns of
+        with pytest.raises(se_inject.SEInjectError, match="traced for calls with"):
+            model(torch.randn(1, 3, 8, 8))
+        return
+    size = se_inject.part_input_size(model, "block", input_size=(3, 8, 8))
+    assert size == (16, 8, 8)
+    twin = _CallsWith(**given).eval()
+    twin.load_state_dict(model.state_dict())
+    randomize_norms(model)
+    twin.load_state_dict(model.state_dict())
+    se_inject.apply(model.block, input_size=size, init="identity")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert len(gates(model)) == 1 and torch.equal(model(x), twin(x))
+
+
 class _Tied(torch.nn.Module):
     """Two layers sharing one weight, and a layer held under two names (as CoaT holds its
     positional convolutions), before a part."""
