@@ -141,7 +141,11 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return HOLDS_A_GATE
     _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
     branch = next(b for i, o, b in branches if o is gated)
-    if rule.gate_at != "output" and any(o is not gated and _is_split_piece(o) for _, o, _ in branches):
+    # a piece of a split as the other operand: Res2Net's sum of one scale's output and the
+    # next piece; not where the piece is the block's entry, the shortcut of a block on it
+    # (the first block of a CSP stage, of YOLOv8's C2f)
+    if rule.gate_at != "output" and any(o is not gated and o is not entry and _is_split_piece(o)
+                                        for _, o, _ in branches):
         return "a connection between the scales of a multi-scale block (Res2Net), not a block"
     if rule.depthwise_branch and not any(view.kinds[n] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"

@@ -386,6 +386,35 @@ HANDWRITTEN.update({
 })
 
 
+class C2fBottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = conv_bn(c, c), conv_bn(c, c)
+
+    def forward(self, x):
+        return x + F.silu(self.cv2(F.silu(self.cv1(x))))
+
+
+class C2fNet(nn.Module):
+    """YOLOv8's C2f: the input split in two, bottlenecks run one after another on the second
+    piece (the first one's shortcut is that piece), every output concatenated. Each bottleneck
+    is a residual block; the concatenation of pieces of one split is not an inception module."""
+
+    def __init__(self, c=16, n=2):
+        super().__init__()
+        self.stem = conv_bn(3, 2 * c)
+        self.m = nn.ModuleList(C2fBottleneck(c) for _ in range(n))
+        self.out = conv_bn((2 + n) * c, 2 * c, 1)
+
+    def forward(self, x):
+        y = list(F.silu(self.stem(x)).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.out(torch.cat(y, 1)).mean((2, 3))
+
+
+HANDWRITTEN["c2f"] = (C2fNet, 2, {"residual": 2})
+
+
 class ConstantBlock(nn.Module):
     """Makes tensors in its forward (an index, a factor): torch.fx turns each into a constant
     of the graph. Blocks alike in code get different constants from their settings."""

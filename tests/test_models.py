@@ -294,6 +294,20 @@ def test_res2net_gets_one_gate_per_block_not_per_scale():
     assert len(inner) == expected and all(s.rule == "residual" for s in inner)
 
 
+@pytest.mark.parametrize("name,block", [("cspresnet50", "BottleneckBlock"),
+                                        ("cs3darknet_s", "DarkBlock")])
+def test_every_block_of_a_csp_stage_gets_its_gate_the_first_too(name, block):
+    """A CSP stage splits its input and runs its blocks on one piece: the first block's
+    shortcut is that piece. It was taken for a connection between Res2Net's scales (a sum
+    with a piece of a split) and left without a gate, in every stage."""
+    model = timm.create_model(name, pretrained=False)
+    blocks = sorted(n for n, m in model.named_modules() if type(m).__name__ == block)
+    p = se_inject.plan(model, input_size=(3, 64, 64))
+    assert sorted(s.block for s in p) == blocks and len(blocks) == {"cspresnet50": 13,
+                                                                    "cs3darknet_s": 9}[name]
+    assert not [s for s in p.skipped if "multi-scale" in s.reason]
+
+
 def test_timm_notrace_blocks_that_trace_are_opened_and_others_stay_leaves():
     """NormFreeBlock is registered no-trace (for fx's dead-code passes, which se-inject does
     not run): it traces, so each gets its gate. VGG's ConvMlp does not trace: it stays whole."""
