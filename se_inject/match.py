@@ -32,6 +32,8 @@ SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a m
                 "as MixNet's: one layer), not one input in parallel")
 GATED_NOT_A_FEATURE_MAP = ("the tensor the rule would gate is not a 4-D channel-first feature map "
                            "(a token sequence reshaped, say)")
+DESCRIPTORS = ("a merge of one value per channel taken by global pooling (the channel attention of "
+               "CBAM: an MLP of the mean plus the MLP of the maximum), not of feature maps")
 REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and nothing "
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
@@ -134,6 +136,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if merge not in closed and all(p is entry or p in region for p in view.preds[merge]):
         closed[merge] = (frozenset(region), entry)  # (no other input left unwalked)
+    if a["shape"] is not None and a["shape"][2:] == (1, 1) and \
+            any(_global_pool(view, n) for n in region):
+        return DESCRIPTORS
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
                                                                          merge):
         return REPARAM_SUM
@@ -347,6 +352,28 @@ def _overlap(branches) -> bool:
 
 
 _SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
+               "adaptive_avg_pool2d", "adaptive_max_pool2d"}
+
+
+def _global_pool(view: GraphView, node: fx.Node) -> bool:
+    """Whether ``node`` takes a map of several pixels to one value per channel: a global
+    pooling (``AdaptiveAvgPool2d(1)``, ``x.mean((2, 3), keepdim=True)``, ``x.amax((2, 3))``).
+    A strided convolution or pooling window that leaves one pixel of a small map is not one."""
+    g = view.graph
+    out = g.nodes[node].get("shape")
+    if out is None or not (len(out) in (2, 3) or (len(out) == 4 and out[2] == out[3] == 1)):
+        return False
+    if not any(len(s) == 4 and s[2] * s[3] > 1 for s in
+               (g.nodes[p].get("shape") for p in view.preds[node]) if s is not None):
+        return False
+    if node.op == "call_module":
+        name = type(view.modules[node.target]).__name__  # (timm's SelectAdaptivePool2d too)
+        return "Adaptive" in name and "Pool" in name
+    target = node.target
+    if target is operator.getitem and isinstance(node.args[0], fx.Node):  # x.max((2, 3))[0]
+        target = node.args[0].target
+    return getattr(target, "__name__", target) in _REDUCTIONS
 
 
 def _is_split_piece(node: fx.Node) -> bool:

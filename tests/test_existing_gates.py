@@ -49,3 +49,21 @@ def test_tresnet_gates_only_its_blocks_without_se():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert model(x).shape == (1, 1000)
+
+
+def test_cbam_is_a_gate_its_pooled_sum_is_no_block_and_allowing_gates_adds_none_there(tmp_path):
+    """CBAM's channel attention adds an MLP of the mean to the MLP of the maximum: a sum of two
+    (N, C, 1, 1) tensors, each through 1x1 convolutions, which the residual rule took for a
+    block and gated inside the attention. It is a channel gate: its block holds one."""
+    from se_inject.match import DESCRIPTORS
+    model = timm.create_model("resnet18", block_args=dict(attn_layer="cbam"), pretrained=False)
+    blocks = sorted(n for n, m in model.named_modules() if type(m).__name__ == "BasicBlock")
+    p = se_inject.plan(model, input_size=(3, 64, 64))
+    assert len(p) == 0 and len(blocks) == 8
+    assert sorted(s.merge.rsplit(".", 1)[0] for s in p.skipped if s.reason == HOLDS) == blocks
+    assert len([s for s in p.skipped if s.reason == DESCRIPTORS]) == 8
+    rule = tmp_path / "regate.yaml"  # a second gate where allowed: on the blocks, not the MLPs
+    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
+                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
+    p = se_inject.plan(model, rules=[str(rule)], input_size=(3, 64, 64))
+    assert sorted(s.block for s in p) == blocks and {s.spatial for s in p} != {(1, 1)}
