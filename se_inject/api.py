@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import gc
@@ -546,6 +547,22 @@ def _check_structure(model: nn.Module, graph, shapes: list) -> None:
             f"input_size={example} (nothing was changed).")
 
 
+# The gates a checkpoint being loaded records (se_inject.load): where this se-inject finds those
+# sites and more (a block an earlier version missed), apply() gates those alone, so that the
+# checkpoint loads as the model it was saved from.
+_RECORDED: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "se_inject_recorded_gates", default=None)
+
+
+@contextlib.contextmanager
+def recorded_gates_only(gates: Sequence[str]):
+    token = _RECORDED.set(tuple(gates))
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
+
+
 def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                stages=None, spec: GateSpec | None = None) -> tuple[Plan, dict, tuple]:
     """The plan; what the model's trace says about each planned block; and the trace itself
@@ -647,6 +664,14 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         calls = block_calls(graph) if calls is None else calls
         blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
                   for block in per_block}
+    only = _RECORDED.get()
+    if only is not None and set(only) < {site.gate for site in sites}:
+        skipped += [Skipped(site.merge, site.rule, "not gated in the checkpoint being loaded")
+                    for site in sites if site.gate not in only]
+        kept = [(site, t) for site, t in zip(sites, chosen) if site.gate in only]
+        sites, chosen = [site for site, _ in kept], [t for _, t in kept]
+        blocks = {block: context for block, context in blocks.items()
+                  if any(t.block == block for t in chosen)}
     gated = {site.gate: t.candidate for site, t in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
                 ratio=ratio), blocks, (graph, gated)

@@ -671,12 +671,14 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                                   f"{needs}; code is never imported from a checkpoint, so pass "
                                   "them to se_inject.load(..., leaf_modules=[...])")
         spec = step.get("gate") or {}
-        _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
-                      input_size=step.get("input_size") or None,
-                      init=step.get("init", "paper"), leaf_modules=leaf_modules,
-                      autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
-                      **{k: spec[k] for k in ("squeeze", "excite", "min_channels", "divisor")
-                         if k in spec})
+        from .api import recorded_gates_only
+        with recorded_gates_only(step["gates"]):
+            _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
+                          input_size=step.get("input_size") or None,
+                          init=step.get("init", "paper"), leaf_modules=leaf_modules,
+                          autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
+                          **{k: spec[k] for k in ("squeeze", "excite", "min_channels",
+                                                  "divisor") if k in spec})
         got = (recipe_of(target) or [{}])[-1].get("gates", [])
         if got != step["gates"]:
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "

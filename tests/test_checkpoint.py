@@ -708,6 +708,36 @@ def test_a_recipe_from_before_reparam_sums_loads_its_gates_where_they_were(tmp_p
         torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
 
 
+def test_a_checkpoint_from_before_a_block_was_found_loads_with_the_gates_it_had(tmp_path):
+    """cspresnet50's checkpoints written before the first block of each CSP stage was found
+    hold 9 gates where apply() now places 13: load() places the 9 it records, and the model
+    computes what the saved one did, the 4 others counting as gates that pass everything."""
+    m = se_inject.apply(timm.create_model("cspresnet50", num_classes=10).eval(),
+                        input_size=(3, 64, 64))
+    new = [n for n, _ in gates(m) if ".blocks.0." in n]
+    assert len(gates(m)) == 13 and len(new) == 4
+    path = se_inject.save(m, tmp_path / "csp.pth")
+    obj = torch.load(path, weights_only=True)
+    recipe = json.loads(obj["se_inject.recipe"])
+    for step in recipe["steps"]:
+        step["gates"] = [g for g in step["gates"] if g not in new]
+    obj["state_dict"] = {k: v for k, v in obj["state_dict"].items()
+                         if not any(k.startswith(g + ".") for g in new)}
+    obj["se_inject.recipe"] = json.dumps(recipe)
+    torch.save(obj, path)
+    g = se_inject.load(path).eval()
+    assert sorted(n for n, _ in gates(g)) == sorted(n for n, _ in gates(m) if n not in new)
+    with torch.no_grad():
+        for n, gate in gates(m):
+            if n in new:
+                gate.fc2.weight.zero_()
+                gate.fc2.bias.fill_(30.0)  # sigmoid(30) is 1.0 in float32: passes everything
+        x = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+    assert len(gates(se_inject.apply(timm.create_model("cspresnet50", num_classes=10),
+                                     input_size=(3, 64, 64)))) == 13  # outside load(): all
+
+
 def test_a_half_precision_checkpoint_loads_in_float32_with_its_values(tmp_path):
     model = timm.create_model("resnet18", pretrained=False).half()
     se_inject.apply(model)
