@@ -141,15 +141,33 @@ class GraphView:
         return cache[kinds]
 
     def describe(self, node: fx.Node) -> str:
-        """A readable name for the tensor a node yields: the module path, or scope.op."""
-        a = self.graph.nodes[node]
+        """A readable name for the tensor a node yields: the module path, or scope.op, numbered
+        from a scope's second op of the kind (``layer1.0.add``, ``layer1.0.add_1``)."""
         if node.op == "call_module":
             return str(node.target)
-        frame: Frame = a["frame"]
-        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "op")
         if node.op == "placeholder":
             return f"input:{node.target}"
-        return f"{frame.qualname}.{op}" if frame.qualname else str(op)
+        label = self._labels.get(node)
+        return label if label is not None else _label(self.graph.nodes[node]["frame"], node)
+
+    @functools.cached_property
+    def _labels(self) -> dict:
+        """describe()'s scope.op of every op in the view, in graph order: one scope's sums are
+        ``add``, ``add_1``, ... (an octave block's four sums, the blocks a model writes inline
+        in its own forward), each its own name."""
+        labels, seen, g = {}, {}, self.graph
+        for node in self.fx_graph.nodes:
+            if node.op in ("call_function", "call_method") and node in g:
+                base = _label(g.nodes[node]["frame"], node)
+                k = seen.get(base, 0)
+                seen[base] = k + 1
+                labels[node] = f"{base}_{k}" if k else base
+        return labels
+
+
+def _label(frame: Frame, node: fx.Node) -> str:
+    op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "op")
+    return f"{frame.qualname}.{op}" if frame.qualname else str(op)
 
 
 def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:

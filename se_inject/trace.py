@@ -76,7 +76,9 @@ class Call:
 
 _OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.sub: "-", operator.mul: "*",
               operator.truediv: "/", operator.floordiv: "//", operator.matmul: "@",
-              operator.pow: "**", operator.mod: "%"}
+              operator.pow: "**", operator.mod: "%", operator.eq: "==", operator.ne: "!=",
+              operator.lt: "<", operator.le: "<=", operator.gt: ">", operator.ge: ">=",
+              operator.and_: "&", operator.or_: "|"}
 
 
 def _arg_text(a: Any) -> str:
@@ -100,6 +102,8 @@ def op_text(node: fx.Node) -> str:
         text = f" {_OPERATORS[target]} ".join(args)
     elif node.op == "call_function" and target is operator.getitem and len(args) == 2:
         text = f"{args[0]}[{args[1]}]"
+    elif node.op == "call_function" and target is getattr and len(node.args) == 2:
+        text = f"{args[0]}.{node.args[1]}"
     elif node.op == "call_function":
         name = fx.node._get_qualified_name(target) if callable(target) else str(target)
         text = f"{name.replace('_operator.', 'operator.')}({', '.join(args)})"

@@ -51,6 +51,9 @@ def test_handwritten_gates_and_invariants(name):
 def test_inline_residuals_gate_the_branch_not_the_shortcut():
     """+, += and torch.add in the model's own forward; the third block has a projection."""
     model = InlineResidualNet().eval()
+    p = se_inject.plan(model)  # one scope's sums, each its own name in the plan
+    assert [(s.merge, s.entry) for s in p] == [("add", "relu"), ("add_1", "relu_2"),
+                                               ("add_2", "relu_4")]
     with pytest.warns(UserWarning, match=r"trace nn.Sequential\(model\) instead"):
         se_inject.apply(model)
     names = [n for n, _ in gates(model)]
@@ -632,7 +635,7 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     model = LinearSumsNet().eval()
     p = se_inject.plan(model)
     reparam = [s.merge for s in p.skipped if "re-parameterisable" in s.reason]
-    assert sorted(reparam) == ["add", "add", "rep.add", "rep.add"]
+    assert sorted(reparam) == ["add", "add_1", "rep.add", "rep.add_1"]  # (a scope's 2nd sum: _1)
     assert [s.tensor for s in p] == ["deep2.1", "r2.1"]   # two convs in series; a block
     assert all(s.rule == "residual" for s in p)
     text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
