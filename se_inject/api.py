@@ -310,43 +310,53 @@ def part_input_size(model: nn.Module, part: str, *, input_size=None) -> tuple[in
         raise TraceError(f"{what} ran without calling `{part}` itself (a container whose "
                          "children the forward calls one by one?): gate one of its children, "
                          "or pass the part's input_size to apply() yourself.")
-    if isinstance(found[0], str) and found[0].startswith("one tensor and"):
-        raise TraceError(f"{type(model).__name__} hands `{part}` {found[0]}, and a part gated "
-                         "alone is traced with its other arguments at their defaults: its "
-                         "gated forward would refuse this call. Gate the module that calls it "
-                         "instead, which traces the call as it is made.")
-    if isinstance(found[0], str):
-        raise TraceError(f"{type(model).__name__} hands `{part}` {found[0]}: pass its "
+    if isinstance(found[0], _NotOneTensor):
+        if found[0].constant:
+            raise TraceError(f"{type(model).__name__} hands `{part}` {found[0].what}, and a part "
+                             "gated alone is traced with its other arguments at their defaults: "
+                             "its gated forward would refuse this call. Gate the module that "
+                             "calls it instead, which traces the call as it is made.")
+        raise TraceError(f"{type(model).__name__} hands `{part}` {found[0].what}: pass its "
                          "input_size to apply() yourself (a list of sizes for several "
                          "inputs).")
     return tuple(found[0])
 
 
-def _handed_tensor(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Size | str:
+class _NotOneTensor(NamedTuple):
+    what: str  # what the call hands the part, in words
+    constant: bool  # one tensor, and a constant other than the forward's default
+
+
+def _holds_tensor(value) -> bool:
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, torch.Tensor) or (
+        isinstance(value, (list, tuple)) and any(map(_holds_tensor, value)))
+
+
+def _handed_tensor(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Size | _NotOneTensor:
     """The size of the one tensor a call hands ``layer``, first, where every other argument
     is a constant at its default in the forward (``encoder(x, return_dict=True)``): apply()
-    traces a part alone at its defaults. Else what the call hands it, in words."""
+    traces a part alone at its defaults."""
     if not (args and isinstance(args[0], torch.Tensor)):
-        return "other than one tensor"
+        return _NotOneTensor("other than one tensor", False)
     if len(args) == 1 and not kwargs:
         return args[0].shape[1:]
+    sig = inspect.signature(layer.forward)
     try:
-        bound = inspect.signature(layer.forward).bind(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs).arguments
     except TypeError:
-        return "arguments its forward does not take"
-    params = inspect.signature(layer.forward).parameters
-    for name, value in list(bound.arguments.items())[1:]:
-        default = params[name].default
-        if params[name].kind in (inspect.Parameter.VAR_POSITIONAL,
-                                 inspect.Parameter.VAR_KEYWORD) and not value:
+        return _NotOneTensor("arguments its forward does not take", False)
+    for name, value in list(bound.items())[1:]:
+        param = sig.parameters[name]
+        if _holds_tensor(value):
+            return _NotOneTensor("other than one tensor", False)
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) and not value:
             continue
-        if isinstance(value, torch.Tensor) or any(isinstance(v, torch.Tensor) for v in
-                                                  (value if isinstance(value, (list, tuple))
-                                                   else ())):
-            return "other than one tensor"
-        if default is inspect.Parameter.empty or not _same_constant(value, default):
-            return f"one tensor and `{name}={value!r}`" + (
-                "" if default is inspect.Parameter.empty else f" (its default: {default!r})")
+        if param.default is param.empty or not _same_constant(value, param.default):
+            return _NotOneTensor(f"one tensor and `{name}={value!r}`" + (
+                "" if param.default is param.empty else f" (its default: {param.default!r})"),
+                True)
     return args[0].shape[1:]
 
 
