@@ -400,8 +400,8 @@ def test_a_block_taking_a_dict_starred_arguments_or_a_quoted_string_is_gated_as_
     assert [n for n, _ in gates(model)] == ["block.se_gate"]
     b, h = model.block, torch.relu(model.stem(torch.randn(2, 3, 16, 16)))
     with torch.no_grad():
-        torch.testing.assert_close(call(b, h), formula(b, h, lambda u: paper_reference(u, b.se_gate)),
-                                   rtol=1e-5, atol=1e-6)
+        expected = formula(b, h, lambda u: paper_reference(u, b.se_gate))
+        torch.testing.assert_close(call(b, h), expected, rtol=1e-5, atol=1e-6)
         with pytest.raises(RewriteError, match="traced for calls with"):
             other(b, h)
 
@@ -1124,12 +1124,11 @@ def test_a_block_gated_alone_takes_its_shortcut_from_an_input_that_holds_tensors
     block = cls().eval()
     randomize_norms(block)
     twin = copy.deepcopy(block)
-    call = (lambda b, x: b(given(x))) if cls is not _StarBlock else (lambda b, x: b(x))
     se_inject.apply(block, input_size=size, init="identity")
     assert [n for n, _ in gates(block)] == ["se_gate"]
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
-        out, ref = call(block, x), call(twin, x)
+        out, ref = block(given(x)), twin(given(x))
         for a, b in zip(*[o if isinstance(o, tuple) else (o,) for o in (out, ref)]):
             assert torch.equal(a, b)
 

@@ -363,9 +363,8 @@ def test_part_input_size_takes_constants_at_their_defaults_and_names_others(give
         return
     size = se_inject.part_input_size(model, "block", input_size=(3, 8, 8))
     assert size == (16, 8, 8)
-    twin = _CallsWith(**given).eval()
-    twin.load_state_dict(model.state_dict())
     randomize_norms(model)
+    twin = _CallsWith(**given).eval()
     twin.load_state_dict(model.state_dict())
     se_inject.apply(model.block, input_size=size, init="identity")
     x = torch.randn(2, 3, 8, 8)
