@@ -110,16 +110,18 @@ def wrap_body(cls: type, inputs: Inputs, body: Callable) -> Callable:
     sig = _signature(cls)
     params = list(sig.parameters.values())
     bound = sig.bind(None, *inputs.args, **inputs.kwargs).arguments
-    env: dict[str, Any] = {"_body": body, "_mismatch": _mismatch, "_cls": cls.__name__}
+    # (names no parameter of a forward takes: the generated code reads them as globals)
+    env: dict[str, Any] = {"_se_inject_body": body, "_se_inject_mismatch": _mismatch,
+                           "_se_inject_cls": cls.__name__}
     head, checks, leaves = [params[0].name], [], {}
 
     def const(value) -> str:
-        key = f"_c{len(env)}"
+        key = f"_se_inject_c{len(env)}"
         env[key] = value
         return key
 
     def check(test: str, what: str) -> None:
-        checks.append(f"if {test}: _mismatch(_cls, {what!r})")
+        checks.append(f"if {test}: _se_inject_mismatch(_se_inject_cls, {what!r})")
 
     def walk(expr: str, value: Any) -> None:
         if isinstance(value, Leaf):
@@ -156,7 +158,8 @@ def wrap_body(cls: type, inputs: Inputs, body: Callable) -> Callable:
         head.append(p.name if p.default is p.empty else f"{p.name}={const(p.default)}")
         walk(p.name, bound[p.name] if p.name in bound else p.default)
     call = ", ".join([params[0].name, *(leaves[n] for n in inputs.leaves)])
-    src = "\n    ".join([f"def forward({', '.join(head)}):", *checks, f"return _body({call})"])
+    src = "\n    ".join([f"def forward({', '.join(head)}):", *checks,
+                          f"return _se_inject_body({call})"])
     exec(compile(src + "\n", f"<se-inject {cls.__qualname__}.forward signature>", "exec"), env)
     fn = env["forward"]
     fn.__qualname__ = f"{cls.__qualname__}.forward"

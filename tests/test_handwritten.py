@@ -363,6 +363,11 @@ class _StringBlock(_Branched):
         return F.relu(x + y)
 
 
+class _NamesBlock(_Branched):
+    def forward(self, x, _body=None, _cls: float = 1.0, _mismatch="m", _c3=None):
+        return F.relu(x + _cls * self.branch(x))  # (names the generated code once used)
+
+
 _ARGUMENT_CALLS = {  # the block; how its parent calls it; a call the trace did not follow;
     # what the traced call computes
     "dict": (_DictBlock, lambda b, h: b({"x": h}), lambda b, h: b({"x": h, "extra": h}),
@@ -374,6 +379,8 @@ _ARGUMENT_CALLS = {  # the block; how its parent calls it; a call the trace did 
                  lambda b, h, gate: F.relu(h + 0.5 * gate(b.branch(h)))),
     "string": (_StringBlock, lambda b, h: b(h, pool="it's max"), lambda b, h: b(h, pool="avg"),
                lambda b, h, gate: F.relu(h + gate(F.max_pool2d(b.branch(h), 3, 1, 1)))),
+    "names": (_NamesBlock, lambda b, h: b(h, _cls=0.5), lambda b, h: b(h, _cls=2.0),
+              lambda b, h, gate: F.relu(h + 0.5 * gate(b.branch(h)))),
 }
 
 
@@ -390,9 +397,10 @@ class _Calling(torch.nn.Module):
 @pytest.mark.parametrize("how", list(_ARGUMENT_CALLS))
 def test_a_block_taking_a_dict_starred_arguments_or_a_quoted_string_is_gated_as_called(how):
     """The generated forward takes the block's arguments as its forward does (``*args`` and
-    ``**kwargs`` were refused, and a string constant holding a quote made apply() fail with a
-    SyntaxError), and refuses a call the trace did not follow (a dict with another key was
-    computed without it)."""
+    ``**kwargs`` were refused, a string constant holding a quote made apply() fail with a
+    SyntaxError, and a parameter named ``_body`` stood for the traced code, which the gated
+    block then failed to call), and refuses a call the trace did not follow (a dict with
+    another key was computed without it)."""
     cls, call, other, formula = _ARGUMENT_CALLS[how]
     model = _Calling(cls(), call).eval()
     randomize_norms(model)
