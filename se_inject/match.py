@@ -9,6 +9,7 @@ more where blocks span others (HRNet's fusions, whose entry lies before a whole 
 """
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,7 @@ SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a m
                 "as MixNet's: one layer), not one input in parallel")
 GATED_NOT_A_FEATURE_MAP = ("the tensor the rule would gate is not a 4-D channel-first feature map "
                            "(a token sequence reshaped, say)")
+NO_ENTRY = "no single entry (the merge depends on more than one model input)"
 DESCRIPTORS = ("a merge of one value per channel taken by global pooling (the channel attention of "
                "CBAM: an MLP of the mean plus the MLP of the maximum), not of feature maps")
 REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and nothing "
@@ -95,6 +97,31 @@ def _branch(preds: dict, operand, entry, closed: dict | None = None) -> set:
     return seen
 
 
+def _without_conditioning(view: GraphView) -> tuple[GraphView, dict]:
+    """The view without the edges by which a tensor of one value per channel (or a vector)
+    from elsewhere scales or shifts a feature map (``h + emb[:, :, None, None]``, FiLM's
+    ``h * (1 + scale) + shift``), and its dominators. A diffusion U-Net's residual blocks take
+    a time embedding so: every sum depends on two model inputs and had no single entry,
+    though the feature map flows from one. The view itself where no edge is such."""
+    g, shapes = view.graph, dict(view.graph.nodes(data="shape"))
+    side = set()
+    for v in view.of_kinds("add", "mul", "sub"):
+        out = shapes.get(v)
+        if out is None or len(out) != 4 or out[2] * out[3] == 1:
+            continue
+        for u in view.preds[v]:
+            s = shapes.get(u)
+            if s is not None and (len(s) < 4 or (len(s) == 4 and s[2] * s[3] == 1)):
+                side.add((u, v))
+    if not side:
+        return view, {}
+    reduced = copy.copy(view)
+    reduced.__dict__["preds"] = {n: [p for p in ps if (p, n) not in side]
+                                 for n, ps in view.preds.items()}
+    reduced.__dict__["closed_regions"] = {}  # (regions differ without those edges)
+    return reduced, nx.immediate_dominators(nx.restricted_view(g, [], side), ROOT)
+
+
 def _convs(view: GraphView, nodes: set) -> int:
     return len(view.of_kinds(*_CONV_KINDS).intersection(nodes))
 
@@ -120,7 +147,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return "operands differ in shape"
     entry = idom.get(merge)
     if entry is None or entry is ROOT:
-        return "no single entry (the merge depends on more than one model input)"
+        return NO_ENTRY
     if rule.entry_as_operand == "forbid" and any(o is entry for _, o in acts):
         return "the block's entry is itself an operand (a dense connection)"
     closed = view.closed_regions
@@ -434,6 +461,7 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
     to it no more (a block that cannot be gated leaves its nested blocks their gates)."""
     g = view.graph
     idom = nx.immediate_dominators(g, ROOT)
+    conditioned = None  # (view, idom) without the inputs that only scale or shift a map
     found: list[Candidate] = []
     rejected: list[Rejection] = []
     for node in view.fx_graph.nodes:
@@ -445,6 +473,10 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
             if rule.merge != kind:
                 continue
             result = _match(view, node, kind, rule, idom)
+            if result == NO_ENTRY:
+                conditioned = conditioned or _without_conditioning(view)
+                if conditioned[0] is not view:
+                    result = _match(conditioned[0], node, kind, rule, conditioned[1])
             if isinstance(result, Candidate):
                 found.append(result)
                 break

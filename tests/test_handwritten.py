@@ -1110,6 +1110,52 @@ def test_an_input_that_holds_several_tensors_takes_their_sizes(cls, size):
         p.added_parameters()
 
 
+class _TimeBlock(torch.nn.Module):
+    """A diffusion U-Net's residual block: the time embedding shifts the branch's map."""
+
+    def __init__(self, c=16, dim=8):
+        super().__init__()
+        from handwritten import conv_bn
+        self.conv1, self.conv2, self.time = conv_bn(c, c), conv_bn(c, c), torch.nn.Linear(dim, c)
+
+    def forward(self, x, t):
+        h = F.silu(self.conv1(x)) + self.time(t)[:, :, None, None]
+        return x + self.conv2(F.silu(h))
+
+
+class _TimeNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from handwritten import conv_bn
+        self.stem, self.embed = conv_bn(3, 16), torch.nn.Linear(1, 8)
+        self.b1, self.b2 = _TimeBlock(), _TimeBlock()
+
+    def forward(self, x, t):
+        e = F.silu(self.embed(t))
+        return self.b2(self.b1(self.stem(x), e), e)
+
+
+def test_a_block_a_second_input_only_shifts_is_gated_as_the_block_of_its_feature_map():
+    """Every sum of a time-conditioned block depends on both model inputs, so the block had no
+    single entry and no gate; a tensor of one value per channel that shifts or scales a map
+    does not make it another path into the block."""
+    model = _TimeNet().eval()
+    randomize_norms(model)
+    twin = copy.deepcopy(model)
+    sizes = [(3, 16, 16), (1,)]
+    p = se_inject.plan(model, input_size=sizes)
+    assert [(s.gate, s.tensor, s.entry) for s in p] == [
+        ("b1.se_gate", "b1.conv2.1", "stem.1"), ("b2.se_gate", "b2.conv2.1", "b1.add_1")]
+    se_inject.apply(model, input_size=sizes, init="identity")
+    x, t = torch.randn(2, 3, 20, 20), torch.rand(2, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), twin(x, t))
+        b, h, e = model.b1, model.stem(x), F.silu(model.embed(t))
+        u = b.conv2(F.silu(F.silu(b.conv1(h)) + b.time(e)[:, :, None, None]))
+        torch.testing.assert_close(b(h, e), h + paper_reference(u, b.se_gate), rtol=1e-5,
+                                   atol=1e-6)
+
+
 class _KeyedBlock(_Branched):
     def forward(self, feats: dict):
         return F.relu(feats["x"] + self.branch(feats["x"]))
