@@ -73,7 +73,6 @@ class Call:
     kwargs: dict
 
 
-
 _OPERATORS = {operator.add: "+", operator.iadd: "+=", operator.sub: "-", operator.mul: "*",
               operator.truediv: "/", operator.floordiv: "//", operator.matmul: "@",
               operator.pow: "**", operator.mod: "%", operator.eq: "==", operator.ne: "!=",
