@@ -126,13 +126,29 @@ def _convs(view: GraphView, nodes: set) -> int:
     return len(view.of_kinds(*_CONV_KINDS).intersection(nodes))
 
 
+def _convolved_volume(g, merge: fx.Node) -> bool:
+    """Whether a 5-D merge sums volumes a convolution made (a 3-D CNN's), not 5-D tensors of
+    another kind (a window attention's scores): a convolution reached through 5-D tensors."""
+    seen, todo = {merge}, [merge]
+    while todo:
+        for p in g.predecessors(todo.pop()):
+            a = g.nodes[p]
+            if p in seen or a.get("ndim") != 5:
+                continue
+            if a["kind"] in _CONV_KINDS:
+                return True
+            seen.add(p)
+            todo.append(p)
+    return False
+
+
 def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
            idom: dict) -> Candidate | str:
     """A Candidate, or the reason the rule does not match this merge."""
     g = view.graph
     a = g.nodes[merge]
     if a["ndim"] != 4 or a["layout"] != "nchw":
-        return A_VOLUME if a["ndim"] == 5 else NOT_A_FEATURE_MAP
+        return A_VOLUME if _convolved_volume(g, merge) else NOT_A_FEATURE_MAP
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
     n = len(acts)

@@ -85,6 +85,25 @@ class _Audio1D(_Video3D):
     conv, in_chans = nn.Conv1d, 1
 
 
+class _WindowAttention(nn.Module):
+    """A Swin-style window attention on channels-last tokens: its scores are viewed as 5-D
+    (batch, windows, heads, tokens, tokens) to add a mask per window; no convolution makes them,
+    so they are not a 3-D CNN's volumes."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.register_buffer("mask", torch.zeros(4, 16, 16))
+
+    def forward(self, x):  # (N, 8, 8, 8) channels-last: four 4 x 4 windows
+        n = x.shape[0]
+        w = x.view(n, 2, 4, 2, 4, 8).permute(0, 1, 3, 2, 4, 5).reshape(n * 4, 16, 8)
+        q, k, v = self.qkv(w).chunk(3, dim=-1)
+        a = (q @ k.transpose(-2, -1)).view(n, 4, 1, 16, 16) + self.mask[None, :, None]
+        y = self.proj(a.view(n * 4, 16, 16).softmax(-1) @ v)
+        return x + y.view(n, 2, 2, 4, 4, 8).permute(0, 1, 3, 2, 4, 5).reshape(n, 8, 8, 8)
+
+
 @dataclass
 class ApplyCase:
     id: str
@@ -119,6 +138,10 @@ APPLY_CASES = [
     ApplyCase("video-3d", _Video3D, {"input_size": (3, 4, 16, 16)}, NoSitesError,
               "_Video3D has no residual or inception-style block of 2-D feature maps: 1 of its "
               "sums or concatenations are of 5-D tensors"),
+    ApplyCase("window-attention-5d", _WindowAttention, {"input_size": (8, 8, 8)},
+              NoSitesError, "_WindowAttention has no residual or inception-style block: the "
+              "traced graph holds no add or channel concatenation of 4-D convolutional feature "
+              "maps (2 sums"),
     ApplyCase("audio-1d", _Audio1D, {"input_size": (1, 64)}, NoSitesError,
               "_Audio1D has no residual or inception-style block of 2-D feature maps: its "
               "convolutions are 1-D"),
