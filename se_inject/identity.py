@@ -5,7 +5,10 @@ sigmoid(0) = 0.5 exactly. The layer that produces the gated tensor is scaled by 
 it: its weight and bias if it is a convolution, a linear layer or an affine norm (parameters, or
 a frozen layer's buffers), reached from the gated tensor back through ops that commute with a
 positive factor (ReLU, pooling, dropout, concatenation, sums, reshapes); of a weight that weight
-normalisation computes, its magnitude g; of a pruned weight, the unpruned one. Both factors are
+normalisation computes, its magnitude g; of a pruned weight, the unpruned one. Layers traced as
+functions (``F.group_norm``, ``F.conv2d``...) scale with their weight and bias; a convolution's
+weight computed in the forward scales with the parameter a product brings in (the gain of
+timm's ScaledStdConv2d), and ``scale * x + bias`` with both parameters. Both factors are
 powers of two, so every product is exact in floating point, and the gated model computes bit
 for bit what the model computed before. The gate still learns: its last layer gets a gradient on
 the first backward pass (its first layer on the next ones, once the last is no longer zero), as
@@ -66,11 +69,22 @@ def _passes(m: nn.Module) -> bool:
 _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten,
                    torch.permute, torch.reshape}
-_PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten"}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten",
+                 "reshape_as", "view_as"}
 # ops whose every tensor operand must be scaled (a sum or concatenation of scaled tensors)
 _EACH_OPERAND = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat,
                  torch.concatenate}
 _AFFINE = (nn.modules.conv._ConvNd, nn.Linear)
+# layers called as functions, (position, name) of their weight and bias: a convolution's output
+# scales with both (its weight may be computed: timm's ScaledStdConv2d standardizes it, then
+# multiplies by a gain), a norm's with its affine weight and bias whatever its input
+_FUNCTIONAL_AFFINE = {f: ((1, "weight"), (2, "bias")) for f in (
+    F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear)}
+_FUNCTIONAL_NORMS = {F.batch_norm: ((3, "weight"), (4, "bias")),
+                     F.instance_norm: ((3, "weight"), (4, "bias")),
+                     F.group_norm: ((2, "weight"), (3, "bias")),
+                     F.layer_norm: ((2, "weight"), (3, "bias"))}
 # what torch.nn.utils.parametrizations.weight_norm registers (a private class: none if it moves)
 _WEIGHT_NORM_PARAMETRIZATION = getattr(parametrizations, "_WeightNorm", ())
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
@@ -146,7 +160,7 @@ def plan_compensations(graph: fx.Graph, model: nn.Module,
     """For each (gate name, gated node, gate on a branch operand?): the parameters to scale so
     that a zero-initialised gate there changes nothing. Raises before anything changes."""
     modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    calls = Counter(n.target for n in graph.nodes if n.op in ("call_module", "get_attr"))
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     shared = _shared({**buffers, **params})
@@ -185,6 +199,27 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
             if _passes(m):
                 return walk(_only_tensor_input(node, refuse), False)
             raise refuse(f"`{node.target}` ({type(m).__name__}) does not scale with its input")
+        if node.op == "get_attr":  # a tensor the op reads as it is: a parameter scales
+            if node.target not in params:
+                raise refuse(f"`{node.target}` is a buffer or a constant, not a parameter")
+            if calls[node.target] != 1:
+                raise refuse(f"`{node.target}` is read {calls[node.target]} times")
+            found.append(node.target)
+            return
+        if node.op == "call_function" and node.target in _FUNCTIONAL_NORMS | _FUNCTIONAL_AFFINE:
+            (wi, wk), (bi, bk) = {**_FUNCTIONAL_NORMS, **_FUNCTIONAL_AFFINE}[node.target]
+            weight, bias = (node.args[i] if len(node.args) > i else node.kwargs.get(k)
+                            for i, k in ((wi, wk), (bi, bk)))
+            if not isinstance(weight, fx.Node):
+                raise refuse(f"{op_text(node)} has no affine weight to scale (a weight "
+                             "standardized without a gain, as timm's StdConv2d's, is one)"
+                             if weight is None else f"{op_text(node)} has a constant weight")
+            if bias is not None and not isinstance(bias, fx.Node):
+                raise refuse(f"{op_text(node)} adds a constant")
+            for t in (weight, bias):
+                if t is not None:
+                    walk(t, False)
+            return
         if node.op in ("call_function", "call_method"):
             target = node.target
             if target in _EACH_OPERAND or target in ("add", "add_"):

@@ -238,6 +238,99 @@ def test_identity_init_refuses_a_weight_it_cannot_scale_and_changes_nothing(how,
     assert len(gates(model)) == 2 and not torch.equal(_out(model, x), y0)
 
 
+class _FunctionalConv(torch.nn.Module):
+    """A convolution written as ``F.conv2d`` on its own parameters."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+        self.bias = torch.nn.Parameter(torch.randn(c) * 0.1)
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class _LearnableAffine(torch.nn.Module):
+    """HGNetV2's LearnableAffineBlock: ``scale * x + bias``, one scale and one bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.bias = (torch.nn.Parameter(torch.tensor([v])) for v in (1.0, 0.0))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+def _conv(c: int) -> torch.nn.Conv2d:
+    return torch.nn.Conv2d(c, c, 3, padding=1)
+
+
+# a residual branch's last layer that a trace goes through as functions, and what an identity
+# gate after it doubles
+_FUNCTIONAL_TAILS = {
+    "scaled_std_conv": (lambda c: timm.layers.ScaledStdConv2d(c, c, 3, padding=1),
+                        ("conv2.bias", "conv2.gain")),
+    "group_norm": (lambda c: torch.nn.Sequential(_conv(c), timm.layers.GroupNorm(c, 4)),
+                   ("conv2.1.bias", "conv2.1.weight")),
+    "group_norm_act": (lambda c: torch.nn.Sequential(
+        _conv(c), timm.layers.GroupNormAct(c, 4, apply_act=False)),
+        ("conv2.1.bias", "conv2.1.weight")),
+    "functional_conv": (_FunctionalConv, ("conv2.bias", "conv2.weight")),
+    "learnable_affine": (lambda c: torch.nn.Sequential(_conv(c), _LearnableAffine()),
+                         ("conv2.1.bias", "conv2.1.scale")),
+}
+
+
+def _with_tails(make) -> _NormFreeNet:
+    torch.manual_seed(0)
+    model = _NormFreeNet()
+    for block in model.blocks:
+        block.conv2 = make(16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("tail", sorted(_FUNCTIONAL_TAILS))
+def test_identity_init_scales_layers_traced_as_functions(tail):
+    """timm's GroupNorm and GroupNormAct call F.group_norm, its ScaledStdConv2d standardizes its
+    weight then multiplies by a gain before F.conv2d, HGNetV2's affine block is ``scale * x +
+    bias``: the trace goes through them as functions. The gate after each is the identity with
+    exactly those parameters doubled (the gain, not the standardized weight), bit for bit; remove()
+    halves them back, and a plain state_dict loaded into the gated model comes in doubled."""
+    make, scaled = _FUNCTIONAL_TAILS[tail]
+    model, ref = _with_tails(make), _with_tails(make)
+    x = torch.randn(2, 3, 12, 12)
+    se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert len(gates(model)) == 2
+    assert torch.equal(_out(model, x), _out(ref, x))
+    before, now = ref.state_dict(), model.state_dict()
+    changed = sorted(k for k, v in before.items() if not torch.equal(now[k], v))
+    assert changed == [f"blocks.{i}.{p}" for i in (0, 1) for p in scaled]
+    assert all(torch.equal(now[k], 2 * before[k]) for k in changed)
+    other = _with_tails(make)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    model.load_state_dict(other.state_dict(), strict=False)
+    assert torch.equal(_out(model, x), _out(other, x))
+    se_inject.remove(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
+
+
+def test_identity_init_refuses_a_weight_standardized_without_a_gain():
+    """timm's StdConv2d (BiT's ResNetV2) standardizes its weight and has no gain: its output
+    does not scale with any parameter, so the gate is refused, naming the op."""
+    model = _with_tails(lambda c: timm.layers.StdConv2d(c, c, 3, padding=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(IdentityInitError, match=r"gate `blocks.0.se_gate` .*batch_norm\(.*"
+                       r"in `blocks.0.conv2` has no affine weight to scale.*StdConv2d"):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert not gates(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def _frozen(name: str, freeze: bool = True):
     """Batch norms frozen into buffers: torchvision's in its detection backbones, timm's from
     timm.layers.freeze_batch_norm_2d (with the activation, FrozenBatchNormAct2d)."""
