@@ -325,6 +325,31 @@ def test_timm_notrace_blocks_that_trace_are_opened_and_others_stay_leaves():
         se_inject.apply(timm.create_model("vgg11"))
 
 
+@pytest.mark.parametrize("name,kwargs,scaled", [
+    ("nf_resnet26", {}, ("conv3.bias", "conv3.gain")),
+    ("resnet18", {"norm_layer": "groupnorm"}, ("bn2.bias", "bn2.weight"))],
+    ids=["nf_resnet26", "resnet18_groupnorm"])
+def test_identity_gates_on_timm_layers_traced_as_functions(name, kwargs, scaled):
+    """An NFNet's ScaledStdConv2d and timm's GroupNorm are traced as F.conv2d and
+    F.group_norm: an identity gate after each doubles the gain (the norm's weight) and the bias,
+    and the gated model computes what it did, bit for bit."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # (timm zero-initialises what ends a branch: no gate would act)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 64)
+    se_inject.apply(model, init="identity", input_size=(3, 64, 64))
+    blocks = sorted({n.rsplit(".", 1)[0] for n, _ in gates(model)})
+    assert len(blocks) == {"nf_resnet26": 8, "resnet18": 8}[name]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    before, now = ref.state_dict(), model.state_dict()
+    changed = sorted(k for k, v in before.items() if not torch.equal(now[k], v))
+    assert changed == sorted(f"{b}.{p}" for b in blocks for p in scaled)
+
+
 def test_gating_inside_inference_mode_keeps_a_trainable_model_trainable():
     """Gates are made as the model's own tensors were, not in the caller's mode: gated inside
     torch.inference_mode(), a model made for training still trains, gates included."""
