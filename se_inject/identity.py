@@ -34,7 +34,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .errors import SEInjectError
 from .kinds import flat, reads_metadata_only
 from .shapes import VALUE
-from .trace import op_text
+from .trace import is_container, op_text
 
 __all__ = ["FACTOR", "Compensation", "plan_compensations", "IdentityInitError", "scale"]
 
@@ -173,10 +173,16 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                   branch: bool) -> Compensation:
     found: list[str] = []
 
+    block = modules.get(gate.rpartition(".")[0])
+    cls = type(block).__name__ if block is not None else None
+    leave = (f"or leave the blocks of its class out (leaf_modules=[{cls}]: every {cls} stays as "
+             "it is, ungated)" if block is not None and gate.rpartition(".")[0] and
+             not is_container(block) else "or leave this block out (stages=[...])")
+
     def refuse(why: str) -> IdentityInitError:
         return IdentityInitError(
             f"gate `{gate}` cannot start as the identity: {why}. Use init='paper' (the gate "
-            "starts as a new layer, and the model's outputs change) or leave this block out.")
+            f"starts as a new layer, and the model's outputs change) {leave}.")
 
     def walk(node: fx.Node, first: bool) -> None:
         # every reader of a gated output goes through the gate; any other tensor on the way

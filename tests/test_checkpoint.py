@@ -101,14 +101,28 @@ def test_identity_gate_is_still_the_paper_gate():
 
 
 def test_identity_refused_where_no_layer_can_make_up_for_it():
-    model = timm.create_model("inception_v3", pretrained=False)
+    """Refused before anything changes; the message names the block's class to leave out, and
+    leaving out the classes named so gates the rest as the identity."""
+    from timm.models.inception_v3 import InceptionB, InceptionD
+    model = timm.create_model("inception_v3", pretrained=False).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(IdentityInitError, match="Mixed_6a.se_gate.*init='paper'"):
+    with pytest.raises(IdentityInitError, match=r"Mixed_6a.se_gate.*init='paper'.*"
+                       r"leaf_modules=\[InceptionB\]"):
         se_inject.apply(model, init="identity")
     assert not gates(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(se_inject.SEInjectError, match="init must be"):
         se_inject.apply(model, init="zeros")
+    with pytest.raises(IdentityInitError, match=r"Mixed_7a.se_gate.*leaf_modules=\[InceptionD\]"):
+        se_inject.apply(model, init="identity", leaf_modules=[InceptionB])
+    ref = copy.deepcopy(model)
+    se_inject.apply(model, init="identity", leaf_modules=[InceptionB, InceptionD])
+    assert sorted(n for n, _ in gates(model)) == sorted(
+        f"{n}.se_gate" for n, m in model.named_modules()
+        if type(m).__name__ in ("InceptionA", "InceptionC", "InceptionE"))
+    x = torch.randn(1, 3, 299, 299)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
 
 
 class _LeakyWhereBlock(torch.nn.Module):
