@@ -12,7 +12,8 @@ from torch import nn
 
 from .errors import InvalidArgumentError
 
-__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "check_part", "create", "describe",
+__all__ = ["TORCHVISION", "aux_kwargs", "check_name", "check_part", "classes_named", "create",
+           "describe",
            "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
            "part_of", "skeleton", "torchvision_name"]
 
@@ -103,6 +104,42 @@ def part_of(model: nn.Module, name: str | None, label: str, option: str = "") ->
         children = ", ".join(n for n, _ in model.named_children()) or "none"
         raise InvalidArgumentError(f"{label} has no submodule {name!r}{option}; its "
                                    f"children: {children}") from None
+
+
+def qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def classes_named(model: nn.Module, names, option: str) -> tuple[type, ...]:
+    """The classes of ``model``'s modules that ``names`` name, by class name (``InceptionB``)
+    or qualified name (``timm.models.inception_v3.InceptionB``); classes given as classes pass
+    as they are. Nothing is imported: a name must be the class of one of the model's modules.
+    ``option`` names the argument in messages."""
+    if isinstance(names, (str, type)):
+        names = [names]
+    held = {type(m) for m in model.modules()}
+    out = []
+    for name in names:
+        if isinstance(name, type):
+            out.append(name)
+            continue
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"{option} takes module classes or their names, not "
+                                       f"{name!r}")
+        found = sorted((c for c in held if name in (c.__name__, qualified(c))), key=qualified)
+        if len(found) > 1:
+            raise InvalidArgumentError(
+                f"{option} {name!r} names {len(found)} classes of the model: "
+                f"{', '.join(map(qualified, found))}; give the one meant by its qualified name")
+        if not found:
+            own = sorted({c.__name__ for c in held if not c.__module__.startswith("torch.")})
+            close = difflib.get_close_matches(name, own, n=4, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else \
+                f" Its module classes: {', '.join(own[:12])}{', ...' if len(own) > 12 else ''}."
+            raise InvalidArgumentError(f"{option} {name!r}: no module of "
+                                       f"{type(model).__name__} is of that class.{hint}")
+        out.append(found[0])
+    return tuple(out)
 
 
 def skeleton(name: str, **kwargs) -> nn.Module:

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from ._files import atomic_write
-from ._models import (TORCHVISION, aux_kwargs, check_name, check_part, create, describe,
-                      in_chans_for, last_layer, layout, library_of, part_of, skeleton)
+from ._models import (TORCHVISION, aux_kwargs, check_name, check_part, classes_named, create,
+                      describe, in_chans_for, last_layer, layout, library_of, part_of,
+                      qualified, skeleton)
 from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
 from .gate import ChannelGate
 from .recipe import (SCHEMA, base_architecture, base_of, name_of, recipe_of, recipes_in,
@@ -655,6 +656,15 @@ def _base(recipe: dict, where: str) -> tuple[str, dict]:
     return name_of(base), dict(base.get("kwargs") or {})
 
 
+def _recorded_leaves(model: nn.Module, names: list) -> tuple[type, ...]:
+    """The leaf classes a recipe names, where each is the class of one of the rebuilt model's
+    modules (timm's InceptionB in an inception_v3): nothing is imported. () otherwise."""
+    held = {qualified(type(m)): type(m) for m in model.modules()}
+    if not names or not all(isinstance(n, str) and n in held for n in names):
+        return ()
+    return tuple(held[n] for n in names)
+
+
 def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(),
                       autowrap_functions=()) -> None:
     """Repeat the recipe's apply() steps on ``model`` (each on its part); the gates must land
@@ -665,8 +675,9 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                              f"{where}: the rebuilt {type(model).__name__}", " (its recipe's part)")
         except InvalidArgumentError as exc:
             raise CheckpointError(str(exc)) from None
+        leaves = leaf_modules or _recorded_leaves(target, step.get("leaf_modules") or [])
         needs = step.get("leaf_modules") or step.get("autowrap_functions")
-        if needs and not (leaf_modules or autowrap_functions):
+        if needs and not (leaves or autowrap_functions):
             raise CheckpointError(f"{where}: it was gated with leaf_modules/autowrap_functions "
                                   f"{needs}; code is never imported from a checkpoint, so pass "
                                   "them to se_inject.load(..., leaf_modules=[...])")
@@ -675,7 +686,7 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
         with recorded_gates_only(step["gates"]):
             _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
                           input_size=step.get("input_size") or None,
-                          init=step.get("init", "paper"), leaf_modules=leaf_modules,
+                          init=step.get("init", "paper"), leaf_modules=leaves,
                           autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
                           **{k: spec[k] for k in ("squeeze", "excite", "min_channels",
                                                   "divisor") if k in spec})
@@ -718,12 +729,14 @@ def _size(path: Path) -> int:
 def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, stages=None,
             input_size=None, init: str = "identity", format: str = "safetensors",
             force: bool = False, ema: bool = False, model_kwargs: dict | None = None,
-            part: str | None = None, **variant) -> Path:
+            part: str | None = None, leaf_modules=(), **variant) -> Path:
     """A plain checkpoint -> an SE checkpoint with its recipe. By default the converted model
     computes what the original did (init="identity"). ``model_kwargs``: timm.create_model
     options the checkpoint's tensors do not show (global_pool, output_stride, act_layer...).
     ``part``: gate only this submodule, by its dotted name (a detector's ``backbone.body``);
-    without ``input_size``, at the size the model hands it.
+    without ``input_size``, at the size the model hands it. ``leaf_modules``: classes of the
+    model's modules (or their names, ``"InceptionB"``) whose blocks stay ungated; recorded, so
+    load() finds them in the model it rebuilds.
     ``variant``: the gate's options, as for se_inject.apply (position, gate, squeeze, excite,
     min_channels, divisor)."""
     src, out = _path(src, "src"), _path(out, "out")
@@ -760,8 +773,9 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     if part is not None and input_size is None:  # the size the model hands its part
         from .api import handed_size
         input_size = handed_size(net, part)
+    leaves = classes_named(target, leaf_modules, "leaf_modules (--leaf)")
     _apply_seeded(target, ratio, rules, stages=stages, input_size=input_size, init=init,
-                  **variant)
+                  leaf_modules=leaves, **variant)
     if not recipes_in(net):
         raise CheckpointError(f"{src}: every block of {arch}{f' `{part}`' if part else ''} "
                               "that the rules match already holds "

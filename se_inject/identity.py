@@ -180,9 +180,11 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
              not is_container(block) else "or leave this block out (stages=[...])")
 
     def refuse(why: str) -> IdentityInitError:
-        return IdentityInitError(
+        error = IdentityInitError(
             f"gate `{gate}` cannot start as the identity: {why}. Use init='paper' (the gate "
             f"starts as a new layer, and the model's outputs change) {leave}.")
+        error.leave_out = cls if "leaf_modules" in leave else None
+        return error
 
     def walk(node: fx.Node, first: bool) -> None:
         # every reader of a gated output goes through the gate; any other tensor on the way

@@ -654,6 +654,50 @@ def test_convert_takes_the_options_a_checkpoint_does_not_show(tmp_path, capsys):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
+def test_convert_leaves_out_the_classes_an_identity_refusal_names(tmp_path, capsys):
+    """Inception-v3's reduction modules cannot start as the identity. The refusal names the
+    class and the option; with --leaf those blocks stay ungated, the file records the classes
+    by name, and se_inject.load() finds them in the model it rebuilds (nothing imported):
+    the loaded model computes the checkpoint's outputs bit for bit, with 9 gates."""
+    m = _trained_like(timm.create_model("inception_v3", pretrained=False)).eval()
+    src, out = tmp_path / "inc.pth", tmp_path / "se.safetensors"
+    torch.save(m.state_dict(), src)
+    capsys.readouterr()
+    assert main(["convert", str(src), "--model", "inception_v3", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Mixed_6a.se_gate" in err and "On the command line: --leaf InceptionB, or --init paper" \
+        in err and not out.exists()
+    assert main(["convert", str(src), "--model", "inception_v3", "-o", str(out),
+                 "--leaf", "InceptionX"]) == 2
+    assert "'InceptionX': no module of InceptionV3 is of that class. Did you mean" in \
+        capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(src), "--model", "inception_v3", "-o", str(out),
+                 "--leaf", "InceptionB", "timm.models.inception_v3.InceptionD"]) == 0
+    loaded = se_inject.load(out)
+    assert sorted(n for n, _ in gates(loaded)) == sorted(
+        f"{n}.se_gate" for n, b in loaded.named_modules()
+        if type(b).__name__ in ("InceptionA", "InceptionC", "InceptionE"))
+    x = torch.randn(1, 3, 299, 299)
+    assert torch.equal(_out(loaded, x), _out(m, x))
+    assert main(["plan", "inception_v3", "--leaf", "InceptionB", "InceptionD"]) == 0
+    assert "9 gates (9 inception)" in capsys.readouterr().out
+
+
+def test_leaf_class_names_must_name_one_class_of_the_model():
+    """A bare class name held by two classes of the model is refused, listing both by their
+    qualified names, which then pick one."""
+    from se_inject._models import classes_named
+    from se_inject.errors import InvalidArgumentError
+    a = type("Block", (torch.nn.Identity,), {"__module__": "first"})
+    b = type("Block", (torch.nn.Identity,), {"__module__": "second"})
+    model = torch.nn.Sequential(a(), b(), torch.nn.ReLU())
+    with pytest.raises(InvalidArgumentError, match=r"--leaf 'Block' names 2 classes of the "
+                       r"model: first\.Block, second\.Block"):
+        classes_named(model, ["Block"], "--leaf")
+    assert classes_named(model, ["second.Block", "ReLU"], "--leaf") == (b, torch.nn.ReLU)
+    assert classes_named(model, [a], "--leaf") == (a,)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_checkpoint_converts_and_strips_in_its_own_dtype(r18, tmp_path, dtype):
     m, _ = r18

@@ -79,6 +79,21 @@ def add_part(p: argparse.ArgumentParser) -> None:
                         "backbone, whose own forward takes a list of images)")
 
 
+def add_leaf(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--leaf", nargs="+", default=(), metavar="CLASS",
+                   help="module classes whose blocks stay ungated, by name (InceptionB) or "
+                        "qualified name: apply()'s leaf_modules")
+
+
+def leaf_advice(exc, args: argparse.Namespace):
+    """An identity refusal that names a class to leave out, with the option that does it."""
+    cls = getattr(exc, "leave_out", None)
+    if cls is None:
+        return exc
+    leaves = " ".join([*args.leaf, cls])
+    return type(exc)(f"{exc} On the command line: --leaf {leaves}, or --init paper.")
+
+
 def model_label(args: argparse.Namespace) -> str:
     """The model as the command line named it, with its --part."""
     return args.model + (f" --part {args.part}" if args.part else "")

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..checkpoint import convert, strip
-from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part, add_variant_args,
-                    part_advice, variant_of)
+from ..identity import IdentityInitError
+from ._args import (RATIO, STAGES, add_input_size, add_leaf, add_model_kwargs, add_part,
+                    add_variant_args, leaf_advice, part_advice, variant_of)
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init", choices=("identity", "paper"), default="identity",
                    help="identity (default): the converted model computes what the original did; "
                         "paper: gates start as new layers")
+    add_leaf(p)
     p.add_argument("--format", choices=("safetensors", "pth"), default="safetensors")
     p.add_argument("--ema", action="store_true", help="take state_dict_ema from a training "
                    "checkpoint")
@@ -58,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
         out = strip(args.src, args.output, format=args.format, force=args.force)
         print(f"wrote {out} (plain model, no gates)")
         return 0
-    with part_advice(args.part):
-        out = convert(args.src, args.output, model=args.model, ratio=args.ratio,
-                      rules=args.rules, stages=args.stages, input_size=args.input_size,
-                      init=args.init, format=args.format, force=args.force, ema=args.ema,
-                      model_kwargs=args.model_kwargs, part=args.part, **variant_of(args))
+    try:
+        with part_advice(args.part):
+            out = convert(args.src, args.output, model=args.model, ratio=args.ratio,
+                          rules=args.rules, stages=args.stages, input_size=args.input_size,
+                          init=args.init, format=args.format, force=args.force, ema=args.ema,
+                          model_kwargs=args.model_kwargs, part=args.part,
+                          leaf_modules=args.leaf, **variant_of(args))
+    except IdentityInitError as exc:
+        raise leaf_advice(exc, args) from None
     print(f"wrote {out}; load it with se_inject.load({str(out)!r})")
     return 0

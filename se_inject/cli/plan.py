@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .. import api
-from .._models import create, part_of
-from ._args import (RATIO, STAGES, add_input_size, add_model_kwargs, add_part,
+from .._models import classes_named, create, part_of
+from ._args import (RATIO, STAGES, add_input_size, add_leaf, add_model_kwargs, add_part,
                     add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
     add_input_size(p, "for shape propagation")
     p.add_argument("--stages", type=STAGES, default=None, metavar="K[,K...]",
                    help="gate only these resolution stages, or all-but-last (paper Table 13)")
+    add_leaf(p)
     add_variant_args(p)
 
 
@@ -32,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     whole = create(args.model, **(args.model_kwargs or {}))
     model = part_of(whole, args.part, args.model, " (--part)")
     size = input_size_of(args, whole)
+    leaves = classes_named(model, args.leaf, "--leaf")
     with part_advice(args.part):
         p = api.plan(model, ratio=args.ratio, rules=args.rules, stages=args.stages,
-                     input_size=size, **variant_of(args))
+                     input_size=size, leaf_modules=leaves, **variant_of(args))
     base = sum(t.numel() for t in model.parameters())
     handed = f", input {tuple(size)} as the model hands it" if size != args.input_size else ""
     print(f"se-inject plan for {label} ({type(model).__name__}, {base:,} parameters{handed})")
@@ -47,5 +49,5 @@ def run(args: argparse.Namespace) -> int:
                   "(README.md, 'Rule files').")
             return 0
         # what apply() would refuse the model with, on stderr with its exit status
-        raise api._no_sites_error(model, p, api._trace_options(None, None))
+        raise api._no_sites_error(model, p, api._trace_options(leaves, None))
     return 0

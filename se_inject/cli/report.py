@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import (RATIOS, STAGES, add_input_size, add_model_kwargs, add_part,
+from ._args import (RATIOS, STAGES, add_input_size, add_leaf, add_model_kwargs, add_part,
                     add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
                         "height; ResNet-50 has 2-5), or all-but-last")
     p.add_argument("--rules", nargs="+", default=None, metavar="RULE",
                    help="built-in rule names or rule files (default: residual inception)")
+    add_leaf(p)
     p.add_argument("--format", choices=("table", "json", "markdown"), default="table")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE",
                    help="write added parameters and ops per stage to FILE (.png or .svg)")
@@ -43,15 +44,17 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         print("measuring forward passes of the base and the gated model...", file=sys.stderr)
     model = whole = args.model
-    if args.model_kwargs or args.part:
-        from .._models import create, part_of
+    leaves = ()
+    if args.model_kwargs or args.part or args.leaf:
+        from .._models import classes_named, create, part_of
         whole = create(args.model, **(args.model_kwargs or {}))
         model = part_of(whole, args.part, args.model, " (--part)")
+        leaves = classes_named(model, args.leaf, "--leaf")
     with part_advice(args.part):
         rep = cost(model, ratio=args.ratio, stages=args.stages, rules=args.rules,
                    input_size=input_size_of(args, whole), measure=args.measure,
-                   **variant_of(args))
-    if args.model_kwargs or args.part:
+                   leaf_modules=leaves, **variant_of(args))
+    if args.model_kwargs or args.part or args.leaf:
         rep = dataclasses.replace(rep, model=model_label(args))
     text = {"table": rep.table, "json": rep.to_json, "markdown": rep.markdown}[args.format]()
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
