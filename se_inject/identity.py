@@ -210,9 +210,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
         if node.op == "get_attr":  # a tensor the op reads as it is: a parameter scales
             if node.target not in params:
                 raise refuse(f"`{node.target}` is a buffer or a constant, not a parameter")
-            if calls[node.target] != 1:
-                raise refuse(f"`{node.target}` is read {calls[node.target]} times")
-            found.append(node.target)
+            found.append(node.target)  # (read nowhere else: checked below)
             return
         if node.op == "call_function" and node.target in _FUNCTIONAL_NORMS | _FUNCTIONAL_AFFINE:
             (wi, wk), (bi, bk) = {**_FUNCTIONAL_NORMS, **_FUNCTIONAL_AFFINE}[node.target]
@@ -259,6 +257,12 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     walk(gated, True)
     if not found:  # (the walk ended without a layer: nothing would make up for the 0.5)
         raise refuse("no layer before it can be scaled to make up for it")
+    for name in found:  # read once: by the layer scaled, or as the tensor itself
+        parts = name.split(".")
+        reads = sum(calls[".".join(parts[:i])] for i in range(1, len(parts) + 1))
+        if reads > 1:
+            raise refuse(f"`{name}` is read {reads} times in the forward (by its layer, or as "
+                         "a tensor); scaling it would change the others")
     clash = [p for p in found if p in shared]
     if clash:
         raise refuse(f"parameter `{clash[0]}` is shared with another layer")

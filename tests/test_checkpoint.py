@@ -333,6 +333,35 @@ def test_identity_init_scales_layers_traced_as_functions(tail):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
 
 
+class _ConvReadTwice(torch.nn.Module):
+    """The branch ends in ``conv``; ``conv`` (as a layer or its weight as a tensor) is read
+    again for a second output, which scaling it for the gate would change."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.c1, self.conv = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        if self.functional:  # the branch reads the tensors, the second output the layer
+            return x + torch.nn.functional.conv2d(h, self.conv.weight, self.conv.bias), \
+                self.conv(x)
+        return x + self.conv(h), self.conv.weight.sum()
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["layer_then_tensor",
+                                                           "tensor_then_layer"])
+def test_identity_init_refuses_a_layer_read_again_for_another_output(functional):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _ConvReadTwice(functional))
+    x = torch.randn(2, 3, 8, 8)
+    before = [y.clone() for y in model(x)]
+    with pytest.raises(IdentityInitError, match=r"`1.conv.weight` is read 2 times"):
+        se_inject.apply(model, init="identity", input_size=(3, 8, 8))
+    assert not gates(model) and all(torch.equal(a, b) for a, b in zip(model(x), before))
+
+
 def test_identity_init_refuses_a_weight_standardized_without_a_gain():
     """timm's StdConv2d (BiT's ResNetV2) standardizes its weight and has no gain: its output
     does not scale with any parameter, so the gate is refused, naming the op."""
