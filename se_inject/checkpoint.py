@@ -92,10 +92,18 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            return {k: f.get_tensor(k) for k in f.keys()}, meta
+            return {k: _aligned(f.get_tensor(k)) for k in f.keys()}, meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): "
                               f"{_first_line(str(exc))}") from None
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory aligned as torch allocates it (64 bytes). safetensors hands tensors out at
+    any offset, and CPU kernels (oneDNN's convolutions) take another path on memory that is not
+    aligned and round differently: a model loaded so would not compute, bit for bit, what the
+    model it was saved from computed."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
