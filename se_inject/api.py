@@ -617,7 +617,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
         state = owner_state(owner)
         if state is not None:  # the block runs a rewritten forward: name the node as its class does
             local = state.class_key(local, owner.training)
-        key = None if local is None else (*local, c.operand)
+        # a gate on a channels-last map (MambaOut's) runs on its channel-first view
+        nhwc = ("nhwc",) if view.attrs(c.gated)["layout"] == "nhwc" else ()
+        key = None if local is None else (*local, c.operand, *nhwc)
         if _holds_gate(view, c) or (state is not None and key in state.gates.values()):
             skipped.append(Skipped(view.describe(c.merge), c.rule.name, "already gated"))
             continue

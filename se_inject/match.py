@@ -147,7 +147,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     """A Candidate, or the reason the rule does not match this merge."""
     g = view.graph
     a = g.nodes[merge]
-    if a["ndim"] != 4 or a["layout"] != "nchw":
+    layout = a["layout"]
+    if a["ndim"] != 4 or layout not in _CHANNEL_DIMS:
         return A_VOLUME if _convolved_volume(g, merge) else NOT_A_FEATURE_MAP
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
@@ -155,9 +156,10 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if n < rule.min_operands or (rule.max_operands is not None and n > rule.max_operands):
         return f"{n} feature-map operand(s) where the rule takes {rule.min_operands}" + \
             (f" to {rule.max_operands}" if rule.max_operands != rule.min_operands else "")
-    if any(g.nodes[o]["ndim"] != 4 or g.nodes[o]["layout"] != "nchw" for _, o in acts):
-        return "an operand is not a 4-D channel-first feature map"
-    if kind == "cat" and (not isinstance(dim, int) or dim % 4 != 1):
+    if any(g.nodes[o]["ndim"] != 4 or g.nodes[o]["layout"] != layout for _, o in acts):
+        return "an operand is not a 4-D channel-first feature map" if layout == "nchw" else \
+            NOT_A_FEATURE_MAP + " (channels-last, with operands that are not)"
+    if kind == "cat" and (not isinstance(dim, int) or dim % 4 != _CHANNEL_DIMS[layout]):
         return "not a concatenation along channels"
     if rule.equal_shapes and len({g.nodes[o]["shape"] for _, o in acts}) > 1:
         return "operands differ in shape"
@@ -169,6 +171,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     closed = view.closed_regions
     branches = [(i, o, _branch(view.preds, o, entry, closed)) for i, o in acts]
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
+    if layout == "nhwc" and not any(c[0] for c in with_conv):
+        return NOT_A_FEATURE_MAP + (" (channels-last tokens, as a transformer's, no "
+                                    "convolution in its branches)")
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
     if rule.disjoint_branches and _overlap(branches):
@@ -179,7 +184,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if merge not in closed and all(p is entry or p in region for p in view.preds[merge]):
         closed[merge] = (frozenset(region), entry)  # (no other input left unwalked)
-    if a["shape"] is not None and a["shape"][2:] == (1, 1) and \
+    if a["shape"] is not None and _spatial(a["shape"], layout) == (1, 1) and \
             any(_global_pool(view, n) for n in region):
         return DESCRIPTORS
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
@@ -198,7 +203,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if rule.depthwise_branch and not any(view.kinds[n] == "dwconv" for n in branch):
         return "no depthwise convolution in the branch"
     at = merge
-    source = _channel_slice_source(_before_drop_path(view, gated, branch), branch)
+    source = _channel_slice_source(_before_drop_path(view, gated, branch), branch) \
+        if layout == "nchw" else None
     if rule.gate_at == "branch" and source is not None:
         # a partial-channel residual (ReXNet): the sum takes a slice of the branch's output;
         # gate that whole output, so every channel the block produces is scaled
@@ -227,9 +233,16 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
                      region=region, frame=g.nodes[at]["frame"])
 
 
+_CHANNEL_DIMS = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last (MambaOut's)
+
+
+def _spatial(shape: tuple, layout: str) -> tuple:
+    return tuple(shape[1:3]) if layout == "nhwc" else tuple(shape[2:])
+
+
 def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
     a = g.nodes[node]
-    return a["ndim"] == 4 and a["layout"] == "nchw" and a["channels"] is not None
+    return a["ndim"] == 4 and a["layout"] in _CHANNEL_DIMS and a["channels"] is not None
 
 
 def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:

@@ -8,7 +8,8 @@ from typing import Iterator, Sequence
 __all__ = ["Site", "Skipped", "Plan", "LocalKey"]
 
 # Where a site sits inside its block's own forward, independent of how the model was traced:
-# (fx op, fx target, index among the block's nodes with that op and target, operand or None).
+# (fx op, fx target, index among the block's nodes with that op and target, operand or None),
+# then "nhwc" where the gated tensor is a channels-last map (N, H, W, C), gated on its channels.
 LocalKey = tuple
 
 

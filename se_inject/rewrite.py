@@ -7,6 +7,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 """
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import functools
 import hashlib
@@ -178,17 +179,18 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
     """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
     class_keys = local_keys(graph)  # a block traced alone is one frame
     nodes = {key: node for node, key in class_keys.items()}
-    for name, (op, target, k, operand) in gates.items():
+    for name, (op, target, k, operand, *layout) in gates.items():
         merge = nodes.get((op, target, k))
         if merge is None:
             raise RewriteError(f"`{block}`: the merge `{target}` (#{k}) seen in the model's trace "
                                "is not in a trace of the block alone; its forward depends on "
                                "something its caller passes. Leave this block out with a rule, "
                                "or mark its parent as a leaf.")
+        nhwc = layout == ["nhwc"]
         if operand is None:
-            with graph.inserting_after(merge):
-                gate = graph.call_module(name, (merge,))
-            merge.replace_all_uses_with(gate, delete_user_cb=lambda user: user is not gate)
+            gate, out = _gate_call(graph, name, merge, nhwc, after=True)
+            reader = gate.args[0] if nhwc else gate
+            merge.replace_all_uses_with(out, delete_user_cb=lambda user: user is not reader)
             _squeeze_through_linear(graph, gate, owner)
             continue
         args = list(merge.args)
@@ -200,16 +202,34 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
             if len(drop.users) == 1 else None
         if x is not None:  # the gate goes in front of the branch's stochastic depth
             with graph.inserting_before(drop):
-                gate = graph.call_module(name, (x,))
-            drop.args = tuple(gate if a is x else a for a in drop.args)
+                gate, out = _gate_call(graph, name, x, nhwc)
+            drop.args = tuple(out if a is x else a for a in drop.args)
         else:
             with graph.inserting_before(merge):
-                args[operand] = gate = graph.call_module(name, (args[operand],))
+                gate, args[operand] = _gate_call(graph, name, args[operand], nhwc)
             merge.args = tuple(args)
-            _sum_into_gate_output(merge, gate)
+            _sum_into_gate_output(merge, args[operand])
         _squeeze_through_linear(graph, gate, owner)
     graph.lint()
     return _traced_keys(graph, class_keys)
+
+
+def _gate_call(graph: fx.Graph, name: str, x: fx.Node, nhwc: bool,
+               after: bool = False) -> tuple[fx.Node, fx.Node]:
+    """The gate's call on ``x`` (right after it with ``after``, else at the graph's insertion
+    point) and the node that stands for its output. A channels-last map (N, H, W, C) is gated
+    through its channel-first view, and the result viewed back: no copy either way."""
+    steps = [("call_module", name, ())]
+    if nhwc:
+        steps = [("call_method", "permute", (0, 3, 1, 2)), *steps,
+                 ("call_method", "permute", (0, 2, 3, 1))]
+    out = x
+    for op, target, dims in steps:
+        with graph.inserting_after(out) if after else contextlib.nullcontext():
+            out = graph.create_node(op, target, (out, *dims))
+        if op == "call_module":
+            gate = out
+    return gate, out
 
 
 def _call_containers_whole(graph: fx.Graph) -> set[str]:
@@ -720,7 +740,7 @@ def _until_gates(graph: fx.Graph, gates: dict[str, LocalKey], other: bool
     not."""
     position = {node: i for i, node in enumerate(graph.nodes)}
     at = {key: position[node] for node, key in local_keys(graph).items()}
-    found = [at.get((op, target, k)) for op, target, k, _ in gates.values()]
+    found = [at.get(key[:3]) for key in gates.values()]
     if other and all(i is None for i in found):
         raise _NotThere()
     if other and any(i is None for i in found):

@@ -624,6 +624,47 @@ class TokensLastNet(nn.Module):
         return t.mean((1, 2))
 
 
+class GatedConvBlock(nn.Module):
+    """MambaOut-style: the block takes and returns a channels-last map (N, H, W, C); a depthwise
+    conv runs on a channel-first view inside it."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(c, c)
+        self.conv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+
+    def forward(self, x):
+        g, c = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.fc2(F.gelu(g) * c)
+
+
+class ChannelsLastInception(nn.Module):
+    """Two convolutions on channel-first views of a channels-last map, joined channels-last."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.b = nn.Conv2d(c, c, 5, padding=2)
+
+    def forward(self, x):
+        u = x.permute(0, 3, 1, 2)
+        return torch.cat([self.a(u).permute(0, 2, 3, 1), self.b(u).permute(0, 2, 3, 1)], dim=-1)
+
+
+class ChannelsLastResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.blocks = nn.Sequential(GatedConvBlock(), GatedConvBlock())
+        self.mixed = ChannelsLastInception()
+
+    def forward(self, x):
+        t = self.blocks(self.stem(x).permute(0, 2, 3, 1))
+        return self.mixed(t).mean((1, 2))
+
+
 class InlineSEBlock(nn.Module):
     """A residual block with a squeeze-and-excitation written inline (no module for it)."""
 

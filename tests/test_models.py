@@ -594,6 +594,30 @@ def test_gates_made_on_the_meta_device_keep_the_values_a_checkpoint_gives_them()
                for p in g.parameters())
 
 
+def test_mambaout_blocks_are_gated_on_the_channels_of_their_channels_last_maps():
+    """MambaOut's GatedConvBlock takes and returns (N, H, W, C) maps and sums them there: each
+    block gets a gate on its branch that squeezes H and W and scales C, as Eq. 2-4 on the
+    channel-first view; the output keeps the block's layout."""
+    model = timm.create_model("test_mambaout", pretrained=False, ls_init_value=0.5).eval()
+    plain = copy.deepcopy(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "GatedConvBlock"]
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == [f"{b}.se_gate" for b in blocks] and len(blocks) == 6
+    for name in blocks:
+        blk, ref = model.get_submodule(name), plain.get_submodule(name)
+        t = torch.randn(2, 5, 6, blk.se_gate.channels)
+        seen = []
+        hook = ref.drop_path.register_forward_hook(lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            want = ref(t)
+            hook.remove()
+            u = seen[0].permute(0, 3, 1, 2)
+            expected = t + paper_reference(u, blk.se_gate).permute(0, 2, 3, 1)
+            out = blk(t)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert out.stride() == want.stride() and not torch.allclose(out - t, want - t)
+
+
 def _same_draws_same_outputs(model, plain, x):
     """In training and in eval mode, seeded alike, ``model`` computes exactly what ``plain``
     computes (the same dropout masks drawn)."""
@@ -606,7 +630,8 @@ def _same_draws_same_outputs(model, plain, x):
 
 
 @pytest.mark.parametrize("name,n_gates", [("resnet18", 8), ("convnext_atto", 12),
-                                          ("rexnet_100", 1), ("tv:convnext_tiny", 18)])
+                                          ("rexnet_100", 1), ("tv:convnext_tiny", 18),
+                                          ("test_mambaout", 6)])
 def test_identity_init_with_drop_path_in_training_mode(name, n_gates):
     """timm's drop path reads its input's shape and makes its mask with ``x.new_empty``: reads
     that scaling does not change; torchvision's StochasticDepth is kept whole and passes a
