@@ -27,7 +27,7 @@ from .graph import build_view
 from .identity import FACTOR, plan_compensations, scale
 from .kinds import layer_kind
 from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
-from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
+from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates, height_width
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
@@ -462,10 +462,10 @@ def _check_stages(stages) -> frozenset[int] | str | None:
 def _stage(view, node, input_height: int) -> tuple[tuple[int, ...], int]:
     a = view.attrs(node)
     shape = a.get("shape") or ()
-    spatial = tuple(shape[1:3]) if a["layout"] == "nhwc" else tuple(shape[2:])
-    if not spatial or not spatial[0]:
-        return spatial, 0
-    return spatial, max(0, round(math.log2(input_height / spatial[0])))
+    hw = height_width(shape, a["layout"])
+    if not hw or not hw[0]:
+        return hw, 0
+    return hw, max(0, round(math.log2(input_height / hw[0])))
 
 
 class _Chosen(NamedTuple):

@@ -184,7 +184,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     region = set().union(*(b for _, _, b in branches)) | {merge}
     if merge not in closed and all(p is entry or p in region for p in view.preds[merge]):
         closed[merge] = (frozenset(region), entry)  # (no other input left unwalked)
-    if a["shape"] is not None and _spatial(a["shape"], layout) == (1, 1) and \
+    if a["shape"] is not None and height_width(a["shape"], layout) == (1, 1) and \
             any(_global_pool(view, n) for n in region):
         return DESCRIPTORS
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
@@ -236,7 +236,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
 _CHANNEL_DIMS = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last (MambaOut's)
 
 
-def _spatial(shape: tuple, layout: str) -> tuple:
+def height_width(shape: tuple, layout: str) -> tuple:
+    """A 4-D shape's height and width, channels first or last."""
     return tuple(shape[1:3]) if layout == "nhwc" else tuple(shape[2:])
 
 
