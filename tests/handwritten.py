@@ -665,6 +665,9 @@ class ChannelsLastResidualNet(nn.Module):
         return self.mixed(t).mean((1, 2))
 
 
+HANDWRITTEN["channels_last_blocks"] = (ChannelsLastResidualNet, 3, {"residual": 2, "inception": 1})
+
+
 class InlineSEBlock(nn.Module):
     """A residual block with a squeeze-and-excitation written inline (no module for it)."""
 

@@ -207,6 +207,19 @@ def _reparametrized(how: str) -> _NormFreeNet:
     return model
 
 
+def _identity_doubles(model, ref, x, doubled: list[str]) -> dict:
+    """Gates ``model`` (two blocks) with identity init: it computes bit for bit what ``ref``
+    (its twin, ungated) computes, and of its tensors exactly ``doubled`` changed, each doubled.
+    Returns ``ref``'s state_dict."""
+    se_inject.apply(model, init="identity", input_size=tuple(x.shape[1:]))
+    assert len(gates(model)) == 2
+    assert torch.equal(_out(model, x), _out(ref, x))
+    before, now = ref.state_dict(), model.state_dict()
+    assert sorted(k for k, v in before.items() if not torch.equal(now[k], v)) == doubled
+    assert all(torch.equal(now[k], 2 * before[k]) for k in doubled)
+    return before
+
+
 @pytest.mark.parametrize("how,scaled", [("weight_norm", "parametrizations.weight.original0"),
                                         ("hook_weight_norm", "weight_g"), ("buffer", "weight"),
                                         ("pruned", "weight_orig")])
@@ -216,13 +229,8 @@ def test_identity_init_scales_weight_norms_magnitude_or_a_frozen_weight(how, sca
     model did, with only g (W_orig, the buffer) and the bias doubled."""
     model, ref = _reparametrized(how), _reparametrized(how)  # (no deepcopy of the older API's)
     x = torch.randn(2, 3, 12, 12)
-    se_inject.apply(model, init="identity", input_size=(3, 12, 12))
-    assert len(gates(model)) == 2
-    assert torch.equal(_out(model, x), _out(ref, x))
-    before, now = ref.state_dict(), model.state_dict()
-    changed = sorted(k for k, v in before.items() if not torch.equal(now[k], v))
-    assert changed == [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in sorted(("bias", scaled))]
-    assert all(torch.equal(now[k], 2 * before[k]) for k in changed)
+    before = _identity_doubles(model, ref, x, [f"blocks.{i}.conv2.{p}" for i in (0, 1)
+                                               for p in sorted(("bias", scaled))])
     se_inject.remove(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(_out(model, x), _out(ref, x))
@@ -316,13 +324,7 @@ def test_identity_init_scales_layers_traced_as_functions(tail):
     make, scaled = _FUNCTIONAL_TAILS[tail]
     model, ref = _with_tails(make), _with_tails(make)
     x = torch.randn(2, 3, 12, 12)
-    se_inject.apply(model, init="identity", input_size=(3, 12, 12))
-    assert len(gates(model)) == 2
-    assert torch.equal(_out(model, x), _out(ref, x))
-    before, now = ref.state_dict(), model.state_dict()
-    changed = sorted(k for k, v in before.items() if not torch.equal(now[k], v))
-    assert changed == [f"blocks.{i}.{p}" for i in (0, 1) for p in scaled]
-    assert all(torch.equal(now[k], 2 * before[k]) for k in changed)
+    _identity_doubles(model, ref, x, [f"blocks.{i}.{p}" for i in (0, 1) for p in scaled])
     other = _with_tails(make)
     with torch.no_grad():
         for p in other.parameters():
