@@ -20,7 +20,7 @@ from .kinds import node_kind
 from .shapes import VALUE
 from .trace import SCOPE, Frame
 
-__all__ = ["GraphView", "ROOT", "build_view"]
+__all__ = ["CHANNEL_DIM", "GraphView", "ROOT", "build_view"]
 
 ROOT = "__se_inject_root__"  # virtual source of every model input, for dominator analysis
 
@@ -28,18 +28,21 @@ ROOT = "__se_inject_root__"  # virtual source of every model input, for dominato
 _NCHW_PRODUCERS = {"conv", "pool"}
 
 def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
-    """``u * s`` where ``s`` is one value per channel (N, C, 1, 1) computed from ``u``: the
-    scale of a squeeze-and-excitation, ECA or similar gate, whatever code wrote it."""
+    """``u * s`` where ``s`` is one value per channel (N, C, 1, 1), or (N, 1, 1, C) on a
+    channels-last map, computed from ``u``: the scale of a squeeze-and-excitation, ECA or
+    similar gate, whatever code wrote it."""
     a = g.nodes[node]
-    if a["kind"] != "mul" or a["layout"] != "nchw":
+    c = CHANNEL_DIM.get(a["layout"])
+    if a["kind"] != "mul" or c is None:
         return False
+    h, w = (d for d in (1, 2, 3) if d != c)
     ins = list(g.predecessors(node))
     for u, s in ((x, y) for x in ins for y in ins if x is not y):
         while getattr(s, "target", None) in ("expand", "expand_as"):  # ECA broadcasts its scale
             s = s.args[0]
         su, ss = g.nodes[u].get("shape"), g.nodes[s].get("shape") if s in g else None
-        if not (su and ss and len(su) == 4 and len(ss) == 4 and ss[1] == su[1] > 1
-                and ss[2] == ss[3] == 1 and su[2] * su[3] > 1):
+        if not (su and ss and len(su) == 4 and len(ss) == 4 and ss[c] == su[c] > 1
+                and ss[h] == ss[w] == 1 and su[h] * su[w] > 1):
             continue
         seen, stack = {s}, [s]  # is u among s's nearby ancestors?
         while stack and len(seen) < reach:
@@ -70,7 +73,7 @@ def _permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ..
     return tuple(d for d in dims if isinstance(d, int))
 
 
-_CHANNEL_DIM = {"nchw": 1, "nhwc": 3}
+CHANNEL_DIM = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last
 
 
 def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> str:
@@ -88,7 +91,7 @@ def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> s
     layout = layouts.pop()
     if kind == "linear" and layout == "nhwc":
         return layout  # a linear layer on channels-last maps channels, like a 1x1 convolution
-    dim = _CHANNEL_DIM.get(layout)
+    dim = CHANNEL_DIM.get(layout)
     if dim is None:
         return "other"
     if kind == "cat":
@@ -195,8 +198,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         else:
             layout = _inherited_layout(g, inputs, shape, kind)
         channels = None
-        if shape is not None and layout in _CHANNEL_DIM:
-            channels = shape[_CHANNEL_DIM[layout]]
+        if shape is not None and layout in CHANNEL_DIM:
+            channels = shape[CHANNEL_DIM[layout]]
         g.add_node(node, index=index, kind=kind, ndim=ndim, shape=shape, channels=channels,
                    layout=layout,
                    frame=node.meta.get(SCOPE, Frame("")),

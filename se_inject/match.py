@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph import ROOT, GraphView
+from .graph import CHANNEL_DIM, ROOT, GraphView
 from .kinds import drop_path_input, layer_kind
 from .rules import Rule
 from .trace import Frame
@@ -148,7 +148,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     g = view.graph
     a = g.nodes[merge]
     layout = a["layout"]
-    if a["ndim"] != 4 or layout not in _CHANNEL_DIMS:
+    if a["ndim"] != 4 or layout not in CHANNEL_DIM:
         return A_VOLUME if _convolved_volume(g, merge) else NOT_A_FEATURE_MAP
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
@@ -159,7 +159,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if any(g.nodes[o]["ndim"] != 4 or g.nodes[o]["layout"] != layout for _, o in acts):
         return "an operand is not a 4-D channel-first feature map" if layout == "nchw" else \
             NOT_A_FEATURE_MAP + " (channels-last, with operands that are not)"
-    if kind == "cat" and (not isinstance(dim, int) or dim % 4 != _CHANNEL_DIMS[layout]):
+    if kind == "cat" and (not isinstance(dim, int) or dim % 4 != CHANNEL_DIM[layout]):
         return "not a concatenation along channels"
     if rule.equal_shapes and len({g.nodes[o]["shape"] for _, o in acts}) > 1:
         return "operands differ in shape"
@@ -233,9 +233,6 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
                      region=region, frame=g.nodes[at]["frame"])
 
 
-_CHANNEL_DIMS = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last (MambaOut's)
-
-
 def height_width(shape: tuple, layout: str) -> tuple:
     """A 4-D shape's height and width, channels first or last."""
     return tuple(shape[1:3]) if layout == "nhwc" else tuple(shape[2:])
@@ -243,7 +240,7 @@ def height_width(shape: tuple, layout: str) -> tuple:
 
 def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
     a = g.nodes[node]
-    return a["ndim"] == 4 and a["layout"] in _CHANNEL_DIMS and a["channels"] is not None
+    return a["ndim"] == 4 and a["layout"] in CHANNEL_DIM and a["channels"] is not None
 
 
 def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:

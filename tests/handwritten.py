@@ -706,6 +706,29 @@ class GatedBlocksNet(nn.Module):
         return self.spatial_block(self.se_block(F.relu(self.stem(x)))).mean((2, 3))
 
 
+class ChannelsLastSEBlock(nn.Module):
+    """A channels-last block whose branch ends in an inline SE on the last dimension."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Linear(c, c)
+        self.se1, self.se2 = nn.Linear(c, 4), nn.Linear(4, c)
+
+    def forward(self, x):
+        y = self.fc(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x + y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((1, 2), keepdim=True)))))
+
+
+class ChannelsLastGatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, 4)
+        self.se_block, self.plain_block = ChannelsLastSEBlock(), GatedConvBlock()
+
+    def forward(self, x):
+        return self.plain_block(self.se_block(self.stem(x).permute(0, 2, 3, 1))).mean((1, 2))
+
+
 class PartialResidualBlock(nn.Module):
     """ReXNet-style: the shortcut is added to the first channels only, the rest pass through."""
 

@@ -5,7 +5,7 @@ import torch
 
 import se_inject
 from conftest import gates
-from handwritten import GatedBlocksNet
+from handwritten import ChannelsLastGatedNet, GatedBlocksNet
 from test_rules import GOOD
 
 HOLDS = "the block already holds a channel gate (SE, ECA...)"
@@ -14,6 +14,13 @@ HOLDS = "the block already holds a channel gate (SE, ECA...)"
 def test_inline_se_is_recognised_and_spatial_attention_is_not():
     p = se_inject.plan(GatedBlocksNet())
     assert [s.block for s in p] == ["spatial_block"]
+    assert [(s.merge, s.reason) for s in p.skipped] == [("se_block.add", HOLDS)]
+
+
+def test_a_channel_gate_on_a_channels_last_map_is_recognised():
+    """(N, H, W, C) * (N, 1, 1, C) computed from the map is a channel gate too."""
+    p = se_inject.plan(ChannelsLastGatedNet())
+    assert [s.block for s in p] == ["plain_block"]
     assert [(s.merge, s.reason) for s in p.skipped] == [("se_block.add", HOLDS)]
 
 
