@@ -24,6 +24,19 @@ def test_a_channel_gate_on_a_channels_last_map_is_recognised():
     assert [(s.merge, s.reason) for s in p.skipped] == [("se_block.add", HOLDS)]
 
 
+@pytest.mark.parametrize("conv_mlp", [True, False], ids=["channels_first", "channels_last"])
+def test_global_response_norm_counts_as_a_channel_gate_in_either_layout(conv_mlp):
+    """ConvNeXt V2's GRN scales each channel by a value computed from the map (x * x_n, with
+    x_n of shape (N, C, 1, 1) or (N, 1, 1, C)): its blocks are left alone in both layouts (the
+    channels-last one was gated on top of its GRN)."""
+    model = timm.create_model("convnextv2_atto", pretrained=False, conv_mlp=conv_mlp)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "ConvNeXtBlock"]
+    p = se_inject.plan(model)
+    assert len(p) == 0 and len(blocks) == 12
+    assert sorted(s.merge.rsplit(".", 1)[0] for s in p.skipped if s.reason == HOLDS) == \
+        sorted(blocks)
+
+
 @pytest.mark.parametrize("name,gated_class", [("seresnet50", "SEModule"),
                                               ("ecaresnet26t", "EcaModule")])
 def test_timm_native_gates_are_not_doubled(name, gated_class):
