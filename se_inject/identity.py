@@ -85,6 +85,7 @@ _FUNCTIONAL_NORMS = {F.batch_norm: ((3, "weight"), (4, "bias")),
                      F.instance_norm: ((3, "weight"), (4, "bias")),
                      F.group_norm: ((2, "weight"), (3, "bias")),
                      F.layer_norm: ((2, "weight"), (3, "bias"))}
+_FUNCTIONAL_LAYERS = {**_FUNCTIONAL_AFFINE, **_FUNCTIONAL_NORMS}
 # what torch.nn.utils.parametrizations.weight_norm registers (a private class: none if it moves)
 _WEIGHT_NORM_PARAMETRIZATION = getattr(parametrizations, "_WeightNorm", ())
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
@@ -173,17 +174,17 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                   branch: bool) -> Compensation:
     found: list[str] = []
 
-    block = modules.get(gate.rpartition(".")[0])
-    cls = type(block).__name__ if block is not None else None
+    owner = gate.rpartition(".")[0]
+    block = modules.get(owner) if owner else None  # (a gate on the model itself: no class)
+    cls = type(block).__name__ if block is not None and not is_container(block) else None
     leave = (f"or leave the blocks of its class out (leaf_modules=[{cls}]: every {cls} stays as "
-             "it is, ungated)" if block is not None and gate.rpartition(".")[0] and
-             not is_container(block) else "or leave this block out (stages=[...])")
+             "it is, ungated)" if cls else "or leave this block out (stages=[...])")
 
     def refuse(why: str) -> IdentityInitError:
         error = IdentityInitError(
             f"gate `{gate}` cannot start as the identity: {why}. Use init='paper' (the gate "
             f"starts as a new layer, and the model's outputs change) {leave}.")
-        error.leave_out = cls if "leaf_modules" in leave else None
+        error.leave_out = cls
         return error
 
     def walk(node: fx.Node, first: bool) -> None:
@@ -212,8 +213,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 raise refuse(f"`{node.target}` is a buffer or a constant, not a parameter")
             found.append(node.target)  # (read nowhere else: checked below)
             return
-        if node.op == "call_function" and node.target in _FUNCTIONAL_NORMS | _FUNCTIONAL_AFFINE:
-            (wi, wk), (bi, bk) = {**_FUNCTIONAL_NORMS, **_FUNCTIONAL_AFFINE}[node.target]
+        if node.op == "call_function" and node.target in _FUNCTIONAL_LAYERS:
+            (wi, wk), (bi, bk) = _FUNCTIONAL_LAYERS[node.target]
             weight, bias = (node.args[i] if len(node.args) > i else node.kwargs.get(k)
                             for i, k in ((wi, wk), (bi, bk)))
             if not isinstance(weight, fx.Node):
