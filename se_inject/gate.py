@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .errors import InvalidArgumentError
+from .fresh import conv1x1, fresh
 
 __all__ = ["ChannelGate", "SEGate", "ECAGate", "EffectiveSEGate", "GateSpec",
            "reduced_channels", "make_gate", "gate_parameters", "eca_kernel_size",
@@ -37,7 +38,7 @@ def reduced_channels(channels: int, ratio: int, min_channels: int = 1, divisor: 
 
 
 def _excitation(name: str) -> nn.Module:
-    return {"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh}[name]()
+    return fresh({"sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "tanh": nn.Tanh}[name])
 
 
 def _fc(conv: nn.Conv2d, v: torch.Tensor) -> torch.Tensor:
@@ -276,9 +277,9 @@ class SEGate(ChannelGate):
         self.spec = spec or GateSpec()
         rd = reduced_channels(channels, ratio, self.spec.min_channels, self.spec.divisor)
         self.channels, self.ratio = channels, ratio
-        self.fc1 = nn.Conv2d(channels, rd, kernel_size=1, bias=True, device=device, dtype=dtype)
-        self.act = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(rd, channels, kernel_size=1, bias=True, device=device, dtype=dtype)
+        self.fc1 = conv1x1(channels, rd, device=device, dtype=dtype)
+        self.act = fresh(nn.ReLU, inplace=True)
+        self.fc2 = conv1x1(rd, channels, device=device, dtype=dtype)
         self.gate = _excitation(self.spec.excite)
 
     @torch.no_grad()
