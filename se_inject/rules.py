@@ -51,8 +51,10 @@ class Rule:
 RuleSpec = Union[str, os.PathLike, Rule]
 
 
+@functools.lru_cache(maxsize=1)
 def builtin_rules_dir() -> Path:
-    """Where the built-in rules are: inside the installed package, or beside it in a checkout."""
+    """Where the built-in rules are: inside the installed package, or beside it in a checkout
+    (found once: apply() resolves its rules at every call)."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "rules", here.parent / "rules"):
         if (candidate / "residual.yaml").is_file():
@@ -60,8 +62,13 @@ def builtin_rules_dir() -> Path:
     raise RuleError("the built-in rules are missing: reinstall se-inject (pip install se-inject)")
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in builtin_rules_dir().glob("*.yaml")))
+
+
 def builtin_rule_names() -> list[str]:
-    return sorted(p.stem for p in builtin_rules_dir().glob("*.yaml"))
+    return list(_builtin_names())
 
 
 # --- schema -----------------------------------------------------------------------------
@@ -272,8 +279,8 @@ def resolve_rules(specs: RuleSpec | Sequence[RuleSpec] | None) -> tuple[Rule, ..
         elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and _looks_like_path(spec)):
             rules.append(load_rule(spec))
         elif isinstance(spec, str):
-            names = builtin_rule_names()
-            if spec not in names:
+            if spec not in _builtin_names():
+                names = builtin_rule_names()
                 close = difflib.get_close_matches(spec, names, n=2)
                 hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
                 raise RuleError(f"unknown rule {spec!r}.{hint} Built-in rules: {', '.join(names)}; "
