@@ -5,7 +5,7 @@ An SE gate holds two ``nn.Conv2d`` and two activation modules. Each constructor 
 each checking its value against the module's tables of parameters, buffers and submodules):
 0.15 ms a gate, 26 ms for HRNet-W18's 177. ``fresh(cls, ...)`` gives a module of ``cls``
 with the attributes its constructor gave a template made once with the same arguments, and
-containers (parameters, buffers, submodules, hooks) of its own; ``conv1x1`` gives one new
+containers (buffers, submodules, hooks) of its own; ``conv1x1`` gives a convolution made so new
 parameters, initialised as ``nn.Conv2d`` initialises its own (``reset_parameters``).
 
 Where something watches modules being made, the constructors run as usual: torch's global
@@ -52,11 +52,14 @@ def _copy(cls: type[nn.Module], args: tuple, kwargs: dict) -> nn.Module:
     return new
 
 
+_WITHOUT_PARAMETERS = (nn.ReLU, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
+
+
 def fresh(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
-    """``cls(*args, **kwargs)`` for one of the layers a gate holds (``nn.Conv2d``, ``nn.ReLU``,
-    ``nn.Sigmoid``, ``nn.Hardsigmoid``, ``nn.Tanh``), its parameters those of the template
-    (``conv1x1`` replaces them)."""
-    if cls not in _CONSTRUCTORS or _watched(cls):
+    """``cls(*args, **kwargs)`` for one of the parameter-free layers a gate holds (``nn.ReLU``,
+    ``nn.Sigmoid``, ``nn.Hardsigmoid``, ``nn.Tanh``); any other class is constructed (a copy
+    would share the template's parameters: ``conv1x1`` gives a convolution its own)."""
+    if cls not in _WITHOUT_PARAMETERS or _watched(cls):
         return cls(*args, **kwargs)
     return _copy(cls, args, kwargs)
 

@@ -77,6 +77,9 @@ def test_gates_share_no_state_with_each_other():
     assert b.fc2.weight.abs().sum() > 0
     assert a.fc1.weight.data_ptr() != b.fc1.weight.data_ptr()
     assert b._modules.keys() == {"fc1", "act", "fc2", "gate"}
+    from se_inject.fresh import fresh  # a layer with parameters is constructed, not copied
+    c, d = fresh(torch.nn.Conv2d, 4, 4, 1), fresh(torch.nn.Conv2d, 4, 4, 1)
+    assert c.weight.data_ptr() != d.weight.data_ptr() and c.bias is not d.bias
 
 
 def test_a_watcher_of_new_parameters_sees_every_gate_layer_made():
