@@ -70,7 +70,9 @@ def conv1x1(in_channels: int, out_channels: int, *, device=None,
     drawn as its constructor draws them, from the same random numbers."""
     if _watched(nn.Conv2d):
         return nn.Conv2d(in_channels, out_channels, kernel_size=1, device=device, dtype=dtype)
-    conv = _copy(nn.Conv2d, (1, 1), {"kernel_size": 1})
+    # (its template made on the meta device, which draws no random numbers: a gate made first
+    # in a process draws the same numbers as every later one)
+    conv = _copy(nn.Conv2d, (1, 1), {"kernel_size": 1, "device": "meta"})
     d = conv.__dict__
     d["in_channels"], d["out_channels"] = in_channels, out_channels
     params = d["_parameters"]

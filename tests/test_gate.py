@@ -49,12 +49,18 @@ def test_a_gate_s_layers_are_what_their_constructors_make(channels, ratio, excit
     from se_inject.gate import GateSpec, make_gate
     classes = {"sigmoid": torch.nn.Sigmoid, "hard_sigmoid": torch.nn.Hardsigmoid,
                "tanh": torch.nn.Tanh}
-    make_gate(channels, ratio, GateSpec(excite=excite), dtype=dtype)  # (templates made)
+    from se_inject import fresh
+    fresh._TEMPLATES.clear()  # the first gate in a process makes the templates: no draws
     torch.manual_seed(5)
-    g = make_gate(channels, ratio, GateSpec(excite=excite), dtype=dtype)
+    first = make_gate(channels, ratio, GateSpec(excite=excite), dtype=dtype)
+    g = make_gate(channels, ratio, GateSpec(excite=excite), dtype=dtype)  # from the templates
+    after = torch.rand(3)
     torch.manual_seed(5)
+    want_first = _built_by_constructors(channels, channels // ratio, classes[excite], dtype=dtype)
     want = _built_by_constructors(channels, channels // ratio, classes[excite], dtype=dtype)
-    for got, ref in zip([g.fc1, g.act, g.fc2, g.gate], want):
+    assert torch.equal(torch.rand(3), after)  # the same numbers drawn, no more
+    for got, ref in [*zip([first.fc1, first.act, first.fc2, first.gate], want_first),
+                     *zip([g.fc1, g.act, g.fc2, g.gate], want)]:
         assert type(got) is type(ref)
         assert repr(got) == repr(ref)
         assert vars(got).keys() == vars(ref).keys()
