@@ -13,8 +13,8 @@ from torch import nn
 from .errors import InvalidArgumentError
 
 __all__ = ["TORCHVISION", "aux_kwargs", "check_name", "check_part", "classes_named", "create",
-           "describe", "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout", "library_of",
-           "part_of", "skeleton", "torchvision_name"]
+           "describe", "in_chans_for", "in_chans_of", "input_width", "last_layer", "layout",
+           "library_of", "part_of", "skeleton", "torchvision_name"]
 
 TORCHVISION = "torchvision/"  # a name in torchvision.models.list_models() behind this prefix
 

@@ -23,11 +23,11 @@ from .errors import (InvalidArgumentError, NoSitesError, SEInjectError, TraceErr
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
-from .graph import build_view
+from .graph import build_view, height_width
 from .identity import FACTOR, plan_compensations, scale
 from .kinds import layer_kind
 from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
-from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates, height_width
+from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,

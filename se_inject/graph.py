@@ -20,7 +20,7 @@ from .kinds import node_kind
 from .shapes import VALUE
 from .trace import SCOPE, Frame
 
-__all__ = ["CHANNEL_DIM", "GraphView", "ROOT", "build_view"]
+__all__ = ["CHANNEL_DIM", "GraphView", "ROOT", "build_view", "height_width"]
 
 ROOT = "__se_inject_root__"  # virtual source of every model input, for dominator analysis
 
@@ -74,6 +74,11 @@ def _permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ..
 
 
 CHANNEL_DIM = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last
+
+
+def height_width(shape: tuple, layout: str) -> tuple:
+    """A 4-D shape's height and width, channels first (or any other layout) or last."""
+    return tuple(shape[1:3]) if CHANNEL_DIM.get(layout) == 3 else tuple(shape[2:])
 
 
 def _inherited_layout(g: nx.DiGraph, inputs: list, shape: tuple, kind: str) -> str:

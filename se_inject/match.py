@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph import CHANNEL_DIM, ROOT, GraphView
+from .graph import CHANNEL_DIM, ROOT, GraphView, height_width
 from .kinds import drop_path_input, layer_kind
 from .rules import Rule
 from .trace import Frame
@@ -231,11 +231,6 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return GATED_NOT_A_FEATURE_MAP
     return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
                      region=region, frame=g.nodes[at]["frame"])
-
-
-def height_width(shape: tuple, layout: str) -> tuple:
-    """A 4-D shape's height and width, channels first or last."""
-    return tuple(shape[1:3]) if layout == "nhwc" else tuple(shape[2:])
 
 
 def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
