@@ -6,9 +6,9 @@ import contextlib
 import json
 from typing import Callable
 
-__all__ = ["integers", "model_kwargs", "add_model_kwargs", "add_input_size", "add_part",
-           "model_label", "input_size_of", "part_advice", "RATIO", "RATIOS", "STAGES",
-           "add_variant_args", "variant_of"]
+__all__ = ["integers", "model_kwargs", "add_model", "add_model_kwargs", "add_input_size",
+           "add_part", "model_label", "input_size_of", "part_advice", "RATIO", "RATIOS", "STAGES",
+           "add_variant_args", "variant_of", "add_leaf", "leaf_advice"]
 
 
 def integers(option: str, minimum: int, example: str, *, many: bool,
@@ -49,6 +49,13 @@ def model_kwargs(text: str) -> dict:
 
 _MODEL_KWARGS = ("the model's options (timm.create_model's, or a torchvision builder's), e.g. "
                  "'{\"in_chans\": 1, \"output_stride\": 16}'")
+
+
+def add_model(p: argparse.ArgumentParser) -> None:
+    """The MODEL positional of the commands that build a model by name, with its options."""
+    p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
+                   "torchvision's, e.g. torchvision/mobilenet_v2")
+    add_model_kwargs(p)
 
 
 def add_model_kwargs(p: argparse.ArgumentParser, help: str = _MODEL_KWARGS) -> None:

@@ -5,7 +5,7 @@ import argparse
 
 from .. import api
 from .._models import classes_named, create, part_of
-from ._args import (RATIO, STAGES, add_input_size, add_leaf, add_model_kwargs, add_part,
+from ._args import (RATIO, STAGES, add_input_size, add_leaf, add_model, add_part,
                     add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
@@ -13,9 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="list the blocks that would get a gate (changes nothing)",
                        description=__doc__)
     p.set_defaults(run=run)
-    p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
-                   "torchvision's, e.g. torchvision/mobilenet_v2")
-    add_model_kwargs(p)
+    add_model(p)
     add_part(p)
     p.add_argument("--ratio", type=RATIO, default=16, metavar="R|K:R,...",
                    help="reduction ratio r (default 16), or one per stage: 2:16,3:16,4:8,5:8")

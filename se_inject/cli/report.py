@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..cost import cost
-from ._args import (RATIOS, STAGES, add_input_size, add_leaf, add_model_kwargs, add_part,
+from ._args import (RATIOS, STAGES, add_input_size, add_leaf, add_model, add_part,
                     add_variant_args, input_size_of, model_label, part_advice, variant_of)
 
 
@@ -15,9 +15,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="parameters and compute SE gates would add (fvcore)",
                        description=__doc__)
     p.set_defaults(run=run)
-    p.add_argument("model", help="a timm model name, e.g. resnet50, or torchvision/NAME for "
-                   "torchvision's, e.g. torchvision/mobilenet_v2")
-    add_model_kwargs(p)
+    add_model(p)
     add_part(p)
     p.add_argument("--ratio", type=RATIOS, default=[16], metavar="R[,R...]|K:R,...",
                    help="reduction ratio(s), e.g. 16,8,4 (default 16), or one per stage: "
