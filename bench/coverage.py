@@ -2,14 +2,17 @@
 architecture) and on every torchvision classification model.
 
 Per model: create (timed), the original output, plan, apply (timed), the output shape again,
-and a backward pass that must reach every gate. Writes a Markdown table and summary.
+and a backward pass that must reach every gate; with --save, a gated model saved with
+se_inject.save and read back with se_inject.load must come back of its class with its
+state_dict equal, bit for bit. Writes a Markdown table and summary.
 Status: gated; kept (every block already holds a channel gate: apply() changes nothing);
 refused (an SEInjectError, with its reason); base-fails (the unmodified model fails);
 CRASH or broken (a bug in se-inject: any other exception, a changed output shape, a gate no
-gradient reaches).
+gradient reaches, a model that does not come back whole from a checkpoint).
 
     python bench/coverage.py [--all] [--only resnet,convnext] [--skip-torchvision]
-                             [--max-params MILLIONS] [--repeats N] [--out bench/out/coverage.md]
+                             [--max-params MILLIONS] [--repeats N] [--save]
+                             [--out bench/out/coverage.md]
                              [--resume FILE.jsonl] [--minutes M]
 
 --all takes the architectures smallest first (by parameter count). --resume appends each
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -123,8 +127,28 @@ def _fx_floor(model) -> float | None:
         return None
 
 
+def _round_trip(model) -> str | None:
+    """None where se_inject.save, then se_inject.load, give back a model of the same class whose
+    state_dict equals the model's, key for key and bit for bit; else what differed."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "gated.safetensors"
+        se_inject.save(model, path)
+        back = se_inject.load(path)
+    if type(back) is not type(model):
+        def name(m):
+            return f"{type(m).__module__}.{type(m).__qualname__}"
+        return f"loaded back as {name(back)}, not {name(model)}"
+    mine, theirs = model.state_dict(), back.state_dict()
+    if list(mine) != list(theirs):
+        return f"loaded back with other state_dict keys ({len(theirs)} against {len(mine)})"
+    differ = next((k for k in mine if not torch.equal(mine[k], theirs[k])), None)
+    return None if differ is None else f"loaded back with another `{differ}`"
+
+
 def check(family: str, name: str, build, max_params: float | None = None,
-          repeats: int = 1) -> dict:
+          repeats: int = 1, round_trip: bool = False) -> dict:
+    """One model's row. ``round_trip``: a gated model must also come back whole from
+    se_inject.save and se_inject.load (_round_trip), or its status is "broken"."""
     row = {"model": name, "family": family, "sites": {}, "status": "", "reason": ""}
     if max_params is not None and family != "torchvision":
         n = _meta_params(name)
@@ -200,6 +224,14 @@ def check(family: str, name: str, build, max_params: float | None = None,
         row.update(status="CRASH", reason=_first_sentence(f"after apply: {type(exc).__name__}: {exc}"),
                    trace=traceback.format_exc(limit=-4))
         return row
+    if round_trip:
+        try:
+            why = _round_trip(model)
+        except Exception as exc:  # a gated model se_inject cannot save or load back is a bug
+            why = _first_sentence(f"{type(exc).__name__}: {exc}")
+        if why is not None:
+            row.update(status="broken", reason=f"save and load: {why}")
+            return row
     row["status"] = "gated"
     return row
 
@@ -285,6 +317,9 @@ def main(argv=None) -> int:
                     help="the Markdown table to write; the rows go beside it as .json")
     ap.add_argument("--resume", type=Path, default=None,
                     help="JSON-lines file: rows already there are kept, new rows appended")
+    ap.add_argument("--save", action="store_true",
+                    help="also save each gated model with se_inject.save and load it back: "
+                         "it must come back of its class, its state_dict equal bit for bit")
     ap.add_argument("--minutes", type=float, default=None,
                     help="start no new model after this many minutes; report what was swept")
     args = ap.parse_args(argv)
@@ -317,7 +352,8 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             break
         t = time.perf_counter()
-        row = check(family, name, build, None if limit is None else limit * 1e6, repeats)
+        row = check(family, name, build, None if limit is None else limit * 1e6, repeats,
+                    round_trip=args.save)
         rows.append(row)
         if args.resume:
             with args.resume.open("a") as f:

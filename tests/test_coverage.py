@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 import torchvision
 
 import se_inject
@@ -31,7 +32,8 @@ CI_SUBSET = [
 
 @pytest.mark.parametrize("name,expected", CI_SUBSET, ids=[n for n, _ in CI_SUBSET])
 def test_family_subset(name, expected):
-    row = coverage.check("ci", name, lambda: timm.create_model(name, pretrained=False))
+    row = coverage.check("ci", name, lambda: timm.create_model(name, pretrained=False),
+                         round_trip=True)
     assert row["status"] == expected, row["reason"]
     if expected == "gated":
         assert sum(row["sites"].values()) > 0
@@ -41,15 +43,49 @@ def test_family_subset(name, expected):
 @pytest.mark.parametrize("family", timm.list_modules())
 def test_every_timm_family(family):
     (_, name), = coverage.timm_representatives([family])
-    row = coverage.check(family, name, lambda: timm.create_model(name, pretrained=False))
+    row = coverage.check(family, name, lambda: timm.create_model(name, pretrained=False),
+                         round_trip=True)
     assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_every_torchvision_classifier(name):
-    row = coverage.check("torchvision", name, lambda: torchvision.models.get_model(name, weights=None))
+    row = coverage.check("torchvision", name,
+                         lambda: torchvision.models.get_model(name, weights=None), round_trip=True)
     assert row["status"] in ("gated", "kept", "refused", "base-fails"), row
+
+
+def _load_changed(change):
+    """se_inject.load, with ``change`` applied to the model it loads."""
+    load = se_inject.load
+
+    def changed(path, *args, **kwargs):
+        return change(load(path, *args, **kwargs))
+    return changed
+
+
+def _one_weight_nudged(model):
+    with torch.no_grad():
+        next(iter(model.parameters())).view(-1)[0] += 1e-6
+    return model
+
+
+@pytest.mark.parametrize("change,said", [
+    (lambda m: m, None),
+    (_one_weight_nudged, "loaded back with another `conv1.0.weight`"),
+    (lambda m: torchvision.models.resnet18(),
+     "loaded back as torchvision.models.resnet.ResNet, not timm.models.resnet.ResNet"),
+    (lambda m: se_inject.remove(m), "other state_dict keys"),
+])
+def test_the_round_trip_marks_a_model_that_does_not_come_back_whole(monkeypatch, change, said):
+    monkeypatch.setattr(se_inject, "load", _load_changed(change))
+    row = coverage.check("ci", "resnet10t",
+                         lambda: timm.create_model("resnet10t", pretrained=False), round_trip=True)
+    if said is None:
+        assert row["status"] == "gated", row["reason"]
+    else:
+        assert row["status"] == "broken" and said in row["reason"], row["reason"]
 
 
 def _with_drop_path(build_plain, build_dropping):
