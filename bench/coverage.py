@@ -127,6 +127,10 @@ def _fx_floor(model) -> float | None:
         return None
 
 
+def _class_path(m) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
 def _round_trip(model) -> str | None:
     """None where se_inject.save, then se_inject.load, give back a model of the same class whose
     state_dict equals the model's, key for key and bit for bit; else what differed."""
@@ -135,9 +139,7 @@ def _round_trip(model) -> str | None:
         se_inject.save(model, path)
         back = se_inject.load(path)
     if type(back) is not type(model):
-        def name(m):
-            return f"{type(m).__module__}.{type(m).__qualname__}"
-        return f"loaded back as {name(back)}, not {name(model)}"
+        return f"loaded back as {_class_path(back)}, not {_class_path(model)}"
     mine, theirs = model.state_dict(), back.state_dict()
     if list(mine) != list(theirs):
         return f"loaded back with other state_dict keys ({len(theirs)} against {len(mine)})"
