@@ -306,6 +306,16 @@ def compiled_in_place(mod: nn.Module) -> bool:
     return mod.__dict__.get("_compiled_call_impl") is not None
 
 
+def _uncompiled(mod: nn.Module, forward):
+    """The ``forward`` a tracer's call_module is handed for ``mod``, or, for a module compiled
+    in place outside a tracing session, its Python: fx's own patch of nn.Module hands a
+    forward that calls nn.Module.__call__, which runs the compiled code (a session's forward
+    runs the Python itself, _session_call)."""
+    if _SESSION["active"] or not compiled_in_place(mod):
+        return forward
+    return mod._call_impl
+
+
 def _session_call(mod, *args, **kwargs):
     """A module's __call__ during a tracing session: what fx's own wrapper does for the
     tracer tracing in this thread, the module's plain call otherwise."""
@@ -443,8 +453,10 @@ def tracing_session(model: nn.Module | None = None):
     submodules) within it, where fx patches nn.Module anew on every trace (see
     _session_patch). Each module call goes to the se-inject tracer tracing in that thread,
     or runs as usual where none is. Re-entrant. Where this torch lacks the fx internals it
-    relies on, or nn.Module is patched already, it does nothing and every trace patches as
-    fx does."""
+    relies on, or nn.Module is patched already, every trace patches as fx does, for the whole
+    process: a module called in another thread would reach this thread's tracer, so the
+    session then holds _TRACE_LOCK throughout, and sessions in several threads run one at a
+    time."""
     with _SESSION_LOCK:
         if _SESSION["depth"] == 0:
             _SESSION["active"] = (_FX_HOOKS
@@ -458,9 +470,15 @@ def tracing_session(model: nn.Module | None = None):
                     _session_unpatch()
                 raise
         _SESSION["depth"] += 1
+        serial = not _SESSION["active"]
+    held = False
     try:
+        if serial:
+            held = _TRACE_LOCK.acquire()
         yield
     finally:
+        if held:
+            _TRACE_LOCK.release()
         with _SESSION_LOCK:
             _SESSION["depth"] -= 1
             if _SESSION["depth"] == 0 and _SESSION["active"]:
@@ -639,6 +657,7 @@ class UnpackingTracer(fx.Tracer):
         A container the model is not holding (a slice such as ``self.body[:2]``, made in a
         forward as timm's models do with gradient checkpointing on) only calls children the
         model holds: it is traced through, with no name or frame of its own."""
+        forward = _uncompiled(m, forward)
         if is_container(m) and self.submodule_paths and m not in self.submodule_paths:
             return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
@@ -872,7 +891,7 @@ class _ShapedTracer(_ScopeTracer):
 
     def call_module(self, m, forward, args, kwargs):
         if self._running:  # a layer running on meta tensors, not traced
-            return forward(*args, **kwargs)
+            return _uncompiled(m, forward)(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
@@ -1414,6 +1433,9 @@ _CHECKPOINT, _CHECKPOINT_FUNCTION, _CHECKPOINT_SIGNATURE, _NO_CONTEXT = _checkpo
 # checkpoint()'s settings a generated call passes on where they are not the default
 _CHECKPOINT_SETTINGS = ("preserve_rng_state", "determinism_check", "debug", "early_stop",
                         "respect_saved_tensors_hooks")
+# settings some torch releases (2.11 among them) take through checkpoint()'s **kwargs, with the
+# local each is popped into and its default
+_CHECKPOINT_KWARGS = {"preserve_rng_state": ("preserve", True)}
 # frames between a module's call and the code that made it, while a trace runs
 _CALL_MACHINERY = frozenset((__file__, fx._symbolic_trace.__file__,
                              sys.modules[nn.Module.__module__].__file__))
@@ -1445,6 +1467,10 @@ def _checkpoint_calling(m: nn.Module) -> dict | None:
         param = _CHECKPOINT_SIGNATURE.parameters.get(name)
         if param is not None and name in local and local[name] != param.default:
             settings[name] = local[name]
+        elif param is None and name in _CHECKPOINT_KWARGS:  # taken from **kwargs
+            local_name, default = _CHECKPOINT_KWARGS[name]
+            if local.get(local_name, default) != default:
+                settings[name] = local[local_name]
     return settings
 
 

@@ -436,12 +436,17 @@ class MixedBlock(Block):
         return super().forward(self.mix(x))
 
 
-def test_blocks_compiled_in_place_are_gated_and_their_compiled_code_runs_the_gates():
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "no-sessions"])
+def test_blocks_compiled_in_place_are_gated_and_their_compiled_code_runs_the_gates(
+        sessions, monkeypatch):
     """Regional compilation (``block.compile()`` on each block, the model called once): fx
     cannot trace compiled code, so se-inject traces what each block compiled, gates it, and the
     next call compiles the gated blocks (Dynamo sees their new forwards). Their outputs are the
     gated model's run eagerly, and the gates act. A compiled layer kept whole runs its Python
-    during shape propagation: apply() compiles nothing."""
+    during shape propagation: apply() compiles nothing. ``no-sessions``: with tracing sessions
+    off, as on torch 2.11, where fx's own patch of nn.Module would run the compiled code."""
+    if not sessions:
+        monkeypatch.setattr(se_inject.trace, "_FX_HOOKS", False)
     net = _net().eval()
     net.blocks[1] = MixedBlock(32, 64, 2)
     randomize_norms(net)

@@ -524,17 +524,26 @@ def test_fingerprints_of_some_frames_are_theirs_in_the_whole(name):
         assert prints[Frame("layer1.0")] == prints[Frame("layer1.1")] != prints[Frame("layer2.0")]
 
 
-def test_apply_in_several_threads_at_once_gates_each_model_as_alone():
+@pytest.mark.parametrize("sessions", [True, False], ids=["sessions", "no-sessions"])
+def test_apply_in_several_threads_at_once_gates_each_model_as_alone(sessions, monkeypatch):
     """Applies in four threads at once, eight times over: fx keeps the patcher of the trace in
     progress in one global, and traces that overlapped failed about one round in eight
     (trace._TRACE_LOCK). Each model gets the gates a lone apply() gives it, computes what it
-    computed with its gates passing everything, and no patch of nn.Module is left behind."""
+    computed with its gates passing everything, and no patch of nn.Module is left behind.
+
+    Where sessions are off (a torch whose fx patches nn.Module for the whole process while it
+    traces), the applies run one at a time, and the models run once every thread is done: a
+    model called in another thread during a trace would be traced into it, fx's own doing.
+    ``no-sessions`` turns sessions off on any torch."""
     import copy
     import threading
     import traceback
 
     import se_inject
     from conftest import gates, saturate
+    if not sessions:
+        monkeypatch.setattr(se_inject.trace, "_FX_HOOKS", False)
+    concurrent_runs = se_inject.trace._FX_HOOKS
     names = ["resnet18", "mobilenetv2_050", "convnext_atto", "dla34"]
     alone = {}
     for name in names:
@@ -543,7 +552,12 @@ def test_apply_in_several_threads_at_once_gates_each_model_as_alone():
     call, getattr_ = nn.Module.__call__, nn.Module.__getattr__
     x = torch.randn(1, 3, 64, 64)
     for _ in range(8):
-        start, results, errors = threading.Barrier(len(names)), {}, []
+        start, results, errors, made = threading.Barrier(len(names)), {}, [], {}
+
+        def run(name):
+            model, plain = made[name]
+            with torch.no_grad():
+                results[name] = ([n for n, _ in gates(model)], torch.equal(model(x), plain(x)))
 
         def gate(name):
             try:
@@ -552,9 +566,9 @@ def test_apply_in_several_threads_at_once_gates_each_model_as_alone():
                 start.wait(30)
                 se_inject.apply(model)
                 saturate(model)
-                with torch.no_grad():
-                    results[name] = ([n for n, _ in gates(model)],
-                                     torch.equal(model(x), plain(x)))
+                made[name] = model, plain
+                if concurrent_runs:
+                    run(name)
             except Exception:  # reported below, with the model's name
                 errors.append((name, traceback.format_exc()))
 
@@ -564,5 +578,8 @@ def test_apply_in_several_threads_at_once_gates_each_model_as_alone():
         for t in threads:
             t.join(120)
         assert not errors
+        if not concurrent_runs:
+            for name in names:
+                run(name)
         assert results == {name: (alone[name], True) for name in names}
         assert nn.Module.__call__ is call and nn.Module.__getattr__ is getattr_
