@@ -533,6 +533,27 @@ def test_save_from_python_and_recipe(tmp_path):
         se_inject.save(timm.create_model("resnet18"), tmp_path / "plain.safetensors")
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_written_files_get_the_permissions_open_would_give(r18, tmp_path, fmt):
+    """A new file: 0o666 less the umask, as ``open(path, "w")`` or ``torch.save`` would make
+    it, not the owner-only mode of a private temporary file; a replaced file keeps its mode."""
+    m, src = r18
+    old = os.umask(0o022)
+    try:
+        new = convert(src, tmp_path / f"se.{fmt}", model="resnet18", format=fmt)
+        os.umask(0o077)
+        private = convert(src, tmp_path / f"private.{fmt}", model="resnet18", format=fmt)
+    finally:
+        os.umask(old)
+    assert new.stat().st_mode & 0o777 == 0o644
+    assert private.stat().st_mode & 0o777 == 0o600
+    os.chmod(new, 0o640)
+    again = convert(src, new, model="resnet18", format=fmt, force=True)
+    assert again.stat().st_mode & 0o777 == 0o640
+    assert len(gates(se_inject.load(again))) == 8
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def _shards(sd: dict, folder, suffix: str) -> None:
     """``sd`` in three shards with Hugging Face's index of them (``max_shard_size``)."""
     from safetensors.torch import save_file
