@@ -233,6 +233,9 @@ def _check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Non
         if path.exists() and src.exists() and os.path.samefile(src, path):
             raise CheckpointError(f"{path}: the output would overwrite the input; choose "
                                   "another name")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; name the file to write in it, e.g. "
+                              f"{path / 'model.safetensors'}")
     if path.exists() and not force:
         raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it")
     if not path.parent.is_dir():
@@ -246,6 +249,9 @@ def _write(path: Path, write: Callable[[str], None], force: bool,
         atomic_write(path, write, replace=force)
     except FileExistsError:  # it appeared while we wrote
         raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") from None
+    except OSError as exc:  # no room, no permission, a read-only file system...
+        raise CheckpointError(f"{path}: could not write it: {exc.strerror or exc}. Nothing was "
+                              "written; free the space or choose another place.") from exc
 
 
 def _sort_header(path: str) -> None:

@@ -141,6 +141,9 @@ def check_plot_path(path: Path) -> str:
     if not path.parent.is_dir():
         raise InvalidArgumentError(f"plot file {str(path)!r}: folder {str(path.parent)!r} "
                                    "does not exist")
+    if path.is_dir():
+        raise InvalidArgumentError(f"plot file {str(path)!r} is a folder; name the file to "
+                                   f"write in it, e.g. {str(path / ('cost' + suffix))!r}")
     return suffix
 
 
@@ -166,5 +169,9 @@ def plot(rep: "CostReport", path: Path) -> Path:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 3))
     axes[0].legend()
     fig.suptitle(f"SE cost per stage: {rep.model}, input {_size(rep.input_size)}")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix[1:]), replace=True)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=suffix[1:]), replace=True)
+    except OSError as exc:
+        raise InvalidArgumentError(f"plot file {str(path)!r}: could not write it: "
+                                   f"{exc.strerror or exc}; nothing was written") from exc
     return path

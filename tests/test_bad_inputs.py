@@ -700,6 +700,8 @@ def folder(tmp_path):
         pickle.dump({"state_dict": _Evil()}, fh)
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4000])
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
+    (tmp_path / "out.safetensors").mkdir()
+    (tmp_path / "plots.png").mkdir()
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(256))
     torch.save({"epoch": 1, "state_dict": m.state_dict()}, tmp_path / "noarch.pth.tar")
     se = se_inject.apply(timm.create_model("resnet18", num_classes=3))
@@ -725,6 +727,8 @@ CLI_CASES = {
                    "r18.pth: the output would overwrite the input"),
     "missing-folder": (["convert", "r18.pth", "--model", "resnet18", "-o", "no/o.safetensors"],
                        "folder no does not exist"),
+    "output-is-a-folder": (["convert", "r18.pth", "--model", "resnet18", "-o", "out.safetensors",
+                            "--force"], "out.safetensors is a folder; name the file to write"),
     "no-architecture": (["convert", "noarch.pth.tar", "-o", "o.safetensors"],
                         "noarch.pth.tar does not name its architecture: pass --model"),
     "no-such-file": (["convert", "nothing.pth", "--model", "resnet18", "-o", "o.safetensors"],
@@ -737,6 +741,7 @@ CLI_CASES = {
                          "bad-recipe.safetensors: its se-inject recipe is not valid JSON"),
     "unknown-model": (["plan", "resnet5O"], "resnet5O"),
     "bad-plot-path": (["report", "resnet18", "--plot", "costs.docx"], "costs.docx"),
+    "plot-is-a-folder": (["report", "resnet18", "--plot", "plots.png"], "'plots.png' is a folder"),
     "report-no-block": (["report", "test_vit"],
                         "VisionTransformer has no residual or inception-style block"),
     "bad-ratio": (["plan", "resnet18", "--ratio", "2:x"], "'2:x'"),

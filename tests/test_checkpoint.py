@@ -554,6 +554,33 @@ def test_written_files_get_the_permissions_open_would_give(r18, tmp_path, fmt):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_write_that_fails_says_why_and_leaves_what_was_there(r18, tmp_path, monkeypatch,
+                                                                capsys, force):
+    """A full disk (or no permission) part-way through the write: the CLI exits 2 with the
+    system's reason, no partial or temporary file is left, and a file it was to replace is
+    untouched."""
+    import errno
+    import safetensors.torch
+
+    def no_room(state, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"part of a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    monkeypatch.setattr(safetensors.torch, "save_file", no_room)
+    m, src = r18
+    out = tmp_path / "se.safetensors"
+    if force:
+        out.write_bytes(b"keep me")
+    argv = ["convert", str(src), "--model", "resnet18", "-o", str(out)] + ["--force"] * force
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: could not write it: {os.strerror(errno.ENOSPC)}" in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth"] + ["se.safetensors"] * force
+    assert not force or out.read_bytes() == b"keep me"
+
+
 def _shards(sd: dict, folder, suffix: str) -> None:
     """``sd`` in three shards with Hugging Face's index of them (``max_shard_size``)."""
     from safetensors.torch import save_file
