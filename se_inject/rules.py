@@ -202,17 +202,23 @@ def _mapping(node: yaml.Node, path: str, where: str | None, schema: dict) -> dic
     return out
 
 
-def _check_tags(node: yaml.Node, path: str) -> None:
-    if node.tag not in _PLAIN_TAGS:
-        raise RuleError(f"tag {node.tag!r} is not allowed: rule files hold plain data only",
-                        path, _line(node))
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            _check_tags(k, path)
-            _check_tags(v, path)
-    elif isinstance(node, yaml.SequenceNode):
-        for v in node.value:
-            _check_tags(v, path)
+def _check_tags(root: yaml.Node, path: str) -> None:
+    # Each node once: an alias (*a) is the anchored node itself, so a file of nested aliases
+    # ("billion laughs") is a small graph that a walk of every path through it would never end.
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in _PLAIN_TAGS:
+            raise RuleError(f"tag {node.tag!r} is not allowed: rule files hold plain data only",
+                            path, _line(node))
+        if isinstance(node, yaml.MappingNode):
+            todo += [n for kv in reversed(node.value) for n in reversed(kv)]
+        elif isinstance(node, yaml.SequenceNode):
+            todo += reversed(node.value)
 
 
 def _parse(text: str, path: str) -> Rule:
