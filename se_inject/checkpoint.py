@@ -321,6 +321,20 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def _shared(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """The first two keys whose tensors share memory, if any."""
+    seen: dict[tuple, str] = {}
+    for k, v in state.items():
+        storage = v.untyped_storage()
+        if storage.nbytes() == 0:
+            continue
+        where = (v.device, storage.data_ptr())
+        if where in seen:
+            return seen[where], k
+        seen[where] = k
+    return None
+
+
 def _write_state(state: dict[str, torch.Tensor], path: Path, fmt: str, recipe: str | None,
                  force: bool, inputs: tuple[Path, ...] = ()) -> Path:
     path = Path(path)
@@ -328,6 +342,12 @@ def _write_state(state: dict[str, torch.Tensor], path: Path, fmt: str, recipe: s
         raise CheckpointError(f"format must be 'safetensors' or 'pth', not {fmt!r}")
     if fmt == "safetensors":
         from safetensors.torch import save_file
+        shared = _shared(state)
+        if shared:
+            raise CheckpointError(
+                f"{path}: `{shared[0]}` and `{shared[1]}` are one tensor under two names, which "
+                "a safetensors file cannot hold; write a .pth instead (format='pth', "
+                "--format pth), which keeps them one tensor (nothing was written)")
         meta = {"format": "pt", **({METADATA_KEY: recipe} if recipe else {})}
 
         def write(tmp: str) -> None:
@@ -409,9 +429,11 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
         raise
     except Exception:  # a constructor that computes with its tensors: nothing to compare
         return []
-    theirs = dict(ref.named_modules())
+    # every name a module is held under: a layer the model also holds under a second name (a
+    # hand-made alias, `model.head = model.fc`) is a state_dict key the rebuilt model lacks
+    theirs = dict(ref.named_modules(remove_duplicate=False))
     rates = []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules(remove_duplicate=False):
         if name in gated or any(name.startswith(g + ".") for g in gated):
             continue
         r = theirs.pop(name, None)

@@ -701,6 +701,33 @@ def test_save_refuses_a_model_that_would_load_back_as_another(tmp_path, kwargs, 
     assert torch.equal(_out(g, x), _out(m, x))
 
 
+def test_save_refuses_a_layer_held_under_a_second_name(tmp_path):
+    # named_modules() lists a module once: `m.head = m.fc` adds state_dict keys (head.weight,
+    # head.bias) that resnet18 rebuilt from its name lacks, so load() would refuse the file
+    m = timm.create_model("resnet18", pretrained=False)
+    m.head = m.fc
+    se_inject.apply(m)
+    with pytest.raises(CheckpointError, match=r"would not load back as itself: its layer `head`"):
+        se_inject.save(m, tmp_path / "m.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_weights_are_refused_by_safetensors_and_kept_tied_in_a_pth(tmp_path):
+    # one tensor under two names (weights tied by hand): safetensors cannot hold it, a .pth can
+    m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
+    m.layer1[1].conv2.weight = m.layer1[0].conv2.weight
+    se_inject.apply(m, init="identity")
+    with pytest.raises(CheckpointError, match=r"`layer1\.0\.conv2\.weight` and "
+                       r"`layer1\.1\.conv2\.weight` are one tensor under two names.*\.pth"):
+        se_inject.save(m, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    g = se_inject.load(se_inject.save(m, tmp_path / "m.pth"))
+    sd = g.state_dict()
+    assert sd.keys() == m.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert g.layer1[1].conv2.weight.data_ptr() == g.layer1[0].conv2.weight.data_ptr()
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {"features_only": True, "out_indices": (1, 3)}),
     ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
