@@ -59,6 +59,10 @@ def check_name(name: str) -> None:
         raise InvalidArgumentError(f"unknown model {name!r}.{hint}")
 
 
+# timm.create_model's options that load weights (from the hub, a URL or a file)
+_TIMM_LOADS = ("pretrained", "checkpoint_path")
+
+
 def create(name: str, **kwargs) -> nn.Module:
     """A timm or torchvision model by name with random weights (nothing is downloaded: for
     torchvision's, neither the model's weights nor its backbone's)."""
@@ -74,8 +78,13 @@ def create(name: str, **kwargs) -> nn.Module:
                 raise InvalidArgumentError(f"{name}: se-inject builds models with random "
                                            "weights; load trained ones from a checkpoint")
             return builder(**{**kwargs, "weights": None})
+        loads = [k for k in _TIMM_LOADS if kwargs.get(k) not in (None, False, "")]
+        if loads:  # (a recipe in a file could otherwise name any file on the machine)
+            raise InvalidArgumentError(f"{name}: se-inject builds models with random weights, "
+                                       f"so {loads[0]}={kwargs[loads[0]]!r} is not taken; load "
+                                       "trained ones from a checkpoint")
         import timm
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return timm.create_model(name, **{**kwargs, "pretrained": False})
     except (TypeError, ValueError) as exc:  # an option the architecture does not take
         if not kwargs or isinstance(exc, InvalidArgumentError):
             raise

@@ -887,6 +887,28 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
 
 
+@pytest.mark.parametrize("option", [{"checkpoint_path": "OTHER"}, {"pretrained": True}])
+def test_a_recipe_that_asks_for_weights_from_elsewhere_is_refused(r18, tmp_path, option):
+    """A recipe is data from a file: the architecture's options in it must not make load() read
+    another file (timm's checkpoint_path) or download weights (pretrained)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    m, src = r18
+    path = convert(src, tmp_path / "se.safetensors", model="resnet18")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta[se_inject.checkpoint.METADATA_KEY])
+    option = {k: str(src) if v == "OTHER" else v for k, v in option.items()}
+    recipe["base"]["kwargs"].update(option)
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(load_file(path), crafted,
+              metadata={**meta, se_inject.checkpoint.METADATA_KEY: json.dumps(recipe)})
+    (key, value), = option.items()
+    with pytest.raises(se_inject.SEInjectError, match=f"{key}={value!r} is not taken"):
+        se_inject.load(crafted)
+    assert main(["plan", "resnet18", "--model-kwargs", json.dumps(option)]) == 2
+
+
 def test_a_pickled_model_object_is_refused_naming_its_class(tmp_path):
     """torch.save(model) rather than its state_dict: the message names what the file would
     import, and carries none of torch.load's terminal escapes."""
