@@ -204,6 +204,10 @@ def _spec(value, given):
     if is_shape(value):
         if not all(not isinstance(e, bool) and e > 0 for e in value):
             raise _bad_input_size(given)
+        if math.prod((2, *value)) >= 2 ** 63:  # a number of elements no tensor can have
+            raise InvalidArgumentError(f"input_size {tuple(value)}: a batch of it has "
+                                       f"{math.prod((2, *value)):.3g} elements, more than a "
+                                       "tensor can hold; pass the size the model takes")
         return torch.Size((2, *value))
     if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
         return {k: _spec(v, given) for k, v in value.items()}

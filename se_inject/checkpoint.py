@@ -663,15 +663,48 @@ def _check_fits(model: nn.Module, own: dict, state: dict[str, torch.Tensor], whe
 def _parse_recipe(text: str, where: str) -> dict:
     try:
         recipe = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{where}: its se-inject recipe is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:  # (arrays nested past the stack)
+        raise CheckpointError(f"{where}: its se-inject recipe is not valid JSON: "
+                              f"{str(exc)[:200]}") from None
     if not isinstance(recipe, dict):
         raise CheckpointError(f"{where}: its se-inject recipe is not a JSON object")
     if recipe.get("schema") != SCHEMA:
         raise CheckpointError(f"{where}: recipe schema {recipe.get('schema')!r} is not "
                               f"{SCHEMA!r}; use the se-inject version that wrote it "
                               f"({recipe.get('se_inject', '?')})")
+    wrong = _malformed(recipe)
+    if wrong:
+        raise CheckpointError(f"{where}: its se-inject recipe is malformed ({wrong}); it was "
+                              "changed after se-inject wrote it. Convert the plain checkpoint "
+                              "again, or strip the recipe and load the weights yourself")
     return recipe
+
+
+def _malformed(recipe: dict) -> str | None:
+    """What in a recipe of this schema is not of the shape se-inject writes, or None (the
+    values themselves are checked where they are used, as apply() checks its arguments)."""
+    base = recipe.get("base")
+    if not isinstance(base, dict):
+        return "'base' is not an object"
+    if not isinstance(base.get("kwargs") or {}, dict):
+        return "'base.kwargs' is not an object"
+    steps = recipe.get("steps")
+    if not isinstance(steps, list) or not steps:
+        return "'steps' is not a list of apply() steps"
+    for i, step in enumerate(steps):
+        if not isinstance(step, dict):
+            return f"step {i} is not an object"
+        for key, kind in (("gates", str), ("rules", dict)):
+            if not isinstance(step.get(key), list) or \
+                    not all(isinstance(v, kind) for v in step[key]):
+                return f"step {i}: '{key}' is not a list of {kind.__name__} values"
+        if "ratio" not in step:
+            return f"step {i} has no 'ratio'"
+        for key, kind in (("part", str), ("gate", dict), ("leaf_modules", list),
+                          ("autowrap_functions", list), ("init", str)):
+            if step.get(key) is not None and not isinstance(step[key], kind):
+                return f"step {i}: '{key}' is not a {kind.__name__}"
+    return None
 
 
 def _apply_seeded(model: nn.Module, *args, **kwargs) -> None:
@@ -705,7 +738,7 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                       autowrap_functions=()) -> None:
     """Repeat the recipe's apply() steps on ``model`` (each on its part); the gates must land
     where they did."""
-    for step in recipe.get("steps") or []:
+    for i, step in enumerate(recipe["steps"]):
         try:
             target = part_of(model, step.get("part") or None,
                              f"{where}: the rebuilt {type(model).__name__}", " (its recipe's part)")
@@ -719,13 +752,17 @@ def _gate_as_recorded(model: nn.Module, recipe: dict, where: str, leaf_modules=(
                                   "them to se_inject.load(..., leaf_modules=[...])")
         spec = step.get("gate") or {}
         from .api import recorded_gates_only
-        with recorded_gates_only(step["gates"]):
-            _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
-                          input_size=step.get("input_size") or None,
-                          init=step.get("init", "paper"), leaf_modules=leaves,
-                          autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
-                          **{k: spec[k] for k in ("squeeze", "excite", "min_channels",
-                                                  "divisor") if k in spec})
+        try:
+            with recorded_gates_only(step["gates"]):
+                _apply_seeded(target, step["ratio"], rules_from(step), stages=step.get("stages"),
+                              input_size=step.get("input_size") or None,
+                              init=step.get("init", "paper"), leaf_modules=leaves,
+                              autowrap_functions=autowrap_functions, gate=spec.get("kind", "se"),
+                              **{k: spec[k] for k in ("squeeze", "excite", "min_channels",
+                                                      "divisor") if k in spec})
+        except InvalidArgumentError as exc:  # a value in the file that apply() refuses
+            raise CheckpointError(f"{where}: its se-inject recipe's step {i} holds what "
+                                  f"apply() refuses: {exc}") from None
         got = (recipe_of(target) or [{}])[-1].get("gates", [])
         if got != step["gates"]:
             raise CheckpointError(f"{where}: this se-inject places gates {got[:3]}... where the "

@@ -131,6 +131,8 @@ APPLY_CASES = [
     ApplyCase("fused", BlockNet, {"fused": "yes"}, InvalidArgumentError, "'yes'"),
     ApplyCase("input-size", BlockNet, {"input_size": (3, 0, 32)}, InvalidArgumentError,
               "(3, 0, 32)"),
+    ApplyCase("input-size-past-int64", BlockNet, {"input_size": (3, 10 ** 12, 10 ** 12)},
+              InvalidArgumentError, "more than a tensor can hold"),
     ApplyCase("unknown-rule", BlockNet, {"rules": ["no-such-rule"]}, RuleError,
               "no-such-rule"),
     ApplyCase("no-cnn-blocks", _MLP, {"input_size": (8,)}, NoSitesError, "_MLP"),

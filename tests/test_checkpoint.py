@@ -909,6 +909,44 @@ def test_a_recipe_that_asks_for_weights_from_elsewhere_is_refused(r18, tmp_path,
     assert main(["plan", "resnet18", "--model-kwargs", json.dumps(option)]) == 2
 
 
+_BROKEN_RECIPES = {
+    "nested-past-the-stack": (lambda r: "[" * 100_000 + "]" * 100_000, "not valid JSON"),
+    "steps-not-a-list": (lambda r: {**r, "steps": 5}, "'steps' is not a list"),
+    "no-steps": (lambda r: {k: v for k, v in r.items() if k != "steps"}, "'steps' is not"),
+    "kwargs-a-list": (lambda r: {**r, "base": {**r["base"], "kwargs": [1]}},
+                      "'base.kwargs' is not an object"),
+    "rules-a-number": (lambda r: {**r, "steps": [{**r["steps"][0], "rules": 3}]},
+                       "step 0: 'rules' is not a list"),
+    "gates-not-names": (lambda r: {**r, "steps": [{**r["steps"][0], "gates": [1]}]},
+                        "step 0: 'gates' is not a list of str"),
+    "step-a-string": (lambda r: {**r, "steps": ["apply"]}, "step 0 is not an object"),
+    "ratio-a-word": (lambda r: {**r, "steps": [{**r["steps"][0], "ratio": "x"}]},
+                     "step 0 holds what apply() refuses: ratio must be a positive integer"),
+    "input-past-int64": (lambda r: {**r, "steps": [{**r["steps"][0],
+                                                     "input_size": [3, 10 ** 12, 10 ** 12]}]},
+                         "more than a tensor can hold"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BROKEN_RECIPES))
+def test_a_recipe_changed_by_hand_gets_an_error_naming_the_file(r18, tmp_path, case):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    m, src = r18
+    path = convert(src, tmp_path / "se.safetensors", model="resnet18")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    change, message = _BROKEN_RECIPES[case]
+    recipe = change(json.loads(meta[se_inject.checkpoint.METADATA_KEY]))
+    crafted = tmp_path / "crafted.safetensors"
+    save_file(load_file(path), crafted, metadata={**meta, se_inject.checkpoint.METADATA_KEY:
+                                                  recipe if isinstance(recipe, str)
+                                                  else json.dumps(recipe)})
+    with pytest.raises(se_inject.SEInjectError, match=re.escape(message)) as info:
+        se_inject.load(crafted)
+    assert str(crafted) in str(info.value)
+
+
 def test_a_pickled_model_object_is_refused_naming_its_class(tmp_path):
     """torch.save(model) rather than its state_dict: the message names what the file would
     import, and carries none of torch.load's terminal escapes."""
