@@ -56,6 +56,9 @@ _PLAIN_DATA = (argparse.Namespace,)
 def _load_pickle(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(list(_PLAIN_DATA)):
+            if os.fspath(path).endswith(".safetensors"):  # a torch.save file named so, which
+                with open(path, "rb") as fh:              # torch.load reads by its name
+                    return torch.load(fh, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
@@ -167,12 +170,25 @@ def read_checkpoint(path, *, ema: bool = False) -> tuple[dict[str, torch.Tensor]
         return _read_folder(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors" or (path.suffix not in _PICKLE_SUFFIXES
-                                         and not zipfile.is_zipfile(path)):
+    if _is_safetensors(path, path.suffix not in _PICKLE_SUFFIXES):
         state, meta = _load_safetensors(path)
         info = {"recipe": meta[METADATA_KEY]} if METADATA_KEY in meta else {}
         return _strip_prefixes(state), info
     return _state_of(_load_pickle(path), path, ema)
+
+
+def _is_safetensors(path: Path, by_name: bool) -> bool:
+    """Whether to read ``path`` as safetensors: by its first bytes where they say (a safetensors
+    header's length, then its JSON; a zip archive or a pickle, as torch.save writes them), so a
+    file named for the other format reads; by its name (``by_name``) where they do not."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and \
+            int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return True
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # zip archive; pickle protocol 2+
+        return False
+    return by_name
 
 
 def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

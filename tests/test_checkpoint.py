@@ -519,6 +519,22 @@ def test_paper_init_and_pth_format(r18, tmp_path):
     assert not torch.equal(_out(g, torch.ones(1, 3, 32, 32)), _out(m, torch.ones(1, 3, 32, 32)))
 
 
+@pytest.mark.parametrize("name,fmt", [("se.pth", "safetensors"), ("se.safetensors", "pth"),
+                                      ("se.bin", "safetensors"), ("se", "pth")])
+def test_a_file_named_for_the_other_format_reads_by_its_contents(r18, tmp_path, name, fmt):
+    """--format given against the name's suffix: what se-inject writes it reads back, and a
+    plain file so named converts."""
+    m, src = r18
+    out = convert(src, tmp_path / name, model="resnet18", format=fmt)
+    g = se_inject.load(out)
+    assert len(gates(g)) == 8
+    x = torch.randn(2, 3, 64, 64)
+    assert (_out(g, x) - _out(m, x)).abs().max() <= 1e-6 * _out(m, x).abs().max()
+    plain = strip(out, tmp_path / ("plain." + name), format=fmt)
+    again = convert(plain, tmp_path / "again.safetensors", model="resnet18")
+    assert se_inject.load(again).state_dict().keys() == g.state_dict().keys()
+
+
 def test_save_from_python_and_recipe(tmp_path):
     m = timm.create_model("resnet18", pretrained=False)
     se_inject.apply(m, ratio=4, stages="all-but-last")
