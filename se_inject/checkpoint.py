@@ -197,8 +197,11 @@ def _read_folder(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if config.is_file():
         try:
             cfg = json.loads(config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config}: not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise CheckpointError(f"{config}: not valid JSON: {str(exc)[:200]}") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{config}: holds {type(cfg).__name__}, not a JSON object "
+                                  "of the model's settings")
         if isinstance(cfg.get("architecture"), str):
             info["architecture"] = cfg["architecture"]
         if isinstance(cfg.get("num_classes"), int):
@@ -221,8 +224,8 @@ def _read_shards(index: Path) -> dict[str, torch.Tensor]:
     index names found in the shard it names."""
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise CheckpointError(f"{index}: not a valid shard index: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index: {str(exc)[:200]}") from None
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: its weight_map must name each tensor's shard file")

@@ -708,6 +708,11 @@ def folder(tmp_path):
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4000])
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
     (tmp_path / "out.safetensors").mkdir()
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
+    for folder, name, text in (("listcfg", "config.json", "[1]"), ("deepcfg", "config.json", deep),
+                               ("deepindex", "model.safetensors.index.json", deep)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text(text)
     (tmp_path / "plots.png").mkdir()
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(256))
     torch.save({"epoch": 1, "state_dict": m.state_dict()}, tmp_path / "noarch.pth.tar")
@@ -736,6 +741,14 @@ CLI_CASES = {
                        "folder no does not exist"),
     "output-is-a-folder": (["convert", "r18.pth", "--model", "resnet18", "-o", "out.safetensors",
                             "--force"], "out.safetensors is a folder; name the file to write"),
+    "config-a-list": (["convert", "listcfg", "-o", "o.safetensors"],
+                      "config.json: holds list, not a JSON object"),
+    "config-nested-past-the-stack": (["convert", "deepcfg", "-o", "o.safetensors"],
+                                     "config.json: not valid JSON"),
+    "index-nested-past-the-stack": (["convert", "deepindex", "--model", "resnet18", "-o",
+                                     "o.safetensors"], "index.json: not a valid shard index"),
+    "kwargs-nested-past-the-stack": (["plan", "resnet18", "--model-kwargs", "[" * 100_000],
+                                     "--model-kwargs takes a JSON object"),
     "no-architecture": (["convert", "noarch.pth.tar", "-o", "o.safetensors"],
                         "noarch.pth.tar does not name its architecture: pass --model"),
     "no-such-file": (["convert", "nothing.pth", "--model", "resnet18", "-o", "o.safetensors"],

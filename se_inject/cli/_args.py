@@ -38,12 +38,13 @@ def model_kwargs(text: str) -> dict:
     or a torchvision builder's)."""
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         value = exc
     if not isinstance(value, dict):
+        shown = text if len(text) <= 80 else text[:77] + "..."
         raise argparse.ArgumentTypeError(
             "--model-kwargs takes a JSON object of the model's options, e.g. "
-            f"'{{\"global_pool\": \"max\"}}', not {text!r}")
+            f"'{{\"global_pool\": \"max\"}}', not {shown!r}")
     return value
 
 
