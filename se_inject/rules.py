@@ -228,6 +228,9 @@ def _parse(text: str, path: str) -> Rule:
         mark = getattr(exc, "problem_mark", None)
         raise RuleError(f"not valid YAML: {getattr(exc, 'problem', exc)}", path,
                         mark.line + 1 if mark else None) from None
+    except RecursionError:  # PyYAML composes nested collections by recursion
+        raise RuleError("collections nested deeper than a rule file's (thousands of levels)",
+                        path) from None
     if root is None:
         raise RuleError("the file is empty; a rule file holds one rule (see README.md)", path)
     _check_tags(root, path)

@@ -664,6 +664,8 @@ RULE_CASES = {
     "not-yaml": ("schema: 1\nname: [unclosed\n", "rule.yaml"),
     "bad-position": ("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: add\ngate:\n"
                      "  at: middle\n", "'middle'"),
+    "nested-past-the-stack": ("schema: 1\nname: x\nsummary: s\nmatch: " + "[" * 50_000
+                              + "]" * 50_000 + "\n", "nested deeper"),
     # nine levels of nine aliases: 9**9 paths through a graph of 81 nodes, then a code tag
     "billion-laughs": ("schema: 1\nname: x\nsummary: s\nyield_to:\n  - &l0 [" + ", ".join(
         ["lol"] * 9) + "]\n" + "".join(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n"
