@@ -312,6 +312,12 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     """
     from .api import _dtype, _gate_spec, _input_shapes, _no_sites_error, _trace_options, plan
     ratios = _ratios(ratio)
+    if not isinstance(measure, bool):
+        raise InvalidArgumentError(f"measure must be True or False, not {measure!r:.60}")
+    if isinstance(measure_rounds, bool) or not isinstance(measure_rounds, int) or \
+            measure_rounds < 1:
+        raise InvalidArgumentError(f"measure_rounds must be a positive integer (e.g. 20), not "
+                                   f"{measure_rounds!r:.60}")
     unknown = set(variant) - _VARIANT
     if unknown:
         names = [n for n in inspect.signature(cost).parameters if n != "variant"]

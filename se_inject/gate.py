@@ -357,9 +357,10 @@ def make_gate(channels: int, ratio: int, spec: GateSpec | None = None, *, device
     spec = spec or GateSpec()
     try:
         return _CLASSES[spec.kind](channels, ratio, spec=spec, device=device, dtype=dtype)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # (TypeError: a width past int64 overflows)
         reduced = spec.reduced(channels, ratio)
-        if reduced is None or reduced <= channels or "alloc" not in str(exc).lower():
+        if reduced is None or reduced <= channels or \
+                not any(w in str(exc).lower() for w in ("alloc", "overflow")):
             raise
         count = gate_parameters(channels, ratio, spec)
         raise InvalidArgumentError(

@@ -126,6 +126,10 @@ APPLY_CASES = [
     ApplyCase("squeeze", BlockNet, {"squeeze": "median"}, InvalidArgumentError, "'median'"),
     ApplyCase("excite", BlockNet, {"excite": "relu"}, InvalidArgumentError, "'relu'"),
     ApplyCase("divisor", BlockNet, {"divisor": 0}, InvalidArgumentError, "divisor"),
+    ApplyCase("min-channels-past-int64", BlockNet, {"min_channels": 10 ** 30},
+              InvalidArgumentError, "min_channels=1" + "0" * 30),
+    ApplyCase("divisor-past-int64", BlockNet, {"divisor": 10 ** 30}, InvalidArgumentError,
+              "divisor=1" + "0" * 30),
     ApplyCase("tanh-identity", BlockNet, {"excite": "tanh", "init": "identity"},
               InvalidArgumentError, "tanh"),
     ApplyCase("fused", BlockNet, {"fused": "yes"}, InvalidArgumentError, "'yes'"),
@@ -163,6 +167,15 @@ def test_apply_refuses_and_leaves_the_model_as_it_was(case):
     assert isinstance(info.value, SEInjectError)
     assert case.names in str(info.value), str(info.value)
     assert _same(before, _fingerprint(model))
+
+
+@pytest.mark.parametrize("kwargs,names", [({"measure": torch.zeros(2)}, "measure must be"),
+                                          ({"measure": "yes"}, "'yes'"),
+                                          ({"measure_rounds": 0}, "measure_rounds"),
+                                          ({"measure_rounds": 2.5}, "2.5")])
+def test_cost_refuses_a_bad_measure_option(kwargs, names):
+    with pytest.raises(InvalidArgumentError, match=re.escape(names)):
+        se_inject.cost(BlockNet(), input_size=(3, 16, 16), **kwargs)
 
 
 class _LazyNet(nn.Module):
