@@ -341,16 +341,18 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _shared(state: dict[str, torch.Tensor]) -> tuple[str, str] | None:
-    """The first two keys whose tensors share memory, if any."""
-    seen: dict[tuple, str] = {}
+    """The first two keys whose tensors overlap in memory, if any (views of one storage that
+    do not overlap are two tensors to safetensors, as here)."""
+    spans: dict[tuple, list[tuple[int, int, str]]] = {}
     for k, v in state.items():
-        storage = v.untyped_storage()
-        if storage.nbytes() == 0:
+        if v.numel() == 0:
             continue
-        where = (v.device, storage.data_ptr())
-        if where in seen:
-            return seen[where], k
-        seen[where] = k
+        start = v.data_ptr()
+        end = start + v.numel() * v.element_size()  # (contiguous: _plain_state makes them so)
+        for s, e, other in spans.setdefault((v.device, v.untyped_storage().data_ptr()), []):
+            if s < end and start < e:
+                return other, k
+        spans[(v.device, v.untyped_storage().data_ptr())].append((start, end, k))
     return None
 
 

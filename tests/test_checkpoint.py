@@ -744,6 +744,18 @@ def test_tied_weights_are_refused_by_safetensors_and_kept_tied_in_a_pth(tmp_path
     assert g.layer1[1].conv2.weight.data_ptr() == g.layer1[0].conv2.weight.data_ptr()
 
 
+def test_views_of_one_tensor_that_do_not_overlap_are_saved_as_safetensors(tmp_path):
+    # two buffers that are halves of one storage (as after packing them together): two
+    # tensors to safetensors, which writes them; only overlapping ones are one tensor
+    m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
+    bn = m.layer1[0].bn1
+    both = torch.cat([bn.running_mean, bn.running_var + 1])
+    bn.running_mean, bn.running_var = both[:64], both[64:]
+    se_inject.apply(m)
+    g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors"))
+    assert all(torch.equal(g.state_dict()[k], v) for k, v in m.state_dict().items())
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {"features_only": True, "out_indices": (1, 3)}),
     ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
