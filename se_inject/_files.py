@@ -48,7 +48,8 @@ def _create_beside(path: Path) -> str:
     umask: the kernel applies it, so the process's umask, which other threads share, is never
     set to read it."""
     for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        # (the name cut short: a file name the system allows, plus the marks, might not be)
+        tmp = str(path.parent / f".{path.name[:200]}.{secrets.token_hex(4)}.tmp")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:

@@ -8,6 +8,7 @@ complete, never over the input, and never over an existing file unless ``force``
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import pickle
@@ -269,8 +270,12 @@ def _write(path: Path, write: Callable[[str], None], force: bool,
     except FileExistsError:  # it appeared while we wrote
         raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") from None
     except OSError as exc:  # no room, no permission, a read-only file system...
+        hint = {errno.ENOSPC: "; free some space, or write it elsewhere",
+                errno.EDQUOT: "; free some space, or write it elsewhere",
+                errno.EACCES: "; write it where you may", errno.EPERM: "; write it where you may",
+                errno.EROFS: "; write it where you may"}.get(exc.errno, "")
         raise CheckpointError(f"{path}: could not write it: {exc.strerror or exc}. Nothing was "
-                              "written; free the space or choose another place.") from exc
+                              f"written{hint}.") from exc
 
 
 def _sort_header(path: str) -> None:

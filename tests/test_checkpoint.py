@@ -570,6 +570,15 @@ def test_written_files_get_the_permissions_open_would_give(r18, tmp_path, fmt):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_the_longest_file_name_the_system_allows_is_written(r18, tmp_path):
+    m, src = r18
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX")
+    out = convert(src, tmp_path / ("n" * (longest - len(".safetensors")) + ".safetensors"),
+                  model="resnet18")
+    assert len(out.name) == longest and len(gates(se_inject.load(out))) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, src.name])
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_a_write_that_fails_says_why_and_leaves_what_was_there(r18, tmp_path, monkeypatch,
                                                                 capsys, force):
@@ -591,7 +600,8 @@ def test_a_write_that_fails_says_why_and_leaves_what_was_there(r18, tmp_path, mo
     argv = ["convert", str(src), "--model", "resnet18", "-o", str(out)] + ["--force"] * force
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert f"{out}: could not write it: {os.strerror(errno.ENOSPC)}" in err, err
+    assert f"{out}: could not write it: {os.strerror(errno.ENOSPC)}. Nothing was written; " \
+        "free some space" in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth"] + ["se.safetensors"] * force
     assert not force or out.read_bytes() == b"keep me"
