@@ -2,6 +2,7 @@
 place, so that no reader ever sees half a file and a failure leaves nothing behind."""
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -36,11 +37,36 @@ def atomic_write(path: Path, write: Callable[[str], None], replace: bool) -> Non
         if replace:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # fails if the file exists
-            os.unlink(tmp)
+            _put_new(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# what a file system without hard links (exFAT, some network shares) answers os.link with
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _put_new(tmp: str, path: Path) -> None:
+    """Move ``tmp`` to ``path``, which must not exist (FileExistsError, even if it appears
+    meanwhile): as a hard link where the file system has them; where it has none, by taking
+    the name first with an exclusive create and renaming over that empty file (a reader can
+    see it empty for that moment, never half written)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(path)  # the empty file that held the name
+            raise
+    else:
+        os.unlink(tmp)
 
 
 def _create_beside(path: Path) -> str:

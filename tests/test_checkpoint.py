@@ -570,6 +570,35 @@ def test_written_files_get_the_permissions_open_would_give(r18, tmp_path, fmt):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_file_system_without_hard_links_is_written_to(r18, tmp_path, monkeypatch):
+    """exFAT and some network shares refuse os.link, which puts a new file in place only if
+    its name is free; there the name is taken by an exclusive create instead."""
+    import errno
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_links)
+    m, src = r18
+    out = convert(src, tmp_path / "se.safetensors", model="resnet18")
+    assert len(gates(se_inject.load(out))) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.pth", "se.safetensors"]
+    before = out.read_bytes()
+    with pytest.raises(CheckpointError, match="exists; pass --force"):
+        convert(src, out, model="resnet18", init="paper")
+    assert out.read_bytes() == before
+    from se_inject._files import atomic_write
+    late = tmp_path / "late.bin"
+
+    def write_while_another_writes(tmp):  # the name is taken while the file is written
+        late.write_bytes(b"theirs")
+        with open(tmp, "wb") as fh:
+            fh.write(b"ours")
+    with pytest.raises(FileExistsError):
+        atomic_write(late, write_while_another_writes, replace=False)
+    assert late.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late.bin", "r18.pth", "se.safetensors"]
+
+
 def test_the_longest_file_name_the_system_allows_is_written(r18, tmp_path):
     m, src = r18
     longest = os.pathconf(tmp_path, "PC_NAME_MAX")
