@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import os
 import pickle
@@ -573,8 +574,6 @@ def test_written_files_get_the_permissions_open_would_give(r18, tmp_path, fmt):
 def test_a_file_system_without_hard_links_is_written_to(r18, tmp_path, monkeypatch):
     """exFAT and some network shares refuse os.link, which puts a new file in place only if
     its name is free; there the name is taken by an exclusive create instead."""
-    import errno
-
     def no_links(src, dst, *args, **kwargs):
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
     monkeypatch.setattr(os, "link", no_links)
@@ -614,7 +613,6 @@ def test_a_write_that_fails_says_why_and_leaves_what_was_there(r18, tmp_path, mo
     """A full disk (or no permission) part-way through the write: the CLI exits 2 with the
     system's reason, no partial or temporary file is left, and a file it was to replace is
     untouched."""
-    import errno
     import safetensors.torch
 
     def no_room(state, filename, metadata=None):
