@@ -44,7 +44,9 @@ def atomic_write(path: Path, write: Callable[[str], None], replace: bool) -> Non
 
 
 # what a file system without hard links (exFAT, some network shares) answers os.link with
-_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+# (by name: not every system has every code)
+_NO_LINKS = {getattr(errno, name) for name in ("EPERM", "EOPNOTSUPP", "ENOTSUP", "ENOSYS",
+                                               "EMLINK") if hasattr(errno, name)}
 
 
 def _put_new(tmp: str, path: Path) -> None:

@@ -262,6 +262,14 @@ def _check_output(path: Path, force: bool, inputs: tuple[Path, ...] = ()) -> Non
         raise CheckpointError(f"{path}: folder {path.parent} does not exist")
 
 
+# a failed write's advice, by its cause (by name: not every system has every code)
+_WRITE_ADVICE = {getattr(errno, name): advice
+                 for names, advice in ((("ENOSPC", "EDQUOT"), "free some space, or write it "
+                                        "elsewhere"),
+                                       (("EACCES", "EPERM", "EROFS"), "write it where you may"))
+                 for name in names if hasattr(errno, name)}
+
+
 def _write(path: Path, write: Callable[[str], None], force: bool,
            inputs: tuple[Path, ...]) -> None:
     _check_output(path, force, inputs)
@@ -270,12 +278,9 @@ def _write(path: Path, write: Callable[[str], None], force: bool,
     except FileExistsError:  # it appeared while we wrote
         raise CheckpointError(f"{path} exists; pass --force (force=True) to replace it") from None
     except OSError as exc:  # no room, no permission, a read-only file system...
-        hint = {errno.ENOSPC: "; free some space, or write it elsewhere",
-                errno.EDQUOT: "; free some space, or write it elsewhere",
-                errno.EACCES: "; write it where you may", errno.EPERM: "; write it where you may",
-                errno.EROFS: "; write it where you may"}.get(exc.errno, "")
+        hint = _WRITE_ADVICE.get(exc.errno)
         raise CheckpointError(f"{path}: could not write it: {exc.strerror or exc}. Nothing was "
-                              f"written{hint}.") from exc
+                              f"written{'; ' + hint if hint else ''}.") from exc
 
 
 def _sort_header(path: str) -> None:

@@ -723,12 +723,12 @@ def folder(tmp_path):
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4000])
     (tmp_path / "exists.safetensors").write_bytes(b"keep me")
     (tmp_path / "out.safetensors").mkdir()
-    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
-    for folder, name, text in (("listcfg", "config.json", "[1]"), ("deepcfg", "config.json", deep),
-                               ("deepindex", "model.safetensors.index.json", deep)):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / name).write_text(text)
     (tmp_path / "plots.png").mkdir()
+    deep = "[" * 100_000 + "]" * 100_000  # nested past Python's stack
+    for sub, name, text in (("listcfg", "config.json", "[1]"), ("deepcfg", "config.json", deep),
+                            ("deepindex", "model.safetensors.index.json", deep)):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / name).write_text(text)
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(256))
     torch.save({"epoch": 1, "state_dict": m.state_dict()}, tmp_path / "noarch.pth.tar")
     se = se_inject.apply(timm.create_model("resnet18", num_classes=3))
