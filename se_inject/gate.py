@@ -245,6 +245,19 @@ class ChannelGate(nn.Module):
             return squeeze_in_chunks(x, self.spec.squeeze)
         return _squeeze(x, self.spec.squeeze)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module of what it scripts, before compiling
+        # anything: a gated block runs a forward made for it, which TorchScript cannot compile
+        # (it compiles a class's forward from the class's source), so the model is refused here,
+        # untouched, rather than with TorchScript's words about a type annotation.
+        raise InvalidArgumentError(
+            f"torch.jit.script cannot compile a model holding se-inject gates (one of them: "
+            f"{type(self).__name__}, {self.channels} channels): TorchScript compiles each "
+            "module class's forward from its source, and a gated block runs a forward "
+            "se-inject made for it. Use torch.jit.trace(model, (x,)), torch.export.export("
+            "model, (x,)) or torch.compile (se_inject.fuse); to script the plain model, "
+            "se_inject.remove(model) first")
+
     def extra_repr(self) -> str:
         parts = [f"channels={self.channels}"]
         if getattr(self, "ratio", None) is not None:

@@ -90,6 +90,33 @@ def test_torchscript_trace(gated, x):
     assert str(traced.inlined_graph).count("aten::sigmoid") == 8
 
 
+@pytest.mark.parametrize("gate", ["se", "eca", "ese"])
+def test_torchscript_script_is_refused_clearly_and_works_once_the_gates_are_removed(gate, x):
+    """torch.jit.script of a gated model is refused with se-inject's error, naming what to use
+    instead, and the model stays as it was; the plain model, once the gates are removed, scripts
+    and computes what it did before apply."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    with torch.no_grad():
+        plain = model(x)
+    se_inject.apply(model, input_size=(3, 64, 64), gate=gate)
+    for _, g in gates(model):
+        for p in g.parameters():
+            p.data.normal_(0, 0.5)
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(se_inject.SEInjectError, match=r"torch\.jit\.script.*torch\.jit\.trace"):
+        torch.jit.script(model)
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    se_inject.remove(model)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), plain)
+
+
 # Re-parameterisation (timm.utils.reparameterize_model, a step before deployment) changes blocks
 # in place: a conv-norm Sequential becomes one convolution, a flag switches the forward to it.
 
