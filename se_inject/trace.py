@@ -247,13 +247,21 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
 
+# the methods behind augmented assignments (``y += x`` calls ``y.__iadd__(x)``)
+_AUGMENTED = frozenset(f"__i{op}__" for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "lshift", "rshift",
+    "and", "or", "xor"))
+
+
 def _in_place(kind: str, target, kwargs: dict) -> bool:
     """Whether the op changes its first argument in place and returns it: a tensor method
     ending in one underscore (``add_``), torch's in-place functions (``torch.relu_``), or a
-    functional layer called with ``inplace=True``. (fx traces ``y += x`` as ``y + x`` bound
-    to the name ``y``, as Python does for a value without ``__iadd__``.)"""
+    functional layer called with ``inplace=True``, or an augmented assignment's method called
+    by name (``y.__iadd__(x)``, which a tensor runs in place). (fx traces ``y += x`` as ``y + x``
+    bound to the name ``y``, as Python does for a value without ``__iadd__``.)"""
     if kind == "call_method":
-        return isinstance(target, str) and target.endswith("_") and not target.startswith("_")
+        return isinstance(target, str) and (
+            target.endswith("_") and not target.startswith("_") or target in _AUGMENTED)
     if kind != "call_function":
         return False
     module = getattr(target, "__module__", None) or ""

@@ -445,7 +445,8 @@ HANDWRITTEN["constants_in_forward"] = (ConstantNet, 3, {"residual": 3})
 
 class InPlaceBlock(nn.Module):
     """Sums and activations done in place, the result read through the first operand's name:
-    ``y.add_(x)``, then ``relu(y)`` (or through another name bound to ``y``)."""
+    ``y.add_(x)`` (or ``y.__iadd__(x)``), then ``relu(y)`` (or through another name bound to
+    ``y``)."""
 
     def __init__(self, c=16, how="method"):
         super().__init__()
@@ -460,6 +461,9 @@ class InPlaceBlock(nn.Module):
             kept = y
             y.add_(x)
             return torch.relu_(kept)
+        if self.how == "dunder":                 # ... by the augmented assignment's method
+            y.__iadd__(x)
+            return F.relu(y)
         F.relu(y, inplace=True)                  # an activation in place, then the sum
         return x + y
 
@@ -469,13 +473,13 @@ class InPlaceNet(nn.Module):
         super().__init__()
         self.stem = conv_bn(3, 16)
         self.blocks = nn.Sequential(InPlaceBlock(how="method"), InPlaceBlock(how="alias"),
-                                    InPlaceBlock(how="functional"))
+                                    InPlaceBlock(how="functional"), InPlaceBlock(how="dunder"))
 
     def forward(self, x):
         return self.blocks(F.relu(self.stem(x))).mean((2, 3))
 
 
-HANDWRITTEN["in_place"] = (InPlaceNet, 3, {"residual": 3})
+HANDWRITTEN["in_place"] = (InPlaceNet, 4, {"residual": 4})
 
 
 class FactorBlock(nn.Module):

@@ -75,8 +75,9 @@ def test_inline_residuals_gate_the_branch_not_the_shortcut():
 
 
 def test_a_sum_in_place_gates_the_branch_and_keeps_the_sum():
-    """``y.add_(x); relu(y)``: fx traced the ReLU as reading the branch before the sum, so a
-    gate on the branch scaled a tensor only the sum read, and the sum itself was lost."""
+    """``y.add_(x); relu(y)`` (and ``y.__iadd__(x); relu(y)``): fx traced the ReLU as reading
+    the branch before the sum, so a gate on the branch scaled a tensor only the sum read, and
+    the sum itself was lost."""
     from handwritten import InPlaceNet
     model = InPlaceNet().eval()
     randomize_norms(model)
@@ -87,6 +88,7 @@ def test_a_sum_in_place_gates_the_branch_and_keeps_the_sum():
         h = F.relu(paper_reference(b[0].branch(h), b[0].se_gate) + h)
         h = F.relu(paper_reference(b[1].branch(h), b[1].se_gate) + h)
         h = h + paper_reference(F.relu(b[2].branch(h)), b[2].se_gate)
+        h = F.relu(paper_reference(b[3].branch(h), b[3].se_gate) + h)
         torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
     ref = InPlaceNet().eval()
     ref.load_state_dict(model.state_dict(), strict=False)
@@ -1007,7 +1009,7 @@ def test_a_model_traced_at_its_input_size_is_the_model_traced_plainly():
     def sites(model):
         return [(s.block, s.tensor, s.rule, s.channels, s.merge) for s in se_inject.plan(model)]
 
-    assert sites(Checked()) == sites(InPlaceNet()) and len(sites(InPlaceNet())) == 3
+    assert sites(Checked()) == sites(InPlaceNet()) and len(sites(InPlaceNet())) == 4
     model = Checked().eval()
     randomize_norms(model)
     plain = copy.deepcopy(model)
