@@ -643,10 +643,13 @@ def _torchvision_shape_kwargs(arch: str, state: dict[str, torch.Tensor]) -> dict
     return {**out, **aux_kwargs(ref, {k.split(".")[0] for k in state})}
 
 
-def _torchvision_twin(arch: str, state: dict[str, torch.Tensor]) -> str | None:
+def _torchvision_twin(arch: str, state: dict[str, torch.Tensor],
+                      kwargs: dict) -> str | None:
     """``torchvision/ARCH`` where ``arch`` is a timm name that torchvision also has and the
-    checkpoint's tensor names are that torchvision model's (a torchvision checkpoint converted
-    with a timm name: timm's efficientnet_b0 is another model than torchvision's)."""
+    checkpoint's tensor names are that torchvision model's and not timm's (a torchvision
+    checkpoint converted with a timm name: timm's efficientnet_b0 is another model than
+    torchvision's). Where the two name their tensors alike (ResNets), torchvision's would not
+    fit the file either, and is not named."""
     if library_of(arch)[0] != "timm":
         return None
     try:
@@ -656,6 +659,10 @@ def _torchvision_twin(arch: str, state: dict[str, torch.Tensor]) -> str | None:
         return None
     # every tensor is one of the model's, and most of the model's are there (a head may not be)
     fits = set(state) <= names and 2 * len(state) >= len(names)
+    try:
+        fits = fits and not set(state) <= set(skeleton(arch, **kwargs).state_dict())
+    except Exception:  # timm's model cannot be built so: as the names say
+        pass
     return TORCHVISION + arch if fits else None
 
 
@@ -865,7 +872,7 @@ def convert(src, out, *, model: str | None = None, ratio: int = 16, rules=None, 
     try:
         net = _from_state(arch, kwargs, state, str(src))
     except CheckpointError as exc:
-        other = _torchvision_twin(arch, state)
+        other = _torchvision_twin(arch, state, kwargs)
         if other is None:
             raise
         raise CheckpointError(f"{exc} Its tensors are named as those of torchvision's "

@@ -208,6 +208,21 @@ def test_a_torchvision_checkpoint_given_timm_s_name_is_pointed_to_torchvision_s(
     assert not (tmp_path / "se.safetensors").exists()
 
 
+@pytest.mark.parametrize("library", ["timm", "torchvision"])
+def test_a_checkpoint_of_another_depth_is_not_pointed_to_torchvision_s_twin(tmp_path, library):
+    """timm's and torchvision's ResNets name their tensors alike: a ResNet-18 checkpoint
+    converted as resnet34 fits neither ResNet-34, so the refusal does not send the user to
+    torchvision's (which was named: its names hold the file's)."""
+    import timm
+    src = tmp_path / "resnet18.pth"
+    net = timm.create_model("resnet18", num_classes=7) if library == "timm" else \
+        models.resnet18(num_classes=7)
+    torch.save(net.state_dict(), src)
+    with pytest.raises(CheckpointError, match=r"96 missing.*Check --model \(the architecture\)\.$"):
+        convert(src, tmp_path / "se.safetensors", model="resnet34")
+    assert not (tmp_path / "se.safetensors").exists()
+
+
 def test_a_skeleton_built_on_the_cpu_leaves_other_threads_models_their_weights():
     """A skeleton whose constructor computes with tensors (torchvision's RegNets) is built on
     the CPU with each registration moved to the meta device; a model another thread builds
