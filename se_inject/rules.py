@@ -1,7 +1,9 @@
-"""Rule files: YAML data, validated whole against a schema before anything is touched.
+"""Rule files: YAML or TOML data, validated whole against a schema before anything is touched.
 
-A rule file is composed (never constructed) with PyYAML's safe loader, so no tag can make it
-run code; every error names the file, the line and the key. See README.md, "Rule files".
+A YAML rule file is composed (never constructed) with PyYAML's safe loader, so no tag can make
+it run code; a TOML one is read with tomllib (plain data by design) and turned into the same
+nodes, each marked with the line its key is on. Every error names the file, the line and the
+key. See README.md, "Rule files".
 """
 from __future__ import annotations
 
@@ -14,6 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
 import yaml
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from .errors import RuleError
 
@@ -221,7 +228,7 @@ def _check_tags(root: yaml.Node, path: str) -> None:
             todo += reversed(node.value)
 
 
-def _parse(text: str, path: str) -> Rule:
+def _compose_yaml(text: str, path: str) -> yaml.Node | None:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
@@ -231,9 +238,102 @@ def _parse(text: str, path: str) -> Rule:
     except RecursionError:  # PyYAML composes nested collections by recursion
         raise RuleError("collections nested deeper than a rule file's (thousands of levels)",
                         path) from None
+    if root is not None:
+        _check_tags(root, path)
+    return root
+
+
+# --- TOML: the parsed document as YAML nodes, each marked with the line of its key ----------
+
+_KEY_PART = r"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|[A-Za-z0-9_-]+)"""  # bare, "quoted", 'literal'
+_TOML_KEY = re.compile(_KEY_PART)
+_TOML_TABLE = re.compile(r"^\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
+_TOML_PAIR = re.compile(rf"^((?:\s*{_KEY_PART}\s*\.)*\s*{_KEY_PART})\s*=")
+
+
+def _toml_key(text: str) -> tuple[str, ...]:
+    """A dotted TOML key's parts (``a."b.c"`` -> ``("a", "b.c")``)."""
+    parts = []
+    for p in _TOML_KEY.findall(text):
+        parts.append(p[1:-1] if p[:1] in "\"'" else p)
+    return tuple(parts)
+
+
+def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line (1-based) of each table header and each key in a TOML text, by its full path.
+    A key inside an inline table or a line inside a multi-line value has no line of its own:
+    errors there name the line of the key that holds it."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for i, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        m = _TOML_TABLE.match(line)
+        if m:
+            table = _toml_key(m.group(1))
+            lines.setdefault(table, i)
+            continue
+        m = _TOML_PAIR.match(line)
+        if m:
+            lines.setdefault(table + _toml_key(m.group(1)), i)
+    return lines
+
+
+class _Mark:
+    def __init__(self, line: int):
+        self.line = line - 1  # (0-based, as PyYAML's marks)
+
+
+def _toml_node(value: Any, where: tuple[str, ...], lines: dict, line: int,
+               path: str) -> yaml.Node:
+    mark = _Mark(line)
+    if isinstance(value, dict):
+        pairs = []
+        for k, v in value.items():
+            at = lines.get(where + (k,), line)
+            pairs.append((yaml.ScalarNode("tag:yaml.org,2002:str", k, _Mark(at), _Mark(at)),
+                          _toml_node(v, where + (k,), lines, at, path)))
+        return yaml.MappingNode("tag:yaml.org,2002:map", pairs, mark, mark)
+    if isinstance(value, list):
+        return yaml.SequenceNode("tag:yaml.org,2002:seq",
+                                 [_toml_node(v, where, lines, line, path) for v in value],
+                                 mark, mark)
+    if isinstance(value, bool):
+        tag, text = "bool", "true" if value else "false"
+    elif isinstance(value, int):
+        tag, text = "int", str(value)
+    elif isinstance(value, float):
+        tag, text = "float", repr(value)
+    elif isinstance(value, str):
+        tag, text = "str", value
+    else:  # a date or a time
+        raise RuleError(f"a rule file holds strings, numbers, booleans, lists and tables, not a "
+                        f"TOML {type(value).__name__} ({value})", path, line, ".".join(where))
+    return yaml.ScalarNode(f"tag:yaml.org,2002:{tag}", text, mark, mark)
+
+
+def _compose_toml(text: str, path: str) -> yaml.Node | None:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+)", str(exc))
+        raise RuleError(f"not valid TOML: {re.sub(r' [(]at line .*$', '', str(exc))}", path,
+                        int(m.group(1)) if m else None) from None
+    except RecursionError:  # (arrays nested past the stack)
+        raise RuleError("collections nested deeper than a rule file's (thousands of levels)",
+                        path) from None
+    if not data:
+        return None
+    try:
+        return _toml_node(data, (), _toml_lines(text), 1, path)
+    except RecursionError:
+        raise RuleError("collections nested deeper than a rule file's (thousands of levels)",
+                        path) from None
+
+
+def _parse(text: str, path: str) -> Rule:
+    root = (_compose_toml if path.endswith(".toml") else _compose_yaml)(text, path)
     if root is None:
         raise RuleError("the file is empty; a rule file holds one rule (see README.md)", path)
-    _check_tags(root, path)
     f = _mapping(root, path, None, _RULE_SCHEMA)
     m, gate = f["match"], f["gate"]
     if gate["at"] != "output" and m["operands"][0] < 2:
@@ -269,7 +369,7 @@ def load_rule(path: Union[str, os.PathLike]) -> Rule:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith((".yaml", ".yml")) or os.sep in spec or "/" in spec
+    return spec.endswith((".yaml", ".yml", ".toml")) or os.sep in spec or "/" in spec
 
 
 def resolve_rules(specs: RuleSpec | Sequence[RuleSpec] | None) -> tuple[Rule, ...]:
@@ -293,7 +393,7 @@ def resolve_rules(specs: RuleSpec | Sequence[RuleSpec] | None) -> tuple[Rule, ..
                 close = difflib.get_close_matches(spec, names, n=2)
                 hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
                 raise RuleError(f"unknown rule {spec!r}.{hint} Built-in rules: {', '.join(names)}; "
-                                "a path to your own rule file (ending in .yaml) works too.")
+                                "a path to your own rule file (.yaml or .toml) works too.")
             rules.append(load_rule(builtin_rules_dir() / f"{spec}.yaml"))
         else:
             raise RuleError(f"a rule is a built-in name, a path or a Rule, not {type(spec).__name__}")

@@ -121,6 +121,85 @@ def test_readme_rule_example_loads_and_works(tmp_path):
     # the example gates only blocks with a projection shortcut: blocks 0 and 2, not identity 1
     assert [n for n, m in model.named_modules() if isinstance(m, se_inject.SEGate)] == \
         ["blocks.0.se_gate", "blocks.2.se_gate"]
+    twin = re.search(r"<!-- rule-example-toml -->\s*```toml\n(.*?)```", text, re.S)
+    assert twin, "README.md lost the TOML form of its rule example"
+    from dataclasses import replace
+    assert replace(load_rule(_write(tmp_path, twin.group(1), "example.toml")),
+                   path=rule.path) == rule
+
+
+GOOD_TOML = """\
+# the same rule as GOOD, in TOML
+schema = 1
+name = "my-residual"
+summary = "residual blocks, my way"
+
+[match]
+merge = "add"
+operands = 2
+equal_shapes = true
+min_branches_with_conv = 1
+
+[gate]
+at = "branch"
+"""
+
+
+def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path):
+    """A rule written in TOML reads as the YAML rule with the same values, and gates what it
+    gates; so do a dotted key and an inline table."""
+    from dataclasses import replace
+    yaml_rule = load_rule(_write(tmp_path, GOOD))
+    toml_path = _write(tmp_path, GOOD_TOML, "rule.toml")
+    toml_rule = resolve_rules([str(toml_path)])[0]
+    assert replace(toml_rule, path=yaml_rule.path) == yaml_rule
+    dotted = _write(tmp_path, 'schema = 1\nname = "my-residual"\nsummary = "residual blocks, '
+                    'my way"\nmatch = { merge = "add", operands = 2, equal_shapes = true }\n'
+                    'gate.at = "branch"\n', "dotted.toml")
+    assert replace(load_rule(dotted), path=yaml_rule.path) == yaml_rule
+    twin = _write(tmp_path, GOOD, "twin.yaml")
+    sites = [(s.block, s.rule) for s in se_inject.plan(BlockNet(), rules=[toml_path])]
+    assert sites == [(s.block, s.rule) for s in se_inject.plan(BlockNet(), rules=[twin])]
+    assert len(sites) == 3
+
+
+@pytest.mark.parametrize("text,line,key,words", [
+    (GOOD_TOML.replace('merge = "add"', 'merge = "sum"'), 7, "match.merge",
+     "expected one of add, cat"),
+    (GOOD_TOML.replace("operands = 2", "operand = 2"), 8, "match.operand",
+     "did you mean 'operands'"),
+    (GOOD_TOML.replace('at = "branch"', 'where = "branch"'), 13, "gate.where", "unknown key"),
+    (GOOD_TOML.replace('\n[gate]\nat = "branch"\n', ""), 1, "gate", "required key is missing"),
+    (GOOD_TOML.replace("equal_shapes = true", "equal_shapes = 3"), 9, "match.equal_shapes",
+     "expected true or false"),
+    (GOOD_TOML.replace("operands = 2", "operands = { min = 3, max = 2 }"), 8, "match.operands",
+     "max is smaller than min"),
+    (GOOD_TOML.replace("operands = 2", "operands = 2.0"), 8, "match.operands",
+     "expected an integer, got 2.0"),
+    (GOOD_TOML.replace('summary = "residual blocks, my way"', "summary = 1979-05-27"), 4,
+     "summary", "not a TOML date"),
+    # a key after a table's header is the table's: TOML's top-level keys come first
+    (GOOD_TOML + 'yield_to = []\n', 14, "gate.yield_to", "unknown key"),
+])
+def test_toml_schema_errors_name_file_line_and_key(tmp_path, text, line, key, words):
+    path = _write(tmp_path, text, "rule.toml")
+    with pytest.raises(RuleError) as err:
+        load_rule(path)
+    assert str(err.value).startswith(f"{path}:{line}: {key}: ")
+    assert words in str(err.value)
+    assert (err.value.line, err.value.key) == (line, key)
+
+
+def test_malformed_or_empty_toml_is_refused_naming_the_line(tmp_path):
+    path = _write(tmp_path, GOOD_TOML.replace("[gate]", "[gate"), "rule.toml")
+    with pytest.raises(RuleError, match=re.escape(f"{path}:12: not valid TOML")):
+        load_rule(path)
+    twice = GOOD_TOML.replace('name = "my-residual"\n', 'name = "my-residual"\nname = "again"\n')
+    path = _write(tmp_path, twice, "twice.toml")
+    with pytest.raises(RuleError, match=re.escape(f"{path}:4: not valid TOML")):
+        load_rule(path)
+    with pytest.raises(RuleError, match="the file is empty"):
+        load_rule(_write(tmp_path, "# nothing\n", "empty.toml"))
 
 
 class _Nested(torch.nn.Module):
