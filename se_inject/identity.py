@@ -88,7 +88,10 @@ _FUNCTIONAL_NORMS = {F.batch_norm: ((3, "weight"), (4, "bias")),
 _FUNCTIONAL_LAYERS = {**_FUNCTIONAL_AFFINE, **_FUNCTIONAL_NORMS}
 # what torch.nn.utils.parametrizations.weight_norm registers (a private class: none if it moves)
 _WEIGHT_NORM_PARAMETRIZATION = getattr(parametrizations, "_WeightNorm", ())
-_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+# the same as tensor methods (``y.add_(x)``; ``y.__iadd__(x)`` called by name, which fx
+# records as a method: ``y.__add__(x)`` it records as ``y + x``)
+_SUM_METHODS = {"add", "add_", "__iadd__"}
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__imul__"}
 _VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.reshape,
           torch.unsqueeze}
 
@@ -229,7 +232,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
             return
         if node.op in ("call_function", "call_method"):
             target = node.target
-            if target in _EACH_OPERAND or target in ("add", "add_"):
+            if target in _EACH_OPERAND or target in _SUM_METHODS:
                 is_cat = target in (torch.cat, torch.concat, torch.concatenate)
                 operands = list(flat(node.args[:1])) if is_cat else list(node.args)
                 if not operands:  # (the trace records them by position: trace._by_position)

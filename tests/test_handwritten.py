@@ -100,6 +100,61 @@ def test_a_sum_in_place_gates_the_branch_and_keeps_the_sum():
         torch.testing.assert_close(ref(x), y, rtol=0, atol=1e-6)   # (both: the plain model)
 
 
+@pytest.mark.parametrize("how", ["add_", "__iadd__", "__add__", "__radd__"])
+def test_a_sum_written_as_a_method_starts_as_the_identity_after_it(how):
+    """A gate after the sum (position="post") starts as the identity through a sum written as
+    a tensor method, in place or not, or by its operator's name: both operands are scaled."""
+    from handwritten import branch, conv_bn
+
+    class Block(torch.nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.branch, self.proj = branch(c), conv_bn(c, c, k=1)
+
+        def forward(self, x):
+            y = self.branch(x)
+            s = getattr(y, how)(self.proj(x))
+            return F.relu(y if how == "add_" or how == "__iadd__" else s)
+
+    model = torch.nn.Sequential(conv_bn(3, 16), torch.nn.ReLU(), Block(), Block()).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+    se_inject.apply(model, init="identity", position="post")
+    assert [n for n, _ in gates(model)] == ["2.se_gate", "3.se_gate"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
+
+
+def test_a_layer_scale_multiplied_in_place_by_name_is_what_identity_initialisation_scales():
+    """``y.__imul__(self.gamma)`` (a layer scale, in place, called by name) is a product with a
+    parameter, which identity initialisation doubles as it doubles ``y * self.gamma``."""
+    from handwritten import branch, conv_bn
+
+    class Block(torch.nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.branch, self.gamma = branch(c), torch.nn.Parameter(torch.rand(c, 1, 1))
+
+        def forward(self, x):
+            y = self.branch(x)
+            y.__imul__(self.gamma)
+            return x + y
+
+    model = torch.nn.Sequential(conv_bn(3, 16), Block(), Block()).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        plain = model(x)
+    gamma = model[1].gamma.detach().clone()
+    se_inject.apply(model, init="identity")
+    assert [n for n, _ in gates(model)] == ["1.se_gate", "2.se_gate"]
+    torch.testing.assert_close(model[1].gamma.detach(), 2 * gamma)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-6)
+
+
 def test_functional_inception_gates_the_concat_output():
     model = FunctionalInceptionNet().eval()
     se_inject.apply(model)
