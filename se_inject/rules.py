@@ -331,7 +331,7 @@ def _compose_toml(text: str, path: str) -> yaml.Node | None:
 
 
 def _parse(text: str, path: str) -> Rule:
-    root = (_compose_toml if path.endswith(".toml") else _compose_yaml)(text, path)
+    root = (_compose_toml if path.lower().endswith(".toml") else _compose_yaml)(text, path)
     if root is None:
         raise RuleError("the file is empty; a rule file holds one rule (see README.md)", path)
     f = _mapping(root, path, None, _RULE_SCHEMA)
@@ -369,7 +369,7 @@ def load_rule(path: Union[str, os.PathLike]) -> Rule:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.endswith((".yaml", ".yml", ".toml")) or os.sep in spec or "/" in spec
+    return spec.lower().endswith((".yaml", ".yml", ".toml")) or os.sep in spec or "/" in spec
 
 
 def resolve_rules(specs: RuleSpec | Sequence[RuleSpec] | None) -> tuple[Rule, ...]:

@@ -145,7 +145,7 @@ at = "branch"
 """
 
 
-def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path):
+def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path, monkeypatch):
     """A rule written in TOML reads as the YAML rule with the same values, and gates what it
     gates; so do a dotted key and an inline table."""
     from dataclasses import replace
@@ -153,6 +153,9 @@ def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path):
     toml_path = _write(tmp_path, GOOD_TOML, "rule.toml")
     toml_rule = resolve_rules([str(toml_path)])[0]
     assert replace(toml_rule, path=yaml_rule.path) == yaml_rule
+    _write(tmp_path, GOOD_TOML, "RULE.TOML")  # a name in capitals, in the working folder
+    monkeypatch.chdir(tmp_path)
+    assert replace(resolve_rules(["RULE.TOML"])[0], path=yaml_rule.path) == yaml_rule
     dotted = _write(tmp_path, 'schema = 1\nname = "my-residual"\nsummary = "residual blocks, '
                     'my way"\nmatch = { merge = "add", operands = 2, equal_shapes = true }\n'
                     'gate.at = "branch"\n', "dotted.toml")
