@@ -11,7 +11,6 @@ import itertools
 import math
 import operator
 import sys
-import warnings
 from collections import Counter, abc, defaultdict
 from typing import Callable, Iterable, NamedTuple, Sequence
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import (InvalidArgumentError, NoSitesError, SEInjectError, TraceError,
-                     check_module, checks_arguments)
+                     check_module, checks_arguments, warn)
 from .frames import block_calls, fingerprints, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
@@ -847,11 +846,10 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         if not p.sites:
             held = held_blocks(p)
             if held:
-                warnings.warn(f"every block of {type(model).__name__} that the rules match "
-                              f"already holds a gate ({len(held)} blocks); apply() changed "
-                              "nothing. A rule with 'existing_gate: allow' gates blocks that "
-                              "hold a gate of their own (README.md, 'Rule files').",
-                              stacklevel=2)
+                warn(f"every block of {type(model).__name__} that the rules match "
+                     f"already holds a gate ({len(held)} blocks); apply() changed "
+                     "nothing. A rule with 'existing_gate: allow' gates blocks that "
+                     "hold a gate of their own (README.md, 'Rule files').")
                 return model
             raise _no_sites_error(model, p, options)
         compensations = []
@@ -887,21 +885,20 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         cls = type(model).__name__
         also = next((sorted(pr.methods) for pr in prepared if pr.owner is model), [])
         also = f" (its {', '.join(also)} as well, rewritten with its forward)" if also else ""
-        warnings.warn(f"{own} gate(s) sit in the forward of the model itself ({cls}): calling "
-                      f"the model runs them{also}, and torch.compile and torch.export see them, "
-                      f"but torch.fx.symbolic_trace(model) reads {cls}.forward from the class "
-                      "and would not (trace nn.Sequential(model) instead), and other methods of "
-                      f"{cls} that hold those sites, called directly, run without them.",
-                      stacklevel=2)
+        warn(f"{own} gate(s) sit in the forward of the model itself ({cls}): calling "
+             f"the model runs them{also}, and torch.compile and torch.export see them, "
+             f"but torch.fx.symbolic_trace(model) reads {cls}.forward from the class "
+             "and would not (trace nn.Sequential(model) instead), and other methods of "
+             f"{cls} that hold those sites, called directly, run without them.")
     _warn_left(model, prepared)
     reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
     if reading:
-        warnings.warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
-                      f"({', '.join(f'`{m}`' for m in reading[:3])}"
-                      f"{', ...' if len(reading) > 3 else ''}): the forward that holds the sum "
-                      "reads a traced value as a Python number (`if x.shape[-1] % 2:`), which a "
-                      "forward generated from a trace would keep at the input size for every "
-                      "size. se_inject.plan(model).skipped lists them.", stacklevel=2)
+        warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
+             f"({', '.join(f'`{m}`' for m in reading[:3])}"
+             f"{', ...' if len(reading) > 3 else ''}): the forward that holds the sum "
+             "reads a traced value as a Python number (`if x.shape[-1] % 2:`), which a "
+             "forward generated from a trace would keep at the input size for every "
+             "size. se_inject.plan(model).skipped lists them.")
     return model
 
 
@@ -916,14 +913,14 @@ def _warn_left(model: nn.Module, prepared) -> None:
             left[(type(pr.owner).__name__, name, why)].append(f"`{names[id(pr.owner)]}`")
     if not left:
         return
-    warnings.warn(
+    warn(
         f"{sum(map(len, left.values()))} method(s) of gated blocks were left as they are, and "
         "called directly they compute without the gates: " + "; ".join(
             f"{cls}.{name} of {', '.join(blocks[:3])}"
             f"{f' and {len(blocks) - 3} more' if len(blocks) > 3 else ''}: {why}"
             for (cls, name, why), blocks in left.items()) + ". A block's forward_* methods are "
         "rewritten with its forward where they compute what it computes up to every gated "
-        "site (README.md, \"Other forward methods\").", stacklevel=3)
+        "site (README.md, \"Other forward methods\").")
 
 
 def _compensated(model: nn.Module) -> list[str]:

@@ -29,7 +29,8 @@ from ._files import atomic_write
 from ._models import (TORCHVISION, aux_kwargs, check_name, check_part, classes_named, create,
                       describe, in_chans_for, last_layer, layout, library_of, part_of,
                       qualified, skeleton)
-from .errors import InvalidArgumentError, SEInjectError, check_module, checks_arguments
+from .errors import (InvalidArgumentError, SEInjectError, check_module, checks_arguments,
+                     warn)
 from .gate import ChannelGate
 from .recipe import (SCHEMA, base_architecture, base_of, name_of, recipe_of, recipes_in,
                      recorded_gates, rules_from)
@@ -424,12 +425,11 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
                 continue
     if rates:
         kwargs = recipe["base"]["kwargs"]
-        warnings.warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
-                      f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
-                      "same in eval mode but trains with other rates; pass "
-                      f"model_kwargs={{{', '.join(repr(k) + ': ...' for k in _RATES[library])}}} "
-                      "to keep them.",
-                      stacklevel=2)
+        warn(f"{len(rates)} dropout layer(s) of {type(model).__name__} have rates that "
+             f"{kwargs} do not rebuild, e.g. {rates[0]}: a loaded model computes the "
+             "same in eval mode but trains with other rates; pass "
+             f"model_kwargs={{{', '.join(repr(k) + ': ...' for k in _RATES[library])}}} "
+             "to keep them.")
     fmt = format or ("pth" if path.suffix in (".pth", ".pt") else "safetensors")
     return _write_state(_plain_state(model), path, fmt, _dumps(recipe), force)
 
@@ -596,8 +596,8 @@ def _under_prefix(state: dict[str, torch.Tensor], arch: str, src: Path) -> dict[
     under = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     other = [k for k in state if not k.startswith(prefix)]
     if other:
-        warnings.warn(f"{src}: converting the {len(under)} tensors under `{prefix}`; the other "
-                      f"{len(other)} (e.g. `{other[0]}`) are not part of the model", stacklevel=3)
+        warn(f"{src}: converting the {len(under)} tensors under `{prefix}`; the other "
+             f"{len(other)} (e.g. `{other[0]}`) are not part of the model")
     return under
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import os
 import pickle
+import sys
+import warnings
 from typing import Callable, TypeVar
 
 __all__ = [
@@ -40,6 +43,17 @@ class ArgumentNameError(InvalidArgumentError, TypeError):
 
 
 _F = TypeVar("_F", bound=Callable)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn, attributed to the first caller outside se-inject: the line of the user's
+    code that called apply(), load() or convert(), however deep inside se-inject (and its
+    argument checks) the warning arises, so that it shows there and filters by that module."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def checks_arguments(fn: _F) -> _F:

@@ -397,3 +397,25 @@ def test_a_layer_that_makes_quantized_tensors_gives_a_trace_error():
                                          r"`self.q\(x\)` in the model's own forward"):
         se_inject.apply(model, leaf_modules=[Quantizing])
     _untouched(model, keys)
+
+
+def test_warnings_are_attributed_to_the_line_that_called_se_inject(tmp_path):
+    """A warning shows the user's call of apply() or convert(), not a line inside se-inject
+    (apply()'s argument check, or the convert() that applies), so that it points at their code
+    and their filters by module see it."""
+    import warnings
+
+    import timm
+    from handwritten import InlineResidualNet
+    from se_inject.checkpoint import convert
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        se_inject.apply(InlineResidualNet())    # gates in the model's own forward: it warns
+    assert [w.filename for w in caught] == [__file__]
+    state = {f"model.{k}": v for k, v in timm.create_model("resnet18").state_dict().items()}
+    torch.save({**state, "teacher.weight": torch.zeros(3)}, tmp_path / "plain.pth")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert(tmp_path / "plain.pth", tmp_path / "se.safetensors", model="resnet18")
+    said = [w for w in caught if "not part of the model" in str(w.message)]
+    assert said and {w.filename for w in said} == {__file__}
