@@ -66,7 +66,10 @@ def test_rules_choose_what_gets_gated():
     (GOOD.replace("name: my-residual", "name: My Rule"), 2, "name", "not a valid rule name"),
 ])
 def test_schema_errors_name_file_line_and_key(tmp_path, text, line, key, words):
-    path = _write(tmp_path, text)
+    _refused_at(_write(tmp_path, text), line, key, words)
+
+
+def _refused_at(path, line, key, words):
     with pytest.raises(RuleError) as err:
         load_rule(path)
     assert str(err.value).startswith(f"{path}:{line}: {key}: ")
@@ -185,12 +188,7 @@ def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path, monkeypatc
     (GOOD_TOML + 'yield_to = []\n', 14, "gate.yield_to", "unknown key"),
 ])
 def test_toml_schema_errors_name_file_line_and_key(tmp_path, text, line, key, words):
-    path = _write(tmp_path, text, "rule.toml")
-    with pytest.raises(RuleError) as err:
-        load_rule(path)
-    assert str(err.value).startswith(f"{path}:{line}: {key}: ")
-    assert words in str(err.value)
-    assert (err.value.line, err.value.key) == (line, key)
+    _refused_at(_write(tmp_path, text, "rule.toml"), line, key, words)
 
 
 def test_malformed_or_empty_toml_is_refused_naming_the_line(tmp_path):
