@@ -83,23 +83,33 @@ def _quantized(cls: type) -> bool:
                                                             "FXFloatFunctional")
 
 
+def wrapped(model: nn.Module) -> tuple[str, str, nn.Module] | None:
+    """Where ``model`` is a wrapper that holds the model as one attribute (torch.compile's
+    OptimizedModule, DataParallel, DistributedDataParallel): that attribute's name, what the
+    wrapper is, and the model."""
+    if _imported_instance(model, "torch._dynamo.eval_frame", "OptimizedModule"):
+        inner = getattr(model, "_orig_mod", None)
+        what = "torch.compile's wrapper (OptimizedModule)"
+        return ("_orig_mod", what, inner) if isinstance(inner, nn.Module) else None
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module", f"a {type(model).__name__} wrapper", model.module
+    return None
+
+
 def _wrapper_kind(model: nn.Module) -> str | None:
     """What to do instead, where ``model`` wraps the model to gate: torch.compile's
     OptimizedModule, DataParallel, DistributedDataParallel, FSDP. A wrapper's forward calls
     the wrapped model through machinery fx cannot trace (or, compiled, not at all), and DDP
     and FSDP fix the parameters they synchronise when they are built. Their modules are only
     looked for where torch has imported them: a model cannot be an instance otherwise."""
-    inner = getattr(model, "_orig_mod", None) if _imported_instance(
-        model, "torch._dynamo.eval_frame", "OptimizedModule") else None
-    if isinstance(inner, nn.Module):
-        return (f"model is torch.compile's wrapper (OptimizedModule) of a "
-                f"{type(inner).__name__}: gate the model it compiled, se_inject.apply("
-                f"model._orig_mod), then compile that again; or gate the uncompiled model with "
-                f"apply(..., fused=True), which compiles it in place")
+    attr, what, inner = wrapped(model) or (None, None, None)
+    if attr == "_orig_mod":
+        return (f"model is {what} of a {type(inner).__name__}: gate the model it compiled, "
+                f"se_inject.apply(model._orig_mod), then compile that again; or gate the "
+                f"uncompiled model with apply(..., fused=True), which compiles it in place")
     if isinstance(model, nn.DataParallel):
-        return (f"model is a DataParallel wrapper of a {type(model.module).__name__}: gate "
-                f"the model it wraps, se_inject.apply(model.module), or gate it before "
-                f"wrapping it")
+        return (f"model is {what} of a {type(inner).__name__}: gate the model it wraps, "
+                f"se_inject.apply(model.module), or gate it before wrapping it")
     if isinstance(model, nn.parallel.DistributedDataParallel) or _imported_instance(
             model, "torch.distributed.fsdp.fully_sharded_data_parallel",
             "FullyShardedDataParallel") or _imported_instance(

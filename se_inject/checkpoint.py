@@ -398,6 +398,14 @@ def save(model: nn.Module, path, *, format: str | None = None, force: bool = Fal
     """Write a gated model's weights with its recipe (safetensors unless the name ends in .pth or
     .pt, or ``format="pth"``). ``se_inject.load(path)`` rebuilds it from the file alone."""
     check_module(model, "save", CheckpointError)
+    from .api import wrapped
+    wrapper = wrapped(model)
+    if wrapper is not None:
+        attr, what, inner = wrapper
+        raise CheckpointError(f"model is {what} of a {type(inner).__name__}: save the model it "
+                              f"wraps, se_inject.save(model.{attr}, path), which holds the same "
+                              "weights (a checkpoint of the wrapper would not load back as it; "
+                              "nothing was written)")
     path = _path(path, "path")
     if arch is not None and not isinstance(arch, str):
         raise CheckpointError(f"arch must be a model name (timm's, or 'torchvision/NAME'), not "

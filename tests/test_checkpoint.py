@@ -1144,3 +1144,21 @@ def test_a_half_precision_checkpoint_loads_in_float32_with_its_values(tmp_path):
             assert v.dtype == torch.float32, k  # as timm builds it
             assert torch.equal(v, state[k].float()), k  # every float16 value, exactly
     assert torch.equal(loaded.half().state_dict()["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize("wrap,attr", [(torch.compile, "_orig_mod"),
+                                       (torch.nn.DataParallel, "module")])
+def test_saving_a_wrapped_model_names_the_model_to_save(tmp_path, wrap, attr):
+    """save() of torch.compile's wrapper or of DataParallel (as a training script holds the
+    model) is refused with the attribute that holds the model, and nothing is written; saving
+    that model loads back as it."""
+    model = timm.create_model("resnet18", num_classes=3).eval()
+    se_inject.apply(model, input_size=(3, 64, 64))
+    wrapper = wrap(model)
+    with pytest.raises(CheckpointError, match=rf"se_inject\.save\(model\.{attr}, path\)"):
+        se_inject.save(wrapper, tmp_path / "se.safetensors")
+    assert not list(tmp_path.iterdir())
+    again = se_inject.load(se_inject.save(getattr(wrapper, attr), tmp_path / "se.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
