@@ -261,12 +261,18 @@ def _toml_key(text: str) -> tuple[str, ...]:
 
 def _toml_lines(text: str) -> dict[tuple[str, ...], int]:
     """The line (1-based) of each table header and each key in a TOML text, by its full path.
-    A key inside an inline table or a line inside a multi-line value has no line of its own:
-    errors there name the line of the key that holds it."""
+    A key inside an inline table has no line of its own: errors there name the line of the key
+    that holds it. The lines of a multi-line string are its value's, never keys."""
     lines: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
+    open_quote = None  # the delimiter of a multi-line string still open
     for i, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
+        if open_quote is not None:
+            if raw.count(open_quote) % 2:
+                open_quote = None
+            continue
+        open_quote = next((q for q in ('"""', "'''") if raw.count(q) % 2), None)
         m = _TOML_TABLE.match(line)
         if m:
             table = _toml_key(m.group(1))

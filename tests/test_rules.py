@@ -184,6 +184,11 @@ def test_a_toml_rule_file_is_the_same_rule_as_its_yaml_twin(tmp_path, monkeypatc
      "expected an integer, got 2.0"),
     (GOOD_TOML.replace('summary = "residual blocks, my way"', "summary = 1979-05-27"), 4,
      "summary", "not a TOML date"),
+    # lines of a multi-line string that read as a table and a key are the string's
+    (GOOD_TOML.replace('summary = "residual blocks, my way"',
+                       'summary = """\n[gate]\nwhere = 1\n"""').replace('at = "branch"',
+                                                                        'where = "branch"'),
+     16, "gate.where", "unknown key"),
     # a key after a table's header is the table's: TOML's top-level keys come first
     (GOOD_TOML + 'yield_to = []\n', 14, "gate.yield_to", "unknown key"),
 ])
