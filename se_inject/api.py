@@ -406,12 +406,17 @@ def _listed(value, name: str, example: str) -> tuple:
     return tuple(value)
 
 
-def _trace_options(leaf_modules, autowrap_functions) -> TraceOptions:
+def _trace_options(model: nn.Module, leaf_modules, autowrap_functions) -> TraceOptions:
+    """The trace's options; a name in leaf_modules (``"InceptionB"``, or qualified) is the
+    class of the model's modules it names, as on the command line (--leaf)."""
     leaves = _listed(leaf_modules, "leaf_modules", "[MyBlock]")
+    if any(isinstance(c, str) for c in leaves):
+        from ._models import classes_named
+        leaves = classes_named(model, leaves, "leaf_modules")
     for c in leaves:
         if not (isinstance(c, type) and issubclass(c, nn.Module)):
-            raise InvalidArgumentError(f"leaf_modules holds {c!r}: give nn.Module classes, "
-                                       "e.g. leaf_modules=[MyBlock]")
+            raise InvalidArgumentError(f"leaf_modules holds {c!r}: give nn.Module classes or "
+                                       "their names, e.g. leaf_modules=[MyBlock]")
     fns = _listed(autowrap_functions, "autowrap_functions", "[my_function]")
     for f in fns:
         if not callable(f):
@@ -718,7 +723,7 @@ def plan(model: nn.Module, ratio: int | dict = 16,
     stages = _check_stages(stages)
     resolved = _placed(resolve_rules(rules), _check_position(position))
     spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
-    options = _trace_options(leaf_modules, autowrap_functions)
+    options = _trace_options(model, leaf_modules, autowrap_functions)
     with _tracing(model):
         return _make_plan(model, ratio, resolved, input_size, options, stages, spec)[0]
 
@@ -833,7 +838,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
         fused: compile the gated model in place (``se_inject.fuse``): each gate's squeeze,
             excitation and scale run fused with the norm before and the sum and activation
             after them.
-        leaf_modules: extra module classes fx should call without tracing into.
+        leaf_modules: extra module classes fx should call without tracing into (or their
+            names, ``"InceptionB"`` or qualified: classes of the model's modules).
         autowrap_functions: extra functions fx should record as single calls.
 
     Raises:
@@ -848,7 +854,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
     spec = _gate_spec(gate, squeeze, excite, min_channels, divisor)
     if init == "identity":
         check_identity(spec)
-    options = _trace_options(leaf_modules, autowrap_functions)
+    options = _trace_options(model, leaf_modules, autowrap_functions)
     resolved = _placed(resolve_rules(rules), _check_position(position))
     with _tracing(model):  # the model's trace and every block's
         p, blocks, (graph, gated) = _make_plan(model, ratio, resolved, input_size, options,

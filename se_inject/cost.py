@@ -332,7 +332,8 @@ def cost(model_or_name: nn.Module | str, ratio: int | Sequence[int] | dict = 16,
     p: Plan = plan(model, ratios[0], rules, input_size=input_size, stages=stages,
                    leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, **variant)
     if not len(p):
-        raise _no_sites_error(model, p, _trace_options(leaf_modules, autowrap_functions))
+        raise _no_sites_error(model, p, _trace_options(model, leaf_modules,
+                                                         autowrap_functions))
     dtype = _dtype(model)
 
     def inputs_on(device):  # one image: the counts are per image

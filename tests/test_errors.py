@@ -419,3 +419,23 @@ def test_warnings_are_attributed_to_the_line_that_called_se_inject(tmp_path):
         convert(tmp_path / "plain.pth", tmp_path / "se.safetensors", model="resnet18")
     said = [w for w in caught if "not part of the model" in str(w.message)]
     assert said and {w.filename for w in said} == {__file__}
+
+
+def test_leaf_modules_by_name_are_the_classes_they_name():
+    """leaf_modules takes class names (plain or qualified) as the command line's --leaf and
+    convert() do: the same blocks stay whole as with the classes; a name no module of the model
+    has is refused with the close ones, and the model is untouched."""
+    import timm
+    from timm.models.inception_v3 import InceptionB, InceptionD
+
+    def sites(**kw):
+        return [s.block for s in se_inject.plan(timm.create_model("inception_v3"), **kw)]
+
+    by_class = sites(leaf_modules=[InceptionB, InceptionD])
+    assert len(by_class) == len(sites()) - 2 and not {"Mixed_6a", "Mixed_7a"} & set(by_class)
+    assert sites(leaf_modules=["InceptionB", "timm.models.inception_v3.InceptionD"]) == by_class
+    model = timm.create_model("inception_v3")
+    keys = list(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match="'InceptonB'.*Did you mean: InceptionB"):
+        se_inject.apply(model, leaf_modules=["InceptonB"])
+    _untouched(model, keys)
