@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import functools
 import inspect
+import re
 import threading
 
 from torch import nn
@@ -51,6 +52,13 @@ def check_name(name: str) -> None:
         return
     import timm
     if not timm.is_model(name):
+        hub = re.match(r"^(?:hf[-_]hub:)?[\w.-]+/([\w.-]+)$", name)
+        if hub and timm.is_model(hub.group(1)):  # "hf-hub:timm/resnet50.a1_in1k"
+            raise InvalidArgumentError(
+                f"unknown model {name!r}: se-inject builds models by architecture name, with "
+                f"random weights, and reads nothing from the Hugging Face Hub; name it "
+                f"{hub.group(1)}, then load the weights from a checkpoint (se-inject convert "
+                f"CHECKPOINT --model {hub.group(1)})")
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else \
             " See timm.list_models() for the names."

@@ -27,6 +27,16 @@ def test_unknown_model_suggests_names_without_traceback(capsys):
     assert "unknown model 'resnet5'" in err and "resnet50" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["hf-hub:timm/resnet50.a1_in1k", "timm/resnet50.a1_in1k"])
+def test_a_hub_name_is_pointed_to_its_architecture_name(capsys, name):
+    """A Hugging Face Hub name (as timm.create_model takes it, to download) is refused with the
+    architecture's name, which works, and how to bring the weights."""
+    assert main(["plan", name]) == 2
+    err = capsys.readouterr().err
+    assert "name it resnet50.a1_in1k" in err and "se-inject convert CHECKPOINT" in err
+    assert main(["plan", "resnet50.a1_in1k"]) == 0
+
+
 def test_bad_rule_file_exit_code_and_location(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("schema: 1\nname: x\nsummary: s\nmatch:\n  merge: mul\ngate:\n  at: output\n")
