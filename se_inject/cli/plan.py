@@ -47,5 +47,5 @@ def run(args: argparse.Namespace) -> int:
                   "(README.md, 'Rule files').")
             return 0
         # what apply() would refuse the model with, on stderr with its exit status
-        raise api._no_sites_error(model, p, api._trace_options(leaves, None))
+        raise api._no_sites_error(model, p, api._trace_options(model, leaves, None))
     return 0
