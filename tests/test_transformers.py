@@ -27,7 +27,7 @@ def _residual_blocks(name, model, config):
     return sum(config.depths)
 
 
-@pytest.mark.parametrize("name", ["ResNet", "ConvNext", "ConvNextV2", "MobileNetV2"])
+@pytest.mark.parametrize("name", ["ResNet", "ConvNext", "MobileNetV2"])
 def test_transformers_cnns_get_a_gate_in_every_residual_block(name, transformers):
     config = getattr(transformers, f"{name}Config")()
     torch.manual_seed(0)
@@ -60,3 +60,19 @@ def test_transformers_regnet_blocks_keep_their_own_gates(transformers):
     with pytest.warns(UserWarning, match=rf"already holds a gate \({sum(config.depths)} blocks\)"):
         se_inject.apply(model)
     assert not gates(model)
+
+
+def test_transformers_convnextv2_blocks_keep_their_global_response_norm(transformers):
+    """ConvNeXt V2's Global Response Norm scales each channel by a value taken from the whole
+    map: the blocks' own channel gate, kept as timm's convnextv2 keeps it (README, "What gets a
+    gate"), in Hugging Face's channels-last code as in timm's."""
+    import timm
+    config = transformers.ConvNextV2Config()
+    model = transformers.ConvNextV2ForImageClassification(config).eval()
+    with pytest.warns(UserWarning, match=rf"already holds a gate \({sum(config.depths)} blocks\)"):
+        se_inject.apply(model)
+    assert not gates(model)
+    timm_model = timm.create_model("convnextv2_atto")
+    held = [s for s in se_inject.plan(timm_model).skipped if "channel gate" in s.reason]
+    assert len(held) == sum(len(stage.blocks) for stage in timm_model.stages) == 12
+
