@@ -419,7 +419,6 @@ def test_apply_fused_and_remove_unfuses():
         se_inject.apply(net, fused="yes")
 
 
-
 class Mixer(nn.Module):
     """A layer kept whole (a leaf) with no shape shortcut: it runs during shape propagation."""
 

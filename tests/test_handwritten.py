@@ -114,7 +114,7 @@ def test_a_sum_written_as_a_method_starts_as_the_identity_after_it(how):
         def forward(self, x):
             y = self.branch(x)
             s = getattr(y, how)(self.proj(x))
-            return F.relu(y if how == "add_" or how == "__iadd__" else s)
+            return F.relu(y if how in ("add_", "__iadd__") else s)  # (in place: y holds it)
 
     model = torch.nn.Sequential(conv_bn(3, 16), torch.nn.ReLU(), Block(), Block()).eval()
     randomize_norms(model)
