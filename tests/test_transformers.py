@@ -74,5 +74,5 @@ def test_transformers_convnextv2_blocks_keep_their_global_response_norm(transfor
     assert not gates(model)
     timm_model = timm.create_model("convnextv2_atto")
     held = [s for s in se_inject.plan(timm_model).skipped if "channel gate" in s.reason]
-    assert len(held) == sum(len(stage.blocks) for stage in timm_model.stages) == 12
+    assert len(held) == sum(len(stage.blocks) for stage in timm_model.stages) > 0
 
