@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .graph import CHANNEL_DIM, ROOT, GraphView, height_width
-from .kinds import drop_path_input, layer_kind
+from .kinds import drop_path_input, layer_kind, reads_metadata_only
 from .rules import Rule
 from .trace import Frame
 
@@ -36,6 +36,8 @@ GATED_NOT_A_FEATURE_MAP = ("the tensor the rule would gate is not a 4-D channel-
 NO_ENTRY = "no single entry (the merge depends on more than one model input)"
 DESCRIPTORS = ("a merge of one value per channel taken by global pooling (the channel attention of "
                "CBAM: an MLP of the mean plus the MLP of the maximum), not of feature maps")
+SUMMED_BRANCHES = ("a sum of a residual block's branches, the residual branch its gate scales "
+                   "(x + (a + b), as ResNeXt's aggregated branches: one gate per block)")
 REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and nothing "
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
@@ -51,6 +53,9 @@ class Candidate:
     operand: int | None       # which of ``at``'s arguments is ``gated``; None: ``at``'s output
     region: set               # nodes strictly after the entry, up to and including the merge
     frame: Frame              # the module invocation whose forward holds ``at``
+    # a sum's residual branch where another operand is the shortcut (reached from the entry
+    # with no convolution): the branch's output before its drop path; None otherwise
+    summed: fx.Node | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,30 @@ def _convs(view: GraphView, nodes: set) -> int:
     return len(view.of_kinds(*_CONV_KINDS).intersection(nodes))
 
 
+def _fewest_convs(view: GraphView, operand, entry, branch: set) -> float:
+    """The fewest convolutions on a path from the block's entry to ``operand``, through
+    ``branch`` (the nodes between them): 0 for the shortcut, and for a partial sum that holds
+    it (``x + a`` in ``x + a + b``, which Python sums as ``(x + a) + b``). A read of a tensor's
+    shape, dtype or device alone is no path."""
+    convs = view.of_kinds(*_CONV_KINDS)
+    fewest = {entry: 0}
+    stack = [operand]
+    while stack:  # depth first, each node once its inputs from the entry are known
+        n = stack[-1]
+        if n in fewest:
+            stack.pop()
+            continue
+        ins = [p for p in view.preds[n]
+               if (p is entry or p in branch) and not reads_metadata_only(n, p)]
+        todo = [p for p in ins if p not in fewest]
+        if todo:
+            stack += todo
+            continue
+        stack.pop()
+        fewest[n] = min((fewest[p] for p in ins), default=float("inf")) + (n in convs)
+    return fewest[operand]
+
+
 def _convolved_volume(g, merge: fx.Node) -> bool:
     """Whether a 5-D merge sums volumes a convolution made (a 3-D CNN's), not 5-D tensors of
     another kind (a window attention's scores): a convolution reached through 5-D tensors."""
@@ -192,8 +221,15 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return REPARAM_SUM
     if rule.existing_gate == "skip" and not view.of_kinds("chgate").isdisjoint(region):
         return HOLDS_A_GATE
-    _, _, _, operand, gated = max(with_conv)  # most convs, then most nodes, then first
+    # the residual branch: an operand with a convolution on every path from the entry (not
+    # the shortcut, nor a partial sum holding it, as ``x + a`` in ``x + a + b``), then the one
+    # with most convolutions, then most nodes, then the first
+    ranked = sorted((_fewest_convs(view, o, entry, b) > 0, *c)
+                    for c, (_, o, b) in zip(with_conv, branches))
+    operand, gated = ranked[-1][-2:]
     branch = next(b for i, o, b in branches if o is gated)
+    summed = _before_drop_path(view, gated, branch) \
+        if kind == "add" and ranked[-1][0] and not ranked[0][0] else None
     # a piece of a split as the other operand: Res2Net's sum of one scale's output and the
     # next piece; not where the piece is the block's entry, the shortcut of a block on it
     # (the first block of a CSP stage, of YOLOv8's C2f)
@@ -230,7 +266,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if not _feature_map(g, gated):
         return GATED_NOT_A_FEATURE_MAP
     return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
-                     region=region, frame=g.nodes[at]["frame"])
+                     region=region, frame=g.nodes[at]["frame"], summed=summed)
 
 
 def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
@@ -517,14 +553,20 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
     by_merge = {c.merge: c for c in found}
     suppressed: dict[fx.Node, Candidate] = {}
     merges = by_merge.keys()
+    summed: dict[fx.Node, Candidate] = {}
     for outer in found:
         for n in merges & outer.region:
             inner = by_merge[n]
             if inner is not outer and outer.rule.name in inner.rule.yield_to:
                 suppressed.setdefault(n, outer)
-    kept = [c for c in found if c.merge not in suppressed]
+        inner = by_merge.get(outer.summed)
+        if inner is not None and inner.entry is outer.entry:
+            summed[outer.summed] = outer
+    kept = [c for c in found if c.merge not in suppressed and c.merge not in summed]
     for merge, outer in suppressed.items():
         inner = by_merge[merge]
         rejected.append(Rejection(merge, inner.rule,
                                   f"nested in a block of rule {outer.rule.name!r} (one gate per block)"))
+    for merge in summed.keys() - suppressed.keys():
+        rejected.append(Rejection(merge, by_merge[merge].rule, SUMMED_BRANCHES))
     return kept, rejected

@@ -100,6 +100,116 @@ def test_a_sum_in_place_gates_the_branch_and_keeps_the_sum():
         torch.testing.assert_close(ref(x), y, rtol=0, atol=1e-6)   # (both: the plain model)
 
 
+_TWO_BRANCH_SUMS = {  # a block's shortcut and two residual branches, summed as people write it
+    "x + a + b": lambda x, a, b: x + a + b,
+    "a + x + b": lambda x, a, b: a + x + b,
+    "sum([x, a, b])": lambda x, a, b: sum([x, a, b]),
+    "torch.add(torch.add(x, a), b)": lambda x, a, b: torch.add(torch.add(x, a), b),
+    "relu(x + a) + b": lambda x, a, b: F.relu(x + a) + b,
+}
+
+
+@pytest.mark.parametrize("how", list(_TWO_BRANCH_SUMS))
+@pytest.mark.parametrize("init", ["paper", "identity"])
+def test_a_sum_of_the_shortcut_and_two_branches_gates_each_branch_never_the_shortcut(how, init):
+    """``relu(x + a(x) + b(x))`` is summed as ``(x + a) + b``: the second sum's operands are a
+    partial sum that holds the shortcut and a branch. The gate goes on the branch, so each
+    residual branch gets its own gate and the shortcut stays unscaled, as in the paper. (The
+    partial sum had as many convolutions as the branch and won by its one extra node: the
+    shortcut was scaled by a gate in every block, and a branch gated twice.)"""
+    from handwritten import branch
+
+    combine = _TWO_BRANCH_SUMS[how]
+
+    class Block(torch.nn.Module):
+        def __init__(self, c=32):
+            super().__init__()
+            self.a, self.b = branch(c), branch(c)
+
+        def forward(self, x):
+            return F.relu(combine(x, self.a(x), self.b(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.blocks = torch.nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            return self.blocks(self.stem(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    p = se_inject.plan(model)
+    assert sorted(s.tensor for s in p) == ["blocks.0.a.4", "blocks.0.b.4", "blocks.1.a.4",
+                                          "blocks.1.b.4"]
+    se_inject.apply(model, init=init)
+    gate = {s.tensor: dict(gates(model))[s.gate] for s in p}
+    with torch.no_grad():
+        if init == "identity":
+            torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+            return
+        h = model.stem(x)
+        for i, blk in enumerate(model.blocks):
+            a = paper_reference(blk.a(h), gate[f"blocks.{i}.a.4"])
+            b = paper_reference(blk.b(h), gate[f"blocks.{i}.b.4"])
+            h = F.relu(combine(h, a, b))
+        torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
+
+
+_SUMMED_BRANCHES = {  # the branches summed first, then the shortcut: ResNeXt's form (a)
+    "(a + b) + x": lambda x, a, b, drop: (a + b) + x,
+    "x + (a + b)": lambda x, a, b, drop: x + (a + b),
+    "x + drop_path(a + b)": lambda x, a, b, drop: x + drop(a + b),
+    "torch.add(x, torch.add(a, b))": lambda x, a, b, drop: torch.add(x, torch.add(a, b)),
+}
+
+
+@pytest.mark.parametrize("how", list(_SUMMED_BRANCHES))
+@pytest.mark.parametrize("init", ["paper", "identity"])
+def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init):
+    """``x + (a(x) + b(x))``: the block's residual branch is the sum of its two branches, and
+    the gate scales that sum, once, as SE-ResNeXt gates its aggregated branch. (The inner sum
+    was a block of its own, which gated ``a``, and the block's gate then scaled ``a`` a second
+    time.)"""
+    from timm.layers import DropPath
+
+    from handwritten import branch
+
+    combine = _SUMMED_BRANCHES[how]
+
+    class Block(torch.nn.Module):
+        def __init__(self, c=32):
+            super().__init__()
+            self.a, self.b, self.drop = branch(c), branch(c), DropPath(0.2)
+
+        def forward(self, x):
+            return F.relu(combine(x, self.a(x), self.b(x), self.drop))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), Block(), Block()).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    p = se_inject.plan(model)
+    assert [(s.block, s.gate) for s in p] == [("1", "1.se_gate"), ("2", "2.se_gate")]
+    assert any("one gate per block" in s.reason for s in p.skipped)
+    se_inject.apply(model, init=init)
+    with torch.no_grad():
+        if init == "identity":
+            torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+            return
+        h = model[0](x)
+        for blk in model[1:]:
+            h = F.relu(combine(h, paper_reference(blk.a(h) + blk.b(h), blk.se_gate), 0, blk.drop))
+        torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["add_", "__iadd__", "__add__", "__radd__"])
 def test_a_sum_written_as_a_method_starts_as_the_identity_after_it(how):
     """A gate after the sum (position="post") starts as the identity through a sum written as
@@ -738,8 +848,10 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
     rule = tmp_path / "rep.yaml"
     rule.write_text(text.replace("reparam_sums: skip", "reparam_sums: allow"))
+    # (RepVGG's block, kxk(x) + k1(x) + bn(x): one gate on the sum of its two convolutions,
+    # before the norm of its input, its shortcut, is added)
     assert [s.tensor for s in se_inject.plan(model, rules=[rule])] == [
-        "rep.kxk.1", "rep.add", "pos", "mul", "deep2.1", "r2.1"]
+        "rep.add", "pos", "mul", "deep2.1", "r2.1"]
     with pytest.raises(se_inject.SEInjectError, match="re-parameterisable"):
         se_inject.apply(RepBranchNet())
 
