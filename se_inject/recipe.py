@@ -102,6 +102,11 @@ def name_of(base: dict) -> str:
     return prefix + base["architecture"]
 
 
+# timm's feature wrappers, by the names create_model(..., feature_cls=...) takes
+_FEATURE_CLS = {"FeatureListNet": "list", "FeatureDictNet": "dict", "FeatureHookNet": "hook",
+                "FeatureGetterNet": "getter", "FeatureGraphNet": "fx"}
+
+
 def base_architecture(model: nn.Module) -> dict[str, Any]:
     """The timm architecture and the kwargs that rebuild ``model``: its shapes (classes, input
     channels), a features_only wrapper's, and its dropout rates. For a torchvision model, the
@@ -127,6 +132,9 @@ def base_architecture(model: nn.Module) -> dict[str, Any]:
     if type(info).__name__ == "FeatureInfo" and hasattr(info, "out_indices"):
         kwargs["features_only"] = True  # (create_model(..., features_only=True))
         kwargs["out_indices"] = [int(i) for i in info.out_indices]
+        wrapper = _FEATURE_CLS.get(type(model).__name__)
+        if wrapper is not None and type(model).__module__.startswith("timm."):
+            kwargs["feature_cls"] = wrapper  # (timm's default differs between models)
     # stochastic depth grows to drop_path_rate at the last block; save() checks the guess
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"
              and isinstance(getattr(m, "drop_prob", None), float)]

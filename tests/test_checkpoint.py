@@ -796,6 +796,9 @@ def test_views_of_one_tensor_that_do_not_overlap_are_saved_as_safetensors(tmp_pa
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet18", {"features_only": True, "out_indices": (1, 3)}),
     ("mobilenetv2_050", {"features_only": True}),                 # timm's own features class
+    ("resnet18", {"features_only": True, "feature_cls": "hook"}),  # a wrapper chosen by name
+    ("resnet18", {"features_only": True, "feature_cls": "dict"}),
+    ("mobilenetv2_050", {"features_only": True, "feature_cls": "hook"}),  # not its own class
     ("convnext_atto", {"drop_path_rate": 0.2, "drop_rate": 0.3}),
     ("hardcorenas_b", {"drop_path_rate": 0.1, "drop_rate": 0.2}),  # largest rate 0.1 * 18/19
     ("fastvit_t8", {"drop_path_rate": 0.1, "drop_rate": 0.2}),     # the head's own Dropout
@@ -818,6 +821,9 @@ def test_save_records_a_features_wrapper_and_dropout_rates(tmp_path, name, kwarg
     y0, y1 = _out(m, x), _out(g, x)
     if isinstance(y0, torch.Tensor):
         y0, y1 = [y0], [y1]
+    if isinstance(y0, dict):
+        assert list(y0) == list(y1)
+        y0, y1 = list(y0.values()), list(y1.values())
     assert len(y0) == len(y1) and all(torch.equal(a, b) for a, b in zip(y0, y1))
 
 
