@@ -53,8 +53,9 @@ class Candidate:
     operand: int | None       # which of ``at``'s arguments is ``gated``; None: ``at``'s output
     region: set               # nodes strictly after the entry, up to and including the merge
     frame: Frame              # the module invocation whose forward holds ``at``
-    # a sum's residual branch where another operand is the shortcut (reached from the entry
-    # with no convolution): the branch's output before its drop path; None otherwise
+    shortcut: bool = False    # a sum, one of whose operands the entry reaches with no conv
+    # in such a sum, the sum that its residual branch ends in, pointwise layers aside
+    # (x + relu(a + b)): its gate would scale that sum's gated branch a second time
     summed: fx.Node | None = None
 
 
@@ -228,8 +229,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
                     for c, (_, o, b) in zip(with_conv, branches))
     operand, gated = ranked[-1][-2:]
     branch = next(b for i, o, b in branches if o is gated)
-    summed = _before_drop_path(view, gated, branch) \
-        if kind == "add" and ranked[-1][0] and not ranked[0][0] else None
+    shortcut = kind == "add" and ranked[-1][0] and not ranked[0][0]
+    summed = _summed_before(view, gated, branch) if shortcut else None
     # a piece of a split as the other operand: Res2Net's sum of one scale's output and the
     # next piece; not where the piece is the block's entry, the shortcut of a block on it
     # (the first block of a CSP stage, of YOLOv8's C2f)
@@ -266,12 +267,26 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if not _feature_map(g, gated):
         return GATED_NOT_A_FEATURE_MAP
     return Candidate(merge=merge, entry=entry, rule=rule, gated=gated, at=at, operand=operand,
-                     region=region, frame=g.nodes[at]["frame"], summed=summed)
+                     region=region, frame=g.nodes[at]["frame"], shortcut=shortcut,
+                     summed=summed)
 
 
 def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
     a = g.nodes[node]
     return a["ndim"] == 4 and a["layout"] in CHANNEL_DIM and a["channels"] is not None
+
+
+def _summed_before(view: GraphView, node: fx.Node, branch: set) -> fx.Node | None:
+    """The sum a residual branch ends in, through drop path, norms, activations and
+    identities (``x + relu(a + b)``), or None: a branch ending in a convolution."""
+    while True:
+        node = _before_drop_path(view, node, branch)
+        if view.kinds[node] == "add":
+            return node
+        ins = [p for p in view.preds[node] if p in branch]
+        if view.kinds[node] not in _PASS_THROUGH or len(ins) != 1:
+            return None
+        node = ins[0]
 
 
 def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:
@@ -559,9 +574,11 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
             inner = by_merge[n]
             if inner is not outer and outer.rule.name in inner.rule.yield_to:
                 suppressed.setdefault(n, outer)
+        # the sum of a residual block's branches, x + (a + b), is its residual branch, not a
+        # block; a sum with a shortcut of its own is one
         inner = by_merge.get(outer.summed)
-        if inner is not None and inner.entry is outer.entry:
-            summed[outer.summed] = outer
+        if inner is not None and inner.entry is outer.entry and not inner.shortcut:
+            summed.setdefault(outer.summed, outer)
     kept = [c for c in found if c.merge not in suppressed and c.merge not in summed]
     for merge, outer in suppressed.items():
         inner = by_merge[merge]

@@ -161,11 +161,13 @@ def test_a_sum_of_the_shortcut_and_two_branches_gates_each_branch_never_the_shor
         torch.testing.assert_close(model(x), h.mean((2, 3)), rtol=1e-5, atol=1e-6)
 
 
-_SUMMED_BRANCHES = {  # the branches summed first, then the shortcut: ResNeXt's form (a)
-    "(a + b) + x": lambda x, a, b, drop: (a + b) + x,
-    "x + (a + b)": lambda x, a, b, drop: x + (a + b),
-    "x + drop_path(a + b)": lambda x, a, b, drop: x + drop(a + b),
-    "torch.add(x, torch.add(a, b))": lambda x, a, b, drop: torch.add(x, torch.add(a, b)),
+_SUMMED_BRANCHES = {  # the branches summed first, then the shortcut: ResNeXt's form (a);
+    # g: where the gate goes (nothing in the model's forward, the gate in the reference)
+    "(a + b) + x": lambda x, a, b, drop, g: g(a + b) + x,
+    "x + (a + b)": lambda x, a, b, drop, g: x + g(a + b),
+    "x + drop_path(a + b)": lambda x, a, b, drop, g: x + drop(g(a + b)),
+    "torch.add(x, torch.add(a, b))": lambda x, a, b, drop, g: torch.add(x, g(torch.add(a, b))),
+    "x + relu(a + b)": lambda x, a, b, drop, g: x + g(F.relu(a + b)),
 }
 
 
@@ -175,7 +177,8 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
     """``x + (a(x) + b(x))``: the block's residual branch is the sum of its two branches, and
     the gate scales that sum, once, as SE-ResNeXt gates its aggregated branch. (The inner sum
     was a block of its own, which gated ``a``, and the block's gate then scaled ``a`` a second
-    time.)"""
+    time.) So through a drop path, norms and activations (``x + relu(a + b)``); behind a
+    convolution the inner sum stays a block of its own."""
     from timm.layers import DropPath
 
     from handwritten import branch
@@ -188,7 +191,7 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
             self.a, self.b, self.drop = branch(c), branch(c), DropPath(0.2)
 
         def forward(self, x):
-            return F.relu(combine(x, self.a(x), self.b(x), self.drop))
+            return F.relu(combine(x, self.a(x), self.b(x), self.drop, lambda t: t))
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), Block(), Block()).eval()
@@ -206,7 +209,8 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
             return
         h = model[0](x)
         for blk in model[1:]:
-            h = F.relu(combine(h, paper_reference(blk.a(h) + blk.b(h), blk.se_gate), 0, blk.drop))
+            h = F.relu(combine(h, blk.a(h), blk.b(h), blk.drop,
+                               lambda t: paper_reference(t, blk.se_gate)))
         torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
 
 
