@@ -132,28 +132,25 @@ def _convs(view: GraphView, nodes: set) -> int:
     return len(view.of_kinds(*_CONV_KINDS).intersection(nodes))
 
 
-def _fewest_convs(view: GraphView, operand, entry, branch: set) -> float:
-    """The fewest convolutions on a path from the block's entry to ``operand``, through
-    ``branch`` (the nodes between them): 0 for the shortcut, and for a partial sum that holds
-    it (``x + a`` in ``x + a + b``, which Python sums as ``(x + a) + b``). A read of a tensor's
-    shape, dtype or device alone is no path."""
+def _reaches_without_conv(view: GraphView, operand, entry, branch: set) -> bool:
+    """Whether a path from the block's entry to ``operand`` through ``branch`` (the nodes
+    between them) passes no convolution: the shortcut's does, and that of a partial sum that
+    holds it (``x + a`` in ``x + a + b``, which Python sums as ``(x + a) + b``). A read of a
+    tensor's shape, dtype or device alone is no path. The walk stops at convolutions, so it
+    reads the few nodes after the branch's last ones."""
     convs = view.of_kinds(*_CONV_KINDS)
-    fewest = {entry: 0}
-    stack = [operand]
-    while stack:  # depth first, each node once its inputs from the entry are known
-        n = stack[-1]
-        if n in fewest:
-            stack.pop()
+    seen, stack = {operand}, [operand]
+    while stack:
+        n = stack.pop()
+        if n is entry:
+            return True
+        if n in convs:
             continue
-        ins = [p for p in view.preds[n]
-               if (p is entry or p in branch) and not reads_metadata_only(n, p)]
-        todo = [p for p in ins if p not in fewest]
-        if todo:
-            stack += todo
-            continue
-        stack.pop()
-        fewest[n] = min((fewest[p] for p in ins), default=float("inf")) + (n in convs)
-    return fewest[operand]
+        for p in view.preds[n]:
+            if p not in seen and (p is entry or p in branch) and not reads_metadata_only(n, p):
+                seen.add(p)
+                stack.append(p)
+    return False
 
 
 def _convolved_volume(g, merge: fx.Node) -> bool:
@@ -225,7 +222,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     # the residual branch: an operand with a convolution on every path from the entry (not
     # the shortcut, nor a partial sum holding it, as ``x + a`` in ``x + a + b``), then the one
     # with most convolutions, then most nodes, then the first
-    ranked = sorted((_fewest_convs(view, o, entry, b) > 0, *c)
+    ranked = sorted((not _reaches_without_conv(view, o, entry, b), *c)
                     for c, (_, o, b) in zip(with_conv, branches))
     operand, gated = ranked[-1][-2:]
     branch = next(b for i, o, b in branches if o is gated)
