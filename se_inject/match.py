@@ -42,6 +42,10 @@ REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
 
+SPLIT_LAYER = ("a sum of single convolutions of parallel streams, none of them the block's "
+               "input (an octave convolution; a two-stream block's cross-stream sum): one layer "
+               "written in pieces, not a block")
+
 
 @dataclass
 class Candidate:
@@ -217,6 +221,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     if kind == "add" and rule.reparam_sums == "skip" and _is_reparam_sum(view, region, entry,
                                                                          merge):
         return REPARAM_SUM
+    if kind == "add" and rule.layer_sums == "skip" and _is_split_layer(
+            view, [o for _, o in acts], entry, region):
+        return SPLIT_LAYER
     if rule.existing_gate == "skip" and not view.of_kinds("chgate").isdisjoint(region):
         return HOLDS_A_GATE
     # the residual branch: an operand with a convolution on every path from the entry (not
@@ -342,6 +349,77 @@ def _is_reparam_sum(view: GraphView, region: set, entry, merge) -> bool:
             return False
         depth[n] = d
     return True
+
+
+def _is_split_layer(view: GraphView, operands: list, entry, region: set) -> bool:
+    """Whether a sum is one layer written in pieces: each operand a single convolution, or a
+    sum of such, that the sum alone reads, behind only norms that fold into it, identities,
+    resampling and scales by a weight, each convolution reading a stream (a tensor it shares
+    with other layers, or a merge) rather than the last layer of a branch of its own, and
+    none a tensor the block's entry reaches without a convolution (an octave convolution: its four
+    convolutions between its two resolutions, summed in pairs; ResNet in ResNet's
+    cross-stream sums). A residual block's shortcut reads its entry, through a pooling at
+    most (a projection shortcut, ``bn(conv(avg_pool(x)))`` beside a branch on x)."""
+    inputs: list = []
+    for o in operands:
+        if not _conv_pieces(view, o, region, inputs):
+            return False
+    return len(inputs) > 1 and not any(
+        _reaches_without_conv(view, i, entry, region) for i in inputs)
+
+
+_RESAMPLES = (torch.nn.functional.interpolate, torch.nn.functional.avg_pool2d)
+_RESAMPLE_LAYERS = (torch.nn.Upsample, torch.nn.AvgPool2d)
+
+
+def _conv_pieces(view: GraphView, node, region: set, inputs: list) -> bool:
+    """Add to ``inputs`` the input of the convolution ``node`` comes from (through the layers
+    _is_split_layer names), or of each convolution a sum of such pieces adds; False if
+    ``node`` is neither, or if a layer besides the sum reads it or anything on its way."""
+    kinds = view.kinds
+    while node in region:
+        if sum(1 for u in node.users if not reads_metadata_only(u, node)) != 1:
+            return False  # a tensor other layers read too: a stream, not a piece of a layer
+        kind = kinds[node]
+        if kind == "add":
+            return all(_conv_pieces(view, p, region, inputs) for p in view.preds[node])
+        if kind in _CONV_KINDS:
+            if not _is_conv(view, node) or not node.args or \
+                    not isinstance(node.args[0], fx.Node):
+                return False
+            if _convolved(view, node.args[0], region):
+                return False  # the last layer of a branch of several
+            inputs.append(node.args[0])
+            return True
+        m = view.modules.get(node.target) if node.op == "call_module" else None
+        if not (kind == "identity" or (kind == "norm" and _folds(view, node))
+                or (kind == "mul" and _linear(view, node, kind))
+                or isinstance(m, _RESAMPLE_LAYERS)
+                or (node.op == "call_function" and node.target in _RESAMPLES)):
+            return False
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and a in view.graph]
+        if len(tensors) != 1:
+            return False
+        node = tensors[0]
+    return False
+
+
+def _convolved(view: GraphView, node, region: set) -> bool:
+    """Whether a convolution made ``node`` in a chain of layers that nothing else reads: walked
+    back from ``node`` to the tensor it was forked from (one that other layers read too) or a
+    merge, through layers of one input each. The convolutions of a layer written in pieces
+    read their streams; the last convolution of a branch of several layers (NASNet's
+    separable convolutions; HRNet's fourfold downsampling, two strided convolutions) reads
+    its branch's own layers."""
+    while node in region:
+        if view.kinds[node] in _CONV_KINDS:
+            return True
+        readers = [u for u in node.users if not reads_metadata_only(u, node)]
+        ins = [p for p in view.preds[node] if not reads_metadata_only(node, p)]
+        if len(readers) != 1 or len(ins) != 1:
+            return False
+        node = ins[0]
+    return False
 
 
 def _value_region(view: GraphView, region: set, merge, drops: dict) -> set:

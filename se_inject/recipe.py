@@ -78,10 +78,11 @@ def rules_from(step: dict) -> list[Rule]:
     names = {f.name for f in fields(Rule)}
     out = []
     for d in step["rules"]:
-        if isinstance(d, dict) and "reparam_sums" not in d:
-            # written before rules had the option: such a se-inject gated re-parameterisable
-            # sums like any other, and the gates it saved must come back where they were
-            d = {**d, "reparam_sums": "allow"}
+        for key in ("reparam_sums", "layer_sums"):
+            if isinstance(d, dict) and key not in d:
+                # written before rules had the option: such a se-inject gated these sums like
+                # any other, and the gates it saved must come back where they were
+                d = {**d, key: "allow"}
         if not isinstance(d, dict) or set(d) != names:
             raise InvalidArgumentError(f"the recipe holds a rule with fields {sorted(d)}; this "
                                        f"se-inject expects {sorted(names)}")

@@ -51,6 +51,7 @@ class Rule:
     depthwise_branch: bool          # the gated branch must hold a depthwise convolution
     disjoint_branches: bool         # the operands' branches share no layer (parallel branches)
     reparam_sums: str               # "skip" or "allow": a sum of one-convolution linear branches
+    layer_sums: str                 # "skip" or "allow": convolutions of separate tensors summed
     yield_to: tuple[str, ...]
     path: str
 
@@ -166,6 +167,7 @@ _MATCH_SCHEMA = {
     "depthwise_branch": (False, _of_type(bool, "true or false"), False),
     "disjoint_branches": (False, _of_type(bool, "true or false"), False),
     "reparam_sums": (False, _choice("skip", "allow"), "skip"),
+    "layer_sums": (False, _choice("skip", "allow"), "skip"),
 }
 _GATE_SCHEMA = {"at": (True, _choice("branch", "output", "after_depthwise", "pre", "post",
                                      "identity"), None)}
@@ -351,7 +353,7 @@ def _parse(text: str, path: str) -> Rule:
                 min_branches_with_conv=m["min_branches_with_conv"], gate_at=gate["at"],
                 existing_gate=m["existing_gate"], depthwise_branch=m["depthwise_branch"],
                 disjoint_branches=m["disjoint_branches"], reparam_sums=m["reparam_sums"],
-                yield_to=f["yield_to"], path=path)
+                layer_sums=m["layer_sums"], yield_to=f["yield_to"], path=path)
 
 
 @functools.lru_cache(maxsize=64)

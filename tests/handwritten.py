@@ -917,3 +917,98 @@ class InlineShapeReadingNet(nn.Module):
 
 
 HANDWRITTEN["shape_reading"] = (ShapeReadingNet, 3, {"residual": 3})
+
+
+class OctaveConv(nn.Module):
+    """An octave convolution (Chen et al., 2019): channels split into a full-resolution and a
+    half-resolution stream, four convolutions between them, each output the sum of two. One
+    layer: its sums are not blocks."""
+
+    def __init__(self, cin, cout, k=3, low_in=True, low_out=True):
+        super().__init__()
+        lin, lout = (cin // 2 if low_in else 0), (cout // 2 if low_out else 0)
+        hin, hout = cin - lin, cout - lout
+        self.hh = nn.Conv2d(hin, hout, k, padding=k // 2, bias=False)
+        self.lh = nn.Conv2d(lin, hout, k, padding=k // 2, bias=False) if lin else None
+        self.hl = nn.Conv2d(hin, lout, k, padding=k // 2, bias=False) if lout else None
+        self.ll = nn.Conv2d(lin, lout, k, padding=k // 2, bias=False) if lin and lout else None
+        self.bn_h = nn.BatchNorm2d(hout)
+        self.bn_l = nn.BatchNorm2d(lout) if lout else None
+
+    def forward(self, x):
+        h, low = x if isinstance(x, tuple) else (x, None)
+        yh = self.hh(h)
+        if low is not None:
+            yh = yh + F.interpolate(self.lh(low), scale_factor=2.0, mode="nearest")
+        if self.hl is None:
+            return self.bn_h(yh), None
+        yl = self.hl(F.avg_pool2d(h, 2))
+        if low is not None:
+            yl = yl + self.ll(low)
+        return self.bn_h(yh), self.bn_l(yl)
+
+    def sums(self):
+        return (self.lh is not None) + (self.ll is not None)
+
+
+class OctaveBottleneck(nn.Module):
+    """A ResNet bottleneck of octave convolutions: a residual block on each stream."""
+
+    def __init__(self, c, mid):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = OctaveConv(c, mid, 1), OctaveConv(mid, mid), \
+            OctaveConv(mid, c, 1)
+
+    def forward(self, x):
+        h, low = x
+        a, b = self.conv1(x)
+        a, b = self.conv2((F.relu(a), F.relu(b)))
+        a, b = self.conv3((F.relu(a), F.relu(b)))
+        return F.relu(a + h), F.relu(b + low)
+
+
+class OctaveNet(nn.Module):
+    def __init__(self, c=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.first = OctaveConv(c, c, low_in=False)
+        self.blocks = nn.Sequential(OctaveBottleneck(c, c // 2), OctaveBottleneck(c, c // 2))
+        self.last = OctaveConv(c, c, low_out=False)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        h, low = self.first(self.stem(x))
+        h, _ = self.last(self.blocks((F.relu(h), F.relu(low))))
+        return self.head(h.mean((2, 3)))
+
+
+class TwoStreamBlock(nn.Module):
+    """A generalised residual block (ResNet in ResNet): a residual stream with an identity
+    shortcut and a transient stream without one, each summing a convolution of both."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.rr, self.tr, self.rt, self.tt = (nn.Conv2d(c, c, 3, padding=1) for _ in range(4))
+        self.bn_r, self.bn_t = nn.BatchNorm2d(c), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        r, t = x
+        r2 = F.relu(self.bn_r(self.rr(r) + self.tr(t) + r))
+        t2 = F.relu(self.bn_t(self.rt(r) + self.tt(t)))
+        return r2, t2
+
+
+class TwoStreamNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem_r, self.stem_t = conv_bn(3, c), conv_bn(3, c)
+        self.blocks = nn.Sequential(*(TwoStreamBlock(c) for _ in range(3)))
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        r, t = self.blocks((F.relu(self.stem_r(x)), F.relu(self.stem_t(x))))
+        return self.head(torch.cat([r, t], 1).mean((2, 3)))
+
+
+HANDWRITTEN["octave"] = (OctaveNet, 4, {"residual": 4})
+HANDWRITTEN["two_streams"] = (TwoStreamNet, 3, {"residual": 3})

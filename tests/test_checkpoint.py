@@ -1109,6 +1109,30 @@ def test_a_recipe_from_before_reparam_sums_loads_its_gates_where_they_were(tmp_p
         torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
 
 
+def test_a_recipe_from_before_layer_sums_reads_them_as_allowed(tmp_path):
+    """Rules in checkpoints written before `layer_sums` existed gated sums of convolutions of
+    parallel streams (an octave convolution's) like any other sum: a recipe without the key
+    reads it as `allow`, so that such gates come back where they were; one written now
+    records `skip`, and both load."""
+    from se_inject.recipe import rules_from
+    m = se_inject.apply(timm.create_model("resnet18", num_classes=10).eval())
+    path = se_inject.save(m, tmp_path / "r.pth")
+    obj = torch.load(path, weights_only=True)
+    recipe = json.loads(obj["se_inject.recipe"])
+    step = recipe["steps"][0]
+    assert [r.layer_sums for r in rules_from(step)] == ["skip", "skip"]
+    for r in step["rules"]:
+        del r["layer_sums"]
+    assert [r.layer_sums for r in rules_from(step)] == ["allow", "allow"]
+    obj["se_inject.recipe"] = json.dumps(recipe)
+    torch.save(obj, path)
+    g = se_inject.load(path).eval()
+    assert [n for n, _ in gates(g)] == [n for n, _ in gates(m)]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), m(x), rtol=0, atol=0)
+
+
 def test_a_checkpoint_from_before_a_block_was_found_loads_with_the_gates_it_had(tmp_path):
     """cspresnet50's checkpoints written before the first block of each CSP stage was found
     hold 9 gates where apply() now places 13: load() places the 9 it records, and the model

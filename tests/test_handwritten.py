@@ -860,6 +860,58 @@ def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
         se_inject.apply(RepBranchNet())
 
 
+def test_an_octave_convolution_is_one_layer_and_its_blocks_are_gated_on_each_stream(tmp_path):
+    """An octave convolution sums convolutions of its two streams, conv(h) + up(conv(low)):
+    one layer, so none of its sums gets a gate (each did, a gate inside every layer, with
+    the gate of the block around it scaling the same tensor again). The bottlenecks' sums are
+    residual blocks, one on each stream; `layer_sums: allow` gates the layers' sums too."""
+    from handwritten import OctaveBottleneck, OctaveConv, OctaveNet
+    model = OctaveNet().eval()
+    layers = [m for m in model.modules() if isinstance(m, OctaveConv)]
+    blocks = [n for n, m in model.named_modules() if isinstance(m, OctaveBottleneck)]
+    p = se_inject.plan(model)
+    assert [s.tensor for s in p] == [f"{b}.conv3.{bn}" for b in blocks for bn in ("bn_h", "bn_l")]
+    in_layers = [s for s in p.skipped if "one layer written in pieces" in s.reason]
+    assert len(in_layers) == sum(m.sums() for m in layers) == 13
+    text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
+    rule = tmp_path / "layers.yaml"
+    rule.write_text(text.replace("layer_sums: skip", "layer_sums: allow"))
+    assert len(se_inject.plan(model, rules=[rule])) == len(p) + 13
+    se_inject.apply(model)
+    m, x = model, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():                    # the forward written out with the paper's gate
+        h, low = m.first(m.stem(x))
+        h, low = F.relu(h), F.relu(low)
+        for b in m.blocks:
+            a, c = b.conv3(tuple(F.relu(t) for t in b.conv2(
+                tuple(F.relu(t) for t in b.conv1((h, low))))))
+            h, low = (F.relu(paper_reference(a, b.se_gate) + h),
+                      F.relu(paper_reference(c, b.se_gate_1) + low))
+        expected = m.head(m.last((h, low))[0].mean((2, 3)))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_two_streams_gate_the_residual_streams_sum_of_branches_only():
+    """ResNet in ResNet: r' = relu(bn(rr(r) + tr(t) + r)), t' = relu(bn(rt(r) + tt(t))). The
+    residual stream's branches, rr(r) + tr(t), get one gate before the shortcut is added; the
+    transient stream, convolutions of the two streams summed without a shortcut, is one layer
+    and gets none (it had one on rt(r) alone, and the residual stream a second gate on rr(r))."""
+    from handwritten import TwoStreamNet
+    model = TwoStreamNet().eval()
+    p = se_inject.plan(model)
+    assert [(s.block, s.tensor) for s in p] == [(f"blocks.{i}", f"blocks.{i}.add")
+                                                for i in range(3)]
+    se_inject.apply(model)
+    m, x = model, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        r, t = F.relu(m.stem_r(x)), F.relu(m.stem_t(x))
+        for b in m.blocks:
+            r, t = (F.relu(b.bn_r(paper_reference(b.rr(r) + b.tr(t), b.se_gate) + r)),
+                    F.relu(b.bn_t(b.rt(r) + b.tt(t))))
+        expected = m.head(torch.cat([r, t], 1).mean((2, 3)))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pad,block", [
     (lambda x: F.pad(x, (1, 1, 1, 1)), False),
     (torch.nn.ZeroPad2d(1), False),
