@@ -32,7 +32,7 @@ from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
-from .kinds import flat, reads_metadata_only
+from .kinds import flat, value_readers
 from .shapes import VALUE
 from .trace import is_container, op_text
 
@@ -94,12 +94,6 @@ _SUM_METHODS = {"add", "add_", "__iadd__"}
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, "mul", "mul_", "__imul__"}
 _VIEWS = {"view", "reshape", "unsqueeze", "to", "type_as", "expand_as", torch.reshape,
           torch.unsqueeze}
-
-
-def _value_readers(node: fx.Node) -> list[fx.Node]:
-    """The ops that read ``node``'s values (not only its shape, dtype or device): scaling it
-    changes what they compute."""
-    return [u for u in node.users if not reads_metadata_only(u, node)]
 
 
 def _parameter_behind(node: fx.Node) -> str | None:
@@ -193,7 +187,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
     def walk(node: fx.Node, first: bool) -> None:
         # every reader of a gated output goes through the gate; any other tensor on the way
         # must have one reader, or scaling what makes it would change the others
-        readers = _value_readers(node)
+        readers = value_readers(node)
         if not (first and not branch) and len(readers) != 1:
             raise refuse(f"{op_text(node)} is used by {len(readers)} ops; scaling what makes "
                          "it would change the others")

@@ -143,6 +143,11 @@ def reads_metadata_only(user: fx.Node, node: fx.Node) -> bool:
     return False
 
 
+def value_readers(node: fx.Node) -> list[fx.Node]:
+    """The ops that read ``node``'s values, not only its shape, dtype or device."""
+    return [u for u in node.users if not reads_metadata_only(u, node)]
+
+
 # Stochastic depth: a residual branch dropped per sample in training (timm's DropPath,
 # torchvision's StochasticDepth and stochastic_depth), identity in eval mode.
 _DROP_MODULES: tuple[type, ...] = ()

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from .graph import CHANNEL_DIM, ROOT, GraphView, height_width
-from .kinds import drop_path_input, layer_kind, reads_metadata_only
+from .kinds import drop_path_input, layer_kind, reads_metadata_only, value_readers
 from .rules import Rule
 from .trace import Frame
 
@@ -378,7 +378,7 @@ def _conv_pieces(view: GraphView, node, region: set, inputs: list) -> bool:
     ``node`` is neither, or if a layer besides the sum reads it or anything on its way."""
     kinds = view.kinds
     while node in region:
-        if sum(1 for u in node.users if not reads_metadata_only(u, node)) != 1:
+        if len(value_readers(node)) != 1:
             return False  # a tensor other layers read too: a stream, not a piece of a layer
         kind = kinds[node]
         if kind == "add":
@@ -414,9 +414,8 @@ def _convolved(view: GraphView, node, region: set) -> bool:
     while node in region:
         if view.kinds[node] in _CONV_KINDS:
             return True
-        readers = [u for u in node.users if not reads_metadata_only(u, node)]
         ins = [p for p in view.preds[node] if not reads_metadata_only(node, p)]
-        if len(readers) != 1 or len(ins) != 1:
+        if len(value_readers(node)) != 1 or len(ins) != 1:
             return False
         node = ins[0]
     return False
