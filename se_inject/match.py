@@ -206,7 +206,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return NOT_A_FEATURE_MAP + (" (channels-last tokens, as a transformer's, no "
                                     "convolution in its branches)")
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
-        return f"fewer than {rule.min_branches_with_conv} branch(es) with a convolution"
+        n = rule.min_branches_with_conv
+        return "no branch with a convolution" if n == 1 else \
+            f"fewer than {n} branches with a convolution"
     if rule.disjoint_branches and _overlap(branches):
         return "its branches share layers (a channel split, not parallel branches)"
     if rule.disjoint_branches and entry.op in ("call_function", "call_method") \

@@ -792,6 +792,28 @@ def test_channels_last_token_sums_are_not_feature_maps():
         se_inject.apply(TokensLastNet())
 
 
+def test_a_map_added_to_itself_or_to_its_pooling_is_no_block():
+    """``y + y`` (a block whose shortcut is, at stride 2, its own output, as a CIFAR
+    EfficientNet writes ``out + (self.shortcut(x) if self.stride == 1 else out)``) and
+    ``y + pool(y)``: no branch holds a convolution, and the plan says so."""
+    from handwritten import conv_bn
+
+    class Doubling(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(3, 8), conv_bn(8, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            y = y + y
+            z = self.b(F.relu(y))
+            return (z + F.avg_pool2d(z, 3, 1, 1)).mean((2, 3))
+
+    p = se_inject.plan(Doubling())
+    assert not p.sites
+    assert [s.reason for s in p.skipped] == ["no branch with a convolution"] * 2
+
+
 def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
     from handwritten import SplitNet
     model = SplitNet().eval()
@@ -799,7 +821,7 @@ def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
     assert [(s.rule, s.channels) for s in p] == [("residual", 24)]  # all 24 channels, not 16
     reasons = {s.merge: s.reason for s in p.skipped}
     assert "share layers (a channel split" in reasons["partial.cat"]
-    assert reasons["split.cat"] == "fewer than 2 branch(es) with a convolution"  # one conv side
+    assert reasons["split.cat"] == "fewer than 2 branches with a convolution"  # one conv side
     se_inject.apply(model)
     assert [n for n, _ in gates(model)] == ["partial.se_gate"]  # not inside the Sequential conv2
     assert len(model.partial.conv2) == 2
