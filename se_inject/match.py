@@ -42,6 +42,9 @@ REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
 
+SQUEEZE_ONLY = ("a sum read only by the squeeze of channel gates that scale other tensors (a "
+                "selective-kernel unit's sum of its branches, pooled into the attention that "
+                "weighs them): part of those gates, whose block keeps just them")
 SPLIT_LAYER = ("a sum of single convolutions of parallel streams, none of them the block's "
                "input (an octave convolution; a two-stream block's cross-stream sum): one layer "
                "written in pieces, not a block")
@@ -228,6 +231,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return SPLIT_LAYER
     if rule.existing_gate == "skip" and not view.of_kinds("chgate").isdisjoint(region):
         return HOLDS_A_GATE
+    if rule.existing_gate == "skip" and _squeezed_only(view, merge):
+        return SQUEEZE_ONLY
     # the residual branch: an operand with a convolution on every path from the entry (not
     # the shortcut, nor a partial sum holding it, as ``x + a`` in ``x + a + b``), then the one
     # with most convolutions, then most nodes, then the first
@@ -550,6 +555,38 @@ def _global_pool(view: GraphView, node: fx.Node) -> bool:
     if target is operator.getitem and isinstance(node.args[0], fx.Node):  # x.max((2, 3))[0]
         target = node.args[0].target
     return getattr(target, "__name__", target) in _REDUCTIONS
+
+
+def _squeezed_only(view: GraphView, merge, reach: int = 64) -> bool:
+    """Whether the values of ``merge`` reach nothing but the scales of channel gates: every
+    op that reads it pools it to one value per channel, and everything computed from those
+    values (never a map of several pixels) ends in the scale of a channel gate's product
+    (SKNet's selective kernel: ``u = a + b`` is pooled into the attention that weighs a and
+    b). A sum whose pooled values reach a classifier's output is a block."""
+    g = view.graph
+    seen, stack, gates = {merge}, [merge], 0
+    while stack:
+        n = stack.pop()
+        for u in value_readers(n):
+            if u in seen:
+                continue
+            a = g.nodes[u] if u in g else None
+            if a is None or u.op == "output":
+                return False
+            if n is merge and not _global_pool(view, u):
+                return False
+            if a["kind"] == "chgate" and n is not merge:
+                gates += 1
+                continue
+            shape = a.get("shape")
+            if shape is not None and len(shape) == 4 and \
+                    height_width(shape, a["layout"]) != (1, 1):
+                return False
+            seen.add(u)
+            stack.append(u)
+            if len(seen) > reach:
+                return False
+    return gates > 0
 
 
 def _is_split_piece(node: fx.Node) -> bool:

@@ -1012,3 +1012,45 @@ class TwoStreamNet(nn.Module):
 
 HANDWRITTEN["octave"] = (OctaveNet, 4, {"residual": 4})
 HANDWRITTEN["two_streams"] = (TwoStreamNet, 3, {"residual": 3})
+
+
+class SelectiveKernel(nn.Module):
+    """SKNet's selective kernel, its branches summed with ``+``: ``u = a + b`` is pooled into
+    an attention that weighs a and b, one value per channel each (a channel gate)."""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.a = nn.Sequential(*conv_bn(c, c), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2, bias=False),
+                               nn.BatchNorm2d(c), nn.ReLU())
+        self.fc = nn.Sequential(nn.Linear(c, c // r), nn.ReLU())
+        self.fa, self.fb = nn.Linear(c // r, c), nn.Linear(c // r, c)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        z = self.fc((a + b).mean((2, 3)))
+        w = torch.softmax(torch.stack([self.fa(z), self.fb(z)], 1), 1)
+        return a * w[:, 0, :, None, None] + b * w[:, 1, :, None, None]
+
+
+class SKBottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.sk, self.conv3 = conv_bn(c, c, 1), SelectiveKernel(c), conv_bn(c, c, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv3(self.sk(F.relu(self.conv1(x)))))
+
+
+class SKNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.blocks = nn.Sequential(SKBottleneck(c), SKBottleneck(c))
+        self.last = branch(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.stem(x)))
+        return self.head((x + self.last(x)).mean((2, 3)))  # a block pooled into the head
+HANDWRITTEN["selective_kernel"] = (SKNet, 1, {"residual": 1})

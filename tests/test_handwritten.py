@@ -814,6 +814,29 @@ def test_a_map_added_to_itself_or_to_its_pooling_is_no_block():
     assert [s.reason for s in p.skipped] == ["no branch with a convolution"] * 2
 
 
+def test_a_selective_kernel_keeps_its_own_gates_and_a_sum_pooled_into_the_head_is_a_block(
+        tmp_path):
+    """SKNet's unit sums its branches, ``u = a + b``, only to pool u into the attention that
+    weighs a and b: a sum of its channel gates' squeeze, not a block (it got a gate on a
+    inside the unit). Its bottleneck holds those gates and keeps just them. A residual sum
+    pooled straight into the classifier is a block; with `existing_gate: allow` the unit's
+    sum is gated as before."""
+    from handwritten import SKNet
+    model = SKNet().eval()
+    p = se_inject.plan(model)
+    assert [(s.block, s.tensor) for s in p] == [("", "last.4")]
+    reasons = {s.merge: s.reason for s in p.skipped}
+    assert all(reasons[f"blocks.{i}.sk.add"].startswith("a sum read only by the squeeze")
+               for i in (0, 1))
+    assert all(reasons[f"blocks.{i}.{m}"] == "the block already holds a channel gate (SE, ECA...)"
+               for i in (0, 1) for m in ("sk.add_1", "add"))
+    text = (se_inject.rules.builtin_rules_dir() / "residual.yaml").read_text()
+    rule = tmp_path / "allow.yaml"
+    rule.write_text(text.replace("existing_gate: skip", "existing_gate: allow"))
+    assert {"blocks.0.sk.a.2", "blocks.1.sk.a.2"} <= {
+        s.tensor for s in se_inject.plan(model, rules=[rule])}
+
+
 def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
     from handwritten import SplitNet
     model = SplitNet().eval()
