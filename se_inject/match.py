@@ -575,7 +575,7 @@ def _squeezed_only(view: GraphView, merge, reach: int = 64) -> bool:
                 return False
             if n is merge and not _global_pool(view, u):
                 return False
-            if a["kind"] == "chgate" and n is not merge:
+            if a["kind"] == "chgate":  # (reached from a pooled value: as the scale)
                 gates += 1
                 continue
             shape = a.get("shape")
