@@ -42,6 +42,9 @@ REPARAM_SUM = ("a sum of parallel branches with at most one convolution each and
                "nonlinear: one convolution in re-parameterisable form (RepVGG, MobileOne), not a "
                "block")
 
+BROADCAST = ("an operand broadcasts one value per channel or per pixel to the map's size (an "
+             "attention map's logits, as BAM sums its channel and spatial attention), not a "
+             "feature map")
 SQUEEZE_ONLY = ("a sum read only by the squeeze of channel gates that scale other tensors (a "
                 "selective-kernel unit's sum of its branches, pooled into the attention that "
                 "weighs them): part of those gates, whose block keeps just them")
@@ -195,6 +198,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
             NOT_A_FEATURE_MAP + " (channels-last, with operands that are not)"
     if kind == "cat" and (not isinstance(dim, int) or dim % 4 != CHANNEL_DIM[layout]):
         return "not a concatenation along channels"
+    if any(_broadcast(g, o) for _, o in acts):
+        return BROADCAST
     if rule.equal_shapes and len({g.nodes[o]["shape"] for _, o in acts}) > 1:
         return "operands differ in shape"
     entry = idom.get(merge)
@@ -555,6 +560,22 @@ def _global_pool(view: GraphView, node: fx.Node) -> bool:
     if target is operator.getitem and isinstance(node.args[0], fx.Node):  # x.max((2, 3))[0]
         target = node.args[0].target
     return getattr(target, "__name__", target) in _REDUCTIONS
+
+
+def _broadcast(g: nx.DiGraph, node: fx.Node) -> bool:
+    """Whether ``node`` expands (``expand``, ``expand_as``) a tensor of one channel or one
+    pixel to a map's size: an attention map (BAM's ``channel(x).expand_as(x) +
+    spatial(x).expand_as(x)``), not a map of features."""
+    if node.op != "call_method" or node.target not in ("expand", "expand_as"):
+        return False
+    src = node.args[0]
+    a = g.nodes[src] if src in g else {}
+    s = a.get("shape")
+    if s is None or len(s) != 4:
+        return False
+    if a.get("layout") == "nhwc":
+        return s[3] == 1 or s[1] == s[2] == 1
+    return s[1] == 1 or s[2] == s[3] == 1
 
 
 def _squeezed_only(view: GraphView, merge, reach: int = 64) -> bool:

@@ -1054,3 +1054,36 @@ class SKNet(nn.Module):
         x = self.blocks(F.relu(self.stem(x)))
         return self.head((x + self.last(x)).mean((2, 3)))  # a block pooled into the head
 HANDWRITTEN["selective_kernel"] = (SKNet, 1, {"residual": 1})
+
+
+class BottleneckAttention(nn.Module):
+    """BAM as its paper writes it, x * (1 + sigmoid(Mc(x) + Ms(x))): a channel attention and
+    a spatial attention, each broadcast to the map's size, summed."""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.channel = nn.Sequential(nn.Linear(c, c // r), nn.ReLU(), nn.Linear(c // r, c))
+        self.spatial = nn.Sequential(nn.Conv2d(c, c // r, 1), nn.BatchNorm2d(c // r), nn.ReLU(),
+                                     nn.Conv2d(c // r, c // r, 3, padding=2, dilation=2),
+                                     nn.BatchNorm2d(c // r), nn.ReLU(), nn.Conv2d(c // r, 1, 1))
+
+    def forward(self, x):
+        mc = self.channel(x.mean((2, 3)))[:, :, None, None].expand_as(x)
+        ms = self.spatial(x).expand_as(x)
+        return x * (1 + torch.sigmoid(mc + ms))
+
+
+class BAMNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1, self.bam, self.b2 = branch(c), BottleneckAttention(c), branch(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = self.bam(F.relu(x + self.b1(x)))
+        return self.head(F.relu(x + self.b2(x)).mean((2, 3)))
+
+
+HANDWRITTEN["bottleneck_attention"] = (BAMNet, 2, {"residual": 2})

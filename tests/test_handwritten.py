@@ -837,6 +837,20 @@ def test_a_selective_kernel_keeps_its_own_gates_and_a_sum_pooled_into_the_head_i
         s.tensor for s in se_inject.plan(model, rules=[rule])}
 
 
+def test_a_sum_of_broadcast_attention_maps_is_no_block():
+    """BAM sums its channel attention, (N, C, 1, 1), and its spatial attention, (N, 1, H, W),
+    each expanded to the map's size: a sum of equal shapes with a convolution in one branch,
+    which got a gate on the spatial attention's logits. Neither operand is a feature map."""
+    from handwritten import BAMNet
+    p = se_inject.plan(BAMNet())
+    assert [s.tensor for s in p] == ["b1.4", "b2.4"]
+    reasons = {s.merge: s.reason for s in p.skipped}
+    assert reasons["bam.add"] == (
+        "an operand broadcasts one value per channel or per pixel to the map's size (an "
+        "attention map's logits, as BAM sums its channel and spatial attention), not a "
+        "feature map")
+
+
 def test_partial_residual_gates_the_whole_branch_and_a_split_is_no_inception():
     from handwritten import SplitNet
     model = SplitNet().eval()
