@@ -27,6 +27,9 @@ ROOT = "__se_inject_root__"  # virtual source of every model input, for dominato
 # Kinds whose 4-D output is channel-first whatever their input was.
 _NCHW_PRODUCERS = {"conv", "pool"}
 
+EXPANDS = ("expand", "expand_as")  # tensor methods that broadcast a tensor to a larger shape
+
+
 def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
     """``u * s`` where ``s`` is one value per channel (N, C, 1, 1), or (N, 1, 1, C) on a
     channels-last map, computed from ``u``: the scale of a squeeze-and-excitation, ECA or
@@ -38,7 +41,7 @@ def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
     h, w = (d for d in (1, 2, 3) if d != c)
     ins = list(g.predecessors(node))
     for u, s in ((x, y) for x in ins for y in ins if x is not y):
-        while getattr(s, "target", None) in ("expand", "expand_as"):  # ECA broadcasts its scale
+        while getattr(s, "target", None) in EXPANDS:  # ECA broadcasts its scale
             s = s.args[0]
         su, ss = g.nodes[u].get("shape"), g.nodes[s].get("shape") if s in g else None
         if not (su and ss and len(su) == 4 and len(ss) == 4 and ss[c] == su[c] > 1

@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .graph import CHANNEL_DIM, ROOT, GraphView, height_width
+from .graph import CHANNEL_DIM, EXPANDS, ROOT, GraphView, height_width
 from .kinds import drop_path_input, layer_kind, reads_metadata_only, value_readers
 from .rules import Rule
 from .trace import Frame
@@ -566,7 +566,7 @@ def _broadcast(g: nx.DiGraph, node: fx.Node) -> bool:
     """Whether ``node`` expands (``expand``, ``expand_as``) a tensor of one channel or one
     pixel to a map's size: an attention map (BAM's ``channel(x).expand_as(x) +
     spatial(x).expand_as(x)``), not a map of features."""
-    if node.op != "call_method" or node.target not in ("expand", "expand_as"):
+    if node.op != "call_method" or node.target not in EXPANDS:
         return False
     src = node.args[0]
     a = g.nodes[src] if src in g else {}
