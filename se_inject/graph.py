@@ -155,7 +155,7 @@ class GraphView:
         """A readable name for the tensor a node yields: the module path, or scope.op, numbered
         from a scope's second op of the kind (``layer1.0.add``, ``layer1.0.add_1``)."""
         if node.op == "call_module":
-            return str(node.target)
+            return called_as(self.modules, node)
         if node.op == "placeholder":
             return f"input:{node.target}"
         label = self._labels.get(node)
@@ -174,6 +174,22 @@ class GraphView:
                 seen[base] = k + 1
                 labels[node] = f"{base}_{k}" if k else base
         return labels
+
+
+def called_as(modules: dict[str, nn.Module], node: fx.Node) -> str:
+    """A called module's path as the calling forward reaches it (``modules``: the model's
+    named_modules). fx names a module held under several names by its first, which may sit in
+    another block: a default activation that every conv unit of a model shares, as YOLO's
+    ``Conv.default_act``, would be ``model.0.act`` in every block."""
+    target, scope = str(node.target), node.meta.get(SCOPE, Frame("")).qualname
+    caller = modules.get(scope) if scope else None
+    if caller is None or target.startswith(scope + "."):
+        return target
+    module = modules.get(target)
+    for name, sub in caller.named_modules(remove_duplicate=False):
+        if sub is module and name:
+            return f"{scope}.{name}"
+    return target
 
 
 def _label(frame: Frame, node: fx.Node) -> str:

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
+from .graph import called_as
 from .kinds import flat, value_readers
 from .shapes import VALUE
 from .trace import is_container, op_text
@@ -198,13 +199,15 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 own = _sequential_params(m)
             if own:
                 if calls[node.target] != 1:
-                    raise refuse(f"`{node.target}` is called {calls[node.target]} times")
+                    raise refuse(f"`{called_as(modules, node)}` is called {calls[node.target]} "
+                                 "times")
                 found.extend(_tensor_to_scale(modules, params, buffers, f"{node.target}.{p}",
                                               refuse) for p in own)
                 return
             if _passes(m):
                 return walk(_only_tensor_input(node, refuse), False)
-            raise refuse(f"`{node.target}` ({type(m).__name__}) does not scale with its input")
+            raise refuse(f"`{called_as(modules, node)}` ({type(m).__name__}) does not scale "
+                         "with its input")
         if node.op == "get_attr":  # a tensor the op reads as it is: a parameter scales
             if node.target not in params:
                 raise refuse(f"`{node.target}` is a buffer or a constant, not a parameter")

@@ -18,7 +18,8 @@ class Site:
     """One gate to insert.
 
     block:    qualified name of the module whose forward holds the merge ("" is the model)
-    tensor:   the tensor the gate scales (a module path, or ``block.op`` for a function)
+    tensor:   the tensor the gate scales (the path of the module that makes it, as the block's
+              forward calls it, or ``block.op`` for a function)
     channels: channels of that tensor (C); reduced: width of the gate's bottleneck (C // r;
               None for gates without one: ECA, effective SE)
     rule:     the rule that matched; position: where the rule puts the gate ("branch": before

@@ -1087,3 +1087,58 @@ class BAMNet(nn.Module):
 
 
 HANDWRITTEN["bottleneck_attention"] = (BAMNet, 2, {"residual": 2})
+
+
+class YoloConv(nn.Module):
+    """A conv unit as YOLO writes it: one activation module, a class attribute, that every
+    unit of the model registers as its own ``act`` (fx names it by its first path)."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, cin, cout, k=1, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.act = self.default_act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class YoloBottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = YoloConv(c, c, 3), YoloConv(c, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class YoloC2f(nn.Module):
+    """Split in two, a chain of bottlenecks on the second half, every piece concatenated."""
+
+    def __init__(self, cin, cout, n=2):
+        super().__init__()
+        self.c = cout // 2
+        self.cv1 = YoloConv(cin, 2 * self.c)
+        self.cv2 = YoloConv((2 + n) * self.c, cout)
+        self.m = nn.ModuleList(YoloBottleneck(self.c) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class YoloNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.layers = nn.Sequential(YoloConv(3, c, 3, 2), YoloC2f(c, c),
+                                    YoloConv(c, 2 * c, 3, 2), YoloC2f(2 * c, 2 * c))
+        self.head = nn.Linear(2 * c, 10)
+
+    def forward(self, x):
+        return self.head(self.layers(x).mean((2, 3)))
+
+
+HANDWRITTEN["yolo_shared_act"] = (YoloNet, 4, {"residual": 4})

@@ -1892,3 +1892,33 @@ def test_random_numbers_another_thread_draws_meanwhile_do_not_count():
         stop.set()
         other.join()
         sys.setswitchinterval(interval)
+
+
+def test_a_module_every_unit_shares_is_named_where_each_block_calls_it():
+    """YOLO's conv units share one activation module (``Conv.default_act``), which fx names by
+    its first path, ``layers.0.act``, in every block. Each gate scales its own bottleneck's
+    ``cv2`` output, and the plan and messages name the activation as that block calls it."""
+    from handwritten import YoloNet
+    model = YoloNet().eval()
+    randomize_norms(model)
+    p = se_inject.plan(model)
+    blocks = [f"layers.{i}.m.{j}" for i in (1, 3) for j in (0, 1)]
+    assert [(s.block, s.tensor) for s in p] == [(b, f"{b}.cv2.act") for b in blocks]
+    with pytest.raises(se_inject.SEInjectError, match=r"`layers\.1\.m\.0\.cv2\.act` \(SiLU\)"):
+        se_inject.apply(copy.deepcopy(model), init="identity")
+    se_inject.apply(model)
+    m, x = model, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for b in [m.get_submodule(b) for b in blocks]:
+            b.se_gate.fc2.bias.normal_()
+        h = x
+        for layer in m.layers:
+            if hasattr(layer, "m"):
+                y = list(layer.cv1(h).chunk(2, 1))
+                for b in layer.m:
+                    y.append(y[-1] + paper_reference(b.cv2.act(b.cv2.bn(b.cv2.conv(
+                        b.cv1(y[-1])))), b.se_gate))
+                h = layer.cv2(torch.cat(y, 1))
+            else:
+                h = layer(h)
+        torch.testing.assert_close(model(x), m.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
