@@ -907,6 +907,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
              "and would not (trace nn.Sequential(model) instead), and other methods of "
              f"{cls} that hold those sites, called directly, run without them.")
     _warn_left(model, prepared)
+    _warn_sequential(model, p.sites)
     reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
     if reading:
         warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
@@ -916,6 +917,23 @@ def apply(model: nn.Module, ratio: int | dict = 16,
              "forward generated from a trace would keep at the input size for every "
              "size. se_inject.plan(model).skipped lists them.")
     return model
+
+
+def _warn_sequential(model: nn.Module, sites: Sequence[Site]) -> None:
+    """One warning naming the gates that became layers of an nn.Sequential subclass with a
+    forward of its own (``x + super().forward(x)``): the block's module, so the gate's owner."""
+    owned = [(s.block, s.gate) for s in sites
+             if s.block and isinstance(model.get_submodule(s.block), nn.Sequential)]
+    if not owned:
+        return
+    block, more = owned[0][0], len(owned) - 1
+    gate = [g for b, g in owned if b == block][-1]
+    cls = type(model.get_submodule(block)).__name__
+    warn(f"{len(owned)} gate(s) are layers of an nn.Sequential with a forward of its own "
+         f"({cls} `{block}`{f' and {more} more' if more else ''}): the block's rewritten forward "
+         "calls each gate once where the plan puts it, but len(), indexing and iteration of "
+         f"such a block now count its gate (`{block}[-1]` is `{gate}`). se_inject.remove() "
+         "takes them out again.")
 
 
 def _warn_left(model: nn.Module, prepared) -> None:

@@ -1142,3 +1142,27 @@ class YoloNet(nn.Module):
 
 
 HANDWRITTEN["yolo_shared_act"] = (YoloNet, 4, {"residual": 4})
+
+
+class SequentialResidual(nn.Sequential):
+    """A residual block that is an nn.Sequential of its branch's layers, with its own forward."""
+
+    def __init__(self, c):
+        super().__init__(*branch(c))
+
+    def forward(self, x):
+        return F.relu(x + super().forward(x))
+
+
+class SequentialResidualNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.blocks = nn.Sequential(SequentialResidual(c), SequentialResidual(c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
+
+
+HANDWRITTEN["sequential_subclass"] = (SequentialResidualNet, 2, {"residual": 2})

@@ -1922,3 +1922,34 @@ def test_a_module_every_unit_shares_is_named_where_each_block_calls_it():
             else:
                 h = layer(h)
         torch.testing.assert_close(model(x), m.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sequential_with_its_own_forward_owns_its_block_and_apply_says_its_gate_is_a_layer():
+    """``class Block(nn.Sequential)`` returning ``relu(x + super().forward(x))``: the gate is
+    registered on the block, so it is one of its layers (len 5 -> 6, ``block[-1]`` is the
+    gate); apply() says so. The rewritten forward runs each layer and the gate once, as the
+    paper's formula written out; remove() gives back the five layers and the plain output."""
+    from handwritten import SequentialResidualNet
+    model = SequentialResidualNet().eval()
+    randomize_norms(model)
+    plain, x = copy.deepcopy(model), torch.randn(2, 3, 16, 16)
+    assert [s.tensor for s in se_inject.plan(model)] == ["blocks.0.4", "blocks.1.4"]
+    with pytest.warns(UserWarning, match=r"nn\.Sequential with a forward of its own "
+                      r"\(SequentialResidual `blocks\.0` and 1 more\).*"
+                      r"`blocks\.0\[-1\]` is `blocks\.0\.se_gate`"):
+        se_inject.apply(model)
+    assert [len(b) for b in model.blocks] == [6, 6]
+    assert all(b[-1] is b.se_gate for b in model.blocks)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.se_gate.fc2.bias.normal_()
+        h = F.relu(model.stem(x))
+        for b in model.blocks:
+            y = h
+            for layer in list(b)[:5]:
+                y = layer(y)
+            h = F.relu(h + paper_reference(y, b.se_gate))
+        torch.testing.assert_close(model(x), model.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
+        se_inject.remove(model)
+        assert [len(b) for b in model.blocks] == [5, 5]
+        assert torch.equal(model(x), plain(x))
