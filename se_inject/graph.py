@@ -9,6 +9,7 @@ gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), `
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 import networkx as nx
@@ -33,29 +34,73 @@ EXPANDS = ("expand", "expand_as")  # tensor methods that broadcast a tensor to a
 def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
     """``u * s`` where ``s`` is one value per channel (N, C, 1, 1), or (N, 1, 1, C) on a
     channels-last map, computed from ``u``: the scale of a squeeze-and-excitation, ECA or
-    similar gate, whatever code wrote it."""
+    similar gate, whatever code wrote it. Also one value per channel of each path of a stack
+    of paths, u (N, P, C, H, W) and s (N, P, C, 1, 1): the split attention of ResNeSt and the
+    selective kernel of SKNet, written with their paths stacked (with one path, ResNeSt's is
+    an SE gate on a 4-D map)."""
     a = g.nodes[node]
     c = CHANNEL_DIM.get(a["layout"])
-    if a["kind"] != "mul" or c is None:
+    if a["kind"] != "mul" or (c is None and a["ndim"] != 5):
         return False
-    h, w = (d for d in (1, 2, 3) if d != c)
     ins = list(g.predecessors(node))
     for u, s in ((x, y) for x in ins for y in ins if x is not y):
         while getattr(s, "target", None) in EXPANDS:  # ECA broadcasts its scale
             s = s.args[0]
         su, ss = g.nodes[u].get("shape"), g.nodes[s].get("shape") if s in g else None
-        if not (su and ss and len(su) == 4 and len(ss) == 4 and ss[c] == su[c] > 1
-                and ss[h] == ss[w] == 1 and su[h] * su[w] > 1):
+        if not (su and ss and _per_channel(su, ss, c)) or _inverse_statistic(s):
             continue
-        seen, stack = {s}, [s]  # is u among s's nearby ancestors?
+        seen, stack = {s}, [s]  # is u among s's nearby ancestors (tensors, not sizes)?
         while stack and len(seen) < reach:
             for p in g.predecessors(stack.pop()):
                 if p is u:
                     return True
-                if p not in seen:
+                if p not in seen and _holds_tensors(p):
                     seen.add(p)
                     stack.append(p)
     return False
+
+
+# ops that leave a tensor's values as they are (a cast, a view), and those that make a scale
+# the inverse of a statistic: a normalization's divisor, not a gate's output
+_AS_IS = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "view", "reshape",
+          "unsqueeze", "squeeze", "flatten"}
+_INVERSES = {torch.rsqrt, "rsqrt", "rsqrt_", torch.reciprocal, "reciprocal", "reciprocal_"}
+_POWERS = {operator.pow, torch.pow, "pow", "pow_", "__pow__"}
+
+
+def _inverse_statistic(s) -> bool:
+    """A scale made by ``rsqrt``, ``reciprocal`` or a negative power (after casts and views):
+    a map divided by a statistic of its own, as Filter Response Normalization's
+    ``x * rsqrt(mean(x**2) + eps)`` or an instance norm written out does, is normalised, not
+    gated."""
+    while isinstance(s, fx.Node) and s.op in ("call_method", "call_function") and \
+            getattr(s.target, "__name__", s.target) in _AS_IS and s.args:
+        s = s.args[0]
+    if not (isinstance(s, fx.Node) and s.op in ("call_method", "call_function")):
+        return False
+    if s.target in _POWERS and len(s.args) == 2:  # var ** -0.5
+        return isinstance(s.args[1], (int, float)) and s.args[1] < 0
+    return s.target in _INVERSES
+
+
+def _holds_tensors(node) -> bool:
+    """A tensor, or pieces of one (chunk, split): not a size read off a shape, which leads back
+    to wherever that shape was read."""
+    value = node.meta.get(VALUE) if isinstance(node, fx.Node) else None
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def _per_channel(su: tuple, ss: tuple, c: int | None) -> bool:
+    """Whether ``ss`` is one value per channel of a map of shape ``su`` (channels at ``c`` of a
+    4-D map; None: a stack of paths, (N, P, C, H, W))."""
+    if c is None:
+        return len(su) == len(ss) == 5 and ss == (*su[:3], 1, 1) and su[2] > 1 and \
+            su[3] * su[4] > 1
+    h, w = (d for d in (1, 2, 3) if d != c)
+    return len(su) == len(ss) == 4 and ss[c] == su[c] > 1 and ss[h] == ss[w] == 1 and \
+        su[h] * su[w] > 1
 
 
 def _permuted_layout(layout: str, dims: tuple[int, ...]) -> str:

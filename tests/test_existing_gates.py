@@ -87,3 +87,84 @@ def test_cbam_is_a_gate_its_pooled_sum_is_no_block_and_allowing_gates_adds_none_
                                  "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
     p = se_inject.plan(model, rules=[str(rule)], input_size=(3, 64, 64))
     assert sorted(s.block for s in p) == blocks and {s.spatial for s in p} != {(1, 1)}
+
+
+def _allowing(tmp_path):
+    rule = tmp_path / "regate.yaml"
+    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
+                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
+    return str(rule)
+
+
+@pytest.mark.parametrize("name,radix", [("resnest14d", 2), ("resnest50d_1s4x24d", 1),
+                                        ("skresnet18", 2)])
+def test_split_attention_is_a_channel_gate_with_one_path_or_several(name, radix, tmp_path):
+    """ResNeSt's split attention and SKNet's selective kernel weigh each channel of each path by
+    a value computed from the map: with one path an SE gate on a 4-D map, with several one on
+    the stacked paths, (N, P, C, H, W) * (N, P, C, 1, 1). Either way their blocks keep just it
+    (with two paths they got a second gate, with one they did not); a rule with
+    `existing_gate: allow` gates them."""
+    model = timm.create_model(name, pretrained=False)
+    units = {n: m for n, m in model.named_modules()
+             if type(m).__name__ in ("SplitAttn", "SelectiveKernel")}
+    assert {getattr(m, "radix", len(getattr(m, "paths", ()))) for m in units.values()} == {radix}
+    blocks = sorted(n.rsplit(".", 1)[0] for n in units)
+    p = se_inject.plan(model, input_size=(3, 64, 64))
+    assert len(p) == 0 and len(blocks) > 0
+    assert sorted(s.merge.rsplit(".", 1)[0] for s in p.skipped if s.reason == HOLDS) == blocks
+    p = se_inject.plan(model, rules=[_allowing(tmp_path)], input_size=(3, 64, 64))
+    assert sorted(s.block for s in p) == blocks
+
+
+def test_a_per_channel_affine_cast_to_the_maps_dtype_is_no_gate():
+    """EvoNorm-S0's affine, ``x * weight.view(1, -1, 1, 1).to(x.dtype)``, reads the map's
+    dtype, not its values: resnetv2_50d_evos's blocks, each taken to hold a gate, are gated
+    where resnetv2_50d's are."""
+    evos = se_inject.plan(timm.create_model("resnetv2_50d_evos"), input_size=(3, 64, 64))
+    plain = se_inject.plan(timm.create_model("resnetv2_50d"), input_size=(3, 64, 64))
+    assert len(evos) == 16
+    assert [(s.block, s.tensor) for s in evos] == [(s.block, s.tensor) for s in plain]
+
+
+class _NormedBlock(torch.nn.Module):
+    """conv-bn-relu-conv, then one value per channel computed from the map scales it."""
+
+    def __init__(self, scale, c=8):
+        super().__init__()
+        self.conv1, self.conv2 = (torch.nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+        self.fc = torch.nn.Conv2d(c, c, 1)
+        self.scale = scale
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return x + y * self.scale(self, y)
+
+
+def _ms(y):
+    return y.pow(2).mean((2, 3), keepdim=True) + 1e-5
+
+
+@pytest.mark.parametrize("scale,gate", [
+    (lambda m, y: torch.rsqrt(_ms(y)), False),                    # Filter Response Norm
+    (lambda m, y: _ms(y).rsqrt().to(y.dtype), False),
+    (lambda m, y: _ms(y).reciprocal(), False),
+    (lambda m, y: _ms(y) ** -0.5, False),
+    (lambda m, y: torch.sigmoid(m.fc(y.mean((2, 3), keepdim=True))), True),  # SE
+    (lambda m, y: _ms(y) ** 0.5, True),
+], ids=["rsqrt", "rsqrt_cast", "reciprocal", "power", "sigmoid", "root"])
+def test_a_map_divided_by_a_statistic_of_its_own_is_normalised_not_gated(scale, gate):
+    """Filter Response Normalization scales each channel by rsqrt(mean(x**2) + eps): one value
+    per channel computed from the map, as a gate's scale is, but the inverse of a statistic,
+    a normalization. Its blocks get their gate (resnetv2_50d_frn's 16 blocks, each with three
+    such norms, are gated where resnetv2_50d's are); an SE's sigmoid is a gate."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), _NormedBlock(scale))
+    p = se_inject.plan(model, input_size=(3, 16, 16))
+    assert [s.block for s in p] == ([] if gate else ["1"])
+    assert len([s for s in p.skipped if s.reason == HOLDS]) == gate
+
+
+def test_filter_response_norm_is_no_gate():
+    frn = se_inject.plan(timm.create_model("resnetv2_50d_frn"), input_size=(3, 64, 64))
+    plain = se_inject.plan(timm.create_model("resnetv2_50d"), input_size=(3, 64, 64))
+    assert len(frn) == 16
+    assert [(s.block, s.tensor) for s in frn] == [(s.block, s.tensor) for s in plain]
