@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -263,7 +264,7 @@ def report(rows: list[dict], planned: int | None = None) -> str:
     if worst is not None:
         within = ", ".join(f"≤ {c}: {sum(x <= c for x in ratios)}" for c in (0.5, 1, 2))
         lines.append(f"- apply ÷ create over {len(ratios)} models: median "
-                     f"{sorted(ratios)[len(ratios) // 2]:.3f}, worst {worst['ratio']:.3f} "
+                     f"{statistics.median(ratios):.3f}, worst {worst['ratio']:.3f} "
                      f"({worst['model']}); {within}")
         over = [r for r in rows if r.get("ratio", 0) > 0.5]
         floored = [r for r in over if r.get("floor_ratio", 0) > 0.5]
