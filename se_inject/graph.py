@@ -83,13 +83,19 @@ def _inverse_statistic(s) -> bool:
     return s.target in _INVERSES
 
 
+_READ_OFF = (bool, int, float, str, torch.dtype, torch.device)  # what x.shape[0], x.dtype hold
+
+
 def _holds_tensors(node) -> bool:
-    """A tensor, or pieces of one (chunk, split): not a size read off a shape, which leads back
-    to wherever that shape was read."""
-    value = node.meta.get(VALUE) if isinstance(node, fx.Node) else None
+    """Anything but a size, dtype or device read off a tensor (``x.shape``, ``x.dtype``), which
+    leads back to wherever it was read: a tensor, pieces of one (chunk, split), or a value the
+    trace did not record."""
+    if not isinstance(node, fx.Node):
+        return False
+    value = node.meta.get(VALUE)
     if isinstance(value, (list, tuple)):
-        return any(isinstance(v, torch.Tensor) for v in value)
-    return isinstance(value, torch.Tensor)
+        return not all(isinstance(v, _READ_OFF) for v in value)
+    return not isinstance(value, _READ_OFF)
 
 
 def _per_channel(su: tuple, ss: tuple, c: int | None) -> bool:
