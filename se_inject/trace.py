@@ -247,6 +247,114 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
 
 
+# what a traced op gives that is no tensor: sizes, counts, Python values, tuples of pieces
+_NOT_TENSOR_METHODS = frozenset({
+    "size", "dim", "ndimension", "numel", "nelement", "element_size", "stride", "item",
+    "tolist", "split", "chunk", "unbind", "tensor_split", "split_with_sizes", "__len__"})
+_NOT_TENSOR_FUNCTIONS = frozenset({
+    getattr, len, torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.numel})
+_PIECES = frozenset({"split", "chunk", "unbind", "tensor_split", "split_with_sizes",
+                     torch.split, torch.chunk, torch.unbind, torch.tensor_split})
+
+
+def _stands_for_tensor(node: fx.Node, memo: dict) -> bool:
+    """Whether a traced value is a tensor: a module's output, an input, a parameter, a tensor
+    op's result or a piece of a split tensor; not a size read off one (``x.shape[2] // 2``)."""
+    known = memo.get(node)
+    if known is None:
+        memo[node] = False  # (a graph has no cycle; this only ends one)
+        known = memo[node] = _tensor_op(node, memo)
+    return known
+
+
+def _tensor_op(node: fx.Node, memo: dict) -> bool:
+    op, target, args = node.op, node.target, node.args
+    if op != "call_function" and op != "call_method":
+        return True  # a module's output, an input, a parameter or buffer
+    first = args[0] if args and isinstance(args[0], fx.Node) else None
+    if op == "call_method":
+        return target not in _NOT_TENSOR_METHODS and (
+            first is None or _stands_for_tensor(first, memo))
+    if target in _NOT_TENSOR_FUNCTIONS:
+        return False
+    if target is operator.getitem and first is not None:
+        return first.target in _PIECES or _stands_for_tensor(first, memo)
+    if getattr(target, "__module__", None) == "_operator":  # ``h // 2`` on sizes: no tensor
+        return any(isinstance(a, fx.Node) and _stands_for_tensor(a, memo) for a in args)
+    return True
+
+
+_BUILTIN_ISINSTANCE = isinstance
+_JIT_ISINSTANCE = torch.jit.isinstance
+
+
+def _names_tensor(cls) -> bool:
+    if type(cls) is tuple:
+        return any(_names_tensor(c) for c in cls)
+    return cls is torch.Tensor or cls is torch._C.TensorBase
+
+
+def _traced_tensor(obj) -> bool:
+    return type(obj) in _PROXIES and _stands_for_tensor(
+        obj.node, obj.tracer.__dict__.setdefault("_tensor_nodes", {}))
+
+
+def _isinstance(obj, cls):
+    """isinstance, where a proxy that stands for a tensor is a torch.Tensor (_TensorChecks)."""
+    if _names_tensor(cls) and _traced_tensor(obj):
+        return True
+    return _BUILTIN_ISINSTANCE(obj, cls)
+
+
+def _jit_isinstance(obj, target_type):
+    if _names_tensor(target_type) and _traced_tensor(obj):
+        return True
+    return _JIT_ISINSTANCE(obj, target_type)
+
+
+class _TensorChecks:
+    """While a trace runs, ``isinstance(x, torch.Tensor)`` in the forwards it goes into (their
+    modules' globals; torch's own are left alone) and ``torch.jit.isinstance(x, torch.Tensor)``
+    answer True for a proxy that stands for a tensor, as for the tensor it traces. fx's
+    proxies are no tensors: a forward that checks an optional argument (``if isinstance(skip,
+    torch.Tensor): y = y + skip``, MONAI's U-Net decoders) was traced down the other branch,
+    and the forward generated from that trace left the sum out."""
+
+    _lock = threading.Lock()
+    _held: dict[int, list] = {}  # id(globals) -> [globals, count]; id(None): torch.jit's
+
+    @classmethod
+    def enter(cls, scope) -> int | None:
+        if not isinstance(scope, dict) or scope.get("isinstance", _isinstance) is not _isinstance \
+                or str(scope.get("__name__", "")).startswith("torch."):
+            return None  # (a module with an isinstance of its own keeps it)
+        with cls._lock:
+            held = cls._held.setdefault(id(scope), [scope, 0])
+            held[1] += 1
+            if held[1] == 1:
+                scope["isinstance"] = _isinstance
+            jit = cls._held.setdefault(id(None), [None, 0])
+            jit[1] += 1
+            if jit[1] == 1:
+                torch.jit.isinstance = _jit_isinstance
+        return id(scope)
+
+    @classmethod
+    def leave(cls, key: int | None) -> None:
+        if key is None:
+            return
+        with cls._lock:
+            for k in (key, id(None)):
+                held = cls._held[k]
+                held[1] -= 1
+                if held[1] == 0:
+                    del cls._held[k]
+                    if held[0] is None:
+                        torch.jit.isinstance = _JIT_ISINSTANCE
+                    else:
+                        held[0].pop("isinstance", None)
+
+
 # the methods behind augmented assignments (``y += x`` calls ``y.__iadd__(x)``)
 _AUGMENTED = frozenset(f"__i{op}__" for op in (
     "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "lshift", "rshift",
@@ -671,6 +779,7 @@ class UnpackingTracer(fx.Tracer):
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return self.create_proxy("call_module", qualname, args, kwargs)
+        self._check_tensors_in(m.forward)
         return self.trace_through(m, qualname, forward, args, kwargs)
 
     def trace_through(self, m, qualname, forward, args, kwargs):
@@ -678,18 +787,31 @@ class UnpackingTracer(fx.Tracer):
         return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
-        """fx's trace, one thread at a time (_TRACE_LOCK)."""
+        """fx's trace, one thread at a time (_TRACE_LOCK), with _TensorChecks."""
         self._tensor_names: dict[int, tuple[str, bool, torch.Tensor]] | None = None
         self.constants = {} if self._constants_into is None else self._constants_into
+        self._checked: dict[int, int | None] = {}
         with _TRACE_LOCK:
-            if not _SESSION["active"]:
-                return super().trace(root, concrete_args)
-            stack = _ACTIVE.__dict__.setdefault("stack", [])
-            stack.append((self, {}))
             try:
-                return super().trace(root, concrete_args)
+                self._check_tensors_in(type(root).forward if isinstance(root, nn.Module)
+                                       else root)
+                if not _SESSION["active"]:
+                    return super().trace(root, concrete_args)
+                stack = _ACTIVE.__dict__.setdefault("stack", [])
+                stack.append((self, {}))
+                try:
+                    return super().trace(root, concrete_args)
+                finally:
+                    stack.pop()
             finally:
-                stack.pop()
+                for key in self._checked.values():
+                    _TensorChecks.leave(key)
+
+    def _check_tensors_in(self, fn) -> None:
+        """_TensorChecks in the globals of a forward the trace goes into, until it ends."""
+        scope = getattr(getattr(fn, "__func__", fn), "__globals__", None)
+        if scope is not None and id(scope) not in self._checked:
+            self._checked[id(scope)] = _TensorChecks.enter(scope)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         """fx finds the name of a parameter or buffer by walking all of the model's

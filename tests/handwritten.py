@@ -1166,3 +1166,42 @@ class SequentialResidualNet(nn.Module):
 
 
 HANDWRITTEN["sequential_subclass"] = (SequentialResidualNet, 2, {"residual": 2})
+
+
+_SKIP_CHECKS = {
+    "isinstance": lambda s: isinstance(s, torch.Tensor),
+    "jit_isinstance": lambda s: torch.jit.isinstance(s, torch.Tensor),
+    "tuple": lambda s: isinstance(s, (torch.Tensor, list)),
+}
+
+
+class OptionalSkipBlock(nn.Module):
+    """A residual block that also adds a tensor it may be given (a U-Net decoder's skip),
+    checking for it by type, as MONAI's decoders do (``torch.jit.isinstance``)."""
+
+    def __init__(self, c, check):
+        super().__init__()
+        self.body = branch(c)
+        self.check = _SKIP_CHECKS[check]
+
+    def forward(self, x, skip=None):
+        y = F.relu(x + self.body(x))
+        if self.check(skip):
+            y = y + skip
+        return y
+
+
+class OptionalSkipNet(nn.Module):
+    def __init__(self, c=16, check="isinstance"):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1, self.b2, self.b3 = (OptionalSkipBlock(c, check) for _ in range(3))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        s = F.relu(self.stem(x))
+        h = self.b3(self.b2(self.b1(s)), s)  # b3 adds the stem's map: a block from there
+        return self.head(h.mean((2, 3)))
+
+
+HANDWRITTEN["optional_skip"] = (OptionalSkipNet, 4, {"residual": 4})

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 import se_inject
 from se_inject.errors import NoSitesError, RewriteError, TraceError
 from conftest import gates, paper_reference, randomize_norms, saturate
+import handwritten
 from handwritten import (HANDWRITTEN, BlockNet, BlurNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
                          FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
                          UntraceableNet)
+
+_JIT_ISINSTANCE = torch.jit.isinstance  # as torch has it (a trace swaps it while it runs)
 
 # Models with blocks inline in their own forward warn about fx (asserted in one test below).
 pytestmark = pytest.mark.filterwarnings("ignore:.*sit in the forward of the model itself")
@@ -1953,3 +1956,34 @@ def test_a_sequential_with_its_own_forward_owns_its_block_and_apply_says_its_gat
         se_inject.remove(model)
         assert [len(b) for b in model.blocks] == [5, 5]
         assert torch.equal(model(x), plain(x))
+
+
+@pytest.mark.parametrize("check", ["isinstance", "jit_isinstance", "tuple"])
+def test_a_forward_that_checks_an_argument_is_a_tensor_is_traced_down_the_branch_it_runs(check):
+    """``if isinstance(skip, torch.Tensor): y = y + skip`` (or torch.jit.isinstance, as MONAI's
+    U-Net decoders check): fx's proxies are no tensors, so the trace, and the forward generated
+    from it, left the sum out, and the gated model, its gates passing everything through,
+    computed something else than the plain one. The trace answers as the model runs, and puts
+    back what it changed to do so."""
+    from handwritten import OptionalSkipNet
+    model = OptionalSkipNet(check=check).eval()
+    randomize_norms(model)
+    plain, x = copy.deepcopy(model), torch.randn(2, 3, 16, 16)
+    assert [(s.gate, s.tensor) for s in se_inject.plan(model)] == [
+        ("b1.se_gate", "b1.body.4"), ("b2.se_gate", "b2.body.4"), ("b3.se_gate", "b3.body.4"),
+        ("b3.se_gate_1", "b3.relu")]  # the last: the stem's map added to b3's output
+    se_inject.apply(model)
+    assert "isinstance" not in vars(handwritten) and torch.jit.isinstance is _JIT_ISINSTANCE
+    twin = copy.deepcopy(model)
+    saturate(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(x), plain(x))
+        m = model
+        for _, g in gates(m):
+            g.fc2.bias.normal_()
+        s = F.relu(m.stem(x))
+        h = F.relu(s + paper_reference(m.b1.body(s), m.b1.se_gate))
+        h = F.relu(h + paper_reference(m.b2.body(h), m.b2.se_gate))
+        h = F.relu(h + paper_reference(m.b3.body(h), m.b3.se_gate))
+        h = paper_reference(h, m.b3.se_gate_1) + s
+        torch.testing.assert_close(model(x), m.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
