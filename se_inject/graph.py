@@ -62,8 +62,8 @@ def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
 
 # ops that leave a tensor's values as they are (a cast, a view), and those that make a scale
 # the inverse of a statistic: a normalization's divisor, not a gate's output
-_AS_IS = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "view", "reshape",
-          "unsqueeze", "squeeze", "flatten"}
+_SAME_VALUES = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "view",
+                "reshape", "unsqueeze", "squeeze", "flatten"}
 _INVERSES = {torch.rsqrt, "rsqrt", "rsqrt_", torch.reciprocal, "reciprocal", "reciprocal_"}
 _POWERS = {operator.pow, torch.pow, "pow", "pow_", "__pow__"}
 
@@ -74,7 +74,7 @@ def _inverse_statistic(s) -> bool:
     ``x * rsqrt(mean(x**2) + eps)`` or an instance norm written out does, is normalised, not
     gated."""
     while isinstance(s, fx.Node) and s.op in ("call_method", "call_function") and \
-            getattr(s.target, "__name__", s.target) in _AS_IS and s.args:
+            getattr(s.target, "__name__", s.target) in _SAME_VALUES and s.args:
         s = s.args[0]
     if not (isinstance(s, fx.Node) and s.op in ("call_method", "call_function")):
         return False
