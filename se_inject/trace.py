@@ -262,7 +262,6 @@ def _stands_for_tensor(node: fx.Node, memo: dict) -> bool:
     op's result or a piece of a split tensor; not a size read off one (``x.shape[2] // 2``)."""
     known = memo.get(node)
     if known is None:
-        memo[node] = False  # (a graph has no cycle; this only ends one)
         known = memo[node] = _tensor_op(node, memo)
     return known
 
@@ -295,8 +294,7 @@ def _names_tensor(cls) -> bool:
 
 
 def _traced_tensor(obj) -> bool:
-    return type(obj) in _PROXIES and _stands_for_tensor(
-        obj.node, obj.tracer.__dict__.setdefault("_tensor_nodes", {}))
+    return type(obj) in _PROXIES and _stands_for_tensor(obj.node, obj.tracer.tensor_nodes)
 
 
 def _isinstance(obj, cls):
@@ -318,41 +316,36 @@ class _TensorChecks:
     answer True for a proxy that stands for a tensor, as for the tensor it traces. fx's
     proxies are no tensors: a forward that checks an optional argument (``if isinstance(skip,
     torch.Tensor): y = y + skip``, MONAI's U-Net decoders) was traced down the other branch,
-    and the forward generated from that trace left the sum out."""
+    and the forward generated from that trace left the sum out. Entered and left by traces,
+    which hold _TRACE_LOCK; a count per patched globals, for a trace inside another."""
 
-    _lock = threading.Lock()
-    _held: dict[int, list] = {}  # id(globals) -> [globals, count]; id(None): torch.jit's
+    scopes: dict[int, list] = {}  # id(globals) -> [globals, traces holding it]
+    jit = 0  # traces holding torch.jit.isinstance
 
     @classmethod
     def enter(cls, scope) -> int | None:
         if not isinstance(scope, dict) or scope.get("isinstance", _isinstance) is not _isinstance \
                 or str(scope.get("__name__", "")).startswith("torch."):
             return None  # (a module with an isinstance of its own keeps it)
-        with cls._lock:
-            held = cls._held.setdefault(id(scope), [scope, 0])
-            held[1] += 1
-            if held[1] == 1:
-                scope["isinstance"] = _isinstance
-            jit = cls._held.setdefault(id(None), [None, 0])
-            jit[1] += 1
-            if jit[1] == 1:
-                torch.jit.isinstance = _jit_isinstance
+        held = cls.scopes.setdefault(id(scope), [scope, 0])
+        held[1] += 1
+        scope["isinstance"] = _isinstance
+        cls.jit += 1
+        torch.jit.isinstance = _jit_isinstance
         return id(scope)
 
     @classmethod
     def leave(cls, key: int | None) -> None:
         if key is None:
             return
-        with cls._lock:
-            for k in (key, id(None)):
-                held = cls._held[k]
-                held[1] -= 1
-                if held[1] == 0:
-                    del cls._held[k]
-                    if held[0] is None:
-                        torch.jit.isinstance = _JIT_ISINSTANCE
-                    else:
-                        held[0].pop("isinstance", None)
+        held = cls.scopes[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del cls.scopes[key]
+            held[0].pop("isinstance", None)
+        cls.jit -= 1
+        if cls.jit == 0:
+            torch.jit.isinstance = _JIT_ISINSTANCE
 
 
 # the methods behind augmented assignments (``y += x`` calls ``y.__iadd__(x)``)
@@ -790,7 +783,8 @@ class UnpackingTracer(fx.Tracer):
         """fx's trace, one thread at a time (_TRACE_LOCK), with _TensorChecks."""
         self._tensor_names: dict[int, tuple[str, bool, torch.Tensor]] | None = None
         self.constants = {} if self._constants_into is None else self._constants_into
-        self._checked: dict[int, int | None] = {}
+        self._checked: dict[int, int | None] = {}  # id(globals) -> _TensorChecks' key
+        self.tensor_nodes: dict[fx.Node, bool] = {}  # _stands_for_tensor's answers
         with _TRACE_LOCK:
             try:
                 self._check_tensors_in(type(root).forward if isinstance(root, nn.Module)

@@ -11,6 +11,13 @@ from test_rules import GOOD
 HOLDS = "the block already holds a channel gate (SE, ECA...)"
 
 
+def _allowing(tmp_path):
+    rule = tmp_path / "regate.yaml"
+    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
+                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
+    return str(rule)
+
+
 def test_inline_se_is_recognised_and_spatial_attention_is_not():
     p = se_inject.plan(GatedBlocksNet())
     assert [s.block for s in p] == ["spatial_block"]
@@ -53,10 +60,7 @@ def test_timm_native_gates_are_not_doubled(name, gated_class):
 
 
 def test_a_rule_can_allow_a_second_gate(tmp_path):
-    rule = tmp_path / "regate.yaml"
-    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
-                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
-    model = se_inject.apply(timm.create_model("seresnet50"), rules=[str(rule)])
+    model = se_inject.apply(timm.create_model("seresnet50"), rules=[_allowing(tmp_path)])
     assert len(gates(model)) == 16
 
 
@@ -82,18 +86,9 @@ def test_cbam_is_a_gate_its_pooled_sum_is_no_block_and_allowing_gates_adds_none_
     assert len(p) == 0 and len(blocks) == 8
     assert sorted(s.merge.rsplit(".", 1)[0] for s in p.skipped if s.reason == HOLDS) == blocks
     assert len([s for s in p.skipped if s.reason == DESCRIPTORS]) == 8
-    rule = tmp_path / "regate.yaml"  # a second gate where allowed: on the blocks, not the MLPs
-    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
-                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
-    p = se_inject.plan(model, rules=[str(rule)], input_size=(3, 64, 64))
+    # a second gate where allowed: on the blocks, not the MLPs
+    p = se_inject.plan(model, rules=[_allowing(tmp_path)], input_size=(3, 64, 64))
     assert sorted(s.block for s in p) == blocks and {s.spatial for s in p} != {(1, 1)}
-
-
-def _allowing(tmp_path):
-    rule = tmp_path / "regate.yaml"
-    rule.write_text(GOOD.replace("  min_branches_with_conv: 1\n",
-                                 "  min_branches_with_conv: 1\n  existing_gate: allow\n"))
-    return str(rule)
 
 
 @pytest.mark.parametrize("name,radix", [("resnest14d", 2), ("resnest50d_1s4x24d", 1),
