@@ -285,6 +285,7 @@ def _tensor_op(node: fx.Node, memo: dict) -> bool:
 
 _BUILTIN_ISINSTANCE = isinstance
 _JIT_ISINSTANCE = torch.jit.isinstance
+_IS_TENSOR = torch.is_tensor
 
 
 def _names_tensor(cls) -> bool:
@@ -310,17 +311,22 @@ def _jit_isinstance(obj, target_type):
     return _JIT_ISINSTANCE(obj, target_type)
 
 
+def _is_tensor(obj) -> bool:
+    return _traced_tensor(obj) or _IS_TENSOR(obj)
+
+
 class _TensorChecks:
-    """While a trace runs, ``isinstance(x, torch.Tensor)`` in the forwards it goes into (their
-    modules' globals; torch's own are left alone) and ``torch.jit.isinstance(x, torch.Tensor)``
-    answer True for a proxy that stands for a tensor, as for the tensor it traces. fx's
-    proxies are no tensors: a forward that checks an optional argument (``if isinstance(skip,
-    torch.Tensor): y = y + skip``, MONAI's U-Net decoders) was traced down the other branch,
-    and the forward generated from that trace left the sum out. Entered and left by traces,
-    which hold _TRACE_LOCK; a count per patched globals, for a trace inside another."""
+    """While a trace runs, ``isinstance(x, torch.Tensor)`` in the forwards it goes into
+    (their modules' globals; torch's own are left alone), ``torch.jit.isinstance(x,
+    torch.Tensor)`` and ``torch.is_tensor(x)`` answer True for a proxy that stands for a
+    tensor, as for the tensor it traces. fx's proxies are no tensors: a forward that checks an
+    optional argument (``if isinstance(skip, torch.Tensor): y = y + skip``, MONAI's U-Net
+    decoders) was traced down the other branch, and the forward generated from that trace left
+    the sum out. Entered and left by traces, which hold _TRACE_LOCK; a count per patched
+    globals, for a trace inside another."""
 
     scopes: dict[int, list] = {}  # id(globals) -> [globals, traces holding it]
-    jit = 0  # traces holding torch.jit.isinstance
+    torch_checks = 0  # traces holding torch.jit.isinstance and torch.is_tensor
 
     @classmethod
     def enter(cls, scope) -> int | None:
@@ -330,8 +336,9 @@ class _TensorChecks:
         held = cls.scopes.setdefault(id(scope), [scope, 0])
         held[1] += 1
         scope["isinstance"] = _isinstance
-        cls.jit += 1
+        cls.torch_checks += 1
         torch.jit.isinstance = _jit_isinstance
+        torch.is_tensor = _is_tensor
         return id(scope)
 
     @classmethod
@@ -343,9 +350,10 @@ class _TensorChecks:
         if held[1] == 0:
             del cls.scopes[key]
             held[0].pop("isinstance", None)
-        cls.jit -= 1
-        if cls.jit == 0:
+        cls.torch_checks -= 1
+        if cls.torch_checks == 0:
             torch.jit.isinstance = _JIT_ISINSTANCE
+            torch.is_tensor = _IS_TENSOR
 
 
 # the methods behind augmented assignments (``y += x`` calls ``y.__iadd__(x)``)

@@ -1171,6 +1171,7 @@ HANDWRITTEN["sequential_subclass"] = (SequentialResidualNet, 2, {"residual": 2})
 _SKIP_CHECKS = {
     "isinstance": lambda s: isinstance(s, torch.Tensor),
     "jit_isinstance": lambda s: torch.jit.isinstance(s, torch.Tensor),
+    "is_tensor": lambda s: torch.is_tensor(s),
     "tuple": lambda s: isinstance(s, (torch.Tensor, list)),
 }
 

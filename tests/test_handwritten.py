@@ -20,7 +20,8 @@ from handwritten import (HANDWRITTEN, BlockNet, BlurNet, CallerFlagNet, PerSampl
                          FunctionalInceptionNet, InlineResidualNet, TokenMixer, TrainingNet,
                          UntraceableNet)
 
-_JIT_ISINSTANCE = torch.jit.isinstance  # as torch has it (a trace swaps it while it runs)
+# as torch has them (a trace swaps them while it runs)
+_JIT_ISINSTANCE, _IS_TENSOR = torch.jit.isinstance, torch.is_tensor
 
 # Models with blocks inline in their own forward warn about fx (asserted in one test below).
 pytestmark = pytest.mark.filterwarnings("ignore:.*sit in the forward of the model itself")
@@ -352,6 +353,9 @@ def test_untraceable_model_names_the_module_and_the_leaf_fix():
     msg = str(err.value)
     assert "`odd` (PerSampleBlock)" in msg and "leaf_modules=[PerSampleBlock]" in msg
     assert not gates(model)
+    # the trace that failed put back what it swaps while it runs
+    assert "isinstance" not in vars(handwritten) and torch.jit.isinstance is _JIT_ISINSTANCE
+    assert torch.is_tensor is _IS_TENSOR
     se_inject.apply(model, leaf_modules=[PerSampleBlock])  # the rest still gets its gate
     assert [n for n, _ in gates(model)] == ["res.se_gate"]
 
@@ -1958,13 +1962,13 @@ def test_a_sequential_with_its_own_forward_owns_its_block_and_apply_says_its_gat
         assert torch.equal(model(x), plain(x))
 
 
-@pytest.mark.parametrize("check", ["isinstance", "jit_isinstance", "tuple"])
+@pytest.mark.parametrize("check", ["isinstance", "jit_isinstance", "is_tensor", "tuple"])
 def test_a_forward_that_checks_an_argument_is_a_tensor_is_traced_down_the_branch_it_runs(check):
-    """``if isinstance(skip, torch.Tensor): y = y + skip`` (or torch.jit.isinstance, as MONAI's
-    U-Net decoders check): fx's proxies are no tensors, so the trace, and the forward generated
-    from it, left the sum out, and the gated model, its gates passing everything through,
-    computed something else than the plain one. The trace answers as the model runs, and puts
-    back what it changed to do so."""
+    """``if isinstance(skip, torch.Tensor): y = y + skip`` (or torch.jit.isinstance, as
+    MONAI's U-Net decoders check, or torch.is_tensor): fx's proxies are no tensors, so the
+    trace, and the forward generated from it, left the sum out, and the gated model, its gates
+    passing everything through, computed something else than the plain one. The trace answers
+    as the model runs, and puts back what it changed to do so."""
     from handwritten import OptionalSkipNet
     model = OptionalSkipNet(check=check).eval()
     randomize_norms(model)
@@ -1974,6 +1978,7 @@ def test_a_forward_that_checks_an_argument_is_a_tensor_is_traced_down_the_branch
         ("b3.se_gate_1", "b3.relu")]  # the last: the stem's map added to b3's output
     se_inject.apply(model)
     assert "isinstance" not in vars(handwritten) and torch.jit.isinstance is _JIT_ISINSTANCE
+    assert torch.is_tensor is _IS_TENSOR
     twin = copy.deepcopy(model)
     saturate(twin)
     with torch.no_grad():
