@@ -754,6 +754,9 @@ def _no_sites_error(model: nn.Module, p: Plan, options: TraceOptions) -> NoSites
             "its branch at random may have been traced skipping it. Such a block cannot be "
             "gated (its gated forward would keep one draw); draw with a layer of its own, as "
             "timm's DropPath.")
+    scripted = _scripted_parts(model)
+    if scripted:
+        error = NoSitesError(f"{error} Note: {scripted}")
     return error
 
 
@@ -908,6 +911,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
              f"{cls} that hold those sites, called directly, run without them.")
     _warn_left(model, prepared)
     _warn_sequential(model, p.sites)
+    _warn_scripted(model)
     reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
     if reading:
         warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
@@ -934,6 +938,48 @@ def _warn_sequential(model: nn.Module, sites: Sequence[Site]) -> None:
          "calls each gate once where the plan puts it, but len(), indexing and iteration of "
          f"such a block now count its gate (`{block}[-1]` is `{gate}`). se_inject.remove() "
          "takes them out again.")
+
+
+def _warn_scripted(model: nn.Module) -> None:
+    said = _scripted_parts(model)
+    if said:
+        warn(said)
+
+
+def _scripted_parts(model: nn.Module) -> str:
+    """What to say of the TorchScript parts of an eager model in whose code two tensors are
+    added or concatenated: fx calls a scripted module whole (its compiled ``forward``), so a
+    block inside one gets no gate. "" where there are none."""
+    scripted, inside = [], ()
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not name.startswith(inside):
+            inside += (f"{name}.",)  # (its own parts are scripted with it)
+            graph = getattr(m, "inlined_graph", None)
+            if graph is not None and _scripted_merge(graph.nodes()):
+                scripted.append(f"`{name}`")
+    if not scripted:
+        return ""
+    return (f"{len(scripted)} part(s) of {type(model).__name__} are TorchScript modules that "
+            f"add or concatenate tensors ({', '.join(scripted[:3])}"
+            f"{', ...' if len(scripted) > 3 else ''}): fx calls a scripted module whole, so "
+            "no gate goes inside them. To gate the blocks they hold, build the model with the "
+            "eager modules they were scripted from, then apply().")
+
+
+def _scripted_merge(nodes) -> bool:
+    """Whether TorchScript graph nodes (and the blocks of their ifs and loops) add two
+    tensors or concatenate two or more."""
+    for n in nodes:
+        if any(_scripted_merge(b.nodes()) for b in n.blocks()):
+            return True
+        kind, ins = n.kind(), list(n.inputs())
+        if kind in ("aten::add", "aten::add_") and len(ins) >= 2 and \
+                all(i.type().kind() == "TensorType" for i in ins[:2]):
+            return True
+        if kind == "aten::cat" and ins and ins[0].node().kind() == "prim::ListConstruct" and \
+                len(list(ins[0].node().inputs())) >= 2:
+            return True
+    return False
 
 
 def _warn_left(model: nn.Module, prepared) -> None:

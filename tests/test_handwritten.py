@@ -1992,3 +1992,31 @@ def test_a_forward_that_checks_an_argument_is_a_tensor_is_traced_down_the_branch
         h = F.relu(h + paper_reference(m.b3.body(h), m.b3.se_gate))
         h = paper_reference(h, m.b3.se_gate_1) + s
         torch.testing.assert_close(model(x), m.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_a_torchscript_part_is_called_whole_and_apply_names_it():
+    """fx calls a scripted module whole (its compiled forward), so a block scripted inside an
+    eager model gets no gate, which apply() said nothing of. It names the scripted parts that
+    add or concatenate tensors (not a scripted conv and norm), gates the rest, and the model
+    computes as before; a model whose every block is scripted is refused, naming them."""
+    model = BlockNet().eval()
+    randomize_norms(model)
+    model.blocks[1] = torch.jit.script(model.blocks[1])
+    model.stem = torch.jit.script(model.stem)  # nothing added inside: not named
+    plain, x = copy.deepcopy(model), torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        se_inject.apply(model)
+    said = [str(w.message) for w in caught if "TorchScript" in str(w.message)]
+    assert len(said) == 1 and "1 part(s) of BlockNet" in said[0] and "(`blocks.1`)" in said[0]
+    assert "`stem`" not in said[0]
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.2.se_gate"]
+    saturate(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    whole = BlockNet()
+    whole.blocks = torch.jit.script(whole.blocks)
+    with pytest.raises(NoSitesError, match=r"TorchScript modules .*\(`blocks`\)"):
+        se_inject.apply(whole)
+    assert not gates(whole)
