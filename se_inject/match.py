@@ -676,9 +676,15 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
             continue
         kind = g.nodes[node]["kind"]
         reasons = []
+        live = None
         for rule in rules:
             if rule.merge != kind:
                 continue
+            if live is None:
+                live = sum(1 for _, o in _operands(node, kind)[0]
+                           if isinstance(o, fx.Node) and o in g)
+            if live < 2 and live < rule.min_operands:
+                continue  # one map and a constant or parameter (``x + 3``, a norm's shift)
             result = _match(view, node, kind, rule, idom)
             if result == NO_ENTRY:
                 conditioned = conditioned or _without_conditioning(view)

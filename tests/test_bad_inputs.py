@@ -87,19 +87,22 @@ class _Audio1D(_Video3D):
 
 class _WindowAttention(nn.Module):
     """A Swin-style window attention on channels-last tokens: its scores are viewed as 5-D
-    (batch, windows, heads, tokens, tokens) to add a mask per window; no convolution makes them,
-    so they are not a 3-D CNN's volumes."""
+    (batch, windows, heads, tokens, tokens) to add relative-position logits computed from the
+    queries (BoTNet's) and a mask per window; no convolution makes them, so they are not a 3-D
+    CNN's volumes. (The mask, a buffer, is no operand of a merge: one map plus a constant.)"""
 
     def __init__(self):
         super().__init__()
         self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        self.rel = nn.Parameter(torch.randn(16, 8))
         self.register_buffer("mask", torch.zeros(4, 16, 16))
 
     def forward(self, x):  # (N, 8, 8, 8) channels-last: four 4 x 4 windows
         n = x.shape[0]
         w = x.view(n, 2, 4, 2, 4, 8).permute(0, 1, 3, 2, 4, 5).reshape(n * 4, 16, 8)
         q, k, v = self.qkv(w).chunk(3, dim=-1)
-        a = (q @ k.transpose(-2, -1)).view(n, 4, 1, 16, 16) + self.mask[None, :, None]
+        a = (q @ k.transpose(-2, -1)).view(n, 4, 1, 16, 16) + \
+            (q @ self.rel.t()).view(n, 4, 1, 16, 16) + self.mask[None, :, None]
         y = self.proj(a.view(n * 4, 16, 16).softmax(-1) @ v)
         return x + y.view(n, 2, 2, 4, 4, 8).permute(0, 1, 3, 2, 4, 5).reshape(n, 8, 8, 8)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import se_inject
-from se_inject.errors import RuleError, SEInjectError
+from se_inject.errors import NoSitesError, RuleError, SEInjectError
 from se_inject.rules import builtin_rule_names, load_rule, resolve_rules
 from handwritten import BlockNet, FunctionalInceptionNet
 
@@ -275,3 +275,55 @@ def test_the_matcher_taking_enclosed_regions_whole_finds_what_walking_them_finds
     assert walked[2] == 0
     if name in ("nested", "hrnet_w18_small", "dla34"):
         assert with_hops[2] > 0                  # regions were taken whole
+
+
+class _Shifted(torch.nn.Module):
+    """A residual block whose maps are also shifted by a constant and a parameter, and
+    summed with Python's sum (which starts from 0)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.shift = torch.nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)) + 3)
+        return sum([x, y]) + self.shift
+
+
+class _ShiftedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.block = torch.nn.Conv2d(3, 8, 3), _Shifted()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+class _Shift(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bias = torch.nn.Parameter(torch.zeros(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x) + self.bias
+
+
+def test_a_map_plus_a_constant_or_parameter_is_no_merge(tmp_path):
+    """``x + 3``, a norm's shift by a parameter, the 0 Python's sum starts from: one feature
+    map, nothing merged. They were matched against the rules and listed among the blocks not
+    gated ("1 feature-map operand(s) where the rule takes 2": 78 of them in timm's
+    mobilenetv5_base), and a model with nothing else was refused as if it had merges no rule
+    matched. A rule that takes one operand still sees them."""
+    p = se_inject.plan(_ShiftedNet())
+    assert [(s.block, s.rule) for s in p.sites] == [("block", "residual")]
+    assert p.skipped == () and "not gated" not in str(p)
+    with pytest.raises(NoSitesError, match="has no residual or inception-style block"):
+        se_inject.apply(_Shift())
+    one = _write(tmp_path, GOOD.replace("my-residual", "one").replace("operands: 2",
+                                                                        "operands: 1")
+                 .replace("at: branch", "at: output").replace("  equal_shapes: true\n", ""))
+    looked_at = {s.merge for s in se_inject.plan(_ShiftedNet(), rules=[one]).skipped}
+    assert {"block.add", "block.add_2"} <= looked_at  # (`+ 3` and `+ self.shift`)
