@@ -40,7 +40,8 @@ from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, modul
 __all__ = ["apply", "plan", "remove"]
 
 
-def _check_model(model) -> None:
+def _check_model(model) -> bool:
+    """Refuses what cannot be gated; says whether a part of the model is TorchScript."""
     if isinstance(model, torch.jit.ScriptModule):
         raise InvalidArgumentError("a TorchScript module cannot be traced by torch.fx: pass the "
                                    "eager nn.Module it was scripted from")
@@ -52,7 +53,9 @@ def _check_model(model) -> None:
         raise InvalidArgumentError(wrapper)
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     compiled = compiled if isinstance(compiled, type) else ()
+    scripted = False
     for name, m in model.named_modules():
+        scripted = scripted or isinstance(m, torch.jit.ScriptModule)
         if name and isinstance(m, compiled):
             inner = type(getattr(m, "_orig_mod", m)).__name__
             raise InvalidArgumentError(
@@ -68,6 +71,7 @@ def _check_model(model) -> None:
                 f"model, then quantize the gated model with FX graph mode quantization "
                 f"(torch.ao.quantization.quantize_fx.prepare_fx, calibrate, convert_fx), which "
                 f"quantizes the gates with it")
+    return scripted
 
 
 @functools.lru_cache(maxsize=None)
@@ -848,7 +852,7 @@ def apply(model: nn.Module, ratio: int | dict = 16,
     Raises:
         SEInjectError: for every refusal; the model is then unchanged.
     """
-    _check_model(model)
+    scripted = _check_model(model)
     if not isinstance(fused, bool):
         raise InvalidArgumentError(f"fused must be True or False, not {fused!r}")
     ratio = _check_ratio(ratio)
@@ -911,7 +915,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
              f"{cls} that hold those sites, called directly, run without them.")
     _warn_left(model, prepared)
     _warn_sequential(model, p.sites)
-    _warn_scripted(model)
+    if scripted:
+        _warn_scripted(model)
     reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
     if reading:
         warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
