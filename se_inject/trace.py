@@ -201,6 +201,17 @@ class TraceOptions:
             object.__setattr__(self, "_wrapped_ids", found)  # frozen: not a field
         return found
 
+    def size_lengths(self) -> dict:
+        """The lengths of the sizes the model's forwards unpack into a call (``x.view(n, c,
+        *x.shape[2:])``), per code location, as the model's trace at its input shapes found
+        them (see _ShapedTracer.rank_length), for the traces of its blocks; None where
+        one location saw two lengths. One table per options (apply() makes its own)."""
+        table = self.__dict__.get("_size_lengths")
+        if table is None:
+            table = {}
+            object.__setattr__(self, "_size_lengths", table)
+        return table
+
 
 _UNPACKS: dict = {}  # code object -> (instruction offsets, UNPACK_SEQUENCE counts or None)
 
@@ -233,10 +244,17 @@ class _FastUnpack:
         n = counts[i] if i < len(counts) else None
         if n is not None:
             return (self[k] for k in range(n))
-        return self.tracer.iter(self)
+        iter_at = getattr(self.tracer, "iter_at", None)
+        return self.tracer.iter(self) if iter_at is None else iter_at(self, caller)
 
     def __getattr__(self, k: str):
         return _Attribute(self, k)
+
+    def __len__(self):
+        """The length of a size its tracer knows at the caller's code location (see
+        _known_length); elsewhere fx's refusal."""
+        n = _known_length(self, sys._getframe(1))
+        return fx.Proxy.__len__(self) if n is None else n
 
 
 class _Proxy(_FastUnpack, fx.Proxy):
@@ -245,6 +263,29 @@ class _Proxy(_FastUnpack, fx.Proxy):
 
 class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
+
+
+def _known_length(obj, caller) -> int | None:
+    """The length the tracer of ``obj`` knows for a size (_rank_sized) at the caller's code
+    location (TraceOptions.size_lengths), or None."""
+    table = getattr(obj.tracer, "_lengths", None)
+    n = table.get((caller.f_code, caller.f_lasti)) if table else None
+    return n if n is not None and _rank_sized(obj.node) else None
+
+
+def _rank_sized(node: fx.Node) -> bool:
+    """Whether a traced value is ``x.size()`` or ``x.shape``, or a slice of one with constant
+    bounds (``x.shape[2:]``): a tuple as long as ``x`` has dimensions, whatever its sizes."""
+    while node.op == "call_function" and node.target is operator.getitem:
+        bounds = node.args[1]
+        if type(bounds) is not slice or not isinstance(node.args[0], fx.Node) or any(
+                b is not None and type(b) is not int
+                for b in (bounds.start, bounds.stop, bounds.step)):
+            return False
+        node = node.args[0]
+    if node.op == "call_method":
+        return node.target == "size" and len(node.args) == 1 and not node.kwargs
+    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
 
 
 # what a traced op gives that is no tensor: sizes, counts, Python values, tuples of pieces
@@ -923,7 +964,8 @@ class _ShapedProxy(_Proxy):
         return float(self.tracer.value(self))
 
     def __len__(self):
-        return len(self.tracer.value(self, held=True))
+        n = self.tracer.rank_length(self, sys._getframe(1))
+        return len(self.tracer.value(self, held=True)) if n is None else n
 
 
 class _ShapedAttribute(_Attribute):
@@ -957,7 +999,8 @@ class _ShapedTracer(_ScopeTracer):
     so that nothing the model computes is fixed to one shape."""
 
     def __init__(self, leaves: tuple[type, ...], n_inputs: int | None,
-                 input_shapes: Sequence[Sequence[int]], dtype: torch.dtype, **kwargs):
+                 input_shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                 lengths: dict | None = None, **kwargs):
         super().__init__(leaves, n_inputs, **kwargs)
         self._shapes = input_shapes
         self._dtype = dtype
@@ -965,6 +1008,34 @@ class _ShapedTracer(_ScopeTracer):
         self._last: fx.Node | None = None  # the last node run so far
         self._running = False
         self.values_read: set[Frame] = set()
+        self._lengths = {} if lengths is None else lengths  # (see rank_length)
+        self._unpacked_in: dict[tuple, list[Frame]] = {}
+
+    def iter_at(self, obj, caller):
+        n = self.rank_length(obj, caller)
+        return self.iter(obj) if n is None else iter([obj[i] for i in range(n)])
+
+    def rank_length(self, obj, caller) -> int | None:
+        """The length of a size (see _rank_sized) that the forward unpacks into a call
+        (``x.view(n, c, *x.shape[2:])``, where fx cannot tell how many items to make) or
+        takes the len() of: its tensor's number of dimensions, whatever the input's size.
+        The size's items stay traced values, no number is read, and the length is noted at
+        the caller's code location for the traces of the model's blocks (TraceOptions.
+        size_lengths). Where one location sees two lengths, every forward that took one
+        there reads a value after all (values_read). None: not such a size."""
+        if not _rank_sized(obj.node):
+            return None
+        v = self._run_to(obj.node)
+        if type(v) not in (tuple, torch.Size) or not _concrete(v):
+            return None
+        where = (caller.f_code, caller.f_lasti)
+        frames = self._unpacked_in.setdefault(where, [])
+        frames.append(self._frames[-1])
+        if self._lengths.setdefault(where, len(v)) != len(v):
+            self._lengths[where] = None
+        if self._lengths[where] is None:
+            self.values_read.update(frames)
+        return len(v)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
@@ -1330,7 +1401,8 @@ def trace_model(model: nn.Module, options: TraceOptions, n_inputs: int | None = 
     inputs' shapes, a forward that fx cannot trace because it reads a shape as a Python
     value is traced again at those shapes (see _ShapedTracer)."""
     leaves, kwargs = options.tracer_args()
-    shaped = (input_shapes, dtype) if input_shapes is not None else None
+    shaped = (input_shapes, dtype, options.size_lengths()) if input_shapes is not None \
+        else None
     opened = _openable(model, leaves, options, kwargs)
     if opened:
         try:
@@ -1629,12 +1701,13 @@ class _BlockTracer(UnpackingTracer):
     """
 
     def __init__(self, root: nn.Module, inputs=None, constants=None,
-                 leaves: tuple[type, ...] = (), **kwargs):
+                 leaves: tuple[type, ...] = (), lengths: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self._root = root
         self._leaves = leaves
         self._inputs = inputs
         self._constants_into = constants
+        self._lengths = {} if lengths is None else lengths
         self.containers: list[ContainerCall] = []
         self.mode_changes: dict[str, str] = {}
         self.entry = _modes()  # the modes the trace begins in (set by trace_block)
@@ -1658,6 +1731,12 @@ class _BlockTracer(UnpackingTracer):
             self.mode_changes.setdefault(what, node.target if node.op == "call_module"
                                          else node.name)
         return node
+
+    def iter_at(self, obj, caller):
+        """A size unpacked into a call, as long as the model's trace found it there (see
+        _ShapedTracer.rank_length); anything else as fx iterates it."""
+        n = _known_length(obj, caller)
+        return self.iter(obj) if n is None else iter([obj[i] for i in range(n)])
 
     def call_module(self, m, forward, args, kwargs):
         """A layer that torch.utils.checkpoint calls stays one call (its node records the
@@ -1725,7 +1804,7 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     out of the way meanwhile: a forward that calls ``self.forward_features`` runs the class's."""
     leaves, kwargs = options.tracer_args()
     tracer = _BlockTracer(block, inputs, {} if constants is None else constants, leaves,
-                          **kwargs)
+                          options.size_lengths(), **kwargs)
     tracer.traced_func_name = method
     was = block.training
     hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}

@@ -1206,3 +1206,78 @@ class OptionalSkipNet(nn.Module):
 
 
 HANDWRITTEN["optional_skip"] = (OptionalSkipNet, 4, {"residual": 4})
+
+
+class NonLocalBlock(nn.Module):
+    """A non-local block (Wang et al.), written as its reference implementations write it:
+    the attention's output is viewed back to the input's size by unpacking the size into the
+    call (``view(n, c, *x.size()[2:])``), where fx cannot tell how many items to make."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.inter = c // 2
+        self.g, self.theta, self.phi = (nn.Conv2d(c, c // 2, 1) for _ in range(3))
+        self.W = conv_bn(c // 2, c, 1)
+
+    def forward(self, x):
+        n = x.size(0)
+        g = self.g(x).view(n, self.inter, -1).permute(0, 2, 1)
+        theta = self.theta(x).view(n, self.inter, -1).permute(0, 2, 1)
+        phi = self.phi(x).view(n, self.inter, -1)
+        y = torch.matmul(F.softmax(torch.matmul(theta, phi), dim=-1), g)
+        y = y.permute(0, 2, 1).contiguous().view(n, self.inter, *x.size()[2:])
+        return self.W(y) + x
+
+
+class NonLocalNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c, stride=2)
+        self.res = Bottleneck(c, c // 2, c, stride=2)
+        self.nl = NonLocalBlock(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.nl(self.res(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+HANDWRITTEN["non_local"] = (NonLocalNet, 2, {"residual": 2})
+
+
+def _unflatten_like(y, like):
+    """``y`` (N, C, L) viewed to ``like``'s batch and trailing sizes: a helper two layers
+    share, one on 4-D maps, one on 3-D sequences (the size it unpacks is 2 long, then 1)."""
+    return y.reshape(like.shape[0], -1, *like.shape[2:])
+
+
+class SpatialMixBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = branch(c)
+        self.proj = conv_bn(c, c, 1)
+
+    def forward(self, x):
+        return F.relu(x + self.proj(_unflatten_like(self.body(x).flatten(2), x)))
+
+
+class SequenceMix(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+
+    def forward(self, t):
+        return _unflatten_like(self.conv(t), t)
+
+
+class SharedUnflattenNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.res = Bottleneck(c, c // 2, c)
+        self.mix = SpatialMixBlock(c)
+        self.seq = SequenceMix(c)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        h = self.mix(self.res(F.relu(self.stem(x))))
+        return self.head(self.seq(h.flatten(2)).mean(2))

@@ -2020,3 +2020,58 @@ def test_a_torchscript_part_is_called_whole_and_apply_names_it():
     with pytest.raises(NoSitesError, match=r"TorchScript modules .*\(`blocks`\)"):
         se_inject.apply(whole)
     assert not gates(whole)
+
+
+def test_a_size_unpacked_into_a_call_stays_a_traced_value():
+    """``y.view(n, c, *x.size()[2:])``, as non-local blocks are written: fx cannot tell how
+    many items to unpack, so the model was traced at its input size and the block kept
+    without a gate (its generated forward would have held that size). A size is as long as
+    its tensor has dimensions, whatever the input's size: its items stay traced values, the
+    block's own trace unpacks as many, and the gated block computes the paper's gate at any
+    size."""
+    from handwritten import NonLocalNet
+    model = NonLocalNet().eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    p = se_inject.plan(model)
+    assert [(s.gate, s.tensor) for s in p.sites] == [("res.se_gate", "res.body.4.1"),
+                                                    ("nl.se_gate", "nl.W.1")]
+    assert p.skipped == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no block kept for reading a value
+        se_inject.apply(model)
+    m = model
+    for _, g in gates(m):
+        g.fc2.bias.data.normal_()
+    for x in (torch.randn(2, 3, 32, 32), torch.randn(1, 3, 24, 40)):
+        with torch.no_grad():
+            h = F.relu(m.stem(x))
+            h = F.relu(paper_reference(m.res.body(h), m.res.se_gate) + m.res.short(h))
+            nl, n = m.nl, h.size(0)
+            g = nl.g(h).view(n, nl.inter, -1).permute(0, 2, 1)
+            theta = nl.theta(h).view(n, nl.inter, -1).permute(0, 2, 1)
+            a = F.softmax(torch.matmul(theta, nl.phi(h).view(n, nl.inter, -1)), dim=-1)
+            y = torch.matmul(a, g).permute(0, 2, 1).reshape(n, nl.inter, *h.shape[2:])
+            h = paper_reference(nl.W(y), nl.se_gate) + h
+            torch.testing.assert_close(model(x), m.head(h.mean((2, 3))), rtol=1e-5, atol=1e-6)
+            assert model(x).shape == plain(x).shape
+
+
+def test_a_size_unpacked_at_two_lengths_is_a_value_read():
+    """A helper that unpacks a size where two layers call it, on a 4-D map and on a 3-D
+    sequence: the length differs between calls at one place in the code, so no trace of a
+    block may take it from the model's trace. The block that calls it is kept without a gate,
+    as a forward that reads a value is, and the rest is gated."""
+    from handwritten import SharedUnflattenNet
+    model = SharedUnflattenNet().eval()
+    randomize_norms(model)
+    plain, x = copy.deepcopy(model), torch.randn(2, 3, 16, 16)
+    p = se_inject.plan(model)
+    assert [s.gate for s in p.sites] == ["res.se_gate"]
+    assert [(s.merge, s.reason.split(" (")[0]) for s in p.skipped] == [
+        ("mix.add", "its forward reads a traced value as a Python number")]
+    with pytest.warns(UserWarning, match=r"1 block\(s\) of SharedUnflattenNet kept .*`mix.add`"):
+        se_inject.apply(model)
+    saturate(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
