@@ -1281,3 +1281,43 @@ class SharedUnflattenNet(nn.Module):
     def forward(self, x):
         h = self.mix(self.res(F.relu(self.stem(x))))
         return self.head(self.seq(h.flatten(2)).mean(2))
+
+
+class ReshapedBranchBlock(nn.Module):
+    """A residual block whose branch flattens the map and views it back to the input's size,
+    the size spelled as people spell it: unpacked into the call, tested with len(), made a
+    list or a tuple, or walked in a loop."""
+
+    def __init__(self, c, spelling):
+        super().__init__()
+        self.body, self.proj = branch(c), conv_bn(c, c, 1)
+        self.spelling = spelling
+
+    def forward(self, x):
+        n, c = x.shape[0], x.shape[1]
+        y = self.body(x).flatten(2)
+        if self.spelling == "unpacked":
+            y = y.view(n, c, *x.shape[2:])
+        elif self.spelling == "len":
+            y = y.view(n, c, x.shape[2], x.shape[3] if len(x.shape) == 4 else 1)
+        elif self.spelling == "list":
+            y = y.view([n, c] + [*x.size()[-2:]])
+        elif self.spelling == "tuple":
+            y = y.view((n, c) + tuple(x.shape[2:]))
+        else:
+            sizes = [n, c]
+            for s in x.shape[2:]:
+                sizes.append(s)
+            y = y.view(sizes)
+        return F.relu(x + self.proj(y))
+
+
+class ReshapedBranchNet(nn.Module):
+    def __init__(self, spelling, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.block = ReshapedBranchBlock(c, spelling)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.block(F.relu(self.stem(x))).mean((2, 3)))

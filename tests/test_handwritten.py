@@ -2075,3 +2075,20 @@ def test_a_size_unpacked_at_two_lengths_is_a_value_read():
     saturate(model)
     with torch.no_grad():
         assert torch.equal(model(x), plain(x))
+
+
+@pytest.mark.parametrize("spelling", ["unpacked", "len", "list", "tuple", "loop"])
+def test_a_size_taken_whole_stays_a_traced_value_however_spelled(spelling):
+    """Each spelling needs the size's length only: the block is gated, and the gated model,
+    its gates passing everything, computes what the plain one does at two input sizes."""
+    from handwritten import ReshapedBranchNet
+    model = ReshapedBranchNet(spelling).eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    p = se_inject.plan(model)
+    assert [s.gate for s in p.sites] == ["block.se_gate"] and p.skipped == ()
+    se_inject.apply(model)
+    saturate(model)
+    with torch.no_grad():
+        for x in (torch.randn(2, 3, 16, 16), torch.randn(1, 3, 12, 20)):
+            assert torch.equal(model(x), plain(x))
