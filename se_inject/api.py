@@ -915,8 +915,9 @@ def apply(model: nn.Module, ratio: int | dict = 16,
              f"{cls} that hold those sites, called directly, run without them.")
     _warn_left(model, prepared)
     _warn_sequential(model, p.sites)
-    if scripted:
-        _warn_scripted(model)
+    said = _scripted_parts(model) if scripted else ""
+    if said:
+        warn(said)
     reading = [s.merge for s in p.skipped if s.reason == _READS_A_VALUE]
     if reading:
         warn(f"{len(reading)} block(s) of {type(model).__name__} kept without a gate "
@@ -943,12 +944,6 @@ def _warn_sequential(model: nn.Module, sites: Sequence[Site]) -> None:
          "calls each gate once where the plan puts it, but len(), indexing and iteration of "
          f"such a block now count its gate (`{block}[-1]` is `{gate}`). se_inject.remove() "
          "takes them out again.")
-
-
-def _warn_scripted(model: nn.Module) -> None:
-    said = _scripted_parts(model)
-    if said:
-        warn(said)
 
 
 def _scripted_parts(model: nn.Module) -> str:

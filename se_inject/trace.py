@@ -268,7 +268,7 @@ class _Attribute(_FastUnpack, fx.proxy.Attribute):
 def _known_length(obj, caller) -> int | None:
     """The length the tracer of ``obj`` knows for a size (_rank_sized) at the caller's code
     location (TraceOptions.size_lengths), or None."""
-    table = getattr(obj.tracer, "_lengths", None)
+    table = obj.tracer._lengths
     n = table.get((caller.f_code, caller.f_lasti)) if table else None
     return n if n is not None and _rank_sized(obj.node) else None
 
@@ -718,6 +718,8 @@ class UnpackingTracer(fx.Tracer):
 
     # where a trace puts its constants, shared by the traces of one block (unique names)
     _constants_into: dict[str, torch.Tensor] | None = None
+    # the lengths of sizes unpacked at each code location (TraceOptions.size_lengths)
+    _lengths: dict | None = None
 
     # fx's trace sets ``root``, then ``tensor_attrs = {}``, then walks the root's modules to
     # fill the table. Here the table is filled when it is first read, by the same walk in
