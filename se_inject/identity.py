@@ -235,6 +235,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 if not operands:  # (the trace records them by position: trace._by_position)
                     raise refuse(f"{op_text(node)} takes its operands in a form "
                                  "se-inject does not follow")
+                if not is_cat:  # a 0 added (Python's sum() starts from it) scales as it is
+                    operands = [a for a in operands if type(a) not in (int, float) or a != 0]
                 if any(not isinstance(a, fx.Node) for a in operands) or \
                         node.kwargs.get("alpha", 1) != 1:
                     raise refuse(f"{op_text(node)} adds a constant")

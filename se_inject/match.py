@@ -715,10 +715,16 @@ def find_candidates(view: GraphView, rules: tuple[Rule, ...],
             if inner is not outer and outer.rule.name in inner.rule.yield_to:
                 suppressed.setdefault(n, outer)
         # the sum of a residual block's branches, x + (a + b), is its residual branch, not a
-        # block; a sum with a shortcut of its own is one
-        inner = by_merge.get(outer.summed)
-        if inner is not None and inner.entry is outer.entry and not inner.shortcut:
-            summed.setdefault(outer.summed, outer)
+        # block; a sum with a shortcut of its own is one. So are the partial sums of more
+        # branches, x + ((a + b) + c): every sum it is made of, down to the branches
+        todo = [outer.summed] if outer.summed is not None else []
+        while todo:
+            n = todo.pop()
+            inner = by_merge.get(n)
+            if inner is None or inner.entry is not outer.entry or inner.shortcut or \
+                    summed.setdefault(n, outer) is not outer:
+                continue
+            todo += [p for p in view.preds[n] if p in by_merge and view.kinds[p] == "add"]
     kept = [c for c in found if c.merge not in suppressed and c.merge not in summed]
     for merge, outer in suppressed.items():
         inner = by_merge[merge]

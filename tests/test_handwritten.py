@@ -218,6 +218,56 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
         torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
 
 
+_SUMMED_MORE = {  # three or four branches summed, then the shortcut (ResNeXt's form (a))
+    "a + b + c + x": lambda x, bs, drop, g: g(bs[0] + bs[1] + bs[2]) + x,
+    "x + (a + b + c + d)": lambda x, bs, drop, g: x + g(bs[0] + bs[1] + bs[2] + bs[3]),
+    "sum([a, b, c]) + x": lambda x, bs, drop, g: g(sum(bs[:3])) + x,
+    "x + drop_path(a + (b + c))": lambda x, bs, drop, g: x + drop(g(bs[0] + (bs[1] + bs[2]))),
+}
+
+
+@pytest.mark.parametrize("how", list(_SUMMED_MORE))
+@pytest.mark.parametrize("init", ["paper", "identity"])
+def test_more_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init):
+    """``x + (a + b + c)`` is summed pairwise, ``((a + b) + c)``: the first partial sum was a
+    block of its own, with a gate on ``a``, besides the block's gate on the whole sum (k - 1
+    gates for k branches, where SE-ResNeXt has one). Every partial sum of the branches is
+    part of the residual branch, Python's ``sum()`` (from 0) included."""
+    from timm.layers import DropPath
+
+    from handwritten import branch
+
+    combine = _SUMMED_MORE[how]
+
+    class Block(torch.nn.Module):
+        def __init__(self, c=16):
+            super().__init__()
+            self.branches = torch.nn.ModuleList(branch(c) for _ in range(4))
+            self.drop = DropPath(0.2)
+
+        def forward(self, x):
+            return F.relu(combine(x, [b(x) for b in self.branches], self.drop, lambda t: t))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), Block(), Block()).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    p = se_inject.plan(model)
+    assert [(s.block, s.gate) for s in p] == [("1", "1.se_gate"), ("2", "2.se_gate")]
+    se_inject.apply(model, init=init)
+    with torch.no_grad():
+        if init == "identity":
+            torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+            return
+        h = model[0](x)
+        for blk in model[1:]:
+            h = F.relu(combine(h, [b(h) for b in blk.branches], blk.drop,
+                               lambda t: paper_reference(t, blk.se_gate)))
+        torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("how", ["add_", "__iadd__", "__add__", "__radd__"])
 def test_a_sum_written_as_a_method_starts_as_the_identity_after_it(how):
     """A gate after the sum (position="post") starts as the identity through a sum written as
