@@ -167,58 +167,12 @@ def test_a_sum_of_the_shortcut_and_two_branches_gates_each_branch_never_the_shor
 
 _SUMMED_BRANCHES = {  # the branches summed first, then the shortcut: ResNeXt's form (a);
     # g: where the gate goes (nothing in the model's forward, the gate in the reference)
-    "(a + b) + x": lambda x, a, b, drop, g: g(a + b) + x,
-    "x + (a + b)": lambda x, a, b, drop, g: x + g(a + b),
-    "x + drop_path(a + b)": lambda x, a, b, drop, g: x + drop(g(a + b)),
-    "torch.add(x, torch.add(a, b))": lambda x, a, b, drop, g: torch.add(x, g(torch.add(a, b))),
-    "x + relu(a + b)": lambda x, a, b, drop, g: x + g(F.relu(a + b)),
-}
-
-
-@pytest.mark.parametrize("how", list(_SUMMED_BRANCHES))
-@pytest.mark.parametrize("init", ["paper", "identity"])
-def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init):
-    """``x + (a(x) + b(x))``: the block's residual branch is the sum of its two branches, and
-    the gate scales that sum, once, as SE-ResNeXt gates its aggregated branch. (The inner sum
-    was a block of its own, which gated ``a``, and the block's gate then scaled ``a`` a second
-    time.) So through a drop path, norms and activations (``x + relu(a + b)``); behind a
-    convolution the inner sum stays a block of its own."""
-    from timm.layers import DropPath
-
-    from handwritten import branch
-
-    combine = _SUMMED_BRANCHES[how]
-
-    class Block(torch.nn.Module):
-        def __init__(self, c=32):
-            super().__init__()
-            self.a, self.b, self.drop = branch(c), branch(c), DropPath(0.2)
-
-        def forward(self, x):
-            return F.relu(combine(x, self.a(x), self.b(x), self.drop, lambda t: t))
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), Block(), Block()).eval()
-    randomize_norms(model)
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        y0 = model(x)
-    p = se_inject.plan(model)
-    assert [(s.block, s.gate) for s in p] == [("1", "1.se_gate"), ("2", "2.se_gate")]
-    assert any("one gate per block" in s.reason for s in p.skipped)
-    se_inject.apply(model, init=init)
-    with torch.no_grad():
-        if init == "identity":
-            torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
-            return
-        h = model[0](x)
-        for blk in model[1:]:
-            h = F.relu(combine(h, blk.a(h), blk.b(h), blk.drop,
-                               lambda t: paper_reference(t, blk.se_gate)))
-        torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
-
-
-_SUMMED_MORE = {  # three or four branches summed, then the shortcut (ResNeXt's form (a))
+    "(a + b) + x": lambda x, bs, drop, g: g(bs[0] + bs[1]) + x,
+    "x + (a + b)": lambda x, bs, drop, g: x + g(bs[0] + bs[1]),
+    "x + drop_path(a + b)": lambda x, bs, drop, g: x + drop(g(bs[0] + bs[1])),
+    "torch.add(x, torch.add(a, b))": lambda x, bs, drop, g: torch.add(x, g(torch.add(*bs[:2]))),
+    "x + relu(a + b)": lambda x, bs, drop, g: x + g(F.relu(bs[0] + bs[1])),
+    # more branches, summed pairwise: ((a + b) + c)
     "a + b + c + x": lambda x, bs, drop, g: g(bs[0] + bs[1] + bs[2]) + x,
     "x + (a + b + c + d)": lambda x, bs, drop, g: x + g(bs[0] + bs[1] + bs[2] + bs[3]),
     "sum([a, b, c]) + x": lambda x, bs, drop, g: g(sum(bs[:3])) + x,
@@ -226,18 +180,21 @@ _SUMMED_MORE = {  # three or four branches summed, then the shortcut (ResNeXt's 
 }
 
 
-@pytest.mark.parametrize("how", list(_SUMMED_MORE))
+@pytest.mark.parametrize("how", list(_SUMMED_BRANCHES))
 @pytest.mark.parametrize("init", ["paper", "identity"])
-def test_more_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init):
-    """``x + (a + b + c)`` is summed pairwise, ``((a + b) + c)``: the first partial sum was a
-    block of its own, with a gate on ``a``, besides the block's gate on the whole sum (k - 1
-    gates for k branches, where SE-ResNeXt has one). Every partial sum of the branches is
-    part of the residual branch, Python's ``sum()`` (from 0) included."""
+def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init):
+    """``x + (a(x) + b(x))``: the block's residual branch is the sum of its branches, and the
+    gate scales that sum, once, as SE-ResNeXt gates its aggregated branch. (The inner sum was
+    a block of its own, which gated ``a``, and the block's gate then scaled ``a`` a second
+    time; with more branches, ``((a + b) + c)``, the first partial sum was still one: k - 1
+    gates for k branches.) So through a drop path, norms and activations (``x + relu(a +
+    b)``), and from Python's ``sum()`` (its 0 added); behind a convolution the inner sum stays
+    a block of its own."""
     from timm.layers import DropPath
 
     from handwritten import branch
 
-    combine = _SUMMED_MORE[how]
+    combine = _SUMMED_BRANCHES[how]
 
     class Block(torch.nn.Module):
         def __init__(self, c=16):
@@ -256,6 +213,7 @@ def test_more_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how,
         y0 = model(x)
     p = se_inject.plan(model)
     assert [(s.block, s.gate) for s in p] == [("1", "1.se_gate"), ("2", "2.se_gate")]
+    assert any("one gate per block" in s.reason for s in p.skipped)
     se_inject.apply(model, init=init)
     with torch.no_grad():
         if init == "identity":
