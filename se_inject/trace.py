@@ -244,16 +244,15 @@ class _FastUnpack:
         n = counts[i] if i < len(counts) else None
         if n is not None:
             return (self[k] for k in range(n))
-        iter_at = getattr(self.tracer, "iter_at", None)
-        return self.tracer.iter(self) if iter_at is None else iter_at(self, caller)
+        return self.tracer.iter_at(self, caller)
 
     def __getattr__(self, k: str):
         return _Attribute(self, k)
 
     def __len__(self):
         """The length of a size its tracer knows at the caller's code location (see
-        _known_length); elsewhere fx's refusal."""
-        n = _known_length(self, sys._getframe(1))
+        UnpackingTracer.rank_length); elsewhere fx's refusal."""
+        n = self.tracer.rank_length(self, sys._getframe(1))
         return fx.Proxy.__len__(self) if n is None else n
 
 
@@ -263,14 +262,6 @@ class _Proxy(_FastUnpack, fx.Proxy):
 
 class _Attribute(_FastUnpack, fx.proxy.Attribute):
     pass
-
-
-def _known_length(obj, caller) -> int | None:
-    """The length the tracer of ``obj`` knows for a size (_rank_sized) at the caller's code
-    location (TraceOptions.size_lengths), or None."""
-    table = obj.tracer._lengths
-    n = table.get((caller.f_code, caller.f_lasti)) if table else None
-    return n if n is not None and _rank_sized(obj.node) else None
 
 
 def _rank_sized(node: fx.Node) -> bool:
@@ -721,6 +712,19 @@ class UnpackingTracer(fx.Tracer):
     # the lengths of sizes unpacked at each code location (TraceOptions.size_lengths)
     _lengths: dict | None = None
 
+    def iter_at(self, obj, caller):
+        """fx's iteration of a proxy, ``caller`` iterating it where fx cannot tell how many
+        items to make; a size whose length the tracer knows there gives that many."""
+        n = self.rank_length(obj, caller)
+        return self.iter(obj) if n is None else iter([obj[i] for i in range(n)])
+
+    def rank_length(self, obj, caller) -> int | None:
+        """The length of a size (_rank_sized) at the caller's code location, as the model's
+        trace at its input shapes found it there (_ShapedTracer.rank_length), or None."""
+        table = self._lengths
+        n = table.get((caller.f_code, caller.f_lasti)) if table else None
+        return n if n is not None and _rank_sized(obj.node) else None
+
     # fx's trace sets ``root``, then ``tensor_attrs = {}``, then walks the root's modules to
     # fill the table. Here the table is filled when it is first read, by the same walk in
     # fx's order (a tensor held under two names gets the last, as in fx's table); fx's own
@@ -1012,10 +1016,6 @@ class _ShapedTracer(_ScopeTracer):
         self.values_read: set[Frame] = set()
         self._lengths = {} if lengths is None else lengths  # (see rank_length)
         self._unpacked_in: dict[tuple, list[Frame]] = {}
-
-    def iter_at(self, obj, caller):
-        n = self.rank_length(obj, caller)
-        return self.iter(obj) if n is None else iter([obj[i] for i in range(n)])
 
     def rank_length(self, obj, caller) -> int | None:
         """The length of a size (see _rank_sized) that the forward unpacks into a call
@@ -1709,7 +1709,7 @@ class _BlockTracer(UnpackingTracer):
         self._leaves = leaves
         self._inputs = inputs
         self._constants_into = constants
-        self._lengths = {} if lengths is None else lengths
+        self._lengths = lengths
         self.containers: list[ContainerCall] = []
         self.mode_changes: dict[str, str] = {}
         self.entry = _modes()  # the modes the trace begins in (set by trace_block)
@@ -1733,12 +1733,6 @@ class _BlockTracer(UnpackingTracer):
             self.mode_changes.setdefault(what, node.target if node.op == "call_module"
                                          else node.name)
         return node
-
-    def iter_at(self, obj, caller):
-        """A size unpacked into a call, as long as the model's trace found it there (see
-        _ShapedTracer.rank_length); anything else as fx iterates it."""
-        n = _known_length(obj, caller)
-        return self.iter(obj) if n is None else iter([obj[i] for i in range(n)])
 
     def call_module(self, m, forward, args, kwargs):
         """A layer that torch.utils.checkpoint calls stays one call (its node records the
