@@ -188,7 +188,10 @@ def _placed(resolved, position: str) -> tuple:
 
 # Models without a timm config whose default input is not 224 x 224: torchvision's
 # Inception-v3 (its weights' crop) cannot run its training-mode auxiliary head below 299.
-_INPUT_SIZES = {"torchvision.models.inception.Inception3": (3, 299, 299)}
+_INPUT_SIZES = {"torchvision.models.inception.Inception3": (3, 299, 299),
+                # clips of 16 frames, at the crop torchvision's video weights were trained on
+                "torchvision.models.video.resnet.VideoResNet": (3, 16, 112, 112),
+                "torchvision.models.video.s3d.S3D": (3, 16, 224, 224)}
 
 
 def _input_shapes(model: nn.Module, input_size) -> list:

@@ -551,6 +551,26 @@ def _to_meta(x: Any) -> Any:
 _ABSENT = object()
 
 
+
+_SIZE_NAMES = {1: "(C, L)", 2: "(C, H, W)", 3: "(C, D, H, W)"}
+
+
+def _rank_hint(submodules: dict, n: fx.Node, args: tuple) -> str:
+    """What a convolution that failed on an input of the wrong rank takes: a video or audio
+    model's first layer (Conv3d, Conv1d) meets apply's default image input this way."""
+    layer = submodules.get(n.target) if n.op == "call_module" else None
+    other = "If the model takes another size, pass it as input_size=(C, H, W); "
+    if not isinstance(layer, nn.modules.conv._ConvNd) or not args or \
+            not isinstance(args[0], torch.Tensor):
+        return other
+    dims = len(layer.kernel_size)
+    if args[0].dim() == dims + 2 or dims not in _SIZE_NAMES:
+        return other
+    return (f"`{n.target}` is a {type(layer).__name__}, which takes a {dims + 2}-D input "
+            f"(N, {_SIZE_NAMES[dims][1:]}, and was handed a {args[0].dim()}-D one: pass "
+            f"input_size={_SIZE_NAMES[dims]}; ")
+
+
 class _MetaInterpreter(fx.Interpreter):
     """Runs the graph on meta tensors. The shortcuts' mode is entered only around the graph's
     own ops and the modules that run: outside it, reading a tensor's shape or device costs a
@@ -626,8 +646,8 @@ class _MetaInterpreter(fx.Interpreter):
             raise TraceError(
                 f"shapes could not be propagated through {op_text(n)}: "
                 f"{type(exc).__name__}: {exc}. The model ran on {self._inputs} (batch 2, then "
-                "input_size). If the model takes another size, pass it as input_size=(C, H, "
-                "W); for a part of a model (model.layer2), the size the model hands it: "
+                f"input_size). {_rank_hint(self.submodules, n, args)}for a part of a model "
+                "(model.layer2), the size the model hands it: "
                 "se_inject.part_input_size(model, 'layer2')."
                 f"{meta}") from exc
         n.meta[VALUE] = value

@@ -154,8 +154,14 @@ APPLY_CASES = [
     ApplyCase("audio-1d", _Audio1D, {"input_size": (1, 64)}, NoSitesError,
               "_Audio1D has no residual or inception-style block of 2-D feature maps: its "
               "convolutions are 1-D"),
+    # apply's default input is an image: the first layer that cannot take one says what it takes
     ApplyCase("audio-1d-default-size", _Audio1D, {}, TraceError,
-              "The model ran on an input of shape (2, 3, 224, 224) (batch 2, then input_size)"),
+              "The model ran on an input of shape (2, 3, 224, 224) (batch 2, then input_size). "
+              "`stem` is a Conv1d, which takes a 3-D input (N, C, L), and was handed a 4-D one: "
+              "pass input_size=(C, L);"),
+    ApplyCase("video-3d-default-size", _Video3D, {}, TraceError,
+              "`stem` is a Conv3d, which takes a 5-D input (N, C, D, H, W), and was handed a 4-D "
+              "one: pass input_size=(C, D, H, W);"),
     ApplyCase("identity-without-a-producer", lambda: timm.create_model("inception_v3"),
               {"init": "identity"}, IdentityInitError, "se_gate"),
 ]

@@ -68,12 +68,17 @@ def test_bad_input_size_exits_2_naming_the_forms(size, capsys):
 
 def test_input_size_of_a_video_network_reaches_it(capsys):
     """C T H W: torchvision's R3D-18 runs on a clip and is refused for its 5-D maps, where a
-    size without T would fail in its first 3-D convolution."""
-    assert main(["plan", "torchvision/r3d_18", "--input-size", "3", "4", "32", "32"]) == 2
-    err = capsys.readouterr().err
-    assert "8 of its sums or concatenations are of 5-D tensors" in err
+    size without T fails in its first 3-D convolution, which says what it takes. Without a
+    size, a torchvision video network runs on a clip of the size its weights were trained on."""
+    for size in (["--input-size", "3", "4", "32", "32"], []):
+        assert main(["plan", "torchvision/r3d_18", *size]) == 2
+        err = capsys.readouterr().err
+        assert "8 of its sums or concatenations are of 5-D tensors" in err, err
     assert main(["plan", "torchvision/r3d_18", "--input-size", "3", "32", "32"]) == 2
-    assert "shapes could not be propagated" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shapes could not be propagated through `self.stem.0(x)`" in err
+    assert "`stem.0` is a Conv3d, which takes a 5-D input (N, C, D, H, W), and was handed a " \
+           "4-D one: pass input_size=(C, D, H, W)" in err
 
 
 def test_module_entry_point():
