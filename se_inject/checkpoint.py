@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._files import atomic_write
 from ._models import (TORCHVISION, aux_kwargs, check_name, check_part, classes_named, create,
@@ -483,6 +484,15 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
                          f"{'none' if r is None else layout(r)})")
             continue
         label = name or "(model)"
+        if parametrize.is_parametrized(m) and r is not None:
+            names = ", ".join(f"'{t}'" for t in m.parametrizations)
+            raise CheckpointError(
+                f"{type(model).__name__} would not load back as itself: its layer `{label}` "
+                f"computes {names} through torch.nn.utils.parametrize (weight_norm, "
+                f"spectral_norm, ...), which {describe(arch)} does not. Take the "
+                "parametrizations off first, torch.nn.utils.parametrize.remove_parametrizations"
+                "(layer, 'weight') on each such layer, which keeps the weight it computes; or "
+                "save its state_dict (nothing was written).")
         now = f"is {layout(r)}" if r is not None else "does not exist"
         raise CheckpointError(
             f"{type(model).__name__} would not load back as itself: its layer `{label}` is "
@@ -499,7 +509,42 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
             f"{kwargs} has a layer `{extra[0]}` ({type(theirs[extra[0]]).__name__}) that the "
             "model lacks. Pass the options it was made with: se_inject.save(model, path, "
             "model_kwargs={...}) (nothing was written).")
+    # a weight kept in other tensors by a hook (pruning's weight_orig and weight_mask, the old
+    # weight_norm's weight_g and weight_v) changes the keys but no layer
+    own = {k for k in model.state_dict() if not any(k.startswith(g + ".") for g in gated)}
+    ref_keys = set(ref.state_dict())
+    missing = sorted(k for k in ref_keys - own if not any(k.startswith(g + ".") for g in gated))
+    unexpected = sorted(own - ref_keys)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{type(model).__name__} would not load back as itself: its state_dict has "
+            f"{len(unexpected)} key(s) that {describe(arch)} built with {kwargs} lacks"
+            f"{_some(unexpected)}, and lacks {len(missing)} that it has{_some(missing)}."
+            f"{reparametrized(missing, unexpected)} (Nothing was written.)")
     return rates
+
+
+def _some(keys: list) -> str:
+    return f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
+
+
+# what a hook-based reparametrization keeps a weight as, and what makes the weight plain again
+_REPARAMETRIZED = (
+    (("_orig", "_mask"), "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask:"
+     " make the pruning permanent first, torch.nn.utils.prune.remove(layer, 'weight') on each "
+     "pruned layer"),
+    (("_g", "_v"), "torch.nn.utils.weight_norm keeps a weight as NAME_g and NAME_v: take it off "
+     "first, torch.nn.utils.remove_weight_norm(layer) on each such layer"),
+)
+
+
+def reparametrized(missing: list, unexpected: list) -> str:
+    """A hint where the keys that differ are a weight kept in two tensors by a hook."""
+    gone = set(missing)
+    for suffixes, hint in _REPARAMETRIZED:
+        if any(k.endswith(suffixes[0]) and k[:-len(suffixes[0])] in gone for k in unexpected):
+            return f" {hint}."
+    return ""
 
 
 def _rate_guesses(model: nn.Module, kwargs: dict, library: str = "timm") -> list[dict]:
@@ -701,9 +746,10 @@ def _check_fits(model: nn.Module, own: dict, state: dict[str, torch.Tensor], whe
                              ("of another shape (file vs model)", shapes)):
             if items:
                 parts.append(f"{len(items)} {label}, e.g. {', '.join(items[:3])}")
+        hint = reparametrized(missing, unexpected) or " Check --model (the architecture)."
         raise CheckpointError(f"{where} does not fit {type(model).__name__} "
                               f"({len(own)} keys in the model, {len(state)} in the file): "
-                              + "; ".join(parts) + ". Check --model (the architecture).")
+                              + "; ".join(parts) + "." + hint)
 
 
 def _parse_recipe(text: str, where: str) -> dict:

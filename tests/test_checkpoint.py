@@ -765,6 +765,71 @@ def test_save_refuses_a_layer_held_under_a_second_name(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _prune(layer):
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+
+
+def _undo_prune(layer):
+    prune.remove(layer, "weight")
+
+
+def _weight_norm(layer):
+    with warnings.catch_warnings():  # (deprecated for torch.nn.utils.parametrizations')
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.nn.utils.weight_norm(layer)
+
+
+def _parametrized_norm(layer):
+    torch.nn.utils.parametrizations.weight_norm(layer)
+
+
+def _undo_parametrized(layer):
+    torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
+
+
+@pytest.mark.parametrize("reparametrize,undo,told", [
+    (_prune, _undo_prune, r"has 8 key\(s\) that .* lacks \(layer1\.0\.conv1\.weight_mask, "
+     r"layer1\.0\.conv1\.weight_orig, .*torch\.nn\.utils\.prune\.remove\(layer, 'weight'\)"),
+    (_weight_norm, torch.nn.utils.remove_weight_norm,
+     r"\(layer1\.0\.conv1\.weight_g, .*torch\.nn\.utils\.remove_weight_norm\(layer\)"),
+    (_parametrized_norm, _undo_parametrized,
+     r"its layer `layer1\.0\.conv1` computes 'weight' through torch\.nn\.utils\.parametrize.*"
+     r"remove_parametrizations\(layer, 'weight'\)"),
+], ids=["prune", "weight_norm", "parametrize"])
+def test_save_refuses_a_weight_a_hook_computes_and_saves_it_once_made_plain(
+        tmp_path, reparametrize, undo, told):
+    # A pruned or weight-normed layer keeps its weight in two other tensors: its state_dict
+    # keys are not those of resnet18 rebuilt from its name, so load() would refuse the file.
+    # Made plain, the weight the layer computed is saved and loads back.
+    m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
+    convs = [m.layer1[0].conv1, m.layer1[0].conv2, m.layer1[1].conv1, m.layer1[1].conv2]
+    for layer in convs:
+        reparametrize(layer)
+    se_inject.apply(m, init="identity")
+    x = torch.randn(2, 3, 64, 64)
+    before = _out(m, x)
+    with pytest.raises(CheckpointError, match=told):
+        se_inject.save(m, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
+    for layer in convs:
+        undo(layer)
+    g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors"))
+    assert (_out(g, x) - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_convert_names_pruning_in_a_checkpoint_it_does_not_fit(tmp_path, capsys):
+    m = timm.create_model("resnet18", pretrained=False)
+    _prune(m.layer1[0].conv1)
+    torch.save(m.state_dict(), tmp_path / "pruned.pth")
+    out = tmp_path / "se.safetensors"
+    assert main(["convert", str(tmp_path / "pruned.pth"), "--model", "resnet18", "-o",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 missing, e.g. layer1.0.conv1.weight;" in err
+    assert "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask" in err
+    assert "Check --model" not in err and not out.exists()
+
+
 def test_tied_weights_are_refused_by_safetensors_and_kept_tied_in_a_pth(tmp_path):
     # one tensor under two names (weights tied by hand): safetensors cannot hold it, a .pth can
     m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
