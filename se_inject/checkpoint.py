@@ -472,12 +472,15 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     # every name a module is held under: a layer the model also holds under a second name (a
     # hand-made alias, `model.head = model.fc`) is a state_dict key the rebuilt model lacks
     theirs = dict(ref.named_modules(remove_duplicate=False))
-    rates = []
+    rates, synced = [], []
     for name, m in model.named_modules(remove_duplicate=False):
         if name in gated or any(name.startswith(g + ".") for g in gated):
             continue
         r = theirs.pop(name, None)
         if r is not None and type(r) is type(m) and layout(r) == layout(m):
+            continue
+        if r is not None and _synced(m, r):
+            synced.append(name)
             continue
         if _train_only(m) and (r is None or type(r) is type(m) or isinstance(r, nn.Identity)):
             rates.append(f"`{name}` {layout(m)} (rebuilt: "
@@ -521,7 +524,21 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
             f"{len(unexpected)} key(s) that {describe(arch)} built with {kwargs} lacks"
             f"{_some(unexpected)}, and lacks {len(missing)} that it has{_some(missing)}."
             f"{reparametrized(missing, unexpected)} (Nothing was written.)")
+    if synced:
+        warn(f"{len(synced)} SyncBatchNorm layer(s) of {type(model).__name__} (e.g. "
+             f"`{synced[0]}`) are saved as the batch norms {describe(arch)} is built with, "
+             "which hold the same tensors: load() rebuilds those, which compute the same in "
+             "one process; convert them again for distributed training "
+             "(nn.SyncBatchNorm.convert_sync_batchnorm, timm.layers.convert_sync_batchnorm).")
     return rates
+
+
+def _synced(m: nn.Module, r: nn.Module) -> bool:
+    """``m`` is the SyncBatchNorm that convert_sync_batchnorm (torch's or timm's) made of the
+    batch norm ``r``, with its settings."""
+    return isinstance(m, nn.SyncBatchNorm) and \
+        isinstance(r, nn.modules.batchnorm._BatchNorm) and \
+        not isinstance(r, nn.SyncBatchNorm) and m.extra_repr() == r.extra_repr()
 
 
 def _some(keys: list) -> str:

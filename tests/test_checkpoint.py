@@ -830,6 +830,31 @@ def test_convert_names_pruning_in_a_checkpoint_it_does_not_fit(tmp_path, capsys)
     assert "Check --model" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("name,convert_sync,plain", [
+    ("resnet18", torch.nn.SyncBatchNorm.convert_sync_batchnorm, "BatchNorm2d"),
+    ("mobilenetv2_050", timm.layers.convert_sync_batchnorm, "BatchNormAct2d")])
+def test_save_keeps_sync_batch_norms_as_the_batch_norms_they_replaced(tmp_path, name,
+                                                                       convert_sync, plain):
+    # a model trained with DistributedDataParallel holds SyncBatchNorm layers (torch's, or
+    # timm's SyncBatchNormAct): the same tensors as the architecture's batch norms
+    m = convert_sync(_trained_like(timm.create_model(name, pretrained=False)))
+    se_inject.apply(m)
+    m.eval()
+    count = sum(isinstance(x, torch.nn.SyncBatchNorm) for x in m.modules())
+    with pytest.warns(UserWarning, match=rf"{count} SyncBatchNorm layer\(s\) of .* \(e\.g\. "
+                      r"`bn1`\) are saved as the batch norms"):
+        g = se_inject.load(se_inject.save(m, tmp_path / "m.safetensors")).eval()
+    assert type(g.bn1).__name__ == plain
+    assert not any(isinstance(x, torch.nn.SyncBatchNorm) for x in g.modules())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(_out(g, x), _out(m, x))
+    # one whose settings differ from the architecture's is another model
+    m.bn1.eps = 1e-3
+    with pytest.raises(CheckpointError, match=r"would not load back as itself: its layer `bn1`"):
+        se_inject.save(m, tmp_path / "eps.safetensors")
+    assert not (tmp_path / "eps.safetensors").exists()
+
+
 def test_tied_weights_are_refused_by_safetensors_and_kept_tied_in_a_pth(tmp_path):
     # one tensor under two names (weights tied by hand): safetensors cannot hold it, a .pth can
     m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
