@@ -26,7 +26,8 @@ from .graph import build_view, height_width
 from .identity import FACTOR, plan_compensations, scale
 from .kinds import layer_kind
 from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
-from .match import A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, find_candidates
+from .match import (A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, feature_map_merges,
+                    find_candidates)
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
@@ -667,7 +668,7 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     if stages is not None:
         present = sorted({t.stage for t in chosen})
         keep = set(present[:-1]) if stages == "all-but-last" else stages
-        if stages != "all-but-last" and not keep & set(present):
+        if stages != "all-but-last" and present and not keep & set(present):
             raise InvalidArgumentError(f"stages {sorted(stages)} hold no site of "
                                        f"{type(model).__name__}: its sites lie in stages "
                                        f"{present} (k: tensors at 1/2**k of the input's height)")
@@ -711,7 +712,19 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                   if any(t.block == block for t in chosen)}
     gated = {site.gate: t.candidate for site, t in zip(sites, chosen)}
     return Plan(sites=tuple(sites), skipped=tuple(skipped), model=type(model).__name__,
-                ratio=ratio), blocks, (graph, gated)
+                ratio=ratio, unexamined=_unexamined(view, resolved)), blocks, (graph, gated)
+
+
+_MERGES = ("add", "cat")  # the merges a rule may look at (rules.py)
+
+
+def _unexamined(view, resolved) -> tuple[tuple[str, int], ...]:
+    """How many merges of 4-D feature maps of each kind no rule in ``resolved`` looks at."""
+    kinds = [k for k in _MERGES if not any(r.merge == k for r in resolved)]
+    if not kinds:
+        return ()
+    counts = feature_map_merges(view, kinds)
+    return tuple((k, counts[k]) for k in kinds if counts[k])
 
 
 @checks_arguments
@@ -785,6 +798,14 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             f"convolutions are 1-D (nn.Conv1d: audio or sequences, (N, C, L)), and none of its "
             f"{len(p.skipped)} sums or concatenations is of (N, C, H, W) maps. se-inject gates "
             "2-D CNNs: its gates, rules and costs are for (N, C, H, W) maps.")
+    unexamined = _unexamined_note(p)
+    if unexamined and all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
+        looked = [_MERGE_WORDS[k] for k in _MERGES if k not in dict(p.unexamined)]
+        others = f" ({len(p.skipped)} of other tensors)" if p.skipped else ""
+        return NoSitesError(
+            f"no block of {name} matched the rules passed: they look at {looked[0][0]} only, "
+            f"and its traced graph holds no {looked[0][2]} of 4-D feature maps{others}."
+            f"{unexamined}")
     if all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
         sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
         return NoSitesError(
@@ -806,7 +827,22 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
     listed = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5))
     return NoSitesError(f"no block of {name} matched the rules ({len(p.skipped)} merges looked "
                         f"at: {listed}). Check the rules you passed, or write one that fits "
-                        "(README.md, 'Rule files').")
+                        f"(README.md, 'Rule files').{unexamined}")
+
+
+_MERGE_WORDS = {"add": ("sums", "residual", "sum"),
+                "cat": ("channel concatenations", "inception", "channel concatenation")}
+
+
+def _unexamined_note(p: Plan) -> str:
+    """What a plan's merges that no rule passed looks at are, and which rule would."""
+    if not p.unexamined:
+        return ""
+    held = " and ".join(f"{n} {_MERGE_WORDS[k][0]}" for k, n in p.unexamined)
+    rules = " and ".join(_MERGE_WORDS[k][1] for k, _ in p.unexamined)
+    return (f" It holds {held} of 4-D feature maps, which no rule passed looks at: the "
+            f"{rules} rule looks at {'them' if len(p.unexamined) == 1 else 'each'}; pass it "
+            "too, or leave rules out for the default rules, residual and inception.")
 
 
 @checks_arguments

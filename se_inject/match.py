@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import networkx as nx
 import torch
@@ -658,6 +659,24 @@ def _after_depthwise(g: nx.DiGraph, branch: set, modules: dict):
     if position is None:
         return "the depthwise output reaches its consumer inside a container"
     return n, consumer, position
+
+
+def feature_map_merges(view: GraphView, kinds: Sequence[str]) -> Counter:
+    """How many merges of each of ``kinds`` join two or more 4-D feature maps (a concatenation:
+    along their channels), whatever a rule would make of them."""
+    g = view.graph
+    counts: Counter = Counter()
+    for node, a in g.nodes(data=True):
+        kind = a["kind"]
+        if kind not in kinds or a["ndim"] != 4 or a["layout"] not in CHANNEL_DIM:
+            continue
+        pairs, dim = _operands(node, kind)
+        if sum(1 for _, o in pairs if isinstance(o, fx.Node) and o in g) < 2:
+            continue
+        if kind == "cat" and (not isinstance(dim, int) or dim % 4 != CHANNEL_DIM[a["layout"]]):
+            continue
+        counts[kind] += 1
+    return counts
 
 
 def find_candidates(view: GraphView, rules: tuple[Rule, ...],

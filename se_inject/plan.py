@@ -66,6 +66,9 @@ class Plan(Sequence[Site]):
     skipped: tuple[Skipped, ...] = ()
     model: str = ""
     ratio: int | dict = 16
+    # merges of 4-D feature maps that no chosen rule looks at, by kind: (("add", 8),) for
+    # ResNet-18 planned with the inception rule alone
+    unexamined: tuple[tuple[str, int], ...] = ()
 
     def __len__(self) -> int:
         return len(self.sites)

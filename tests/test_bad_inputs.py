@@ -162,6 +162,21 @@ APPLY_CASES = [
     ApplyCase("video-3d-default-size", _Video3D, {}, TraceError,
               "`stem` is a Conv3d, which takes a 5-D input (N, C, D, H, W), and was handed a 4-D "
               "one: pass input_size=(C, D, H, W);"),
+    # rules that look at none of the model's merges say which rule does
+    ApplyCase("rules-that-miss-the-sums", lambda: timm.create_model("resnet18"),
+              {"rules": ["inception"]}, NoSitesError,
+              "no block of ResNet matched the rules passed: they look at channel "
+              "concatenations only, and its traced graph holds no channel concatenation of 4-D "
+              "feature maps. It holds 8 sums of 4-D feature maps, which no rule passed looks "
+              "at: the residual rule looks at them; pass it too"),
+    ApplyCase("rules-that-miss-the-concatenations", lambda: timm.create_model("densenet121"),
+              {"rules": ["residual"]}, NoSitesError,
+              "It holds 58 channel concatenations of 4-D feature maps, which no rule passed "
+              "looks at: the inception rule looks at them"),
+    # stages of a model with no site at all: the reason there is none, not the stages
+    ApplyCase("stages-of-a-model-without-sites", lambda: timm.create_model("densenet121"),
+              {"stages": [3]}, NoSitesError,
+              "58 × inception: the block's entry is itself an operand (a dense connection)"),
     ApplyCase("identity-without-a-producer", lambda: timm.create_model("inception_v3"),
               {"init": "identity"}, IdentityInitError, "se_gate"),
 ]
