@@ -294,14 +294,16 @@ def _feature_map(g: nx.DiGraph, node: fx.Node) -> bool:
 
 
 def _summed_before(view: GraphView, node: fx.Node, branch: set) -> fx.Node | None:
-    """The sum a residual branch ends in, through drop path, norms, activations and
-    identities (``x + relu(a + b)``), or None: a branch ending in a convolution."""
+    """The sum a residual branch ends in, through drop path, norms, activations, identities
+    and scales (``x + relu(a + b)``, ``x + 0.5 * (a + b)``, Shake-Shake's mean of its two
+    branches in eval mode), or None: a branch ending in a convolution. A product of the sum
+    with another tensor of the branch (a gate of its own) is not a scale."""
     while True:
         node = _before_drop_path(view, node, branch)
         if view.kinds[node] == "add":
             return node
         ins = [p for p in view.preds[node] if p in branch]
-        if view.kinds[node] not in _PASS_THROUGH or len(ins) != 1:
+        if view.kinds[node] not in _SUM_PASSES or len(ins) != 1:
             return None
         node = ins[0]
 
@@ -318,6 +320,7 @@ def _before_drop_path(view: GraphView, node: fx.Node, branch: set) -> fx.Node:
 
 
 _PASS_THROUGH = {"norm", "act", "identity"}
+_SUM_PASSES = _PASS_THROUGH | {"mul"}  # (a product by a number or a weight: one input here)
 _LINEAR_KINDS = {"conv", "dwconv", "norm", "identity", "add", "sub"}
 _MAYBE_LINEAR = _CONV_KINDS | _LINEAR_KINDS | {"mul"}  # the kinds _linear can accept
 _MAYBE_LINEAR_OR_DROP = _MAYBE_LINEAR | {"module", "other"}  # and a drop path's nodes

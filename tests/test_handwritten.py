@@ -172,6 +172,9 @@ _SUMMED_BRANCHES = {  # the branches summed first, then the shortcut: ResNeXt's 
     "x + drop_path(a + b)": lambda x, bs, drop, g: x + drop(g(bs[0] + bs[1])),
     "torch.add(x, torch.add(a, b))": lambda x, bs, drop, g: torch.add(x, g(torch.add(*bs[:2]))),
     "x + relu(a + b)": lambda x, bs, drop, g: x + g(F.relu(bs[0] + bs[1])),
+    # their mean (Shake-Shake in eval mode), or their sum scaled by a weight
+    "x + 0.5 * (a + b)": lambda x, bs, drop, g: x + g(0.5 * (bs[0] + bs[1])),
+    "(a + b) * w + x": lambda x, bs, drop, g: g((bs[0] + bs[1]) * bs[4]) + x,
     # more branches, summed pairwise: ((a + b) + c)
     "a + b + c + x": lambda x, bs, drop, g: g(bs[0] + bs[1] + bs[2]) + x,
     "x + (a + b + c + d)": lambda x, bs, drop, g: x + g(bs[0] + bs[1] + bs[2] + bs[3]),
@@ -187,9 +190,9 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
     gate scales that sum, once, as SE-ResNeXt gates its aggregated branch. (The inner sum was
     a block of its own, which gated ``a``, and the block's gate then scaled ``a`` a second
     time; with more branches, ``((a + b) + c)``, the first partial sum was still one: k - 1
-    gates for k branches.) So through a drop path, norms and activations (``x + relu(a +
-    b)``), and from Python's ``sum()`` (its 0 added); behind a convolution the inner sum stays
-    a block of its own."""
+    gates for k branches.) So through a drop path, norms, activations and scales (``x + relu(a
+    + b)``, ``x + 0.5 * (a + b)``), and from Python's ``sum()`` (its 0 added); behind a
+    convolution the inner sum stays a block of its own."""
     from timm.layers import DropPath
 
     from handwritten import branch
@@ -202,8 +205,11 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
             self.branches = torch.nn.ModuleList(branch(c) for _ in range(4))
             self.drop = DropPath(0.2)
 
+            self.scale = torch.nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
         def forward(self, x):
-            return F.relu(combine(x, [b(x) for b in self.branches], self.drop, lambda t: t))
+            branches = [*(b(x) for b in self.branches), self.scale]
+            return F.relu(combine(x, branches, self.drop, lambda t: t))
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), Block(), Block()).eval()
@@ -221,7 +227,7 @@ def test_branches_summed_before_the_shortcut_get_one_gate_on_their_sum(how, init
             return
         h = model[0](x)
         for blk in model[1:]:
-            h = F.relu(combine(h, [b(h) for b in blk.branches], blk.drop,
+            h = F.relu(combine(h, [*(b(h) for b in blk.branches), blk.scale], blk.drop,
                                lambda t: paper_reference(t, blk.se_gate)))
         torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
 
