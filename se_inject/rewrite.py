@@ -175,8 +175,10 @@ def _traced_keys(graph: fx.Graph, class_keys: dict[fx.Node, tuple]) -> dict[tupl
 
 
 def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
-            owner: nn.Module) -> dict[tuple, tuple]:
-    """Put each gate's call in the block's graph; returns the graph's traced -> class keys."""
+            owner: nn.Module, renamed: dict[tuple, tuple] | None = None) -> dict[tuple, tuple]:
+    """Put each gate's call in the block's graph; returns the graph's traced -> class keys.
+    ``renamed``: this trace's key of a merge -> its key in the mode the gates were planned in
+    (see _in_mode)."""
     class_keys = local_keys(graph)  # a block traced alone is one frame
     nodes = {key: node for node, key in class_keys.items()}
     for name, (op, target, k, operand, *layout) in gates.items():
@@ -211,6 +213,8 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
             _sum_into_gate_output(merge, args[operand])
         _squeeze_through_linear(graph, gate, owner)
     graph.lint()
+    if renamed:
+        class_keys = {n: renamed.get(k, k) for n, k in class_keys.items()}
     return _traced_keys(graph, class_keys)
 
 
@@ -601,7 +605,8 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
             raise _Left(what)
         raise _not_regenerable(label, owner, what, part)
 
-    for training in modes:
+    planned = None  # each gate's merge as the mode the plan traced computes it
+    for training in sorted(modes, key=lambda t: t != owner.training):
         if reference is not None and training not in reference:
             raise _Left("it reads the block's training flag, and the forward does not")
         try:
@@ -614,9 +619,6 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
                                "only its caller knows; mark its parent as a leaf "
                                "(leaf_modules=[...]) to leave it out.") from exc
-        steps[training] = _steps(graph), *_until_gates(graph, gates, reference is not None)
-        if reference is not None:
-            _same_until_gates(steps[training][0], steps[training][1], reference[training][0])
         changes = getattr(graph, STATE_CHANGES)
         if changes:
             what = ("changes its own state when it runs "
@@ -638,7 +640,16 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     "Function, whose backward it leaves out too), so a forward generated from a "
                     "trace of it would run them in the caller's mode")
             refuse(what)
-        traced[training] = _insert(graph, gates, label + where, owner)
+        keyed, renamed = gates, None
+        if len(modes) > 1:
+            if planned is None:
+                planned = _merges(graph, gates)
+            else:
+                keyed, renamed = _in_mode(graph, gates, planned, training, refuse)
+        steps[training] = _steps(graph), *_until_gates(graph, keyed, reference is not None)
+        if reference is not None:
+            _same_until_gates(steps[training][0], steps[training][1], reference[training][0])
+        traced[training] = _insert(graph, keyed, label + where, owner, renamed)
         named = _call_containers_whole(graph)
         inlined |= named
         checkpointed = [c.qualname for c in getattr(graph, CONTAINERS, ())
@@ -648,9 +659,91 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     "gated forward would have to call one by one, without the checkpointing")
             refuse(what)
         _checkpoint_calls(graph)
-        _check_gates_used(graph, gates, label, owner)
+        _check_gates_used(graph, keyed, label, owner)
         compiled[training] = _compile(graph, type(owner), method)
     return compiled, traced, inlined, steps
+
+
+def _operands_from(node: fx.Node) -> tuple:
+    """What each operand of ``node`` is computed from: the layers, parameters and inputs of
+    the block it reads (a constant: its value)."""
+    out = []
+    for a in node.args:
+        if not isinstance(a, fx.Node):
+            out.append(("constant", repr(a)))
+            continue
+        seen, todo, read = {a}, [a], set()
+        while todo:
+            n = todo.pop()
+            if n.op in ("call_module", "get_attr", "placeholder"):
+                read.add((n.op, n.target))
+            for p in n.all_input_nodes:
+                if p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        out.append(frozenset(read))
+    return tuple(out)
+
+
+def _merges(graph: fx.Graph, gates: dict[str, LocalKey]) -> dict[str, tuple]:
+    """Each gate's merge in ``graph`` (a trace in the mode the plan was made in) as
+    _operands_from gives it."""
+    nodes = {key: node for node, key in local_keys(graph).items()}
+    return {name: _operands_from(nodes[key[:3]]) for name, key in gates.items()
+            if key[:3] in nodes}
+
+
+def _alike(planned: tuple, other: tuple) -> bool:
+    """Whether a merge of the other training mode is the planned one: the same constants, and
+    operands computed from what the planned ones are (and maybe more: a layer that runs in
+    training only, as a dropout)."""
+    return len(planned) == len(other) and all(
+        a == b if isinstance(a, tuple) or isinstance(b, tuple) else a <= b
+        for a, b in zip(planned, other))
+
+
+def _related(planned: tuple, other: tuple) -> bool:
+    """Whether a merge of the other training mode has the planned one's form: the same
+    constants where it has constants, tensors where it has tensors (a layer that runs in one
+    mode only may feed them)."""
+    return len(planned) == len(other) and all(
+        a == b if isinstance(a, tuple) or isinstance(b, tuple) else True
+        for a, b in zip(planned, other))
+
+
+def _in_mode(graph: fx.Graph, gates: dict[str, LocalKey], planned: dict[str, tuple],
+             training: bool, refuse: Callable) -> tuple[dict[str, LocalKey], dict[tuple, tuple]]:
+    """The gates' keys in a trace of the block in the training mode the plan was not made in,
+    and that trace's key of each moved merge -> its planned key. A forward that computes more
+    ops of the merge's kind in one mode than in the other before it (efficientnet_pytorch's
+    drop connect adds a number to random ones in training) numbers the merge otherwise."""
+    keys = local_keys(graph)
+    nodes = {key: node for node, key in keys.items()}
+    keyed, renamed = {}, {}
+    for name, key in gates.items():
+        want = planned.get(name)
+        node = nodes.get(key[:3])
+        found = []
+        for fits in (_alike, _related):  # the same op by what it reads, else by its form
+            if want is None or (node is not None and fits(want, _operands_from(node))):
+                found = [node]
+                break
+            found = [n for k, n in nodes.items() if k[:2] == key[:2]
+                     and fits(want, _operands_from(n))]
+            if len(found) == 1:
+                break
+        if len(found) == 1 and found[0] is node:
+            keyed[name] = key
+            continue
+        if len(found) != 1:
+            refuse(f"computes otherwise in training and in eval mode (it reads self.training): "
+                   f"its merge `{getattr(key[1], '__name__', key[1])}` (#{key[2]}), gated in "
+                   f"the mode the model was in, matches {len(found) or 'no'} op(s) in "
+                   f"{'training' if training else 'eval'} mode, so its gate has no one place in "
+                   "both modes", "the part that differs")
+        keyed[name] = (*keys[found[0]], *key[3:])
+        renamed[keys[found[0]]] = key[:3]
+    return keyed, renamed
 
 
 class _Left(Exception):

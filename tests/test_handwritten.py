@@ -325,6 +325,73 @@ def test_training_dependent_block_keeps_both_modes():
             torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
 
 
+def _drop_connect(x, p, training):
+    """efficientnet_pytorch's drop connect: in training, a sum of a number and random ones
+    (one more sum in the block's forward than in eval mode, before its residual sum)."""
+    if not training:
+        return x
+    keep = 1 - p
+    r = keep + torch.rand([x.shape[0], 1, 1, 1], dtype=x.dtype, device=x.device)
+    return x / keep * torch.floor(r)
+
+
+class _DropConnectBlock(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        from handwritten import branch
+        self.branch = branch(c)
+
+    def forward(self, x, rate=0.2):
+        return F.relu(x + _drop_connect(self.branch(x), rate, self.training))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_block_with_one_more_sum_in_training_is_gated_at_its_merge_in_both_modes(mode):
+    # The gate's place is the block's k-th sum in the mode the model was traced in; in the
+    # other mode that sum was another one (the drop connect's number + random ones), and the
+    # gated forward scaled the random tensor with a gate of the block's width (a model gated
+    # in eval mode failed in training).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _DropConnectBlock(),
+                                _DropConnectBlock())
+    randomize_norms(model)
+    model.train(mode == "train")
+    se_inject.apply(model, input_size=(3, 16, 16))
+    x = torch.randn(4, 3, 16, 16)
+    for training in (True, False):
+        model.train(training)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            out = model(x)
+            torch.manual_seed(1)
+            h = model[0](x)
+            for blk in model[1:]:
+                u = _drop_connect(blk.branch(h), 0.2, training)
+                h = F.relu(h + paper_reference(u, blk.se_gate))
+        torch.testing.assert_close(out, h, rtol=1e-5, atol=1e-6)
+
+
+class _SumPerMode(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        from handwritten import branch
+        self.branch = branch(c)
+
+    def forward(self, x):
+        y = self.branch(x)
+        return F.relu(torch.add(x, y) if self.training else x + y)
+
+
+def test_a_block_whose_merge_is_another_op_in_the_other_mode_is_refused():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _SumPerMode()).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(RewriteError, match=r"`1` \(_SumPerMode\) computes otherwise in training "
+                       r"and in eval mode .*its merge `add` \(#0\), gated in the mode the model "
+                       r"was in, matches no op\(s\) in training mode"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
+
+
 def test_compile_runs_gated_models():
     for cls in (InlineResidualNet, BlockNet):
         model = se_inject.apply(cls().eval())
