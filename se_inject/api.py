@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import (InvalidArgumentError, NoSitesError, SEInjectError, TraceError,
                      check_module, checks_arguments, warn)
-from .frames import block_calls, fingerprints, local_keys
+from .frames import block_calls, fingerprints, layer_outputs, local_keys
 from .gate import ChannelGate, GateSpec, check_identity, gate_parameters
 from .fuse import fuse, fused_settings, unfuse
 from .graph import build_view, height_width
@@ -700,7 +700,8 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     if per_block:  # only the planned blocks' own frames are summed up
         prints = fingerprints(graph, {Frame(block, 0) for block in per_block})
         calls = block_calls(graph) if calls is None else calls
-        blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())))
+        blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())),
+                                      layer_outputs(graph, block))
                   for block in per_block}
     only = _RECORDED.get()
     if only is not None and set(only) < {site.gate for site in sites}:

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from .trace import LOG, RETURNS, SCOPE, Call, Frame
 
-__all__ = ["local_keys", "fingerprints", "block_calls"]
+__all__ = ["local_keys", "fingerprints", "block_calls", "layer_outputs"]
 
 _CALLS = ("call_function", "call_method", "call_module")
 
@@ -51,6 +51,33 @@ def block_calls(graph: fx.Graph) -> dict[str, list[Call]]:
         if isinstance(event, Call):
             out[event.frame.qualname].append(event)
     return out
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _output_leaf(value: Any, _) -> Any:
+    if isinstance(value, fx.Node):
+        return "tensor"
+    return ("c", value) if isinstance(value, _PLAIN) else "other"
+
+
+def layer_outputs(graph: fx.Graph, block: str) -> dict[str, tuple]:
+    """What each layer the block's first call went into returned, by its name relative to the
+    block, one entry per call in order: the value's structure (see _shape), "tensor" at a
+    traced value, ``("c", value)`` at None, a flag, a number or a string, "other" elsewhere.
+    A trace of the block alone calls those layers whole, and sees their outputs as tensors."""
+    returns = getattr(graph, RETURNS, {})
+    inside = {Frame(block, 0)}
+    prefix = block + "." if block else ""
+    out: dict[str, list] = defaultdict(list)
+    for event in getattr(graph, LOG, ()):
+        if isinstance(event, Call) and event.parent in inside and event.frame not in inside:
+            inside.add(event.frame)
+            value = returns.get(event.frame, _output_leaf)  # (a layer that returned no record)
+            out[event.frame.qualname[len(prefix):]].append(
+                "other" if value is _output_leaf else _shape(value, _output_leaf))
+    return {name: tuple(calls) for name, calls in out.items()}
 
 
 def _shape(value: Any, leaf, path: tuple = ()) -> Any:

@@ -17,7 +17,7 @@ import linecache
 import operator
 import random
 import types
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -140,6 +140,7 @@ class BlockContext:
 
     fingerprint: tuple | None = None
     calls: tuple[Call, ...] = ()
+    outputs: dict | None = None  # what the layers it went into returned (frames.layer_outputs)
 
 
 def _inputs(owner: nn.Module, block: str, calls: Sequence[Call]) -> Inputs | None:
@@ -544,7 +545,8 @@ class _Built:
 
 
 def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
-                   inputs: Inputs | None, options: TraceOptions) -> _Built:
+                   inputs: Inputs | None, options: TraceOptions,
+                   context: BlockContext | None = None) -> _Built:
     """The block's class forward with the gates' calls in it, and its ``forward_*`` methods
     that compute what the forward computes up to every gate (see _build_method)."""
     code = module_code(owner, options.wrapped_ids())
@@ -554,8 +556,12 @@ def _build_forward(owner: nn.Module, label: str, gates: dict[str, LocalKey],
                                " (a module that is called, not traced through, as timm's "
                                "DropPath)")
     constants: dict[str, torch.Tensor] = {}
+    context = context or BlockContext()
+    # what the model's trace saw the block's forward do (not comparable once it was rewritten)
+    seen = None if owner_state(owner) else _own_ops(context.fingerprint)
     compiled, traced, inlined, reference = _generate(owner, label, gates, inputs, options,
-                                                     _modes_of(owner, code), constants)
+                                                     _modes_of(owner, code), constants,
+                                                     seen=seen, outputs=context.outputs)
     made = _Built(_one(compiled), traced, frozenset(inlined), constants)
     if inputs is not None:
         made.forward = wrap_body(type(owner), inputs, made.forward)
@@ -588,7 +594,8 @@ def _one(compiled: dict[bool, tuple[str, Callable]]) -> Callable:
 
 def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: Inputs | None,
               options: TraceOptions, modes: tuple[bool, ...], constants: dict,
-              method: str = "forward", reference: dict | None = None):
+              method: str = "forward", reference: dict | None = None,
+              seen: Counter | None = None, outputs: dict | None = None):
     """Per mode, ``method`` traced with the gates' calls in it, compiled; its traced -> class
     keys, the containers its code names, and its nodes as _steps gives them before the gates
     went in, with how many lead up to the last gated site and the layers those read (see
@@ -611,7 +618,8 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
             raise _Left("it reads the block's training flag, and the forward does not")
         try:
             graph = trace_block(owner, options, training, inputs, constants, method,
-                                hide=state.methods if (state := owner_state(owner)) else ())
+                                hide=state.methods if (state := owner_state(owner)) else (),
+                                outputs=outputs if training == owner.training else None)
         except Exception as exc:
             if reference is not None:  # (one naming no layer before a gate was passed by)
                 raise _Left(f"torch.fx could not trace it alone ({type(exc).__name__}: {exc})")
@@ -640,6 +648,15 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     "Function, whose backward it leaves out too), so a forward generated from a "
                     "trace of it would run them in the caller's mode")
             refuse(what)
+        if seen and training == owner.training and _own_ops_of(graph) != seen:
+            extra = sorted(map(_op_name, (_own_ops_of(graph) - seen).elements()))
+            lacks = sorted(map(_op_name, (seen - _own_ops_of(graph)).elements()))
+            diff = f"with {', '.join(extra[:3])}" if extra else f"without {', '.join(lacks[:3])}"
+            refuse(f"computes otherwise traced alone than in the model (alone: {diff}): a "
+                   "layer it calls returns something other than tensors (None, a number, a "
+                   "flag) that its forward branches on, and a trace of the block alone sees the "
+                   "layer's output as a tensor, so a forward generated from it would compute "
+                   "otherwise", "the branching")
         keyed, renamed = gates, None
         if len(modes) > 1:
             if planned is None:
@@ -662,6 +679,31 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
         _check_gates_used(graph, keyed, label, owner)
         compiled[training] = _compile(graph, type(owner), method)
     return compiled, traced, inlined, steps
+
+
+_OWN_OPS = ("call_function", "call_method")
+# reading an item or attribute of a layer's output: a node in a trace of the block alone, where
+# the layer's output is one traced value, and Python's own in the model's (a tuple, an object)
+_ACCESS = (operator.getitem, getattr)
+
+
+def _own_ops(fingerprint: tuple | None) -> Counter | None:
+    """The functions and methods a block's forward called in the model's trace (from its
+    frame's fingerprint, frames.fingerprints), but reading items and attributes."""
+    if fingerprint is None:
+        return None
+    return Counter((e[0], e[1]) for e in fingerprint[1]
+                   if e[0] in _OWN_OPS and e[1] not in _ACCESS)
+
+
+def _own_ops_of(graph: fx.Graph) -> Counter:
+    """The same of a block traced alone."""
+    return Counter((n.op, n.target) for n in graph.nodes
+                   if n.op in _OWN_OPS and n.target not in _ACCESS)
+
+
+def _op_name(op: tuple) -> str:
+    return f"`{getattr(op[1], '__name__', op[1])}`"
 
 
 def _operands_from(node: fx.Node) -> tuple:
@@ -1027,7 +1069,7 @@ def prepare(model: nn.Module, sites: Sequence[Site], spec: GateSpec, options: Tr
             type(owner), owner.training, context.fingerprint, repr(inputs),
             tuple(sorted(gates.items())))
         if group is None or group not in built:
-            made = _build_forward(owner, label, gates, inputs, options)
+            made = _build_forward(owner, label, gates, inputs, options, context)
             if group is not None and not made.constants:  # (a block's constants are its own)
                 built[group] = made
         else:

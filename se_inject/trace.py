@@ -16,6 +16,7 @@ import operator
 import sys
 import threading
 import types
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -1703,9 +1704,12 @@ class _BlockTracer(UnpackingTracer):
     """
 
     def __init__(self, root: nn.Module, inputs=None, constants=None,
-                 leaves: tuple[type, ...] = (), lengths: dict | None = None, **kwargs):
+                 leaves: tuple[type, ...] = (), lengths: dict | None = None,
+                 outputs: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self._root = root
+        self._outputs = outputs or {}
+        self._called: dict[str, int] = defaultdict(int)
         self._leaves = leaves
         self._inputs = inputs
         self._constants_into = constants
@@ -1741,7 +1745,8 @@ class _BlockTracer(UnpackingTracer):
         (traced through), its part of the forward is one the trace cannot reproduce."""
         settings = _checkpoint_calling(m) if _modes() != self.entry else None
         if settings is None:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
+            return self._as_in_model(m, out) if self._outputs else out
         call = _Checkpointed(m, self.path_of_module(m), settings)
         self._checkpoints.append(call)
         try:
@@ -1752,6 +1757,19 @@ class _BlockTracer(UnpackingTracer):
                 self.mode_changes.setdefault(
                     "inside torch.utils.checkpoint, which calls a layer whose forward the trace "
                     "goes into: it keeps that layer's ops, not the checkpointing", call.path)
+
+    def _as_in_model(self, m: nn.Module, out):
+        """A layer's output as the model's trace saw it, where that held None, a flag or a
+        number (an octave convolution's missing low-frequency half, a skip that returns None):
+        a forward that branches on it takes the branch it took in the model."""
+        if not isinstance(out, fx.Proxy) or out.node.op != "call_module":
+            return out
+        name = out.node.target
+        calls = self._outputs.get(name, ())
+        k = self._called[name]
+        self._called[name] += 1
+        shape = calls[k] if k < len(calls) else "other"
+        return _mirrored(out, shape) if _holds_constant(shape) else out
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """Every child, but a container, as the model's trace saw it: one that is a leaf there
@@ -1791,16 +1809,19 @@ class _BlockTracer(UnpackingTracer):
 
 def trace_block(block: nn.Module, options: TraceOptions, training: bool,
                 inputs=None, constants: dict[str, torch.Tensor] | None = None,
-                method: str = "forward", hide: Sequence[str] = ()) -> fx.Graph:
+                method: str = "forward", hide: Sequence[str] = (),
+                outputs: dict | None = None) -> fx.Graph:
     """fx graph of ``block.forward`` (or another ``method``) of the class (not an instance
     override), in one mode; the containers it called, their layers traced, are listed in its
     CONTAINERS attribute. The tensors the forward made are added to ``constants`` (a new dict
     where None), its CONSTANTS attribute, under names no earlier trace into the same dict
     took. The instance attributes named in ``hide`` (methods apply() set on it before) are
-    out of the way meanwhile: a forward that calls ``self.forward_features`` runs the class's."""
+    out of the way meanwhile: a forward that calls ``self.forward_features`` runs the class's.
+    ``outputs``: what the layers the model's trace went into returned (frames.layer_outputs);
+    one that returned None, a flag or a number there returns it here too."""
     leaves, kwargs = options.tracer_args()
     tracer = _BlockTracer(block, inputs, {} if constants is None else constants, leaves,
-                          options.size_lengths(), **kwargs)
+                          options.size_lengths(), outputs=outputs, **kwargs)
     tracer.traced_func_name = method
     was = block.training
     hidden = {k: block.__dict__.pop(k) for k in hide if k in block.__dict__}
@@ -1820,6 +1841,42 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
     setattr(graph, STATE_CHANGES, _named(block, left.changed))
     setattr(graph, MODE_CHANGES, tracer.mode_changes)
     return graph
+
+
+def _holds_constant(shape) -> bool:
+    """Whether a layer output's structure (frames.layer_outputs) holds a constant."""
+    if isinstance(shape, tuple) and shape[:1] == ("c",):
+        return True
+    if isinstance(shape, tuple) and shape[:1] in (("tuple",), ("list",)):
+        return any(_holds_constant(e) for e in shape[1:])
+    if isinstance(shape, tuple) and shape[:1] == ("dict",):
+        return any(_holds_constant(e) for _, e in shape[1:])
+    return False
+
+
+def _mirrored(proxy: fx.Proxy, shape):
+    """``proxy`` given ``shape``'s structure: its items (indexed) where that has tensors,
+    the constants where it has constants."""
+    if shape == "tensor" or shape == "other":
+        return proxy
+    kind, *items = shape
+    if kind == "c":
+        return items[0]
+    if kind == "dict":
+        return {k: _mirrored(proxy[k], e) if _holds_tensor(e) else _mirrored(None, e)
+                for k, e in items}
+    made = [_mirrored(proxy[i], e) if _holds_tensor(e) else _mirrored(None, e)
+            for i, e in enumerate(items)]
+    return made if kind == "list" else tuple(made)
+
+
+def _holds_tensor(shape) -> bool:
+    if shape in ("tensor", "other"):
+        return True
+    if isinstance(shape, tuple) and shape[:1] == ("c",):
+        return False
+    items = shape[1:]
+    return any(_holds_tensor(e[1] if shape[0] == "dict" else e) for e in items)
 
 
 class _RandomDraws(TorchDispatchMode):

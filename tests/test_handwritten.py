@@ -392,6 +392,107 @@ def test_a_block_whose_merge_is_another_op_in_the_other_mode_is_refused():
     assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
 
 
+class _HalfOrBoth(torch.nn.Module):
+    """An octave convolution's shape: a high- and a low-frequency output, the low one None
+    where the layer has none (pytorchcv's OctResNet, its last unit)."""
+
+    def __init__(self, c=16, low=False):
+        super().__init__()
+        self.high = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.low = torch.nn.Conv2d(c, c, 1) if low else None
+
+    def forward(self, x):
+        return self.high(x), (self.low(x) if self.low is not None else None)
+
+
+class _NoSkip(torch.nn.Module):
+    """A skip that is no skip: it returns None (pytorchcv's BreakBlock in an hourglass)."""
+
+    def forward(self, x):
+        return None
+
+
+class _OptionalPartsBlock(torch.nn.Module):
+    def __init__(self, how, c=16):
+        super().__init__()
+        self.part = _HalfOrBoth(c, low=False)
+        self.skip = _NoSkip() if how == "none" else _HalfOrBoth(c, low=False)
+        self.conv, self.bn = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h, low = self.part(x)
+        y = self.bn(self.conv(F.relu(h)))
+        if low is not None:
+            y = y + low
+        s = self.skip(x)
+        if isinstance(s, tuple):
+            s = s[1]
+        if s is not None:
+            y = y + s
+        return F.relu(x + y)
+
+
+@pytest.mark.parametrize("how", ["none", "tuple"])
+def test_a_block_whose_layers_return_none_is_gated_as_the_model_runs_it(how):
+    # A trace of the block alone called its layers whole and saw a tensor where they returned
+    # None: its generated forward summed the missing low-frequency half and the missing skip,
+    # and the gated model failed when it ran (None + a tensor).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _OptionalPartsBlock(how),
+                                _OptionalPartsBlock(how)).eval()
+    randomize_norms(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y0 = model(x)
+    p = se_inject.plan(model, input_size=(3, 16, 16))
+    assert [(s.gate, s.tensor) for s in p] == [("1.se_gate", "1.bn"), ("2.se_gate", "2.bn")]
+    se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
+        for _, g in gates(model):
+            g.fc2.bias.normal_()  # gates that act
+        h = model[0](x)
+        for blk in model[1:]:
+            u = blk.bn(blk.conv(F.relu(blk.part.high(h))))
+            h = F.relu(h + paper_reference(u, blk.se_gate))
+        torch.testing.assert_close(model(x), h, rtol=1e-5, atol=1e-6)
+
+
+class _Parts(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.high = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return types.SimpleNamespace(high=self.high(x), low=None)
+
+
+class _NamespaceBlock(torch.nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.part = _Parts(c)
+        self.conv, self.bn = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.part(x)
+        y = self.bn(self.conv(F.relu(out.high)))
+        if out.low is not None:
+            y = y + out.low
+        return F.relu(x + y)
+
+
+def test_a_block_that_traced_alone_computes_otherwise_is_refused():
+    # A layer's output of a kind a trace of the block alone cannot mirror (an object with a
+    # None in it): the block alone sums what the model never sums. Refused, nothing changed.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _NamespaceBlock()).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(RewriteError, match=r"`1` \(_NamespaceBlock\) computes otherwise traced "
+                       r"alone than in the model \(alone: with `add`\): a layer it calls returns "
+                       r"something other than tensors"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
+
+
 def test_compile_runs_gated_models():
     for cls in (InlineResidualNet, BlockNet):
         model = se_inject.apply(cls().eval())
