@@ -700,8 +700,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
     if per_block:  # only the planned blocks' own frames are summed up
         prints = fingerprints(graph, {Frame(block, 0) for block in per_block})
         calls = block_calls(graph) if calls is None else calls
+        outputs = layer_outputs(graph, per_block)
         blocks = {block: BlockContext(prints.get(Frame(block, 0)), tuple(calls.get(block, ())),
-                                      layer_outputs(graph, block))
+                                      outputs[block])
                   for block in per_block}
     only = _RECORDED.get()
     if only is not None and set(only) < {site.gate for site in sites}:

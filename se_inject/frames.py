@@ -7,7 +7,7 @@ one trace of the block instead of one trace each.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Iterable
 
 import torch.fx as fx
 
@@ -62,22 +62,29 @@ def _output_leaf(value: Any, _) -> Any:
     return ("c", value) if isinstance(value, _PLAIN) else "other"
 
 
-def layer_outputs(graph: fx.Graph, block: str) -> dict[str, tuple]:
-    """What each layer the block's first call went into returned, by its name relative to the
-    block, one entry per call in order: the value's structure (see _shape), "tensor" at a
-    traced value, ``("c", value)`` at None, a flag, a number or a string, "other" elsewhere.
-    A trace of the block alone calls those layers whole, and sees their outputs as tensors."""
+def layer_outputs(graph: fx.Graph, blocks: Iterable[str]) -> dict[str, dict[str, tuple]]:
+    """For each of ``blocks``: what each layer its first call went into returned, by the
+    layer's name relative to the block, one entry per call in order: the value's structure
+    (see _shape), "tensor" at a traced value, ``("c", value)`` at None, a flag, a number or a
+    string, "other" elsewhere. A trace of the block alone calls those layers whole, and sees
+    their outputs as tensors. (One pass over the trace: each call counts for the innermost of
+    ``blocks`` it is made in.)"""
     returns = getattr(graph, RETURNS, {})
-    inside = {Frame(block, 0)}
-    prefix = block + "." if block else ""
-    out: dict[str, list] = defaultdict(list)
+    owner = {Frame(b, 0): b for b in blocks}
+    out: dict[str, dict[str, list]] = {b: defaultdict(list) for b in owner.values()}
     for event in getattr(graph, LOG, ()):
-        if isinstance(event, Call) and event.parent in inside and event.frame not in inside:
-            inside.add(event.frame)
-            value = returns.get(event.frame, _output_leaf)  # (a layer that returned no record)
-            out[event.frame.qualname[len(prefix):]].append(
-                "other" if value is _output_leaf else _shape(value, _output_leaf))
-    return {name: tuple(calls) for name, calls in out.items()}
+        if not isinstance(event, Call):
+            continue
+        block = owner.get(event.parent)
+        if block is None:
+            continue
+        if event.frame not in owner:
+            owner[event.frame] = block
+        prefix = block + "." if block else ""
+        value = returns.get(event.frame, _output_leaf)  # (a layer that returned no record)
+        out[block][event.frame.qualname[len(prefix):]].append(
+            "other" if value is _output_leaf else _shape(value, _output_leaf))
+    return {b: {name: tuple(calls) for name, calls in made.items()} for b, made in out.items()}
 
 
 def _shape(value: Any, leaf, path: tuple = ()) -> Any:
