@@ -623,6 +623,13 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
         except Exception as exc:
             if reference is not None:  # (one naming no layer before a gate was passed by)
                 raise _Left(f"torch.fx could not trace it alone ({type(exc).__name__}: {exc})")
+            if training != owner.training:  # the model's trace did not run this mode
+                mode = "training" if training else "eval"
+                raise _not_regenerable(
+                    label, owner, f"could not be traced in {mode} mode, which its forward reads "
+                    f"(self.training) and the model's trace, in the mode the model is in, did "
+                    f"not run: {type(exc).__name__}: {exc}", f"the part that runs in {mode} "
+                    "mode") from exc
             raise RewriteError(f"`{label}` ({type(owner).__name__}) could not be traced on its "
                                f"own: {type(exc).__name__}: {exc}. Its forward needs arguments "
                                "only its caller knows; mark its parent as a leaf "

@@ -493,6 +493,35 @@ def test_a_block_that_traced_alone_computes_otherwise_is_refused():
     assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
 
 
+class _ResDropBlock(torch.nn.Module):
+    """pytorchcv's ResDrop unit: in training, the branch is kept or dropped by a number read
+    from a random tensor (float(b)), which no trace can hold."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        from handwritten import branch
+        self.branch = branch(c)
+
+    def forward(self, x):
+        y = self.branch(x)
+        if self.training:
+            b = torch.bernoulli(torch.full((1,), 0.8, dtype=x.dtype, device=x.device))
+            y = float(b) / 0.8 * y
+        return F.relu(x + y)
+
+
+def test_a_block_that_cannot_be_traced_in_the_other_mode_says_which():
+    # planned in eval mode, its training-mode part failed to trace, and the refusal said the
+    # forward needed arguments only its caller knows
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _ResDropBlock()).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(RewriteError, match=r"`1` \(_ResDropBlock\) could not be traced in "
+                       r"training mode, which its forward reads \(self.training\) and the "
+                       r"model's trace, in the mode the model is in, did not run: TypeError"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
+
+
 def test_compile_runs_gated_models():
     for cls in (InlineResidualNet, BlockNet):
         model = se_inject.apply(cls().eval())
