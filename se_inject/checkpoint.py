@@ -515,15 +515,14 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
     # a weight kept in other tensors by a hook (pruning's weight_orig and weight_mask, the old
     # weight_norm's weight_g and weight_v) changes the keys but no layer
     own = {k for k in model.state_dict() if not any(k.startswith(g + ".") for g in gated)}
-    ref_keys = set(ref.state_dict())
-    missing = sorted(k for k in ref_keys - own if not any(k.startswith(g + ".") for g in gated))
-    unexpected = sorted(own - ref_keys)
+    ref_keys = set(ref.state_dict())  # (the rebuilt architecture holds no gate)
+    missing, unexpected = sorted(ref_keys - own), sorted(own - ref_keys)
     if missing or unexpected:
         raise CheckpointError(
             f"{type(model).__name__} would not load back as itself: its state_dict has "
             f"{len(unexpected)} key(s) that {describe(arch)} built with {kwargs} lacks"
             f"{_some(unexpected)}, and lacks {len(missing)} that it has{_some(missing)}."
-            f"{reparametrized(missing, unexpected)} (Nothing was written.)")
+            f"{_reparametrized(missing, unexpected)} (Nothing was written.)")
     if synced:
         warn(f"{len(synced)} SyncBatchNorm layer(s) of {type(model).__name__} (e.g. "
              f"`{synced[0]}`) are saved as the batch norms {describe(arch)} is built with, "
@@ -545,21 +544,22 @@ def _some(keys: list) -> str:
     return f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
 
 
-# what a hook-based reparametrization keeps a weight as, and what makes the weight plain again
+# what a hook-based reparametrization keeps a weight NAME as (NAME + a suffix, among other
+# tensors), and what makes the weight plain again
 _REPARAMETRIZED = (
-    (("_orig", "_mask"), "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask:"
-     " make the pruning permanent first, torch.nn.utils.prune.remove(layer, 'weight') on each "
-     "pruned layer"),
-    (("_g", "_v"), "torch.nn.utils.weight_norm keeps a weight as NAME_g and NAME_v: take it off "
-     "first, torch.nn.utils.remove_weight_norm(layer) on each such layer"),
+    ("_orig", "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask: make the "
+     "pruning permanent first, torch.nn.utils.prune.remove(layer, 'weight') on each pruned "
+     "layer"),
+    ("_g", "torch.nn.utils.weight_norm keeps a weight as NAME_g and NAME_v: take it off first, "
+     "torch.nn.utils.remove_weight_norm(layer) on each such layer"),
 )
 
 
-def reparametrized(missing: list, unexpected: list) -> str:
-    """A hint where the keys that differ are a weight kept in two tensors by a hook."""
+def _reparametrized(missing: list, unexpected: list) -> str:
+    """A hint where the keys that differ are a weight kept in other tensors by a hook."""
     gone = set(missing)
-    for suffixes, hint in _REPARAMETRIZED:
-        if any(k.endswith(suffixes[0]) and k[:-len(suffixes[0])] in gone for k in unexpected):
+    for suffix, hint in _REPARAMETRIZED:
+        if any(k.endswith(suffix) and k[:-len(suffix)] in gone for k in unexpected):
             return f" {hint}."
     return ""
 
@@ -763,7 +763,7 @@ def _check_fits(model: nn.Module, own: dict, state: dict[str, torch.Tensor], whe
                              ("of another shape (file vs model)", shapes)):
             if items:
                 parts.append(f"{len(items)} {label}, e.g. {', '.join(items[:3])}")
-        hint = reparametrized(missing, unexpected) or " Check --model (the architecture)."
+        hint = _reparametrized(missing, unexpected) or " Check --model (the architecture)."
         raise CheckpointError(f"{where} does not fit {type(model).__name__} "
                               f"({len(own)} keys in the model, {len(state)} in the file): "
                               + "; ".join(parts) + "." + hint)
