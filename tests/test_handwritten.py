@@ -382,16 +382,6 @@ class _SumPerMode(torch.nn.Module):
         return F.relu(torch.add(x, y) if self.training else x + y)
 
 
-def test_a_block_whose_merge_is_another_op_in_the_other_mode_is_refused():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _SumPerMode()).eval()
-    keys = list(model.state_dict())
-    with pytest.raises(RewriteError, match=r"`1` \(_SumPerMode\) computes otherwise in training "
-                       r"and in eval mode .*its merge `add` \(#0\), gated in the mode the model "
-                       r"was in, matches no op\(s\) in training mode"):
-        se_inject.apply(model, input_size=(3, 16, 16))
-    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
-
-
 class _HalfOrBoth(torch.nn.Module):
     """An octave convolution's shape: a high- and a low-frequency output, the low one None
     where the layer has none (pytorchcv's OctResNet, its last unit)."""
@@ -481,18 +471,6 @@ class _NamespaceBlock(torch.nn.Module):
         return F.relu(x + y)
 
 
-def test_a_block_that_traced_alone_computes_otherwise_is_refused():
-    # A layer's output of a kind a trace of the block alone cannot mirror (an object with a
-    # None in it): the block alone sums what the model never sums. Refused, nothing changed.
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _NamespaceBlock()).eval()
-    keys = list(model.state_dict())
-    with pytest.raises(RewriteError, match=r"`1` \(_NamespaceBlock\) computes otherwise traced "
-                       r"alone than in the model \(alone: with `add`\): a layer it calls returns "
-                       r"something other than tensors"):
-        se_inject.apply(model, input_size=(3, 16, 16))
-    assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
-
-
 class _ResDropBlock(torch.nn.Module):
     """pytorchcv's ResDrop unit: in training, the branch is kept or dropped by a number read
     from a random tensor (float(b)), which no trace can hold."""
@@ -510,14 +488,24 @@ class _ResDropBlock(torch.nn.Module):
         return F.relu(x + y)
 
 
-def test_a_block_that_cannot_be_traced_in_the_other_mode_says_which():
-    # planned in eval mode, its training-mode part failed to trace, and the refusal said the
-    # forward needed arguments only its caller knows
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _ResDropBlock()).eval()
+@pytest.mark.parametrize("block,told", [
+    # its merge is another op in training mode (torch.add) than in eval mode (+)
+    (_SumPerMode, r"computes otherwise in training and in eval mode .*its merge `add` \(#0\), "
+     r"gated in the mode the model was in, matches no op\(s\) in training mode"),
+    # a layer's output of a kind a trace of the block alone cannot mirror (an object with a
+    # None in it): the block alone sums what the model never sums
+    (_NamespaceBlock, r"computes otherwise traced alone than in the model \(alone: with "
+     r"`add`\): a layer it calls returns something other than tensors"),
+    # its training-mode part, which the model's trace (eval mode) did not run, cannot be
+    # traced: the refusal said the forward needed arguments only its caller knows
+    (_ResDropBlock, r"could not be traced in training mode, which its forward reads "
+     r"\(self.training\) and the model's trace, in the mode the model is in, did not run: "
+     r"TypeError"),
+], ids=["merge-per-mode", "unmirrored-output", "other-mode-untraceable"])
+def test_a_block_whose_trace_alone_would_compute_otherwise_is_refused(block, told):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), block()).eval()
     keys = list(model.state_dict())
-    with pytest.raises(RewriteError, match=r"`1` \(_ResDropBlock\) could not be traced in "
-                       r"training mode, which its forward reads \(self.training\) and the "
-                       r"model's trace, in the mode the model is in, did not run: TypeError"):
+    with pytest.raises(RewriteError, match=rf"`1` \({block.__name__}\) {told}"):
         se_inject.apply(model, input_size=(3, 16, 16))
     assert list(model.state_dict()) == keys and "forward" not in model[1].__dict__
 
