@@ -32,7 +32,7 @@ from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
                       remove_gates)
-from .rules import RuleSpec, resolve_rules
+from .rules import MERGES, RuleSpec, resolve_rules
 from .shapes import (forward_arguments, input_leaves, is_shape, make_inputs,
                      propagate_shapes)
 from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
@@ -717,12 +717,9 @@ def _make_plan(model, ratio, resolved, input_size, options: TraceOptions,
                 ratio=ratio, unexamined=_unexamined(view, resolved)), blocks, (graph, gated)
 
 
-_MERGES = ("add", "cat")  # the merges a rule may look at (rules.py)
-
-
 def _unexamined(view, resolved) -> tuple[tuple[str, int], ...]:
     """How many merges of 4-D feature maps of each kind no rule in ``resolved`` looks at."""
-    kinds = [k for k in _MERGES if not any(r.merge == k for r in resolved)]
+    kinds = [k for k in MERGES if not any(r.merge == k for r in resolved)]
     if not kinds:
         return ()
     counts = feature_map_merges(view, kinds)
@@ -802,7 +799,7 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             "2-D CNNs: its gates, rules and costs are for (N, C, H, W) maps.")
     unexamined = _unexamined_note(p)
     if unexamined and all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
-        looked = [_MERGE_WORDS[k] for k in _MERGES if k not in dict(p.unexamined)]
+        looked = [_MERGE_WORDS[k] for k in MERGES if k not in dict(p.unexamined)]
         others = f" ({len(p.skipped)} of other tensors)" if p.skipped else ""
         return NoSitesError(
             f"no block of {name} matched the rules passed: they look at {looked[0][0]} only, "

@@ -655,9 +655,10 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                     "Function, whose backward it leaves out too), so a forward generated from a "
                     "trace of it would run them in the caller's mode")
             refuse(what)
-        if seen and training == owner.training and _own_ops_of(graph) != seen:
-            extra = sorted(map(_op_name, (_own_ops_of(graph) - seen).elements()))
-            lacks = sorted(map(_op_name, (seen - _own_ops_of(graph)).elements()))
+        ops = _own_ops_of(graph) if seen and training == owner.training else seen
+        if ops != seen:
+            extra = sorted(map(_op_name, (ops - seen).elements()))
+            lacks = sorted(map(_op_name, (seen - ops).elements()))
             diff = f"with {', '.join(extra[:3])}" if extra else f"without {', '.join(lacks[:3])}"
             refuse(f"computes otherwise traced alone than in the model (alone: {diff}): a "
                    "layer it calls returns something other than tensors (None, a number, a "
@@ -742,21 +743,13 @@ def _merges(graph: fx.Graph, gates: dict[str, LocalKey]) -> dict[str, tuple]:
             if key[:3] in nodes}
 
 
-def _alike(planned: tuple, other: tuple) -> bool:
-    """Whether a merge of the other training mode is the planned one: the same constants, and
-    operands computed from what the planned ones are (and maybe more: a layer that runs in
+def _fits(planned: tuple, other: tuple, reads: bool) -> bool:
+    """Whether a merge of the other training mode has the planned one's form: the same
+    constants where it has constants, tensors where it has tensors; with ``reads``, each
+    tensor also computed from what the planned one is (and maybe more: a layer that runs in
     training only, as a dropout)."""
     return len(planned) == len(other) and all(
-        a == b if isinstance(a, tuple) or isinstance(b, tuple) else a <= b
-        for a, b in zip(planned, other))
-
-
-def _related(planned: tuple, other: tuple) -> bool:
-    """Whether a merge of the other training mode has the planned one's form: the same
-    constants where it has constants, tensors where it has tensors (a layer that runs in one
-    mode only may feed them)."""
-    return len(planned) == len(other) and all(
-        a == b if isinstance(a, tuple) or isinstance(b, tuple) else True
+        a == b if isinstance(a, tuple) or isinstance(b, tuple) else not reads or a <= b
         for a, b in zip(planned, other))
 
 
@@ -773,12 +766,12 @@ def _in_mode(graph: fx.Graph, gates: dict[str, LocalKey], planned: dict[str, tup
         want = planned.get(name)
         node = nodes.get(key[:3])
         found = []
-        for fits in (_alike, _related):  # the same op by what it reads, else by its form
-            if want is None or (node is not None and fits(want, _operands_from(node))):
+        for reads in (True, False):  # the same op by what it reads, else by its form
+            if want is None or (node is not None and _fits(want, _operands_from(node), reads)):
                 found = [node]
                 break
             found = [n for k, n in nodes.items() if k[:2] == key[:2]
-                     and fits(want, _operands_from(n))]
+                     and _fits(want, _operands_from(n), reads)]
             if len(found) == 1:
                 break
         if len(found) == 1 and found[0] is node:

@@ -157,8 +157,10 @@ def _schema_version(node, path, key) -> int:
     return v
 
 
+MERGES = ("add", "cat")  # the merges a rule may look at: sums, channel concatenations
+
 _MATCH_SCHEMA = {
-    "merge": (True, _choice("add", "cat"), None),
+    "merge": (True, _choice(*MERGES), None),
     "operands": (False, _operands, (2, None)),
     "equal_shapes": (False, _of_type(bool, "true or false"), False),
     "entry_as_operand": (False, _choice("allow", "forbid"), "allow"),

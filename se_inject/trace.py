@@ -1845,13 +1845,10 @@ def trace_block(block: nn.Module, options: TraceOptions, training: bool,
 
 def _holds_constant(shape) -> bool:
     """Whether a layer output's structure (frames.layer_outputs) holds a constant."""
-    if isinstance(shape, tuple) and shape[:1] == ("c",):
-        return True
-    if isinstance(shape, tuple) and shape[:1] in (("tuple",), ("list",)):
-        return any(_holds_constant(e) for e in shape[1:])
-    if isinstance(shape, tuple) and shape[:1] == ("dict",):
-        return any(_holds_constant(e) for _, e in shape[1:])
-    return False
+    if not isinstance(shape, tuple):  # "tensor", "other"
+        return False
+    kind, *items = shape
+    return kind == "c" or any(_holds_constant(e[1] if kind == "dict" else e) for e in items)
 
 
 def _mirrored(proxy: fx.Proxy, shape):
@@ -1871,12 +1868,11 @@ def _mirrored(proxy: fx.Proxy, shape):
 
 
 def _holds_tensor(shape) -> bool:
-    if shape in ("tensor", "other"):
+    """Whether a layer output's structure holds a tensor (or a value of unknown kind)."""
+    if not isinstance(shape, tuple):  # "tensor", "other"
         return True
-    if isinstance(shape, tuple) and shape[:1] == ("c",):
-        return False
-    items = shape[1:]
-    return any(_holds_tensor(e[1] if shape[0] == "dict" else e) for e in items)
+    kind, *items = shape
+    return kind != "c" and any(_holds_tensor(e[1] if kind == "dict" else e) for e in items)
 
 
 class _RandomDraws(TorchDispatchMode):
