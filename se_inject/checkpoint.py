@@ -513,7 +513,7 @@ def _check_rebuilds(model: nn.Module, recipe: dict) -> list[str]:
             "model lacks. Pass the options it was made with: se_inject.save(model, path, "
             "model_kwargs={...}) (nothing was written).")
     # a weight kept in other tensors by a hook (pruning's weight_orig and weight_mask, the old
-    # weight_norm's weight_g and weight_v) changes the keys but no layer
+    # weight_norm's weight_g and weight_v, spectral_norm's) changes the keys but no layer
     own = {k for k in model.state_dict() if not any(k.startswith(g + ".") for g in gated)}
     ref_keys = set(ref.state_dict())  # (the rebuilt architecture holds no gate)
     missing, unexpected = sorted(ref_keys - own), sorted(own - ref_keys)
@@ -544,22 +544,25 @@ def _some(keys: list) -> str:
     return f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
 
 
-# what a hook-based reparametrization keeps a weight NAME as (NAME + a suffix, among other
-# tensors), and what makes the weight plain again
+# what a hook-based reparametrization keeps a weight NAME as (NAME + each suffix), and what
+# makes the weight plain again; the more specific first (spectral norm's NAME_orig is not
+# pruning's)
 _REPARAMETRIZED = (
-    ("_orig", "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask: make the "
-     "pruning permanent first, torch.nn.utils.prune.remove(layer, 'weight') on each pruned "
-     "layer"),
-    ("_g", "torch.nn.utils.weight_norm keeps a weight as NAME_g and NAME_v: take it off first, "
-     "torch.nn.utils.remove_weight_norm(layer) on each such layer"),
+    (("_orig", "_u", "_v"), "torch.nn.utils.spectral_norm keeps a weight as NAME_orig, NAME_u and "
+     "NAME_v: take it off first, torch.nn.utils.remove_spectral_norm(layer) on each such layer"),
+    (("_orig", "_mask"), "torch.nn.utils.prune keeps a pruned weight as NAME_orig and NAME_mask: "
+     "make the pruning permanent first, torch.nn.utils.prune.remove(layer, 'weight') on each "
+     "pruned layer"),
+    (("_g", "_v"), "torch.nn.utils.weight_norm keeps a weight as NAME_g and NAME_v: take it off "
+     "first, torch.nn.utils.remove_weight_norm(layer) on each such layer"),
 )
 
 
 def _reparametrized(missing: list, unexpected: list) -> str:
     """A hint where the keys that differ are a weight kept in other tensors by a hook."""
-    gone = set(missing)
-    for suffix, hint in _REPARAMETRIZED:
-        if any(k.endswith(suffix) and k[:-len(suffix)] in gone for k in unexpected):
+    extra = set(unexpected)
+    for suffixes, hint in _REPARAMETRIZED:
+        if any(all(k + s in extra for s in suffixes) for k in missing):
             return f" {hint}."
     return ""
 

@@ -787,6 +787,10 @@ def _undo_parametrized(layer):
     torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")
 
 
+def _spectral_norm(layer):
+    torch.nn.utils.spectral_norm(layer)
+
+
 @pytest.mark.parametrize("reparametrize,undo,told", [
     (_prune, _undo_prune, r"has 8 key\(s\) that .* lacks \(layer1\.0\.conv1\.weight_mask, "
      r"layer1\.0\.conv1\.weight_orig, .*torch\.nn\.utils\.prune\.remove\(layer, 'weight'\)"),
@@ -795,10 +799,13 @@ def _undo_parametrized(layer):
     (_parametrized_norm, _undo_parametrized,
      r"its layer `layer1\.0\.conv1` computes 'weight' through torch\.nn\.utils\.parametrize.*"
      r"remove_parametrizations\(layer, 'weight'\)"),
-], ids=["prune", "weight_norm", "parametrize"])
+    (_spectral_norm, torch.nn.utils.remove_spectral_norm,
+     r"lacks \(layer1\.0\.conv1\.weight_orig, .*weight_u, .*NAME_orig, NAME_u and NAME_v: "
+     r".*torch\.nn\.utils\.remove_spectral_norm\(layer\)"),
+], ids=["prune", "weight_norm", "parametrize", "spectral_norm"])
 def test_save_refuses_a_weight_a_hook_computes_and_saves_it_once_made_plain(
         tmp_path, reparametrize, undo, told):
-    # A pruned or weight-normed layer keeps its weight in two other tensors: its state_dict
+    # A pruned, weight-normed or spectral-normed layer keeps its weight in other tensors: its state_dict
     # keys are not those of resnet18 rebuilt from its name, so load() would refuse the file.
     # Made plain, the weight the layer computed is saved and loads back.
     m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
