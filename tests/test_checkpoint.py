@@ -805,9 +805,9 @@ def _spectral_norm(layer):
 ], ids=["prune", "weight_norm", "parametrize", "spectral_norm"])
 def test_save_refuses_a_weight_a_hook_computes_and_saves_it_once_made_plain(
         tmp_path, reparametrize, undo, told):
-    # A pruned, weight-normed or spectral-normed layer keeps its weight in other tensors: its state_dict
-    # keys are not those of resnet18 rebuilt from its name, so load() would refuse the file.
-    # Made plain, the weight the layer computed is saved and loads back.
+    # A pruned, weight-normed or spectral-normed layer keeps its weight in other tensors: its
+    # state_dict keys are not those of resnet18 rebuilt from its name, so load() would refuse
+    # the file. Made plain, the weight the layer computed is saved and loads back.
     m = _trained_like(timm.create_model("resnet18", pretrained=False)).eval()
     convs = [m.layer1[0].conv1, m.layer1[0].conv2, m.layer1[1].conv1, m.layer1[1].conv2]
     for layer in convs:
