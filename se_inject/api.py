@@ -26,8 +26,8 @@ from .graph import build_view, height_width
 from .identity import FACTOR, plan_compensations, scale
 from .kinds import layer_kind
 from .loads import mark_uninitialised, unwatch_plain_loads, watch_plain_loads
-from .match import (A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, feature_map_merges,
-                    find_candidates)
+from .match import (A_VOLUME, HOLDS_A_GATE, NOT_A_FEATURE_MAP, OPERAND_NOT_A_FEATURE_MAP,
+                    feature_map_merges, find_candidates)
 from .plan import Plan, Site, Skipped
 from .recipe import forget_recipe, record_step
 from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, random_draws,
@@ -806,7 +806,15 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             f"and its traced graph holds no {looked[0][2]} of 4-D feature maps{others}."
             f"{unexamined}")
     if all(NOT_A_FEATURE_MAP in s.reason for s in p.skipped):
-        sums = f" ({len(p.skipped)} sums or concatenations of other tensors)" if p.skipped else ""
+        n = len(p.skipped)
+        sums = f" ({n} {'sum or concatenation' if n == 1 else 'sums or concatenations'} of " \
+            "other tensors)" if n else ""
+        mixed = sum(1 for s in p.skipped if s.reason == OPERAND_NOT_A_FEATURE_MAP)
+        if mixed:  # a merge of maps, one of them made by a reshape: its layout is not known
+            sums += (f". {'It joins' if n == 1 else f'{mixed} of them join'} a feature map "
+                     "with a 4-D tensor made by a reshape (tokens turned back into a map, a "
+                     "channel shuffle), in which se-inject cannot tell which dimension holds "
+                     "the channels")
         return NoSitesError(
             f"{name} has no residual or inception-style block: the traced graph holds no add or "
             f"channel concatenation of 4-D convolutional feature maps{sums}. se-inject gates CNN "

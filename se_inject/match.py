@@ -28,6 +28,7 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
+OPERAND_NOT_A_FEATURE_MAP = "an operand is not a 4-D channel-first feature map"
 A_VOLUME = NOT_A_FEATURE_MAP + " (5-D, as a 3-D convolution makes: video, volumes)"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
 SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a mixed convolution, "
@@ -195,7 +196,7 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return f"{n} feature-map operand(s) where the rule takes {rule.min_operands}" + \
             (f" to {rule.max_operands}" if rule.max_operands != rule.min_operands else "")
     if any(g.nodes[o]["ndim"] != 4 or g.nodes[o]["layout"] != layout for _, o in acts):
-        return "an operand is not a 4-D channel-first feature map" if layout == "nchw" else \
+        return OPERAND_NOT_A_FEATURE_MAP if layout == "nchw" else \
             NOT_A_FEATURE_MAP + " (channels-last, with operands that are not)"
     if kind == "cat" and (not isinstance(dim, int) or dim % 4 != CHANNEL_DIM[layout]):
         return "not a concatenation along channels"

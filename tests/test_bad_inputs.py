@@ -107,6 +107,23 @@ class _WindowAttention(nn.Module):
         return x + y.view(n, 2, 2, 4, 4, 8).permute(0, 1, 3, 2, 4, 5).reshape(n, 8, 8, 8)
 
 
+class _TokensBackToMap(nn.Module):
+    """A transformer stage whose tokens are reshaped back into a map and concatenated with a
+    convolution's map, as a U-Net decoder joins a MiT encoder's features: the reshaped map's
+    channel dimension cannot be followed through the reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mix, self.head = nn.Linear(8, 8), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        t = self.mix(x.flatten(2).transpose(1, 2))  # (N, H*W, C) tokens
+        return self.head(torch.cat([self.conv(x), t.transpose(1, 2).reshape(n, c, h, w)], 1))
+
+
 @dataclass
 class ApplyCase:
     id: str
@@ -151,6 +168,11 @@ APPLY_CASES = [
               NoSitesError, "_WindowAttention has no residual or inception-style block: the "
               "traced graph holds no add or channel concatenation of 4-D convolutional feature "
               "maps (2 sums"),
+    ApplyCase("tokens-back-to-a-map", _TokensBackToMap, {"input_size": (3, 8, 8)},
+              NoSitesError, "maps (1 sum or concatenation of other tensors). It joins a "
+              "feature map with a 4-D tensor made by a reshape (tokens turned back into a map, a "
+              "channel shuffle), in which se-inject cannot tell which dimension holds the "
+              "channels. se-inject gates CNN blocks"),
     ApplyCase("audio-1d", _Audio1D, {"input_size": (1, 64)}, NoSitesError,
               "_Audio1D has no residual or inception-style block of 2-D feature maps: its "
               "convolutions are 1-D"),
