@@ -129,6 +129,58 @@ def _permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, ..
 
 CHANNEL_DIM = {"nchw": 1, "nhwc": 3}  # feature maps: channels first, or last
 
+# The steps of a channel shuffle (ShuffleNet's): an (N, C, H, W) map viewed as (N, G, C/G, H, W)
+# ("ngchw": its channels in two dimensions), those two swapped, and viewed back to 4-D.
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "contiguous", "clone"}
+_SWAPS = {"transpose", "swapaxes", "swapdims"}
+
+
+def _op_name(node: fx.Node) -> str:
+    """A tensor method's name, or a torch function's (``torch.reshape``: "reshape")."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function" and getattr(node.target, "__module__", None) == "torch":
+        return getattr(node.target, "__name__", "")
+    return ""
+
+
+def _of_grouped(g: nx.DiGraph, node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return isinstance(src, fx.Node) and src in g and g.nodes[src]["layout"] == "ngchw"
+
+
+def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
+                    modules: dict[str, nn.Module]) -> str:
+    """The layout of a step of a channel shuffle: "ngchw" for a channel-first map's channels
+    viewed in two dimensions (its height and width kept last, in place) and for those two
+    swapped; "nchw" for them viewed back as one. Anything else is "other"."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, fx.Node) or src not in g or shape is None:
+        return "other"
+    s, layout, name = g.nodes[src]["shape"], g.nodes[src]["layout"], _op_name(node)
+    if s is None:
+        return "other"
+    if name in _RESHAPES:
+        if layout == "nchw" and len(shape) == 5 and shape[0] == s[0] and \
+                shape[3:] == s[2:] and shape[1] * shape[2] == s[1]:
+            return "ngchw"
+        if layout == "ngchw" and tuple(shape) == tuple(s):
+            return "ngchw"
+        if layout == "ngchw" and len(shape) == 4 and shape[0] == s[0] and \
+                shape[2:] == s[3:] and shape[1] == s[1] * s[2]:
+            return "nchw"
+    elif layout == "ngchw" and (name in _SWAPS or kind == "permute"):
+        if name in _SWAPS:
+            dims = [d for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
+            moved = {d % 5 for d in dims} if len(dims) == 2 and dims[0] % 5 != dims[1] % 5 \
+                else set()
+        else:
+            perm = _permute_dims(node, modules)
+            moved = {i for i, d in enumerate(perm) if d % 5 != i} if len(perm) == 5 else {0}
+        if moved <= {1, 2}:
+            return "ngchw"
+    return "other"
+
 
 def height_width(shape: tuple, layout: str) -> tuple:
     """A 4-D shape's height and width, channels first (or any other layout) or last."""
@@ -264,6 +316,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
+        elif ndim == 5 or ndim == 4 and _of_grouped(g, node):
+            layout = _grouped_layout(g, node, shape, kind, modules)
         elif ndim != 4:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:

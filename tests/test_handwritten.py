@@ -1088,6 +1088,9 @@ def test_shufflenet_v2_downsampling_units_are_two_branch_modules():
     p = se_inject.plan(model)
     assert [(s.block, s.rule) for s in p] == [(n, "inception") for n in two_branch]
     assert [s.channels for s in p] == [units[n].branch2[-2].num_features * 2 for n in two_branch]
+    # the stride-1 units are left out as channel splits, half their channels untouched (the
+    # shuffle before each of them, view, transpose and view, keeps its maps' channels first)
+    assert [s.reason for s in p.skipped] == ["fewer than 2 branches with a convolution"] * 13
     se_inject.apply(model)
     for name, unit in units.items():
         x = torch.randn(2, unit.branch2[0].in_channels * (1 if unit.stride > 1 else 2), 16, 16)
@@ -1100,6 +1103,60 @@ def test_shufflenet_v2_downsampling_units_are_two_branch_modules():
                 a, b = x.chunk(2, dim=1)
                 want = channel_shuffle(torch.cat((a, unit.branch2(b)), dim=1), 2)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _ShuffledThenBlock(torch.nn.Module):
+    """A channel shuffle (ShuffleNet's: view to groups, swap them, view back), then a residual
+    block on the shuffled map, written with each of the ops a shuffle is written with."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        n, c, h, w = x.shape
+        if self.how == "view":
+            x = x.view(n, 4, c // 4, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        elif self.how == "reshape":
+            x = torch.reshape(x, (n, 4, c // 4, h, w)).permute(0, 2, 1, 3, 4).reshape(n, -1, h, w)
+        else:
+            x = x.unflatten(1, (4, c // 4)).transpose(2, 1).flatten(1, 2)
+        return x + self.c2(F.relu(self.c1(x)))
+
+
+@pytest.mark.parametrize("how", ["view", "reshape", "unflatten"])
+def test_a_block_on_a_channel_shuffled_map_is_gated(how):
+    model = _ShuffledThenBlock(how).eval()
+    p = se_inject.plan(model, input_size=(3, 8, 8))
+    assert [(s.rule, s.tensor, s.channels) for s in p] == [("residual", "c2", 16)]
+    se_inject.apply(model, input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        s = model.stem(x)
+        t = s.view(2, 4, 4, 8, 8).transpose(1, 2).reshape(2, 16, 8, 8)
+        want = t + paper_reference(model.c2(F.relu(model.c1(t))), model.se_gate)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_view_that_moves_the_spatial_dimensions_is_no_channel_shuffle():
+    """A 5-D view whose last two dimensions are not the map's height and width, or a swap that
+    moves one of them, makes a tensor whose channels cannot be told: no gate there."""
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.c1 = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            n, c, h, w = x.shape  # (h == w == c: every view below has the map's shape)
+            x = x.view(n, 4, c // 4, h, w).transpose(2, 3).reshape(n, c, h, w)
+            return x + self.c1(x)
+    with pytest.raises(NoSitesError, match="made by a reshape"):
+        se_inject.apply(Mixed(), input_size=(3, 16, 16))
 
 
 def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
