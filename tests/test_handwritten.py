@@ -1113,7 +1113,8 @@ class _ShuffledThenBlock(torch.nn.Module):
         super().__init__()
         self.how = how
         self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
-        self.c1, self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c1 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
 
     def forward(self, x):
         x = self.stem(x)
