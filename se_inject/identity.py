@@ -72,6 +72,18 @@ _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d
                    torch.permute, torch.reshape}
 _PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten",
                  "reshape_as", "view_as"}
+# a copy, or a cast to a floating-point type (its other arguments a dtype, a device, or a
+# tensor whose type it takes): rounding to any float format commutes with a factor of 2, so
+# doubling the input doubles the output exactly. (A cast to integers truncates: refused.)
+_CAST_METHODS = {"float", "half", "bfloat16", "double", "to", "type", "type_as", "clone"}
+
+
+def _float_cast(node: fx.Node) -> bool:
+    value = node.meta.get(VALUE)
+    return isinstance(node.args[0] if node.args else None, fx.Node) and \
+        isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 # ops whose every tensor operand must be scaled (a sum or concatenation of scaled tensors)
 _EACH_OPERAND = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat,
                  torch.concatenate}
@@ -255,6 +267,8 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                     return walk((computed or factors)[0], False)
             if target in _PASS_FUNCTIONS or target in _PASS_METHODS:
                 return walk(_only_tensor_input(node, refuse), False)
+            if target in _CAST_METHODS and _float_cast(node):
+                return walk(node.args[0], False)
         raise refuse(f"{op_text(node)} does not scale with its input")
 
     walk(gated, True)

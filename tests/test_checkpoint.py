@@ -336,6 +336,56 @@ def test_identity_init_scales_layers_traced_as_functions(tail):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
 
 
+# casts between a residual branch's last layer and the sum, as code written for mixed
+# precision has them: a float cast scales with its input exactly (a factor of 2 is exact in
+# any float format), a cast to integers does not
+_CASTS = {
+    "float": lambda y, x: y.float(),
+    "to_dtype_of_input": lambda y, x: y.to(x.dtype),
+    "to_dtype_keyword": lambda y, x: y.to(dtype=torch.float32),
+    "type_as_input": lambda y, x: y.type_as(x),
+    "type": lambda y, x: y.type(torch.float32),
+    "bfloat16_and_back": lambda y, x: y.bfloat16().float(),
+    "half_and_back": lambda y, x: y.half().to(torch.float32),
+    "clone": lambda y, x: y.clone(),
+}
+
+
+class _CastBlock(_NormFreeBlock):
+    def __init__(self, c, cast):
+        super().__init__(c)
+        self.cast = cast
+
+    def forward(self, x):
+        return torch.relu(x + _CASTS[self.cast](self.conv2(torch.relu(self.conv1(x))), x))
+
+
+def _cast_net(cast: str) -> _NormFreeNet:
+    torch.manual_seed(0)
+    model = _NormFreeNet()
+    model.blocks = torch.nn.Sequential(_CastBlock(16, cast), _CastBlock(16, cast))
+    return model.eval()
+
+
+@pytest.mark.parametrize("cast", sorted(_CASTS))
+def test_identity_init_goes_through_float_casts(cast):
+    model, ref = _cast_net(cast), _cast_net(cast)
+    _identity_doubles(model, ref, torch.randn(2, 3, 12, 12),
+                      [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", "weight")])
+
+
+def test_identity_init_refuses_a_cast_to_integers():
+    class _Rounded(_NormFreeBlock):
+        def forward(self, x):
+            return x + self.conv2(torch.relu(self.conv1(x))).long().float()
+    model = _NormFreeNet()
+    model.blocks = torch.nn.Sequential(_Rounded(16), _Rounded(16))
+    with pytest.raises(IdentityInitError, match=r"`.*\.long\(\)` in `blocks\.0` does not "
+                       "scale with its input"):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert not gates(model)
+
+
 class _ConvReadTwice(torch.nn.Module):
     """The branch ends in ``conv``; ``conv`` (as a layer or its weight as a tensor) is read
     again for a second output, which scaling it for the gate would change."""
