@@ -172,8 +172,8 @@ def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
     elif layout == "ngchw" and (name in _SWAPS or kind == "permute"):
         if name in _SWAPS:
             dims = [d for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
-            moved = {d % 5 for d in dims} if len(dims) == 2 and dims[0] % 5 != dims[1] % 5 \
-                else set()
+            moved = {0} if len(dims) != 2 else \
+                set() if dims[0] % 5 == dims[1] % 5 else {d % 5 for d in dims}
         else:
             perm = _permute_dims(node, modules)
             moved = {i for i, d in enumerate(perm) if d % 5 != i} if len(perm) == 5 else {0}
@@ -316,7 +316,7 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
-        elif ndim == 5 or ndim == 4 and _of_grouped(g, node):
+        elif ndim == 5:
             layout = _grouped_layout(g, node, shape, kind, modules)
         elif ndim != 4:
             layout = "other"
@@ -324,6 +324,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = "nchw"
         elif kind == "permute" and inputs:
             layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node, modules))
+        elif _of_grouped(g, node):  # a channel shuffle's last step
+            layout = _grouped_layout(g, node, shape, kind, modules)
         else:
             layout = _inherited_layout(g, inputs, shape, kind)
         channels = None

@@ -1123,12 +1123,14 @@ class _ShuffledThenBlock(torch.nn.Module):
             x = x.view(n, 4, c // 4, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
         elif self.how == "reshape":
             x = torch.reshape(x, (n, 4, c // 4, h, w)).permute(0, 2, 1, 3, 4).reshape(n, -1, h, w)
-        else:
+        elif self.how == "unflatten":
             x = x.unflatten(1, (4, c // 4)).transpose(2, 1).flatten(1, 2)
+        else:
+            x = torch.flatten(torch.transpose(torch.unflatten(x, 1, (4, -1)), 1, 2), 1, 2)
         return x + self.c2(F.relu(self.c1(x)))
 
 
-@pytest.mark.parametrize("how", ["view", "reshape", "unflatten"])
+@pytest.mark.parametrize("how", ["view", "reshape", "unflatten", "functions"])
 def test_a_block_on_a_channel_shuffled_map_is_gated(how):
     model = _ShuffledThenBlock(how).eval()
     p = se_inject.plan(model, input_size=(3, 8, 8))
