@@ -182,6 +182,65 @@ def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
     return "other"
 
 
+# 3-D tokens: a map's pixels in one dimension, its channels before them (N, C, H·W) or after
+# them (N, H·W, C); the nodes keep the map's (H, W) as "hw", to view them back as a map
+_TOKENS = ("ncl", "nlc")
+
+
+def _of_tokens(g: nx.DiGraph, node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    return isinstance(src, fx.Node) and src in g and g.nodes[src]["layout"] in _TOKENS
+
+
+def _swapped(node: fx.Node, kind: str, modules: dict[str, nn.Module]) -> bool | None:
+    """Whether a transpose or permute of a 3-D tensor swaps its last two dimensions (True),
+    moves nothing (False), or cannot be read or does otherwise (None)."""
+    if kind == "permute":
+        perm = tuple(d % 3 for d in _permute_dims(node, modules))
+        return {(0, 2, 1): True, (0, 1, 2): False}.get(perm)
+    dims = [d for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
+    if len(dims) != 2:
+        return None
+    moved = {d % 3 for d in dims}
+    return True if moved == {1, 2} else False if len(moved) == 1 else None
+
+
+def _token_layout(g: nx.DiGraph, node: fx.Node, inputs: list, shape: tuple, kind: str,
+                  modules: dict[str, nn.Module]) -> tuple[str, tuple | None]:
+    """(layout, (H, W)) of a step from a map to tokens and back: a channel-first map's pixels
+    flattened, (N, C, H·W) "ncl", or a channels-last map's, (N, H·W, C) "nlc"; the two swapped
+    into each other; an op that keeps their shape, or a linear layer on "nlc" (it maps
+    channels); and tokens viewed back as (N, C, H, W) or (N, H, W, C) maps of the same H and
+    W. Anything else is ("other", None)."""
+    src = node.args[0] if node.args else None
+    if isinstance(src, fx.Node) and src in g and g.nodes[src]["shape"] is not None:
+        a, name = g.nodes[src], _op_name(node)
+        s, layout, hw = a["shape"], a["layout"], a.get("hw")
+        if len(shape) == 3 and len(s) == 4 and name in _RESHAPES:
+            if layout == "nchw" and shape == (s[0], s[1], s[2] * s[3]):
+                return "ncl", s[2:]
+            if layout == "nhwc" and shape == (s[0], s[1] * s[2], s[3]):
+                return "nlc", s[1:3]
+        if len(shape) == 4 and layout in _TOKENS and name in _RESHAPES:
+            if layout == "ncl" and shape == (s[0], s[1], *hw):
+                return "nchw", None
+            if layout == "nlc" and shape == (s[0], *hw, s[2]):
+                return "nhwc", None
+        if len(shape) == 3 and layout in _TOKENS and (name in _SWAPS or kind == "permute"):
+            swapped = _swapped(node, kind, modules)
+            if swapped is None:
+                return "other", None
+            return ("nlc" if layout == "ncl" else "ncl") if swapped else layout, hw
+        if len(shape) == 3 and layout == "nlc" and kind == "linear" and shape[:2] == s[:2]:
+            return "nlc", hw
+    if len(shape) == 3:  # elementwise, a norm: as the tokens of this shape it reads
+        alike = {(g.nodes[i]["layout"], g.nodes[i].get("hw")) for i in inputs
+                 if g.nodes[i]["shape"] == shape and g.nodes[i]["layout"] in _TOKENS}
+        if len(alike) == 1:
+            return alike.pop()
+    return "other", None
+
+
 def height_width(shape: tuple, layout: str) -> tuple:
     """A 4-D shape's height and width, channels first (or any other layout) or last."""
     return tuple(shape[1:3]) if CHANNEL_DIM.get(layout) == 3 else tuple(shape[2:])
@@ -312,27 +371,34 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
         kind = node_kind(node, modules)
         ndim = len(shape) if shape is not None else -1
+        hw = None
         if ndim == -1 and isinstance(value, (list, tuple)) and inputs:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
         elif ndim == 5:
             layout = _grouped_layout(g, node, shape, kind, modules)
+        elif ndim == 3:
+            layout, hw = _token_layout(g, node, inputs, shape, kind, modules)
         elif ndim != 4:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
             layout = "nchw"
         elif kind == "permute" and inputs:
             layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node, modules))
-        elif _of_grouped(g, node):  # a channel shuffle's last step
-            layout = _grouped_layout(g, node, shape, kind, modules)
         else:
-            layout = _inherited_layout(g, inputs, shape, kind)
+            layout = "other"
+            if _of_grouped(g, node):  # a channel shuffle's last step
+                layout = _grouped_layout(g, node, shape, kind, modules)
+            elif _of_tokens(g, node):  # tokens viewed back as a map
+                layout = _token_layout(g, node, inputs, shape, kind, modules)[0]
+            if layout == "other":
+                layout = _inherited_layout(g, inputs, shape, kind)
         channels = None
         if shape is not None and layout in CHANNEL_DIM:
             channels = shape[CHANNEL_DIM[layout]]
         g.add_node(node, index=index, kind=kind, ndim=ndim, shape=shape, channels=channels,
-                   layout=layout,
+                   layout=layout, hw=hw,
                    frame=node.meta.get(SCOPE, Frame("")),
                    module=node.target if node.op == "call_module" else None)
         if node.op == "placeholder":

@@ -29,6 +29,8 @@ __all__ = ["Candidate", "Rejection", "find_candidates"]
 _CONV_KINDS = {"conv", "dwconv"}
 NOT_A_FEATURE_MAP = "not a 4-D channel-first feature map"
 OPERAND_NOT_A_FEATURE_MAP = "an operand is not a 4-D channel-first feature map"
+ONE_CHANNEL = ("a map of one channel (a spatial attention's), with no channels for a gate to "
+               "weigh")
 A_VOLUME = NOT_A_FEATURE_MAP + " (5-D, as a 3-D convolution makes: video, volumes)"
 HOLDS_A_GATE = "the block already holds a channel gate (SE, ECA...)"
 SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a mixed convolution, "
@@ -189,6 +191,8 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     layout = a["layout"]
     if a["ndim"] != 4 or layout not in CHANNEL_DIM:
         return A_VOLUME if _convolved_volume(g, merge) else NOT_A_FEATURE_MAP
+    if a["channels"] is not None and a["channels"] < 2:
+        return ONE_CHANNEL
     pairs, dim = _operands(merge, kind)
     acts = [(i, o) for i, o in pairs if isinstance(o, fx.Node) and o in g]
     n = len(acts)

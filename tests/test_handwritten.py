@@ -1162,6 +1162,87 @@ def test_a_view_that_moves_the_spatial_dimensions_is_no_channel_shuffle():
         se_inject.apply(Mixed(), input_size=(3, 16, 16))
 
 
+class _TokenBranchBlock(torch.nn.Module):
+    """A residual block whose branch is a depthwise convolution, then the map's pixels as
+    tokens through a norm, an MLP and a layer scale, then viewed back as a map (EdgeNeXt's
+    SplitTransposeBlock, without its attention): channels-last via tokens, flattened as
+    (N, C, H·W) and transposed, or the other way (`route`)."""
+
+    def __init__(self, route, c=16):
+        super().__init__()
+        self.route = route
+        self.dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(c), torch.nn.Linear(c, 2 * c), \
+            torch.nn.Linear(2 * c, c)
+        self.gamma = torch.nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        if self.route == "permute":
+            t = self.dw(x).reshape(n, c, h * w).permute(0, 2, 1)
+        else:
+            t = self.dw(x).flatten(2).transpose(1, 2)
+        t = t + self.fc2(F.gelu(self.fc1(self.norm(t))))
+        t = self.gamma * t
+        if self.route == "permute":
+            y = t.reshape(n, h, w, c).permute(0, 3, 1, 2)
+        elif self.route == "transpose":
+            y = t.transpose(1, 2).reshape(n, c, h, w)
+        else:  # the tokens viewed as a map of another height and width: no map of this one
+            y = t.transpose(1, 2).reshape(n, c, h * 2, w // 2)
+            x = x.reshape(n, c, h * 2, w // 2)
+        return x + y
+
+
+@pytest.mark.parametrize("route", ["permute", "transpose"])
+def test_a_branch_through_tokens_back_to_the_map_is_gated_on_channels(route):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _TokenBranchBlock(route))
+    p = se_inject.plan(model, input_size=(3, 8, 8))
+    assert [(s.block, s.rule, s.channels) for s in p] == [("1", "residual", 16)]
+    se_inject.apply(model, input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    block = model[1]
+    with torch.no_grad():
+        h = model[0](x)
+        t = block.dw(h).flatten(2).transpose(1, 2)
+        t = block.gamma * (t + block.fc2(F.gelu(block.fc1(block.norm(t)))))
+        y = t.transpose(1, 2).reshape(2, 16, 8, 8)
+        torch.testing.assert_close(model(x), h + paper_reference(y, block.se_gate),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_viewed_as_a_map_of_another_size_are_no_map():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _TokenBranchBlock("other"))
+    with pytest.raises(NoSitesError, match="made by a reshape"):
+        se_inject.apply(model, input_size=(3, 8, 8))
+
+
+class _OneChannelResidual(torch.nn.Module):
+    """A spatial attention whose map (one channel: the mean and maximum over channels, then a
+    convolution) goes through a residual block of its own before it scales the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.squeeze = torch.nn.Conv2d(2, 1, 7, padding=3)
+        self.c1, self.c2 = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        s = self.squeeze(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1))
+        s = s + self.c2(F.relu(self.c1(s)))
+        return x * torch.sigmoid(s)
+
+
+def test_a_block_of_one_channel_is_not_gated():
+    """A channel gate weighs channels against each other: a one-channel map (a spatial
+    attention's) has none, so its residual block gets no gate."""
+    p = se_inject.plan(_OneChannelResidual(), input_size=(3, 8, 8))
+    assert list(p) == []
+    assert [s.reason for s in p.skipped if s.merge == "add"] == [
+        "a map of one channel (a spatial attention's), with no channels for a gate to weigh"]
+
+
 def test_sums_of_linear_branches_are_layers_not_blocks(tmp_path):
     """A sum whose every path from the entry crosses at most one convolution, with nothing but
     norms, identities, sums, differences and weight scales besides, is one convolution written
@@ -1342,10 +1423,11 @@ def test_a_sum_that_folds_into_one_convolution_stays_ungated_with_drop_path_in_t
 
 
 class _ReshapedEntry(torch.nn.Module):
-    """A residual block whose input is a token sequence reshaped back into a map (hybrid
-    models do this): the reshaped tensor's layout cannot be told from its shape."""
+    """A residual block whose input is a token sequence, (N, H·W, C), viewed as (N, C, H, W)
+    without moving its channels back in front: neither a channel-first nor a channels-last map
+    of the input's size, so its layout cannot be told."""
 
-    def __init__(self, c=16):
+    def __init__(self, c=8):
         super().__init__()
         self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
         self.c1, self.b1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
@@ -1355,7 +1437,7 @@ class _ReshapedEntry(torch.nn.Module):
     def forward(self, img):
         x = self.stem(img)
         b, c, h, w = x.shape
-        y = x.flatten(2).transpose(1, 2).transpose(1, 2).reshape(b, c, h, w)
+        y = x.flatten(2).transpose(1, 2).reshape(b, c, h, w)
         return self.proj(y) + self.b2(self.c2(F.relu(self.b1(self.c1(y)))))
 
 

@@ -618,6 +618,31 @@ def test_mambaout_blocks_are_gated_on_the_channels_of_their_channels_last_maps()
         assert out.stride() == want.stride() and not torch.allclose(out - t, want - t)
 
 
+def test_edgenext_blocks_through_tokens_are_gated_on_their_channels():
+    """EdgeNeXt's SplitTransposeBlock runs its branch's attention and MLP on the map's pixels
+    as tokens, (N, H·W, C), and views them back as (N, H, W, C) before its sum with the
+    shortcut: it is gated as its ConvBlocks are, Eq. 2-4 on the branch, on C."""
+    model = timm.create_model("edgenext_xx_small", pretrained=False).eval()
+    plain = copy.deepcopy(model)
+    kinds = ("ConvBlock", "SplitTransposeBlock")
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ in kinds]
+    split = [n for n in blocks if type(model.get_submodule(n)).__name__ == kinds[1]]
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == [f"{b}.se_gate" for b in blocks]
+    assert len(blocks) == 12 and len(split) == 3
+    for name in split:
+        blk, ref = model.get_submodule(name), plain.get_submodule(name)
+        x = torch.randn(2, blk.se_gate.channels, 7, 7)
+        seen = []
+        hook = ref.drop_path.register_forward_hook(lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            ref(x)
+            hook.remove()
+            # (its drop path is called twice: on the attention's tokens, then on the branch)
+            torch.testing.assert_close(blk(x), x + paper_reference(seen[-1], blk.se_gate),
+                                       rtol=1e-5, atol=1e-6)
+
+
 def _same_draws_same_outputs(model, plain, x):
     """In training and in eval mode, seeded alike, ``model`` computes exactly what ``plain``
     computes (the same dropout masks drawn)."""
