@@ -812,9 +812,9 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
         mixed = sum(1 for s in p.skipped if s.reason == OPERAND_NOT_A_FEATURE_MAP)
         if mixed:  # a merge of maps, one of them made by a reshape: its layout is not known
             sums += (f". {'It joins' if n == 1 else f'{mixed} of them join'} a feature map "
-                     "with a 4-D tensor made by a reshape (tokens turned back into a map, a "
-                     "channel shuffle), in which se-inject cannot tell which dimension holds "
-                     "the channels")
+                     "with a 4-D tensor made by a reshape se-inject cannot follow (tokens "
+                     "viewed as a map without their channels moved back in front, or at another "
+                     "size), in which it cannot tell which dimension holds the channels")
         return NoSitesError(
             f"{name} has no residual or inception-style block: the traced graph holds no add or "
             f"channel concatenation of 4-D convolutional feature maps{sums}. se-inject gates CNN "

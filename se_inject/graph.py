@@ -144,22 +144,23 @@ def _op_name(node: fx.Node) -> str:
     return ""
 
 
-def _of_grouped(g: nx.DiGraph, node: fx.Node) -> bool:
+def _source(g: nx.DiGraph, node: fx.Node) -> dict | None:
+    """The attributes of the activation an op is called on (its first argument), where its
+    shape is known."""
     src = node.args[0] if node.args else None
-    return isinstance(src, fx.Node) and src in g and g.nodes[src]["layout"] == "ngchw"
+    if isinstance(src, fx.Node) and src in g and g.nodes[src]["shape"] is not None:
+        return g.nodes[src]
+    return None
 
 
-def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
+def _grouped_layout(src: dict | None, node: fx.Node, shape: tuple, kind: str,
                     modules: dict[str, nn.Module]) -> str:
     """The layout of a step of a channel shuffle: "ngchw" for a channel-first map's channels
     viewed in two dimensions (its height and width kept last, in place) and for those two
     swapped; "nchw" for them viewed back as one. Anything else is "other"."""
-    src = node.args[0] if node.args else None
-    if not isinstance(src, fx.Node) or src not in g or shape is None:
+    if src is None or shape is None:
         return "other"
-    s, layout, name = g.nodes[src]["shape"], g.nodes[src]["layout"], _op_name(node)
-    if s is None:
-        return "other"
+    s, layout, name = src["shape"], src["layout"], _op_name(node)
     if name in _RESHAPES:
         if layout == "nchw" and len(shape) == 5 and shape[0] == s[0] and \
                 shape[3:] == s[2:] and shape[1] * shape[2] == s[1]:
@@ -170,16 +171,20 @@ def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
                 shape[2:] == s[3:] and shape[1] == s[1] * s[2]:
             return "nchw"
     elif layout == "ngchw" and (name in _SWAPS or kind == "permute"):
-        if name in _SWAPS:
-            dims = [d for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
-            moved = {0} if len(dims) != 2 else \
-                set() if dims[0] % 5 == dims[1] % 5 else {d % 5 for d in dims}
-        else:
-            perm = _permute_dims(node, modules)
-            moved = {i for i, d in enumerate(perm) if d % 5 != i} if len(perm) == 5 else {0}
-        if moved <= {1, 2}:
+        moved = _moved(node, kind, modules, 5)
+        if moved is not None and moved <= {1, 2}:
             return "ngchw"
     return "other"
+
+
+def _moved(node: fx.Node, kind: str, modules: dict[str, nn.Module], ndim: int) -> set | None:
+    """The dimensions a transpose or permute of an ``ndim``-D tensor moves; None where they
+    cannot be read."""
+    if kind == "permute":
+        perm = [d % ndim for d in _permute_dims(node, modules)]
+        return {i for i, d in enumerate(perm) if d != i} if len(perm) == ndim else None
+    dims = [d % ndim for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
+    return (set() if dims[0] == dims[1] else set(dims)) if len(dims) == 2 else None
 
 
 # 3-D tokens: a map's pixels in one dimension, its channels before them (N, C, H·W) or after
@@ -187,35 +192,15 @@ def _grouped_layout(g: nx.DiGraph, node: fx.Node, shape: tuple, kind: str,
 _TOKENS = ("ncl", "nlc")
 
 
-def _of_tokens(g: nx.DiGraph, node: fx.Node) -> bool:
-    src = node.args[0] if node.args else None
-    return isinstance(src, fx.Node) and src in g and g.nodes[src]["layout"] in _TOKENS
-
-
-def _swapped(node: fx.Node, kind: str, modules: dict[str, nn.Module]) -> bool | None:
-    """Whether a transpose or permute of a 3-D tensor swaps its last two dimensions (True),
-    moves nothing (False), or cannot be read or does otherwise (None)."""
-    if kind == "permute":
-        perm = tuple(d % 3 for d in _permute_dims(node, modules))
-        return {(0, 2, 1): True, (0, 1, 2): False}.get(perm)
-    dims = [d for d in (*node.args[1:], *node.kwargs.values()) if isinstance(d, int)]
-    if len(dims) != 2:
-        return None
-    moved = {d % 3 for d in dims}
-    return True if moved == {1, 2} else False if len(moved) == 1 else None
-
-
-def _token_layout(g: nx.DiGraph, node: fx.Node, inputs: list, shape: tuple, kind: str,
-                  modules: dict[str, nn.Module]) -> tuple[str, tuple | None]:
+def _token_layout(g: nx.DiGraph, src: dict | None, node: fx.Node, inputs: list, shape: tuple,
+                  kind: str, modules: dict[str, nn.Module]) -> tuple[str, tuple | None]:
     """(layout, (H, W)) of a step from a map to tokens and back: a channel-first map's pixels
     flattened, (N, C, H·W) "ncl", or a channels-last map's, (N, H·W, C) "nlc"; the two swapped
     into each other; an op that keeps their shape, or a linear layer on "nlc" (it maps
     channels); and tokens viewed back as (N, C, H, W) or (N, H, W, C) maps of the same H and
     W. Anything else is ("other", None)."""
-    src = node.args[0] if node.args else None
-    if isinstance(src, fx.Node) and src in g and g.nodes[src]["shape"] is not None:
-        a, name = g.nodes[src], _op_name(node)
-        s, layout, hw = a["shape"], a["layout"], a.get("hw")
+    if src is not None:
+        s, layout, hw, name = src["shape"], src["layout"], src.get("hw"), _op_name(node)
         if len(shape) == 3 and len(s) == 4 and name in _RESHAPES:
             if layout == "nchw" and shape == (s[0], s[1], s[2] * s[3]):
                 return "ncl", s[2:]
@@ -227,10 +212,10 @@ def _token_layout(g: nx.DiGraph, node: fx.Node, inputs: list, shape: tuple, kind
             if layout == "nlc" and shape == (s[0], *hw, s[2]):
                 return "nhwc", None
         if len(shape) == 3 and layout in _TOKENS and (name in _SWAPS or kind == "permute"):
-            swapped = _swapped(node, kind, modules)
-            if swapped is None:
+            moved = _moved(node, kind, modules, 3)  # the last two swapped, or nothing moved
+            if moved is None or moved - {1, 2}:
                 return "other", None
-            return ("nlc" if layout == "ncl" else "ncl") if swapped else layout, hw
+            return ("nlc" if layout == "ncl" else "ncl") if moved else layout, hw
         if len(shape) == 3 and layout == "nlc" and kind == "linear" and shape[:2] == s[:2]:
             return "nlc", hw
     if len(shape) == 3:  # elementwise, a norm: as the tokens of this shape it reads
@@ -377,9 +362,9 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
         elif ndim == 5:
-            layout = _grouped_layout(g, node, shape, kind, modules)
+            layout = _grouped_layout(_source(g, node), node, shape, kind, modules)
         elif ndim == 3:
-            layout, hw = _token_layout(g, node, inputs, shape, kind, modules)
+            layout, hw = _token_layout(g, _source(g, node), node, inputs, shape, kind, modules)
         elif ndim != 4:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
@@ -387,11 +372,11 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
         elif kind == "permute" and inputs:
             layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node, modules))
         else:
-            layout = "other"
-            if _of_grouped(g, node):  # a channel shuffle's last step
-                layout = _grouped_layout(g, node, shape, kind, modules)
-            elif _of_tokens(g, node):  # tokens viewed back as a map
-                layout = _token_layout(g, node, inputs, shape, kind, modules)[0]
+            layout, src = "other", _source(g, node)
+            if src is not None and src["layout"] == "ngchw":  # a channel shuffle's last step
+                layout = _grouped_layout(src, node, shape, kind, modules)
+            elif src is not None and src["layout"] in _TOKENS:  # tokens viewed back as a map
+                layout = _token_layout(g, src, node, inputs, shape, kind, modules)[0]
             if layout == "other":
                 layout = _inherited_layout(g, inputs, shape, kind)
         channels = None

@@ -108,9 +108,9 @@ class _WindowAttention(nn.Module):
 
 
 class _TokensBackToMap(nn.Module):
-    """A transformer stage whose tokens are reshaped back into a map and concatenated with a
-    convolution's map, as a U-Net decoder joins a MiT encoder's features: the reshaped map's
-    channel dimension cannot be followed through the reshape."""
+    """A transformer stage whose tokens, (N, H·W, C), are viewed as (N, C, H, W) without their
+    channels moved back in front, and concatenated with a convolution's map: neither a
+    channel-first nor a channels-last map of that size, so its channels cannot be told."""
 
     def __init__(self):
         super().__init__()
@@ -121,7 +121,7 @@ class _TokensBackToMap(nn.Module):
         x = self.stem(x)
         n, c, h, w = x.shape
         t = self.mix(x.flatten(2).transpose(1, 2))  # (N, H*W, C) tokens
-        return self.head(torch.cat([self.conv(x), t.transpose(1, 2).reshape(n, c, h, w)], 1))
+        return self.head(torch.cat([self.conv(x), t.reshape(n, c, h, w)], 1))
 
 
 @dataclass
@@ -168,11 +168,12 @@ APPLY_CASES = [
               NoSitesError, "_WindowAttention has no residual or inception-style block: the "
               "traced graph holds no add or channel concatenation of 4-D convolutional feature "
               "maps (2 sums"),
-    ApplyCase("tokens-back-to-a-map", _TokensBackToMap, {"input_size": (3, 8, 8)},
+    ApplyCase("tokens-back-to-a-map", _TokensBackToMap, {"input_size": (3, 6, 6)},
               NoSitesError, "maps (1 sum or concatenation of other tensors). It joins a "
-              "feature map with a 4-D tensor made by a reshape (tokens turned back into a map, a "
-              "channel shuffle), in which se-inject cannot tell which dimension holds the "
-              "channels. se-inject gates CNN blocks"),
+              "feature map with a 4-D tensor made by a reshape se-inject cannot follow (tokens "
+              "viewed as a map without their channels moved back in front, or at another "
+              "size), in which it cannot tell which dimension holds the channels. se-inject "
+              "gates CNN blocks"),
     ApplyCase("audio-1d", _Audio1D, {"input_size": (1, 64)}, NoSitesError,
               "_Audio1D has no residual or inception-style block of 2-D feature maps: its "
               "convolutions are 1-D"),
