@@ -1149,8 +1149,30 @@ def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
     return False
 
 
+# Ops whose tensor arguments after the first give the result their dtype or device alone
+# (``c.type_as(x)``, ``c.to(x)``, ``c.to(x.dtype)``), and what a tensor's attribute read gives:
+# a value they make from a constant holds none of the input's values.
+_CASTS_BY_EXAMPLE = frozenset(("type_as", "to"))
+_METADATA = frozenset(("dtype", "device"))
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose values ``node``'s value is computed from: all its inputs, but the
+    examples a cast takes its dtype and device from, and none for a read of a dtype or a
+    device."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            and node.args[1] in _METADATA:
+        return []
+    if node.op == "call_method" and node.target in _CASTS_BY_EXAMPLE and node.args \
+            and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
 def _from_an_input(value) -> bool:
-    """Whether ``value`` is a traced value computed from a placeholder (an input)."""
+    """Whether ``value`` is a traced value computed from a placeholder (an input): from its
+    values, not only its dtype or device (EDSR's ``self.mean = self.mean.type_as(x)`` is a
+    constant in the input's type, which a generated forward makes again at every call)."""
     if not isinstance(value, fx.Proxy):
         return False
     seen, todo = set(), [value.node]
@@ -1158,7 +1180,7 @@ def _from_an_input(value) -> bool:
         node = todo.pop()
         if node.op == "placeholder":
             return True
-        for n in node.all_input_nodes:
+        for n in _value_inputs(node):
             if n not in seen:
                 seen.add(n)
                 todo.append(n)

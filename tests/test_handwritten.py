@@ -893,6 +893,65 @@ def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
     assert model.block.names is names and names == ["a"]
 
 
+class _MeanShiftSR(torch.nn.Module):
+    """A super-resolution net as EDSR, RCAN and SwinIR write it (BasicSR): the data mean, a
+    plain tensor attribute, recast to the input's type at every call, subtracted before the
+    body and added back after it; the body's global residual sits in this forward."""
+
+    def __init__(self, recast: str):
+        super().__init__()
+        self.recast = recast
+        self.mean = torch.tensor([0.45, 0.44, 0.40]).view(1, 3, 1, 1)
+        self.head = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1))
+        self.tail = torch.nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        if self.recast == "type_as":
+            self.mean = self.mean.type_as(x)
+        elif self.recast == "to_tensor":
+            self.mean = self.mean.to(x)
+        elif self.recast == "to_dtype_device":
+            self.mean = self.mean.to(device=x.device, dtype=x.dtype)
+        else:  # the input's own statistics, kept: a value of the input
+            self.mean = x.mean((0, 2, 3), keepdim=True).type_as(self.mean)
+        h = self.head(x - self.mean)
+        res = self.body(h)
+        res += h
+        return self.tail(res) + self.mean
+
+
+@pytest.mark.parametrize("recast", ["type_as", "to_tensor", "to_dtype_device"])
+def test_a_constant_recast_to_the_inputs_type_is_not_state_the_forward_keeps(recast):
+    """``self.mean = self.mean.type_as(x)`` takes only the input's dtype and device: the value
+    is the constant's, which the generated forward casts again at every call. It was refused as
+    a value computed from the input and kept, and with it every gate of EDSR."""
+    torch.manual_seed(0)
+    model = _MeanShiftSR(recast).eval()
+    mean, x = model.mean, torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match="forward of the model itself"):
+        se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    assert [n for n, _ in gates(model)] == ["se_gate"]
+    assert torch.equal(model.mean, mean)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+        model.double()  # the attribute is no buffer: only the forward's cast follows the input
+        out = model(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_statistic_of_the_input_kept_in_place_of_a_constant_is_still_refused():
+    model = _MeanShiftSR("statistic").eval()
+    with pytest.raises(RewriteError, match=r"`\(model\)` \(_MeanShiftSR\) changes its own "
+                                           r"state when it runs \(`mean`\)"):
+        se_inject.apply(model, input_size=(3, 16, 16))
+    assert not gates(model) and model.mean.shape == (1, 3, 1, 1)
+
+
 @pytest.mark.parametrize("extra", ["keyword_only", "var_keyword", "var_positional"])
 def test_keyword_only_and_variadic_model_arguments_keep_their_defaults(extra):
     """A forward with keyword-only parameters, **kwargs or *args (a backbone wrapper with
