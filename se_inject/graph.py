@@ -369,6 +369,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = "other"
         elif node.op == "placeholder" or kind in _NCHW_PRODUCERS:
             layout = "nchw"
+        elif kind == "pixel_shuffle":  # moves values between channels and pixels, channels first
+            layout = "nchw" if inputs and g.nodes[inputs[0]]["layout"] == "nchw" else "other"
         elif kind == "permute" and inputs:
             layout = _permuted_layout(g.nodes[inputs[0]]["layout"], _permute_dims(node, modules))
         else:

@@ -54,7 +54,8 @@ class Compensation:
 
 
 _PASS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
-                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample)
+                 nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
+                 nn.PixelShuffle, nn.PixelUnshuffle)
 # drop-block layers: a mask made from the input's shape alone (and, scaled by what it keeps,
 # from the mask alone); timm's with_noise=True adds noise, which does not scale
 _DROP_BLOCKS = (("timm.layers.drop", "DropBlock2d"), ("torchvision.ops.drop_block", "DropBlock2d"))
@@ -69,7 +70,7 @@ def _passes(m: nn.Module) -> bool:
 
 _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten,
-                   torch.permute, torch.reshape}
+                   torch.permute, torch.reshape, torch.pixel_shuffle, torch.pixel_unshuffle}
 _PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten",
                  "reshape_as", "view_as"}
 # a copy, or a cast to a floating-point type (its other arguments a dtype, a device, or a

@@ -1,6 +1,6 @@
 """What kind of operation a traced node is: tables from module class, function and tensor
-method to a kind (conv, dwconv, norm, act, add, sub, cat, pool, mul, linear, permute, gate,
-chgate, identity...), looked up by the graph view and by the tracer."""
+method to a kind (conv, dwconv, norm, act, add, sub, cat, pool, mul, linear, permute,
+pixel_shuffle, gate, chgate, identity...), looked up by the graph view and by the tracer."""
 from __future__ import annotations
 
 import operator
@@ -34,6 +34,9 @@ _MODULE_KINDS: dict[type, str] = {
     nn.MaxPool2d: "pool", nn.AvgPool2d: "pool", nn.AdaptiveAvgPool2d: "pool",
     nn.AdaptiveMaxPool2d: "pool",
     nn.Identity: "identity", nn.Dropout: "identity", nn.Dropout2d: "identity",
+    # channels to pixels and back, (N, C·r², H, W) <-> (N, C, H·r, W·r): super-resolution
+    # nets' upsamplers (ESPCN, EDSR, Real-ESRGAN's SRVGG), some stems
+    nn.PixelShuffle: "pixel_shuffle", nn.PixelUnshuffle: "pixel_shuffle",
 }
 
 try:  # torchvision's leaf modules whose meaning matters here
@@ -58,6 +61,7 @@ _FUNCTION_KINDS: dict[Any, str] = {
     operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
     torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat",
     torch.permute: "permute",
+    torch.pixel_shuffle: "pixel_shuffle", torch.pixel_unshuffle: "pixel_shuffle",
 }
 
 # Tensor method (call_method target) -> op kind.

@@ -1221,6 +1221,62 @@ def test_a_view_that_moves_the_spatial_dimensions_is_no_channel_shuffle():
         se_inject.apply(Mixed(), input_size=(3, 16, 16))
 
 
+class _PixelShuffleSR(torch.nn.Module):
+    """Real-ESRGAN's SRVGGNetCompact in small: a body of convolutions at the input's size, a
+    convolution to 3·r² channels and a pixel shuffle to 3 channels at r times the size, plus
+    the input upsampled (the net learns the residual). ``how`` writes the shuffle as a layer,
+    as torch's function, or on a view with height and channels swapped (no gate there)."""
+
+    def __init__(self, how, r=2):
+        super().__init__()
+        self.how, self.r = how, r
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.PReLU(16),
+                                        torch.nn.Conv2d(16, 3 * r * r, 3, padding=1))
+        self.up = torch.nn.PixelShuffle(r)
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.how == "layer":
+            out = self.up(h)
+        elif self.how == "function":
+            out = F.pixel_shuffle(h, self.r)
+        else:  # (N, H, C, W) shuffled as if its channels were first: no map's channels
+            out = F.pixel_shuffle(h.permute(0, 2, 1, 3), self.r)  # (at H = C = 3·r²)
+        out += F.interpolate(x, scale_factor=self.r, mode="nearest")
+        return out
+
+
+@pytest.mark.parametrize("how", ["layer", "function"])
+def test_a_pixel_shuffled_map_keeps_its_channels_first(how):
+    """A pixel shuffle turns (N, C·r², H, W) into (N, C, H·r, W·r): a channel-first map, whose
+    sum with the upsampled input is a residual block. It made a tensor of unknown layout, and
+    the net was refused as having no block."""
+    torch.manual_seed(0)
+    model = _PixelShuffleSR(how).eval()
+    p = se_inject.plan(model, input_size=(3, 8, 8))
+    tensor = "up" if how == "layer" else "pixel_shuffle"
+    assert [(s.block, s.rule, s.tensor, s.channels) for s in p] == [
+        ("", "residual", tensor, 3)]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    with pytest.warns(UserWarning, match="forward of the model itself"):
+        se_inject.apply(model, input_size=(3, 8, 8), init="identity")
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # the body's last layer doubled, through the shuffle
+        model.se_gate.fc2.weight.normal_()
+        u = F.pixel_shuffle(model.body(x), 2)
+        want = paper_reference(u, model.se_gate) + F.interpolate(x, scale_factor=2)
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pixel_shuffle_of_a_view_with_channels_moved_is_no_map():
+    model = _PixelShuffleSR("swapped")
+    assert model(torch.randn(1, 3, 12, 8)).shape == (1, 3, 24, 16)
+    with pytest.raises(NoSitesError, match="1 sum or concatenation of other tensors"):
+        se_inject.apply(model, input_size=(3, 12, 8))
+
+
 class _TokenBranchBlock(torch.nn.Module):
     """A residual block whose branch is a depthwise convolution, then the map's pixels as
     tokens through a norm, an MLP and a layer scale, then viewed back as a map (EdgeNeXt's
