@@ -336,11 +336,15 @@ _PLAIN_ADDS = {("call_function", operator.add), ("call_function", torch.add),
 def _sum_into_gate_output(merge: fx.Node, gate: fx.Node) -> None:
     """``gate(u) + shortcut`` -> ``gate(u) += shortcut``: the gate's output is a fresh product
     that nothing else reads and that autograd does not keep, so the sum needs no new tensor
-    (timm's hand-written blocks use ``+=`` for the same reason)."""
-    if (merge.op, merge.target) not in _PLAIN_ADDS or merge.kwargs or len(merge.args) != 2:
+    (timm's hand-written blocks use ``+=`` for the same reason). Only where the gate's output
+    is the first operand: a sum lays its result out as its first operand is laid out where the
+    two differ, and ``shortcut + gate(u)`` on a branch whose last convolution read a permuted
+    view (channels-last strides) gives a channel-first result, which ``+=`` would not, and a
+    reduction after it would sum in another order (outputs no longer bit for bit)."""
+    if (merge.op, merge.target) not in _PLAIN_ADDS or merge.kwargs or len(merge.args) != 2 \
+            or merge.args[0] is not gate:
         return
-    other = merge.args[1] if merge.args[0] is gate else merge.args[0]
-    merge.op, merge.target, merge.args = "call_function", operator.iadd, (gate, other)
+    merge.op, merge.target, merge.args = "call_function", operator.iadd, (gate, merge.args[1])
 
 
 _COMPILED: dict[tuple, Callable] = {}

@@ -1277,6 +1277,39 @@ def test_a_pixel_shuffle_of_a_view_with_channels_moved_is_no_map():
         se_inject.apply(model, input_size=(3, 12, 8))
 
 
+class _MixThenConv(torch.nn.Module):
+    """``x + conv(...)`` where the convolution reads a permuted view (an MLP over channels-last
+    pixels, then back): its output has channels-last strides, the shortcut channel-first ones,
+    and the sum lays its result out as its first operand, the shortcut."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.lin = torch.nn.Linear(c, c)
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        h = F.gelu(self.lin(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return x + self.conv(h)
+
+
+def test_a_gated_sum_keeps_the_layout_of_the_sum_it_replaces():
+    """With identity gates the model computes what it computed, to the bit, and its tensors
+    are laid out as they were: the gated sum ``x + gate(u)`` was written ``gate(u) += x``,
+    laid out as ``u``, and the mean after it summed in another order (1e-8 off)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _MixThenConv(),
+                                _MixThenConv()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref, ref_block = model(x).mean((2, 3)), model[:2](x)
+    se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    assert [n for n, _ in gates(model)] == ["1.se_gate", "2.se_gate"]
+    with torch.no_grad():
+        block = model[:2](x)
+        assert torch.equal(block, ref_block) and block.stride() == ref_block.stride()
+        assert torch.equal(model(x).mean((2, 3)), ref)
+
+
 class _TokenBranchBlock(torch.nn.Module):
     """A residual block whose branch is a depthwise convolution, then the map's pixels as
     tokens through a norm, an MLP and a layer scale, then viewed back as a map (EdgeNeXt's
