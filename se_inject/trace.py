@@ -141,7 +141,26 @@ def _registry_leaf_modules() -> list[type]:
         leaves.append(DropBlock2d)
     except ImportError:  # timm is optional for hand-written models
         pass
-    return leaves + _torchvision_leaf_modules()
+    return leaves + _torchvision_leaf_modules() + _einops_leaf_modules()
+
+
+# einops (imported by the model's code, never by se-inject): its functions parse a pattern
+# against the tensor's shape, which a traced value has none of, so fx fails inside them. Each
+# is one call in the graph, as its layers are (``Rearrange``, ``Reduce``, ``EinMix``).
+_EINOPS_FUNCTIONS = ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack")
+_EINOPS_LAYERS = ("Rearrange", "Reduce", "EinMix")
+
+
+def _einops_leaf_modules() -> list[type]:
+    layers = sys.modules.get("einops.layers.torch")
+    return [c for c in (getattr(layers, n, None) for n in _EINOPS_LAYERS)
+            if isinstance(c, type) and issubclass(c, nn.Module)] if layers else []
+
+
+def _einops_functions() -> list[Callable]:
+    einops = sys.modules.get("einops")
+    return [f for f in (getattr(einops, n, None) for n in _EINOPS_FUNCTIONS)
+            if callable(f)] if einops else []
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,6 +184,7 @@ def _registry_autowrap() -> tuple[tuple[Callable, ...], tuple[Any, ...]]:
         functions += [f for f in get_notrace_functions() if callable(f)]
     except ImportError:
         pass
+    functions += _einops_functions()
     try:
         import torchvision.ops as tv_ops
         modules.append(tv_ops)

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 
 import se_inject
 from se_inject.errors import NoSitesError, RewriteError, TraceError
+
+try:  # as research code imports it: by name, at the top of the module
+    from einops import rearrange
+except ImportError:
+    rearrange = None
 from conftest import gates, paper_reference, randomize_norms, saturate
 import handwritten
 from handwritten import (HANDWRITTEN, BlockNet, BlurNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
@@ -1308,6 +1313,51 @@ def test_a_gated_sum_keeps_the_layout_of_the_sum_it_replaces():
         block = model[:2](x)
         assert torch.equal(block, ref_block) and block.stride() == ref_block.stride()
         assert torch.equal(model(x).mean((2, 3)), ref)
+
+
+class _EinopsMixBlock(torch.nn.Module):
+    """A block written with einops, as much research code is: its pixels as tokens
+    (``rearrange``), an MLP over channels, back to a map at the height read off the input,
+    a convolution, the residual sum."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.lin = torch.nn.Linear(c, c)
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        t = F.gelu(self.lin(rearrange(x, "b c h w -> b (h w) c")))
+        return x + self.conv(rearrange(t, "b (h w) c -> b c h w", h=x.shape[2]))
+
+
+def test_einops_functions_and_layers_are_one_call_each():
+    """einops parses its pattern against the tensor's shape, which fx's traced values have
+    none of: a model using it failed to trace (TraceError inside ``rearrange``). Its functions
+    and layers (``Rearrange``, ``Reduce``, ``EinMix``) are recorded as one call each, as timm's
+    and torchvision's registries keep theirs, where the model's code has imported einops."""
+    if rearrange is None:
+        pytest.skip("einops is not installed (the test extras install it)")
+    from einops.layers.torch import Reduce
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _EinopsMixBlock(),
+                                _EinopsMixBlock(), Reduce("b c h w -> b c", "mean"),
+                                torch.nn.Linear(16, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    p = se_inject.plan(model, input_size=(3, 16, 16))
+    assert [(s.block, s.tensor) for s in p] == [("1", "1.conv"), ("2", "2.conv")]
+    se_inject.apply(model, input_size=(3, 16, 16), init="identity")
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+        for _, g in gates(model):
+            g.fc2.weight.normal_()
+        blk, h = model[1], model[0](x)
+        t = F.gelu(blk.lin(h.flatten(2).transpose(1, 2))).transpose(1, 2).reshape(2, 16, 16, 16)
+        torch.testing.assert_close(blk(h), h + paper_reference(blk.conv(t), blk.se_gate),
+                                   rtol=1e-5, atol=1e-6)
+        # the height is read at every call, not kept from the trace
+        assert model(torch.randn(1, 3, 8, 24)).shape == (1, 10)
 
 
 class _TokenBranchBlock(torch.nn.Module):
