@@ -226,6 +226,91 @@ def _token_layout(g: nx.DiGraph, src: dict | None, node: fx.Node, inputs: list, 
     return "other", None
 
 
+def einops_pattern(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The pattern of an einops ``rearrange`` (the function, which the tracer records as one
+    call, or a ``Rearrange`` layer): ``"b c h w -> b h w c"``; None for any other op."""
+    if node.op == "call_function":
+        fn = node.target
+        if getattr(fn, "__name__", "") == "rearrange" and \
+                (getattr(fn, "__module__", "") or "").startswith("einops") and len(node.args) > 1:
+            return node.args[1] if isinstance(node.args[1], str) else None
+    elif node.op == "call_module":
+        m = modules.get(node.target)
+        if type(m).__name__ == "Rearrange" and type(m).__module__.startswith("einops"):
+            pattern = getattr(m, "pattern", None)
+            return pattern if isinstance(pattern, str) else None
+    return None
+
+
+def _einops_items(side: str) -> list[tuple[str, ...]] | None:
+    """The axes of one side of a pattern, each a tuple of names (a group: several); None where
+    it holds anything but names and groups of names (an ellipsis, a 1, an empty group)."""
+    items, group = [], None
+    for token in side.replace("(", " ( ").replace(")", " ) ").split():
+        if token == "(":
+            if group is not None:
+                return None
+            group = []
+        elif token == ")":
+            if not group:
+                return None
+            items.append(tuple(group))
+            group = None
+        elif token.isidentifier():
+            if group is None:
+                items.append((token,))
+            else:
+                group.append(token)
+        else:
+            return None
+    return None if group is not None else items
+
+
+# the roles of a layout's dimensions: batch, channels, height, width ("hw": one dimension)
+_ROLES = {"nchw": ("n", "c", "h", "w"), "nhwc": ("n", "h", "w", "c"),
+          "ncl": ("n", "c", "hw"), "nlc": ("n", "hw", "c")}
+_FROM_ROLES = {("n", "c", "h", "w"): "nchw", ("n", "h", "w", "c"): "nhwc",
+               ("n", "c", "hw"): "ncl", ("n", "hw", "c"): "nlc"}
+
+
+def _einops_layout(src: dict | None, pattern: str, shape: tuple) -> tuple[str, tuple | None]:
+    """(layout, (H, W)) of an einops rearrange of a map or of its tokens that only moves the
+    batch, channel and spatial dimensions, or flattens height and width into one (in that
+    order) or splits them back at the map's size: ``b c h w -> b h w c``, ``b c h w -> b (h
+    w) c``, ``b (h w) c -> b c h w``. Anything else is ("other", None)."""
+    if src is None or src["layout"] not in _ROLES or "->" not in pattern:
+        return "other", None
+    left, _, right = pattern.partition("->")
+    left, right = _einops_items(left), _einops_items(right)
+    roles, hw = _ROLES[src["layout"]], src.get("hw")
+    if left is None or right is None or len(left) != len(roles) or hw is None and \
+            len(roles) == 3:
+        return "other", None
+    if len(roles) == 4:
+        hw = height_width(src["shape"], src["layout"])
+    role = {}
+    for item, r in zip(left, roles):
+        if r == "hw" and len(item) == 2:
+            role[item[0]], role[item[1]] = "h", "w"
+        elif len(item) == 1 and r != "hw":
+            role[item[0]] = r
+        else:
+            return "other", None
+    out = []
+    for item in right:
+        named = tuple(role.get(a) for a in item)
+        if named == ("h", "w"):
+            out.append("hw")
+        elif len(named) == 1 and named[0] is not None:
+            out.append(named[0])
+        else:
+            return "other", None
+    layout = _FROM_ROLES.get(tuple(out), "other")
+    if layout in CHANNEL_DIM:
+        return (layout, None) if height_width(shape, layout) == tuple(hw) else ("other", None)
+    return (layout, tuple(hw)) if layout in _TOKENS else ("other", None)
+
+
 def height_width(shape: tuple, layout: str) -> tuple:
     """A 4-D shape's height and width, channels first (or any other layout) or last."""
     return tuple(shape[1:3]) if CHANNEL_DIM.get(layout) == 3 else tuple(shape[2:])
@@ -361,6 +446,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
+        elif shape is not None and einops_pattern(node, modules) is not None:
+            layout, hw = _einops_layout(_source(g, node), einops_pattern(node, modules), shape)
         elif ndim == 5:
             layout = _grouped_layout(_source(g, node), node, shape, kind, modules)
         elif ndim == 3:

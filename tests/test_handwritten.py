@@ -1360,6 +1360,86 @@ def test_einops_functions_and_layers_are_one_call_each():
         assert model(torch.randn(1, 3, 8, 24)).shape == (1, 10)
 
 
+class _EinopsConvNeXtBlock(torch.nn.Module):
+    """A ConvNeXt block written with einops: a depthwise convolution, the map moved to
+    channels-last (or to tokens) for a norm and an MLP over channels, and back, by
+    ``rearrange`` or by ``Rearrange`` layers."""
+
+    def __init__(self, how, c=16):
+        super().__init__()
+        from einops.layers.torch import Rearrange
+        self.how = how
+        self.dw = torch.nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.mlp = torch.nn.Sequential(torch.nn.LayerNorm(c), torch.nn.Linear(c, 2 * c),
+                                       torch.nn.GELU(), torch.nn.Linear(2 * c, c))
+        self.to_last, self.to_first = Rearrange("b c h w -> b h w c"), \
+            Rearrange("b h w c -> b c h w")
+
+    def forward(self, x):
+        h = self.dw(x)
+        if self.how == "layers":
+            y = self.to_first(self.mlp(self.to_last(h)))
+        elif self.how == "function":
+            y = rearrange(self.mlp(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
+        else:  # the pixels as tokens, (N, H·W, C), and back at the map's height
+            t = self.mlp(rearrange(h, "b c h w -> b (h w) c"))
+            y = rearrange(t, "b (h w) c -> b c h w", h=x.shape[2])
+        return x + y
+
+
+@pytest.mark.parametrize("how", ["layers", "function", "tokens"])
+def test_an_einops_rearrange_that_moves_channels_keeps_the_map(how):
+    """A rearrange that only moves batch, channels, height and width, or flattens height and
+    width (in that order) into tokens and back at the map's size, keeps the map's channels
+    known, as ``permute``, ``flatten`` and ``view`` do: the block is gated on its channels."""
+    if rearrange is None:
+        pytest.skip("einops is not installed (the test extras install it)")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, 4), _EinopsConvNeXtBlock(how),
+                                _EinopsConvNeXtBlock(how)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    p = se_inject.plan(model, input_size=(3, 32, 32))
+    assert [(s.block, s.rule, s.channels) for s in p] == [("1", "residual", 16),
+                                                          ("2", "residual", 16)]
+    se_inject.apply(model, input_size=(3, 32, 32), init="identity")
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)  # the MLP's last layer doubled, through the move
+        for _, g in gates(model):
+            g.fc2.weight.normal_()
+        blk, h = model[1], model[0](x)
+        y = blk.mlp(blk.dw(h).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(blk(h), h + paper_reference(y, blk.se_gate), rtol=1e-5,
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern, src, shape, want", [
+    ("b c h w -> b h w c", ("nchw", (2, 16, 8, 6)), (2, 8, 6, 16), ("nhwc", None)),
+    ("b h w c -> b c h w", ("nhwc", (2, 8, 6, 16)), (2, 16, 8, 6), ("nchw", None)),
+    ("b c h w -> b (h w) c", ("nchw", (2, 16, 8, 6)), (2, 48, 16), ("nlc", (8, 6))),
+    ("n c h w -> n c (h w)", ("nchw", (2, 16, 8, 6)), (2, 16, 48), ("ncl", (8, 6))),
+    ("b c h w -> b w h c", ("nchw", (2, 16, 8, 6)), (2, 6, 8, 16), ("other", None)),
+    ("b c h w -> b (w h) c", ("nchw", (2, 16, 8, 6)), (2, 48, 16), ("other", None)),
+    ("b c (h p) (w q) -> b (c p q) h w", ("nchw", (2, 16, 8, 6)), (2, 64, 4, 3),
+     ("other", None)),
+    ("b ... h w -> b h w ...", ("nchw", (2, 16, 8, 6)), (2, 8, 6, 16), ("other", None)),
+    ("b h w c -> b c h w", ("nchw", (2, 16, 8, 6)), (2, 6, 16, 8), ("other", None)),
+])
+def test_the_layout_an_einops_pattern_gives(pattern, src, shape, want):
+    from se_inject.graph import _einops_layout
+    layout, s = src
+    assert _einops_layout({"layout": layout, "shape": s, "hw": None}, pattern, shape) == want
+
+
+def test_einops_tokens_viewed_back_at_another_size_are_no_map():
+    from se_inject.graph import _einops_layout
+    tokens = {"layout": "nlc", "shape": (2, 48, 16), "hw": (8, 6)}
+    assert _einops_layout(tokens, "b (h w) c -> b c h w", (2, 16, 8, 6)) == ("nchw", None)
+    assert _einops_layout(tokens, "b (h w) c -> b c h w", (2, 16, 6, 8)) == ("other", None)
+    assert _einops_layout(tokens, "b (h w) c -> b h w c", (2, 8, 6, 16)) == ("nhwc", None)
+
+
 class _TokenBranchBlock(torch.nn.Module):
     """A residual block whose branch is a depthwise convolution, then the map's pixels as
     tokens through a norm, an MLP and a layer scale, then viewed back as a map (EdgeNeXt's
