@@ -35,8 +35,9 @@ from .rewrite import (GATE_PREFIX, BlockContext, commit, owner_state, prepare, r
 from .rules import MERGES, RuleSpec, resolve_rules
 from .shapes import (forward_arguments, input_leaves, is_shape, make_inputs,
                      propagate_shapes)
-from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, is_container, module_code,
-                    trace_model, tracing_session)
+from .trace import (SCOPE, VALUES_READ, Frame, TraceOptions, has_forward, is_container,
+                    module_code, parts_with_convolutions, python_path, trace_model,
+                    tracing_session)
 
 __all__ = ["apply", "plan", "remove"]
 
@@ -52,6 +53,14 @@ def _check_model(model) -> bool:
     wrapper = _wrapper_kind(model)
     if wrapper is not None:
         raise InvalidArgumentError(wrapper)
+    if not has_forward(model):
+        parts = parts_with_convolutions(model)
+        named = ", ".join(f"se_inject.apply({python_path(model, n)}) ({c})"
+                          for n, c, _ in parts[:4])
+        raise InvalidArgumentError(
+            f"model is a {type(model).__name__}, which has no forward: its owner calls the "
+            f"modules in it one by one, and nothing calls it whole. Gate those that hold "
+            f"blocks, each in place: " + (named if parts else "it holds no convolution"))
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     compiled = compiled if isinstance(compiled, type) else ()
     scripted = False
@@ -218,6 +227,8 @@ def _input_shapes(model: nn.Module, input_size) -> list:
 
 
 def _spec(value, given):
+    if type(value) is tuple and not value:
+        return torch.Size((2,))  # one number per sample beside a map (a diffusion timestep)
     if is_shape(value):
         if not all(not isinstance(e, bool) and e > 0 for e in value):
             raise _bad_input_size(given)
@@ -236,7 +247,9 @@ def _spec(value, given):
 def _bad_input_size(given) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"input_size must be (C, H, W) of positive integers, or a list of them for several "
-        f"inputs; an input that is a list or dict of tensors takes a list or dict of sizes "
+        f"inputs (() for one that is a number per sample: [(3, 32, 32), ()] for a diffusion "
+        f"U-Net's image and timestep); an input that is a list or dict of tensors takes a "
+        f"list or dict of sizes "
         f"(input_size=[[(3, 224, 224), (1, 224, 224)]] for forward(self, images) given a list "
         f"of two; input_size={{'rgb': (3, 224, 224), 'depth': (1, 224, 224)}} for a dict); got "
         f"{given!r}")

@@ -1358,7 +1358,7 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
     if tracer.last_node is not None and tracer.last_node.op != "placeholder":
         after = f", just after {op_text(tracer.last_node)}"
     cls = type(mod).__name__ if mod is not None and frame and frame.qualname else None
-    parts = [] if cls else _parts_with_convolutions(model)
+    parts = [] if cls else parts_with_convolutions(model)
     if cls:
         hint = ("Mark the module as a leaf so that fx calls it without looking inside: "
                 f"se_inject.apply(model, leaf_modules=[{cls}]) or "
@@ -1367,7 +1367,8 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
         named = ", ".join(f"`{n}` ({c}, {k / 1e6:.1f} M parameters)" for n, c, k in parts[:3])
         hint = ("Where the model's own forward cannot be traced (it takes a list of images, or "
                 "branches on values), gate the modules that hold its CNN blocks instead, in "
-                f"place: se_inject.apply(model.{parts[0][0]}); its parts with convolutions: "
+                f"place: se_inject.apply({python_path(model, parts[0][0])}); its parts with "
+                "convolutions: "
                 f"{named}. Or make the forward traceable. ")
     else:
         hint = "Make the model's own forward traceable (no branching on tensor values). "
@@ -1379,15 +1380,50 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
     return error
 
 
-def _parts_with_convolutions(model: nn.Module) -> list[tuple[str, str, int]]:
+def has_forward(m: nn.Module) -> bool:
+    """Whether the module can be called: a ModuleList or ModuleDict has no forward, only items."""
+    return type(m).forward is not nn.Module.forward or "forward" in m.__dict__
+
+
+def _callable_children(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The model's children, with the items of a child that has no forward (a ModuleList or
+    ModuleDict: diffusers' UNet2DModel keeps its up and down blocks in them) in its place."""
+    out = []
+    for name, child in model.named_children():
+        if has_forward(child):
+            out.append((prefix + name, child))
+        else:
+            out += _callable_children(child, f"{prefix}{name}.")
+    return out
+
+
+def parts_with_convolutions(model: nn.Module) -> list[tuple[str, str, int]]:
     """(name, class name, parameters) of the model's children that hold convolutions, largest
     first: what to gate where the model's own forward cannot be traced (a detector's, which
     takes a list of images and branches on them)."""
     parts = [(name, type(child).__name__, sum(p.numel() for p in child.parameters()))
-             for name, child in model.named_children()
+             for name, child in _callable_children(model)
              if not isinstance(child, nn.modules.conv._ConvNd) and
              any(isinstance(m, nn.modules.conv._ConvNd) for m in child.modules())]
     return sorted(parts, key=lambda p: -p[2])
+
+
+def python_path(model: nn.Module, name: str, root: str = "model") -> str:
+    """How Python names a submodule: ``model.up_blocks[0]`` for "up_blocks.0" in a
+    ModuleList, ``model.heads["cls"]`` in a ModuleDict, ``model.get_submodule(...)`` where an
+    attribute's name is no identifier."""
+    out, m = root, model
+    for part in name.split(".") if name else ():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and part.isdigit():
+            out += f"[{part}]"
+        elif isinstance(m, nn.ModuleDict):
+            out += f"[{part!r}]"
+        elif part.isidentifier():
+            out += f".{part}"
+        else:
+            return f"{root}.get_submodule({name!r})"
+        m = m._modules[part]
+    return out
 
 
 _OPENS: dict[type, bool] = {}  # timm no-trace class -> whether fx traces it cleanly here

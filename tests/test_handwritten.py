@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 import se_inject
-from se_inject.errors import NoSitesError, RewriteError, TraceError
+from se_inject.errors import InvalidArgumentError, NoSitesError, RewriteError, TraceError
 
 try:  # as research code imports it: by name, at the top of the module
     from einops import rearrange
@@ -2711,3 +2711,90 @@ def test_a_size_taken_whole_stays_a_traced_value_however_spelled(spelling):
     with torch.no_grad():
         for x in (torch.randn(2, 3, 16, 16), torch.randn(1, 3, 12, 20)):
             assert torch.equal(model(x), plain(x))
+
+
+class _TimestepBlock(torch.nn.Module):
+    """A diffusion U-Net's residual block (diffusers' ResnetBlock2D): the time embedding
+    projected to one number per channel and added inside the branch."""
+
+    def __init__(self, c=16, e=32):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.time = torch.nn.Linear(e, c)
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(x)) + self.time(emb)[:, :, None, None]
+        return x + self.conv2(F.silu(h))
+
+
+class _TimestepUNet(torch.nn.Module):
+    """forward(sample, timestep): the timestep one number per sample, or one for the batch."""
+
+    def __init__(self, c=16, e=32):
+        super().__init__()
+        self.e = e
+        self.stem = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.embed = torch.nn.Linear(e, e)
+        self.blocks = torch.nn.ModuleList(_TimestepBlock(c, e) for _ in range(2))
+        self.out = torch.nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, sample, timestep):
+        if len(timestep.shape) == 0:
+            timestep = timestep[None].expand(sample.shape[0])
+        freqs = torch.exp(-torch.arange(self.e // 2, device=sample.device) / (self.e // 2))
+        angles = timestep[:, None].float() * freqs[None]
+        emb = self.embed(torch.cat([angles.sin(), angles.cos()], dim=1))
+        h = self.stem(sample)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(h)
+
+
+def test_an_input_of_one_number_per_sample_takes_an_empty_size():
+    """``()`` in input_size is an input of one number per sample, (N,): a diffusion U-Net's
+    timestep beside its image. It was refused as no size, and the U-Net could not be gated
+    whole."""
+    torch.manual_seed(0)
+    model = _TimestepUNet().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        ref, ref_one = model(x, t), model(x, torch.tensor(7))
+    sizes = [(3, 16, 16), ()]
+    assert [s.block for s in se_inject.plan(model, input_size=sizes)] == ["blocks.0",
+                                                                         "blocks.1"]
+    se_inject.apply(model, input_size=sizes, init="identity")
+    with torch.no_grad():
+        assert torch.equal(model(x, t), ref) and torch.equal(model(x, torch.tensor(7)), ref_one)
+    with pytest.raises(InvalidArgumentError, match=r"\(\) for one that is a number"):
+        se_inject.plan(_TimestepUNet(), input_size=[(3, 16, 16), []])
+
+
+def test_a_module_list_is_refused_with_the_modules_to_gate():
+    """A ModuleList or ModuleDict has no forward: apply() named it a trace failure ("missing
+    the required forward function") and suggested gating `model.0`, which is no Python."""
+    net = _TimestepUNet()
+    with pytest.raises(InvalidArgumentError,
+                       match=r"ModuleList, which has no forward.*se_inject.apply\(model\[0\]\) "
+                             r"\(_TimestepBlock\), se_inject.apply\(model\[1\]\)"):
+        se_inject.apply(net.blocks)
+    heads = torch.nn.ModuleDict({"a": _TimestepBlock(), "b": torch.nn.Linear(3, 3)})
+    with pytest.raises(InvalidArgumentError, match=r"ModuleDict, which has no forward.*"
+                                                   r"apply\(model\['a'\]\) \(_TimestepBlock\)$"):
+        se_inject.plan(heads)
+    assert not gates(net)
+
+
+def test_a_trace_failure_names_the_items_of_a_module_list_to_gate():
+    """Where the model's own forward cannot be traced, the parts to gate instead are its
+    children, and the items of a child that has no forward, named as Python names them."""
+    class Untraceable(_TimestepUNet):
+        def forward(self, sample, timestep):
+            if timestep.sum() > 0:  # a branch on a value
+                return super().forward(sample, timestep)
+            return sample
+
+    with pytest.raises(TraceError, match=r"se_inject.apply\(model.blocks\[\d\]\); its parts "
+                                         r"with convolutions: `blocks.\d` \(_TimestepBlock") as e:
+        se_inject.apply(Untraceable(), input_size=[(3, 16, 16), ()])
+    assert set(e.value.parts) == {"blocks.0", "blocks.1"}  # (a lone convolution is no part)
