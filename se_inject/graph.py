@@ -446,8 +446,8 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             layout = g.nodes[inputs[0]]["layout"]  # chunk, split: each piece keeps the layout
         elif ndim == -1 and isinstance(value, (list, tuple, dict)) and node.op == "placeholder":
             layout = "nchw"  # an input holding tensors (a list, a dict, *args): each as an input
-        elif shape is not None and einops_pattern(node, modules) is not None:
-            layout, hw = _einops_layout(_source(g, node), einops_pattern(node, modules), shape)
+        elif shape is not None and (pattern := einops_pattern(node, modules)) is not None:
+            layout, hw = _einops_layout(_source(g, node), pattern, shape)
         elif ndim == 5:
             layout = _grouped_layout(_source(g, node), node, shape, kind, modules)
         elif ndim == 3:
