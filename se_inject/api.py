@@ -882,7 +882,8 @@ def apply(model: nn.Module, ratio: int | dict = 16,
             (default: ``("residual", "inception")``).
         input_size: (C, H, W) used for shape propagation (default: the timm config's, else
             (3, 224, 224), or (3, 299, 299) for torchvision's Inception-v3); a list of them for
-            a model with several inputs; for an input that is a dict or list of tensors, a dict
+            a model with several inputs, ``()`` for one that is a number per sample (a
+            diffusion U-Net's timestep); for an input that is a dict or list of tensors, a dict
             or list of their sizes (``{"rgb": (3, 224, 224), "depth": (1, 224, 224)}``;
             ``[[(3, 224, 224), (1, 224, 224)]]``).
         stages: gate only these resolution stages (paper Table 13): stage k holds tensors at
