@@ -728,6 +728,15 @@ class UnpackingTracer(fx.Tracer):
     one block read another's; here they stay in ``constants`` (the graph's CONSTANTS), named
     ``_se_inject_constantN``, and a gated block gets its own when its forward goes in."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # einops' functions called through its namespace (``einops.rearrange(...)``): fx
+        # wraps a function where it finds it under a public name, in the calling module's
+        # globals and in the modules it searches, and einops is searched only from here
+        einops, search = sys.modules.get("einops"), getattr(self, "_autowrap_search", None)
+        if einops is not None and isinstance(search, list) and einops not in search:
+            search.append(einops)
+
     # where a trace puts its constants, shared by the traces of one block (unique names)
     _constants_into: dict[str, torch.Tensor] | None = None
     # the lengths of sizes unpacked at each code location (TraceOptions.size_lengths)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 import se_inject
 from se_inject.errors import InvalidArgumentError, NoSitesError, RewriteError, TraceError
 
-try:  # as research code imports it: by name, at the top of the module
+try:  # as research code imports it: at the top of the module, by name or as a namespace
+    import einops
     from einops import rearrange
 except ImportError:
-    rearrange = None
+    einops = rearrange = None
 from conftest import gates, paper_reference, randomize_norms, saturate
 import handwritten
 from handwritten import (HANDWRITTEN, BlockNet, BlurNet, CallerFlagNet, PerSampleBlock, DenseNetLike,
@@ -1381,13 +1382,16 @@ class _EinopsConvNeXtBlock(torch.nn.Module):
             y = self.to_first(self.mlp(self.to_last(h)))
         elif self.how == "function":
             y = rearrange(self.mlp(rearrange(h, "b c h w -> b h w c")), "b h w c -> b c h w")
+        elif self.how == "namespace":  # einops.rearrange(...)
+            y = einops.rearrange(self.mlp(einops.rearrange(h, "b c h w -> b h w c")),
+                                 "b h w c -> b c h w")
         else:  # the pixels as tokens, (N, H·W, C), and back at the map's height
             t = self.mlp(rearrange(h, "b c h w -> b (h w) c"))
             y = rearrange(t, "b (h w) c -> b c h w", h=x.shape[2])
         return x + y
 
 
-@pytest.mark.parametrize("how", ["layers", "function", "tokens"])
+@pytest.mark.parametrize("how", ["layers", "function", "namespace", "tokens"])
 def test_an_einops_rearrange_that_moves_channels_keeps_the_map(how):
     """A rearrange that only moves batch, channels, height and width, or flattens height and
     width (in that order) into tokens and back at the map's size, keeps the map's channels
