@@ -1179,10 +1179,12 @@ def _holds(value, test: Callable[[Any], bool], depth: int = 3) -> bool:
 
 
 # Ops whose tensor arguments after the first give the result their dtype or device alone
-# (``c.type_as(x)``, ``c.to(x)``, ``c.to(x.dtype)``), and what a tensor's attribute read gives:
-# a value they make from a constant holds none of the input's values.
+# (``c.type_as(x)``, ``c.to(x)``, ``c.to(x.dtype)``), and the reads of a tensor's type: a value
+# they make from a constant holds none of the input's values. (Narrower than
+# kinds.reads_metadata_only: a tensor made at the input's shape, ``torch.zeros(x.shape)``,
+# and kept is a forward's state, a buffer it fills.)
 _CASTS_BY_EXAMPLE = frozenset(("type_as", "to"))
-_METADATA = frozenset(("dtype", "device"))
+_TYPE_ATTRS = frozenset(("dtype", "device"))
 
 
 def _value_inputs(node: fx.Node) -> list[fx.Node]:
@@ -1190,7 +1192,7 @@ def _value_inputs(node: fx.Node) -> list[fx.Node]:
     examples a cast takes its dtype and device from, and none for a read of a dtype or a
     device."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
-            and node.args[1] in _METADATA:
+            and node.args[1] in _TYPE_ATTRS:
         return []
     if node.op == "call_method" and node.target in _CASTS_BY_EXAMPLE and node.args \
             and isinstance(node.args[0], fx.Node):
