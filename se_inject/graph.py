@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .kinds import node_kind
+from .kinds import is_rearrange, node_kind
 from .shapes import VALUE
 from .trace import SCOPE, Frame
 
@@ -229,17 +229,12 @@ def _token_layout(g: nx.DiGraph, src: dict | None, node: fx.Node, inputs: list, 
 def einops_pattern(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """The pattern of an einops ``rearrange`` (the function, which the tracer records as one
     call, or a ``Rearrange`` layer): ``"b c h w -> b h w c"``; None for any other op."""
-    if node.op == "call_function":
-        fn = node.target
-        if getattr(fn, "__name__", "") == "rearrange" and \
-                (getattr(fn, "__module__", "") or "").startswith("einops") and len(node.args) > 1:
-            return node.args[1] if isinstance(node.args[1], str) else None
-    elif node.op == "call_module":
-        m = modules.get(node.target)
-        if type(m).__name__ == "Rearrange" and type(m).__module__.startswith("einops"):
-            pattern = getattr(m, "pattern", None)
-            return pattern if isinstance(pattern, str) else None
-    return None
+    pattern = None
+    if node.op == "call_function" and is_rearrange(node.target) and len(node.args) > 1:
+        pattern = node.args[1]
+    elif node.op == "call_module" and is_rearrange(type(modules.get(node.target))):
+        pattern = getattr(modules[node.target], "pattern", None)
+    return pattern if isinstance(pattern, str) else None
 
 
 def _einops_items(side: str) -> list[tuple[str, ...]] | None:
@@ -269,8 +264,7 @@ def _einops_items(side: str) -> list[tuple[str, ...]] | None:
 # the roles of a layout's dimensions: batch, channels, height, width ("hw": one dimension)
 _ROLES = {"nchw": ("n", "c", "h", "w"), "nhwc": ("n", "h", "w", "c"),
           "ncl": ("n", "c", "hw"), "nlc": ("n", "hw", "c")}
-_FROM_ROLES = {("n", "c", "h", "w"): "nchw", ("n", "h", "w", "c"): "nhwc",
-               ("n", "c", "hw"): "ncl", ("n", "hw", "c"): "nlc"}
+_FROM_ROLES = {roles: layout for layout, roles in _ROLES.items()}
 
 
 def _einops_layout(src: dict | None, pattern: str, shape: tuple) -> tuple[str, tuple | None]:

@@ -33,7 +33,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import SEInjectError
 from .graph import called_as
-from .kinds import flat, value_readers
+from .kinds import flat, is_rearrange, value_readers
 from .shapes import VALUE
 from .trace import is_container, op_text
 
@@ -64,14 +64,8 @@ _DROP_BLOCKS = (("timm.layers.drop", "DropBlock2d"), ("torchvision.ops.drop_bloc
 def _passes(m: nn.Module) -> bool:
     """Whether ``m``'s output scales with its input, whatever its parameters."""
     cls = type(m)
-    return isinstance(m, _PASS_MODULES) or _is_rearrange(cls) or (
+    return isinstance(m, _PASS_MODULES) or is_rearrange(cls) or (  # (values moved, not changed)
         (cls.__module__, cls.__name__) in _DROP_BLOCKS and not getattr(m, "with_noise", False))
-
-
-def _is_rearrange(fn) -> bool:
-    """einops' ``rearrange`` or its ``Rearrange`` layer: values moved, none changed."""
-    return getattr(fn, "__name__", "") in ("rearrange", "Rearrange") and \
-        (getattr(fn, "__module__", "") or "").startswith("einops")
 
 
 _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
@@ -272,7 +266,7 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 if factors:  # one made by an op first: a buffer or constant scales nothing
                     computed = [a for a in factors if a.op != "get_attr"]
                     return walk((computed or factors)[0], False)
-            if target in _PASS_FUNCTIONS or target in _PASS_METHODS or _is_rearrange(target):
+            if target in _PASS_FUNCTIONS or target in _PASS_METHODS or is_rearrange(target):
                 return walk(_only_tensor_input(node, refuse), False)
             if target in _CAST_METHODS and _float_cast(node):
                 return walk(node.args[0], False)

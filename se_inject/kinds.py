@@ -73,6 +73,13 @@ _METHOD_KINDS: dict[str, str] = {
 }
 
 
+def is_rearrange(obj) -> bool:
+    """einops' ``rearrange`` function or its ``Rearrange`` layer class (einops is the model's
+    dependency, not se-inject's: known by name and module, never imported here)."""
+    return getattr(obj, "__name__", "") in ("rearrange", "Rearrange") and \
+        (getattr(obj, "__module__", "") or "").startswith("einops")
+
+
 def layer_kind(m: nn.Module) -> str | None:
     """The kind of a module of a known class (its own, or a base class's): "conv", "norm",
     "act", ...; None for others."""
