@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import BlockChangedError, TraceError
@@ -1072,6 +1073,10 @@ class _ShapedTracer(_ScopeTracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
 
+    def trace(self, root, concrete_args=None):
+        with _SizesAsData(self):
+            return super().trace(root, concrete_args)
+
     def to_bool(self, obj) -> bool:
         return bool(self.value(obj, super().to_bool))
 
@@ -1136,6 +1141,31 @@ class _ShapedTracer(_ScopeTracer):
 
 
 _UNKNOWN = object()
+_FROM_DATA = frozenset((torch.tensor, torch.as_tensor))
+
+
+class _SizesAsData(TorchFunctionMode):
+    """While a _ShapedTracer traces: ``torch.tensor(n)`` or ``torch.as_tensor([n, ...])`` of
+    numbers read off a size (RAFT's correlation: ``torch.sqrt(torch.tensor(num_channels))``)
+    makes the tensor of their values at the input's shape, which fx cannot (it hands torch a
+    proxy where torch looks for data: "`__cuda_array_interface__` must be a dict"). A tensor's
+    values stay unknown (_ShapedTracer.value refuses them)."""
+
+    def __init__(self, tracer: _ShapedTracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _FROM_DATA and args and not self.tracer._running:
+            args = (self._known(args[0]),) + tuple(args[1:])
+        return func(*args, **(kwargs or {}))
+
+    def _known(self, data):
+        if isinstance(data, fx.Proxy):
+            return self.tracer.value(data)
+        if type(data) in (list, tuple):
+            return type(data)(self._known(d) for d in data)
+        return data
 
 
 _MODULE_STATE = frozenset(("_modules", "_parameters", "_buffers"))
@@ -1385,8 +1415,12 @@ def _trace_failure(model: nn.Module, tracer: _ScopeTracer, exc: Exception) -> Tr
         hint = "Make the model's own forward traceable (no branching on tensor values). "
     hint += ("A plain function that fx cannot trace can be kept whole with "
              "se_inject.apply(model, autowrap_functions=[fn]).")
+    said = f"{type(exc).__name__}: {exc}"
+    if _MADE_FROM_PROXY in str(exc):
+        said = ("torch.tensor() or torch.as_tensor() of a traced value, which fx cannot make "
+                "a tensor of (a tensor's values, or a size where the input's is not known)")
     error = TraceError(f"torch.fx could not trace {type(model).__name__}: it failed in "
-                       f"{where}{after}: {type(exc).__name__}: {exc}. {hint}")
+                       f"{where}{after}: {said}. {hint}")
     error.parts = tuple(n for n, _, _ in parts)
     return error
 
@@ -1558,7 +1592,12 @@ def _reads_a_value(exc: TraceError) -> bool:
     if isinstance(cause, fx.proxy.TraceError):
         return "control flow" in str(cause) or "iterated" in str(cause)
     return isinstance(cause, (TypeError, RuntimeError)) and (
-        "Proxy" in str(cause) or "symbolic tracing" in str(cause))
+        "Proxy" in str(cause) or "symbolic tracing" in str(cause)
+        or _MADE_FROM_PROXY in str(cause))
+
+
+# torch's words where torch.tensor() or torch.as_tensor() is handed a proxy as its data
+_MADE_FROM_PROXY = "`__cuda_array_interface__` must be a dict"
 
 
 def _trace_model_with(tracer: _ScopeTracer, model: nn.Module,

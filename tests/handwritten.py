@@ -99,6 +99,23 @@ class BlockNet(nn.Module):
         return self.fc(self.blocks(F.relu(self.stem(x))).mean((2, 3)))
 
 
+class CorrelatingNet(nn.Module):
+    """Residual blocks, then a product of two maps scaled by the root of their channels,
+    the number made a tensor in the forward, as RAFT's correlation volume is
+    (``corr / torch.sqrt(torch.tensor(num_channels))``). torch.fx cannot make a tensor of a
+    traced size."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.net, self.scale = BlockNet(), scale
+
+    def forward(self, x):
+        f = self.net.blocks(F.relu(self.net.stem(x)))
+        n, c, h, w = f.shape
+        corr = f.flatten(2).transpose(1, 2) @ f.flatten(2)
+        return self.scale(corr, c).view(n, h * w, h, w).mean((2, 3))
+
+
 class DenseNetLike(nn.Module):
     """Dense connections: each layer's input is concatenated with its output."""
 

@@ -1905,6 +1905,41 @@ def test_a_branch_on_a_tensors_values_is_still_refused_where_it_is():
     assert list(model.state_dict()) == keys and not gates(model)
 
 
+@pytest.mark.parametrize("scale, fails", [
+    (lambda corr, c: corr / torch.sqrt(torch.tensor(c)), "__cuda_array_interface__"),
+    (lambda corr, c: corr * torch.as_tensor([1.0 / c], dtype=torch.float32), "'len'"),
+], ids=["tensor", "as_tensor_of_a_list"])
+def test_a_tensor_made_of_a_size_is_traced_at_the_input_size(scale, fails):
+    """``torch.tensor(n)`` of a size fails in torch.fx ("`__cuda_array_interface__` must be a
+    dict", or "'len' is not supported" for a list of them); traced at the input size it is that
+    size's number, as in every other read of a size there, and the blocks get their gates. The
+    gated blocks' forwards come from their own traces, so another input size scales by its own
+    number, as the plain model does."""
+    from handwritten import CorrelatingNet
+    with pytest.raises((TypeError, RuntimeError), match=fails):
+        fx.symbolic_trace(CorrelatingNet(scale))
+    model = CorrelatingNet(scale).eval()
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert [n for n, _ in gates(model)] == [f"net.blocks.{i}.se_gate" for i in range(3)]
+    for size in (16, 24):
+        _saturated_equals_plain(model, lambda: CorrelatingNet(scale), torch.randn(2, 3, size, size))
+
+
+def test_a_tensor_made_of_a_tensors_values_is_refused_naming_the_call():
+    """``torch.tensor()`` of a traced tensor has no number at the input size either: refused,
+    saying what fx was given instead of torch's words about CUDA arrays."""
+    from handwritten import CorrelatingNet
+
+    def scale(corr, c):
+        return corr / torch.as_tensor(corr.amax())
+    model = CorrelatingNet(scale)
+    with pytest.raises(TraceError, match=r"torch.tensor\(\) or torch.as_tensor\(\) of a traced "
+                                         r"value") as info:
+        se_inject.apply(model)
+    assert "__cuda_array_interface__" not in str(info.value)
+    assert not gates(model) and "forward" not in vars(model.net.blocks[0])
+
+
 def test_a_model_traced_at_its_input_size_is_the_model_traced_plainly():
     """The same blocks, sites and identity initialisation whether the trace has to take the
     input's size (a channel check in the model's forward) or not: in-place sums read through
