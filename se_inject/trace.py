@@ -129,6 +129,12 @@ def is_container(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
+def _holds_no_state(m: nn.Module) -> bool:
+    """A layer with no parameters or buffers, in it or in its layers: what it computes is
+    what its forward's code does with its input."""
+    return next(m.parameters(), None) is None and next(m.buffers(), None) is None
+
+
 def _registry_leaf_modules() -> list[type]:
     """Module classes that timm and torchvision keep out of fx traces."""
     leaves: list[type] = [ChannelGate]
@@ -530,6 +536,8 @@ def _unrouted_call(mod, args):
     if entering is mod or _SESSION["module"]:  # nn.Module's own __call__ routes every call
         return None
     if _active_tracer() is not None:
+        if _holds_no_state(mod):  # a layer made in a forward: its code (_ScopeTracer.call_module)
+            return None
         raise NameError(f"a {type(mod).__name__} module is called that is not installed as a "
                         "submodule of the traced model")
     _no_foreign_tracer()
@@ -851,9 +859,12 @@ class UnpackingTracer(fx.Tracer):
 
         A container the model is not holding (a slice such as ``self.body[:2]``, made in a
         forward as timm's models do with gradient checkpointing on) only calls children the
-        model holds: it is traced through, with no name or frame of its own."""
+        model holds, and a layer made in a forward that holds no state (``nn.ZeroPad2d((1, 0,
+        1, 0))(x)``, as NASNet-A Mobile pads) computes what its code does: each is traced
+        through, with no name or frame of its own."""
         forward = _uncompiled(m, forward)
-        if is_container(m) and self.submodule_paths and m not in self.submodule_paths:
+        if self.submodule_paths and m not in self.submodule_paths and (
+                is_container(m) or _holds_no_state(m)):
             return forward(*args, **kwargs)
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):

@@ -116,6 +116,51 @@ class CorrelatingNet(nn.Module):
         return self.scale(corr, c).view(n, h * w, h, w).mean((2, 3))
 
 
+class LayerMadeInForward(nn.Module):
+    """A separable branch that makes a layer each time it runs and calls it at once, as the
+    NASNet-A Mobile of Cadene's pretrainedmodels pads (``nn.ZeroPad2d((1, 0, 1, 0))(x)``), and
+    crops the extra row and column after its convolution; ``stateful`` makes a layer with
+    weights so instead."""
+
+    def __init__(self, c, stateful=False):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.out, self.stateful, self.c = conv_bn(c, c, 1), stateful, c
+
+    def forward(self, x):
+        x = nn.ZeroPad2d((1, 0, 1, 0))(F.relu(x))
+        x = self.conv(x)[:, :, 1:, 1:].contiguous()
+        if self.stateful:
+            x = nn.Conv2d(self.c, self.c, 1)(x)
+        return self.out(F.relu(nn.Dropout(0.0)(self.bn(x))))
+
+
+class PaddingInForwardBlock(nn.Module):
+    """A residual block whose own forward makes its padding layer as it runs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, bias=False), nn.BatchNorm2d(c)
+        self.out = conv_bn(c, c, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(nn.ReflectionPad2d(1)(x))))
+        return F.relu(x + self.out(y))
+
+
+class MadeLayerNet(nn.Module):
+    def __init__(self, stateful=False, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1, self.b2 = LayerMadeInForward(c, stateful), LayerMadeInForward(c)
+        self.b3 = PaddingInForwardBlock(c)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b1(x))
+        return self.b3(F.relu(x + self.b2(x))).mean((2, 3))
+
+
 class DenseNetLike(nn.Module):
     """Dense connections: each layer's input is concatenated with its output."""
 

@@ -1940,6 +1940,41 @@ def test_a_tensor_made_of_a_tensors_values_is_refused_naming_the_call():
     assert not gates(model) and "forward" not in vars(model.net.blocks[0])
 
 
+def test_a_layer_without_state_made_in_a_forward_is_traced_through():
+    """``nn.ZeroPad2d(...)(x)`` in a forward: torch.fx refuses a module the model does not hold
+    ("module is not installed as a submodule"), which refused NASNet-A Mobile whole. A layer
+    made so with no parameters or buffers is what its forward computes, and is traced through
+    as code: every block is gated, the one that makes its padding in its own forward too (its
+    new forward pads as that layer did), identity gates change nothing bit for bit, and with
+    saturated gates the model computes the plain one's outputs at another size."""
+    from handwritten import MadeLayerNet
+    with pytest.raises(NameError, match="not installed as a submodule"):
+        fx.symbolic_trace(MadeLayerNet())
+    model = MadeLayerNet().eval()
+    randomize_norms(model)
+    plain = copy.deepcopy(model)
+    se_inject.apply(model, init="identity", input_size=(3, 16, 16))
+    assert sorted(n for n, _ in gates(model)) == ["b3.se_gate", "se_gate", "se_gate_1"]
+    assert "functional.pad(x, (1, 1, 1, 1), mode = 'reflect'" in inspect.getsource(
+        model.b3.forward)
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    _saturated_equals_plain(model, MadeLayerNet, x)
+
+
+def test_a_layer_with_weights_made_in_a_forward_is_still_refused():
+    """A layer with weights made in a forward draws new ones at every call; a trace would
+    keep one draw as constants. Refused as fx refuses it, naming the module to keep whole."""
+    from handwritten import MadeLayerNet
+    model = MadeLayerNet(stateful=True)
+    keys = list(model.state_dict())
+    with pytest.raises(TraceError, match=r"not installed as a submodule.*"
+                                         r"leaf_modules=\[LayerMadeInForward\]"):
+        se_inject.apply(model)
+    assert list(model.state_dict()) == keys and not gates(model)
+
+
 def test_a_model_traced_at_its_input_size_is_the_model_traced_plainly():
     """The same blocks, sites and identity initialisation whether the trace has to take the
     input's size (a channel check in the model's forward) or not: in-place sums read through
