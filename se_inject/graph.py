@@ -9,12 +9,14 @@ gate, input, other), ``ndim``, ``channels``, ``layout`` (nchw, nhwc or other), `
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .kinds import is_rearrange, node_kind
@@ -31,13 +33,14 @@ _NCHW_PRODUCERS = {"conv", "pool"}
 EXPANDS = ("expand", "expand_as")  # tensor methods that broadcast a tensor to a larger shape
 
 
-def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
+def _is_channel_gate(g: nx.DiGraph, node, modules: dict[str, nn.Module] | None = None,
+                     reach: int = 32) -> bool:
     """``u * s`` where ``s`` is one value per channel (N, C, 1, 1), or (N, 1, 1, C) on a
     channels-last map, computed from ``u``: the scale of a squeeze-and-excitation, ECA or
     similar gate, whatever code wrote it. Also one value per channel of each path of a stack
     of paths, u (N, P, C, H, W) and s (N, P, C, 1, 1): the split attention of ResNeSt and the
     selective kernel of SKNet, written with their paths stacked (with one path, ResNeSt's is
-    an SE gate on a 4-D map)."""
+    an SE gate on a 4-D map); and one value per channel and window (_windowed_scale)."""
     a = g.nodes[node]
     c = CHANNEL_DIM.get(a["layout"])
     if a["kind"] != "mul" or (c is None and a["ndim"] != 5):
@@ -47,7 +50,11 @@ def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
         while getattr(s, "target", None) in EXPANDS:  # ECA broadcasts its scale
             s = s.args[0]
         su, ss = g.nodes[u].get("shape"), g.nodes[s].get("shape") if s in g else None
-        if not (su and ss and _per_channel(su, ss, c)) or _inverse_statistic(s):
+        windowed = _windowed_scale(g, modules, s, su, c) if su and ss == su and \
+            c is not None and modules is not None else None
+        if windowed is not None:
+            s = windowed
+        elif not (su and ss and _per_channel(su, ss, c)) or _inverse_statistic(s):
             continue
         seen, stack = {s}, [s]  # is u among s's nearby ancestors (tensors, not sizes)?
         while stack and len(seen) < reach:
@@ -58,6 +65,50 @@ def _is_channel_gate(g: nx.DiGraph, node, reach: int = 32) -> bool:
                     seen.add(p)
                     stack.append(p)
     return False
+
+
+_UPSAMPLES = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+_SQUASHES = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", "sigmoid_"}
+
+
+def _windowed_scale(g: nx.DiGraph, modules: dict[str, nn.Module], s, su: tuple, c: int):
+    """Where ``s``, of ``u``'s shape (``su``), is one value per channel and window: a map of
+    fewer pixels, squashed by a sigmoid and brought back to ``u``'s size by an upsampling (and
+    a crop to it), as Gather-Excite (timm's GatherExcite with an extent) and NinaSR's
+    attention write an SE over windows of the map: that smaller map, in which _is_channel_gate
+    looks for ``u``. None for any other ``s``: a scale per pixel (a gated linear unit's
+    ``x * sigmoid(conv(x))``), or coarse features multiplied in without a squashing gate, are
+    no channel gates."""
+    squashed, node, low = False, s, None
+    for _ in range(8):  # back from the scale, through squashes, crops and views, to the upsampling
+        if not isinstance(node, fx.Node) or node not in g or not node.args:
+            return None
+        op = modules.get(node.target) if node.op == "call_module" else node.target
+        if op in _UPSAMPLES or isinstance(op, nn.Upsample):
+            low = node.args[0]
+            break
+        if _squashes(node, op):
+            squashed = True
+        elif not (op is operator.getitem or getattr(op, "__name__", op) in _SAME_VALUES):
+            return None
+        node = node.args[0]
+    if not isinstance(low, fx.Node) or low not in g:
+        return None
+    squashed = squashed or _squashes(low, modules.get(low.target) if low.op == "call_module"
+                                     else low.target)  # (squashed before it was upsampled)
+    shape, hw = g.nodes[low].get("shape"), [d for d in range(len(su)) if d not in (0, c)]
+    if not squashed or not shape or len(shape) != len(su) or shape[0] != su[0] or \
+            shape[c] != su[c] or math.prod(shape[d] for d in hw) >= math.prod(su[d] for d in hw):
+        return None
+    return low
+
+
+def _squashes(node: fx.Node, op) -> bool:
+    """A sigmoid (or a hard one): the squashing that makes a gate's scale."""
+    if node.op == "call_module":
+        return isinstance(op, (nn.Sigmoid, nn.Hardsigmoid)) or \
+            type(op).__name__.lower() in ("sigmoid", "hardsigmoid")  # (timm's own classes)
+    return op in _SQUASHES
 
 
 # ops that leave a tensor's values as they are (a cast, a view), and those that make a scale
@@ -473,6 +524,6 @@ def build_view(fx_graph: fx.Graph, model: nn.Module) -> GraphView:
             g.add_edge(ROOT, node)
         for i in inputs:
             g.add_edge(i, node)
-        if kind == "mul" and _is_channel_gate(g, node):
+        if kind == "mul" and _is_channel_gate(g, node, modules):
             g.nodes[node]["kind"] = "chgate"
     return GraphView(graph=g, fx_graph=fx_graph, modules=modules)

@@ -161,6 +161,59 @@ class MadeLayerNet(nn.Module):
         return self.b3(F.relu(x + self.b2(x))).mean((2, 3))
 
 
+class LocalSE(nn.Module):
+    """A squeeze-and-excitation over 4 × 4 windows instead of the whole map, as NinaSR (torchSR)
+    writes it: pooled with a stride, excited, squashed, upsampled, cropped to the map."""
+
+    def __init__(self, c, stride=4):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.AvgPool2d(2 * stride - 1, stride=stride, padding=stride - 1,
+                         count_include_pad=False),
+            nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1), nn.Sigmoid(),
+            nn.Upsample(scale_factor=stride, mode="nearest"))
+
+    def forward(self, x):
+        return self.body(x)[:, :, :x.shape[2], :x.shape[3]] * x
+
+
+class GatedLinearUnit(nn.Module):
+    """``x * sigmoid(conv(x))``: a squashed scale per pixel and channel, at the map's own
+    resolution. No channel gate."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x))
+
+
+class CoarseProduct(nn.Module):
+    """A map times features of its own at a quarter of its resolution, brought back to its size
+    (a multiplicative fusion), with nothing that squashes them: no channel gate."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x * F.interpolate(self.conv(F.avg_pool2d(x, 4)), size=x.shape[-2:])
+
+
+class ScaledBranchNet(nn.Module):
+    """Residual blocks whose branch ends in the layer ``scale(c)`` makes."""
+
+    def __init__(self, scale, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.body, self.scale = branch(c), scale(c)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return F.relu(x + self.scale(self.body(x))).mean((2, 3))
+
+
 class DenseNetLike(nn.Module):
     """Dense connections: each layer's input is concatenated with its output."""
 

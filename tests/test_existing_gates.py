@@ -163,3 +163,25 @@ def test_filter_response_norm_is_no_gate():
     plain = se_inject.plan(timm.create_model("resnetv2_50d"), input_size=(3, 64, 64))
     assert len(frn) == 16
     assert [(s.block, s.tensor) for s in frn] == [(s.block, s.tensor) for s in plain]
+
+
+@pytest.mark.parametrize("scale, held", [
+    (lambda c: timm.layers.GatherExcite(c, extent=4, use_mlp=False), True),
+    ("LocalSE", True),
+    ("GatedLinearUnit", False),
+    ("CoarseProduct", False),
+], ids=["gather_excite", "local_se", "glu", "coarse_product"])
+def test_a_channel_gate_over_windows_is_a_channel_gate(scale, held, tmp_path):
+    """Gather-Excite (Hu et al., 2018; timm's GatherExcite, parameter-free: its other forms
+    fail to build in this timm) and NinaSR's attention scale each
+    channel by a value squashed from a pooled window of the map and brought back to its size:
+    SE over a window instead of the whole map, so the block holds a gate and is not gated
+    twice. A scale per pixel at the map's resolution (a gated linear unit) and coarse features
+    multiplied in without a squashing gate are no channel gates, and their blocks are gated."""
+    import handwritten
+    make = getattr(handwritten, scale) if isinstance(scale, str) else scale
+    model = handwritten.ScaledBranchNet(make)
+    p = se_inject.plan(model, input_size=(3, 32, 32))
+    assert (len(p), [s.reason for s in p.skipped]) == ((0, [HOLDS]) if held else (1, []))
+    if held:  # a rule that allows a second gate puts one there
+        assert len(se_inject.plan(model, rules=[_allowing(tmp_path)], input_size=(3, 32, 32))) == 1
