@@ -142,8 +142,8 @@ def _scalable(m: nn.Module) -> tuple[str, ...] | None:
     scaling them does."""
     if isinstance(m, _AFFINE):
         return tuple(n for n in ("weight", "bias") if getattr(m, n, None) is not None)
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) or \
-            _frozen_norm(m):
+    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+                      nn.GroupNorm, nn.LayerNorm)) or _frozen_norm(m):
         act = getattr(m, "act", None)  # timm's BatchNormAct2d: a norm with its activation
         drop = getattr(m, "drop", None)
         if act is not None and not _passes(act):
@@ -175,7 +175,7 @@ def plan_compensations(graph: fx.Graph, model: nn.Module,
     calls = Counter(n.target for n in graph.nodes if n.op in ("call_module", "get_attr"))
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    shared = _shared({**buffers, **params})
+    shared = _shared(model)
     return [_compensation(modules, calls, shared, params.keys(), buffers.keys(), *site)
             for site in sites]
 
@@ -335,12 +335,20 @@ def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:
     return tensors[0]
 
 
-def _shared(tensors: dict[str, torch.Tensor]) -> set[str]:
-    """The names that name a tensor another name names too."""
-    seen: dict[int, list[str]] = {}
-    for name, p in tensors.items():
-        seen.setdefault(id(p), []).append(name)
-    return {n for names in seen.values() if len(names) > 1 for n in names}
+def _shared(model: nn.Module) -> set[str]:
+    """The names of a parameter or buffer that another layer holds too (tied weights). A layer
+    held under two names holds its tensors once: nnU-Net's convolution blocks keep their
+    convolution, norm and nonlinearity as attributes and again in a Sequential that runs them
+    (``conv2.norm`` is ``conv2.all_modules.1``). Its calls under either name are counted
+    together, the trace naming a layer one way."""
+    holders: dict[int, dict[tuple[int, str], list[str]]] = {}
+    for prefix, m in model.named_modules(remove_duplicate=False):
+        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                name = f"{prefix}.{attr}" if prefix else attr
+                holders.setdefault(id(t), {}).setdefault((id(m), attr), []).append(name)
+    return {n for held in holders.values() if len(held) > 1
+            for names in held.values() for n in names}
 
 
 @torch.no_grad()

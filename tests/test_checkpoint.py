@@ -336,6 +336,77 @@ def test_identity_init_scales_layers_traced_as_functions(tail):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in other.state_dict().items())
 
 
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "function"])
+def test_identity_init_scales_an_affine_instance_norm(functional):
+    """nnU-Net's residual encoders end each branch in an InstanceNorm2d with affine terms:
+    ``norm(x) · w + b`` doubles with ``w`` and ``b`` whatever ``x`` is, as a batch norm's does,
+    so the identity gate doubles them and the gated model computes bit for bit what the model
+    did. Called as a module or as ``F.instance_norm``."""
+    class FunctionalInstanceNorm(torch.nn.InstanceNorm2d):
+        def forward(self, x):
+            return torch.nn.functional.instance_norm(x, None, None, self.weight, self.bias,
+                                                     True, 0.1, self.eps)
+
+    norm = FunctionalInstanceNorm if functional else torch.nn.InstanceNorm2d
+    make = lambda c: torch.nn.Sequential(_conv(c), norm(c, affine=True))  # noqa: E731
+    model, ref = _with_tails(make), _with_tails(make)
+    x = torch.randn(2, 3, 12, 12)
+    _identity_doubles(model, ref, x, [f"blocks.{i}.conv2.1.{p}" for i in (0, 1)
+                                      for p in ("bias", "weight")])
+
+
+def test_identity_init_refuses_an_instance_norm_without_affine_terms():
+    """Without them an instance norm's output is the same for ``x`` and ``2x``: nothing to
+    scale, refused naming it (torchvision's RAFT encoders)."""
+    model = _with_tails(lambda c: torch.nn.Sequential(_conv(c), torch.nn.InstanceNorm2d(c)))
+    keys = list(model.state_dict())
+    with pytest.raises(IdentityInitError, match=r"`blocks.0.conv2.1` \(InstanceNorm2d\) does "
+                                                r"not scale"):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert list(model.state_dict()) == keys and not gates(model)
+
+
+class _TwiceNamed(torch.nn.Module):
+    """nnU-Net's ConvDropoutNormReLU: its layers as attributes, and again in the Sequential that
+    runs them (``norm`` is ``all_modules.1``). ``twice``: the norm is called under both names."""
+
+    def __init__(self, c, twice=False):
+        super().__init__()
+        self.conv, self.norm, self.twice = _conv(c), torch.nn.BatchNorm2d(c), twice
+        self.all_modules = torch.nn.Sequential(self.conv, self.norm)
+
+    def forward(self, x):
+        y = self.all_modules(x)
+        return y + self.norm(x) if self.twice else y
+
+
+def test_identity_init_scales_a_layer_held_under_two_names_once():
+    """A norm held as ``norm`` and as ``all_modules.1`` is one layer: its weight and bias are
+    doubled once (both state_dict names show them doubled, being one tensor) and the gated
+    model computes bit for bit what the model did. It was refused as 'shared with another
+    layer', which refused identity gates on every nnU-Net residual encoder."""
+    model, ref = _with_tails(_TwiceNamed), _with_tails(_TwiceNamed)
+    x = torch.randn(2, 3, 12, 12)
+    _identity_doubles(model, ref, x, [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in (
+        "all_modules.1.bias", "all_modules.1.weight", "norm.bias", "norm.weight")])
+
+
+@pytest.mark.parametrize("case", ["called_under_both_names", "tied_to_another_layer"])
+def test_identity_init_refuses_a_norm_that_another_call_reads(case):
+    """Called a second time under its other name, or its weight tied to another block's norm,
+    the tensor an identity gate would double is read elsewhere too: refused, nothing changed."""
+    if case == "called_under_both_names":
+        model, why = _with_tails(lambda c: _TwiceNamed(c, twice=True)), "called 2 times"
+    else:
+        model, why = _with_tails(_TwiceNamed), "shared with another layer"
+        model.blocks[1].conv2.norm.weight = model.blocks[0].conv2.norm.weight
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(IdentityInitError, match=why):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert not gates(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 # casts between a residual branch's last layer and the sum, as code written for mixed
 # precision has them: a float cast scales with its input exactly (a factor of 2 is exact in
 # any float format), a cast to integers does not
