@@ -1201,6 +1201,24 @@ def _all_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
+def _hook_owners(modules: list[nn.Module]) -> list:
+    """The objects (not modules) whose bound methods the modules' forward hooks are, each once:
+    through ``functools.partial``, as timm's FeatureHooks registers its collector."""
+    out, seen = [], set()
+    for m in modules:
+        if not (m._forward_hooks or m._forward_pre_hooks):
+            continue
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            while isinstance(hook, functools.partial):
+                hook = hook.func
+            owner = getattr(hook, "__self__", None)
+            if owner is not None and not isinstance(owner, nn.Module) and \
+                    hasattr(owner, "__dict__") and id(owner) not in seen:
+                seen.add(id(owner))
+                out.append(owner)
+    return out
+
+
 def _is_proxy(value) -> bool:
     return isinstance(value, fx.Proxy)
 
@@ -1289,7 +1307,8 @@ class _NothingLeft:
         self._buffers = []
         self._before = []
         self.changed: list[tuple[nn.Module, str]] = []
-        for m in _all_modules(model):  # (a copy of __dict__ whole: half the time of filtering it)
+        modules = _all_modules(model)
+        for m in modules:  # (a copy of __dict__ whole: half the time of filtering it)
             attrs = m.__dict__.copy()
             copies = None  # plain dicts and lists a forward may fill in place (a cache)
             for k in attrs.keys() - _BASE_STATE:
@@ -1302,6 +1321,12 @@ class _NothingLeft:
             if m._buffers and (m is model or not type(m).__module__.startswith("torch.nn.")):
                 self._buffers += [(m, k, b, b._version, b.clone()) for k, b in m._buffers.items()
                                   if isinstance(b, torch.Tensor) and not b.is_inference()]
+        # the objects the modules' hooks are methods of, whose state the hooks fill as the
+        # forward runs (timm's FeatureHooks keeps each hooked module's output in a dict of
+        # dicts, keyed by device): put back as they were, any dict or list in them too
+        self._owners = [(o, o.__dict__.copy(), {k: v.copy() for k, v in o.__dict__.items()
+                                                 if isinstance(v, (dict, list))})
+                        for o in _hook_owners(modules)]
 
     def __enter__(self):
         return self
@@ -1312,6 +1337,12 @@ class _NothingLeft:
                 if b._version != version:
                     b.copy_(saved)
                     self.changed.append((m, k))
+        for o, attrs, copies in self._owners:
+            o.__dict__.clear()
+            o.__dict__.update(attrs)
+            for k, v in copies.items():
+                attrs[k].clear()
+                attrs[k].update(v) if isinstance(v, dict) else attrs[k].extend(v)
         for m, attrs, copies in self._before:
             now = m.__dict__
             if not copies and len(now) == len(attrs) and all(map(operator.is_, now.values(),

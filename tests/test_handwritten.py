@@ -868,6 +868,47 @@ def test_tracing_leaves_no_traced_values_in_the_model():
     _saturated_equals_plain(model, CachingNet, x)
 
 
+class _Collector:
+    """A forward hook's owner that keeps what it saw in a list of its own."""
+
+    def __init__(self):
+        self.seen = []
+
+    def hook(self, module, args, output):
+        self.seen.append(output)
+
+
+def test_tracing_leaves_no_traced_values_in_the_objects_hooks_belong_to():
+    """timm's features_only models with ``feature_cls="hook"`` collect their maps with forward
+    hooks, methods of an object (``model.hooks``) that files each output in a dict of its own,
+    keyed by device. Tracing runs the hooks on traced values and shape propagation on meta
+    tensors: the object held both afterwards, and the model no longer deep-copied ("'node'
+    not in new_dict during proxy unpickling"). It is as it was after plan() and apply(), the
+    gated model copies, and with identity gates it returns the plain model's maps bit for bit;
+    a hook's owner filling a list is put back too."""
+    import timm
+
+    def make():
+        torch.manual_seed(0)
+        return timm.create_model("resnet18", features_only=True, feature_cls="hook").eval()
+
+    model, plain, x = make(), make(), torch.randn(2, 3, 64, 64)
+    randomize_norms(plain)
+    model.load_state_dict(plain.state_dict())
+    collector = _Collector()
+    model.body.layer2.register_forward_hook(collector.hook)
+    se_inject.plan(model)
+    assert dict(model.hooks._feature_outputs) == {} and collector.seen == []
+    se_inject.apply(model, init="identity")
+    assert dict(model.hooks._feature_outputs) == {} and collector.seen == []
+    assert len(gates(model)) == 8
+    for m in (model, copy.deepcopy(model)):
+        with torch.no_grad():
+            out, ref = m(x), plain(x)
+        assert len(out) == len(ref) == 5 and all(map(torch.equal, out, ref))
+    assert len(collector.seen) == 1 and collector.seen[0].device.type == "cpu"
+
+
 def test_tracing_takes_back_attributes_a_forward_sets_or_replaces():
     """A forward that stores a traced value in a new attribute, or in place of an existing one,
     leaves the model as it was before apply() traced it (a list it only read is kept as is).
