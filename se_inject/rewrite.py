@@ -31,9 +31,9 @@ from .frames import local_keys
 from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_through_linear
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
-from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, MODE_CHANGES,
-                    PLAIN, STATE_CHANGES, Call, TraceOptions, autograd_functions, code_names,
-                    module_code, op_text, other_forwards, plain_object, trace_block)
+from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, GRAD_OFF,
+                    MODE_CHANGES, PLAIN, STATE_CHANGES, Call, TraceOptions, autograd_functions,
+                    code_names, module_code, op_text, other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -253,6 +253,9 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
         if made & erased or any(user not in made for n in call.nodes if n is not call.out
                                 for user in n.users):
             continue
+        off = {bool(n.meta.get(GRAD_OFF)) for n in call.nodes}
+        if len(off) != 1:  # (partly under a ``with torch.no_grad():``)
+            continue
         # what its layers read now: a gate on the container's input stands in for the input
         # the trace recorded (torchvision's DeepLabV3 gated its ASPP's concatenation, and the
         # projection after it, made whole again, read the ungated one)
@@ -264,6 +267,8 @@ def _call_containers_whole(graph: fx.Graph) -> set[str]:
             whole = graph.call_module(call.qualname, (read.pop(),))
         if call.checkpoint is not None:
             whole.meta[CHECKPOINTED] = call.checkpoint
+        if off.pop():
+            whole.meta[GRAD_OFF] = True
         call.out.replace_all_uses_with(whole, delete_user_cb=lambda user: user is not whole)
         for node in call.nodes:  # users before what they use
             graph.erase_node(node)
@@ -351,9 +356,73 @@ _COMPILED: dict[tuple, Callable] = {}
 
 
 def _compile(graph: fx.Graph, cls: type, method: str = "forward") -> tuple[str, Callable]:
-    """The graph's code as a function ``forward(self, ...)``; identical code compiles once."""
+    """The graph's code as a function ``forward(self, ...)``, each run of its nodes made with
+    gradients off (see _grad_off_blocks) inside ``with torch.no_grad():``; identical code
+    compiles once."""
+    blocks = _grad_off_blocks(graph)
     code = graph.python_code(root_module="self")
-    return code.src, _forward_from_code(code.src, code.globals, cls.__qualname__, method)
+    src, names = code.src, dict(code.globals)
+    if blocks:
+        src = _with_no_grad(src, blocks)
+        names = {k: v for k, v in names.items() if v is not _grad_off_mark}
+    return src, _forward_from_code(src, names, cls.__qualname__, method)
+
+
+def _grad_off_mark() -> None:
+    """Where a ``with torch.no_grad():`` begins or ends in a generated forward: a node whose
+    line of code _with_no_grad replaces."""
+
+
+def _grad_off_blocks(graph: fx.Graph) -> list[tuple[str, str]]:
+    """Each run of nodes the trace made with gradients off (GRAD_OFF: a forward's ``with
+    torch.no_grad():`` block, which fx does not record), between two marks put in the graph
+    (get_attr nodes, which compute nothing, go with either side); their names."""
+    runs: list[list[fx.Node]] = []
+    run = None
+    for node in graph.nodes:
+        if node.meta.get(GRAD_OFF):
+            if run is None:
+                run = [node, node]
+                runs.append(run)
+            run[1] = node
+        elif node.op != "get_attr":
+            run = None
+    marks = []
+    for first, last in runs:
+        with graph.inserting_before(first):
+            begin = graph.call_function(_grad_off_mark)
+        with graph.inserting_after(last):
+            end = graph.call_function(_grad_off_mark)
+        marks.append((begin.name, end.name))
+    return marks
+
+
+def _with_no_grad(src: str, blocks: list[tuple[str, str]]) -> str:
+    """fx's code of a forward (one line a node) with the lines between each pair of marks
+    (_grad_off_blocks) in a ``with torch.no_grad():`` block, which gives gradients back as
+    they were however the block is left."""
+    lines = src.split("\n")
+
+    def line_of(name: str) -> int:
+        at = [i for i, line in enumerate(lines) if line.lstrip().startswith(f"{name} = ")]
+        if len(at) != 1:
+            raise RewriteError(f"a generated forward has the mark `{name}` on {len(at)} lines: "
+                               f"this is a bug in se-inject; please report it with the model "
+                               f"(nothing was changed). The code:\n{src}")
+        return at[0]
+
+    for begin, end in blocks:
+        i, j = line_of(begin), line_of(end)
+        indent = lines[i][:len(lines[i]) - len(lines[i].lstrip())]
+        body = lines[i + 1:j]
+        if j <= i or any(not line.startswith(indent) or line[len(indent):][:1].isspace()
+                         for line in body):
+            raise RewriteError(f"a generated forward's marks `{begin}` and `{end}` do not hold "
+                               "the lines of one block: this is a bug in se-inject; please "
+                               f"report it with the model (nothing was changed). The code:\n{src}")
+        lines[i:j + 1] = [f"{indent}with torch.no_grad():",
+                          *(f"{indent}    {line.lstrip()}" for line in body or ["pass"])]
+    return "\n".join(lines)
 
 
 def _forward_from_code(src: str, names: dict, qualname: str,
@@ -653,12 +722,7 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
             refuse(what)
         own_modes = getattr(graph, MODE_CHANGES)
         if own_modes:
-            at = "; ".join(f"from `{n}` on: {m}" for m, n in own_modes.items())
-            what = (f"runs part of its forward in a mode of its own ({at}): fx "
-                    "records those ops but not what set the mode (a `with` block, or an autograd "
-                    "Function, whose backward it leaves out too), so a forward generated from a "
-                    "trace of it would run them in the caller's mode")
-            refuse(what)
+            refuse(_own_mode_text(own_modes))
         ops = _own_ops_of(graph) if seen and training == owner.training else seen
         if ops != seen:
             extra = sorted(map(_op_name, (ops - seen).elements()))
@@ -675,6 +739,9 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
                 planned = _merges(graph, gates)
             else:
                 keyed, renamed = _in_mode(graph, gates, planned, training, refuse)
+        off = _grad_off_refused(graph, keyed, owner, options, method)
+        if off is not None:
+            refuse(_own_mode_text({"gradients off, as torch.no_grad() sets": off}))
         steps[training] = _steps(graph), *_until_gates(graph, keyed, reference is not None)
         if reference is not None:
             _same_until_gates(steps[training][0], steps[training][1], reference[training][0])
@@ -691,6 +758,46 @@ def _generate(owner: nn.Module, label: str, gates: dict[str, LocalKey], inputs: 
         _check_gates_used(graph, keyed, label, owner)
         compiled[training] = _compile(graph, type(owner), method)
     return compiled, traced, inlined, steps
+
+
+def _own_mode_text(modes: dict[str, str]) -> str:
+    at = "; ".join(f"from `{n}` on: {m}" for m, n in modes.items())
+    return (f"runs part of its forward in a mode of its own ({at}): fx records those ops but "
+            "not what set the mode (a `with` block, or an autograd Function, whose backward it "
+            "leaves out too), so a forward generated from a trace of it would run them in the "
+            "caller's mode")
+
+
+# what a forward names to turn gradients on (again) part of the way through
+_GRAD_ON = frozenset(("enable_grad", "set_grad_enabled"))
+
+
+def _grad_off_refused(graph: fx.Graph, gates: dict[str, LocalKey], owner: nn.Module,
+                      options: TraceOptions, method: str) -> str | None:
+    """Where the nodes a forward made with gradients off (GRAD_OFF) cannot be put in a
+    ``with torch.no_grad():`` block of the generated forward, the first of them, as the
+    refusal names it: a gate would go on a tensor made so, or inside such a block (its merge
+    is made so); the forward returns with gradients off (``torch.set_grad_enabled(False)``
+    called, not entered); or it names ``torch.enable_grad`` or ``set_grad_enabled``, and a
+    part run with gradients on inside such a block looks to a trace like the caller's. A
+    gate on what such a block made, after it, trains as any other; the block's own ops run
+    as in the model."""
+    off = [n for n in graph.nodes if n.meta.get(GRAD_OFF)]
+    if not off:
+        return None
+    first = off[0].target if off[0].op == "call_module" else off[0].name
+    if off[-1].op == "output" or _names(module_code(owner, options.wrapped_ids(), method)) \
+            & _GRAD_ON:
+        return first
+    nodes = {key: node for node, key in local_keys(graph).items()}
+    for op, target, k, operand, *_ in gates.values():
+        merge = nodes.get((op, target, k))
+        if merge is None:
+            continue  # (_insert says so)
+        read = merge if operand is None or operand >= len(merge.args) else merge.args[operand]
+        if merge.meta.get(GRAD_OFF) or (isinstance(read, fx.Node) and read.meta.get(GRAD_OFF)):
+            return first
+    return None
 
 
 _OWN_OPS = ("call_function", "call_method")

@@ -41,6 +41,9 @@ STATE_CHANGES = "_se_inject_state_changes"  # a block's graph attribute: what it
 # a block's graph attribute: the modes (grad, inference, saved-tensor hooks, autocast) part of
 # its forward ran in, other than the caller's, each with the first node made in it
 MODE_CHANGES = "_se_inject_mode_changes"
+# node.meta key in a block's graph: True on a node made with gradients off and in the caller's
+# other modes, as under ``with torch.no_grad():`` (the generated forward runs it so again)
+GRAD_OFF = "se_inject.grad_off"
 # node.meta key in a block's graph: the settings of the torch.utils.checkpoint.checkpoint call
 # that ran this layer (a call_module node), for the generated forward to make the same call
 CHECKPOINTED = "se_inject.checkpoint"
@@ -1870,7 +1873,9 @@ class _BlockTracer(UnpackingTracer):
 
     ``mode_changes``: each mode (see ``_modes``) that part of the forward ran in, other than
     the one the trace began in, with the first node made in it. fx records the ops made under
-    ``with torch.no_grad():`` or ``with torch.autocast(...):`` but not the ``with``.
+    ``with torch.no_grad():`` or ``with torch.autocast(...):`` but not the ``with``. Where
+    gradients alone are off, the nodes are marked instead (GRAD_OFF), for the generated forward
+    to turn them off there again.
     """
 
     def __init__(self, root: nn.Module, inputs=None, constants=None,
@@ -1901,6 +1906,9 @@ class _BlockTracer(UnpackingTracer):
                     call.recorded = True
                 return node
             fn = _autograd_function_running()
+            if fn is None and not now[0] and now[1:] == self.entry[1:]:
+                node.meta[GRAD_OFF] = True  # (see rewrite._grad_off_blocks)
+                return node
             what = (f"inside `{fn}`, the forward of a torch.autograd.Function, which autograd "
                     "runs with gradients off; the trace keeps its ops, not its backward"
                     if fn else _mode_change(self.entry, now))

@@ -2913,3 +2913,127 @@ def test_a_trace_failure_names_the_items_of_a_module_list_to_gate():
                                          r"with convolutions: `blocks.\d` \(_TimestepBlock") as e:
         se_inject.apply(Untraceable(), input_size=[(3, 16, 16), ()])
     assert set(e.value.parts) == {"blocks.0", "blocks.1"}  # (a lone convolution is no part)
+
+
+class _FrozenStemNet(torch.nn.Module):
+    """XFeat's shape (kornia.feature.XFeatModel): its input made grey and normalised under
+    ``with torch.no_grad():`` in the model's own forward, the residual sum after it; here with
+    a layer of its own there too, never trained. ``after``: a second such block after the sum."""
+
+    def __init__(self, after=False):
+        super().__init__()
+        nn = torch.nn
+        self.after = after
+        self.norm = nn.InstanceNorm2d(1)
+        self.frozen = nn.Conv2d(1, 8, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def stem(self, x):
+        return self.frozen(self.norm(x.mean(dim=1, keepdim=True)))
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.stem(x)
+        y = torch.relu(x + self.branch(x))
+        if not self.after:
+            return y
+        with torch.no_grad():
+            z = self.head(y)
+        return y, z
+
+
+class _GradOnInsideNet(_FrozenStemNet):
+    """Gradients on again inside the ``with torch.no_grad():``: a trace sees no end to it."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.stem(x)
+            with torch.enable_grad():
+                x = x * 1.0
+        return torch.relu(x + self.branch(x))
+
+
+class _GradOffCalledNet(_FrozenStemNet):
+    """Gradients turned off without a ``with``: off until the caller turns them on again."""
+
+    def forward(self, x):
+        torch._C._set_grad_enabled(False)
+        x = self.stem(x)
+        return torch.relu(x + self.branch(x))
+
+
+def _hand_gated(model):
+    """_FrozenStemNet's forward with its gate written by hand."""
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.stem(x)
+        y = torch.relu(x + self.se_gate(self.branch(x)))
+        if not self.after:
+            return y
+        with torch.no_grad():
+            z = self.head(y)
+        return y, z
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_part_of_a_forward_run_without_gradients_runs_so_once_gated(after):
+    """A part of a forward under ``with torch.no_grad():`` runs so in the gated forward too:
+    its layers never train, nothing before it gets a gradient through it, and gradients are
+    on again after it, also where it raised. fx records its ops but not the ``with``, and
+    such models (XFeat) were refused whole."""
+    torch.manual_seed(0)
+    model = _FrozenStemNet(after).train()
+    se_inject.apply(model, input_size=(3, 16, 16))
+    assert [n for n, _ in gates(model)] == ["se_gate"]
+    assert "with torch.no_grad():" in _code(model.forward)
+    reference = _hand_gated(copy.deepcopy(model))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    out, want = model(x), reference(xr)
+    y, z = out if after else (out, None)
+    if after:
+        assert not z.requires_grad
+        torch.testing.assert_close(z, want[1], rtol=0, atol=0)
+        want = want[0]
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.square().mean().backward()
+    want.square().mean().backward()
+    assert x.grad is None and xr.grad is None
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if name.startswith(("frozen.", "head.")):
+            assert p.grad is None and grads[name].grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0, msg=name)
+    assert model.se_gate.fc2.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="expected 3D or 4D input"):  # (the instance norm)
+        model(torch.randn(2, 3, 2, 16, 16))
+    assert torch.is_grad_enabled()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    se_inject.remove(model)
+    assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("cls", [_GradOnInsideNet, _GradOffCalledNet])
+def test_gradients_turned_off_in_a_way_a_with_block_cannot_write_are_refused(cls):
+    """Gradients on again inside a ``with torch.no_grad():`` block look to a trace like the
+    caller's mode, and a forward that turns them off without a ``with`` returns so: the
+    generated forward would run part of it otherwise. Refused, the model unchanged."""
+    model = cls()
+    keys = list(model.state_dict())
+    try:
+        with pytest.raises(RewriteError, match=r"runs part of its forward in a mode of its own "
+                                               r"\(from `mean` on: gradients off"):
+            se_inject.apply(model, input_size=(3, 16, 16))
+    finally:
+        torch.set_grad_enabled(True)
+    assert list(model.state_dict()) == keys and "forward" not in model.__dict__
