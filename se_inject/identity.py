@@ -70,9 +70,12 @@ def _passes(m: nn.Module) -> bool:
 
 _PASS_FUNCTIONS = {F.interpolate, F.relu, torch.relu, F.leaky_relu, F.max_pool2d, F.avg_pool2d,
                    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout, torch.flatten,
-                   torch.permute, torch.reshape, torch.pixel_shuffle, torch.pixel_unshuffle}
+                   torch.permute, torch.reshape, torch.pixel_shuffle, torch.pixel_unshuffle,
+                   # values moved, not changed: a crop (``y[..., :h, :w]``, its bounds sizes or
+                   # numbers; an index that is a tensor is a second input, refused), a transpose
+                   operator.getitem, torch.transpose, torch.narrow, torch.flip, torch.roll}
 _PASS_METHODS = {"relu", "relu_", "contiguous", "permute", "reshape", "view", "flatten",
-                 "reshape_as", "view_as"}
+                 "reshape_as", "view_as", "transpose", "narrow", "flip", "roll"}
 # a copy, or a cast to a floating-point type (its other arguments a dtype, a device, or a
 # tensor whose type it takes): rounding to any float format commutes with a factor of 2, so
 # doubling the input doubles the output exactly. (A cast to integers truncates: refused.)
@@ -266,7 +269,12 @@ def _compensation(modules: dict[str, nn.Module], calls: Counter, shared: set[str
                 if factors:  # one made by an op first: a buffer or constant scales nothing
                     computed = [a for a in factors if a.op != "get_attr"]
                     return walk((computed or factors)[0], False)
-            if target in _PASS_FUNCTIONS or target in _PASS_METHODS or is_rearrange(target):
+            if target is operator.getitem and not isinstance(
+                    node.args[0].meta.get(VALUE) if isinstance(node.args[0], fx.Node) else None,
+                    torch.Tensor):
+                pass  # an item of a layer's tuple, or of a split
+            elif target in _PASS_FUNCTIONS or target in _PASS_METHODS or is_rearrange(target) \
+                    or (target is F.pad and not _pads_with(node)):
                 return walk(_only_tensor_input(node, refuse), False)
             if target in _CAST_METHODS and _float_cast(node):
                 return walk(node.args[0], False)
@@ -323,6 +331,14 @@ def _tensor_to_scale(modules: dict[str, nn.Module], params: set[str], buffers: s
         raise refuse(f"`{name}` is computed by a forward pre-hook ({makers[0]}), which scaling "
                      "what it is computed from need not scale by 2")
     raise refuse(f"`{name}` is computed in the forward, neither a parameter nor a buffer")
+
+
+def _pads_with(node: fx.Node) -> float:
+    """The value F.pad fills with (0 for every mode but "constant": the padding is made of the
+    input's own values)."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    return (value or 0) if mode == "constant" else 0
 
 
 def _only_tensor_input(node: fx.Node, refuse) -> fx.Node:

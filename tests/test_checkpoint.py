@@ -13,6 +13,7 @@ import warnings
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch.nn.utils import prune
 
 import se_inject
@@ -453,6 +454,58 @@ def test_identity_init_refuses_a_cast_to_integers():
     model.blocks = torch.nn.Sequential(_Rounded(16), _Rounded(16))
     with pytest.raises(IdentityInitError, match=r"`.*\.long\(\)` in `blocks\.0` does not "
                        "scale with its input"):
+        se_inject.apply(model, init="identity", input_size=(3, 12, 12))
+    assert not gates(model)
+
+
+# ops between a residual branch's last layer and the sum that move values without changing
+# them, or pad with zeros, as code that upsamples and crops back to the shortcut's size has
+# them (LoFTR's feature pyramid, kornia.feature.loftr: ``interpolate(y)[..., :h, :w]``)
+_MOVES = {
+    "zero_pad_and_crop": lambda y, x: F.pad(y, (0, 1, 0, 1))[..., :x.shape[-2], :x.shape[-1]],
+    "reflect_pad_and_crop": lambda y, x: F.pad(y, (1, 1, 1, 1), mode="reflect")[:, :, 1:-1, 1:-1],
+    "upsample_and_crop": lambda y, x: F.interpolate(
+        y[..., :-1, :-1], scale_factor=2.0, mode="bilinear")[..., :x.shape[-2], :x.shape[-1]],
+    "narrow": lambda y, x: F.pad(y, (0, 2)).narrow(3, 0, x.shape[3]),
+    "transpose": lambda y, x: y.transpose(2, 3).transpose(3, 2),
+    "torch_transpose": lambda y, x: torch.transpose(torch.transpose(y, 2, 3), 2, 3),
+    "flip": lambda y, x: y.flip(3),
+    "roll": lambda y, x: torch.roll(y, 1, 3),
+}
+
+
+class _MovedBlock(_NormFreeBlock):
+    def __init__(self, c, move):
+        super().__init__(c)
+        self.move = move
+
+    def forward(self, x):
+        return torch.relu(x + self.move(self.conv2(torch.relu(self.conv1(x))), x))
+
+
+def _moved_net(move) -> _NormFreeNet:
+    torch.manual_seed(0)
+    model = _NormFreeNet()
+    model.blocks = torch.nn.Sequential(_MovedBlock(16, move), _MovedBlock(16, move))
+    return model.eval()
+
+
+@pytest.mark.parametrize("move", sorted(_MOVES))
+def test_identity_init_goes_through_ops_that_move_values(move):
+    """A crop, a transpose, a flip or a zero padding after the branch's last layer: doubling
+    that layer doubles what reaches the sum exactly, and the gated model computes bit for bit
+    what the model did. A crop (``y[..., :h, :w]``) was refused as not scaling."""
+    model, ref = _moved_net(_MOVES[move]), _moved_net(_MOVES[move])
+    _identity_doubles(model, ref, torch.randn(2, 3, 12, 12),
+                      [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", "weight")])
+
+
+def test_identity_init_refuses_padding_with_another_value_than_zero():
+    """Padding with 1 adds a constant, which doubling the branch does not double."""
+    model = _moved_net(lambda y, x: F.pad(y, (0, 1, 0, 1), value=1.0)[..., :-1, :-1])
+    with pytest.raises(IdentityInitError, match=r"`torch.nn.functional.pad\(blocks_0_conv2, "
+                       r"\(0, 1, 0, 1\), mode='constant', value=1.0\)` in `blocks\.0` does "
+                       r"not scale"):
         se_inject.apply(model, init="identity", input_size=(3, 12, 12))
     assert not gates(model)
 
