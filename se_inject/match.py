@@ -37,6 +37,7 @@ SPLIT_PIECES = ("its branches convolve different pieces of one split tensor (a m
                 "as MixNet's: one layer), not one input in parallel")
 GATED_NOT_A_FEATURE_MAP = ("the tensor the rule would gate is not a 4-D channel-first feature map "
                            "(a token sequence reshaped, say)")
+SHARED_LAYERS = "its branches share layers (a channel split, not parallel branches)"
 NO_ENTRY = "no single entry (the merge depends on more than one model input)"
 DESCRIPTORS = ("a merge of one value per channel taken by global pooling (the channel attention of "
                "CBAM: an MLP of the mean plus the MLP of the maximum), not of feature maps")
@@ -224,7 +225,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return "no branch with a convolution" if n == 1 else \
             f"fewer than {n} branches with a convolution"
     if rule.disjoint_branches and _overlap(branches):
-        return "its branches share layers (a channel split, not parallel branches)"
+        shared = _shared_trunk(view, branches)
+        if shared is not None:
+            return shared
     if rule.disjoint_branches and entry.op in ("call_function", "call_method") \
             and entry.target in _SPLITS:
         return SPLIT_PIECES
@@ -546,7 +549,36 @@ def _overlap(branches) -> bool:
     return False
 
 
+def _shared_trunk(view: GraphView, branches) -> str | None:
+    """None where branches that share nodes share a trunk of whole tensors, from which each
+    two part at one tensor and stay apart up to the concatenation: SSH's context module
+    (``cat([conv3(x), conv5(t), conv7(t)])`` with ``t = conv(x)``, Inception-v3's module E
+    written without its inner concatenation). Otherwise why they are no parallel branches: an
+    operand is on another's way (a dense connection); they share pieces of one tensor (a
+    split, a chunk, a slice: a channel split, MixNet's mixed convolution, slices put back
+    together); or two of them part at more than one tensor (streams that cross, as ResNet in
+    ResNet's residual and transient streams do in every block)."""
+    for k, (_, o, _) in enumerate(branches):
+        if any(o in b for j, (_, _, b) in enumerate(branches) if j != k):
+            return ("one of its operands is computed on the way to another (a dense "
+                    "connection, not parallel branches)")
+    if any(n.op in ("call_function", "call_method") and (n.target in _SPLITS or
+                                                         n.target in _PIECES)
+           for _, _, b in branches for n in b):
+        return SHARED_LAYERS
+    g = view.graph
+    for k, (_, _, a) in enumerate(branches):
+        for _, _, b in branches[k + 1:]:
+            shared = a & b
+            apart = (a | b) - shared
+            if len({n for n in shared for u in g.successors(n)
+                    if u in apart and not reads_metadata_only(u, n)}) > 1:
+                return SHARED_LAYERS
+    return None
+
+
 _SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+_PIECES = {operator.getitem, "unbind", torch.unbind, "narrow", torch.narrow, "split_with_sizes"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "logsumexp",
                "adaptive_avg_pool2d", "adaptive_max_pool2d"}
 

@@ -1436,3 +1436,41 @@ class ReshapedBranchNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.block(F.relu(self.stem(x))).mean((2, 3)))
+
+
+class SSHContext(nn.Module):
+    """SSH's context module (as facexlib's RetinaFace has it): a 3x3 branch, and a 5x5 and a
+    7x7 one made of stacked 3x3 convolutions that share their first; the three concatenated.
+    ``join``: "chain" concatenates the shared convolution's output too (a dense connection);
+    "slices" takes the two last branches as slices of one tensor instead."""
+
+    def __init__(self, cin, cout, join="ssh"):
+        super().__init__()
+        self.join = join
+        self.conv3 = conv_bn(cin, cout // 2)
+        self.conv5_1, self.conv5_2 = conv_bn(cin, cout // 4), conv_bn(cout // 4, cout // 4)
+        self.conv7_2, self.conv7_3 = conv_bn(cout // 4, cout // 4), conv_bn(cout // 4, cout // 4)
+
+    def forward(self, x):
+        t = F.relu(self.conv5_1(x))
+        if self.join == "chain":
+            return F.relu(torch.cat([self.conv3(x), t, self.conv5_2(t)], 1))
+        if self.join == "slices":
+            u = self.conv7_3(F.relu(self.conv7_2(t)))
+            return F.relu(torch.cat([self.conv3(x), u[:, :4], u[:, 4:], self.conv5_2(t)], 1))
+        return F.relu(torch.cat([self.conv3(x), self.conv5_2(t),
+                                 self.conv7_3(F.relu(self.conv7_2(t)))], 1))
+
+
+class SSHNet(nn.Module):
+    def __init__(self, join="ssh"):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.ctx1, self.ctx2 = SSHContext(16, 32, join), SSHContext(32, 32, join)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.ctx2(self.ctx1(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+HANDWRITTEN["ssh_context"] = (SSHNet, 2, {"inception": 2})

@@ -3037,3 +3037,16 @@ def test_gradients_turned_off_in_a_way_a_with_block_cannot_write_are_refused(cls
     finally:
         torch.set_grad_enabled(True)
     assert list(model.state_dict()) == keys and "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("join,why", [("chain", "computed on the way to another (a dense"),
+                                      ("slices", "share layers (a channel split")])
+def test_branches_sharing_an_operand_or_pieces_of_one_tensor_are_no_inception_module(join, why):
+    """SSH's branches share their first convolution and are an inception module (above);
+    concatenating that convolution's output too is a dense connection, and slices of one
+    tensor are a channel split: neither is gated."""
+    model = handwritten.SSHNet(join).eval()
+    plan = se_inject.plan(model)
+    assert not [s for s in plan if s.rule == "inception"]
+    assert [s.reason for s in plan.skipped if why in s.reason] and \
+        all(s.rule != "inception" or why in s.reason for s in plan.skipped)
