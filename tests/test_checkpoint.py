@@ -423,25 +423,27 @@ _CASTS = {
 }
 
 
-class _CastBlock(_NormFreeBlock):
-    def __init__(self, c, cast):
+class _TailBlock(_NormFreeBlock):
+    """A residual block with ``tail(y, x)`` between its branch's last layer and the sum."""
+
+    def __init__(self, c, tail):
         super().__init__(c)
-        self.cast = cast
+        self.tail = tail
 
     def forward(self, x):
-        return torch.relu(x + _CASTS[self.cast](self.conv2(torch.relu(self.conv1(x))), x))
+        return torch.relu(x + self.tail(self.conv2(torch.relu(self.conv1(x))), x))
 
 
-def _cast_net(cast: str) -> _NormFreeNet:
+def _tail_net(tail) -> _NormFreeNet:
     torch.manual_seed(0)
     model = _NormFreeNet()
-    model.blocks = torch.nn.Sequential(_CastBlock(16, cast), _CastBlock(16, cast))
+    model.blocks = torch.nn.Sequential(_TailBlock(16, tail), _TailBlock(16, tail))
     return model.eval()
 
 
 @pytest.mark.parametrize("cast", sorted(_CASTS))
 def test_identity_init_goes_through_float_casts(cast):
-    model, ref = _cast_net(cast), _cast_net(cast)
+    model, ref = _tail_net(_CASTS[cast]), _tail_net(_CASTS[cast])
     _identity_doubles(model, ref, torch.randn(2, 3, 12, 12),
                       [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", "weight")])
 
@@ -474,35 +476,19 @@ _MOVES = {
 }
 
 
-class _MovedBlock(_NormFreeBlock):
-    def __init__(self, c, move):
-        super().__init__(c)
-        self.move = move
-
-    def forward(self, x):
-        return torch.relu(x + self.move(self.conv2(torch.relu(self.conv1(x))), x))
-
-
-def _moved_net(move) -> _NormFreeNet:
-    torch.manual_seed(0)
-    model = _NormFreeNet()
-    model.blocks = torch.nn.Sequential(_MovedBlock(16, move), _MovedBlock(16, move))
-    return model.eval()
-
-
 @pytest.mark.parametrize("move", sorted(_MOVES))
 def test_identity_init_goes_through_ops_that_move_values(move):
     """A crop, a transpose, a flip or a zero padding after the branch's last layer: doubling
     that layer doubles what reaches the sum exactly, and the gated model computes bit for bit
     what the model did. A crop (``y[..., :h, :w]``) was refused as not scaling."""
-    model, ref = _moved_net(_MOVES[move]), _moved_net(_MOVES[move])
+    model, ref = _tail_net(_MOVES[move]), _tail_net(_MOVES[move])
     _identity_doubles(model, ref, torch.randn(2, 3, 12, 12),
                       [f"blocks.{i}.conv2.{p}" for i in (0, 1) for p in ("bias", "weight")])
 
 
 def test_identity_init_refuses_padding_with_another_value_than_zero():
     """Padding with 1 adds a constant, which doubling the branch does not double."""
-    model = _moved_net(lambda y, x: F.pad(y, (0, 1, 0, 1), value=1.0)[..., :-1, :-1])
+    model = _tail_net(lambda y, x: F.pad(y, (0, 1, 0, 1), value=1.0)[..., :-1, :-1])
     with pytest.raises(IdentityInitError, match=r"`torch.nn.functional.pad\(blocks_0_conv2, "
                        r"\(0, 1, 0, 1\), mode='constant', value=1.0\)` in `blocks\.0` does "
                        r"not scale"):
