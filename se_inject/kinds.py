@@ -178,12 +178,16 @@ except ImportError:
 _RANDOM_OPS = {"bernoulli", "bernoulli_", "uniform_", "rand_like", torch.bernoulli,
                torch.rand_like, torch.rand}
 _PRODUCT_OPS = {operator.mul, torch.mul, "mul"}
+_QUOTIENT_OPS = {operator.truediv, torch.div, "div"}
 
 
 def drop_path_input(node: fx.Node, module_of) -> fx.Node | None:
     """``x`` where ``node`` is stochastic depth over ``x``: a call of a drop-path module or
     function, or, traced through in training mode, ``x`` times a random per-sample mask made
-    from ``x``'s shape alone. ``module_of(node)`` gives a call_module node's module."""
+    from ``x``'s shape alone, or ``x`` divided by a number (the keep probability, as timm's
+    drop path before 0.5 and the code that copied it, mmcv's among them, scale the input
+    rather than the mask) times such a mask. ``module_of(node)`` gives a call_module node's
+    module."""
     args = [a for a in node.args if isinstance(a, fx.Node)]
     if not args:
         return None
@@ -195,6 +199,18 @@ def drop_path_input(node: fx.Node, module_of) -> fx.Node | None:
         for x, mask in ((args[0], args[1]), (args[1], args[0])):
             if _random_mask(mask, x):
                 return x
+            inner = _divided_by_a_number(x)
+            if inner is not None and _random_mask(mask, inner):
+                return inner
+    return None
+
+
+def _divided_by_a_number(node: fx.Node) -> fx.Node | None:
+    """``x`` where ``node`` is ``x / k`` or ``x.div(k)`` with ``k`` a Python number."""
+    if node.op in ("call_function", "call_method") and node.target in _QUOTIENT_OPS \
+            and len(node.args) == 2 and not node.kwargs and isinstance(node.args[0], fx.Node) \
+            and type(node.args[1]) in (int, float):
+        return node.args[0]
     return None
 
 

@@ -8,6 +8,7 @@ fail happens in ``prepare``; ``commit`` only assigns attributes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import copyreg
 import functools
 import hashlib
@@ -32,8 +33,9 @@ from .gate import ChannelGate, GateSpec, linear_producer, make_gate, mean_throug
 from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, GRAD_OFF,
-                    MODE_CHANGES, PLAIN, STATE_CHANGES, Call, TraceOptions, autograd_functions,
-                    code_names, module_code, op_text, other_forwards, plain_object, trace_block)
+                    MODE_CHANGES, PLAIN, STATE_CHANGES, Call, TraceOptions, UnpackingTracer,
+                    autograd_functions, code_names, module_code, op_text, other_forwards,
+                    plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -201,12 +203,18 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
             raise RewriteError(f"`{block}`: operand {operand} of {op_text(merge)} is not a "
                                "tensor in a trace of the block alone.")
         drop = args[operand]
-        x = drop_path_input(drop, lambda n: owner.get_submodule(n.target)) \
-            if len(drop.users) == 1 else None
+        x = (drop_path_input(drop, lambda n: owner.get_submodule(n.target))
+             or _drop_module_input(drop, owner)) if len(drop.users) == 1 else None
         if x is not None:  # the gate goes in front of the branch's stochastic depth
-            with graph.inserting_before(drop):
+            # (which reads x itself, or x divided by the keep probability)
+            reader = drop if x in drop.args else next(
+                a for a in drop.args if isinstance(a, fx.Node) and a.args[0] is x)
+            if len(reader.users) != 1:
+                reader, x = drop, None
+        if x is not None:
+            with graph.inserting_before(reader):
                 gate, out = _gate_call(graph, name, x, nhwc)
-            drop.args = tuple(out if a is x else a for a in drop.args)
+            reader.args = tuple(out if a is x else a for a in reader.args)
         else:
             with graph.inserting_before(merge):
                 gate, args[operand] = _gate_call(graph, name, args[operand], nhwc)
@@ -217,6 +225,34 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
     if renamed:
         class_keys = {n: renamed.get(k, k) for n, k in class_keys.items()}
     return _traced_keys(graph, class_keys)
+
+
+def _drop_module_input(node: fx.Node, owner: nn.Module) -> fx.Node | None:
+    """``x`` where ``node`` calls one of the block's layers on ``x`` and that layer is
+    stochastic depth of a class se-inject does not know by name (mmcv's DropPath, and the
+    copies of timm's early one that model code carries): the model's trace went through it,
+    the block's calls it whole, and the gate goes in front of it there too."""
+    if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    return node.args[0] if _drops_paths(owner.get_submodule(node.target)) else None
+
+
+def _drops_paths(layer: nn.Module) -> bool:
+    """Whether ``layer`` (holding no state, not torch's) traced alone in training mode is a
+    drop path over its input (kinds.drop_path_input). Its mode is set on a shallow copy."""
+    if layer._parameters or layer._buffers or layer._modules \
+            or type(layer).__module__.split(".")[0] == "torch":
+        return False
+    alone = copy.copy(layer)
+    alone.training = True
+    try:
+        graph = UnpackingTracer().trace(alone)
+    except Exception:  # (any failure: not a drop path se-inject can see into)
+        return False
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    return bool(inputs) and isinstance(out, fx.Node) \
+        and drop_path_input(out, lambda n: None) is inputs[0]
 
 
 def _gate_call(graph: fx.Graph, name: str, x: fx.Node, nhwc: bool,

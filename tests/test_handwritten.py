@@ -2,6 +2,7 @@
 models that must be refused or left alone."""
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import types
@@ -356,7 +357,8 @@ def test_a_block_with_one_more_sum_in_training_is_gated_at_its_merge_in_both_mod
     # The gate's place is the block's k-th sum in the mode the model was traced in; in the
     # other mode that sum was another one (the drop connect's number + random ones), and the
     # gated forward scaled the random tensor with a gate of the block's width (a model gated
-    # in eval mode failed in training).
+    # in eval mode failed in training). The gate goes before the drop connect, which divides
+    # the branch by its keep probability, so that its squeeze reads the branch's own values.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _DropConnectBlock(),
                                 _DropConnectBlock())
@@ -372,8 +374,8 @@ def test_a_block_with_one_more_sum_in_training_is_gated_at_its_merge_in_both_mod
             torch.manual_seed(1)
             h = model[0](x)
             for blk in model[1:]:
-                u = _drop_connect(blk.branch(h), 0.2, training)
-                h = F.relu(h + paper_reference(u, blk.se_gate))
+                u = paper_reference(blk.branch(h), blk.se_gate)
+                h = F.relu(h + _drop_connect(u, 0.2, training))
         torch.testing.assert_close(out, h, rtol=1e-5, atol=1e-6)
 
 
@@ -1670,15 +1672,33 @@ def test_padding_written_apart_belongs_to_its_convolution(pad, block):
     assert [("re-parameterisable" in s.reason) for s in p.skipped] == ([] if block else [True])
 
 
+def _drop_scaling_the_mask(y, keep):
+    """Stochastic depth as timm writes it now: the mask carries 1 / keep."""
+    return y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(keep) / keep)
+
+
+def _drop_scaling_the_input(y, keep):
+    """Stochastic depth as timm wrote it before 0.5, and as code that copied it does (mmcv,
+    the reference ConvNeXt and Swin): the input is divided by keep, the mask is 0 or 1."""
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)
+    return y.div(keep) * (keep + torch.rand(shape, dtype=y.dtype, device=y.device)).floor()
+
+
+def _drop_dividing_the_input(y, keep):
+    """The same, with an operator and the mask first."""
+    mask = torch.bernoulli(torch.full((y.shape[0], 1, 1, 1), keep, device=y.device))
+    return mask * (y / keep)
+
+
 class _InlineDropBlock(torch.nn.Module):
     """A residual block that drops its branch per sample itself, in its own forward, in
     training mode only (no drop-path module to recognise)."""
 
-    def __init__(self, c=16, p=0.5):
+    def __init__(self, c=16, p=0.5, drop=_drop_scaling_the_mask):
         super().__init__()
         self.conv1, self.bn1 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
         self.conv2, self.bn2 = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c)
-        self.p = p
+        self.p, self.drop = p, drop
 
     def branch(self, x):
         return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
@@ -1686,36 +1706,70 @@ class _InlineDropBlock(torch.nn.Module):
     def forward(self, x):
         y = self.branch(x)
         if self.training and self.p > 0:
-            keep = 1 - self.p
-            y = y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(keep) / keep)
+            y = self.drop(y, 1 - self.p)
         return F.relu(x + y)
 
 
+class _OldDropPath(torch.nn.Module):
+    """Stochastic depth as a layer of a class se-inject does not know by name (mmcv's
+    DropPath, and the copies of timm's early one that model code carries)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.drop_prob = p
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        return _drop_scaling_the_input(x, 1 - self.drop_prob)
+
+
+class _DropPathLayerBlock(_InlineDropBlock):
+    def __init__(self, c=16, p=0.5):
+        super().__init__(c, p)
+        self.drop_path = _OldDropPath(p)
+
+    def forward(self, x):
+        return F.relu(x + self.drop_path(self.branch(x)))
+
+
+def _gated_by_hand(net, x, drop):
+    """``net``'s blocks computed with each gate on the branch, before its drop path."""
+    h = net[0](x)
+    for block in net[1:]:
+        y = block.se_gate(block.branch(h))
+        if block.training:
+            y = drop(y, 0.5)
+        h = F.relu(h + y)
+    return h
+
+
+@pytest.mark.parametrize("drop", [_drop_scaling_the_mask, _drop_scaling_the_input,
+                                  _drop_dividing_the_input, _OldDropPath])
 @pytest.mark.parametrize("apply_in_train", [True, False])
-def test_an_inline_drop_path_stays_after_the_gate(apply_in_train):
+def test_a_drop_path_stays_after_the_gate(apply_in_train, drop):
     """The gate scales the branch before its random per-sample mask in training, and is the
-    branch's last op in eval, whichever mode the block was gated in."""
+    branch's last op in eval, whichever mode the block was gated in; where the drop path
+    divides its input by the keep probability, before that division too, so that the
+    squeeze reads the same values in training as in eval. The drop path is written in the
+    block's forward, or is a layer of a class se-inject does not know."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1),
-                              _InlineDropBlock(), _InlineDropBlock())
+    block = _DropPathLayerBlock if drop is _OldDropPath else functools.partial(
+        _InlineDropBlock, drop=drop)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), block(), block())
     net.train(apply_in_train)
     tensors = [s.tensor for s in se_inject.plan(net).sites]
     assert tensors == ["1.bn2", "2.bn2"]
     assert [s.tensor for s in se_inject.plan(net.train(not apply_in_train)).sites] == tensors
     se_inject.apply(net.train(apply_in_train))
     x = torch.randn(8, 3, 8, 8)
+    by_hand = _drop_scaling_the_input if drop is _OldDropPath else drop
     for train in (True, False):
         net.train(train)
         torch.manual_seed(5)
         got = net(x)
         torch.manual_seed(5)
-        h = net[0](x)
-        for block in net[1:]:
-            y = block.se_gate(block.branch(h))
-            if train:
-                y = y * (y.new_empty((y.shape[0], 1, 1, 1)).bernoulli_(0.5) / 0.5)
-            h = F.relu(h + y)
-        torch.testing.assert_close(got, h, rtol=0, atol=0)
+        torch.testing.assert_close(got, _gated_by_hand(net, x, by_hand), rtol=0, atol=0)
 
 
 def test_a_sum_that_folds_into_one_convolution_stays_ungated_with_drop_path_in_training():
