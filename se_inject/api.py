@@ -840,9 +840,10 @@ def _no_sites(model: nn.Module, p: Plan) -> NoSitesError:
             f"{name} has {reads} block(s) the rules match, but the forward that holds each of "
             f"them reads a traced value as a Python number (`if x.shape[1] != 3: raise ...`, "
             "`int(x.shape[-1])`), which a forward generated from a trace cannot do for every "
-            "input size. Write such a check as torch._assert(x.shape[1] == 3, '...'), which "
-            "fx records as an op and the gated forward runs, or move the code that reads the "
-            "size into a layer of its own; nothing was changed.")
+            "input size. Write such a check as an assert (assert x.shape[1] == 3, '...') or "
+            "torch._assert(x.shape[1] == 3, '...'), which the trace records as an op and the "
+            "gated forward runs, or move the code that reads the size into a layer of its "
+            "own; nothing was changed.")
     reasons = Counter(f"{s.rule}: {s.reason}" for s in p.skipped)
     listed = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5))
     return NoSitesError(f"no block of {name} matched the rules ({len(p.skipped)} merges looked "

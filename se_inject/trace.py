@@ -11,8 +11,10 @@ import contextlib
 import dis
 import functools
 import inspect
+import linecache
 import math
 import operator
+import os
 import sys
 import threading
 import types
@@ -724,6 +726,47 @@ def _by_position(kind: str, target, args: tuple, kwargs: dict) -> tuple[tuple, d
     return tuple(args), kwargs
 
 
+_PROXY_BOOL = fx.Proxy.__bool__.__code__
+_JUMPS = {"POP_JUMP_IF_TRUE": True, "POP_JUMP_FORWARD_IF_TRUE": True,  # (Python 3.11's names)
+          "POP_JUMP_IF_FALSE": False, "POP_JUMP_FORWARD_IF_FALSE": False}
+
+
+@functools.lru_cache(maxsize=256)
+def _instructions(code: types.CodeType) -> tuple[list[int], list[dis.Instruction]]:
+    insts = list(dis.get_instructions(code))
+    return [i.offset for i in insts], insts
+
+
+def _asserted_truth(frame: types.FrameType) -> bool | None:
+    """Where ``frame`` asks for a value's truth to decide an ``assert`` statement, the truth
+    that lets it pass; else None. Python jumps over the statement's raise when the value is
+    true (``assert c``), false (``assert not c``), or, for the first operand of ``and``,
+    jumps to the raise when it is false; only assert statements load AssertionError so."""
+    offsets, insts = _instructions(frame.f_code)
+    i = bisect.bisect_left(offsets, frame.f_lasti)
+    if i < len(insts) and insts[i].opname == "TO_BOOL":  # (Python 3.13's own step)
+        i += 1
+    if i + 1 >= len(insts) or insts[i].opname not in _JUMPS:
+        return None
+    jumps_if = _JUMPS[insts[i].opname]
+    if insts[i + 1].opname == "LOAD_ASSERTION_ERROR":  # the raise follows: it must jump
+        return jumps_if
+    target = bisect.bisect_left(offsets, insts[i].argval)
+    if target < len(insts) and insts[target].opname == "LOAD_ASSERTION_ERROR":
+        return not jumps_if  # the jump goes to the raise: it must not jump
+    return None
+
+
+def _user_frame() -> types.FrameType | None:
+    """The frame whose code asked for a proxy's truth (through fx's Proxy.__bool__)."""
+    frame = sys._getframe(2)
+    for _ in range(4):
+        if frame is None or frame.f_code is _PROXY_BOOL:
+            return None if frame is None else frame.f_back
+        frame = frame.f_back
+    return None
+
+
 class UnpackingTracer(fx.Tracer):
     """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack); within a
     ``tracing_session`` it takes the session's module patch instead of making its own.
@@ -801,6 +844,29 @@ class UnpackingTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
+
+    def to_bool(self, obj) -> bool:
+        passes = self.asserted(obj)
+        return super().to_bool(obj) if passes is None else passes
+
+    def asserted(self, obj) -> bool | None:
+        """Where Python asks for the truth of a size, count or flag read off a traced tensor
+        to decide an ``assert`` (``assert x.dim() == 4``, ``assert c % groups == 0``), the
+        check goes into the graph as ``torch._assert``, which the forwards generated from it
+        run at whatever size they are given, and the trace goes on as if it passed (fx
+        records asserts so only when asked to, and reads only older Pythons' bytecode for
+        them). None where the value is not such a one (an assert on a tensor's values stays
+        fx's refusal) or the question is not an assert's."""
+        frame = _user_frame()
+        passes = None if frame is None else _asserted_truth(frame)
+        if passes is None or not isinstance(obj, fx.Proxy) \
+                or _stands_for_tensor(obj.node, self.__dict__.setdefault("tensor_nodes", {})):
+            return None
+        line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+        where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+        check = obj if passes else self.create_proxy("call_function", operator.not_, (obj,), {})
+        self.create_proxy("call_function", torch._assert, (check, f"{where}: {line}"), {})
+        return passes
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **more):
         """fx's create_proxy; where the op changes a traced tensor in place (``y.add_(x)``,
@@ -1092,7 +1158,9 @@ class _ShapedTracer(_ScopeTracer):
             return super().trace(root, concrete_args)
 
     def to_bool(self, obj) -> bool:
-        return bool(self.value(obj, super().to_bool))
+        passes = self.asserted(obj)
+        return bool(self.value(obj, fx.Tracer.to_bool.__get__(self))) if passes is None \
+            else passes
 
     def iter(self, obj):
         v = self.value(obj, super().iter, held=True)

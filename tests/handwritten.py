@@ -1034,6 +1034,42 @@ class InlineShapeReadingNet(nn.Module):
 HANDWRITTEN["shape_reading"] = (ShapeReadingNet, 3, {"residual": 3})
 
 
+class AssertingNet(nn.Module):
+    """Residual sums in a forward that checks its input's size with ``assert`` statements
+    (in each form Python compiles differently), and a block whose own forward does."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.b1 = branch(c)
+        self.b2 = AssertingBlock(c)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        assert c == 3, f"expected 3 channels, got {c}"
+        assert not h % 4, "a height that 4 divides"
+        assert h % 2 == 0 and w % 2 == 0
+        assert x.dim() == 4
+        x = F.relu(self.stem(x))
+        x = F.relu(x + self.b1(x))
+        return self.b2(x).mean((2, 3))
+
+
+class AssertingBlock(nn.Module):
+    def __init__(self, c=16, groups=4):
+        super().__init__()
+        self.body, self.groups = branch(c), groups
+
+    def forward(self, x):
+        y = self.body(x)
+        channels = y.size(1)
+        assert channels % self.groups == 0, "channels that split into the groups"
+        return F.relu(x + y)
+
+
+HANDWRITTEN["asserting"] = (AssertingNet, 2, {"residual": 2})
+
+
 class OctaveConv(nn.Module):
     """An octave convolution (Chen et al., 2019): channels split into a full-resolution and a
     half-resolution stream, four convolutions between them, each output the sum of two. One

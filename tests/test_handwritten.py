@@ -1962,6 +1962,27 @@ def test_sums_in_a_forward_that_reads_the_input_size_are_refused_with_what_to_do
         model(torch.randn(1, 4, 20, 20))
 
 
+def test_asserts_on_sizes_stay_checks_in_the_gated_forwards():
+    """An ``assert`` on sizes is recorded as a check (torch._assert) rather than answered at the
+    input size: the forwards that hold one are gated, and still check at every size. (The
+    model is defined out of this file, whose asserts pytest rewrites.)"""
+    from handwritten import AssertingNet
+    with pytest.raises(Exception, match="control flow"):
+        fx.symbolic_trace(AssertingNet())
+    model = AssertingNet().eval()
+    assert [s.block for s in se_inject.plan(model).sites] == ["", "b2"]
+    se_inject.apply(model)
+    assert sorted(n for n, _ in gates(model)) == ["b2.se_gate", "se_gate"]
+    for size in (20, 36):
+        _saturated_equals_plain(model, AssertingNet, torch.randn(2, 3, size, size))
+    plain = AssertingNet().eval()
+    for bad in ((2, 4, 20, 20), (2, 3, 22, 22), (2, 3, 20, 21)):
+        for m in (plain, model):
+            with pytest.raises(AssertionError):
+                m(torch.randn(*bad))
+    assert "torch._assert(" in inspect.getsource(model.b2.forward)  # (its check, in place)
+
+
 def test_reading_the_size_after_a_caching_leaf_leaves_no_meta_tensors():
     """To learn a size the trace needs, the layers before it run on meta tensors, a leaf that
     caches a tensor in eval mode among them: its cache is as it was afterwards."""
