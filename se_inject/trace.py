@@ -767,6 +767,44 @@ def _user_frame() -> types.FrameType | None:
     return None
 
 
+def _sizes_as_one(fn: Callable) -> Callable:
+    """``fn`` (a torch factory that takes its size as numbers one by one or as one sequence)
+    taking sizes given one by one, the first a traced value, as one tuple: torch reads a
+    first size that is not a number as the whole size and fails ("zeros() takes 1 positional
+    argument but 3 were given"), where the same sizes in a tuple reach fx as one call."""
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if len(args) > 1 and isinstance(args[0], fx.Proxy) and all(
+                isinstance(a, (int, fx.Proxy)) for a in args):
+            args = (args,)
+        return fn(*args, **kwargs)
+    return factory
+
+
+_FACTORIES = {name: (getattr(torch, name), _sizes_as_one(getattr(torch, name)))
+              for name in ("zeros", "ones", "empty", "rand", "randn")}
+_FACTORIES_PATCHED = [0]  # traces under way that put _sizes_as_one in place (_TRACE_LOCK)
+
+
+@contextlib.contextmanager
+def _factories_taking_traced_sizes():
+    """torch's factories as _sizes_as_one while a trace runs (in every thread: only calls
+    given a traced size change); put back as they were when the outermost trace ends."""
+    if _FACTORIES_PATCHED[0] == 0:
+        for name, (plain, wrapped) in _FACTORIES.items():
+            if getattr(torch, name) is plain:
+                setattr(torch, name, wrapped)
+    _FACTORIES_PATCHED[0] += 1
+    try:
+        yield
+    finally:
+        _FACTORIES_PATCHED[0] -= 1
+        if _FACTORIES_PATCHED[0] == 0:
+            for name, (plain, wrapped) in _FACTORIES.items():
+                if getattr(torch, name) is wrapped:
+                    setattr(torch, name, plain)
+
+
 class UnpackingTracer(fx.Tracer):
     """torch.fx's tracer handing out se-inject's proxies (see _FastUnpack); within a
     ``tracing_session`` it takes the session's module patch instead of making its own.
@@ -946,12 +984,13 @@ class UnpackingTracer(fx.Tracer):
         return forward(*args, **kwargs)
 
     def trace(self, root, concrete_args=None):
-        """fx's trace, one thread at a time (_TRACE_LOCK), with _TensorChecks."""
+        """fx's trace, one thread at a time (_TRACE_LOCK), with _TensorChecks and torch's
+        factories taking traced sizes one by one (_sizes_as_one)."""
         self._tensor_names: dict[int, tuple[str, bool, torch.Tensor]] | None = None
         self.constants = {} if self._constants_into is None else self._constants_into
         self._checked: dict[int, int | None] = {}  # id(globals) -> _TensorChecks' key
         self.tensor_nodes: dict[fx.Node, bool] = {}  # _stands_for_tensor's answers
-        with _TRACE_LOCK:
+        with _TRACE_LOCK, _factories_taking_traced_sizes():
             try:
                 self._check_tensors_in(type(root).forward if isinstance(root, nn.Module)
                                        else root)

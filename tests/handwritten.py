@@ -1070,6 +1070,38 @@ class AssertingBlock(nn.Module):
 HANDWRITTEN["asserting"] = (AssertingNet, 2, {"residual": 2})
 
 
+class PositionMaskBlock(nn.Module):
+    """A residual block whose branch also reads the pixels' coordinates (CoordConv), made from
+    a mask of its input's size with the sizes given one by one (``torch.zeros(B, H, W)``, as
+    DETR-style and EdgeNeXt-style Fourier encodings make theirs), which torch.fx cannot
+    trace."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.body = nn.Sequential(*conv_bn(c + 2, c), nn.ReLU(), *conv_bn(c, c))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        mask = torch.zeros(b, h, w, device=x.device).bool()
+        rows = (~mask).cumsum(1, dtype=torch.float32) / h
+        cols = torch.ones(b, h, w, dtype=x.dtype, device=x.device).cumsum(2) / w
+        y = self.body(torch.cat([x, torch.stack([rows, cols], 1)], 1))
+        return F.relu(x + y)
+
+
+class PositionMaskNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.blocks = nn.Sequential(PositionMaskBlock(c), PositionMaskBlock(c))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN["position_mask"] = (PositionMaskNet, 2, {"residual": 2})
+
+
 class OctaveConv(nn.Module):
     """An octave convolution (Chen et al., 2019): channels split into a full-resolution and a
     half-resolution stream, four convolutions between them, each output the sum of two. One

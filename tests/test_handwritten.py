@@ -1983,6 +1983,21 @@ def test_asserts_on_sizes_stay_checks_in_the_gated_forwards():
     assert "torch._assert(" in inspect.getsource(model.b2.forward)  # (its check, in place)
 
 
+def test_tensors_made_with_sizes_given_one_by_one_are_traced_at_every_size():
+    """``torch.zeros(b, h, w)`` with sizes read off a traced tensor: torch takes a first
+    size that is not a number for the whole size, and fx fails. The trace records the sizes
+    as one tuple; the gated blocks make their masks at each size they are given."""
+    from handwritten import PositionMaskNet
+    with pytest.raises(TypeError, match="zeros"):
+        fx.symbolic_trace(PositionMaskNet())
+    model = PositionMaskNet().eval()
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.1.se_gate"]
+    assert torch.zeros is torch._C._VariableFunctions.zeros  # (as it was)
+    for size in (16, 23, 40):
+        _saturated_equals_plain(model, PositionMaskNet, torch.randn(2, 3, size, size + 3))
+
+
 def test_reading_the_size_after_a_caching_leaf_leaves_no_meta_tensors():
     """To learn a size the trace needs, the layers before it run on meta tensors, a leaf that
     caches a tensor in eval mode among them: its cache is as it was afterwards."""
