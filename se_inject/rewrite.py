@@ -34,8 +34,8 @@ from .plan import LocalKey, Site
 from .kinds import drop_path_input
 from .trace import (CHECKPOINTED, CONSTANT_PREFIX, CONTAINERS, DREW_RANDOM, GRAD_OFF,
                     MODE_CHANGES, PLAIN, STATE_CHANGES, Call, TraceOptions, UnpackingTracer,
-                    autograd_functions, code_names, module_code, op_text, other_forwards,
-                    plain_object, trace_block)
+                    _NothingLeft, autograd_functions, code_names, module_code, op_text,
+                    other_forwards, plain_object, trace_block)
 
 __all__ = ["BlockContext", "OwnerState", "owner_state", "prepare", "commit", "remove_gates",
            "GATE_PREFIX"]
@@ -239,14 +239,16 @@ def _drop_module_input(node: fx.Node, owner: nn.Module) -> fx.Node | None:
 
 def _drops_paths(layer: nn.Module) -> bool:
     """Whether ``layer`` (holding no state, not torch's) traced alone in training mode is a
-    drop path over its input (kinds.drop_path_input). Its mode is set on a shallow copy."""
+    drop path over its input (kinds.drop_path_input). Its mode is set on a shallow copy, and
+    what the trace leaves in the dicts and lists the copy shares with it is taken out."""
     if layer._parameters or layer._buffers or layer._modules \
             or type(layer).__module__.split(".")[0] == "torch":
         return False
     alone = copy.copy(layer)
     alone.training = True
     try:
-        graph = UnpackingTracer().trace(alone)
+        with _NothingLeft(alone):
+            graph = UnpackingTracer().trace(alone)
     except Exception:  # (any failure: not a drop path se-inject can see into)
         return False
     inputs = [n for n in graph.nodes if n.op == "placeholder"]

@@ -1733,6 +1733,38 @@ class _DropPathLayerBlock(_InlineDropBlock):
         return F.relu(x + self.drop_path(self.branch(x)))
 
 
+class _Counting(torch.nn.Module):
+    """A layer with no weights that notes the batch size of each call in a list."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return x
+
+
+def test_a_layer_looked_into_for_a_drop_path_keeps_its_state():
+    """The layer a branch ends in is traced alone to learn whether it is a drop path: what
+    that trace puts in its lists stays out of them."""
+    from handwritten import branch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.count = branch(16), _Counting()
+
+        def forward(self, x):
+            return F.relu(x + self.count(self.body(x)))
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), Block()).eval()
+    se_inject.apply(net)
+    assert net[1].count.seen == []
+    net(torch.randn(3, 3, 8, 8))
+    assert net[1].count.seen == [3]
+
+
 def _gated_by_hand(net, x, drop):
     """``net``'s blocks computed with each gate on the branch, before its drop path."""
     h = net[0](x)
