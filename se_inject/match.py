@@ -247,6 +247,9 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
         return HOLDS_A_GATE
     if rule.existing_gate == "skip" and _squeezed_only(view, merge):
         return SQUEEZE_ONLY
+    if rule.existing_gate == "skip" and rule.gate_at in ("output", "post") and \
+            _gated_output(view, merge):
+        return HOLDS_A_GATE
     # the residual branch: an operand with a convolution on every path from the entry (not
     # the shortcut, nor a partial sum holding it, as ``x + a`` in ``x + a + b``), then the one
     # with most convolutions, then most nodes, then the first
@@ -649,6 +652,21 @@ def _squeezed_only(view: GraphView, merge, reach: int = 64) -> bool:
             if len(seen) > reach:
                 return False
     return gates > 0
+
+
+def _gated_output(view: GraphView, merge: fx.Node, reach: int = 8) -> bool:
+    """Whether a channel gate scales ``merge``'s output, through norms and activations only:
+    the place a gate on the output would take is taken (the paper's SE-Inception module, an
+    inception module followed by its gate; CGNet's context guided block)."""
+    node = merge
+    for _ in range(reach):
+        readers = value_readers(node)
+        if any(view.kinds.get(u) == "chgate" and node in u.args for u in readers):
+            return True
+        if len(readers) != 1 or view.kinds.get(readers[0]) not in _PASS_THROUGH:
+            return False
+        node = readers[0]
+    return False
 
 
 def _is_split_piece(node: fx.Node) -> bool:

@@ -177,6 +177,38 @@ class LocalSE(nn.Module):
         return self.body(x)[:, :, :x.shape[2], :x.shape[3]] * x
 
 
+class SEInception(nn.Module):
+    """The paper's SE-Inception module (Fig. 2): an inception module whose output, after a
+    norm and an activation, is scaled by a squeeze-and-excitation written inline (as
+    CGNet's context guided block refines its joint feature); ``se=False``: without it."""
+
+    def __init__(self, cin=16, c=8, se=True):
+        super().__init__()
+        self.b1 = nn.Conv2d(cin, c, 1)
+        self.b3 = nn.Sequential(nn.Conv2d(cin, c, 1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.bn = nn.BatchNorm2d(2 * c)
+        self.fc = nn.Sequential(nn.Linear(2 * c, c // 2), nn.ReLU(), nn.Linear(c // 2, 2 * c),
+                                nn.Sigmoid()) if se else None
+
+    def forward(self, x):
+        y = F.relu(self.bn(torch.cat([self.b1(x), self.b3(x)], 1)))
+        if self.fc is None:
+            return y
+        n, c = y.shape[:2]
+        return y * self.fc(y.mean((2, 3))).view(n, c, 1, 1)
+
+
+class SEInceptionNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.mix1, self.mix2 = SEInception(16, 8), SEInception(16, 8, se=False)
+        self.mix3 = SEInception(16, 8)
+
+    def forward(self, x):
+        return self.mix3(self.mix2(self.mix1(F.relu(self.stem(x))))).mean((2, 3))
+
+
 class GatedLinearUnit(nn.Module):
     """``x * sigmoid(conv(x))``: a squashed scale per pixel and channel, at the map's own
     resolution. No channel gate."""

@@ -1,11 +1,13 @@
 """Blocks that already hold a channel gate are not gated twice, unless a rule allows it."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
 import se_inject
 from conftest import gates
-from handwritten import ChannelsLastGatedNet, GatedBlocksNet
+from handwritten import ChannelsLastGatedNet, GatedBlocksNet, SEInceptionNet
 from test_rules import GOOD
 
 HOLDS = "the block already holds a channel gate (SE, ECA...)"
@@ -22,6 +24,20 @@ def test_inline_se_is_recognised_and_spatial_attention_is_not():
     p = se_inject.plan(GatedBlocksNet())
     assert [s.block for s in p] == ["spatial_block"]
     assert [(s.merge, s.reason) for s in p.skipped] == [("se_block.add", HOLDS)]
+
+
+def test_an_inception_module_whose_output_is_gated_already_is_not_gated_twice(tmp_path):
+    """SE-Inception (the paper's Fig. 2): the gate scales the module's output, after the
+    concatenation, where the module's own gate would go; a rule that allows a second gate
+    gates it anyway."""
+    p = se_inject.plan(SEInceptionNet())
+    assert [s.block for s in p] == ["mix2"]
+    assert [(s.merge, s.reason) for s in p.skipped] == [("mix1.cat", HOLDS), ("mix3.cat", HOLDS)]
+    rule = tmp_path / "inception.yaml"
+    rule.write_text((Path(se_inject.__file__).parents[1] / "rules" / "inception.yaml").read_text()
+                    .replace("existing_gate: skip", "existing_gate: allow"))
+    assert [s.block for s in se_inject.plan(SEInceptionNet(), rules=[str(rule)])] == \
+        ["mix1", "mix2", "mix3"]
 
 
 def test_a_channel_gate_on_a_channels_last_map_is_recognised():
