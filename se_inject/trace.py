@@ -888,21 +888,23 @@ class UnpackingTracer(fx.Tracer):
         return super().to_bool(obj) if passes is None else passes
 
     def asserted(self, obj) -> bool | None:
-        """Where Python asks for the truth of a size, count or flag read off a traced tensor
-        to decide an ``assert`` (``assert x.dim() == 4``, ``assert c % groups == 0``), the
+        """Where Python asks for the truth of a traced value to decide an ``assert`` (``assert
+        x.dim() == 4``, ``assert c % groups == 0``, ``assert torch.isfinite(y).all()``), the
         check goes into the graph as ``torch._assert``, which the forwards generated from it
-        run at whatever size they are given, and the trace goes on as if it passed (fx
-        records asserts so only when asked to, and reads only older Pythons' bytecode for
-        them). None where the value is not such a one (an assert on a tensor's values stays
-        fx's refusal) or the question is not an assert's."""
+        run on whatever they are given, and the trace goes on as if it passed (fx records
+        asserts so only when asked to, and reads only older Pythons' bytecode for them).
+        None where the question is not an assert's."""
         frame = _user_frame()
         passes = None if frame is None else _asserted_truth(frame)
-        if passes is None or not isinstance(obj, fx.Proxy) \
-                or _stands_for_tensor(obj.node, self.__dict__.setdefault("tensor_nodes", {})):
+        if passes is None or not isinstance(obj, fx.Proxy):
             return None
         line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
         where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-        check = obj if passes else self.create_proxy("call_function", operator.not_, (obj,), {})
+        check = obj
+        if not passes:  # (``assert not c``: a tensor's values, or a Python flag)
+            tensor = _stands_for_tensor(obj.node, self.__dict__.setdefault("tensor_nodes", {}))
+            check = self.create_proxy("call_function", torch.logical_not if tensor
+                                      else operator.not_, (obj,), {})
         self.create_proxy("call_function", torch._assert, (check, f"{where}: {line}"), {})
         return passes
 

@@ -1102,6 +1102,34 @@ class AssertingBlock(nn.Module):
 HANDWRITTEN["asserting"] = (AssertingNet, 2, {"residual": 2})
 
 
+class FiniteCheckingBlock(nn.Module):
+    """A residual block that asserts on its tensors' values: its input has no NaN, its
+    branch's output is finite."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.body = branch(c)
+
+    def forward(self, x):
+        assert not torch.isnan(x).any(), "a NaN in the block's input"
+        y = self.body(x)
+        assert torch.isfinite(y).all()
+        return F.relu(x + y)
+
+
+class FiniteCheckingNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = conv_bn(3, c)
+        self.blocks = nn.Sequential(FiniteCheckingBlock(c), FiniteCheckingBlock(c))
+
+    def forward(self, x):
+        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+HANDWRITTEN["finite_checking"] = (FiniteCheckingNet, 2, {"residual": 2})
+
+
 class PositionMaskBlock(nn.Module):
     """A residual block whose branch also reads the pixels' coordinates (CoordConv), made from
     a mask of its input's size with the sizes given one by one (``torch.zeros(B, H, W)``, as

@@ -2015,6 +2015,21 @@ def test_asserts_on_sizes_stay_checks_in_the_gated_forwards():
     assert "torch._assert(" in inspect.getsource(model.b2.forward)  # (its check, in place)
 
 
+def test_asserts_on_values_stay_checks_in_the_gated_forwards():
+    """``assert torch.isfinite(y).all()``: recorded as a check, as fx records it when asked
+    to, and run by the gated forward on each input, where the plain model runs it."""
+    from handwritten import FiniteCheckingNet
+    model = FiniteCheckingNet().eval()
+    se_inject.apply(model)
+    assert [n for n, _ in gates(model)] == ["blocks.0.se_gate", "blocks.1.se_gate"]
+    _saturated_equals_plain(model, FiniteCheckingNet, torch.randn(2, 3, 12, 12))
+    bad = torch.randn(2, 3, 12, 12)
+    bad[0, 0, 5, 5] = float("inf")  # (a NaN after the stem's convolution)
+    for m in (FiniteCheckingNet().eval(), model):
+        with pytest.raises(AssertionError):
+            m(bad)
+
+
 def test_tensors_made_with_sizes_given_one_by_one_are_traced_at_every_size():
     """``torch.zeros(b, h, w)`` with sizes read off a traced tensor: torch takes a first
     size that is not a number for the whole size, and fx fails. The trace records the sizes
