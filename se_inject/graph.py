@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .kinds import is_rearrange, node_kind
+from .kinds import is_rearrange, node_kind, reads_metadata_only
 from .shapes import VALUE
 from .trace import SCOPE, Frame
 
@@ -413,6 +413,14 @@ class GraphView:
     def kinds(self) -> dict:
         """Each node's kind, read as ``preds`` is."""
         return dict(self.graph.nodes(data="kind"))
+
+    @functools.cached_property
+    def metadata_readers(self) -> frozenset:
+        """The nodes that read an input's shape, dtype or device alone (``x.shape``,
+        ``x.new_empty(...)``): only a block that holds one can compute a branch from its
+        input's size alone (match._reads_values_of)."""
+        return frozenset(n for n, ps in self.preds.items()
+                         if any(reads_metadata_only(n, p) for p in ps))
 
     @functools.cached_property
     def closed_regions(self) -> dict:

@@ -53,6 +53,8 @@ BROADCAST = ("an operand broadcasts one value per channel or per pixel to the ma
 SQUEEZE_ONLY = ("a sum read only by the squeeze of channel gates that scale other tensors (a "
                 "selective-kernel unit's sum of its branches, pooled into the attention that "
                 "weighs them): part of those gates, whose block keeps just them")
+SIZE_ONLY = ("its other operand is made from the input's size alone, not its values (a "
+             "position encoding), and is no branch")
 SPLIT_LAYER = ("a sum of single convolutions of parallel streams, none of them the block's "
                "input (an octave convolution; a two-stream block's cross-stream sum): one layer "
                "written in pieces, not a block")
@@ -168,6 +170,23 @@ def _reaches_without_conv(view: GraphView, operand, entry, branch: set) -> bool:
     return False
 
 
+def _reads_values_of(view: GraphView, operand, entry, branch: set) -> bool:
+    """Whether ``operand`` is computed from the values of the block's ``entry`` through
+    ``branch``, not from its shape, dtype or device alone."""
+    seen, stack = {operand}, [operand]
+    while stack:
+        n = stack.pop()
+        for p in view.preds[n]:
+            if p in seen or reads_metadata_only(n, p):
+                continue
+            if p is entry:
+                return True
+            if p in branch:
+                seen.add(p)
+                stack.append(p)
+    return False
+
+
 def _convolved_volume(g, merge: fx.Node) -> bool:
     """Whether a 5-D merge sums volumes a convolution made (a 3-D CNN's), not 5-D tensors of
     another kind (a window attention's scores): a convolution reached through 5-D tensors."""
@@ -217,12 +236,18 @@ def _match(view: GraphView, merge: fx.Node, kind: str, rule: Rule,
     closed = view.closed_regions
     branches = [(i, o, _branch(view.preds, o, entry, closed)) for i, o in acts]
     with_conv = [(_convs(view, b), len(b), -k, i, o) for k, (i, o, b) in enumerate(branches)]
+    # a convolution of what is made from the entry's size alone (coordinates added to a map)
+    # computes nothing from the block's input: no branch
+    blind = [k for k, (_, o, b) in enumerate(branches) if with_conv[k][0] and
+             not view.metadata_readers.isdisjoint(b) and not _reads_values_of(view, o, entry, b)]
+    for k in blind:
+        with_conv[k] = (0, *with_conv[k][1:])
     if layout == "nhwc" and not any(c[0] for c in with_conv):
         return NOT_A_FEATURE_MAP + (" (channels-last tokens, as a transformer's, no "
                                     "convolution in its branches)")
     if sum(1 for c in with_conv if c[0] > 0) < rule.min_branches_with_conv:
         n = rule.min_branches_with_conv
-        return "no branch with a convolution" if n == 1 else \
+        return SIZE_ONLY if blind else "no branch with a convolution" if n == 1 else \
             f"fewer than {n} branches with a convolution"
     if rule.disjoint_branches and _overlap(branches):
         shared = _shared_trunk(view, branches)

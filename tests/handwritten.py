@@ -1149,6 +1149,23 @@ class PositionMaskBlock(nn.Module):
         return F.relu(x + y)
 
 
+class AddedPositionBlock(PositionMaskBlock):
+    """A residual block behind a position encoding added to its input: ``x + pos(coords)``,
+    the coordinates made from ``x``'s size alone. The sum of the encoding is no block."""
+
+    def __init__(self, c=16):
+        super().__init__(c)
+        self.pos = nn.Conv2d(2, c, 1)
+        self.body = branch(c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        rows = torch.ones(b, h, w, dtype=x.dtype, device=x.device).cumsum(1) / h
+        cols = torch.ones(b, h, w, dtype=x.dtype, device=x.device).cumsum(2) / w
+        x = x + self.pos(torch.stack([rows, cols], 1))
+        return F.relu(x + self.body(x))
+
+
 class PositionMaskNet(nn.Module):
     def __init__(self, c=16):
         super().__init__()

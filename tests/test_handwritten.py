@@ -2045,6 +2045,18 @@ def test_tensors_made_with_sizes_given_one_by_one_are_traced_at_every_size():
         _saturated_equals_plain(model, PositionMaskNet, torch.randn(2, 3, size, size + 3))
 
 
+def test_a_sum_with_a_tensor_made_from_the_input_size_alone_is_no_block():
+    """``x + pos(coords)``, the coordinates made from ``x``'s size, not its values: the
+    convolution does not compute from the block's input, and the sum is no block."""
+    from handwritten import AddedPositionBlock
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), AddedPositionBlock())
+    p = se_inject.plan(net)
+    assert [s.tensor for s in p.sites] == ["1.body.4"]
+    assert [(s.merge, s.reason) for s in p.skipped] == [
+        ("1.add", "its other operand is made from the input's size alone, not its values (a "
+                  "position encoding), and is no branch")]
+
+
 def test_reading_the_size_after_a_caching_leaf_leaves_no_meta_tensors():
     """To learn a size the trace needs, the layers before it run on meta tensors, a leaf that
     caches a tensor in eval mode among them: its cache is as it was afterwards."""
