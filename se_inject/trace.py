@@ -737,14 +737,27 @@ def _instructions(code: types.CodeType) -> tuple[list[int], list[dis.Instruction
     return [i.offset for i in insts], insts
 
 
-def _asserted_truth(frame: types.FrameType) -> bool | None:
-    """Where ``frame`` asks for a value's truth to decide an ``assert`` statement, the truth
-    that lets it pass; else None. Python jumps over the statement's raise when the value is
-    true (``assert c``), false (``assert not c``), or, for the first operand of ``and``,
-    jumps to the raise when it is false; only assert statements load AssertionError so."""
+_COMPARED = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+             ">": operator.gt, ">=": operator.ge}
+
+
+def _asserted_truth(frame: types.FrameType, node: fx.Node) -> bool | None:
+    """Where ``frame`` asks for the truth of ``node``'s value to decide an ``assert``
+    statement, the truth that lets it pass; else None. Python jumps over the statement's raise
+    when the value is true (``assert c``), false (``assert not c``), or, for the first operand
+    of ``and``, jumps to the raise when it is false; only assert statements load
+    AssertionError so. From Python 3.13 a comparison makes its result a bool itself, and a
+    comparison of tuples asks for the truth of their items' comparisons there too: taken only
+    where ``node`` is the comparison the instruction makes (``(h, w) == (4, 4)`` holds where
+    each item's does; ``!=`` and orderings ask for items' equality, and are not taken)."""
     offsets, insts = _instructions(frame.f_code)
     i = bisect.bisect_left(offsets, frame.f_lasti)
     if i < len(insts) and insts[i].opname == "TO_BOOL":  # (Python 3.13's own step)
+        i += 1
+    elif i < len(insts) and insts[i].opname == "COMPARE_OP" and \
+            insts[i].argrepr.startswith("bool("):
+        if node.op != "call_function" or _COMPARED.get(insts[i].argrepr[5:-1]) is not node.target:
+            return None
         i += 1
     if i + 1 >= len(insts) or insts[i].opname not in _JUMPS:
         return None
@@ -895,8 +908,10 @@ class UnpackingTracer(fx.Tracer):
         asserts so only when asked to, and reads only older Pythons' bytecode for them).
         None where the question is not an assert's."""
         frame = _user_frame()
-        passes = None if frame is None else _asserted_truth(frame)
-        if passes is None or not isinstance(obj, fx.Proxy):
+        if frame is None or not isinstance(obj, fx.Proxy):
+            return None
+        passes = _asserted_truth(frame, obj.node)
+        if passes is None:
             return None
         line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
         where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"

@@ -1102,6 +1102,20 @@ class AssertingBlock(nn.Module):
 HANDWRITTEN["asserting"] = (AssertingNet, 2, {"residual": 2})
 
 
+class TupleAssertingBlock(nn.Module):
+    """``assert (h, w) != (3, 3)``: Python compares the tuples' items for equality first, so
+    the truth of ``h == 3`` is asked for inside an assert that needs the tuples to differ."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.body = branch(c)
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        assert (h, w) != (3, 3), "a map larger than 3 x 3"
+        return F.relu(x + self.body(x))
+
+
 class FiniteCheckingBlock(nn.Module):
     """A residual block that asserts on its tensors' values: its input has no NaN, its
     branch's output is finite."""

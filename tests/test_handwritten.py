@@ -2015,6 +2015,17 @@ def test_asserts_on_sizes_stay_checks_in_the_gated_forwards():
     assert "torch._assert(" in inspect.getsource(model.b2.forward)  # (its check, in place)
 
 
+def test_an_assert_that_compares_tuples_is_answered_at_the_input_size():
+    """Where the truth asked for is not the assert's own (the items of tuples compared), the
+    block reads a value, as before, rather than checking the item."""
+    from handwritten import TupleAssertingBlock
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), TupleAssertingBlock())
+    p = se_inject.plan(net)
+    assert not p.sites
+    assert len(p.skipped) == 1
+    assert "reads a traced value as a Python number" in p.skipped[0].reason
+
+
 def test_asserts_on_values_stay_checks_in_the_gated_forwards():
     """``assert torch.isfinite(y).all()``: recorded as a check, as fx records it when asked
     to, and run by the gated forward on each input, where the plain model runs it."""
