@@ -208,7 +208,7 @@ def _insert(graph: fx.Graph, gates: dict[str, LocalKey], block: str,
         if x is not None:  # the gate goes in front of the branch's stochastic depth
             # (which reads x itself, or x divided by the keep probability)
             reader = drop if x in drop.args else next(
-                a for a in drop.args if isinstance(a, fx.Node) and a.args[0] is x)
+                a for a in drop.args if isinstance(a, fx.Node) and a.args[:1] == (x,))
             if len(reader.users) != 1:
                 reader, x = drop, None
         if x is not None:
