@@ -1131,14 +1131,22 @@ class FiniteCheckingBlock(nn.Module):
         return F.relu(x + y)
 
 
-class FiniteCheckingNet(nn.Module):
+class TwoBlockNet(nn.Module):
+    """A stem and two blocks of the subclass's ``block`` class."""
+
+    block: type[nn.Module]
+
     def __init__(self, c=16):
         super().__init__()
         self.stem = conv_bn(3, c)
-        self.blocks = nn.Sequential(FiniteCheckingBlock(c), FiniteCheckingBlock(c))
+        self.blocks = nn.Sequential(self.block(c), self.block(c))
 
     def forward(self, x):
         return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+
+
+class FiniteCheckingNet(TwoBlockNet):
+    block = FiniteCheckingBlock
 
 
 HANDWRITTEN["finite_checking"] = (FiniteCheckingNet, 2, {"residual": 2})
@@ -1163,12 +1171,12 @@ class PositionMaskBlock(nn.Module):
         return F.relu(x + y)
 
 
-class AddedPositionBlock(PositionMaskBlock):
+class AddedPositionBlock(nn.Module):
     """A residual block behind a position encoding added to its input: ``x + pos(coords)``,
     the coordinates made from ``x``'s size alone. The sum of the encoding is no block."""
 
     def __init__(self, c=16):
-        super().__init__(c)
+        super().__init__()
         self.pos = nn.Conv2d(2, c, 1)
         self.body = branch(c)
 
@@ -1180,14 +1188,8 @@ class AddedPositionBlock(PositionMaskBlock):
         return F.relu(x + self.body(x))
 
 
-class PositionMaskNet(nn.Module):
-    def __init__(self, c=16):
-        super().__init__()
-        self.stem = conv_bn(3, c)
-        self.blocks = nn.Sequential(PositionMaskBlock(c), PositionMaskBlock(c))
-
-    def forward(self, x):
-        return self.blocks(F.relu(self.stem(x))).mean((2, 3))
+class PositionMaskNet(TwoBlockNet):
+    block = PositionMaskBlock
 
 
 HANDWRITTEN["position_mask"] = (PositionMaskNet, 2, {"residual": 2})
