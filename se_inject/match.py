@@ -152,36 +152,25 @@ def _convs(view: GraphView, nodes: set) -> int:
 def _reaches_without_conv(view: GraphView, operand, entry, branch: set) -> bool:
     """Whether a path from the block's entry to ``operand`` through ``branch`` (the nodes
     between them) passes no convolution: the shortcut's does, and that of a partial sum that
-    holds it (``x + a`` in ``x + a + b``, which Python sums as ``(x + a) + b``). A read of a
-    tensor's shape, dtype or device alone is no path. The walk stops at convolutions, so it
-    reads the few nodes after the branch's last ones."""
-    convs = view.of_kinds(*_CONV_KINDS)
+    holds it (``x + a`` in ``x + a + b``, which Python sums as ``(x + a) + b``). The walk
+    stops at convolutions, so it reads the few nodes after the branch's last ones."""
+    return _reads_values_of(view, operand, entry, branch, stop=view.of_kinds(*_CONV_KINDS))
+
+
+def _reads_values_of(view: GraphView, operand, entry, branch: set,
+                     stop: frozenset = frozenset()) -> bool:
+    """Whether ``operand`` is computed from the values of the block's ``entry`` through
+    ``branch``, on a path through none of ``stop``: a read of a tensor's shape, dtype or
+    device alone is no path."""
     seen, stack = {operand}, [operand]
     while stack:
         n = stack.pop()
         if n is entry:
             return True
-        if n in convs:
+        if n in stop:
             continue
         for p in view.preds[n]:
             if p not in seen and (p is entry or p in branch) and not reads_metadata_only(n, p):
-                seen.add(p)
-                stack.append(p)
-    return False
-
-
-def _reads_values_of(view: GraphView, operand, entry, branch: set) -> bool:
-    """Whether ``operand`` is computed from the values of the block's ``entry`` through
-    ``branch``, not from its shape, dtype or device alone."""
-    seen, stack = {operand}, [operand]
-    while stack:
-        n = stack.pop()
-        for p in view.preds[n]:
-            if p in seen or reads_metadata_only(n, p):
-                continue
-            if p is entry:
-                return True
-            if p in branch:
                 seen.add(p)
                 stack.append(p)
     return False
